@@ -1,0 +1,1 @@
+"""qkclip_eqx: QK-Clip and MuonClip for Equinox attention."""
