@@ -1,0 +1,378 @@
+"""Token data for byte-level (or nanoGPT-tokenised) language-model training.
+
+Everything here is a pure function of its arguments: there is no global state, and
+batches are a function of `(seed, step)` alone, so a resumed run sees the same data.
+"""
+
+import dataclasses
+import os
+import pathlib
+import sys
+import sysconfig
+import zlib
+
+import numpy as np
+from jaxtyping import Int32, UInt16
+
+
+__all__ = ["TokenData", "stdlib_corpus", "load_data", "get_batch", "eval_batches"]
+
+_BYTE_VOCAB = 256
+_VOCAB_MULTIPLE = 64
+_MIN_VAL_CAP = 64 * 1024  # bytes: the smallest validation cap for by-file corpora
+_SNIFF_BYTES = 8192  # a file with a NUL byte in its first 8 KiB is treated as binary
+_CHUNK_TOKENS = 1 << 24  # tokens per chunk when scanning a .bin file for its maximum
+_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenData:
+    """A train/validation pair of token streams.
+
+    **Fields:**
+
+    - `train`: the training tokens.
+    - `val`: the validation tokens.
+    - `vocab_size`: an exclusive upper bound on every token.
+    - `description`: where the tokens came from, and how many there are.
+    """
+
+    train: UInt16[np.ndarray, " n_train"]
+    val: UInt16[np.ndarray, " n_val"]
+    vocab_size: int
+    description: str
+
+
+#
+# Helpers
+#
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+
+
+def _check_max_bytes(max_bytes: int | None) -> None:
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes must be None or a positive int, got {max_bytes}.")
+
+
+def _is_val_file(relative_path: str, val_fraction: float) -> bool:
+    """Whether a file (named by its POSIX relative path) belongs to validation."""
+    return zlib.crc32(relative_path.encode()) % 10_000 < val_fraction * 10_000
+
+
+def _list_files(root: pathlib.Path, *, suffix: str | None) -> list[str]:
+    """Regular files below `root` as sorted POSIX relative paths.
+
+    Skips `site-packages`/`dist-packages`/`__pycache__` and hidden entries; does not
+    follow directory symlinks.
+    """
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [
+            d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")
+        ]
+        for name in filenames:
+            hidden = name.startswith(".")
+            if hidden or (suffix is not None and not name.endswith(suffix)):
+                continue
+            full = os.path.join(dirpath, name)
+            if os.path.isfile(full):
+                out.append(pathlib.Path(os.path.relpath(full, root)).as_posix())
+    return sorted(out)
+
+
+def _bytes_to_tokens(data: bytes) -> UInt16[np.ndarray, " n"]:
+    tokens = np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+    tokens.flags.writeable = False
+    return tokens
+
+
+def _by_file_split(
+    root: pathlib.Path,
+    relative_paths: list[str],
+    *,
+    max_bytes: int | None,
+    val_fraction: float,
+    skip_binary: bool,
+) -> tuple[bytes, bytes, int, int, int]:
+    """Concatenate files into train/val by the CRC32 rule, with byte caps.
+
+    Returns `(train, val, n_train_files, n_val_files, n_skipped_binary)`. Files are
+    only read while their split is still below its cap.
+    """
+    if max_bytes is None:
+        caps = {False: None, True: None}
+    else:
+        val_cap = max(int(max_bytes * val_fraction), _MIN_VAL_CAP)
+        caps = {False: max_bytes, True: val_cap}
+    parts: dict[bool, list[bytes]] = {False: [], True: []}
+    sizes = {False: 0, True: 0}
+    n_files = {False: 0, True: 0}
+    n_skipped = 0
+
+    def full(is_val: bool) -> bool:
+        cap = caps[is_val]
+        return cap is not None and sizes[is_val] >= cap
+
+    for rel in relative_paths:
+        if full(False) and full(True):
+            break
+        is_val = _is_val_file(rel, val_fraction)
+        if full(is_val):
+            continue
+        with open(root / rel, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+            if skip_binary and b"\0" in head:
+                n_skipped += 1
+                continue
+            data = head + f.read()
+        if data:
+            parts[is_val].append(data)
+            sizes[is_val] += len(data)
+            n_files[is_val] += 1
+    train = b"".join(parts[False])[: caps[False]]
+    val = b"".join(parts[True])[: caps[True]]
+    return train, val, n_files[False], n_files[True], n_skipped
+
+
+def _bin_tokens(path: pathlib.Path) -> UInt16[np.ndarray, " n"]:
+    """Memory-map a nanoGPT `.bin` file (raw little-endian uint16 tokens)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: token file is empty.")
+    if size % 2 != 0:
+        raise ValueError(
+            f"{path}: odd byte length {size}; a nanoGPT .bin file holds little-endian "
+            "uint16 tokens, so its length must be even."
+        )
+    return np.memmap(path, dtype="<u2", mode="r")
+
+
+def _vocab_size(*arrays: UInt16[np.ndarray, " _"]) -> int:
+    """`max token + 1`, rounded up to a multiple of 64; scans in chunks."""
+    biggest = 0
+    for array in arrays:
+        for start in range(0, len(array), _CHUNK_TOKENS):
+            biggest = max(biggest, int(array[start : start + _CHUNK_TOKENS].max()))
+    return -(-(biggest + 1) // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+
+
+def _tail_split_size(n: int, val_fraction: float, path: pathlib.Path) -> int:
+    if n < 2:
+        raise ValueError(
+            f"{path}: only {n} token(s); need at least 2 to make a train/val split."
+        )
+    return min(max(round(n * val_fraction), 1), n - 1)
+
+
+def _require_nonempty(train: np.ndarray, val: np.ndarray, what: str) -> None:
+    for name, split in (("train", train), ("val", val)):
+        if len(split) == 0:
+            raise ValueError(f"{what}: the {name} split is empty.")
+
+
+#
+# Sources
+#
+
+
+def stdlib_corpus(
+    *, max_bytes: int | None = 8_000_000, val_fraction: float = 0.05
+) -> TokenData:
+    """The running Python's standard-library sources as byte tokens (vocab 256).
+
+    All `*.py` files below `sysconfig.get_paths()["stdlib"]` (skipping
+    `site-packages`), sorted by relative path and split by file: a file is in
+    validation iff `zlib.crc32(relative_path.encode()) % 10_000` is below
+    `val_fraction * 10_000`.
+    The train split is capped at `max_bytes` bytes, the validation split at
+    `max(max_bytes * val_fraction, 64 KiB)`; `None` means no cap. Needs no download.
+    """
+    _check_val_fraction(val_fraction)
+    _check_max_bytes(max_bytes)
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: standard-library directory does not exist.")
+    files = _list_files(root, suffix=".py")
+    if not files:
+        raise ValueError(f"{root}: no *.py files found in the standard library.")
+    train, val, n_train, n_val, _ = _by_file_split(
+        root, files, max_bytes=max_bytes, val_fraction=val_fraction, skip_binary=False
+    )
+    what = f"Python {sys.version.split()[0]} standard library at {root}"
+    train_tokens, val_tokens = _bytes_to_tokens(train), _bytes_to_tokens(val)
+    _require_nonempty(train_tokens, val_tokens, what)
+    description = (
+        f"{what}: {n_train} train files ({len(train):,} bytes), {n_val} val files "
+        f"({len(val):,} bytes), of {len(files)} *.py files; byte tokens, vocab 256"
+    )
+    return TokenData(train_tokens, val_tokens, _BYTE_VOCAB, description)
+
+
+def load_data(
+    path: str | os.PathLike | None = None,
+    *,
+    max_bytes: int | None = 8_000_000,
+    val_fraction: float = 0.05,
+) -> TokenData:
+    """Load token data from `path`.
+
+    - `None`: [`qkclip_eqx.stdlib_corpus`][].
+    - A `.bin` file: nanoGPT tokens (raw little-endian uint16, memory-mapped); the last
+      `val_fraction` of the tokens is validation. `vocab_size` is `max token + 1`
+      rounded up to a multiple of 64.
+    - A directory holding `train.bin` and `val.bin`: those two (nanoGPT layout).
+    - Any other file: its raw bytes (vocab 256); the last `val_fraction` is validation.
+    - Any other directory: all regular, non-hidden files below it that have no NUL
+      byte in their first 8 KiB, as bytes, split by file as in `stdlib_corpus`.
+
+    `max_bytes` caps the by-file corpora (`None` and directories of text) as in
+    `stdlib_corpus`; `.bin` files and single files are used whole.
+    """
+    _check_val_fraction(val_fraction)
+    _check_max_bytes(max_bytes)
+    if path is None:
+        return stdlib_corpus(max_bytes=max_bytes, val_fraction=val_fraction)
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: data path does not exist.")
+
+    if path.is_dir():
+        has_train = (path / "train.bin").is_file()
+        has_val = (path / "val.bin").is_file()
+        if has_train and has_val:
+            train, val = _bin_tokens(path / "train.bin"), _bin_tokens(path / "val.bin")
+            vocab_size = _vocab_size(train, val)
+            description = (
+                f"nanoGPT token directory {path}: {len(train):,} train tokens "
+                f"(train.bin), {len(val):,} val tokens (val.bin), vocab {vocab_size}"
+            )
+            return TokenData(train, val, vocab_size, description)
+        if has_train or has_val:
+            present, missing = ("train", "val") if has_train else ("val", "train")
+            raise ValueError(
+                f"{path}: has {present}.bin but no {missing}.bin; a nanoGPT data "
+                "directory needs both."
+            )
+        files = _list_files(path, suffix=None)
+        train, val, n_train, n_val, n_skipped = _by_file_split(
+            path,
+            files,
+            max_bytes=max_bytes,
+            val_fraction=val_fraction,
+            skip_binary=True,
+        )
+        if not train and not val:
+            raise ValueError(f"{path}: directory holds no non-empty text files.")
+        for name, split in (("train", train), ("val", val)):
+            if not split:
+                raise ValueError(
+                    f"{path}: the by-file split left the {name} split empty "
+                    f"({n_train} train files, {n_val} val files at "
+                    f"val_fraction={val_fraction}); add files, change val_fraction, "
+                    "or pass a single file."
+                )
+        description = (
+            f"text directory {path}: {n_train} train files ({len(train):,} bytes), "
+            f"{n_val} val files ({len(val):,} bytes), {n_skipped} binary files "
+            "skipped; byte tokens, vocab 256"
+        )
+        return TokenData(
+            _bytes_to_tokens(train), _bytes_to_tokens(val), _BYTE_VOCAB, description
+        )
+
+    if path.suffix.lower() == ".bin":
+        tokens = _bin_tokens(path)
+        n_val = _tail_split_size(len(tokens), val_fraction, path)
+        train, val = tokens[:-n_val], tokens[-n_val:]
+        vocab_size = _vocab_size(tokens)
+        description = (
+            f"nanoGPT token file {path}: {len(train):,} train + {len(val):,} val "
+            f"tokens, vocab {vocab_size}"
+        )
+        return TokenData(train, val, vocab_size, description)
+
+    data = path.read_bytes()
+    if not data:
+        raise ValueError(f"{path}: file is empty.")
+    tokens = _bytes_to_tokens(data)
+    n_val = _tail_split_size(len(tokens), val_fraction, path)
+    description = (
+        f"raw bytes of {path}: {len(tokens) - n_val:,} train + {n_val:,} val byte "
+        "tokens, vocab 256"
+    )
+    return TokenData(tokens[:-n_val], tokens[-n_val:], _BYTE_VOCAB, description)
+
+
+#
+# Batches
+#
+
+
+def _check_batch_args(n: int, batch_size: int, seq_len: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}.")
+    if n < seq_len + 1:
+        raise ValueError(
+            f"split too short: it has {n} tokens, but one sequence with "
+            f"seq_len={seq_len} needs {seq_len + 1}."
+        )
+
+
+def get_batch(
+    tokens: UInt16[np.ndarray, " n"],
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    step: int,
+) -> Int32[np.ndarray, "batch_size seq_len_plus_one"]:
+    """A training batch: `batch_size` windows of `seq_len + 1` tokens.
+
+    Start offsets are uniform on `[0, n - seq_len - 1]` and drawn from
+    `np.random.default_rng([seed, step])`, so the batch depends on `(seed, step)`
+    only. Inputs are `batch[:, :-1]` and targets `batch[:, 1:]`.
+    """
+    n = len(tokens)
+    _check_batch_args(n, batch_size, seq_len)
+    if seed < 0 or step < 0:
+        raise ValueError(f"seed and step must be non-negative, got {seed=}, {step=}.")
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, n - seq_len, size=batch_size)
+    return np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int32)
+
+
+def eval_batches(
+    tokens: UInt16[np.ndarray, " n"],
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int,
+) -> Int32[np.ndarray, "n_batches batch_size seq_len_plus_one"]:
+    """Validation batches: consecutive windows from the start of `tokens`.
+
+    Window `i` is `tokens[i * seq_len : (i + 1) * seq_len + 1]`: consecutive windows
+    share one boundary token, so inputs (and targets) never overlap and every token
+    after the first is a target exactly once. Returns
+    `min(max_batches, (n - 1) // seq_len // batch_size)` batches; at least one.
+    """
+    n = len(tokens)
+    _check_batch_args(n, batch_size, seq_len)
+    if max_batches < 1:
+        raise ValueError(f"max_batches must be positive, got {max_batches}.")
+    n_batches = min(max_batches, (n - 1) // seq_len // batch_size)
+    if n_batches == 0:
+        raise ValueError(
+            f"split too short: it has {n} tokens, but one eval batch of "
+            f"batch_size={batch_size} windows with seq_len={seq_len} needs "
+            f"{batch_size * seq_len + 1}."
+        )
+    n_windows = n_batches * batch_size
+    prefix = np.asarray(tokens[: n_windows * seq_len + 1])
+    windows = np.lib.stride_tricks.sliding_window_view(prefix, seq_len + 1)[::seq_len]
+    return windows.astype(np.int32).reshape(n_batches, batch_size, seq_len + 1)

@@ -1,0 +1,336 @@
+import pathlib
+import sysconfig
+import zlib
+
+import numpy as np
+import pytest
+
+from qkclip_eqx import _data
+from qkclip_eqx._data import (
+    TokenData,
+    eval_batches,
+    get_batch,
+    load_data,
+    stdlib_corpus,
+)
+
+
+_STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def _in_val(rel: str, val_fraction: float) -> bool:
+    # The documented rule, restated independently of the implementation.
+    return zlib.crc32(rel.encode()) % 10_000 < val_fraction * 10_000
+
+
+def _windows_at(tokens: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """All offsets at which `row` occurs as a contiguous slice of `tokens`."""
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, len(row))
+    return np.flatnonzero((windows == row).all(axis=1))
+
+
+@pytest.fixture(scope="module")
+def small_stdlib() -> TokenData:
+    return stdlib_corpus(max_bytes=200_000)
+
+
+#
+# stdlib corpus
+#
+
+
+def test_stdlib_default_nonempty_and_capped():
+    data = load_data()  # None -> stdlib corpus, default caps
+    assert isinstance(data, TokenData)
+    assert data.vocab_size == 256
+    assert data.train.dtype == np.uint16 and data.val.dtype == np.uint16
+    assert len(data.train) == 8_000_000  # the stdlib is well over 8 MB of sources
+    assert 0 < len(data.val) <= 400_000
+    assert int(data.train.max()) < 256 and int(data.val.max()) < 256
+    assert "standard library" in data.description and "vocab 256" in data.description
+    # Real Python source, as bytes.
+    text = data.train[:100_000].astype(np.uint8).tobytes()
+    assert b"def " in text and b"import " in text
+
+
+def test_stdlib_split_function_disjoint_and_sized():
+    files = _data._list_files(_STDLIB, suffix=".py")
+    assert files == sorted(files) and len(files) > 100
+    assert not any("site-packages" in f.split("/") for f in files)
+    val = {f for f in files if _data._is_val_file(f, 0.05)}
+    train = {f for f in files if not _data._is_val_file(f, 0.05)}
+    assert val and train and val.isdisjoint(train) and val | train == set(files)
+    assert val == {f for f in files if _in_val(f, 0.05)}
+    assert 0.01 < len(val) / len(files) < 0.15
+    # The threshold is strict: crc32 % 10_000 == 500 stays in train at 5%.
+    boundary = "boundary/file13835.py"
+    assert zlib.crc32(boundary.encode()) % 10_000 == 500
+    assert not _data._is_val_file(boundary, 0.05)
+    assert _data._is_val_file(boundary, 0.0501)
+    # A bigger fraction puts a superset of files in validation.
+    assert val <= {f for f in files if _data._is_val_file(f, 0.2)}
+
+
+def test_stdlib_splits_are_the_files_concatenated(small_stdlib):
+    files = _data._list_files(_STDLIB, suffix=".py")
+    train_bytes, val_bytes = b"", b""
+    for rel in files:
+        data = (_STDLIB / rel).read_bytes()
+        if _in_val(rel, 0.05):
+            val_bytes += data if len(val_bytes) < 65536 else b""
+        else:
+            train_bytes += data if len(train_bytes) < 200_000 else b""
+        if len(train_bytes) >= 200_000 and len(val_bytes) >= 65536:
+            break
+    assert small_stdlib.train.astype(np.uint8).tobytes() == train_bytes[:200_000]
+    assert small_stdlib.val.astype(np.uint8).tobytes() == val_bytes[:65536]
+
+
+def test_stdlib_caps_and_determinism(small_stdlib):
+    # Train capped at max_bytes; val at max(max_bytes * val_fraction, 64 KiB).
+    assert len(small_stdlib.train) == 200_000
+    assert len(small_stdlib.val) == 65536
+    again = stdlib_corpus(max_bytes=200_000)
+    np.testing.assert_array_equal(again.train, small_stdlib.train)
+    np.testing.assert_array_equal(again.val, small_stdlib.val)
+    assert again.description == small_stdlib.description
+    big = stdlib_corpus(max_bytes=2_000_000, val_fraction=0.1)
+    assert len(big.train) == 2_000_000 and len(big.val) == 200_000
+    # A smaller cap is a prefix of a bigger one (same file order).
+    np.testing.assert_array_equal(
+        stdlib_corpus(max_bytes=1_000).train,
+        stdlib_corpus(max_bytes=5_000).train[:1_000],
+    )
+
+
+#
+# get_batch / eval_batches
+#
+
+
+def test_get_batch_deterministic_and_stateless(small_stdlib):
+    tokens = small_stdlib.train
+    kw = dict(batch_size=8, seq_len=32, seed=3)
+    later = get_batch(tokens, step=5, **kw)
+    for step in range(5):
+        get_batch(tokens, step=step, **kw)
+    again = get_batch(tokens, step=5, **kw)
+    np.testing.assert_array_equal(later, again)
+    assert later.dtype == np.int32 and later.shape == (8, 33)
+    assert int(later.max()) < small_stdlib.vocab_size and int(later.min()) >= 0
+    assert not np.array_equal(later, get_batch(tokens, step=6, **kw))
+    other_seed = get_batch(tokens, step=5, batch_size=8, seq_len=32, seed=4)
+    assert not np.array_equal(later, other_seed)
+
+
+def test_get_batch_rows_are_contiguous_windows(small_stdlib):
+    tokens = small_stdlib.train
+    batch = get_batch(tokens, batch_size=16, seq_len=64, seed=0, step=11)
+    for row in batch:
+        assert len(_windows_at(tokens, row.astype(np.uint16))) >= 1
+    # With distinct tokens the offset is the first value; rows are exact slices.
+    ramp = np.arange(5_000, dtype=np.uint16)
+    batch = get_batch(ramp, batch_size=32, seq_len=10, seed=1, step=2)
+    for row in batch:
+        np.testing.assert_array_equal(row, np.arange(row[0], row[0] + 11))
+
+
+def test_get_batch_offsets_cover_exact_range():
+    n, seq_len = 20, 4
+    ramp = np.arange(n, dtype=np.uint16)
+    starts = np.concatenate(
+        [
+            get_batch(ramp, batch_size=64, seq_len=seq_len, seed=0, step=s)[:, 0]
+            for s in range(20)
+        ]
+    )
+    # Valid offsets are exactly [0, n - seq_len - 1]; all get drawn.
+    assert set(starts.tolist()) == set(range(n - seq_len))
+    # The smallest possible split: exactly one window.
+    one = get_batch(ramp[:5], batch_size=3, seq_len=4, seed=0, step=0)
+    np.testing.assert_array_equal(one, np.tile(np.arange(5), (3, 1)))
+
+
+def test_eval_batches_consecutive():
+    tokens = np.arange(1_000, dtype=np.uint16)
+    out = eval_batches(tokens, batch_size=4, seq_len=10, max_batches=3)
+    assert out.dtype == np.int32 and out.shape == (3, 4, 11)
+    rows = out.reshape(-1, 11)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(12) * 10)
+    # Targets tile the split from token 1 with no gaps and no overlap.
+    np.testing.assert_array_equal(rows[:, 1:].reshape(-1), np.arange(1, 121))
+    np.testing.assert_array_equal(rows[:, :-1].reshape(-1), np.arange(120))
+    # Fewer batches when the split is short; deterministic.
+    short = eval_batches(tokens[:95], batch_size=4, seq_len=10, max_batches=100)
+    assert short.shape == (2, 4, 11)  # (95 - 1) // 10 = 9 windows -> 2 batches
+    np.testing.assert_array_equal(short, out[:2])
+    np.testing.assert_array_equal(
+        eval_batches(tokens[:41], batch_size=4, seq_len=10, max_batches=5),
+        out[:1],
+    )
+
+
+#
+# load_data: files and directories
+#
+
+
+def test_bin_round_trip(tmp_path):
+    tokens = np.array([0, 1, 255, 256, 300, 1_000, 50_000] * 30 + [50_256], dtype="<u2")
+    path = tmp_path / "tokens.bin"
+    tokens.tofile(path)
+    data = load_data(path, val_fraction=0.1)
+    assert data.vocab_size == 50_304  # 50_257 rounded up to a multiple of 64
+    n_val = round(len(tokens) * 0.1)
+    assert len(data.val) == n_val and len(data.train) == len(tokens) - n_val
+    np.testing.assert_array_equal(np.concatenate([data.train, data.val]), tokens)
+    assert int(data.train.max()) == 50_000 and int(data.val[-1]) == 50_256
+    assert "tokens.bin" in data.description
+    batch = get_batch(data.train, batch_size=4, seq_len=8, seed=0, step=0)
+    assert int(batch.max()) < data.vocab_size
+
+
+def test_bin_vocab_rounding_and_chunked_max(tmp_path, monkeypatch):
+    monkeypatch.setattr(_data, "_CHUNK_TOKENS", 7)  # force many chunks
+    for biggest, vocab in [(0, 64), (62, 64), (63, 64), (64, 128), (1_000, 1_024)]:
+        path = tmp_path / f"v{biggest}.bin"
+        tokens = np.zeros(50, dtype="<u2")
+        tokens[-3] = biggest  # in the last, partial chunk
+        tokens.tofile(path)
+        assert load_data(path).vocab_size == vocab
+
+
+def test_nanogpt_directory(tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 500, size=1_000).astype("<u2")
+    val = rng.integers(0, 500, size=100).astype("<u2")
+    val[7] = 4_000  # the vocab comes from both files
+    train.tofile(tmp_path / "train.bin")
+    val.tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.txt").write_text("ignored")
+    data = load_data(tmp_path)
+    np.testing.assert_array_equal(data.train, train)
+    np.testing.assert_array_equal(data.val, val)
+    assert data.vocab_size == 4_032
+    assert "train.bin" in data.description
+
+
+def test_raw_file(tmp_path):
+    content = bytes(range(256)) * 4
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    data = load_data(path, val_fraction=0.25)
+    assert data.vocab_size == 256
+    assert data.train.astype(np.uint8).tobytes() == content[:768]
+    assert data.val.astype(np.uint8).tobytes() == content[768:]
+
+
+def _names(val_fraction: float, want_val: bool, count: int, prefix: str) -> list[str]:
+    out = [f"{prefix}{i}.txt" for i in range(1_000)]
+    return [r for r in out if _in_val(r, val_fraction) == want_val][:count]
+
+
+def test_text_directory_split_by_file(tmp_path):
+    val_names = _names(0.3, True, 2, "doc") + _names(0.3, True, 1, "sub/doc")
+    train_names = _names(0.3, False, 3, "doc") + _names(0.3, False, 2, "sub/doc")
+    contents = {}
+    for rel in val_names + train_names:
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        contents[rel] = f"<{rel}>\n".encode() * 3
+        (tmp_path / rel).write_bytes(contents[rel])
+    # Skipped: binary files (NUL in the first 8 KiB), hidden files and directories.
+    for rel in _names(0.3, False, 1, "bin") + _names(0.3, True, 1, "bin"):
+        (tmp_path / rel).write_bytes(b"text\0binary")
+    (tmp_path / ".hidden.txt").write_text("hidden")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main")
+
+    data = load_data(tmp_path, val_fraction=0.3)
+    assert data.vocab_size == 256
+    expect_train = b"".join(contents[r] for r in sorted(train_names))
+    expect_val = b"".join(contents[r] for r in sorted(val_names))
+    assert data.train.astype(np.uint8).tobytes() == expect_train
+    assert data.val.astype(np.uint8).tobytes() == expect_val
+    assert "5 train files" in data.description and "3 val files" in data.description
+    assert "2 binary files skipped" in data.description
+
+    # max_bytes caps the train split (val cap: at least 64 KiB).
+    capped = load_data(tmp_path, val_fraction=0.3, max_bytes=10)
+    assert capped.train.astype(np.uint8).tobytes() == expect_train[:10]
+    np.testing.assert_array_equal(capped.val, data.val)
+
+
+#
+# Errors
+#
+
+
+def test_errors_missing_and_empty(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.bin: data path does not exist"):
+        load_data(tmp_path / "nope.bin")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.bin: token file is empty"):
+        load_data(tmp_path / "empty.bin")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.txt: file is empty"):
+        load_data(tmp_path / "empty.txt")
+    (tmp_path / "one.txt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="one.txt: only 1 token"):
+        load_data(tmp_path / "one.txt")
+    empty_dir = tmp_path / "d"
+    empty_dir.mkdir()
+    (empty_dir / "blank.txt").write_bytes(b"")
+    (empty_dir / "blob.dat").write_bytes(b"\0\1\2")
+    with pytest.raises(ValueError, match="no non-empty text files"):
+        load_data(empty_dir)
+
+
+def test_errors_bin_format(tmp_path):
+    (tmp_path / "odd.bin").write_bytes(b"\1\2\3")
+    with pytest.raises(ValueError, match="odd.bin: odd byte length 3"):
+        load_data(tmp_path / "odd.bin")
+    half = tmp_path / "half"
+    half.mkdir()
+    np.arange(10, dtype="<u2").tofile(half / "train.bin")
+    with pytest.raises(ValueError, match="has train.bin but no val.bin"):
+        load_data(half)
+    odd = tmp_path / "oddsplit"
+    odd.mkdir()
+    np.arange(10, dtype="<u2").tofile(odd / "train.bin")
+    (odd / "val.bin").write_bytes(b"\1\2\3")
+    with pytest.raises(ValueError, match="val.bin: odd byte length 3"):
+        load_data(odd)
+
+
+def test_errors_text_directory_empty_split(tmp_path):
+    rel = _names(0.05, False, 1, "only")[0]
+    (tmp_path / rel).write_text("a single training file")
+    with pytest.raises(ValueError, match="left the val split empty"):
+        load_data(tmp_path)
+
+
+def test_errors_arguments(tmp_path):
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        load_data(val_fraction=1.0)
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        stdlib_corpus(val_fraction=0.0)
+    with pytest.raises(ValueError, match="max_bytes must be"):
+        stdlib_corpus(max_bytes=0)
+
+
+def test_errors_split_too_short():
+    tokens = np.arange(8, dtype=np.uint16)
+    with pytest.raises(ValueError, match="8 tokens.*seq_len=8 needs 9"):
+        get_batch(tokens, batch_size=2, seq_len=8, seed=0, step=0)
+    with pytest.raises(ValueError, match="0 tokens.*seq_len=4"):
+        get_batch(tokens[:0], batch_size=2, seq_len=4, seed=0, step=0)
+    with pytest.raises(ValueError, match="8 tokens.*seq_len=8 needs 9"):
+        eval_batches(tokens, batch_size=1, seq_len=8, max_batches=1)
+    with pytest.raises(ValueError, match="8 tokens.*batch_size=4.*seq_len=4 needs 17"):
+        eval_batches(tokens, batch_size=4, seq_len=4, max_batches=1)
+    with pytest.raises(ValueError, match="max_batches must be positive"):
+        eval_batches(tokens, batch_size=1, seq_len=2, max_batches=0)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        get_batch(tokens, batch_size=0, seq_len=2, seed=0, step=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        get_batch(tokens, batch_size=1, seq_len=2, seed=0, step=-1)
