@@ -1,0 +1,210 @@
+"""Tests for the ``qkclip-plot`` CLI and its metric-parsing helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from qkclip_eqx.cli import plot as qplot
+
+N_LAYERS, N_HEADS, N_STEPS = 3, 4, 20
+NULL_AT = (7, 1, 2)  # (step, layer, head) written as null in run "a"
+
+
+def _s(run: int, step: int, layer: int, head: int) -> float:
+    """Synthetic max logit; not a 'round' float so exact parsing is tested."""
+    return 5.0 + 1.37 * step + 3.1 * layer + 0.29 * head + 0.013 * run
+
+
+def _write_run(
+    root: Path,
+    name: str,
+    run: int,
+    *,
+    mode: str = "clip",
+    tau: float = 30.0,
+    label: str | None = None,
+    truncate: bool = False,
+) -> Path:
+    rd = root / name
+    rd.mkdir()
+    cfg = {"tau": tau, "mode": mode, "optimizer": "muonclip"}
+    if label is not None:
+        cfg["label"] = label
+    (rd / "config.json").write_text(json.dumps(cfg))
+    lines = []
+    for step in range(N_STEPS):
+        line: dict = {
+            "step": step,
+            "loss": 6.0 / (1.0 + 0.31 * step) + 0.001 * run,
+            "lr": 1e-3,
+            "grad_norm": 0.5 + 0.01 * step,
+            "heads_clipped": (step * 5 + run) % 13,  # 0..12
+            "n_nonfinite": 0,
+            "tokens_per_s": 1234.5,
+        }
+        if mode != "off":
+            ml = [
+                [_s(run, step, la, h) for h in range(N_HEADS)] for la in range(N_LAYERS)
+            ]
+            if run == 0 and step == NULL_AT[0]:
+                ml[NULL_AT[1]][NULL_AT[2]] = None
+            line["max_logits"] = ml
+            line["max_logit"] = max(v for row in ml for v in row if v is not None)
+        else:
+            line["heads_clipped"] = 0
+        if step == N_STEPS - 1:
+            line["val_loss"] = 2.5 + 0.01 * run  # a line with both
+        lines.append(json.dumps(line))
+        if step % 5 == 4 and step != N_STEPS - 1:
+            lines.append(json.dumps({"step": step, "val_loss": 4.0 - 0.1 * step}))
+    text = "\n".join(lines) + "\n"
+    if truncate:
+        full = json.dumps({"step": N_STEPS, "loss": 1.0, "max_logits": [[1.0]]})
+        text += full[: len(full) // 2]  # crashed mid-write: no newline either
+    (rd / "metrics.jsonl").write_text(text)
+    return rd
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> tuple[Path, Path]:
+    a = _write_run(tmp_path, "run_a", 0, mode="clip", tau=30.0, truncate=True)
+    b = _write_run(tmp_path, "run_b", 1, mode="monitor", tau=50.0, label="bee")
+    return a, b
+
+
+def test_read_metrics_values(runs):
+    a, b = runs
+    with pytest.warns(UserWarning, match="truncated last line"):
+        m = qplot.read_metrics(a)
+    # truncated step-20 line skipped
+    np.testing.assert_array_equal(m.steps, np.arange(N_STEPS))
+    assert m.max_logits.shape == (N_STEPS, N_LAYERS, N_HEADS)
+    for step in (0, 3, 19):
+        assert m.loss[step] == 6.0 / (1.0 + 0.31 * step)
+    for step, la, h in [(0, 0, 0), (5, 2, 3), (19, 1, 1), (7, 1, 1), (7, 0, 2)]:
+        assert m.max_logits[step, la, h] == _s(0, step, la, h)
+    # null -> NaN, and only that entry
+    assert math.isnan(m.max_logits[NULL_AT])
+    assert int(np.isnan(m.max_logits).sum()) == 1
+    # validation: separate lines at 4, 9, 14 plus the combined line at 19
+    np.testing.assert_array_equal(m.val_steps, [4, 9, 14, 19])
+    assert m.val_loss[1] == 4.0 - 0.1 * 9
+    assert m.val_loss[-1] == 2.5
+    assert m.heads_clipped[6] == (6 * 5) % 13
+    assert m.tau == 30.0 and m.mode == "clip"
+    assert m.label == "run_a"  # no config label -> directory name
+    assert m.n_heads_total == N_LAYERS * N_HEADS
+
+    mb = qplot.read_metrics(b)  # no truncated line: no warning needed
+    assert mb.label == "bee" and mb.mode == "monitor" and mb.tau == 50.0
+    assert not np.isnan(mb.max_logits).any()
+    assert mb.max_logits[12, 2, 0] == _s(1, 12, 2, 0)
+
+
+def test_layer_max_ignores_null(runs):
+    a, _ = runs
+    with pytest.warns(UserWarning):
+        m = qplot.read_metrics(a)
+    lm = qplot.layer_max_logits(m)
+    assert lm.shape == (N_STEPS, N_LAYERS)
+    assert lm[NULL_AT[0], NULL_AT[1]] == _s(0, NULL_AT[0], NULL_AT[1], N_HEADS - 1)
+    assert not np.isnan(lm).any()
+
+
+def test_clipped_fraction_exact(runs):
+    _, b = runs
+    m = qplot.read_metrics(b)
+    frac = qplot.clipped_fraction(m)
+    expected = np.array([((s * 5 + 1) % 13) / 12 for s in range(N_STEPS)])
+    np.testing.assert_array_equal(frac, expected)
+    assert frac.max() <= 1.0
+
+
+def _check_png(path: Path) -> None:
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[2] in (3, 4)
+    assert 150 <= img.shape[0] <= 2000 and 300 <= img.shape[1] <= 2000
+    rgb = img[..., :3].reshape(-1, 3)
+    assert np.unique(rgb, axis=0).shape[0] > 10  # not one uniform colour
+    assert path.stat().st_size < 400_000
+
+
+def test_main_writes_pngs(runs, tmp_path, capsys):
+    a, b = runs
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="truncated"):
+        rc = qplot.main([str(a), str(b), "--out", str(out)])
+    assert rc == 0
+    expected = {
+        "loss.png",
+        "max_logit.png",
+        "clipped_fraction.png",
+        "heatmap_run_a.png",
+        "heatmap_bee.png",
+    }
+    assert {p.name for p in out.iterdir()} == expected
+    printed = capsys.readouterr().out.split()
+    assert sorted(Path(p).name for p in printed) == sorted(expected)
+    for name in expected:
+        _check_png(out / name)
+
+
+def test_main_labels_and_default_out(runs, tmp_path, monkeypatch, capsys):
+    a, b = runs
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning):
+        rc = qplot.main([str(a), str(b), "--labels", "x/1", "y 2"])
+    assert rc == 0
+    names = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert {"heatmap_x_1.png", "heatmap_y_2.png"} <= names
+    with pytest.raises(SystemExit) as e:
+        qplot.main([str(a), str(b), "--labels", "only-one"])
+    assert e.value.code == 2
+
+
+def test_missing_metrics(tmp_path, capsys):
+    rd = tmp_path / "empty_run"
+    rd.mkdir()
+    rc = qplot.main([str(rd)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(rd / "metrics.jsonl") in err
+    with pytest.raises(FileNotFoundError):
+        qplot.read_metrics(rd)
+
+
+def test_mode_off_run(tmp_path, capsys):
+    rd = _write_run(tmp_path, "off_run", 2, mode="off")
+    m = qplot.read_metrics(rd)
+    assert m.max_logits.shape == (N_STEPS, 0, 0)
+    assert not m.has_max_logits
+    # head count unknown, but 0 clipped is a 0 fraction
+    np.testing.assert_array_equal(qplot.clipped_fraction(m), np.zeros(N_STEPS))
+    rc = qplot.main([str(rd)])  # single run: output goes into the run dir
+    assert rc == 0
+    names = {p.name for p in rd.iterdir() if p.suffix == ".png"}
+    assert names == {"loss.png", "max_logit.png", "clipped_fraction.png"}
+    _check_png(rd / "loss.png")
+    assert "no heatmap" in capsys.readouterr().err
+
+
+def test_heatmap_pools_long_runs(runs, tmp_path):
+    a, _ = runs
+    with pytest.warns(UserWarning):
+        m = qplot.read_metrics(a)
+    rows = N_LAYERS * N_HEADS
+    full = m.max_logits.reshape(N_STEPS, rows).T
+    x, pooled, k = qplot._pool_columns(m.steps, full, max_cols=7)
+    assert k == 3 and pooled.shape == (rows, 7) and x.shape == (8,)
+    # max over steps 6..8 of the row that has the null at step 7: still finite
+    row = NULL_AT[1] * N_HEADS + NULL_AT[2]
+    assert pooled[row, 2] == _s(0, 8, NULL_AT[1], NULL_AT[2])
+    assert pooled[0, 6] == _s(0, 19, 0, 0)  # last, partial group (18, 19)
+    np.testing.assert_array_equal(x[:3], [0.0, 3.0, 6.0])
+    _check_png(qplot.plot_heatmap(m, tmp_path / "h.png", max_cols=7))
