@@ -1,0 +1,302 @@
+"""Generate golden files for testing MLA against Hugging Face's DeepseekV3Attention.
+
+How to run (from the repository root, in a virtual environment that has torch,
+transformers and numpy installed -- NOT the project's own JAX environment):
+
+    python scripts/make_hf_golden.py
+
+It writes two files, one per query path of Multi-head Latent Attention:
+
+    tests/data/hf_dsv3_attn_qlora.npz    (q_lora_rank=32: q_a_proj -> RMSNorm -> q_b_proj)
+    tests/data/hf_dsv3_attn_noqlora.npz  (q_lora_rank=None: a single q_proj)
+
+so the project's tests can compare against HF without needing torch in CI.
+
+Each .npz holds:
+  * every state-dict entry of the attention module under its exact state-dict
+    name ("q_a_proj.weight", "kv_b_proj.weight", ...), float32, torch layout
+    ([out_features, in_features] for linear weights);
+  * "hidden_states"  [seq, hidden]   the input (batch dimension dropped);
+  * "output"         [seq, hidden]   DeepseekV3Attention's output (eager, float32);
+  * "max_logits"     [heads]         per head, max over causally allowed (j <= i)
+                                     query/key pairs of the scaled pre-softmax
+                                     logit q_i . k_j * scaling, captured from
+                                     HF's own eager attention computation;
+  * "config_json"    0-d str         the config used (plus "scaling"), as JSON;
+  * "versions"       0-d str         torch / transformers / numpy versions, as JSON.
+
+The inputs use position ids 0..seq-1 and a standard causal mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+
+import numpy as np
+import torch
+import transformers
+from transformers import DeepseekV3Config
+from transformers.masking_utils import create_causal_mask
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_dsv3
+
+OUT_DIR = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data"
+
+SEED = 0
+SEQ_LEN = 12
+LINEAR_STD = 0.2  # std of the normal init of every linear weight
+NORM_STD = 0.1  # RMSNorm weights are 1 + NORM_STD * normal
+
+# Shared by both configs; only q_lora_rank differs.
+BASE_CONFIG = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    attention_bias=False,
+    rope_interleave=True,  # DeepSeek checkpoint layout: rope dims in (even, odd) pairs
+    rms_norm_eps=1e-6,
+    attention_dropout=0.0,
+    max_position_embeddings=128,
+)
+
+CASES = {
+    "hf_dsv3_attn_qlora.npz": 32,
+    "hf_dsv3_attn_noqlora.npz": None,
+}
+
+
+def make_config(q_lora_rank: int | None) -> DeepseekV3Config:
+    config = DeepseekV3Config(
+        **BASE_CONFIG,
+        q_lora_rank=q_lora_rank,
+        attn_implementation="eager",
+        dtype="float32",
+    )
+    # Recent transformers fold rope_theta/rope_scaling into `rope_parameters`.
+    # Make sure we really got plain (unscaled) RoPE with the requested theta.
+    rope = getattr(config, "rope_parameters", None)
+    if rope is not None:
+        assert rope.get("rope_type", "default") == "default", rope
+        assert float(rope["rope_theta"]) == BASE_CONFIG["rope_theta"], rope
+    assert config.rope_interleave is True
+    assert config._attn_implementation == "eager"
+    return config
+
+
+def init_weights(attn: torch.nn.Module, generator: torch.Generator) -> None:
+    """Deterministically overwrite every parameter, in state-dict order."""
+    with torch.no_grad():
+        for name, param in attn.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if "layernorm" in name:
+                param.copy_(1.0 + NORM_STD * noise)
+            elif name.endswith(".weight"):
+                param.copy_(LINEAR_STD * noise)
+            else:  # biases (none with attention_bias=False, but keep it total)
+                param.copy_(LINEAR_STD * noise)
+
+
+@contextlib.contextmanager
+def capture_pre_softmax_logits(store: list):
+    """Record the input of the softmax inside HF's eager attention.
+
+    With the eager implementation, DeepseekV3Attention calls the module-level
+    `eager_attention_forward`, which computes
+
+        attn_weights = matmul(query, key^T) * scaling + attention_mask
+        softmax(attn_weights, dim=-1, dtype=float32)
+
+    We wrap that function and, for the duration of its call only, wrap
+    torch.nn.functional.softmax to stash its input: the scaled logits plus the
+    additive mask. Where the mask allows attention it is exactly 0.0, so those
+    entries are exactly HF's scaled logits.
+    """
+    original_eager = hf_dsv3.eager_attention_forward
+    original_softmax = torch.nn.functional.softmax
+
+    def recording_softmax(x, *args, **kwargs):
+        store.append(x.detach().clone())
+        return original_softmax(x, *args, **kwargs)
+
+    def recording_eager(*args, **kwargs):
+        torch.nn.functional.softmax = recording_softmax
+        try:
+            return original_eager(*args, **kwargs)
+        finally:
+            torch.nn.functional.softmax = original_softmax
+
+    hf_dsv3.eager_attention_forward = recording_eager
+    try:
+        yield
+    finally:
+        hf_dsv3.eager_attention_forward = original_eager
+        torch.nn.functional.softmax = original_softmax
+
+
+def make_golden(q_lora_rank: int | None, out_path: pathlib.Path) -> dict:
+    config = make_config(q_lora_rank)
+    generator = torch.Generator().manual_seed(SEED)
+
+    attn = hf_dsv3.DeepseekV3Attention(config, layer_idx=0).to(torch.float32).eval()
+    init_weights(attn, generator)
+
+    hidden_states = torch.randn(1, SEQ_LEN, config.hidden_size, generator=generator, dtype=torch.float32)
+    position_ids = torch.arange(SEQ_LEN)[None, :]
+
+    rotary = hf_dsv3.DeepseekV3RotaryEmbedding(config)
+    position_embeddings = rotary(hidden_states, position_ids)  # (cos, sin), each [1, seq, qk_rope_head_dim]
+
+    # The causal mask exactly as DeepseekV3Model builds it for eager attention:
+    # float [batch, 1, q, kv], 0.0 where j <= i, finfo(float32).min where j > i.
+    mask = create_causal_mask(
+        config=config,
+        inputs_embeds=hidden_states,
+        attention_mask=None,
+        cache=None,
+        position_ids=position_ids,
+    )
+    allowed = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()
+    expected_mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+    assert mask is not None and mask.dtype == torch.float32
+    assert torch.equal(mask, expected_mask), "unexpected eager causal-mask format"
+
+    captured: list[torch.Tensor] = []
+    with torch.no_grad(), capture_pre_softmax_logits(captured):
+        output, attn_probs = attn(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=mask,
+        )
+    assert len(captured) == 1, f"expected one softmax call inside eager attention, got {len(captured)}"
+
+    logits = captured[0]  # [1, heads, q, kv]: scaled logits + mask
+    assert logits.shape == (1, config.num_attention_heads, SEQ_LEN, SEQ_LEN)
+    masked = torch.where(allowed, logits, torch.tensor(-torch.inf))
+    max_logits = masked.amax(dim=(-1, -2))[0]  # [heads]
+
+    # Sanity: the captured logits reproduce HF's attention probabilities.
+    probs_again = torch.softmax(logits, dim=-1)
+    assert torch.allclose(probs_again, attn_probs, atol=1e-6)
+
+    config_record = {
+        **BASE_CONFIG,
+        "q_lora_rank": q_lora_rank,
+        "qk_head_dim": config.qk_nope_head_dim + config.qk_rope_head_dim,
+        "scaling": float(attn.scaling),
+        "attn_implementation": "eager",
+        "dtype": "float32",
+        "seq_len": SEQ_LEN,
+        "seed": SEED,
+        "rope_parameters": getattr(config, "rope_parameters", None),
+        "rope_inv_freq": rotary.inv_freq.tolist(),
+    }
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
+
+    arrays = {name: t.detach().cpu().numpy().astype(np.float32) for name, t in attn.state_dict().items()}
+    arrays["hidden_states"] = hidden_states[0].numpy().astype(np.float32)
+    arrays["output"] = output[0].numpy().astype(np.float32)
+    arrays["max_logits"] = max_logits.numpy().astype(np.float32)
+    arrays["config_json"] = np.array(json.dumps(config_record, sort_keys=True))
+    arrays["versions"] = np.array(json.dumps(versions, sort_keys=True))
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out_path, **arrays)
+    return arrays
+
+
+# --------------------------------------------------------------------------
+# Independent numpy re-implementation, used only to check the saved files:
+# it documents the layout conventions a loader must follow.
+# --------------------------------------------------------------------------
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return weight * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+
+def _rope_interleaved(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """DeepSeek RoPE: pairs (x[2i], x[2i+1]) rotated by angle pos * theta^(-2i/d).
+
+    Returns the rotated pairs in HF's output order [all evens..., all odds...];
+    q and k share that permutation, so dot products are unchanged.
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = positions[:, None] * inv_freq[None, :]  # [seq, d/2]
+    if x.ndim == 3:  # [heads, seq, d]
+        ang = ang[None]
+    cos, sin = np.cos(ang), np.sin(ang)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def numpy_reference(arrays: dict) -> tuple[np.ndarray, np.ndarray]:
+    cfg = json.loads(str(arrays["config_json"]))
+    w = {k: v.astype(np.float64) for k, v in arrays.items() if k.endswith(".weight")}
+    x = arrays["hidden_states"].astype(np.float64)
+    seq = x.shape[0]
+    h, dn, dr, dv = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    r_kv = cfg["kv_lora_rank"]
+    eps = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps=1e-6
+    pos = np.arange(seq, dtype=np.float64)
+
+    if cfg["q_lora_rank"] is None:
+        q = x @ w["q_proj.weight"].T
+    else:
+        q = _rms_norm(x @ w["q_a_proj.weight"].T, w["q_a_layernorm.weight"], eps) @ w["q_b_proj.weight"].T
+    q = q.reshape(seq, h, dn + dr).transpose(1, 0, 2)  # [h, seq, dn+dr], head-major columns
+    q_nope, q_pe = q[..., :dn], _rope_interleaved(q[..., dn:], pos, cfg["rope_theta"])
+
+    ckv = x @ w["kv_a_proj_with_mqa.weight"].T  # [seq, r_kv + dr]
+    c_kv = _rms_norm(ckv[:, :r_kv], w["kv_a_layernorm.weight"], eps)
+    k_pe = _rope_interleaved(ckv[:, r_kv:], pos, cfg["rope_theta"])  # [seq, dr], shared by all heads
+    kv = (c_kv @ w["kv_b_proj.weight"].T).reshape(seq, h, dn + dv).transpose(1, 0, 2)
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+
+    logits = (np.einsum("hqd,hkd->hqk", q_nope, k_nope) + np.einsum("hqd,kd->hqk", q_pe, k_pe)) * cfg["scaling"]
+    allowed = np.tril(np.ones((seq, seq), dtype=bool))
+    logits = np.where(allowed, logits, -np.inf)
+    max_logits = logits.max(axis=(-1, -2))
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = np.einsum("hqk,hkd->qhd", p, v).reshape(seq, h * dv)  # concat heads: index = head * dv + d
+    return o @ w["o_proj.weight"].T, max_logits
+
+
+def check_file(path: pathlib.Path) -> None:
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    cfg = json.loads(str(arrays["config_json"]))
+    assert abs(cfg["scaling"] - (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) ** -0.5) < 1e-12
+    out, max_logits = numpy_reference(arrays)
+    err_out = np.abs(out - arrays["output"]).max()
+    err_ml = np.abs(max_logits - arrays["max_logits"]).max()
+    assert err_out < 1e-4 and err_ml < 1e-4, (err_out, err_ml)
+    shapes = {k: v.shape for k, v in arrays.items() if k.endswith(".weight")}
+    print(f"{path.name}: {path.stat().st_size} bytes; numpy reference max|diff| output={err_out:.2e} "
+          f"max_logits={err_ml:.2e}")
+    print(f"  weights: {shapes}")
+    print(f"  max_logits: {arrays['max_logits']}")
+    print(f"  versions: {arrays['versions']}")
+
+
+def main() -> None:
+    for filename, q_lora_rank in CASES.items():
+        path = OUT_DIR / filename
+        make_golden(q_lora_rank, path)
+        check_file(path)
+
+
+if __name__ == "__main__":
+    main()
