@@ -1,0 +1,223 @@
+"""Attention modules that return their per-head max logits.
+
+Each module's ``__call__`` takes ONE example ``x: [seq, dim]`` and returns
+``(out: [seq, dim], max_logits: [heads])``; batch with ``jax.vmap`` and take the
+max over the batch. Each module also knows which of its weights are q and k of
+each head, and exposes :meth:`AbstractQKClippable.scale_heads` for QK-Clip.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Self
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._config import GQAConfig, MLAConfig
+from ._kernels import attend, softmax_scale
+from ._layers import RMSNorm, init_weight
+from ._rope import apply_rope
+
+
+class AbstractQKClippable(eqx.Module):
+    """An attention module QK-Clip can act on.
+
+    To make your own attention clippable, subclass this and implement
+    :meth:`scale_heads`, returning a copy whose head-``h`` logits are all
+    multiplied by exactly ``gamma[h]`` (``eqx.tree_at`` on the q/k weights).
+    :func:`qkclip_eqx.qk_clip` finds every such module in a model's tree.
+    """
+
+    @property
+    @abc.abstractmethod
+    def n_heads(self) -> int:
+        """Number of query heads: the length of this module's ``max_logits``."""
+
+    @abc.abstractmethod
+    def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> Self:
+        """Return a copy with every logit of head ``h`` multiplied by ``gamma[h]``.
+
+        ``alpha`` is the share of the factor given to the query side
+        (``gamma^alpha`` on q, ``gamma^(1-alpha)`` on k), where a module has a
+        free choice. ``gamma`` is 1 for heads that are not clipped, and a module
+        must then leave those heads' weights bit-identical.
+        """
+
+
+def _positions_and_segments(seq: int, positions, segment_ids):
+    if positions is None:
+        positions = jnp.arange(seq, dtype=jnp.int32)
+    if segment_ids is None:
+        segment_ids = jnp.zeros((seq,), jnp.int32)
+    return positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+
+
+def _scale_rows(w: Array, factor: Float[Array, " heads"], rows: slice) -> Array:
+    """``w[h, rows, :] *= factor[h]`` in w's dtype (factor 1 leaves bits unchanged)."""
+    f = factor.astype(w.dtype)[:, None, None]
+    return w.at[:, rows, :].multiply(f)
+
+
+class MLAttention(AbstractQKClippable):
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, sec. 2.1;
+    DeepSeek-V3, arXiv 2412.19437), as Kimi K2 uses it.
+
+    Weights (``(out..., in)`` layout):
+
+    - ``wq_a`` [q_lora_rank, dim], ``q_norm``: optional low-rank query path;
+    - ``wq`` [heads, nope + rope, q_in]: per-head rows ``[:nope]`` give q_C,
+      ``[nope:]`` give q_R; ``q_in`` is ``q_lora_rank`` or ``dim``;
+    - ``wkv_a`` [kv_lora_rank + rope, dim]: the latent c_KV, then ONE RoPE key
+      k_R shared by all heads; ``kv_norm`` on the latent;
+    - ``wkv_b`` [heads, nope + v, kv_lora_rank]: rows ``[:nope]`` give k_C,
+      ``[nope:]`` give v;
+    - ``wo`` [dim, heads * v].
+    """
+
+    config: MLAConfig = eqx.field(static=True)
+    wq_a: Float[Array, "q_lora dim"] | None
+    q_norm: RMSNorm | None
+    wq: Float[Array, "heads qk q_in"]
+    wkv_a: Float[Array, "kv_lora_rope dim"]
+    kv_norm: RMSNorm
+    wkv_b: Float[Array, "heads nope_v kv_lora"]
+    wo: Float[Array, "dim heads_v"]
+
+    def __init__(self, config: MLAConfig, *, dtype=jnp.float32, key: PRNGKeyArray):
+        c = config
+        kqa, kq, kkva, kkvb, ko = jax.random.split(key, 5)
+        self.config = c
+        if c.q_lora_rank is None:
+            self.wq_a, self.q_norm, q_in = None, None, c.dim
+        else:
+            self.wq_a = init_weight(kqa, (c.q_lora_rank, c.dim), dtype)
+            self.q_norm = RMSNorm(c.q_lora_rank, eps=c.norm_eps, dtype=dtype)
+            q_in = c.q_lora_rank
+        self.wq = init_weight(kq, (c.n_heads, c.qk_head_dim, q_in), dtype)
+        self.wkv_a = init_weight(kkva, (c.kv_lora_rank + c.qk_rope_head_dim, c.dim), dtype)
+        self.kv_norm = RMSNorm(c.kv_lora_rank, eps=c.norm_eps, dtype=dtype)
+        self.wkv_b = init_weight(
+            kkvb, (c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank), dtype
+        )
+        self.wo = init_weight(ko, (c.dim, c.n_heads * c.v_head_dim), dtype)
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.n_heads
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+    ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
+        c = self.config
+        seq = x.shape[0]
+        positions, segment_ids = _positions_and_segments(seq, positions, segment_ids)
+        q_in = x if self.wq_a is None else self.q_norm(x @ self.wq_a.T)
+        q = jnp.einsum("tr,hdr->thd", q_in, self.wq)
+        q_c, q_r = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
+        kv_a = x @ self.wkv_a.T
+        c_kv, k_r = kv_a[:, : c.kv_lora_rank], kv_a[:, c.kv_lora_rank :]
+        kv = jnp.einsum("tr,hdr->thd", self.kv_norm(c_kv), self.wkv_b)
+        k_c, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
+        rope = dict(theta=c.rope_theta, layout=c.rope_layout)
+        q_r = apply_rope(q_r, positions, **rope)
+        k_r = apply_rope(k_r[:, None, :], positions, **rope)
+        q = jnp.concatenate([q_c, q_r], axis=-1)
+        k = jnp.concatenate([k_c, jnp.broadcast_to(k_r, (seq, c.n_heads, k_r.shape[-1]))], axis=-1)
+        out, max_logits = attend(
+            q, k, v,
+            q_pos=positions, k_pos=positions, q_seg=segment_ids, k_seg=segment_ids,
+            causal=c.causal, scale=softmax_scale(c.qk_head_dim),
+            kernel=c.kernel, block_size=c.block_size,
+        )
+        return out.reshape(seq, -1) @ self.wo.T, max_logits
+
+    def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> Self:
+        """q_C by gamma^alpha, k_C by gamma^(1-alpha), q_R by gamma; k_R untouched
+        (it is shared by all heads). Kimi K2 report, sec. 2.1."""
+        nope = self.config.qk_nope_head_dim
+        wq = _scale_rows(self.wq, gamma**alpha, slice(0, nope))
+        wq = _scale_rows(wq, gamma, slice(nope, None))
+        wkv_b = _scale_rows(self.wkv_b, gamma ** (1 - alpha), slice(0, nope))
+        return eqx.tree_at(lambda m: (m.wq, m.wkv_b), self, (wq, wkv_b))
+
+
+class GQAttention(AbstractQKClippable):
+    """Grouped-query attention (Ainslie et al. 2023, arXiv 2305.13245) with RoPE.
+
+    ``wq`` [heads, head_dim, dim], ``wk``/``wv`` [kv_heads, head_dim, dim],
+    ``wo`` [dim, heads * head_dim]. Query head h reads key head ``h // group``.
+    """
+
+    config: GQAConfig = eqx.field(static=True)
+    wq: Float[Array, "heads head_dim dim"]
+    wk: Float[Array, "kv_heads head_dim dim"]
+    wv: Float[Array, "kv_heads head_dim dim"]
+    wo: Float[Array, "dim heads_head_dim"]
+
+    def __init__(self, config: GQAConfig, *, dtype=jnp.float32, key: PRNGKeyArray):
+        c = config
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        self.config = c
+        self.wq = init_weight(kq, (c.n_heads, c.head_dim, c.dim), dtype)
+        self.wk = init_weight(kk, (c.n_kv_heads, c.head_dim, c.dim), dtype)
+        self.wv = init_weight(kv, (c.n_kv_heads, c.head_dim, c.dim), dtype)
+        self.wo = init_weight(ko, (c.dim, c.n_heads * c.head_dim), dtype)
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.n_heads
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+    ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
+        c = self.config
+        seq = x.shape[0]
+        positions, segment_ids = _positions_and_segments(seq, positions, segment_ids)
+        rope = dict(theta=c.rope_theta, layout=c.rope_layout)
+        q = apply_rope(jnp.einsum("td,hed->the", x, self.wq), positions, **rope)
+        k = apply_rope(jnp.einsum("td,hed->the", x, self.wk), positions, **rope)
+        v = jnp.einsum("td,hed->the", x, self.wv)
+        out, max_logits = attend(
+            q, k, v,
+            q_pos=positions, k_pos=positions, q_seg=segment_ids, k_seg=segment_ids,
+            causal=c.causal, scale=softmax_scale(c.head_dim),
+            kernel=c.kernel, block_size=c.block_size,
+        )
+        return out.reshape(seq, -1) @ self.wo.T, max_logits
+
+    def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> Self:
+        """MHA (group of one): W_q^h by gamma^alpha, W_k^h by gamma^(1-alpha).
+
+        Shared keys (group > 1), by ``config.clip_mode``:
+
+        - ``"query"`` (default): each query head by its own gamma_h, the shared
+          key untouched, as K2 treats the shared k_R. Exact per head: a head
+          below tau is never touched because a group-mate was clipped.
+        - ``"group"`` (Megatron-Core's experimental rule): eta = the group's
+          smallest gamma (largest S); its queries by eta^alpha, the shared key
+          by eta^(1-alpha). Every head of the group is scaled by eta.
+        """
+        c = self.config
+        group = c.n_heads // c.n_kv_heads
+        everything = slice(None)
+        if group == 1:
+            q_factor, k_factor = gamma**alpha, gamma ** (1 - alpha)
+        elif c.clip_mode == "query":
+            return eqx.tree_at(lambda m: m.wq, self, _scale_rows(self.wq, gamma, everything))
+        else:
+            eta = jnp.min(gamma.reshape(c.n_kv_heads, group), axis=1)
+            q_factor, k_factor = jnp.repeat(eta**alpha, group), eta ** (1 - alpha)
+        wq = _scale_rows(self.wq, q_factor, everything)
+        wk = _scale_rows(self.wk, k_factor, everything)
+        return eqx.tree_at(lambda m: (m.wq, m.wk), self, (wq, wk))

@@ -1,0 +1,151 @@
+"""Frozen, validated configuration dataclasses.
+
+Every config is checked in ``__post_init__`` so that a bad one fails at
+construction, before anything is traced or compiled, with an error that names
+the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Kernel = Literal["dense", "blockwise"]
+RopeLayout = Literal["interleaved", "half"]
+GQAClipMode = Literal["query", "group"]
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(
+                f"{type(obj).__name__}.{name} must be a positive int, got {value!r}"
+            )
+
+
+def _choice(obj: object, name: str, options: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in options:
+        raise ValueError(f"{type(obj).__name__}.{name} must be one of {options}, got {value!r}")
+
+
+def _even(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    if value % 2:
+        raise ValueError(f"{type(obj).__name__}.{name} must be even for RoPE, got {value}")
+
+
+def _check_common(obj: object) -> None:
+    _choice(obj, "kernel", ("dense", "blockwise"))
+    _choice(obj, "rope_layout", ("interleaved", "half"))
+    _positive(obj, "block_size")
+    if not obj.rope_theta > 0:  # type: ignore[attr-defined]
+        raise ValueError(f"{type(obj).__name__}.rope_theta must be > 0, got {obj.rope_theta!r}")  # type: ignore[attr-defined]
+    if not obj.norm_eps > 0:  # type: ignore[attr-defined]
+        raise ValueError(f"{type(obj).__name__}.norm_eps must be > 0, got {obj.norm_eps!r}")  # type: ignore[attr-defined]
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2).
+
+    ``q_lora_rank=None`` gives a direct query projection W_q; otherwise queries
+    go through a rank-``q_lora_rank`` down-projection, an RMSNorm and a per-head
+    up-projection. Keys and values share a ``kv_lora_rank`` latent, plus one
+    RoPE key of ``qk_rope_head_dim`` shared by all heads (k_R).
+    """
+
+    dim: int
+    n_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    rope_theta: float = 10_000.0
+    rope_layout: RopeLayout = "interleaved"
+    norm_eps: float = 1e-6
+    causal: bool = True
+    kernel: Kernel = "dense"
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        _positive(self, "dim", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
+                  "qk_rope_head_dim", "v_head_dim")
+        if self.q_lora_rank is not None:
+            _positive(self, "q_lora_rank")
+        _even(self, "qk_rope_head_dim")
+        _check_common(self)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class GQAConfig:
+    """Grouped-query attention: MHA when ``n_kv_heads == n_heads``, MQA when 1.
+
+    ``clip_mode`` chooses how QK-Clip treats a key head shared by several query
+    heads; see :func:`qkclip_eqx.qk_clip`.
+    """
+
+    dim: int
+    n_heads: int
+    head_dim: int
+    n_kv_heads: int | None = None
+    rope_theta: float = 10_000.0
+    rope_layout: RopeLayout = "half"
+    norm_eps: float = 1e-6
+    causal: bool = True
+    kernel: Kernel = "dense"
+    block_size: int = 128
+    clip_mode: GQAClipMode = "query"
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        _positive(self, "dim", "n_heads", "head_dim", "n_kv_heads")
+        if self.n_heads % self.n_kv_heads:  # type: ignore[operator]
+            raise ValueError(
+                f"GQAConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
+            )
+        _even(self, "head_dim")
+        _choice(self, "clip_mode", ("query", "group"))
+        _check_common(self)
+
+
+AttentionConfig = MLAConfig | GQAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """A decoder-only language model: embedding, ``n_layers`` pre-norm blocks
+    (RMSNorm, attention, RMSNorm, SwiGLU MLP), final RMSNorm, untied LM head."""
+
+    vocab_size: int
+    n_layers: int
+    mlp_hidden: int
+    attention: AttentionConfig
+    norm_eps: float = 1e-6
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "n_layers", "mlp_hidden")
+        if not isinstance(self.attention, (MLAConfig, GQAConfig)):
+            raise ValueError(
+                "TransformerConfig.attention must be an MLAConfig or GQAConfig, "
+                f"got {type(self.attention).__name__}"
+            )
+        _choice(self, "dtype", ("float32", "bfloat16"))
+        if not self.norm_eps > 0:
+            raise ValueError(f"TransformerConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+
+    @property
+    def dim(self) -> int:
+        return self.attention.dim
+
+    @property
+    def n_heads(self) -> int:
+        return self.attention.n_heads

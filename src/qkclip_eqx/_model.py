@@ -1,0 +1,83 @@
+"""A decoder-only Transformer whose layers are stacked and run with lax.scan."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._attention import GQAttention, MLAttention
+from ._config import MLAConfig, TransformerConfig
+from ._layers import RMSNorm, SwiGLU, init_weight
+
+
+class Block(eqx.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    attn_norm: RMSNorm
+    attn: MLAttention | GQAttention
+    mlp_norm: RMSNorm
+    mlp: SwiGLU
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        ka, km = jax.random.split(key)
+        dtype = jnp.dtype(config.dtype)
+        attention = MLAttention if isinstance(config.attention, MLAConfig) else GQAttention
+        self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
+        self.attn = attention(config.attention, dtype=dtype, key=ka)
+        self.mlp_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
+        self.mlp = SwiGLU(config.dim, config.mlp_hidden, dtype=dtype, key=km)
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+    ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
+        h, max_logits = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), max_logits
+
+
+class Transformer(eqx.Module):
+    """Token embedding, ``n_layers`` stacked :class:`Block` s, final norm, untied head.
+
+    ``blocks`` is ONE :class:`Block` whose array leaves carry a leading layer
+    axis; ``__call__`` scans over it, so compile time does not grow with depth.
+    """
+
+    config: TransformerConfig = eqx.field(static=True)
+    embed: Float[Array, "vocab dim"]
+    blocks: Block
+    final_norm: RMSNorm
+    lm_head: Float[Array, "vocab dim"]
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        ke, kb, kh = jax.random.split(key, 3)
+        dtype = jnp.dtype(config.dtype)
+        self.config = config
+        self.embed = jax.random.normal(ke, (config.vocab_size, config.dim), jnp.float32).astype(dtype)
+        block_keys = jax.random.split(kb, config.n_layers)
+        self.blocks = eqx.filter_vmap(lambda k: Block(config, key=k))(block_keys)
+        self.final_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
+        self.lm_head = init_weight(kh, (config.vocab_size, config.dim), dtype)
+
+    def __call__(
+        self,
+        tokens: Int[Array, " seq"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+    ) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers heads"]]:
+        """Returns float32 logits and S per layer and head for this example."""
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def layer(x, block_params):
+            block = eqx.combine(block_params, static)
+            return block(x, positions=positions, segment_ids=segment_ids)
+
+        x, max_logits = jax.lax.scan(layer, self.embed[tokens], params)
+        logits = self.final_norm(x) @ self.lm_head.T
+        return logits.astype(jnp.float32), max_logits

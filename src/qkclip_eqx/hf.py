@@ -1,0 +1,112 @@
+"""Load Hugging Face ``DeepseekV3Attention`` weights (DeepSeek-V3, Kimi K2) into
+:class:`~qkclip_eqx.MLAttention`.
+
+HF stores ``nn.Linear`` weights as ``(out, in)``, as this project does, with the
+per-head rows head-major; the loader only reshapes. With ``rope_interleave``
+(the default of these checkpoints) the RoPE dimensions are stored as pairs
+``(x_2i, x_2i+1)``: :class:`MLAConfig` ``rope_layout="interleaved"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._attention import MLAttention
+from ._config import MLAConfig
+
+
+def mla_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MLAConfig:
+    """An :class:`MLAConfig` from a ``DeepseekV3Config`` (as a dict, e.g. config.json).
+
+    Only the default RoPE is supported: a YaRN ``rope_scaling`` (as in the full
+    DeepSeek-V3 config) changes the softmax scale and frequencies and is refused.
+    """
+    rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope type {rope_type!r} is not supported (only 'default')")
+    theta = hf_config.get("rope_theta", rope.get("rope_theta", 10_000.0))
+    fields = dict(
+        dim=hf_config["hidden_size"],
+        n_heads=hf_config["num_attention_heads"],
+        q_lora_rank=hf_config.get("q_lora_rank"),
+        kv_lora_rank=hf_config["kv_lora_rank"],
+        qk_nope_head_dim=hf_config["qk_nope_head_dim"],
+        qk_rope_head_dim=hf_config["qk_rope_head_dim"],
+        v_head_dim=hf_config["v_head_dim"],
+        rope_theta=float(theta),
+        rope_layout="interleaved" if hf_config.get("rope_interleave", True) else "half",
+        norm_eps=1e-6,  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
+    )
+    fields.update(overrides)
+    return MLAConfig(**fields)
+
+
+def _expected_shapes(c: MLAConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {
+        "kv_a_proj_with_mqa.weight": (c.kv_lora_rank + c.qk_rope_head_dim, c.dim),
+        "kv_a_layernorm.weight": (c.kv_lora_rank,),
+        "kv_b_proj.weight": (c.n_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
+        "o_proj.weight": (c.dim, c.n_heads * c.v_head_dim),
+    }
+    if c.q_lora_rank is None:
+        shapes["q_proj.weight"] = (c.n_heads * c.qk_head_dim, c.dim)
+    else:
+        shapes["q_a_proj.weight"] = (c.q_lora_rank, c.dim)
+        shapes["q_a_layernorm.weight"] = (c.q_lora_rank,)
+        shapes["q_b_proj.weight"] = (c.n_heads * c.qk_head_dim, c.q_lora_rank)
+    return shapes
+
+
+def mla_from_hf(
+    state_dict: Mapping[str, Any], config: MLAConfig, *, dtype: Any = jnp.float32
+) -> MLAttention:
+    """Build an :class:`MLAttention` holding the weights of a ``DeepseekV3Attention``.
+
+    ``state_dict`` maps that module's parameter names (``q_a_proj.weight``, ...;
+    a layer prefix such as ``model.layers.0.self_attn.`` must be stripped) to
+    arrays. Missing, unexpected or mis-shaped entries raise ``ValueError``.
+    """
+    if config.rope_layout != "interleaved":
+        raise ValueError("DeepSeek-V3 checkpoints need rope_layout='interleaved'")
+    expected = _expected_shapes(config)
+    params = {k: v for k, v in state_dict.items() if k.endswith(".weight") or k.endswith(".bias")}
+    missing = sorted(set(expected) - set(params))
+    unexpected = sorted(set(params) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the config: missing {missing}, unexpected {unexpected}")
+    w = {}
+    for name, shape in expected.items():
+        array = np.asarray(params[name])
+        if array.shape != shape:
+            raise ValueError(f"{name} has shape {array.shape}, expected {shape} for this config")
+        w[name] = jnp.asarray(array, dtype)
+    c = config
+    module = MLAttention(c, dtype=dtype, key=jax.random.key(0))
+    h = c.n_heads
+    if c.q_lora_rank is None:
+        wq = w["q_proj.weight"].reshape(h, c.qk_head_dim, c.dim)
+    else:
+        wq = w["q_b_proj.weight"].reshape(h, c.qk_head_dim, c.q_lora_rank)
+        module = eqx.tree_at(
+            lambda m: (m.wq_a, m.q_norm.weight),
+            module,
+            (w["q_a_proj.weight"], w["q_a_layernorm.weight"]),
+        )
+    return eqx.tree_at(
+        lambda m: (m.wq, m.wkv_a, m.kv_norm.weight, m.wkv_b, m.wo),
+        module,
+        (
+            wq,
+            w["kv_a_proj_with_mqa.weight"],
+            w["kv_a_layernorm.weight"],
+            w["kv_b_proj.weight"].reshape(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank),
+            w["o_proj.weight"],
+        ),
+    )
