@@ -1,0 +1,87 @@
+"""QK-Clip (Kimi K2 report, arXiv 2507.20534, sec. 2.1, Algorithm 1).
+
+For each head h with max logit S^h over a batch, after the optimizer update:
+
+    gamma_h = tau / S^h   if S^h > tau,   else 1,
+
+and the head's query/key weights are scaled so that every logit of head h is
+multiplied by exactly gamma_h. Re-running the batch then gives
+``min(S^h, tau)``. A head with S^h <= 0 or non-finite S^h gets gamma = 1: the
+clip never writes NaN or inf into a model (``min(1, tau/S)`` would, for S <= 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree
+
+from ._attention import AbstractQKClippable
+
+
+def clip_factors(
+    max_logits: Float[Array, "*layers heads"], tau: float | Float[Array, ""]
+) -> Float[Array, "*layers heads"]:
+    """gamma = tau / S where S > tau (and S finite), else exactly 1."""
+    s = max_logits.astype(jnp.float32)
+    over = jnp.isfinite(s) & (s > tau)
+    return jnp.where(over, tau / jnp.where(over, s, 1.0), 1.0)
+
+
+def _is_clippable(x) -> bool:
+    return isinstance(x, AbstractQKClippable)
+
+
+def clippable_modules(model: PyTree) -> list[AbstractQKClippable]:
+    """Every :class:`AbstractQKClippable` in ``model``, in tree-flattening order."""
+    return [x for x in jax.tree.leaves(model, is_leaf=_is_clippable) if _is_clippable(x)]
+
+
+def _scale(module: AbstractQKClippable, gamma: Array, alpha: float) -> AbstractQKClippable:
+    """Apply per-head factors; leading axes of gamma are stacked (scanned) layers."""
+    if gamma.ndim == 1:
+        return module.scale_heads(gamma, alpha)
+    return eqx.filter_vmap(lambda m, g: _scale(m, g, alpha))(module, gamma)
+
+
+def qk_clip(
+    model: PyTree,
+    max_logits: Float[Array, "*layers heads"] | Sequence[Float[Array, "*layers heads"]],
+    tau: float | Float[Array, ""],
+    *,
+    alpha: float = 0.5,
+) -> PyTree:
+    """Return ``model`` with QK-Clip applied; pure and jit-safe.
+
+    ``model`` is an attention module, a :class:`~qkclip_eqx.Transformer`, or any
+    PyTree holding :class:`AbstractQKClippable` modules. ``max_logits`` is one
+    array per such module, in tree-flattening order (a single array when there
+    is one). For a module whose array leaves are stacked along leading axes
+    (the Transformer's scanned layers), its S carries the same leading axes,
+    ``[layers, heads]``, and every layer gets its own gamma.
+    """
+    if isinstance(tau, (int, float)) and not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    modules = clippable_modules(model)
+    if not modules:
+        raise ValueError(f"no AbstractQKClippable attention module found in {type(model).__name__}")
+    s_list = [max_logits] if not isinstance(max_logits, Sequence) else list(max_logits)
+    if len(s_list) != len(modules):
+        raise ValueError(
+            f"got {len(s_list)} max-logit arrays for {len(modules)} clippable modules"
+        )
+    for i, (m, s) in enumerate(zip(modules, s_list)):
+        if s.shape[-1] != m.n_heads:
+            raise ValueError(
+                f"max_logits[{i}] has {s.shape[-1]} heads, module {type(m).__name__} has {m.n_heads}"
+            )
+    clipped = [_scale(m, clip_factors(s, tau), alpha) for m, s in zip(modules, s_list)]
+    leaves, treedef = jax.tree.flatten(model, is_leaf=_is_clippable)
+    replacements = iter(clipped)
+    leaves = [next(replacements) if _is_clippable(x) else x for x in leaves]
+    return jax.tree.unflatten(treedef, leaves)

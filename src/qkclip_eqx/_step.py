@@ -1,0 +1,124 @@
+"""The train step: loss and grads, optimizer update, then QK-Clip, in one jit.
+
+Kimi K2 report (arXiv 2507.20534), Algorithm 1: S is taken from this step's
+forward pass (it changes neither the forward nor the backward computation),
+and the clip scales the *updated* weights. The optimizer state is not touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int, PyTree
+
+from ._clip import clip_factors, qk_clip
+
+Mode = Literal["clip", "monitor", "off"]
+LossFn = Callable[[PyTree, Int[Array, "batch seq_plus_one"]], tuple[Float[Array, ""], PyTree]]
+
+
+def next_token_loss(
+    model: PyTree, tokens: Int[Array, "batch seq_plus_one"]
+) -> tuple[Float[Array, ""], Float[Array, "layers heads"]]:
+    """Mean next-token cross-entropy and S (max over the batch) per layer and head.
+
+    ``tokens[:, :-1]`` are the inputs and ``tokens[:, 1:]`` the targets.
+    """
+    logits, max_logits = jax.vmap(model)(tokens[:, :-1])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    return loss, jnp.max(max_logits, axis=0)
+
+
+def _tree_max(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(jnp.maximum, a, b)
+
+
+def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int):
+    """Gradient of the mean loss over ``accum_steps`` micro-batches; S combined
+    by max (never by sum: a summed S would clip far too hard)."""
+
+    def micro(p, t):
+        return loss_fn(eqx.combine(p, static), t)
+
+    grad_fn = jax.value_and_grad(micro, has_aux=True)
+    if accum_steps == 1:
+        (loss, s), grads = grad_fn(params, tokens)
+        return loss, grads, s
+    micro_batches = tokens.reshape(accum_steps, -1, *tokens.shape[1:])
+    (loss0, s0), g0 = grad_fn(params, micro_batches[0])
+
+    def body(carry, t):
+        loss, grads, s = carry
+        (l, s_new), g = grad_fn(params, t)
+        return (loss + l, jax.tree.map(jnp.add, grads, g), _tree_max(s, s_new)), None
+
+    (loss, grads, s), _ = jax.lax.scan(body, (loss0, g0, s0), micro_batches[1:])
+    scale = 1.0 / accum_steps
+    return loss * scale, jax.tree.map(lambda g: g * scale, grads), s
+
+
+def make_train_step(
+    optimizer: optax.GradientTransformation,
+    *,
+    mode: Mode = "clip",
+    tau: float = 100.0,
+    alpha: float = 0.5,
+    accum_steps: int = 1,
+    loss_fn: LossFn = next_token_loss,
+) -> Callable:
+    """Build ``step(model, opt_state, tokens) -> (model, opt_state, metrics)``.
+
+    One ``eqx.filter_jit`` with the model and optimizer state donated. Modes:
+
+    - ``"clip"``: QK-Clip at ``tau`` after every update (MuonClip).
+    - ``"monitor"``: S is reported but the weights are never clipped.
+    - ``"off"``: S is neither reduced nor reported (the speed baseline).
+
+    ``tokens`` is ``[batch, seq + 1]``; with ``accum_steps > 1`` the batch is cut
+    into that many micro-batches. ``metrics``: ``loss``, ``grad_norm``,
+    ``max_logits`` (S per layer and head), ``max_logit`` (global max),
+    ``heads_over_tau``, ``heads_clipped`` (0 unless mode is clip) and
+    ``n_nonfinite`` (heads with non-finite S, never clipped).
+    """
+    if mode not in ("clip", "monitor", "off"):
+        raise ValueError(f"mode must be 'clip', 'monitor' or 'off', got {mode!r}")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if not (isinstance(accum_steps, int) and accum_steps >= 1):
+        raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+
+    @eqx.filter_jit(donate="all-except-first")
+    def step(tokens, model, opt_state):
+        params, static = eqx.partition(model, eqx.is_array)
+        loss, grads, s = _loss_grads_and_s(loss_fn, params, static, tokens, accum_steps)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        model = eqx.combine(optax.apply_updates(params, updates), static)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        if mode == "off":
+            return model, opt_state, metrics
+        if mode == "clip":
+            model = qk_clip(model, s, tau, alpha=alpha)
+        leaves = jax.tree.leaves(s)
+        over = [jnp.sum(clip_factors(x, tau) < 1) for x in leaves]
+        metrics.update(
+            max_logits=s,
+            max_logit=jnp.max(jnp.stack([jnp.max(x) for x in leaves])),
+            heads_over_tau=sum(over),
+            heads_clipped=sum(over) if mode == "clip" else jnp.zeros((), jnp.int32),
+            n_nonfinite=sum(jnp.sum(~jnp.isfinite(x)) for x in leaves),
+        )
+        return model, opt_state, metrics
+
+    def train_step(model: PyTree, opt_state: PyTree, tokens: Int[Array, "batch seq_plus_one"]):
+        if tokens.shape[0] % accum_steps:
+            raise ValueError(
+                f"batch size {tokens.shape[0]} is not divisible by accum_steps={accum_steps}"
+            )
+        return step(tokens, model, opt_state)
+
+    return train_step
