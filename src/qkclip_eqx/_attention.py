@@ -9,8 +9,6 @@ each head, and exposes :meth:`AbstractQKClippable.scale_heads` for QK-Clip.
 from __future__ import annotations
 
 import abc
-from typing import Self
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -37,7 +35,7 @@ class AbstractQKClippable(eqx.Module):
         """Number of query heads: the length of this module's ``max_logits``."""
 
     @abc.abstractmethod
-    def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> Self:
+    def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "AbstractQKClippable":
         """Return a copy with every logit of head ``h`` multiplied by ``gamma[h]``.
 
         ``alpha`` is the share of the factor given to the query side
@@ -138,7 +136,7 @@ class MLAttention(AbstractQKClippable):
         )
         return out.reshape(seq, -1) @ self.wo.T, max_logits
 
-    def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> Self:
+    def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "MLAttention":
         """q_C by gamma^alpha, k_C by gamma^(1-alpha), q_R by gamma; k_R untouched
         (it is shared by all heads). Kimi K2 report, sec. 2.1."""
         nope = self.config.qk_nope_head_dim
@@ -196,7 +194,7 @@ class GQAttention(AbstractQKClippable):
         )
         return out.reshape(seq, -1) @ self.wo.T, max_logits
 
-    def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> Self:
+    def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "GQAttention":
         """MHA (group of one): W_q^h by gamma^alpha, W_k^h by gamma^(1-alpha).
 
         Shared keys (group > 1), by ``config.clip_mode``:
