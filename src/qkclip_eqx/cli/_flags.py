@@ -1,0 +1,49 @@
+"""Every RunConfig field as a command-line flag (argparse, from the dataclass)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+from .._train import PRESETS, RunConfig
+
+
+def _parser_for(tp):
+    """The argparse ``type`` and ``choices`` for a field's annotation."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _parser_for(args[0])
+    if origin is typing.Union or origin is types.UnionType:
+        # Literal[...] | None
+        return _parser_for(args[0])
+    if origin is typing.Literal:
+        return str, list(typing.get_args(tp))
+    return tp, None
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS),
+                        help="starting values; any flag below overrides them (default: small)")
+    hints = typing.get_type_hints(RunConfig)
+    for field in dataclasses.fields(RunConfig):
+        tp, choices = _parser_for(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+        else:
+            parser.add_argument(flag, type=tp, choices=choices, default=None,
+                                help=f"default: {field.default!r} (before the preset)")
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(RunConfig)
+        if getattr(args, f.name) is not None
+    }
+    from .._train import preset
+
+    return preset(args.preset, **overrides)
