@@ -7,6 +7,7 @@ from ._attention import MLAttention as MLAttention
 from ._clip import clip_factors as clip_factors
 from ._clip import qk_clip as qk_clip
 from ._config import GQAConfig as GQAConfig
+from ._config import ParallelAxes as ParallelAxes
 from ._config import MLAConfig as MLAConfig
 from ._config import TransformerConfig as TransformerConfig
 from ._data import TokenData as TokenData
@@ -18,6 +19,10 @@ from ._kernels import attend as attend
 from ._model import Block as Block
 from ._model import Transformer as Transformer
 from ._optim import ADAMW as ADAMW
+from ._parallel import make_mesh as make_mesh
+from ._parallel import param_specs as param_specs
+from ._parallel import shard_batch as shard_batch
+from ._parallel import shard_train_state as shard_train_state
 from ._optim import muonclip as muonclip
 from ._optim import param_spec as param_spec
 from ._optim import warmup_cosine as warmup_cosine
@@ -27,7 +32,8 @@ from ._step import next_token_loss as next_token_loss
 
 __all__ = [
     "ADAMW", "AbstractQKClippable", "Block", "GQAConfig", "GQAttention", "MLAConfig",
-    "MLAttention", "TokenData", "Transformer", "TransformerConfig", "attend", "clip_factors",
-    "eval_batches", "get_batch", "hf", "load_data", "make_train_step", "muonclip",
-    "next_token_loss", "param_spec", "qk_clip", "stdlib_corpus", "warmup_cosine", "wsd",
+    "MLAttention", "ParallelAxes", "TokenData", "Transformer", "TransformerConfig", "attend", "clip_factors",
+    "eval_batches", "get_batch", "hf", "load_data", "make_mesh", "make_train_step", "muonclip",
+    "next_token_loss", "param_spec", "param_specs", "qk_clip", "shard_batch",
+    "shard_train_state", "stdlib_corpus", "warmup_cosine", "wsd",
 ]

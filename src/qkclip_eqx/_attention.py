@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._config import GQAConfig, MLAConfig
+from ._config import GQAConfig, MLAConfig, ParallelAxes
 from ._kernels import attend, softmax_scale
 from ._layers import RMSNorm, init_weight
 from ._rope import apply_rope
@@ -51,6 +51,22 @@ def _positions_and_segments(seq: int, positions, segment_ids):
     if segment_ids is None:
         segment_ids = jnp.zeros((seq,), jnp.int32)
     return positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+
+
+def _gather_seq(parallel: ParallelAxes | None, *arrays: Array) -> tuple[Array, ...]:
+    """All-gather along the sequence (axis 0) over the context-parallel axis."""
+    if parallel is None or parallel.seq is None:
+        return arrays
+    return tuple(jax.lax.all_gather(a, parallel.seq, axis=0, tiled=True) for a in arrays)
+
+
+def _project_out(out: Array, wo: Array, parallel: ParallelAxes | None) -> Array:
+    """Output projection; under tensor parallelism each device holds some heads'
+    columns of ``wo`` and the partial sums are added over the model axis."""
+    y = out.reshape(out.shape[0], -1) @ wo.T
+    if parallel is not None and parallel.model is not None:
+        y = jax.lax.psum(y, parallel.model)
+    return y
 
 
 def _scale_rows(w: Array, factor: Float[Array, " heads"], rows: slice) -> Array:
@@ -112,29 +128,35 @@ class MLAttention(AbstractQKClippable):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
+        """``positions`` default to ``0..seq-1`` (pass the global positions of a
+        sequence shard); ``segment_ids`` mark packed sequences. Under
+        ``parallel`` the heads are this device's shard of the heads."""
         c = self.config
-        seq = x.shape[0]
+        seq, heads = x.shape[0], self.wq.shape[0]
         positions, segment_ids = _positions_and_segments(seq, positions, segment_ids)
         q_in = x if self.wq_a is None else self.q_norm(x @ self.wq_a.T)
         q = jnp.einsum("tr,hdr->thd", q_in, self.wq)
         q_c, q_r = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
         kv_a = x @ self.wkv_a.T
         c_kv, k_r = kv_a[:, : c.kv_lora_rank], kv_a[:, c.kv_lora_rank :]
-        kv = jnp.einsum("tr,hdr->thd", self.kv_norm(c_kv), self.wkv_b)
-        k_c, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
         rope = dict(theta=c.rope_theta, layout=c.rope_layout)
         q_r = apply_rope(q_r, positions, **rope)
         k_r = apply_rope(k_r[:, None, :], positions, **rope)
+        # Context parallelism: only the latent and the shared RoPE key travel.
+        c_kv, k_r, k_pos, k_seg = _gather_seq(parallel, c_kv, k_r, positions, segment_ids)
+        kv = jnp.einsum("tr,hdr->thd", self.kv_norm(c_kv), self.wkv_b)
+        k_c, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
         q = jnp.concatenate([q_c, q_r], axis=-1)
-        k = jnp.concatenate([k_c, jnp.broadcast_to(k_r, (seq, c.n_heads, k_r.shape[-1]))], axis=-1)
+        k = jnp.concatenate([k_c, jnp.broadcast_to(k_r, (k_r.shape[0], heads, k_r.shape[-1]))], axis=-1)
         out, max_logits = attend(
             q, k, v,
-            q_pos=positions, k_pos=positions, q_seg=segment_ids, k_seg=segment_ids,
+            q_pos=positions, k_pos=k_pos, q_seg=segment_ids, k_seg=k_seg,
             causal=c.causal, scale=softmax_scale(c.qk_head_dim),
             kernel=c.kernel, block_size=c.block_size,
         )
-        return out.reshape(seq, -1) @ self.wo.T, max_logits
+        return _project_out(out, self.wo, parallel), max_logits
 
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "MLAttention":
         """q_C by gamma^alpha, k_C by gamma^(1-alpha), q_R by gamma; k_R untouched
@@ -178,7 +200,9 @@ class GQAttention(AbstractQKClippable):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
+        """As :meth:`MLAttention.__call__`."""
         c = self.config
         seq = x.shape[0]
         positions, segment_ids = _positions_and_segments(seq, positions, segment_ids)
@@ -186,13 +210,14 @@ class GQAttention(AbstractQKClippable):
         q = apply_rope(jnp.einsum("td,hed->the", x, self.wq), positions, **rope)
         k = apply_rope(jnp.einsum("td,hed->the", x, self.wk), positions, **rope)
         v = jnp.einsum("td,hed->the", x, self.wv)
+        k, v, k_pos, k_seg = _gather_seq(parallel, k, v, positions, segment_ids)
         out, max_logits = attend(
             q, k, v,
-            q_pos=positions, k_pos=positions, q_seg=segment_ids, k_seg=segment_ids,
+            q_pos=positions, k_pos=k_pos, q_seg=segment_ids, k_seg=k_seg,
             causal=c.causal, scale=softmax_scale(c.head_dim),
             kernel=c.kernel, block_size=c.block_size,
         )
-        return out.reshape(seq, -1) @ self.wo.T, max_logits
+        return _project_out(out, self.wo, parallel), max_logits
 
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "GQAttention":
         """MHA (group of one): W_q^h by gamma^alpha, W_k^h by gamma^(1-alpha).

@@ -8,7 +8,8 @@ the offending field.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import math
+from typing import Literal, no_type_check
 
 Kernel = Literal["dense", "blockwise"]
 RopeLayout = Literal["interleaved", "half"]
@@ -30,6 +31,21 @@ def _choice(obj: object, name: str, options: tuple[str, ...]) -> None:
         raise ValueError(f"{type(obj).__name__}.{name} must be one of {options}, got {value!r}")
 
 
+def _positive_number(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{type(obj).__name__}.{name} must be a positive finite number, got {value!r}"
+        )
+
+
+def _bool(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, bool):
+        raise ValueError(f"{type(obj).__name__}.{name} must be a bool, got {value!r}")
+
+
 def _even(obj: object, name: str) -> None:
     value = getattr(obj, name)
     if value % 2:
@@ -40,12 +56,17 @@ def _check_common(obj: object) -> None:
     _choice(obj, "kernel", ("dense", "blockwise"))
     _choice(obj, "rope_layout", ("interleaved", "half"))
     _positive(obj, "block_size")
-    if not obj.rope_theta > 0:  # type: ignore[attr-defined]
-        raise ValueError(f"{type(obj).__name__}.rope_theta must be > 0, got {obj.rope_theta!r}")  # type: ignore[attr-defined]
-    if not obj.norm_eps > 0:  # type: ignore[attr-defined]
-        raise ValueError(f"{type(obj).__name__}.norm_eps must be > 0, got {obj.norm_eps!r}")  # type: ignore[attr-defined]
+    _positive_number(obj, "rope_theta")
+    _positive_number(obj, "norm_eps")
+    _bool(obj, "causal")
 
 
+# The configs validate themselves in __post_init__ and raise ValueError naming the
+# field. ``no_type_check`` keeps jaxtyping's import hook (enabled in the tests)
+# from replacing that with a generic type-check error on the generated __init__.
+
+
+@no_type_check
 @dataclasses.dataclass(frozen=True)
 class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2).
@@ -83,6 +104,7 @@ class MLAConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
+@no_type_check
 @dataclasses.dataclass(frozen=True)
 class GQAConfig:
     """Grouped-query attention: MHA when ``n_kv_heads == n_heads``, MQA when 1.
@@ -119,6 +141,7 @@ class GQAConfig:
 AttentionConfig = MLAConfig | GQAConfig
 
 
+@no_type_check
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """A decoder-only language model: embedding, ``n_layers`` pre-norm blocks
@@ -139,8 +162,7 @@ class TransformerConfig:
                 f"got {type(self.attention).__name__}"
             )
         _choice(self, "dtype", ("float32", "bfloat16"))
-        if not self.norm_eps > 0:
-            raise ValueError(f"TransformerConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        _positive_number(self, "norm_eps")
 
     @property
     def dim(self) -> int:
@@ -149,3 +171,18 @@ class TransformerConfig:
     @property
     def n_heads(self) -> int:
         return self.attention.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelAxes:
+    """Mesh axis names an attention module uses inside ``jax.shard_map``.
+
+    ``model``: heads are sharded over this axis (tensor parallelism); the output
+    projection's partial sums are ``psum``-ed over it. ``seq``: the sequence is
+    sharded over this axis (context parallelism); keys and values (for MLA the
+    latent c_KV and the shared k_R) are all-gathered over it. Outside shard_map
+    pass nothing.
+    """
+
+    model: str | None = None
+    seq: str | None = None

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._attention import GQAttention, MLAttention
-from ._config import MLAConfig, TransformerConfig
+from ._config import MLAConfig, ParallelAxes, TransformerConfig
 from ._layers import RMSNorm, SwiGLU, init_weight
 
 
@@ -35,8 +35,11 @@ class Block(eqx.Module):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
-        h, max_logits = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+        h, max_logits = self.attn(
+            self.attn_norm(x), positions=positions, segment_ids=segment_ids, parallel=parallel
+        )
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), max_logits
 
@@ -70,13 +73,16 @@ class Transformer(eqx.Module):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers heads"]]:
-        """Returns float32 logits and S per layer and head for this example."""
+        """Returns float32 logits and S per layer and head for this example.
+
+        ``parallel`` is for use inside ``jax.shard_map`` (see ``_parallel.py``)."""
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
         def layer(x, block_params):
             block = eqx.combine(block_params, static)
-            return block(x, positions=positions, segment_ids=segment_ids)
+            return block(x, positions=positions, segment_ids=segment_ids, parallel=parallel)
 
         x, max_logits = jax.lax.scan(layer, self.embed[tokens], params)
         logits = self.final_norm(x) @ self.lm_head.T

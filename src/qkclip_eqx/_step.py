@@ -14,9 +14,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._clip import clip_factors, qk_clip
+from ._parallel import check_mesh, param_specs, sharded_next_token_loss, state_specs
 
 Mode = Literal["clip", "monitor", "off"]
 LossFn = Callable[[PyTree, Int[Array, "batch seq_plus_one"]], tuple[Float[Array, ""], PyTree]]
@@ -70,6 +72,7 @@ def make_train_step(
     alpha: float = 0.5,
     accum_steps: int = 1,
     loss_fn: LossFn = next_token_loss,
+    mesh: Mesh | None = None,
 ) -> Callable:
     """Build ``step(model, opt_state, tokens) -> (model, opt_state, metrics)``.
 
@@ -84,6 +87,12 @@ def make_train_step(
     ``max_logits`` (S per layer and head), ``max_logit`` (global max),
     ``heads_over_tau``, ``heads_clipped`` (0 unless mode is clip) and
     ``n_nonfinite`` (heads with non-finite S, never clipped).
+
+    With a ``mesh`` (``qkclip_eqx.make_mesh``; the model and optimizer state
+    placed by ``qkclip_eqx.shard_train_state``) the loss, gradients and S are
+    computed inside one ``shard_map`` with S reduced by ``lax.pmax`` over
+    ``data`` and ``seq`` (see ``_parallel.py``); the mesh must divide the heads,
+    the micro-batch and the sequence, checked before compiling.
     """
     if mode not in ("clip", "monitor", "off"):
         raise ValueError(f"mode must be 'clip', 'monitor' or 'off', got {mode!r}")
@@ -91,6 +100,26 @@ def make_train_step(
         raise ValueError(f"tau must be > 0, got {tau}")
     if not (isinstance(accum_steps, int) and accum_steps >= 1):
         raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+    if mesh is not None:
+        if loss_fn is not next_token_loss:
+            raise ValueError("a custom loss_fn is not supported with a mesh")
+
+        def loss_fn(model, tokens):
+            params, static = eqx.partition(model, eqx.is_array)
+            return sharded_next_token_loss(params, static, tokens, mesh)
+
+    def keep_sharding(model, opt_state):
+        """Pin the updated state to the input layout, so no step recompiles."""
+        if mesh is None:
+            return model, opt_state
+        params, static = eqx.partition(model, eqx.is_array)
+        specs = param_specs(model)
+        constrain = lambda tree, sp: jax.lax.with_sharding_constraint(  # noqa: E731
+            tree, jax.tree.map(lambda s: NamedSharding(mesh, s), sp, is_leaf=lambda x: isinstance(x, P))
+        )
+        params = constrain(params, specs)
+        opt_state = constrain(opt_state, state_specs(optimizer, opt_state, specs))
+        return eqx.combine(params, static), opt_state
 
     @eqx.filter_jit(donate="all-except-first")
     def step(tokens, model, opt_state):
@@ -100,9 +129,10 @@ def make_train_step(
         model = eqx.combine(optax.apply_updates(params, updates), static)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
         if mode == "off":
-            return model, opt_state, metrics
+            return *keep_sharding(model, opt_state), metrics
         if mode == "clip":
             model = qk_clip(model, s, tau, alpha=alpha)
+        model, opt_state = keep_sharding(model, opt_state)
         leaves = jax.tree.leaves(s)
         over = [jnp.sum(clip_factors(x, tau) < 1) for x in leaves]
         metrics.update(
@@ -119,6 +149,8 @@ def make_train_step(
             raise ValueError(
                 f"batch size {tokens.shape[0]} is not divisible by accum_steps={accum_steps}"
             )
+        if mesh is not None:
+            check_mesh(mesh, model, tokens.shape[0] // accum_steps, tokens.shape[1] - 1)
         return step(tokens, model, opt_state)
 
     return train_step
