@@ -131,3 +131,20 @@ def test_eval_on_garbage_file(tmp_path, capsys):
     bad.write_bytes(b"garbage" * 10)
     assert eval_cli.main([str(bad)]) == 2
     assert "not a qkclip checkpoint" in capsys.readouterr().err
+
+
+def test_run_on_a_mesh_matches_one_device(tmp_path, data, straight):
+    sharded = train(_cfg(tmp_path, mesh="data=2,model=2,seq=2"), progress=False, data=data)
+    ref = [json.loads(x) for x in (straight.out / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5)
+    np.testing.assert_allclose([r["max_logits"] for r in got], [r["max_logits"] for r in ref], rtol=1e-5)
+    for a, b in zip(_leaves(straight.model), _leaves(sharded.model), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # the checkpoint of a sharded run resumes on one device
+    assert latest_checkpoint(tmp_path).name == f"ckpt_{2 * N:08d}.eqx"
+
+
+def test_bad_mesh_string_names_the_field(tmp_path):
+    with pytest.raises(ValueError, match="RunConfig.mesh"):
+        _cfg(tmp_path, mesh="data=two")

@@ -21,12 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
+from jaxtyping import Array
 
 from ._checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ._config import GQAConfig, MLAConfig, TransformerConfig
 from ._data import TokenData, eval_batches, get_batch, load_data
 from ._model import Transformer
 from ._optim import muonclip, warmup_cosine, wsd
+from ._parallel import make_mesh, shard_batch, shard_train_state
 from ._step import make_train_step, next_token_loss
 
 Optimizer = Literal["muonclip", "muon", "adamw"]
@@ -78,8 +81,11 @@ class RunConfig:
     ckpt_every: int = 200
     keep: int = 2
     label: str | None = None
+    # devices: e.g. "data=4,model=2" (absent axes have size 1); None: one device
+    mesh: str | None = None
 
     def __post_init__(self) -> None:
+        self.mesh_shape()  # validates the mesh string
         for name in ("steps", "batch_size", "seq_len", "accum_steps", "eval_every",
                      "eval_batches", "ckpt_every", "keep", "max_bytes"):
             if getattr(self, name) <= 0:
@@ -101,6 +107,20 @@ class RunConfig:
                 f"RunConfig.batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}"
             )
         self.model_config()  # validates the model fields, naming the bad one
+
+    def mesh_shape(self) -> dict[str, int] | None:
+        """``mesh`` parsed: ``{"data": d, "model": m, "seq": s}``, or None."""
+        if self.mesh is None:
+            return None
+        shape = {"data": 1, "model": 1, "seq": 1}
+        for part in self.mesh.split(","):
+            name, _, size = part.partition("=")
+            if name.strip() not in shape or not size.strip().isdigit() or int(size) < 1:
+                raise ValueError(
+                    f"RunConfig.mesh must look like 'data=4,model=2,seq=1', got {self.mesh!r}"
+                )
+            shape[name.strip()] = int(size)
+        return shape
 
     def model_config(self, vocab_size: int = 256) -> TransformerConfig:
         if self.attention == "mla":
@@ -167,7 +187,7 @@ def meta_of(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: every field that shapes the
     model, the optimizer or the data stream."""
     config = dataclasses.asdict(cfg)
-    for name in ("out", "eval_every", "eval_batches", "ckpt_every", "keep", "label", "steps"):
+    for name in ("out", "eval_every", "eval_batches", "ckpt_every", "keep", "label", "steps", "mesh"):
         config.pop(name)
     return {"config": config, "vocab_size": vocab_size}
 
@@ -181,8 +201,25 @@ class RunResult:
     stopped: str  # "done", "nan", "interrupted"
 
 
+def _to_host(tree: Any) -> Any:
+    """Host (NumPy) copies, whatever the sharding; across processes, gathered."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def _place_batch(batch: np.ndarray, mesh: Mesh | None) -> Array:
+    """This process's rows of a global batch, on the mesh (or the default device)."""
+    if mesh is None:
+        return jnp.asarray(batch)
+    rows = batch.shape[0] // jax.process_count()
+    return shard_batch(batch[jax.process_index() * rows:(jax.process_index() + 1) * rows], mesh)
+
+
 def _host_metrics(m: dict[str, Any]) -> dict[str, Any]:
-    m = jax.device_get(m)
+    m = _to_host(m)
     out = {}
     for k, v in m.items():
         v = np.asarray(v)
@@ -193,16 +230,18 @@ def _host_metrics(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def evaluate(model: Transformer, data: TokenData, cfg: RunConfig) -> tuple[float, np.ndarray]:
+def evaluate(
+    model: Transformer, data: TokenData, cfg: RunConfig, mesh: Mesh | None = None
+) -> tuple[float, np.ndarray]:
     """Mean validation loss and S (max over the validation batches) per layer and head."""
     batches = eval_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                            max_batches=cfg.eval_batches)
     fn = eqx.filter_jit(next_token_loss)
     losses, s = [], None
     for b in batches:
-        loss, s_b = fn(model, jnp.asarray(b))
+        loss, s_b = _to_host(fn(model, _place_batch(b, mesh)))
         losses.append(float(loss))
-        s = s_b if s is None else jnp.maximum(s, s_b)
+        s = s_b if s is None else np.maximum(s, s_b)
     return float(np.mean(losses)), np.asarray(s)
 
 
@@ -236,7 +275,8 @@ def train(
     data = load_data(cfg.data, max_bytes=cfg.max_bytes) if data is None else data
     mcfg = cfg.model_config(data.vocab_size)
     meta = meta_of(cfg, data.vocab_size)
-    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "data_description": data.description}, indent=1))
+    if jax.process_index() == 0:
+        (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "data_description": data.description}, indent=1))
 
     model = Transformer(mcfg, key=jax.random.key(cfg.seed))
     opt = optimizer(cfg)
@@ -245,19 +285,26 @@ def train(
     if resume and (ckpt := latest_checkpoint(out)) is not None:
         (model, opt_state), stored = load_checkpoint(ckpt, (model, opt_state), expect_meta=meta)
         start = stored["step"]
-    metrics_path = out / "metrics.jsonl"
+    mesh = None if cfg.mesh_shape() is None else make_mesh(**cfg.mesh_shape())
+    if mesh is not None:
+        model, opt_state = shard_train_state(model, opt_state, opt, mesh)
+    lead = jax.process_index() == 0  # only the first process writes and prints
+    metrics_path = out / ("metrics.jsonl" if lead else f"metrics.process{jax.process_index()}.jsonl")
     _trim_metrics(metrics_path, start)
 
-    step_fn = make_train_step(opt, mode=cfg.mode, tau=cfg.tau, alpha=cfg.alpha, accum_steps=cfg.accum_steps)
+    step_fn = make_train_step(opt, mode=cfg.mode, tau=cfg.tau, alpha=cfg.alpha,
+                              accum_steps=cfg.accum_steps, mesh=mesh)
     lr_at = schedule(cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
 
     def save(step: int) -> None:
-        save_checkpoint(out, step, (model, opt_state), keep=cfg.keep,
-                        meta={**meta, "step": step, "run": dataclasses.asdict(cfg)})
+        state = _to_host((model, opt_state))  # collective: every process takes part
+        if lead:
+            save_checkpoint(out, step, state, keep=cfg.keep,
+                            meta={**meta, "step": step, "run": dataclasses.asdict(cfg)})
 
     bar = None
-    if progress:
+    if progress and lead:
         from tqdm.auto import tqdm  # progress bars: tqdm does this better than hand-written code
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
@@ -267,8 +314,8 @@ def train(
     try:
         with metrics_path.open("a") as log:
             while step < cfg.steps:
-                batch = jnp.asarray(get_batch(data.train, batch_size=cfg.batch_size,
-                                              seq_len=cfg.seq_len, seed=cfg.seed, step=step))
+                batch = _place_batch(get_batch(data.train, batch_size=cfg.batch_size,
+                                               seq_len=cfg.seq_len, seed=cfg.seed, step=step), mesh)
                 model, opt_state, metrics = step_fn(model, opt_state, batch)
                 host = _host_metrics(metrics)
                 now = time.perf_counter()
@@ -281,7 +328,7 @@ def train(
                     break
                 step += 1
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    host["val_loss"], _ = evaluate(model, data, cfg)
+                    host["val_loss"], _ = evaluate(model, data, cfg, mesh)
                 log.write(json.dumps(host) + "\n")
                 log.flush()
                 if on_step is not None:

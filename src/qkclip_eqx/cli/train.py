@@ -4,14 +4,23 @@
     qkclip-train --preset tiny --out runs/t    # seconds
     qkclip-train --optimizer muon --lr 1e-2    # no clip, for comparison
     qkclip-train --out runs/default --resume   # continue after a stop
+    qkclip-train --mesh data=4,model=2         # 8 devices: data and head parallelism
+
+Multi-process (one process per host; every process runs the same command):
+    qkclip-train --mesh data=16 --coordinator-address HOST0:1234 \
+                 --num-processes 2 --process-id $RANK
+(or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; on a TPU
+slice or under SLURM, --distributed alone lets JAX find them).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
+import jax
 import numpy as np
 
 from .._train import format_table, train
@@ -19,28 +28,48 @@ from . import plot
 from ._flags import add_run_flags, run_config_from_args
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return None if value is None else int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qkclip-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_flags(parser)
+    dist = parser.add_argument_group("multi-process (jax.distributed)")
+    dist.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() (implied by the flags below)")
+    dist.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    dist.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
+    dist.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNGs at the end")
     args = parser.parse_args(argv)
+    if args.distributed or args.coordinator_address is not None:
+        # CPU processes talk through gloo; the setting does not affect GPU/TPU.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     try:
         cfg = run_config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
 
-    print("qkclip-train config:")
-    for f in dataclasses.fields(cfg):
-        print(f"  {f.name} = {getattr(cfg, f.name)!r}")
+    lead = jax.process_index() == 0
+    if lead:
+        print("qkclip-train config:")
+        for f in dataclasses.fields(cfg):
+            print(f"  {f.name} = {getattr(cfg, f.name)!r}")
     try:
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
     except (FileExistsError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"qkclip-train: error: {e}", file=sys.stderr)
         return 2
 
+    code = {"done": 0, "interrupted": 130, "nan": 1}[result.stopped]
+    if not lead:
+        return code
     m = result.last_metrics
     print(f"\nstopped at step {result.step} ({result.stopped}); last loss {m.get('loss', float('nan')):.4f}"
           + (f", val loss {m['val_loss']:.4f}" if "val_loss" in m else ""))
@@ -50,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(s, cfg.tau if cfg.mode == "clip" else None))
     if not args.no_plots:
         plot.main([str(result.out)])
-    return {"done": 0, "interrupted": 130, "nan": 1}[result.stopped]
+    return code
 
 
 if __name__ == "__main__":
