@@ -47,9 +47,23 @@ def _scale(module: AbstractQKClippable, gamma: Array, alpha: float) -> AbstractQ
     return eqx.filter_vmap(lambda m, g: _scale(m, g, alpha))(module, gamma)
 
 
+def _check_tau(tau) -> None:
+    """Reject a concrete tau <= 0 (or NaN), whatever its type: Python number,
+    NumPy scalar or concrete 0-d array. A traced tau (under jit) is not checked."""
+    if isinstance(tau, jax.core.Tracer):
+        return
+    try:
+        value = float(tau)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return
+    if not value > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+
+
 def qk_clip(
     model: PyTree,
-    max_logits: Float[Array, "*layers heads"] | Sequence[Float[Array, "*layers heads"]],
+    # Sequence items: sizes unchecked across items (modules may differ in heads/layers).
+    max_logits: Float[Array, "*layers heads"] | Sequence[Float[Array, "*_layers _heads"]],
     tau: float | Float[Array, ""],
     *,
     alpha: float = 0.5,
@@ -63,8 +77,7 @@ def qk_clip(
     (the Transformer's scanned layers), its S carries the same leading axes,
     ``[layers, heads]``, and every layer gets its own gamma.
     """
-    if isinstance(tau, (int, float)) and not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+    _check_tau(tau)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     modules = clippable_modules(model)

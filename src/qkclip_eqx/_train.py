@@ -152,8 +152,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # S to ~60 within 150 steps, so the cap is shown at tau = 30, the threshold
     # of the K2 ablation (Fig. 12).
     "small": dict(lr=2e-2, tau=30.0),
-    # about 100M parameters, for an accelerator
-    "gpu-100m": dict(n_layers=12, dim=768, n_heads=12, q_lora_rank=384, kv_lora_rank=256,
+    # about 100M parameters (100.4M with byte tokens), for an accelerator
+    "gpu-100m": dict(n_layers=15, dim=768, n_heads=12, q_lora_rank=384, kv_lora_rank=256,
                      qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, head_dim=64,
                      mlp_hidden=2048, steps=5000, batch_size=64, seq_len=1024,
                      kernel="blockwise", dtype="bfloat16", lr=2e-3, warmup_steps=250,

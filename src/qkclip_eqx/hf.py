@@ -88,7 +88,9 @@ def mla_from_hf(
             raise ValueError(f"{name} has shape {array.shape}, expected {shape} for this config")
         w[name] = jnp.asarray(array, dtype)
     c = config
-    module = MLAttention(c, dtype=dtype, key=jax.random.key(0))
+    # The module's structure only: every array is replaced below, so running the
+    # random initialiser (compiling and allocating a second copy) would be waste.
+    module = eqx.filter_eval_shape(MLAttention, c, dtype=dtype, key=jax.random.key(0))
     h = c.n_heads
     if c.q_lora_rank is None:
         wq = w["q_proj.weight"].reshape(h, c.qk_head_dim, c.dim)
@@ -99,7 +101,7 @@ def mla_from_hf(
             module,
             (w["q_a_proj.weight"], w["q_a_layernorm.weight"]),
         )
-    return eqx.tree_at(
+    module = eqx.tree_at(
         lambda m: (m.wq, m.wkv_a, m.kv_norm.weight, m.wkv_b, m.wo),
         module,
         (
@@ -110,3 +112,6 @@ def mla_from_hf(
             w["o_proj.weight"],
         ),
     )
+    left = [leaf for leaf in jax.tree.leaves(module) if isinstance(leaf, jax.ShapeDtypeStruct)]
+    assert not left, f"weights not loaded: {left}"
+    return module
