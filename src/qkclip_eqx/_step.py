@@ -127,7 +127,7 @@ def make_train_step(
         loss, grads, s = _loss_grads_and_s(loss_fn, params, static, tokens, accum_steps)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         model = eqx.combine(optax.apply_updates(params, updates), static)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         if mode == "off":
             return *keep_sharding(model, opt_state), metrics
         if mode == "clip":
