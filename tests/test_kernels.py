@@ -1,0 +1,301 @@
+"""The attention kernels: dense vs blockwise, and both against a float64 NumPy
+brute force of softmax attention and of S = max over allowed (i, j) of
+scale * q_i . k_j (Kimi K2 report, sec. 2.1)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qkclip_eqx import attend
+
+T = 37  # not a multiple of any block size used below
+DK, DV = 8, 6  # different so that an axis mix-up between k and v shows
+HEADS = 4
+SCALE = 1.0 / math.sqrt(DK)
+
+
+# --------------------------------------------------------------------------
+# Independent reference
+# --------------------------------------------------------------------------
+
+
+def np_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale):
+    """Loop-level float64 brute force. Returns (out [tq, h, dv], S [h])."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    tq, h, _ = q.shape
+    tk, kvh, dv = v.shape
+    group = h // kvh
+    out = np.zeros((tq, h, dv))
+    s_max = np.full((h,), -np.inf)
+    for head in range(h):
+        kh = head // group
+        for i in range(tq):
+            allowed = [
+                j for j in range(tk)
+                if q_seg[i] == k_seg[j] and (not causal or k_pos[j] <= q_pos[i])
+            ]
+            if not allowed:
+                continue
+            logits = np.array([scale * q[i, head] @ k[j, kh] for j in allowed])
+            s_max[head] = max(s_max[head], logits.max())
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            out[i, head] = p @ v[allowed, kh]
+    return out, s_max
+
+
+def make_qkv(seed, tq, tk, heads, kv_heads, dtype=jnp.float32):
+    # NumPy's generator: jax.random would compile a kernel per shape.
+    rng = np.random.default_rng(seed)
+    # Logits of order a few units, as in a trained model.
+    q = 1.5 * rng.standard_normal((tq, heads, DK))
+    k = 1.5 * rng.standard_normal((tk, kv_heads, DK))
+    v = rng.standard_normal((tk, kv_heads, DV))
+    # NumPy arrays: slicing them in the tests compiles nothing.
+    return tuple(x.astype(np.float32).astype(dtype) for x in (q, k, v))
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "kernel", "block_size"))
+def run(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, kernel, block_size=128):
+    return attend(q, k, v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg,
+                  causal=causal, scale=SCALE, kernel=kernel, block_size=block_size)
+
+
+def plain(t):
+    pos = np.arange(t, dtype=np.int32)
+    return pos, np.zeros((t,), np.int32)
+
+
+def packed(t):
+    """Three documents packed in one row; positions restart in each."""
+    lengths = [10, 15, t - 25]
+    seg = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)])
+    pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+    return pos, seg
+
+
+def check(out, s, ref_out, ref_s, rtol=1e-5, atol=1e-5):
+    assert s.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(s), ref_s, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(out), ref_out, rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------
+# Forward: dense and blockwise vs the brute force
+# --------------------------------------------------------------------------
+
+
+BLOCKWISE_CASES = [
+    # (block, kv_heads, causal): block sizes below, at and above T = 37 (none
+    # divides it); GQA groups of 2, MHA (groups of 1) and MQA (one key head).
+    (4, 2, True), (8, 2, True), (8, 2, False), (16, 2, False), (128, 2, True),
+    (8, 4, True), (8, 1, False), (16, 1, True),
+]
+
+
+@pytest.mark.parametrize("block,kv_heads,causal", BLOCKWISE_CASES)
+def test_dense_and_blockwise_match_bruteforce(block, kv_heads, causal):
+    q, k, v = make_qkv(1, T, T, HEADS, kv_heads)
+    pos, seg = plain(T)
+    ref_out, ref_s = np_attention(q, k, v, pos, pos, seg, seg, causal, SCALE)
+    out_d, s_d = run(q, k, v, pos, pos, seg, seg, causal=causal, kernel="dense")
+    out_b, s_b = run(q, k, v, pos, pos, seg, seg, causal=causal, kernel="blockwise",
+                     block_size=block)
+    assert out_b.shape == out_d.shape == (T, HEADS, DV) and s_b.shape == s_d.shape == (HEADS,)
+    check(out_d, s_d, ref_out, ref_s)
+    check(out_b, s_b, ref_out, ref_s)
+    np.testing.assert_allclose(np.asarray(s_b), np.asarray(s_d), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out_b), np.asarray(out_d), rtol=1e-5, atol=1e-6)
+
+
+def test_causal_and_noncausal_differ():
+    """Guards the test data: the mask must matter for S and for the output."""
+    q, k, v = make_qkv(1, T, T, HEADS, 2)
+    pos, seg = plain(T)
+    out_c, s_c = np_attention(q, k, v, pos, pos, seg, seg, True, SCALE)
+    out_n, s_n = np_attention(q, k, v, pos, pos, seg, seg, False, SCALE)
+    assert np.all(s_n >= s_c) and np.any(s_n > s_c + 1e-3)
+    assert not np.allclose(out_c, out_n, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel,block", [("dense", 128), ("blockwise", 8)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_segments(kernel, block, causal):
+    q, k, v = make_qkv(2, T, T, HEADS, 2)
+    pos, seg = packed(T)
+    out, s = run(q, k, v, pos, pos, seg, seg, causal=causal, kernel=kernel, block_size=block)
+    check(out, s, *np_attention(q, k, v, pos, pos, seg, seg, causal, SCALE))
+    # Packing is the same as running each document alone: outputs per document,
+    # and S is the max over documents.
+    s_docs = []
+    for d in range(3):
+        rows = np.flatnonzero(seg == d)
+        o_d, s_d = np_attention(q[rows], k[rows], v[rows], pos[rows], pos[rows], seg[rows],
+                                seg[rows], causal, SCALE)
+        np.testing.assert_allclose(np.asarray(out)[rows], o_d, rtol=1e-5, atol=1e-5)
+        s_docs.append(s_d)
+    np.testing.assert_allclose(np.asarray(s), np.max(s_docs, axis=0), rtol=1e-5)
+    # ... and differs from attending across documents.
+    _, s_unpacked = np_attention(q, k, v, pos, pos, seg * 0, seg * 0, causal, SCALE)
+    assert not np.allclose(np.asarray(s), s_unpacked, atol=1e-3)
+
+
+@pytest.mark.parametrize("causal,layout", [(True, "plain"), (True, "packed"), (False, "packed")])
+def test_query_shard_with_offset_positions(causal, layout):
+    """A shard of the queries (context parallelism) attends to all keys: its rows
+    and its S equal those of the full computation restricted to the shard."""
+    q, k, v = make_qkv(3, T, T, HEADS, 2)
+    pos, seg = plain(T) if layout == "plain" else packed(T)
+    lo, hi = 13, 30  # crosses document borders in the packed layout
+    ref_out, ref_s = np_attention(q[lo:hi], k, v, pos[lo:hi], pos, seg[lo:hi], seg, causal, SCALE)
+    full_out, _ = np_attention(q, k, v, pos, pos, seg, seg, causal, SCALE)
+    np.testing.assert_allclose(ref_out, full_out[lo:hi], rtol=1e-12)  # the reference agrees
+    for kernel, block in (("dense", 128), ("blockwise", 4)):
+        out, s = run(q[lo:hi], k, v, pos[lo:hi], pos, seg[lo:hi], seg, causal=causal,
+                     kernel=kernel, block_size=block)
+        assert out.shape == (hi - lo, HEADS, DV)
+        check(out, s, ref_out, ref_s)
+    if causal and layout == "plain":
+        # Positions matter: the same shard with positions 0.. (as if it were the
+        # start of the sequence) sees fewer keys and gives another answer.
+        wrong, _ = np_attention(q[lo:hi], k, v, pos[: hi - lo], pos, seg[lo:hi], seg, causal, SCALE)
+        assert not np.allclose(np.asarray(out), wrong, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "blockwise"])
+def test_s_is_signed_max_when_all_logits_negative(kernel):
+    """S is the signed max: with every logit negative, S is negative (not |.|,
+    not clamped at zero)."""
+    q, k, v = make_qkv(4, T, T, HEADS, 2)
+    q = np.abs(q)
+    k = -np.abs(k) - 0.1
+    pos, seg = plain(T)
+    out, s = run(q, k, v, pos, pos, seg, seg, causal=True, kernel=kernel, block_size=8)
+    ref_out, ref_s = np_attention(q, k, v, pos, pos, seg, seg, True, SCALE)
+    assert np.all(ref_s < 0)
+    check(out, s, ref_out, ref_s)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "blockwise"])
+def test_rows_without_allowed_keys_give_zeros(kernel):
+    """Query rows whose segment has no key give zeros, not NaN, and don't enter S."""
+    q, k, v = make_qkv(5, T, T, HEADS, 2)
+    pos, seg = plain(T)
+    q_seg = seg.copy()
+    q_seg[20:] = 7  # no key carries segment 7
+
+    def loss(q, k, v):
+        out, _ = attend(q, k, v, q_pos=jnp.asarray(pos), k_pos=jnp.asarray(pos),
+                        q_seg=jnp.asarray(q_seg), k_seg=jnp.asarray(seg), causal=True,
+                        scale=SCALE, kernel=kernel, block_size=8)
+        return jnp.sum(out**2)
+
+    out, s = run(q, k, v, pos, pos, q_seg, seg, causal=True, kernel=kernel, block_size=8)
+    assert np.all(np.asarray(out)[20:] == 0)
+    check(out, s, *np_attention(q, k, v, pos, pos, q_seg, seg, True, SCALE))
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+    assert np.all(np.asarray(grads[0])[20:] == 0)
+    assert np.any(np.asarray(grads[0])[:20] != 0)
+
+
+# --------------------------------------------------------------------------
+# Gradients
+# --------------------------------------------------------------------------
+
+
+def _grads_fn(kernel, block, causal, pos, seg, w):
+    """One jitted function: grads of a scalar of the output, and of sum(S)."""
+    pos, seg = jnp.asarray(pos), jnp.asarray(seg)
+
+    def fwd(q, k, v):
+        return attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=causal,
+                      scale=SCALE, kernel=kernel, block_size=block)
+
+    def out_loss(q, k, v):
+        return jnp.sum(fwd(q, k, v)[0] * w)
+
+    def s_loss(q, k, v):
+        return jnp.sum(fwd(q, k, v)[1])
+
+    @jax.jit
+    def both(q, k, v):
+        return (jax.grad(out_loss, argnums=(0, 1, 2))(q, k, v),
+                jax.value_and_grad(s_loss, argnums=(0, 1, 2))(q, k, v))
+
+    return both
+
+
+@pytest.mark.parametrize("kv_heads,causal,layout,block", [
+    (2, True, "plain", 8),
+    (1, False, "packed", 16),
+])
+def test_gradients_dense_equal_blockwise_and_s_has_none(kv_heads, causal, layout, block):
+    q, k, v = make_qkv(6, T, T, HEADS, kv_heads)
+    pos, seg = plain(T) if layout == "plain" else packed(T)
+    rng = np.random.default_rng(60)
+    w = jnp.asarray(rng.standard_normal((T, HEADS, DV)), jnp.float32)
+    g_dense, (s_dense, gs_dense) = _grads_fn("dense", 128, causal, pos, seg, w)(q, k, v)
+    g_block, (s_block, gs_block) = _grads_fn("blockwise", block, causal, pos, seg, w)(q, k, v)
+    for name, gd, gb in zip("qkv", g_dense, g_block):
+        assert float(jnp.max(jnp.abs(gd))) > 1e-3, name  # a real gradient
+        np.testing.assert_allclose(np.asarray(gb), np.asarray(gd), rtol=1e-4, atol=1e-5,
+                                   err_msg=f"grad wrt {name}")
+
+    # S carries no gradient, in either kernel.
+    assert float(s_dense) != 0.0
+    np.testing.assert_allclose(float(s_block), float(s_dense), rtol=1e-5)
+    for g in (*gs_dense, *gs_block):
+        assert not np.any(np.asarray(g))
+
+    # The gradient is also right: compare with central differences of the
+    # float64 brute force along one random direction.
+    dirs = [rng.standard_normal(x.shape).astype(np.float32) for x in (q, k, v)]
+    eps = 1e-4
+
+    def np_loss(q_, k_, v_):
+        out, _ = np_attention(q_, k_, v_, pos, pos, seg, seg, causal, SCALE)
+        return float(np.sum(out * np.asarray(w, np.float64)))
+
+    qkv64 = [np.asarray(x, np.float64) for x in (q, k, v)]
+    dirs64 = [np.asarray(d, np.float64) for d in dirs]
+    plus = np_loss(*[x + eps * d for x, d in zip(qkv64, dirs64)])
+    minus = np_loss(*[x - eps * d for x, d in zip(qkv64, dirs64)])
+    fd = (plus - minus) / (2 * eps)
+    analytic = sum(float(np.sum(np.asarray(g, np.float64) * d)) for g, d in zip(g_block, dirs))
+    np.testing.assert_allclose(analytic, fd, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------
+# bfloat16
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["dense", "blockwise"])
+def test_bf16_inputs_give_float32_s(kernel):
+    q, k, v = make_qkv(8, T, T, HEADS, 2, dtype=jnp.bfloat16)
+    pos, seg = plain(T)
+    out, s = run(q, k, v, pos, pos, seg, seg, causal=True, kernel=kernel, block_size=8)
+    assert out.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+    # The same (bf16-rounded) values in float32: logits accumulate in float32, so
+    # S agrees to float32 rounding; the output to bf16 rounding.
+    q32, k32, v32 = (x.astype(np.float32) for x in (q, k, v))
+    out32, s32 = run(q32, k32, v32, pos, pos, seg, seg, causal=True, kernel="dense")
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s32), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(out32), atol=3e-2, rtol=3e-2)
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+
+
+def test_kv_heads_must_divide_heads():
+    _, k, v = (jnp.asarray(x) for x in make_qkv(9, 5, 5, HEADS, 2))
+    pos, seg = (jnp.asarray(a) for a in plain(5))
+    q3 = jnp.asarray(np.zeros((5, 3, DK), np.float32))
+    with pytest.raises(ValueError, match="kv_heads"):
+        attend(q3, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True, scale=SCALE)

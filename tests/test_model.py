@@ -1,0 +1,179 @@
+"""The scanned Transformer: shapes and dtypes, per-layer S equal to an unrolled
+run of the stacked blocks, causality, vmap over a batch, and a jaxpr whose size
+does not depend on depth."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qkclip_eqx import GQAConfig, MLAConfig, Transformer, TransformerConfig
+
+T = 10
+VOCAB = 48
+LAYERS = 3
+
+ATTENTION = {
+    "mla": MLAConfig(dim=32, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                     v_head_dim=8, q_lora_rank=8),
+    "gqa": GQAConfig(dim=32, n_heads=4, head_dim=8, n_kv_heads=2),
+}
+
+
+def config(kind, n_layers=LAYERS, dtype="float32"):
+    return TransformerConfig(vocab_size=VOCAB, n_layers=n_layers, mlp_hidden=32,
+                             attention=ATTENTION[kind], dtype=dtype)
+
+
+def build(cfg, seed=0):
+    """The model's structure from its constructor (traced, not run), with every
+    weight drawn by NumPy: eager jax.random compiles one kernel per shape."""
+    shapes = eqx.filter_eval_shape(Transformer, cfg, key=jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            w = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+        elif "embed" in name:
+            w = rng.standard_normal(leaf.shape)
+        else:
+            w = 1.5 * rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[-1])
+        return jnp.asarray(w.astype(np.float32), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@eqx.filter_jit
+def forward(model, tokens, positions=None, segment_ids=None):
+    return model(tokens, positions=positions, segment_ids=segment_ids)
+
+
+def tokens_for(seed, t=T):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, size=t, dtype=np.int32))
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {kind: build(config(kind), seed=i) for i, kind in enumerate(ATTENTION)}
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_shapes_and_dtypes(models, kind):
+    model = models[kind]
+    assert jax.tree.leaves(model.blocks)[0].shape[0] == LAYERS  # stacked, not a list
+    logits, s = forward(model, tokens_for(0))
+    assert logits.shape == (T, VOCAB) and logits.dtype == jnp.float32
+    assert s.shape == (LAYERS, ATTENTION[kind].n_heads) and s.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(logits))) and np.all(np.isfinite(np.asarray(s)))
+
+
+def test_bf16_model_gives_float32_logits():
+    model = build(config("gqa", dtype="bfloat16"))
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(model))
+    logits, s = forward(model, tokens_for(0))
+    assert logits.dtype == jnp.float32 and s.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(logits))) and np.all(np.isfinite(np.asarray(s)))
+
+
+def layer(blocks, i):
+    """Layer i of the stacked blocks."""
+    return jax.tree.map(lambda a: a[i], blocks)
+
+
+@eqx.filter_jit
+def unrolled(model, tokens, positions, segment_ids):
+    """The model written out layer by layer, from the stacked weights."""
+    x = model.embed[tokens]
+    s_per_layer = []
+    for i in range(model.config.n_layers):
+        blk = layer(model.blocks, i)
+        h, s_i = blk.attn(blk.attn_norm(x), positions=positions, segment_ids=segment_ids)
+        x = x + h
+        x = x + blk.mlp(blk.mlp_norm(x))
+        s_per_layer.append(s_i)
+    return model.final_norm(x) @ model.lm_head.T, jnp.stack(s_per_layer)
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_per_layer_s_equals_unrolled_layers(models, kind):
+    """Row i of S is layer i's own max logits: guards against a scan that mixes
+    the layers' weights or reports one layer's S for all."""
+    model = models[kind]
+    tokens = tokens_for(1)
+    # Two packed documents, positions restarting: the scan must hand positions
+    # and segment ids to every layer.
+    positions = jnp.asarray(np.r_[np.arange(4), np.arange(T - 4)].astype(np.int32))
+    segments = jnp.asarray(np.r_[np.zeros(4), np.ones(T - 4)].astype(np.int32))
+    logits, s = forward(model, tokens, positions, segments)
+    ref_logits, ref_s = unrolled(model, tokens, positions, segments)
+    s, ref_s = np.asarray(s), np.asarray(ref_s)
+    np.testing.assert_allclose(s, ref_s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-4, atol=1e-5)
+    # The layers really differ, so a mix-up could not pass.
+    for i in range(LAYERS):
+        for j in range(i):
+            assert np.max(np.abs(s[i] - s[j])) > 1e-3, (i, j, s)
+    # And the segments matter (so the check above covers their passing on).
+    _, s_one_doc = unrolled(model, tokens, positions * 0 + jnp.arange(T, dtype=jnp.int32),
+                            segments * 0)
+    assert not np.allclose(np.asarray(s_one_doc), ref_s, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_logits_are_causal(models, kind):
+    model = models[kind]
+    tokens = tokens_for(2)
+    t = 6
+    changed = tokens.at[t].set((tokens[t] + 7) % VOCAB)
+    logits, _ = forward(model, tokens)
+    logits2, _ = forward(model, changed)
+    logits, logits2 = np.asarray(logits), np.asarray(logits2)
+    np.testing.assert_allclose(logits2[:t], logits[:t], rtol=1e-6, atol=1e-6)
+    assert np.all(np.max(np.abs(logits2[t:] - logits[t:]), axis=-1) > 1e-4)
+
+
+def test_vmap_over_a_batch(models):
+    model = models["mla"]
+    batch = jnp.stack([tokens_for(10 + b) for b in range(3)])
+    logits, s = eqx.filter_jit(lambda m, b: jax.vmap(m)(b))(model, batch)
+    assert logits.shape == (3, T, VOCAB) and s.shape == (3, LAYERS, ATTENTION["mla"].n_heads)
+    for b in range(3):
+        lb, sb = forward(model, batch[b])
+        np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(lb), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(s[b]), np.asarray(sb), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(s[0]), np.asarray(s[1]))  # examples differ
+
+
+def _count_eqns(jaxpr) -> int:
+    """Equations of a jaxpr, including those of every nested jaxpr (scan body,
+    pjit, custom_jvp, ...)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    n += _count_eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    n += _count_eqns(sub)
+    return n
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_program_size_does_not_grow_with_depth(kind):
+    tokens = tokens_for(3)
+    sizes, scans = {}, {}
+    for n_layers in (2, 8):
+        model = eqx.filter_eval_shape(Transformer, config(kind, n_layers), key=jax.random.key(0))
+        jaxpr = jax.make_jaxpr(lambda m, t: m(t))(model, tokens)
+        sizes[n_layers] = (len(jaxpr.eqns), _count_eqns(jaxpr.jaxpr))
+        scans[n_layers] = [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert sizes[2] == sizes[8], sizes
+    assert sizes[2][1] > 50  # a real model was traced
+    assert scans == {2: [2], 8: [8]}  # one scan over the layers, of the right length
