@@ -7,7 +7,8 @@ q, k, v and the mask, and return the output and the per-head max logit
 pre-softmax logits, in float32, with no gradient through it).
 
 A query may attend to a key when both carry the same segment id and, if causal,
-the key's position is not after the query's. Positions and segment ids are
+the key's position is not after the query's. Segment ids must be above
+``int32 min + 1``: the blockwise kernel pads with those two values. Positions and segment ids are
 passed for queries and keys separately so that a caller holding a shard of the
 queries (context parallelism) masks correctly across shard borders.
 """

@@ -71,7 +71,8 @@ def mla_from_hf(
 
     ``state_dict`` maps that module's parameter names (``q_a_proj.weight``, ...;
     a layer prefix such as ``model.layers.0.self_attn.`` must be stripped) to
-    arrays. Missing, unexpected or mis-shaped entries raise ``ValueError``.
+    arrays. Missing, unexpected or mis-shaped ``*.weight``/``*.bias`` entries
+    raise ``ValueError``; buffers such as ``rotary_emb.inv_freq`` are ignored.
     """
     if config.rope_layout != "interleaved":
         raise ValueError("DeepSeek-V3 checkpoints need rope_layout='interleaved'")
