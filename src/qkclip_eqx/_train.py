@@ -298,7 +298,9 @@ def train(
     tokens_per_step = cfg.batch_size * cfg.seq_len
 
     def save(step: int) -> None:
-        state = _to_host((model, opt_state))  # collective: every process takes part
+        state = (model, opt_state)
+        if jax.process_count() > 1:  # gather (a collective: every process takes part)
+            state = jax.tree.map(jnp.asarray, _to_host(state))
         if lead:
             save_checkpoint(out, step, state, keep=cfg.keep,
                             meta={**meta, "step": step, "run": dataclasses.asdict(cfg)})
