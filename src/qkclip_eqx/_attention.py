@@ -70,7 +70,17 @@ def _project_out(out: Array, wo: Array, parallel: ParallelAxes | None) -> Array:
 
 
 def _scale_rows(w: Array, factor: Float[Array, " heads"], rows: slice) -> Array:
-    """``w[h, rows, :] *= factor[h]`` in w's dtype (factor 1 leaves bits unchanged)."""
+    """``w[h, rows, :] *= factor[h]`` in w's dtype (factor 1 leaves bits unchanged).
+
+    ``w`` is ONE layer's per-head weight [heads, rows, in]: on a stacked one the
+    indexing would hit the wrong axes silently, so that is an error (qk_clip
+    gives a stacked module S with the same leading axes and vmaps over them)."""
+    if w.ndim != 3 or factor.shape != (w.shape[0],):
+        raise ValueError(
+            f"scale_heads acts on one layer: got a weight of shape {w.shape} and factors of "
+            f"shape {factor.shape}; for stacked (scanned) layers give max_logits the same "
+            "leading layer axes, e.g. [layers, heads]"
+        )
     f = factor.astype(w.dtype)[:, None, None]
     return w.at[:, rows, :].multiply(f)
 

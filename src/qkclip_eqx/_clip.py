@@ -93,6 +93,14 @@ def qk_clip(
             raise ValueError(
                 f"max_logits[{i}] has {s.shape[-1]} heads, module {type(m).__name__} has {m.n_heads}"
             )
+        lead = tuple(s.shape[:-1])
+        for leaf in jax.tree.leaves(eqx.filter(m, eqx.is_array)):
+            if tuple(leaf.shape[: len(lead)]) != lead:
+                raise ValueError(
+                    f"max_logits[{i}] has leading (layer) axes {lead}, but {type(m).__name__} "
+                    f"holds an array of shape {leaf.shape}: S needs one leading axis per "
+                    "stacked layer axis of the module"
+                )
     clipped = [_scale(m, clip_factors(s, tau), alpha) for m, s in zip(modules, s_list)]
     leaves, treedef = jax.tree.flatten(model, is_leaf=_is_clippable)
     replacements = iter(clipped)

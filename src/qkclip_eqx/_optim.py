@@ -150,7 +150,8 @@ def wsd(
 ) -> optax.Schedule:
     """Warmup-stable-decay: linear warmup, constant ``peak``, then a linear
     decay over the last ``decay_fraction`` of training (K2 uses WSD)."""
-    decay_steps = max(1, int(round(total_steps * decay_fraction)))
+    # the decay ends at total_steps even when warmup + decay would not fit
+    decay_steps = max(1, min(int(round(total_steps * decay_fraction)), total_steps - warmup_steps))
     stable_steps = max(0, total_steps - warmup_steps - decay_steps)
     return optax.join_schedules(
         [

@@ -98,6 +98,8 @@ def make_train_step(
         raise ValueError(f"mode must be 'clip', 'monitor' or 'off', got {mode!r}")
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not (isinstance(accum_steps, int) and accum_steps >= 1):
         raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
     if mesh is not None:

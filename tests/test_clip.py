@@ -1,0 +1,553 @@
+"""QK-Clip (`qkclip_eqx.qk_clip`, `clip_factors`): the identity that defines it.
+
+For a batch with per-head max logits S and a threshold tau, clipping and then
+re-running THE SAME inputs must give ``min(S, tau)`` per head (Kimi K2 report,
+sec. 2.1), while every weight the clip must not touch stays bit-identical.
+In a multi-layer Transformer, clipping layer l changes the inputs of layers
+> l, so the identity is checked per layer on that layer's own (pre-clip)
+inputs, and for the whole model where it is exact (the first layer).
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+from jaxtyping import Array, Float
+
+from qkclip_eqx import (
+    AbstractQKClippable,
+    GQAConfig,
+    GQAttention,
+    MLAConfig,
+    MLAttention,
+    Transformer,
+    TransformerConfig,
+    clip_factors,
+    qk_clip,
+)
+
+RTOL = 1e-5
+DIM = 16
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def _init(make, seed: int):
+    """``make(key)``'s structure, filled from NumPy: N(0, 1/fan_in) matrices, N(0, 1)
+    embedding, unit norm gains (the library's own init distribution). Building
+    through eval_shape avoids compiling a random-number kernel per weight shape."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        name = jtu.keystr(path)
+        if "norm" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        scale = 1.0 if name.endswith(".embed") else 1.0 / math.sqrt(leaf.shape[-1])
+        return jnp.asarray(rng.standard_normal(leaf.shape) * scale, leaf.dtype)
+
+    return jtu.tree_map_with_path(fill, eqx.filter_eval_shape(make, jax.random.key(0)))
+
+
+def _mla_config(q_lora: int | None, n_heads: int = 4) -> MLAConfig:
+    return MLAConfig(
+        dim=DIM, n_heads=n_heads, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=6, q_lora_rank=q_lora,
+    )
+
+
+@eqx.filter_jit
+def _module_s(module, x):
+    """S per head of one attention module over a batch: vmap, then max over the batch."""
+    return jnp.max(jax.vmap(module)(x)[1], axis=0)
+
+
+@eqx.filter_jit
+def _model_s(model, tokens):
+    return jnp.max(jax.vmap(model)(tokens)[1], axis=0)
+
+
+@eqx.filter_jit
+def _layerwise_s(model: Transformer, tokens):
+    """S of every layer's attention, each layer fed the residual stream that
+    ``model`` itself produces before that layer: ``(S [layers, heads], xs)``."""
+    params, static = eqx.partition(model.blocks, eqx.is_array)
+
+    def one(tok):
+        def layer(x, p):
+            block = eqx.combine(p, static)
+            return block(x)[0], x
+
+        _, xs = jax.lax.scan(layer, model.embed[tok], params)
+        return xs
+
+    return jax.vmap(one)(tokens)  # [batch, layers, seq, dim]
+
+
+@eqx.filter_jit
+def _attn_s_on_inputs(model: Transformer, xs):
+    """S per layer and head of ``model``'s attentions on given layer inputs xs."""
+    params, static = eqx.partition(model.blocks, eqx.is_array)
+
+    def one(x_layers):
+        def layer(_, args):
+            p, x = args
+            block = eqx.combine(p, static)
+            return None, block.attn(block.attn_norm(x))[1]
+
+        return jax.lax.scan(layer, None, (params, x_layers))[1]
+
+    return jnp.max(jax.vmap(one)(xs), axis=0)
+
+
+def _paths(tree) -> dict[str, np.ndarray]:
+    leaves = jtu.tree_flatten_with_path(eqx.filter(tree, eqx.is_array))[0]
+    return {jtu.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def _assert_untouched(before, after, touched: dict[str, np.ndarray]):
+    """Every array leaf bit-identical, except the elements set in ``touched[path]``
+    (boolean masks of the leaf's shape); returns nothing, raises on a difference."""
+    b, a = _paths(before), _paths(after)
+    assert b.keys() == a.keys()
+    for path in touched:
+        assert path in b, f"{path} is not a leaf; leaves: {sorted(b)}"
+    for path, x in b.items():
+        y = a[path]
+        assert x.shape == y.shape and x.dtype == y.dtype, path
+        mask = touched.get(path)
+        if mask is None:
+            assert np.array_equal(x, y), f"{path} changed but must be bit-identical"
+        else:
+            assert np.array_equal(x[~mask], y[~mask]), f"untouched part of {path} changed"
+
+
+def _head_rows_mask(shape, heads, rows: slice = slice(None), head_axis: int = 0):
+    """Boolean mask of ``w[..., h, rows, :]`` for h in heads (head axis given)."""
+    mask = np.zeros(shape, bool)
+    idx = [slice(None)] * len(shape)
+    idx[head_axis + 1] = rows
+    for h in heads:
+        idx[head_axis] = h
+        mask[tuple(idx)] = True
+    return mask
+
+
+def _tau_between(s: np.ndarray) -> float:
+    """A tau strictly between the smallest and largest S, not equal to any S."""
+    vals = np.sort(np.unique(np.asarray(s, np.float64).ravel()))
+    mid = len(vals) // 2
+    return float((vals[mid - 1] + vals[mid]) / 2)
+
+
+def _check_identity(s_before, s_after, tau):
+    s_before, s_after = np.asarray(s_before), np.asarray(s_after)
+    assert np.any(s_before > tau) and np.any(s_before < tau), "tau must split the heads"
+    np.testing.assert_allclose(s_after, np.minimum(s_before, tau), rtol=RTOL)
+    # the heads below tau are not just close: they are exactly as before
+    below = s_before <= tau
+    assert np.array_equal(s_after[below], s_before[below])
+
+
+# --------------------------------------------------------------------------
+# fixtures: tiny modules and a batch that gives them a spread of S
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def x():
+    return jnp.asarray(2.0 * np.random.default_rng(1).standard_normal((3, 10, DIM)), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return jnp.asarray(np.random.default_rng(2).integers(0, 64, (3, 12)), jnp.int32)
+
+
+@pytest.fixture(scope="module", params=[None, 12], ids=["no_q_lora", "q_lora"])
+def mla(request):
+    return _init(lambda k: MLAttention(_mla_config(request.param), key=k), 3)
+
+
+@pytest.fixture(scope="module")
+def mla_transformer():
+    cfg = TransformerConfig(vocab_size=64, n_layers=3, mlp_hidden=32, attention=_mla_config(12))
+    return _init(lambda k: Transformer(cfg, key=k), 4)
+
+
+@pytest.fixture(scope="module")
+def gqa_transformer():
+    att = GQAConfig(dim=DIM, n_heads=4, head_dim=8, n_kv_heads=2)
+    cfg = TransformerConfig(vocab_size=64, n_layers=3, mlp_hidden=32, attention=att)
+    return _init(lambda k: Transformer(cfg, key=k), 5)
+
+
+# --------------------------------------------------------------------------
+# clip_factors
+# --------------------------------------------------------------------------
+
+
+def test_clip_factors_values():
+    s = jnp.array([200.0, 100.0, 50.0, 0.0, -0.0, -300.0, jnp.nan, jnp.inf, -jnp.inf, 100.0001])
+    g = np.asarray(clip_factors(s, 100.0))
+    expected = np.array([0.5, 1, 1, 1, 1, 1, 1, 1, 1, 100.0 / np.float32(100.0001)], np.float32)
+    np.testing.assert_allclose(g, expected, rtol=1e-7)
+    # the unclipped ones are exactly 1 (so scaling by them is a bit-exact no-op)
+    assert np.all(g[1:9] == 1.0)
+    assert g[-1] < 1.0
+    assert np.all(np.isfinite(g)) and np.all(g > 0) and np.all(g <= 1)
+    # per layer and head: shape kept
+    s2 = jnp.array([[300.0, 1.0], [1.0, 400.0]])
+    np.testing.assert_allclose(clip_factors(s2, 100.0), [[1 / 3, 1], [1, 0.25]], rtol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# the identity, module by module
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_mla_identity_and_untouched_weights(mla, x, alpha):
+    s = np.asarray(_module_s(mla, x))
+    tau = _tau_between(s)
+    clipped = qk_clip(mla, jnp.asarray(s), tau, alpha=alpha)
+    _check_identity(s, _module_s(clipped, x), tau)
+
+    over = np.flatnonzero(s > tau)
+    nope = mla.config.qk_nope_head_dim
+    touched = {
+        ".wq": _head_rows_mask(mla.wq.shape, over),  # q_C and q_R of clipped heads
+        ".wkv_b": _head_rows_mask(mla.wkv_b.shape, over, slice(0, nope)),  # k_C only
+    }
+    # wq_a, q_norm, wkv_a (latent AND the shared k_R rows), kv_norm, v rows of
+    # wkv_b, wo, and the unclipped heads' rows: all bit-identical
+    _assert_untouched(mla, clipped, touched)
+
+    gamma = tau / s.astype(np.float64)
+    for h in over:
+        g = gamma[h]
+        np.testing.assert_allclose(clipped.wq[h, :nope], mla.wq[h, :nope] * g**alpha, rtol=1e-6)
+        np.testing.assert_allclose(clipped.wq[h, nope:], mla.wq[h, nope:] * g, rtol=1e-6)
+        np.testing.assert_allclose(
+            clipped.wkv_b[h, :nope], mla.wkv_b[h, :nope] * g ** (1 - alpha), rtol=1e-6
+        )
+
+
+def test_mha_identity_and_untouched_weights(x):
+    attn = _init(lambda k: GQAttention(GQAConfig(dim=DIM, n_heads=4, head_dim=8), key=k), 6)
+    assert attn.config.n_kv_heads == attn.config.n_heads
+    s = np.asarray(_module_s(attn, x))
+    tau = _tau_between(s)
+    clipped = qk_clip(attn, jnp.asarray(s), tau)
+    _check_identity(s, _module_s(clipped, x), tau)
+    over = np.flatnonzero(s > tau)
+    _assert_untouched(attn, clipped, {
+        ".wq": _head_rows_mask(attn.wq.shape, over),
+        ".wk": _head_rows_mask(attn.wk.shape, over),
+    })
+    for h in over:
+        g = tau / float(s[h])
+        np.testing.assert_allclose(clipped.wq[h], attn.wq[h] * math.sqrt(g), rtol=1e-6)
+        np.testing.assert_allclose(clipped.wk[h], attn.wk[h] * math.sqrt(g), rtol=1e-6)
+
+
+def test_gqa_query_mode_identity_shared_key_untouched(x):
+    cfg = GQAConfig(dim=DIM, n_heads=6, head_dim=8, n_kv_heads=2, clip_mode="query")
+    attn = _init(lambda k: GQAttention(cfg, key=k), 7)
+    s = np.asarray(_module_s(attn, x))
+    # tau between the two largest S of the hottest group: that group has heads
+    # over tau and a group-mate under it
+    hot = np.sort(s.reshape(2, 3)[np.argmax(s) // 3])
+    tau = float((hot[0] + hot[1]) / 2)
+    groups = (s > tau).reshape(2, 3)
+    assert np.any(groups.any(axis=1) & ~groups.all(axis=1))
+    clipped = qk_clip(attn, jnp.asarray(s), tau)
+    _check_identity(s, _module_s(clipped, x), tau)
+    over = np.flatnonzero(s > tau)
+    _assert_untouched(attn, clipped, {".wq": _head_rows_mask(attn.wq.shape, over)})
+    for h in over:
+        np.testing.assert_allclose(clipped.wq[h], attn.wq[h] * (tau / float(s[h])), rtol=1e-6)
+
+
+def test_gqa_group_mode_scales_whole_group_by_its_max(x):
+    cfg = GQAConfig(dim=DIM, n_heads=4, head_dim=8, n_kv_heads=2, clip_mode="group")
+    attn = _init(lambda k: GQAttention(cfg, key=k), 8)
+    s = np.asarray(_module_s(attn, x))
+    group_max = s.reshape(2, 2).max(axis=1)
+    hot = int(np.argmax(group_max))
+    # tau: between the two groups' maxima, so one group is clipped, the other not,
+    # and the hot group's other head is below tau (it must be scaled all the same)
+    tau = float((group_max[0] + group_max[1]) / 2)
+    mate = 2 * hot + int(np.argmin(s.reshape(2, 2)[hot]))
+    assert s[mate] < tau
+    clipped = qk_clip(attn, jnp.asarray(s), tau)
+    s_new = np.asarray(_module_s(clipped, x))
+
+    eta = np.ones(2)
+    eta[hot] = tau / float(group_max[hot])
+    np.testing.assert_allclose(s_new, s * np.repeat(eta, 2), rtol=RTOL)
+    # the group-mate is NOT min(S, tau): it went below its own S
+    assert s_new[mate] < s[mate] * (1 - 1e-3)
+    cold_heads = [2 * (1 - hot), 2 * (1 - hot) + 1]
+    hot_heads = [2 * hot, 2 * hot + 1]
+    _assert_untouched(attn, clipped, {
+        ".wq": _head_rows_mask(attn.wq.shape, hot_heads),
+        ".wk": _head_rows_mask(attn.wk.shape, [hot]),
+    })
+    np.testing.assert_allclose(clipped.wk[hot], attn.wk[hot] * math.sqrt(eta[hot]), rtol=1e-6)
+    for h in hot_heads:
+        np.testing.assert_allclose(clipped.wq[h], attn.wq[h] * math.sqrt(eta[hot]), rtol=1e-6)
+    assert all(np.array_equal(clipped.wq[h], attn.wq[h]) for h in cold_heads)
+
+
+# --------------------------------------------------------------------------
+# the scanned Transformer
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["mla", "gqa"])
+def test_transformer_identity_per_layer(which, mla_transformer, gqa_transformer, tokens):
+    model = mla_transformer if which == "mla" else gqa_transformer
+    s = np.asarray(_model_s(model, tokens))
+    assert s.shape == (model.config.n_layers, model.config.n_heads)
+    tau = _tau_between(s)
+    clipped = qk_clip(model, jnp.asarray(s), tau)
+
+    # whole model re-run: layer 0 sees the same inputs, so its identity is exact
+    s_rerun = np.asarray(_model_s(clipped, tokens))
+    np.testing.assert_allclose(s_rerun[0], np.minimum(s[0], tau), rtol=RTOL)
+
+    # every layer, fed the inputs it saw before the clip
+    xs = _layerwise_s(model, tokens)
+    np.testing.assert_allclose(_attn_s_on_inputs(model, xs), s, rtol=1e-6)  # sanity
+    _check_identity(s, _attn_s_on_inputs(clipped, xs), tau)
+
+    over = np.argwhere(s > tau)
+    attn = model.blocks.attn
+    touched = {}
+    if which == "mla":
+        nope = attn.config.qk_nope_head_dim
+        wq_mask = np.zeros(attn.wq.shape, bool)
+        kvb_mask = np.zeros(attn.wkv_b.shape, bool)
+        for l, h in over:
+            wq_mask[l, h] = True
+            kvb_mask[l, h, :nope] = True
+        touched = {".blocks.attn.wq": wq_mask, ".blocks.attn.wkv_b": kvb_mask}
+    else:  # query mode (default): only the query heads over tau
+        wq_mask = np.zeros(attn.wq.shape, bool)
+        for l, h in over:
+            wq_mask[l, h] = True
+        touched = {".blocks.attn.wq": wq_mask}
+    # embeddings, lm_head, norms, MLPs, wkv_a, v rows, wo, keys: bit-identical
+    _assert_untouched(model, clipped, touched)
+
+
+def test_scanned_layers_get_their_own_gamma(mla_transformer):
+    """Regression: a public implementation gave every stacked layer the same gamma."""
+    model = mla_transformer
+    attn = model.blocks.attn
+    nope = attn.config.qk_nope_head_dim
+    tau = 100.0
+    s = np.array(
+        [[400.0, 150.0, 90.0, 100.0],  # layer 0: heads 0, 1 clipped (different gammas)
+         [50.0, 50.0, 50.0, 50.0],  # layer 1: nothing over tau
+         [101.0, 250.0, 800.0, 1000.0]],  # layer 2: all clipped, all different
+        np.float32,
+    )
+    clipped = qk_clip(model, jnp.asarray(s), tau)
+    new = clipped.blocks.attn
+    gamma = np.where(s > tau, tau / s.astype(np.float64), 1.0)
+    for l in range(3):
+        for h in range(4):
+            g = gamma[l, h]
+            np.testing.assert_allclose(
+                new.wq[l, h, :nope], attn.wq[l, h, :nope] * math.sqrt(g), rtol=1e-6
+            )
+            np.testing.assert_allclose(new.wq[l, h, nope:], attn.wq[l, h, nope:] * g, rtol=1e-6)
+            np.testing.assert_allclose(
+                new.wkv_b[l, h, :nope], attn.wkv_b[l, h, :nope] * math.sqrt(g), rtol=1e-6
+            )
+            if g == 1.0:
+                assert np.array_equal(new.wq[l, h], attn.wq[l, h])
+                assert np.array_equal(new.wkv_b[l, h], attn.wkv_b[l, h])
+    # layer 1 entirely bit-identical
+    assert np.array_equal(new.wq[1], attn.wq[1]) and np.array_equal(new.wkv_b[1], attn.wkv_b[1])
+    # the observed per-(layer, head) factor on q_R rows IS gamma[l, h] (all distinct)
+    ratio = np.asarray(new.wq[:, :, nope:, :] / attn.wq[:, :, nope:, :]).reshape(3, 4, -1)
+    np.testing.assert_allclose(ratio, np.broadcast_to(gamma[..., None], ratio.shape), rtol=1e-5)
+    assert len(np.unique(np.round(ratio[2, :, 0], 6))) == 4
+
+
+# --------------------------------------------------------------------------
+# no-ops: S at/below tau, S <= 0, non-finite S
+# --------------------------------------------------------------------------
+
+
+def test_all_heads_at_or_below_tau_is_bit_identical(mla, mla_transformer, x, tokens):
+    s = np.asarray(_module_s(mla, x))
+    tau = float(s.max())  # the max head is exactly AT tau: not clipped
+    _assert_untouched(mla, qk_clip(mla, jnp.asarray(s), tau), {})
+    _assert_untouched(mla, qk_clip(mla, jnp.asarray(s), tau * 10), {})
+    s_model = _model_s(mla_transformer, tokens)
+    _assert_untouched(mla_transformer, qk_clip(mla_transformer, s_model, float(s_model.max())), {})
+
+
+def test_nonpositive_s_is_bit_identical(mla, mla_transformer):
+    s = jnp.array([0.0, -0.0, -1e-30, -250.0])
+    for tau in (1.0, 1e-6, 100.0):
+        out = qk_clip(mla, s, tau)
+        _assert_untouched(mla, out, {})
+    s_model = jnp.array([[-5.0, 0.0, -1e6, -0.0]] * 3)
+    _assert_untouched(mla_transformer, qk_clip(mla_transformer, s_model, 0.5), {})
+
+
+def test_nonfinite_s_is_bit_identical_and_never_nan(mla):
+    tau = 0.5
+    s = jnp.array([jnp.nan, jnp.inf, -jnp.inf, 1.0])  # only head 3 is a real clip
+    out = qk_clip(mla, s, tau)
+    assert all(np.all(np.isfinite(v)) for v in _paths(out).values())
+    _assert_untouched(mla, out, {
+        ".wq": _head_rows_mask(mla.wq.shape, [3]),
+        ".wkv_b": _head_rows_mask(mla.wkv_b.shape, [3], slice(0, mla.config.qk_nope_head_dim)),
+    })
+    np.testing.assert_allclose(out.wq[3, 8:], mla.wq[3, 8:] * 0.5, rtol=1e-7)
+    all_bad = jnp.array([jnp.nan, jnp.inf, jnp.nan, -jnp.inf])
+    _assert_untouched(mla, qk_clip(mla, all_bad, tau), {})
+
+
+# --------------------------------------------------------------------------
+# user models and user attention
+# --------------------------------------------------------------------------
+
+
+class _UserModel(eqx.Module):
+    attn: dict
+    extra: list
+    head: jax.Array
+
+
+def test_user_model_with_several_attentions(x):
+    mla_a = _init(lambda k: MLAttention(_mla_config(None, n_heads=4), key=k), 10)
+    mla_b = _init(lambda k: MLAttention(_mla_config(12, n_heads=2), key=k), 11)
+    gqa_cfg = GQAConfig(dim=DIM, n_heads=6, head_dim=8, n_kv_heads=3)
+    gqa = _init(lambda k: GQAttention(gqa_cfg, key=k), 12)
+    # dict keys flatten sorted: "a_gqa" before "z_mla"; then the list
+    model = _UserModel(
+        attn={"z_mla": mla_a, "a_gqa": gqa}, extra=[mla_b], head=jnp.ones((DIM, 3))
+    )
+    order = [gqa, mla_a, mla_b]
+    s = [np.asarray(_module_s(m, x)) for m in order]
+    tau = _tau_between(np.concatenate(s))
+    assert all(np.any(si > tau) for si in s[:2])
+    clipped = qk_clip(model, [jnp.asarray(si) for si in s], tau)
+    new = [clipped.attn["a_gqa"], clipped.attn["z_mla"], clipped.extra[0]]
+    for m_old, m_new, si in zip(order, new, s):
+        np.testing.assert_allclose(_module_s(m_new, x), np.minimum(si, tau), rtol=RTOL)
+        if not np.any(si > tau):
+            _assert_untouched(m_old, m_new, {})
+    assert np.array_equal(clipped.head, model.head)
+    # a tuple works as well as a list
+    clipped_t = qk_clip(model, tuple(jnp.asarray(si) for si in s), tau)
+    by_tuple, by_list = _paths(clipped_t), _paths(clipped)
+    assert all(np.array_equal(by_tuple[k], by_list[k]) for k in by_list)
+    # the wrong order is caught (head counts 6, 4, 2 differ)
+    with pytest.raises(ValueError, match="heads"):
+        qk_clip(model, [jnp.asarray(s[1]), jnp.asarray(s[0]), jnp.asarray(s[2])], tau)
+
+
+class _TinyAttention(AbstractQKClippable):
+    """Plain MHA without RoPE, written against the public protocol only."""
+
+    wq: Float[Array, "heads d dim"]
+    wk: Float[Array, "heads d dim"]
+
+    def __init__(self, heads, d, dim, seed):
+        rng = np.random.default_rng(seed)
+        self.wq = jnp.asarray(rng.standard_normal((heads, d, dim)) / math.sqrt(dim), jnp.float32)
+        self.wk = jnp.asarray(rng.standard_normal((heads, d, dim)) / math.sqrt(dim), jnp.float32)
+
+    @property
+    def n_heads(self) -> int:
+        return self.wq.shape[0]
+
+    def __call__(self, x):
+        q = jnp.einsum("td,hed->hte", x, self.wq)
+        k = jnp.einsum("td,hed->hte", x, self.wk)
+        logits = jnp.einsum("hte,hse->hts", q, k) / math.sqrt(self.wq.shape[1])
+        return x, jnp.max(logits, axis=(1, 2))
+
+    def scale_heads(self, gamma, alpha):
+        wq = self.wq * (gamma**alpha)[:, None, None]
+        wk = self.wk * (gamma ** (1 - alpha))[:, None, None]
+        return eqx.tree_at(lambda m: (m.wq, m.wk), self, (wq, wk))
+
+
+def test_custom_clippable_attention_is_found_and_clipped(x):
+    tiny = _TinyAttention(5, 4, DIM, 13)
+    model = {"blocks": [tiny], "w": jnp.arange(3.0)}
+    s = np.asarray(_module_s(tiny, x))
+    tau = _tau_between(s)
+    clipped = qk_clip(model, jnp.asarray(s), tau)
+    assert isinstance(clipped["blocks"][0], _TinyAttention)
+    np.testing.assert_allclose(_module_s(clipped["blocks"][0], x), np.minimum(s, tau), rtol=RTOL)
+    assert np.array_equal(clipped["w"], model["w"])
+    under = s <= tau
+    assert np.array_equal(clipped["blocks"][0].wq[under], tiny.wq[under])
+
+
+# --------------------------------------------------------------------------
+# jit, and bad inputs
+# --------------------------------------------------------------------------
+
+
+def test_qk_clip_under_jit_with_traced_tau(mla, x):
+    s = _module_s(mla, x)
+    tau_value = _tau_between(np.asarray(s))
+    jitted = eqx.filter_jit(lambda m, s, tau: qk_clip(m, s, tau))
+    out = jitted(mla, s, jnp.float32(tau_value))  # tau is an array: traced
+    eager = qk_clip(mla, s, tau_value)
+    for path, v in _paths(eager).items():
+        np.testing.assert_allclose(_paths(out)[path], v, rtol=1e-6)
+    np.testing.assert_allclose(_module_s(out, x), np.minimum(np.asarray(s), tau_value), rtol=RTOL)
+    # a second tau reuses the compiled function and clips harder
+    out2 = jitted(mla, s, jnp.float32(tau_value / 2))
+    np.testing.assert_allclose(
+        _module_s(out2, x), np.minimum(np.asarray(s), tau_value / 2), rtol=RTOL
+    )
+
+
+def test_bad_inputs_raise(mla, mla_transformer):
+    s = jnp.ones((4,))
+    for tau in (0.0, -1.0, float("nan"), jnp.asarray(0.0), jnp.asarray(-1.0)):
+        with pytest.raises(ValueError, match="tau"):
+            qk_clip(mla, s, tau)
+    with pytest.raises(ValueError, match="heads"):
+        qk_clip(mla, jnp.ones((3,)), 1.0)
+    with pytest.raises(ValueError, match="heads"):
+        qk_clip(mla_transformer, jnp.ones((3, 5)), 1.0)
+    # S without the layer axis for scanned layers: once silently scaled the wrong
+    # rows (v rows of wkv_b, q_R by sqrt(gamma)); S with the wrong layer count
+    with pytest.raises(ValueError, match="layer"):
+        qk_clip(mla_transformer, jnp.full((4,), 400.0), 1.0)
+    with pytest.raises(ValueError, match="layer"):
+        qk_clip(mla_transformer, jnp.full((2, 4), 400.0), 1.0)
+    with pytest.raises(ValueError, match="layer"):
+        qk_clip(mla, jnp.full((3, 4), 400.0), 1.0)
+    with pytest.raises(ValueError, match="arrays"):
+        qk_clip(mla, [s, s], 1.0)
+    with pytest.raises(ValueError, match="arrays"):
+        qk_clip({"a": mla, "b": mla}, [s], 1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        qk_clip(mla, s, 1.0, alpha=1.5)
+    user_model = _UserModel(attn={}, extra=[], head=jnp.ones((2, 2)))
+    for no_attention in (user_model, eqx.nn.Identity(), {"w": jnp.ones(3)}, []):
+        with pytest.raises(ValueError, match="no AbstractQKClippable"):
+            qk_clip(no_attention, s, 1.0)

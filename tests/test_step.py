@@ -1,0 +1,293 @@
+"""The train step (`qkclip_eqx.make_train_step`): loss and grads, optimizer update,
+then QK-Clip, in one jit (Kimi K2 report, Algorithm 1).
+
+The step is checked against the same computation done by hand outside it: S
+from this step's forward (before the update), the optimizer update, then
+``qk_clip`` of the UPDATED weights with that S; the optimizer state untouched
+by the clip.
+"""
+
+import inspect
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optax
+import pytest
+
+from qkclip_eqx import (
+    MLAConfig,
+    Transformer,
+    TransformerConfig,
+    make_train_step,
+    muonclip,
+    next_token_loss,
+    qk_clip,
+)
+
+VOCAB = 32
+LR = 0.05
+
+
+def _init(make, seed: int):
+    """``make(key)``'s structure filled from NumPy with the library's init
+    distribution (no per-shape random-kernel compiles)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        name = jtu.keystr(path)
+        if "norm" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        scale = 1.0 if name.endswith(".embed") else 1.0 / math.sqrt(leaf.shape[-1])
+        return jnp.asarray(rng.standard_normal(leaf.shape) * scale, leaf.dtype)
+
+    return jtu.tree_map_with_path(fill, eqx.filter_eval_shape(make, jax.random.key(0)))
+
+
+def _copy(tree):
+    """Fresh buffers: the step donates the model and optimizer state."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, tree)
+
+
+def _assert_trees_bit_equal(a, b, what: str):
+    la, ta = jtu.tree_flatten_with_path(eqx.filter(a, eqx.is_array))
+    lb, tb = jtu.tree_flatten_with_path(eqx.filter(b, eqx.is_array))
+    assert ta == tb, what
+    for (path, x), (_, y) in zip(la, lb, strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), f"{what}: {jtu.keystr(path)} differs"
+
+
+def _n_differing_leaves(a, b) -> int:
+    la = jax.tree.leaves(eqx.filter(a, eqx.is_array))
+    lb = jax.tree.leaves(eqx.filter(b, eqx.is_array))
+    return sum(not np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
+
+
+_forward = eqx.filter_jit(next_token_loss)
+
+
+@pytest.fixture(scope="module")
+def model():
+    att = MLAConfig(dim=16, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                    v_head_dim=4, q_lora_rank=8)
+    cfg = TransformerConfig(vocab_size=VOCAB, n_layers=2, mlp_hidden=32, attention=att)
+    return _init(lambda k: Transformer(cfg, key=k), 0)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (4, 9)), jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def optimizer():
+    return muonclip(LR, weight_decay=0.1)
+
+
+@pytest.fixture(scope="module")
+def opt_state(optimizer, model):
+    return optimizer.init(eqx.filter(model, eqx.is_array))
+
+
+@pytest.fixture(scope="module")
+def before(model, tokens):
+    """Loss and S of the model BEFORE the step, from a plain forward pass."""
+    loss, s = _forward(model, tokens)
+    return float(loss), np.asarray(s)
+
+
+@pytest.fixture(scope="module")
+def tau(before):
+    s = np.sort(before[1].ravel())
+    return float((s[len(s) // 2 - 1] + s[len(s) // 2]) / 2)  # median: splits the heads
+
+
+@pytest.fixture(scope="module")
+def by_hand(optimizer, model, opt_state, tokens):
+    """The step's arithmetic written out: grads, optimizer update, no clip."""
+
+    @eqx.filter_jit
+    def update(model, state, tokens):
+        params, static = eqx.partition(model, eqx.is_array)
+
+        def loss_fn(p):
+            return next_token_loss(eqx.combine(p, static), tokens)
+
+        (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, state = optimizer.update(grads, state, params)
+        return (eqx.combine(optax.apply_updates(params, updates), static), state,
+                loss, s, optax.global_norm(grads))
+
+    return update(model, opt_state, tokens)
+
+
+def _run(mode, optimizer, model, opt_state, tokens, tau, **kw):
+    step = make_train_step(optimizer, mode=mode, tau=tau, **kw)
+    m, st = _copy(model), _copy(opt_state)
+    new_model, new_state, metrics = step(m, st, tokens)
+    # the inputs were donated; the tokens were not
+    assert all(x.is_deleted() for x in jax.tree.leaves(eqx.filter(m, eqx.is_array)))
+    assert not tokens.is_deleted()
+    return new_model, new_state, jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def clip_run(optimizer, model, opt_state, tokens, tau):
+    return _run("clip", optimizer, model, opt_state, tokens, tau)
+
+
+@pytest.fixture(scope="module")
+def monitor_run(optimizer, model, opt_state, tokens, tau):
+    return _run("monitor", optimizer, model, opt_state, tokens, tau)
+
+
+# --------------------------------------------------------------------------
+# clip mode
+# --------------------------------------------------------------------------
+
+
+def test_clip_metrics_are_this_steps_forward(clip_run, before, by_hand, tau):
+    _, _, metrics = clip_run
+    loss, s = before
+    assert metrics["max_logits"].shape == (2, 4)
+    np.testing.assert_allclose(metrics["max_logits"], s, rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    assert float(metrics["max_logit"]) == float(np.max(metrics["max_logits"]))
+    n_over = int(np.sum(s > tau))
+    assert 0 < n_over < s.size
+    assert int(metrics["heads_over_tau"]) == n_over
+    assert int(metrics["heads_clipped"]) == n_over
+    assert int(metrics["n_nonfinite"]) == 0
+    np.testing.assert_allclose(metrics["grad_norm"], by_hand[4], rtol=1e-6)
+
+
+def test_clip_model_is_qk_clip_of_the_manual_update(clip_run, by_hand, tau):
+    new_model, new_state, metrics = clip_run
+    updated, state, _, s_hand, _ = by_hand
+    np.testing.assert_array_equal(metrics["max_logits"], s_hand)
+    expected = qk_clip(updated, jnp.asarray(metrics["max_logits"]), tau)
+    _assert_trees_bit_equal(new_model, expected, "clipped model")
+    # the clip really changed something (q/k weights), nothing else
+    assert _n_differing_leaves(new_model, updated) == 2  # wq and wkv_b
+    # the optimizer state is the plain update's: the clip does not touch it
+    _assert_trees_bit_equal(new_state, state, "optimizer state")
+
+
+# --------------------------------------------------------------------------
+# monitor and off modes
+# --------------------------------------------------------------------------
+
+
+def test_monitor_reports_but_does_not_clip(monitor_run, by_hand, before, tau):
+    new_model, new_state, metrics = monitor_run
+    updated, state, *_ = by_hand
+    _assert_trees_bit_equal(new_model, updated, "monitor-mode model")
+    _assert_trees_bit_equal(new_state, state, "monitor-mode optimizer state")
+    s = before[1]
+    np.testing.assert_allclose(metrics["max_logits"], s, rtol=1e-6)
+    assert int(metrics["heads_over_tau"]) == int(np.sum(s > tau)) > 0
+    assert int(metrics["heads_clipped"]) == 0
+    assert int(metrics["n_nonfinite"]) == 0
+
+
+def test_off_mode_has_no_max_logits(optimizer, model, opt_state, tokens, tau, by_hand):
+    new_model, new_state, metrics = _run("off", optimizer, model, opt_state, tokens, tau)
+    assert set(metrics) == {"loss", "grad_norm"}
+    updated, state, loss, *_ = by_hand
+    _assert_trees_bit_equal(new_model, updated, "off-mode model")
+    _assert_trees_bit_equal(new_state, state, "off-mode optimizer state")
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# gradient accumulation
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def accum_step():
+    # the optimizer does not matter here: SGD keeps the compile small
+    return make_train_step(optax.sgd(LR), mode="monitor", tau=1.0, accum_steps=2)
+
+
+@pytest.mark.parametrize("second", ["repeated_token", "periodic"])
+def test_accumulation_maxes_s_and_means_loss(accum_step, model, second):
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, VOCAB, (2, 9))
+    if second == "repeated_token":
+        b = np.full((2, 9), 7)  # one token repeated: a very different, small S
+    else:
+        b = np.tile(rng.integers(0, VOCAB, (1, 3)), (2, 3))
+    a, b = jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32)
+    loss_a, s_a = map(np.asarray, _forward(model, a))
+    loss_b, s_b = map(np.asarray, _forward(model, b))
+    assert not np.allclose(s_a, s_b, rtol=1e-2)
+    if second == "periodic":  # each micro-batch wins somewhere: the max is elementwise
+        assert np.any(s_a > s_b) and np.any(s_b > s_a)
+
+    params = eqx.filter(model, eqx.is_array)
+    _, _, metrics = accum_step(_copy(model), optax.sgd(LR).init(params), jnp.concatenate([a, b]))
+    s = np.asarray(metrics["max_logits"])
+    np.testing.assert_allclose(s, np.maximum(s_a, s_b), rtol=1e-6)
+    # regression: the public defect summed micro-batch S; that is a different answer
+    assert not np.allclose(s, s_a + s_b, rtol=1e-3)
+    np.testing.assert_allclose(metrics["loss"], (loss_a + loss_b) / 2, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# non-finite S from a custom loss_fn
+# --------------------------------------------------------------------------
+
+
+def _loss_with_bad_heads(model, tokens):
+    loss, s = next_token_loss(model, tokens)
+    return loss, s.at[0, 1].set(jnp.nan).at[1, 2].set(jnp.inf)
+
+
+def test_nonfinite_s_counted_and_never_clipped(optimizer, model, opt_state, tokens, by_hand):
+    tau = 1e-3  # every finite head is over tau
+    new_model, _, metrics = _run(
+        "clip", optimizer, model, opt_state, tokens, tau, loss_fn=_loss_with_bad_heads
+    )
+    assert int(metrics["n_nonfinite"]) == 2
+    assert int(metrics["heads_over_tau"]) == int(metrics["heads_clipped"]) == 8 - 2
+    assert np.isnan(metrics["max_logits"][0, 1]) and np.isinf(metrics["max_logits"][1, 2])
+    leaves = jax.tree.leaves(eqx.filter(new_model, eqx.is_array))
+    assert all(np.all(np.isfinite(x)) for x in leaves)
+    # the unclipped update is the same as the default loss's (S has no gradient)
+    updated = by_hand[0]
+    new_attn, upd_attn = new_model.blocks.attn, updated.blocks.attn
+    for layer, head in [(0, 1), (1, 2)]:
+        assert np.array_equal(new_attn.wq[layer, head], upd_attn.wq[layer, head])
+        assert np.array_equal(new_attn.wkv_b[layer, head], upd_attn.wkv_b[layer, head])
+    for layer, head in [(0, 0), (1, 3)]:
+        assert not np.array_equal(new_attn.wq[layer, head], upd_attn.wq[layer, head])
+
+
+# --------------------------------------------------------------------------
+# bad inputs: ValueError before anything is traced or compiled
+# --------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_before_compiling(optimizer):
+    # under the test suite's runtime type checks the Literal annotation rejects a
+    # bad mode first (a TypeError); the function's own check is a ValueError
+    with pytest.raises((ValueError, TypeError), match="mode|clipped"):
+        make_train_step(optimizer, mode="clipped")
+    with pytest.raises(ValueError, match="mode"):
+        inspect.unwrap(make_train_step)(optimizer, mode="clipped")
+    for tau in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="tau"):
+            make_train_step(optimizer, tau=tau)
+    for accum in (0, -2):
+        with pytest.raises(ValueError, match="accum_steps"):
+            make_train_step(optimizer, accum_steps=accum)
+    step = make_train_step(optimizer, accum_steps=3)
+    # the model and state are placeholders: the check must come before any tracing
+    with pytest.raises(ValueError, match="divisible"):
+        step(object(), object(), jnp.zeros((4, 9), jnp.int32))
