@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from jaxtyping import Array, Float
 
+from builders import init_from_numpy as _init
 from qkclip_eqx import (
     AbstractQKClippable,
     GQAConfig,
@@ -37,24 +38,6 @@ DIM = 16
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-
-def _init(make, seed: int):
-    """``make(key)``'s structure, filled from NumPy: N(0, 1/fan_in) matrices, N(0, 1)
-    embedding, unit norm gains (the library's own init distribution). Building
-    through eval_shape avoids compiling a random-number kernel per weight shape."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        if not isinstance(leaf, jax.ShapeDtypeStruct):
-            return leaf
-        name = jtu.keystr(path)
-        if "norm" in name:
-            return jnp.ones(leaf.shape, leaf.dtype)
-        scale = 1.0 if name.endswith(".embed") else 1.0 / math.sqrt(leaf.shape[-1])
-        return jnp.asarray(rng.standard_normal(leaf.shape) * scale, leaf.dtype)
-
-    return jtu.tree_map_with_path(fill, eqx.filter_eval_shape(make, jax.random.key(0)))
 
 
 def _mla_config(q_lora: int | None, n_heads: int = 4) -> MLAConfig:

@@ -4,7 +4,6 @@ does not depend on depth."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import equinox as eqx
 import jax

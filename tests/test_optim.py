@@ -19,6 +19,7 @@ import optax
 import pytest
 from optax.contrib import MuonDimensionNumbers
 
+from builders import init_from_numpy as _init
 from qkclip_eqx import (
     ADAMW,
     GQAConfig,
@@ -33,23 +34,6 @@ from qkclip_eqx import (
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 LR = 1e-2
-
-
-def _init(make, seed: int):
-    """``make(key)``'s structure filled from NumPy with the library's init
-    distribution (no per-shape random-kernel compiles)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        if not isinstance(leaf, jax.ShapeDtypeStruct):
-            return leaf
-        name = jtu.keystr(path)
-        if "norm" in name:
-            return jnp.ones(leaf.shape, leaf.dtype)
-        scale = 1.0 if name.endswith(".embed") else 1.0 / math.sqrt(leaf.shape[-1])
-        return jnp.asarray(rng.standard_normal(leaf.shape) * scale, leaf.dtype)
-
-    return jtu.tree_map_with_path(fill, eqx.filter_eval_shape(make, jax.random.key(0)))
 
 
 def _random_like(tree, seed: int):

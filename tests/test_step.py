@@ -8,7 +8,6 @@ by the clip.
 """
 
 import inspect
-import math
 
 import equinox as eqx
 import jax
@@ -18,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from builders import init_from_numpy as _init
 from qkclip_eqx import (
     MLAConfig,
     Transformer,
@@ -30,23 +30,6 @@ from qkclip_eqx import (
 
 VOCAB = 32
 LR = 0.05
-
-
-def _init(make, seed: int):
-    """``make(key)``'s structure filled from NumPy with the library's init
-    distribution (no per-shape random-kernel compiles)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        if not isinstance(leaf, jax.ShapeDtypeStruct):
-            return leaf
-        name = jtu.keystr(path)
-        if "norm" in name:
-            return jnp.ones(leaf.shape, leaf.dtype)
-        scale = 1.0 if name.endswith(".embed") else 1.0 / math.sqrt(leaf.shape[-1])
-        return jnp.asarray(rng.standard_normal(leaf.shape) * scale, leaf.dtype)
-
-    return jtu.tree_map_with_path(fill, eqx.filter_eval_shape(make, jax.random.key(0)))
 
 
 def _copy(tree):
@@ -121,7 +104,7 @@ def by_hand(optimizer, model, opt_state, tokens):
         (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, state = optimizer.update(grads, state, params)
         return (eqx.combine(optax.apply_updates(params, updates), static), state,
-                loss, s, optax.global_norm(grads))
+                loss, s, optax.tree.norm(grads))
 
     return update(model, opt_state, tokens)
 
