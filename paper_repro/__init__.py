@@ -1,0 +1,1 @@
+"""Small-scale reproductions of published results, built on qkclip_eqx."""
