@@ -148,3 +148,14 @@ def test_run_on_a_mesh_matches_one_device(tmp_path, data, straight):
 def test_bad_mesh_string_names_the_field(tmp_path):
     with pytest.raises(ValueError, match="RunConfig.mesh"):
         _cfg(tmp_path, mesh="data=two")
+
+
+def test_adamw_can_clip_and_muon_cannot(tmp_path, data):
+    with pytest.raises(ValueError, match="muonclip"):
+        preset("tiny", optimizer="muon", mode="clip")
+    assert preset("tiny", optimizer="adamw").mode == "monitor"
+    cfg = preset("tiny", optimizer="adamw", mode="clip", tau=3.0, steps=2, out=str(tmp_path))
+    train(cfg, progress=False, data=data)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["heads_clipped"] > 0
+    assert max(max(row) for row in records[1]["max_logits"]) < records[0]["max_logit"]

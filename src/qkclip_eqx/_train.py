@@ -38,8 +38,9 @@ Optimizer = Literal["muonclip", "muon", "adamw"]
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a training run needs. ``optimizer="muonclip"`` is Muon with
-    QK-Clip (``mode`` clip); ``"muon"`` and ``"adamw"`` never clip (``mode`` is
-    then ``monitor`` or ``off``)."""
+    QK-Clip (``mode`` clip by default); ``"muon"`` is Muon that never clips
+    (``monitor`` or ``off``); ``"adamw"`` monitors by default and clips with
+    ``mode="clip"`` (QK-Clip does not depend on the optimizer)."""
 
     # model
     attention: Literal["mla", "gqa"] = "mla"
@@ -67,6 +68,7 @@ class RunConfig:
     schedule: Literal["wsd", "cosine", "constant"] = "wsd"
     warmup_steps: int = 50
     decay_fraction: float = 0.2
+    final_lr_fraction: float = 0.0  # the lr the schedule ends at, as a fraction of lr
     steps: int = 600
     batch_size: int = 16
     seq_len: int = 128
@@ -92,6 +94,8 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{name} must be > 0, got {getattr(self, name)}")
         if not self.tau > 0:
             raise ValueError(f"RunConfig.tau must be > 0, got {self.tau}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError(f"RunConfig.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
         if not self.lr > 0:
             raise ValueError(f"RunConfig.lr must be > 0, got {self.lr}")
         if self.optimizer not in ("muonclip", "muon", "adamw"):
@@ -100,8 +104,8 @@ class RunConfig:
             object.__setattr__(self, "mode", "clip" if self.optimizer == "muonclip" else "monitor")
         if self.mode not in ("clip", "monitor", "off"):
             raise ValueError(f"RunConfig.mode must be clip, monitor or off, got {self.mode!r}")
-        if self.optimizer != "muonclip" and self.mode == "clip":
-            raise ValueError(f"RunConfig.mode='clip' needs optimizer='muonclip', got {self.optimizer!r}")
+        if self.optimizer == "muon" and self.mode == "clip":
+            raise ValueError("RunConfig.mode='clip' with optimizer='muon': that is optimizer='muonclip'")
         if self.batch_size % self.accum_steps:
             raise ValueError(
                 f"RunConfig.batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}"
@@ -170,9 +174,10 @@ def preset(name: str, **overrides: Any) -> RunConfig:
 def schedule(cfg: RunConfig) -> optax.Schedule:
     if cfg.schedule == "wsd":
         return wsd(cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-                   decay_fraction=cfg.decay_fraction)
+                   decay_fraction=cfg.decay_fraction, final_fraction=cfg.final_lr_fraction)
     if cfg.schedule == "cosine":
-        return warmup_cosine(cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+        return warmup_cosine(cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                             final_fraction=cfg.final_lr_fraction)
     return optax.constant_schedule(cfg.lr)
 
 
