@@ -100,11 +100,14 @@ def check_mesh(mesh: Mesh, model: Transformer, batch_size: int, seq_len: int) ->
         raise ValueError(f"sequence length {seq_len} is not divisible by the mesh's seq axis ({sizes['seq']})")
 
 
+def _shardings(specs: PyTree, mesh: Mesh) -> PyTree:
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
 def shard(tree: PyTree, specs: PyTree, mesh: Mesh) -> PyTree:
     """``device_put`` every array leaf with its spec (non-arrays pass through)."""
     arrays, static = eqx.partition(tree, eqx.is_array)
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-    return eqx.combine(jax.device_put(arrays, shardings), static)
+    return eqx.combine(jax.device_put(arrays, _shardings(specs, mesh)), static)
 
 
 def shard_batch(tokens: np.ndarray, mesh: Mesh) -> Int[Array, "batch seq_plus_one"]:
@@ -152,3 +155,16 @@ def shard_train_state(
     """Place a model and its optimizer state on ``mesh`` by :func:`param_specs`."""
     specs = param_specs(model)
     return shard(model, specs, mesh), shard(opt_state, state_specs(optimizer, opt_state, specs), mesh)
+
+
+def constrain_train_state(
+    model: Transformer, opt_state: PyTree, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> tuple[Transformer, PyTree]:
+    """Inside jit: ``with_sharding_constraint`` of model and state to their specs."""
+    params, static = eqx.partition(model, eqx.is_array)
+    specs = param_specs(model)
+    params = jax.lax.with_sharding_constraint(params, _shardings(specs, mesh))
+    opt_state = jax.lax.with_sharding_constraint(
+        opt_state, _shardings(state_specs(optimizer, opt_state, specs), mesh)
+    )
+    return eqx.combine(params, static), opt_state

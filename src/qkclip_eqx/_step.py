@@ -14,11 +14,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._clip import clip_factors, qk_clip
-from ._parallel import check_mesh, param_specs, sharded_next_token_loss, state_specs
+from ._parallel import check_mesh, constrain_train_state, sharded_next_token_loss
 
 Mode = Literal["clip", "monitor", "off"]
 LossFn = Callable[[PyTree, Int[Array, "batch seq_plus_one"]], tuple[Float[Array, ""], PyTree]]
@@ -111,17 +111,10 @@ def make_train_step(
             return sharded_next_token_loss(params, static, tokens, mesh)
 
     def keep_sharding(model, opt_state):
-        """Pin the updated state to the input layout, so no step recompiles."""
+        """Pin the updated state to its specs, so that no later step recompiles."""
         if mesh is None:
             return model, opt_state
-        params, static = eqx.partition(model, eqx.is_array)
-        specs = param_specs(model)
-        constrain = lambda tree, sp: jax.lax.with_sharding_constraint(  # noqa: E731
-            tree, jax.tree.map(lambda s: NamedSharding(mesh, s), sp, is_leaf=lambda x: isinstance(x, P))
-        )
-        params = constrain(params, specs)
-        opt_state = constrain(opt_state, state_specs(optimizer, opt_state, specs))
-        return eqx.combine(params, static), opt_state
+        return constrain_train_state(model, opt_state, optimizer, mesh)
 
     @eqx.filter_jit(donate="all-except-first")
     def step(tokens, model, opt_state):
