@@ -235,16 +235,18 @@ def _host_metrics(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_eval_loss = eqx.filter_jit(next_token_loss)  # one compile for every evaluation
+
+
 def evaluate(
     model: Transformer, data: TokenData, cfg: RunConfig, mesh: Mesh | None = None
 ) -> tuple[float, np.ndarray]:
     """Mean validation loss and S (max over the validation batches) per layer and head."""
     batches = eval_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                            max_batches=cfg.eval_batches)
-    fn = eqx.filter_jit(next_token_loss)
     losses, s = [], None
     for b in batches:
-        loss, s_b = _to_host(fn(model, _place_batch(b, mesh)))
+        loss, s_b = _to_host(_eval_loss(model, _place_batch(b, mesh)))
         losses.append(float(loss))
         s = s_b if s is None else np.maximum(s, s_b)
     return float(np.mean(losses)), np.asarray(s)
