@@ -113,6 +113,26 @@ def test_results_md_holds_the_numbers(quick):
     json.loads((out / "summary.json").read_text())
 
 
+def test_app_e_has_adamw_with_qk_clip(quick):
+    """App. E's AdamW + QK-Clip column: one run per swept lr, AdamW with mode clip
+    at the sweep's tau, and its logged clip count is the count of heads with S > tau."""
+    out, summ = quick
+    sw = summ["sweep"]
+    md = (out / "results.md").read_text()
+    assert "| AdamW+clip S |" in md and "not run" not in md
+    assert set(sw["runs"]["adamw_clip"]) == {f"{lr:g}" for lr in sw["lrs"]}
+    for lr in sw["lrs"]:
+        row = sw["runs"]["adamw_clip"][f"{lr:g}"]
+        cfg, steps, s, clipped = _records(out / "runs" / row["run"])
+        assert (cfg["optimizer"], cfg["mode"], cfg["tau"]) == ("adamw", "clip", sw["tau"])
+        np.testing.assert_array_equal((np.nan_to_num(s, nan=-np.inf) > cfg["tau"]).sum(axis=(1, 2)), clipped)
+        v = row["s_fixed"]
+        line = [x for x in md.splitlines() if x.startswith(f"| {lr:g} | ") and x.count("|") == 11]
+        assert len(line) == 1  # the App. E table's row for this lr
+        assert line[0].split(" | ")[5].startswith(f"{v:.1f}" if np.isfinite(v) else "n/a")
+    assert any(r["clip"]["first_clip_step"] >= 0 for r in sw["runs"]["adamw_clip"].values())
+
+
 def _leaves(model):
     return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))]
 

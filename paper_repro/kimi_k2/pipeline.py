@@ -8,8 +8,9 @@
 4. App. D: heads that ever clipped, by layer, from step 3's runs.
 5. Fig. 12: Muon vs MuonClip (tau_low, i.e. 30 when S allows), every seed, at
    every stable swept lr where Muon's S exceeded tau.
-6. App. E: MuonClip added to the sweep (tau_low).
-7. Overshoot: the largest S / tau after the first clip, over every clip run.
+6. App. E: MuonClip and AdamW + QK-Clip (both tau_low) added to the sweep.
+7. Overshoot: the largest S / tau after the first clip, over every MuonClip run
+   (the AdamW + QK-Clip sweep runs report theirs in App. E).
 
 A run whose directory is complete is skipped, a partial one resumed; so the
 pipeline can be stopped and restarted at any point.
@@ -39,8 +40,14 @@ from .settings import MODES, QUICK, Settings, choose_tau_low
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _arm(optimizer: str, tau: float | None) -> str:
-    return f"muonclip_tau{tau:g}" if optimizer == "muonclip" else optimizer
+def _arm(optimizer: str, tau: float, mode: str | None = None) -> str:
+    """The run-name prefix: ``muon``, ``adamw`` (monitor), ``muonclip_tau30``,
+    ``adamwclip_tau30`` (AdamW with QK-Clip)."""
+    if optimizer == "muonclip":
+        return f"muonclip_tau{tau:g}"
+    if optimizer == "adamw" and mode == "clip":
+        return f"adamwclip_tau{tau:g}"
+    return optimizer
 
 
 class Experiment:
@@ -50,21 +57,24 @@ class Experiment:
         self.metrics: dict[str, Any] = {}   # run name -> RunMetrics
         self.status: dict[str, Any] = {}    # run name -> status.json
         self.configs: dict[str, Any] = {}
+        self.trained: list[str] = []        # runs trained (or continued) by this invocation
 
-    def config(self, optimizer: str, lr: float, seed: int = 0, tau: float = 100.0) -> tuple[str, RunConfig]:
-        """Every run has the main schedule; the sweep is the first sweep_steps of it."""
+    def config(self, optimizer: str, lr: float, seed: int = 0, tau: float = 100.0,
+               mode: str | None = None) -> tuple[str, RunConfig]:
+        """Every run has the main schedule; the sweep is the first sweep_steps of it.
+        ``mode`` None is RunConfig's default (clip for muonclip, else monitor)."""
         s = self.s
-        name = f"{_arm(optimizer, tau)}_lr{lr:g}_seed{seed}"
-        cfg = RunConfig(**s.run_fields(), optimizer=optimizer, lr=lr, seed=seed, tau=tau,
+        name = f"{_arm(optimizer, tau, mode)}_lr{lr:g}_seed{seed}"
+        cfg = RunConfig(**s.run_fields(), optimizer=optimizer, mode=mode, lr=lr, seed=seed, tau=tau,
                         schedule="wsd", warmup_steps=s.warmup_steps, decay_fraction=s.decay_fraction,
                         steps=s.steps, eval_every=s.eval_every, ckpt_every=s.ckpt_every,
                         out=str(self.runs_dir / name), label=name)
         return name, cfg
 
     def get(self, optimizer: str, lr: float, seed: int = 0, tau: float = 100.0,
-            until: int | None = None) -> str:
+            until: int | None = None, mode: str | None = None) -> str:
         """Run (or skip, or continue) one run to ``until`` (default: the end); load its metrics."""
-        name, cfg = self.config(optimizer, lr, seed, tau)
+        name, cfg = self.config(optimizer, lr, seed, tau, mode)
         target = cfg.steps if until is None else until
         status = runner.read_status(cfg.out)
         if not runner.finished(status, target):
@@ -73,6 +83,7 @@ class Experiment:
             if self.data is None:
                 self.data = load_data(None, max_bytes=self.s.max_bytes)
             status = runner.run(cfg, self.data, until=until, log=self.log)
+            self.trained.append(name)
         self.status[name] = status
         self.metrics[name] = read_metrics(cfg.out)
         self.configs[name] = status["config"]
@@ -109,14 +120,15 @@ class Experiment:
         tau_low = choose_tau_low(peak, s.tau_ablation) if math.isfinite(peak) else s.tau_ablation
         summ["tau_low"] = tau_low
 
-        # 3. App. E: MuonClip in the sweep -----------------------------------
-        log(f"[3] App. E: MuonClip (tau = {tau_low:g}) in the lr sweep")
-        sweep["muonclip"] = {}
+        # 3. App. E: MuonClip and AdamW + QK-Clip in the sweep ----------------
+        log(f"[3] App. E: MuonClip and AdamW + QK-Clip (tau = {tau_low:g}) in the lr sweep")
+        sweep["muonclip"], sweep["adamw_clip"] = {}, {}
         for lr in s.sweep_lrs:
-            n = self.get("muonclip", lr, tau=tau_low, until=s.sweep_steps)
-            row = self._sweep_row(n)
-            row["clip"] = A.clip_summary(A.prefix(self.metrics[n], s.sweep_steps), tau_low, s.sweep_steps)
-            sweep["muonclip"][f"{lr:g}"] = row
+            for arm, opt, mode in (("muonclip", "muonclip", None), ("adamw_clip", "adamw", "clip")):
+                n = self.get(opt, lr, tau=tau_low, until=s.sweep_steps, mode=mode)
+                row = self._sweep_row(n)
+                row["clip"] = A.clip_summary(A.prefix(self.metrics[n], s.sweep_steps), tau_low, s.sweep_steps)
+                sweep[arm][f"{lr:g}"] = row
         both = [lr for lr in s.sweep_lrs
                 if not sweep["muon"][f"{lr:g}"]["diverged"] and not sweep["adamw"][f"{lr:g}"]["diverged"]]
         faster = [lr for lr in both
@@ -176,6 +188,7 @@ class Experiment:
         summ["wall_s_this_invocation"] = round(time.perf_counter() - t_start, 1)
         summ["train_wall_s_total"] = round(sum(st.get("wall_s", 0.0) for st in self.status.values()), 1)
         summ["n_runs"] = len(self.metrics)
+        summ["runs_trained_this_invocation"] = list(self.trained)
         summ["n_steps_total"] = int(sum(len(m.steps) for m in self.metrics.values()))
         return summ
 
@@ -328,7 +341,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the same pipeline at test size (~1-2 min)")
     p.add_argument("--preset", choices=sorted(MODES), default="full",
-                   help="full (default, ~42 min on 2 CPU cores), quick, or gpu (for an accelerator)")
+                   help="full (default, ~43 min on 2 CPU cores), quick, or gpu (for an accelerator)")
     p.add_argument("--out", default=None,
                    help="results folder (results.md, PNGs, summary.json); runs go to OUT/runs. "
                         "Default: paper_repro/kimi_k2/results for full, paper_repro/kimi_k2/runs/<mode>/results otherwise")
@@ -354,13 +367,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(msg, flush=True)
 
     t0 = time.perf_counter()
+    # Before any training: the qkclip_eqx revision that this process imported
+    # (the working tree can move on while the runs train).
+    vers = versions()
     restore = _use_compile_cache(runs_dir / ".jax_cache")
     try:
         exp = Experiment(s, runs_dir, train=not args.no_train, log=log)
         summ = exp.run_all()
     finally:
         restore()
-    summ["versions"] = versions()
+    summ["versions"] = vers
     summ["settings"] = {k: v for k, v in vars(s).items()}
     summ["run_configs"] = exp.configs
     summ["run_status"] = {n: {k: v for k, v in st.items() if k != "config"} for n, st in exp.status.items()}

@@ -169,8 +169,11 @@ def appe(summ, metrics, out) -> str:
     lrs = sw["lrs"]
     fig, ax = _fig(8, 3.2, ncols=2)
     arms = (("muon", "C0", "o", "Muon", "-"), ("adamw", "C2", "^", "AdamW", "-"),
-            ("muonclip", "C3", "s", f"MuonClip tau={sw['tau']:g}", "--"))
+            ("muonclip", "C3", "s", f"MuonClip tau={sw['tau']:g}", "--"),
+            ("adamw_clip", "C1", "v", f"AdamW + QK-Clip tau={sw['tau']:g}", "--"))
     for arm, col, mk, lab, ls in arms:
+        if arm not in sw["runs"]:
+            continue
         rows = [sw["runs"][arm][f"{lr:g}"] for lr in lrs]
         y = [r["s_fixed"] for r in rows]
         kw = dict(color=col, label=lab, ls=ls, marker=mk, mfc="none" if ls == "--" else col)
@@ -233,8 +236,13 @@ def results_md(summ, figs) -> str:
     w(f"- Software: Python {v['python']}, jax {v['jax']} (jaxlib {v['jaxlib']}), equinox "
       f"{v['equinox']}, optax {v['optax']}, numpy {v['numpy']}, matplotlib {v['matplotlib']}; "
       f"backend {v['backend']} ({v['device']}), {v['platform']}; qkclip_eqx {v['qkclip_eqx']}.")
+    trained = summ.get("runs_trained_this_invocation", [])
+    reused = summ["n_runs"] - len(trained)
     w(f"- Runs: {summ['n_runs']}, {summ['n_steps_total']:,} training steps, "
-      f"{summ['train_wall_s_total'] / 60:.1f} min of training (sum of the runs' wall times).\n")
+      f"{summ['train_wall_s_total'] / 60:.1f} min of training (sum of the runs' wall times). "
+      f"This invocation trained {len(trained)} of them"
+      + (f"; the other {reused} were complete and reused as they were (trained by earlier "
+         "invocations, possibly with an earlier qkclip_eqx)" if reused else "") + ".\n")
 
     # 1 --------------------------------------------------------------------
     sw = summ["sweep"]
@@ -329,35 +337,51 @@ def results_md(summ, figs) -> str:
     w(f"\n![Fig. 12]({figs['fig12']})\n")
 
     # 5 --------------------------------------------------------------------
-    w(f"## 5. App. E: max logit vs lr, Muon vs AdamW ({s['sweep_steps']} steps, S at step "
-      f"{sw['fixed_step']})\n")
-    w("| lr | Muon S | AdamW S | Muon / AdamW | MuonClip S | Muon loss | AdamW loss | MuonClip loss |")
-    w("|---|---|---|---|---|---|---|---|")
+    w(f"## 5. App. E: max logit vs lr, Muon vs AdamW, with and without QK-Clip ({s['sweep_steps']} steps, "
+      f"S at step {sw['fixed_step']})\n")
+    w("| lr | Muon S | AdamW S | Muon / AdamW | MuonClip S | AdamW+clip S | Muon loss | AdamW loss | "
+      "MuonClip loss | AdamW+clip loss |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
     for lr in sw["lrs"]:
-        a, b, c = (sw["runs"][k][f"{lr:g}"] for k in ("muon", "adamw", "muonclip"))
+        a, b, c, d = (sw["runs"][k][f"{lr:g}"] for k in ("muon", "adamw", "muonclip", "adamw_clip"))
 
         def cell(r, key="s_fixed", nd=1):
             return _f(r[key], nd) + (" (diverged)" if r["diverged"] else "")
         ratio = a["s_fixed"] / b["s_fixed"] if b["s_fixed"] and math.isfinite(b["s_fixed"]) else math.nan
-        w(f"| {lr:g} | {cell(a)} | {cell(b)} | {_f(ratio, 2)} | {cell(c)} | "
-          f"{_f(a['final_train_loss'], 3)} | {_f(b['final_train_loss'], 3)} | {_f(c['final_train_loss'], 3)} |")
+        w(f"| {lr:g} | {cell(a)} | {cell(b)} | {_f(ratio, 2)} | {cell(c)} | {cell(d)} | "
+          f"{_f(a['final_train_loss'], 3)} | {_f(b['final_train_loss'], 3)} | {_f(c['final_train_loss'], 3)} | "
+          f"{_f(d['final_train_loss'], 3)} |")
     n_ok, n_fast = len(sw["lrs_both_ok"]), len(sw["lrs_muon_above_adamw"])
     w(f"\nMuon's S above AdamW's at **{n_fast} of {n_ok}** lrs where neither diverged "
-      f"({', '.join(f'{x:g}' for x in sw['lrs_muon_above_adamw']) or 'none'}). MuonClip uses "
-      f"tau = {sw['tau']:g}. (AdamW with QK-Clip is not run: qkclip_eqx's RunConfig allows the clip "
-      "only with Muon.)")
+      f"({', '.join(f'{x:g}' for x in sw['lrs_muon_above_adamw']) or 'none'}). MuonClip is Muon with "
+      f"QK-Clip and AdamW+clip is AdamW with the same QK-Clip (qkclip_eqx `optimizer=\"adamw\", "
+      f"mode=\"clip\"`), both at tau = {sw['tau']:g}, from the same seed and batches as the unclipped runs.\n")
+    w("The clip in the sweep runs (first clip; steps with a head clipped; fraction of heads ever clipped; "
+      "largest S / tau after the first clip):\n")
+    w("| lr | MuonClip | AdamW+clip |")
+    w("|---|---|---|")
+
+    def clip_cell(c):
+        if c["first_clip_step"] < 0:
+            return "never clipped"
+        return (f"step {c['first_clip_step']}; {c['steps_clipping']} steps; {c['ever_clipped']:.0%} of heads; "
+                f"overshoot {_f(c['overshoot'], 3)}")
+    for lr in sw["lrs"]:
+        w(f"| {lr:g} | {clip_cell(sw['runs']['muonclip'][f'{lr:g}']['clip'])} | "
+          f"{clip_cell(sw['runs']['adamw_clip'][f'{lr:g}']['clip'])} |")
     w(f"\n![App. E]({figs['appe']})\n")
 
     # 6 --------------------------------------------------------------------
     o = summ["overshoot"]
-    w("## 6. Overshoot after the first clip\n")
+    w("## 6. Overshoot after the first clip (MuonClip runs)\n")
     w("The clip scales the updated weights by tau / S of this step's forward, so the next step's S can "
       "exceed tau by one update.\n")
     w("| run | tau | first clip | max S / tau after it | at step |")
     w("|---|---|---|---|---|")
     for r in o["runs"]:
         w(f"| {r['run']} | {r['tau']:g} | {r['first_clip_step']} | {_f(r['overshoot'], 3)} | {r['overshoot_step']} |")
-    w(f"\n**Largest S / tau after the first clip, over all clip runs: {_f(o['max'], 3)}**.")
+    w(f"\n**Largest S / tau after the first clip, over all MuonClip runs: {_f(o['max'], 3)}**. "
+      "(The AdamW + QK-Clip sweep runs' overshoot is in section 5.)")
     w(f"\n![Overshoot]({figs['overshoot']})\n")
     return "\n".join(L) + "\n"
 

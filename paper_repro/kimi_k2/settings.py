@@ -8,7 +8,7 @@ Why these numbers (full mode, the one whose results are committed):
   in all, so one head is 6.25% of the heads.
 - Data: the built-in corpus (the Python standard library as bytes, 8 MB train).
 - Batch 8 x 128 tokens (half the preset's 16): 0.15-0.3 s/step on 2 shared CPU
-  cores, which is what lets the full run's 10,400 steps (25 runs) fit in ~42 min.
+  cores, which is what lets the full run's 11,000 steps (29 runs) fit in ~43 min.
 - Schedule in K2's proportions: K2 trains 15.5T tokens, 10T at constant lr
   after a 500-step warmup, then 5.5T decaying (35%). Here: WSD, decay over the
   last 35% (``decay_fraction=0.35``, linear to 0 as qkclip_eqx's ``wsd``
@@ -18,7 +18,8 @@ Why these numbers (full mode, the one whose results are committed):
   and fall during the decay; far too short to say anything about K2's 220k.
 - lr sweep: the first 150 steps of each run (warmup, then constant lr: the
   decay starts at step 325, so the max logit at step 149 measures growth, not
-  decay), lr in {3e-3, 1e-2, 3e-2, 1e-1} for Muon, AdamW and MuonClip. The
+  decay), lr in {3e-3, 1e-2, 3e-2, 1e-1} for Muon, AdamW, MuonClip and AdamW
+  with QK-Clip (``optimizer="adamw", mode="clip"``; both clips at tau_low). The
   runs the later experiments need are continued from there (bit-exact). Muon
   and AdamW get the same lr: Muon's update RMS is matched to AdamW's by the
   0.2 factor, as K2 does. A half-decade grid: four points is what the budget
