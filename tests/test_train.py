@@ -159,3 +159,33 @@ def test_adamw_can_clip_and_muon_cannot(tmp_path, data):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["heads_clipped"] > 0
     assert max(max(row) for row in records[1]["max_logits"]) < records[0]["max_logit"]
+
+
+def test_sigint_writes_a_checkpoint_then_resume_finishes(tmp_path):
+    """A real Ctrl-C (SIGINT) to a running qkclip-train process."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "qkclip_eqx.cli.train", "--preset", "tiny", "--steps", "100000",
+            "--out", str(out), "--no-progress", "--no-plots", "--max-bytes", "200000"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, log
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and "interrupted: checkpoint for step" in log
+    step = int(ckpt.stem.split("_")[1])
+    assert step >= 3
+    # and the run resumes from it
+    rc = train_cli.main(["--preset", "tiny", "--steps", str(step + 2), "--out", str(out),
+                         "--resume", "--no-progress", "--no-plots", "--max-bytes", "200000"])
+    assert rc == 0
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(step + 2))

@@ -8,10 +8,13 @@ resumed run continues bit-exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import pathlib
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -266,6 +269,31 @@ def _trim_metrics(path: pathlib.Path, from_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Ctrl-C sets a flag that the loop reads between steps, so that the
+    checkpoint it then writes never holds a half-done step (an update applied
+    but not counted, or a step not logged). A second Ctrl-C exits at once,
+    without a checkpoint."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.is_set():
+            raise SystemExit(130)
+        flag.set()
+        print("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again: quit now)",
+              flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(
     cfg: RunConfig,
     *,
@@ -321,8 +349,10 @@ def train(
     step = start
     t_last = time.perf_counter()
     try:
-        with metrics_path.open("a") as log:
+        with metrics_path.open("a") as log, _deferred_sigint() as sigint:
             while step < cfg.steps:
+                if sigint.is_set():  # between steps: model, state, step and log agree
+                    raise KeyboardInterrupt
                 batch = _place_batch(get_batch(data.train, batch_size=cfg.batch_size,
                                                seq_len=cfg.seq_len, seed=cfg.seed, step=step), mesh)
                 model, opt_state, metrics = step_fn(model, opt_state, batch)
