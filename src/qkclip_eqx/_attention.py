@@ -60,13 +60,23 @@ def _gather_seq(parallel: ParallelAxes | None, *arrays: Array) -> tuple[Array, .
     return tuple(jax.lax.all_gather(a, parallel.seq, axis=0, tiled=True) for a in arrays)
 
 
-def _project_out(out: Array, wo: Array, parallel: ParallelAxes | None) -> Array:
-    """Output projection; under tensor parallelism each device holds some heads'
-    columns of ``wo`` and the partial sums are added over the model axis."""
+def _attend_and_project(
+    c: MLAConfig | GQAConfig, q, k, v, positions, segment_ids, k_pos, k_seg, qk_head_dim: int,
+    wo: Array, parallel: ParallelAxes | None,
+) -> tuple[Array, Array]:
+    """The kernel, then the output projection. Under tensor parallelism each
+    device holds its heads' columns of ``wo``, and the partial sums are added
+    over the model axis."""
+    out, max_logits = attend(
+        q, k, v,
+        q_pos=positions, k_pos=k_pos, q_seg=segment_ids, k_seg=k_seg,
+        causal=c.causal, scale=softmax_scale(qk_head_dim),
+        kernel=c.kernel, block_size=c.block_size,
+    )
     y = out.reshape(out.shape[0], -1) @ wo.T
     if parallel is not None and parallel.model is not None:
         y = jax.lax.psum(y, parallel.model)
-    return y
+    return y, max_logits
 
 
 def _scale_rows(w: Array, factor: Float[Array, " heads"], rows: slice) -> Array:
@@ -160,13 +170,9 @@ class MLAttention(AbstractQKClippable):
         k_c, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
         q = jnp.concatenate([q_c, q_r], axis=-1)
         k = jnp.concatenate([k_c, jnp.broadcast_to(k_r, (k_r.shape[0], heads, k_r.shape[-1]))], axis=-1)
-        out, max_logits = attend(
-            q, k, v,
-            q_pos=positions, k_pos=k_pos, q_seg=segment_ids, k_seg=k_seg,
-            causal=c.causal, scale=softmax_scale(c.qk_head_dim),
-            kernel=c.kernel, block_size=c.block_size,
+        return _attend_and_project(
+            c, q, k, v, positions, segment_ids, k_pos, k_seg, c.qk_head_dim, self.wo, parallel
         )
-        return _project_out(out, self.wo, parallel), max_logits
 
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "MLAttention":
         """q_C by gamma^alpha, k_C by gamma^(1-alpha), q_R by gamma; k_R untouched
@@ -221,13 +227,9 @@ class GQAttention(AbstractQKClippable):
         k = apply_rope(jnp.einsum("td,hed->the", x, self.wk), positions, **rope)
         v = jnp.einsum("td,hed->the", x, self.wv)
         k, v, k_pos, k_seg = _gather_seq(parallel, k, v, positions, segment_ids)
-        out, max_logits = attend(
-            q, k, v,
-            q_pos=positions, k_pos=k_pos, q_seg=segment_ids, k_seg=k_seg,
-            causal=c.causal, scale=softmax_scale(c.head_dim),
-            kernel=c.kernel, block_size=c.block_size,
+        return _attend_and_project(
+            c, q, k, v, positions, segment_ids, k_pos, k_seg, c.head_dim, self.wo, parallel
         )
-        return _project_out(out, self.wo, parallel), max_logits
 
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "GQAttention":
         """MHA (group of one): W_q^h by gamma^alpha, W_k^h by gamma^(1-alpha).
