@@ -19,7 +19,6 @@ pipeline can be stopped and restarted at any point.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import platform

@@ -261,8 +261,8 @@ def results_md(summ, figs) -> str:
       f"**loss spikes: {len(r['spikes'])}** (largest loss / running median: {_f(r['max_loss_ratio'], 3)}); "
       f"largest rise of the {s['spike_window']}-step mean loss above its earlier minimum: "
       f"{_f(r['loss_regression'][0], 3)} (at step {r['loss_regression'][1]}); "
-      f"first step with S above " + ", ".join(f"{k}: {v}" for k, v in r["first_step_over"].items()) + "; "
-      f"largest S per layer: " + ", ".join(f"{x:.1f}" for x in r["peak_s_by_layer"]) + "; "
+      "first step with S above " + ", ".join(f"{k}: {v}" for k, v in r["first_step_over"].items()) + "; "
+      "largest S per layer: " + ", ".join(f"{x:.1f}" for x in r["peak_s_by_layer"]) + "; "
       f"diverged: {'yes' if r['diverged'] else 'no'} (stopped: {r['stopped']} at step {r['steps_run']}); "
       f"final val loss {_f(r['final_val_loss'], 4)}.")
     if r["spikes"]:

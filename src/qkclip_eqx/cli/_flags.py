@@ -7,17 +7,14 @@ import dataclasses
 import types
 import typing
 
-from .._train import PRESETS, RunConfig
+from .._train import PRESETS, RunConfig, preset
 
 
 def _parser_for(tp):
     """The argparse ``type`` and ``choices`` for a field's annotation."""
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        return _parser_for(args[0])
-    if origin is typing.Union or origin is types.UnionType:
-        # Literal[...] | None
+    if origin in (typing.Union, types.UnionType):  # X | None: parse X
         return _parser_for(args[0])
     if origin is typing.Literal:
         return str, list(typing.get_args(tp))
@@ -44,6 +41,4 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         for f in dataclasses.fields(RunConfig)
         if getattr(args, f.name) is not None
     }
-    from .._train import preset
-
     return preset(args.preset, **overrides)
