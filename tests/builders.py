@@ -27,3 +27,52 @@ def init_from_numpy(make, seed: int):
         return jnp.asarray(rng.standard_normal(leaf.shape) * scale, leaf.dtype)
 
     return jtu.tree_map_with_path(fill, eqx.filter_eval_shape(make, jax.random.key(0)))
+
+
+# --------------------------------------------------------------------------
+# Fixed training data: the same bytes on every machine and Python version
+# --------------------------------------------------------------------------
+
+_LETTERS = np.frombuffer(b"etaoinshrdlucmfwypvbgkjqxz", np.uint8)
+
+
+def synthetic_text(n_bytes: int, seed: int = 0) -> bytes:
+    """``n_bytes`` of English-like text: sentences of words drawn (skewed to the
+    first ones, as in Zipf's law) from a fixed vocabulary of 400 made-up words.
+
+    Drawn from ``np.random.PCG64(seed).random_raw``, whose stream NumPy keeps
+    stable across releases, so the tests' training data does not depend on the
+    running interpreter (its standard library) or on NumPy's version."""
+    raw = np.random.PCG64(seed).random_raw(3 * 400 + 2 * (n_bytes // 3 + 16)).astype(np.uint64)
+    head, raw = raw[: 3 * 400], raw[3 * 400:]
+    lengths = 2 + (head[:400] % 7).astype(int)  # 2..8 letters
+    letters = _LETTERS[(head[400:] % 26).astype(int)]
+    words = []
+    for i, n in enumerate(lengths):
+        w = letters[2 * i: 2 * i + n] if 2 * i + n <= len(letters) else letters[-n:]
+        words.append(w.tobytes())
+    # the product of two uniforms on 0..399, over 400: index k has weight ~ log(400 / k)
+    a, b = raw[0::2] % 400, raw[1::2] % 400
+    picks = (a * b // 400).astype(int)
+    out, n_out = [], 0
+    for j, k in enumerate(picks):
+        word = words[k]
+        if j % 9 == 0:
+            word = word[:1].upper() + word[1:]
+        out.append(word + (b".\n" if j % 9 == 8 else b" "))
+        n_out += len(out[-1])
+        if n_out >= n_bytes:
+            break
+    text = b"".join(out)[:n_bytes]
+    assert len(text) == n_bytes, "synthetic_text: not enough draws"
+    return text
+
+
+def synthetic_corpus(train_bytes: int = 200_000, val_bytes: int = 65_536, seed: int = 0):
+    """A :class:`qkclip_eqx.TokenData` of :func:`synthetic_text` byte tokens."""
+    from qkclip_eqx import TokenData
+
+    text = np.frombuffer(synthetic_text(train_bytes + val_bytes, seed), np.uint8).astype(np.uint16)
+    train, val = text[:train_bytes], text[train_bytes:]
+    train.flags.writeable = val.flags.writeable = False
+    return TokenData(train, val, 256, f"synthetic text (seed {seed}), byte tokens, vocab 256")

@@ -85,18 +85,33 @@ def layer(blocks, i):
     return jax.tree.map(lambda a: a[i], blocks)
 
 
+def rms_norm(x, norm, eps):
+    """Zhang & Sennrich 2019, written here: w * x / sqrt(mean(x^2) + eps)."""
+    return norm.weight * x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def swiglu(x, mlp):
+    """Shazeer 2020 (arXiv 2002.05202), written here: W_down (silu(W_gate x) * W_up x)."""
+    g = x @ mlp.w_gate.T
+    return (g * jax.nn.sigmoid(g) * (x @ mlp.w_up.T)) @ mlp.w_down.T
+
+
 @eqx.filter_jit
 def unrolled(model, tokens, positions, segment_ids):
-    """The model written out layer by layer, from the stacked weights."""
+    """The model written out layer by layer, from the stacked weights: the
+    pre-norm residual block, RMSNorm and SwiGLU written here (the attention
+    module is the library's, checked against NumPy in test_attention.py)."""
+    eps = model.config.norm_eps
     x = model.embed[tokens]
     s_per_layer = []
     for i in range(model.config.n_layers):
         blk = layer(model.blocks, i)
-        h, s_i = blk.attn(blk.attn_norm(x), positions=positions, segment_ids=segment_ids)
+        h, s_i = blk.attn(rms_norm(x, blk.attn_norm, eps), positions=positions,
+                          segment_ids=segment_ids)
         x = x + h
-        x = x + blk.mlp(blk.mlp_norm(x))
+        x = x + swiglu(rms_norm(x, blk.mlp_norm, eps), blk.mlp)
         s_per_layer.append(s_i)
-    return model.final_norm(x) @ model.lm_head.T, jnp.stack(s_per_layer)
+    return rms_norm(x, model.final_norm, eps) @ model.lm_head.T, jnp.stack(s_per_layer)
 
 
 @pytest.mark.parametrize("kind", list(ATTENTION))

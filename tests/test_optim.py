@@ -19,7 +19,10 @@ import optax
 import pytest
 from optax.contrib import MuonDimensionNumbers
 
+import reference
+
 from builders import init_from_numpy as _init
+from reference import NumpyMuonClip, leaves_by_path
 from qkclip_eqx import (
     ADAMW,
     GQAConfig,
@@ -292,6 +295,98 @@ def test_adamw_leaves_get_exact_optax_adamw_updates(mla_params):
     for k, get in leaves.items():
         np.testing.assert_allclose(get(params), ref_params[k], rtol=1e-6, err_msg=k)
         assert not np.array_equal(get(params), get(mla_params))
+
+
+# --------------------------------------------------------------------------
+# several steps against the NumPy reference
+# --------------------------------------------------------------------------
+
+
+def _lr(t):
+    """A learning rate that changes every step, so an off-by-one in the
+    schedule's step count shows."""
+    return LR * (1.0 + t) / 2
+
+
+@pytest.fixture(scope="module")
+def several_steps(mla_params):
+    """Four muonclip updates (wd 0.1) of the MLA Transformer's params, with a
+    fresh random gradient each step; the params move by their own updates."""
+    opt = muonclip(_lr, weight_decay=0.1)
+    update = jax.jit(opt.update)
+    state, params = opt.init(mla_params), mla_params
+    grads, updates = [], []
+    for step in range(4):
+        g = _random_like(mla_params, 20 + step)
+        u, state = update(g, state, params)
+        params = optax.apply_updates(params, u)
+        grads.append(leaves_by_path(g))
+        updates.append(leaves_by_path(u))
+    return leaves_by_path(mla_params), grads, updates, leaves_by_path(params)
+
+
+def _reference_run(params0, grads, **kw):
+    ref = NumpyMuonClip(params0, _lr, weight_decay=0.1, **kw)
+    params = {k: v.astype(np.float64) for k, v in params0.items()}
+    updates = []
+    for g in grads:
+        u = ref.update(g, params)
+        params = {k: params[k] + u[k] for k in params}
+        updates.append(u)
+    return updates, params
+
+
+def test_muonclip_matches_numpy_over_several_steps(several_steps):
+    """Every leaf's update at every step equals the float64 NumPy MuonClip
+    (EMA momentum with bias correction, Nesterov, NS5, 0.2 sqrt(max(n, m)),
+    decoupled decay; AdamW 0.9/0.95 with bias correction for the rest)."""
+    params0, grads, updates, final = several_steps
+    ref_updates, ref_final = _reference_run(params0, grads)
+    for step, (u, r) in enumerate(zip(updates, ref_updates)):
+        for k in r:
+            scale = np.max(np.abs(r[k]))
+            np.testing.assert_allclose(u[k], r[k], rtol=1e-4, atol=2e-5 * scale,
+                                       err_msg=f"{k} step {step}")
+    for k in ref_final:
+        np.testing.assert_allclose(final[k], ref_final[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("variant", ["no_momentum", "no_nesterov_sum", "no_bias_correction"])
+def test_several_steps_tell_momentum_variants_apart(several_steps, variant):
+    """Guards the test above: from the second step on, Muon without momentum,
+    with K2's plain heavy-ball sum, or without bias correction gives a visibly
+    different update, so the multi-step check pins the momentum down (one step
+    from a fresh state cannot: its direction is G's whatever the momentum)."""
+    params0, grads, updates, _ = several_steps
+    ref = NumpyMuonClip(params0, _lr, weight_decay=0.1)
+    if variant == "no_momentum":
+        ref.mu = 0.0
+    elif variant == "no_nesterov_sum":
+        def heavy_ball(k, g, w, ref=ref):  # M_t = mu M_{t-1} + G_t, O = NS5(M_t)
+            ref.m[k] = ref.mu * ref.m[k] + g
+            o = np.stack([reference.np_newton_schulz(m.reshape(-1, g.shape[-1])).reshape(g.shape[1:])
+                          * ref.rms * math.sqrt(max(np.prod(g.shape[1:-1]), g.shape[-1]))
+                          for m in ref.m[k]])
+            return o + ref.wd * w
+        ref._muon = heavy_ball
+    else:
+        def unbiased(k, g, w, ref=ref, muon=ref._muon):
+            t = ref.t
+            ref.t = 10_000  # bias corrections -> 1
+            try:
+                return muon(k, g, w)
+            finally:
+                ref.t = t
+        ref._muon = unbiased
+    params = {k: v.astype(np.float64) for k, v in params0.items()}
+    wq = ".blocks.attn.wq"
+    diffs = []
+    for step, g in enumerate(grads):
+        r = ref.update(g, params)
+        params = {k: params[k] + r[k] for k in params}
+        diffs.append(np.max(np.abs(updates[step][wq] - r[wq])) / np.max(np.abs(r[wq])))
+    assert diffs[0] < 1e-3  # the first step agrees, whatever the momentum
+    assert max(diffs[1:]) > 0.05, diffs
 
 
 # --------------------------------------------------------------------------
