@@ -19,6 +19,7 @@ import pytest
 from jaxtyping import Array, Float
 
 from builders import init_from_numpy as _init
+from reference import assert_leaves_close, leaves_by_path, np_qk_clip
 from qkclip_eqx import (
     AbstractQKClippable,
     GQAConfig,
@@ -224,12 +225,13 @@ def test_mla_identity_and_untouched_weights(mla, x, alpha):
         )
 
 
-def test_mha_identity_and_untouched_weights(x):
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_mha_identity_and_untouched_weights(x, alpha):
     attn = _init(lambda k: GQAttention(GQAConfig(dim=DIM, n_heads=4, head_dim=8), key=k), 6)
     assert attn.config.n_kv_heads == attn.config.n_heads
     s = np.asarray(_module_s(attn, x))
     tau = _tau_between(s)
-    clipped = qk_clip(attn, jnp.asarray(s), tau)
+    clipped = qk_clip(attn, jnp.asarray(s), tau, alpha=alpha)
     _check_identity(s, _module_s(clipped, x), tau)
     over = np.flatnonzero(s > tau)
     _assert_untouched(attn, clipped, {
@@ -238,11 +240,14 @@ def test_mha_identity_and_untouched_weights(x):
     })
     for h in over:
         g = tau / float(s[h])
-        np.testing.assert_allclose(clipped.wq[h], attn.wq[h] * math.sqrt(g), rtol=1e-6)
-        np.testing.assert_allclose(clipped.wk[h], attn.wk[h] * math.sqrt(g), rtol=1e-6)
+        np.testing.assert_allclose(clipped.wq[h], attn.wq[h] * g**alpha, rtol=1e-6)
+        np.testing.assert_allclose(clipped.wk[h], attn.wk[h] * g ** (1 - alpha), rtol=1e-6)
 
 
-def test_gqa_query_mode_identity_shared_key_untouched(x):
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_gqa_query_mode_identity_shared_key_untouched(x, alpha):
+    """Query mode scales each query head by its own gamma whatever alpha is:
+    the shared key is not this head's to scale."""
     cfg = GQAConfig(dim=DIM, n_heads=6, head_dim=8, n_kv_heads=2, clip_mode="query")
     attn = _init(lambda k: GQAttention(cfg, key=k), 7)
     s = np.asarray(_module_s(attn, x))
@@ -252,7 +257,7 @@ def test_gqa_query_mode_identity_shared_key_untouched(x):
     tau = float((hot[0] + hot[1]) / 2)
     groups = (s > tau).reshape(2, 3)
     assert np.any(groups.any(axis=1) & ~groups.all(axis=1))
-    clipped = qk_clip(attn, jnp.asarray(s), tau)
+    clipped = qk_clip(attn, jnp.asarray(s), tau, alpha=alpha)
     _check_identity(s, _module_s(clipped, x), tau)
     over = np.flatnonzero(s > tau)
     _assert_untouched(attn, clipped, {".wq": _head_rows_mask(attn.wq.shape, over)})
@@ -260,7 +265,8 @@ def test_gqa_query_mode_identity_shared_key_untouched(x):
         np.testing.assert_allclose(clipped.wq[h], attn.wq[h] * (tau / float(s[h])), rtol=1e-6)
 
 
-def test_gqa_group_mode_scales_whole_group_by_its_max(x):
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_gqa_group_mode_scales_whole_group_by_its_max(x, alpha):
     cfg = GQAConfig(dim=DIM, n_heads=4, head_dim=8, n_kv_heads=2, clip_mode="group")
     attn = _init(lambda k: GQAttention(cfg, key=k), 8)
     s = np.asarray(_module_s(attn, x))
@@ -271,7 +277,7 @@ def test_gqa_group_mode_scales_whole_group_by_its_max(x):
     tau = float((group_max[0] + group_max[1]) / 2)
     mate = 2 * hot + int(np.argmin(s.reshape(2, 2)[hot]))
     assert s[mate] < tau
-    clipped = qk_clip(attn, jnp.asarray(s), tau)
+    clipped = qk_clip(attn, jnp.asarray(s), tau, alpha=alpha)
     s_new = np.asarray(_module_s(clipped, x))
 
     eta = np.ones(2)
@@ -285,9 +291,9 @@ def test_gqa_group_mode_scales_whole_group_by_its_max(x):
         ".wq": _head_rows_mask(attn.wq.shape, hot_heads),
         ".wk": _head_rows_mask(attn.wk.shape, [hot]),
     })
-    np.testing.assert_allclose(clipped.wk[hot], attn.wk[hot] * math.sqrt(eta[hot]), rtol=1e-6)
+    np.testing.assert_allclose(clipped.wk[hot], attn.wk[hot] * eta[hot] ** (1 - alpha), rtol=1e-6)
     for h in hot_heads:
-        np.testing.assert_allclose(clipped.wq[h], attn.wq[h] * math.sqrt(eta[hot]), rtol=1e-6)
+        np.testing.assert_allclose(clipped.wq[h], attn.wq[h] * eta[hot] ** alpha, rtol=1e-6)
     assert all(np.array_equal(clipped.wq[h], attn.wq[h]) for h in cold_heads)
 
 
@@ -367,6 +373,35 @@ def test_scanned_layers_get_their_own_gamma(mla_transformer):
     ratio = np.asarray(new.wq[:, :, nope:, :] / attn.wq[:, :, nope:, :]).reshape(3, 4, -1)
     np.testing.assert_allclose(ratio, np.broadcast_to(gamma[..., None], ratio.shape), rtol=1e-5)
     assert len(np.unique(np.round(ratio[2, :, 0], 6))) == 4
+
+
+TRANSFORMER_ATTENTION = {
+    "mla": _mla_config(12),
+    "mha": GQAConfig(dim=DIM, n_heads=4, head_dim=8),
+    "gqa_query": GQAConfig(dim=DIM, n_heads=4, head_dim=8, n_kv_heads=2, clip_mode="query"),
+    "gqa_group": GQAConfig(dim=DIM, n_heads=4, head_dim=8, n_kv_heads=2, clip_mode="group"),
+}
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.8])
+@pytest.mark.parametrize("kind", list(TRANSFORMER_ATTENTION))
+def test_transformer_clip_matches_numpy_for_any_alpha(kind, alpha):
+    """Every clip mode of a stacked Transformer, alpha != 1/2 (where swapping
+    the q and k exponents shows), against the float64 NumPy rule of K2 sec. 2.1
+    (reference.np_qk_clip): each layer its own gamma, every other leaf untouched."""
+    cfg = TransformerConfig(vocab_size=32, n_layers=2, mlp_hidden=16,
+                            attention=TRANSFORMER_ATTENTION[kind])
+    model = _init(lambda k: Transformer(cfg, key=k), 20)
+    tau = 10.0
+    s = np.array([[40.0, 9.0, 12.5, -3.0],   # layer 0: heads 0 and 2 over tau
+                  [5.0, 25.0, 10.0, 80.0]],  # layer 1: heads 1 and 3 (tau itself is not over)
+                 np.float32)
+    clipped = qk_clip(model, jnp.asarray(s), tau, alpha=alpha)
+    expected = np_qk_clip(model, s, tau, alpha)
+    assert_leaves_close(clipped, expected, rtol=2e-6, what=kind)
+    # and the expectation is not the unclipped model (a clip that does nothing fails)
+    before = leaves_by_path(model)
+    assert any(not np.allclose(before[k], v, rtol=1e-3) for k, v in expected.items())
 
 
 # --------------------------------------------------------------------------
