@@ -76,3 +76,46 @@ def synthetic_corpus(train_bytes: int = 200_000, val_bytes: int = 65_536, seed: 
     train, val = text[:train_bytes], text[train_bytes:]
     train.flags.writeable = val.flags.writeable = False
     return TokenData(train, val, 256, f"synthetic text (seed {seed}), byte tokens, vocab 256")
+
+
+# --------------------------------------------------------------------------
+# S of every layer on given layer inputs
+# --------------------------------------------------------------------------
+
+
+@eqx.filter_jit
+def layer_inputs(model, tokens):
+    """The residual stream entering each layer of ``model``, per example:
+    ``[batch, layers, seq, dim]``."""
+    params, static = eqx.partition(model.blocks, eqx.is_array)
+
+    def one(tok):
+        def layer(x, p):
+            block = eqx.combine(p, static)
+            return block(x)[0], x
+
+        _, xs = jax.lax.scan(layer, model.embed[tok], params)
+        return xs
+
+    return jax.vmap(one)(tokens)
+
+
+@eqx.filter_jit
+def attention_s(model, xs):
+    """S per layer and head of ``model``'s attentions, each layer fed the given
+    inputs ``xs`` ([batch, layers, seq, dim], e.g. another model's
+    :func:`layer_inputs`), max over the batch: ``[layers, heads]``.
+
+    Clipping layer l changes the inputs of the layers after it, so the clip's
+    identity S' = min(S, tau) holds layer by layer on the pre-clip inputs."""
+    params, static = eqx.partition(model.blocks, eqx.is_array)
+
+    def one(x_layers):
+        def layer(_, args):
+            p, x = args
+            block = eqx.combine(p, static)
+            return None, block.attn(block.attn_norm(x))[1]
+
+        return jax.lax.scan(layer, None, (params, x_layers))[1]
+
+    return jnp.max(jax.vmap(one)(xs), axis=0)

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from jaxtyping import Array, Float
 
+from builders import attention_s as _attn_s_on_inputs
 from builders import init_from_numpy as _init
+from builders import layer_inputs as _layerwise_s
 from reference import assert_leaves_close, leaves_by_path, np_qk_clip
 from qkclip_eqx import (
     AbstractQKClippable,
@@ -57,39 +59,6 @@ def _module_s(module, x):
 @eqx.filter_jit
 def _model_s(model, tokens):
     return jnp.max(jax.vmap(model)(tokens)[1], axis=0)
-
-
-@eqx.filter_jit
-def _layerwise_s(model: Transformer, tokens):
-    """S of every layer's attention, each layer fed the residual stream that
-    ``model`` itself produces before that layer: ``(S [layers, heads], xs)``."""
-    params, static = eqx.partition(model.blocks, eqx.is_array)
-
-    def one(tok):
-        def layer(x, p):
-            block = eqx.combine(p, static)
-            return block(x)[0], x
-
-        _, xs = jax.lax.scan(layer, model.embed[tok], params)
-        return xs
-
-    return jax.vmap(one)(tokens)  # [batch, layers, seq, dim]
-
-
-@eqx.filter_jit
-def _attn_s_on_inputs(model: Transformer, xs):
-    """S per layer and head of ``model``'s attentions on given layer inputs xs."""
-    params, static = eqx.partition(model.blocks, eqx.is_array)
-
-    def one(x_layers):
-        def layer(_, args):
-            p, x = args
-            block = eqx.combine(p, static)
-            return None, block.attn(block.attn_norm(x))[1]
-
-        return jax.lax.scan(layer, None, (params, x_layers))[1]
-
-    return jnp.max(jax.vmap(one)(xs), axis=0)
 
 
 def _paths(tree) -> dict[str, np.ndarray]:
