@@ -35,7 +35,7 @@ def run_scenario(mesh=None, attention: str = "mla", rows: slice = slice(None)):
     if mesh is not None:
         model, opt_state = shard_train_state(model, opt_state, opt, mesh)
     step = make_train_step(opt, tau=TAU, mesh=mesh)
-    history = {"loss": [], "max_logits": [], "heads_clipped": []}
+    history = {"loss": [], "grad_norm": [], "max_logits": [], "heads_clipped": []}
     for batch in tokens():
         batch = jnp.asarray(batch) if mesh is None else shard_batch(batch[rows], mesh)
         model, opt_state, m = step(model, opt_state, batch)

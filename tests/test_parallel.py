@@ -1,6 +1,7 @@
 """Multi-device: every mesh reproduces the single-device run, the clip needs no
 all-gather, bad meshes fail before compiling, and two processes agree with one."""
 
+import contextlib
 import os
 import pathlib
 import socket
@@ -34,6 +35,9 @@ def _assert_same_run(ref, got):
     np.testing.assert_array_equal(ref_m["max_logits"] > TAU, m["max_logits"] > TAU)
     np.testing.assert_allclose(ref_m["max_logits"], m["max_logits"], rtol=2e-5)
     np.testing.assert_allclose(ref_m["loss"], m["loss"], rtol=2e-6)
+    # the gradients are the one device's: their global norm at every step
+    assert np.all(ref_m["grad_norm"] > 0)
+    np.testing.assert_allclose(ref_m["grad_norm"], m["grad_norm"], rtol=1e-5)
     for a, b in zip(ref_params, params, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
 
@@ -97,24 +101,36 @@ def test_mesh_must_match_devices():
         qc.make_mesh(data=3)
 
 
-def _free_port() -> int:
+@contextlib.contextmanager
+def _reserved_port():
+    """A free port, held for as long as the block runs. The socket is bound
+    (not listening) with SO_REUSEPORT, which the JAX coordinator's gRPC server
+    sets too: the coordinator can bind the port while we hold it, and no other
+    process can take it between our choosing it and the coordinator binding it."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 def test_two_processes_match_one(reference, tmp_path):
     tests = pathlib.Path(__file__).parent
     out = tmp_path / "mp.npz"
-    address = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "PYTHONPATH": str(tests) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen([sys.executable, str(tests / "_multiprocess_worker.py"), address, str(i), str(out)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    with _reserved_port() as port:
+        procs = [
+            subprocess.Popen([sys.executable, str(tests / "_multiprocess_worker.py"), f"127.0.0.1:{port}",
+                              str(i), str(out)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)
+        ]
+        try:
+            logs = [p.communicate(timeout=300)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
     got = np.load(out)
     ref_params, ref_m = reference["mla"]
