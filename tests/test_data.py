@@ -5,6 +5,7 @@ import zlib
 import numpy as np
 import pytest
 
+from builders import synthetic_corpus, synthetic_text
 from qkclip_eqx import _data
 from qkclip_eqx._data import (
     TokenData,
@@ -15,7 +16,7 @@ from qkclip_eqx._data import (
 )
 
 
-_STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
+_REAL_STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
 
 
 def _in_val(rel: str, val_fraction: float) -> bool:
@@ -29,34 +30,78 @@ def _windows_at(tokens: np.ndarray, row: np.ndarray) -> np.ndarray:
     return np.flatnonzero((windows == row).all(axis=1))
 
 
+#
+# stdlib corpus, on a fake standard library of known files
+#
+
+_N_FILES = 400  # *.py sources in the fake standard library
+
+
 @pytest.fixture(scope="module")
-def small_stdlib() -> TokenData:
-    return stdlib_corpus(max_bytes=200_000)
+def fake_stdlib(tmp_path_factory) -> tuple[pathlib.Path, dict[str, bytes]]:
+    """A standard library of 400 *.py files (1.6 MB of fixed synthetic text, in
+    nested packages) plus what must be skipped: site-packages, __pycache__,
+    hidden entries and non-*.py files. Returns the root and {relative path: bytes}
+    of the sources that count."""
+    root = tmp_path_factory.mktemp("fake_stdlib")
+    text = synthetic_text(1_600_000, seed=7)
+    sizes = 1_000 + (np.arange(_N_FILES) * 7919) % 6_000  # 1000..6999 bytes, fixed
+    offsets = np.concatenate([[0], np.cumsum(sizes)]) % (len(text) - 7_000)
+    sources = {}
+    for i, (off, n) in enumerate(zip(offsets, sizes)):
+        rel = f"pkg{i % 7}/sub{i % 3}/mod{i:03d}.py"
+        sources[rel] = b"def f%d():\n    import os\n" % i + text[off: off + n]
+    for rel, data in sources.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    for rel in ("site-packages/skipped.py", "pkg0/__pycache__/skipped.py", ".hidden/skipped.py",
+                "pkg1/.skipped.py", "pkg2/notes.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"must not be read\n" * 10)
+    return root, dict(sorted(sources.items()))
 
 
-#
-# stdlib corpus
-#
+@pytest.fixture
+def stdlib(fake_stdlib, monkeypatch):
+    """``stdlib_corpus`` reads the fake standard library for this test."""
+    root, sources = fake_stdlib
+    real = sysconfig.get_paths
+    monkeypatch.setattr(_data.sysconfig, "get_paths", lambda *a, **k: {**real(*a, **k), "stdlib": str(root)})
+    return root, sources
 
 
-def test_stdlib_default_nonempty_and_capped():
-    data = load_data()  # None -> stdlib corpus, default caps
+def _split_bytes(sources, val_fraction, train_cap, val_cap):
+    """The documented by-file split, written here: files in sorted order, each
+    to validation iff its CRC32 says so, each split read while under its cap."""
+    parts = {False: b"", True: b""}
+    caps = {False: train_cap, True: val_cap}
+    for rel, data in sources.items():
+        is_val = _in_val(rel, val_fraction)
+        if caps[is_val] is None or len(parts[is_val]) < caps[is_val]:
+            parts[is_val] += data
+    cut = {k: parts[k] if caps[k] is None else parts[k][: caps[k]] for k in parts}
+    return cut[False], cut[True]
+
+
+def test_stdlib_default_nonempty_and_capped(stdlib):
+    root, sources = stdlib
+    data = load_data()  # None -> stdlib corpus, default caps (8 MB: above the fake's size)
     assert isinstance(data, TokenData)
     assert data.vocab_size == 256
     assert data.train.dtype == np.uint16 and data.val.dtype == np.uint16
-    assert len(data.train) == 8_000_000  # the stdlib is well over 8 MB of sources
-    assert 0 < len(data.val) <= 400_000
-    assert int(data.train.max()) < 256 and int(data.val.max()) < 256
+    train, val = _split_bytes(sources, 0.05, 8_000_000, 400_000)
+    assert len(train) == sum(len(d) for r, d in sources.items() if not _in_val(r, 0.05))
+    assert data.train.astype(np.uint8).tobytes() == train
+    assert data.val.astype(np.uint8).tobytes() == val
     assert "standard library" in data.description and "vocab 256" in data.description
-    # Real Python source, as bytes.
-    text = data.train[:100_000].astype(np.uint8).tobytes()
-    assert b"def " in text and b"import " in text
+    assert str(root) in data.description and f"of {_N_FILES} *.py files" in data.description
+    assert b"must not be read" not in train + val
 
 
-def test_stdlib_split_function_disjoint_and_sized():
-    files = _data._list_files(_STDLIB, suffix=".py")
-    assert files == sorted(files) and len(files) > 100
-    assert not any("site-packages" in f.split("/") for f in files)
+def test_stdlib_split_function_disjoint_and_sized(stdlib):
+    root, sources = stdlib
+    files = _data._list_files(root, suffix=".py")
+    assert files == sorted(files) == list(sources)
     val = {f for f in files if _data._is_val_file(f, 0.05)}
     train = {f for f in files if not _data._is_val_file(f, 0.05)}
     assert val and train and val.isdisjoint(train) and val | train == set(files)
@@ -71,36 +116,62 @@ def test_stdlib_split_function_disjoint_and_sized():
     assert val <= {f for f in files if _data._is_val_file(f, 0.2)}
 
 
-def test_stdlib_splits_are_the_files_concatenated(small_stdlib):
-    files = _data._list_files(_STDLIB, suffix=".py")
-    train_bytes, val_bytes = b"", b""
-    for rel in files:
-        data = (_STDLIB / rel).read_bytes()
-        if _in_val(rel, 0.05):
-            val_bytes += data if len(val_bytes) < 65536 else b""
-        else:
-            train_bytes += data if len(train_bytes) < 200_000 else b""
-        if len(train_bytes) >= 200_000 and len(val_bytes) >= 65536:
-            break
-    assert small_stdlib.train.astype(np.uint8).tobytes() == train_bytes[:200_000]
-    assert small_stdlib.val.astype(np.uint8).tobytes() == val_bytes[:65536]
+def test_stdlib_splits_are_the_files_concatenated(stdlib):
+    _, sources = stdlib
+    small = stdlib_corpus(max_bytes=200_000)
+    train, val = _split_bytes(sources, 0.05, 200_000, 65536)
+    assert len(train) == 200_000 and len(val) == 65536  # both caps bind on this corpus
+    assert small.train.astype(np.uint8).tobytes() == train
+    assert small.val.astype(np.uint8).tobytes() == val
 
 
-def test_stdlib_caps_and_determinism(small_stdlib):
+def test_stdlib_caps_and_determinism(stdlib):
     # Train capped at max_bytes; val at max(max_bytes * val_fraction, 64 KiB).
-    assert len(small_stdlib.train) == 200_000
-    assert len(small_stdlib.val) == 65536
+    small = stdlib_corpus(max_bytes=200_000)
+    assert len(small.train) == 200_000
+    assert len(small.val) == 65536
     again = stdlib_corpus(max_bytes=200_000)
-    np.testing.assert_array_equal(again.train, small_stdlib.train)
-    np.testing.assert_array_equal(again.val, small_stdlib.val)
-    assert again.description == small_stdlib.description
-    big = stdlib_corpus(max_bytes=2_000_000, val_fraction=0.1)
-    assert len(big.train) == 2_000_000 and len(big.val) == 200_000
+    np.testing.assert_array_equal(again.train, small.train)
+    np.testing.assert_array_equal(again.val, small.val)
+    assert again.description == small.description
+    big = stdlib_corpus(max_bytes=1_000_000, val_fraction=0.2)
+    assert len(big.train) == 1_000_000 and len(big.val) == 200_000
     # A smaller cap is a prefix of a bigger one (same file order).
     np.testing.assert_array_equal(
         stdlib_corpus(max_bytes=1_000).train,
         stdlib_corpus(max_bytes=5_000).train[:1_000],
     )
+
+
+def test_real_stdlib_corpus_whatever_its_size():
+    """The running interpreter's own standard library: the split and caps of
+    the documented rule, with the expected bytes computed from its files here
+    (however many there are)."""
+    files = [f for f in _data._list_files(_REAL_STDLIB, suffix=".py")]
+    assert files and not any("site-packages" in f.split("/") for f in files)
+    cap = 100_000
+    parts = {False: [], True: []}
+    sizes = {False: 0, True: 0}
+    caps = {False: cap, True: 65536}
+    for rel in files:
+        is_val = _in_val(rel, 0.05)
+        if sizes[is_val] < caps[is_val]:
+            data = (_REAL_STDLIB / rel).read_bytes()
+            parts[is_val].append(data)
+            sizes[is_val] += len(data)
+        if sizes[False] >= cap and sizes[True] >= 65536:
+            break
+    train, val = b"".join(parts[False])[:cap], b"".join(parts[True])[:65536]
+    data = stdlib_corpus(max_bytes=cap)
+    assert data.train.astype(np.uint8).tobytes() == train
+    assert data.val.astype(np.uint8).tobytes() == val
+    assert b"def " in train and b"import " in train  # real Python source, as bytes
+
+
+@pytest.fixture(scope="module")
+def small_stdlib() -> TokenData:
+    """Fixed synthetic text (the batch tests need tokens, not the stdlib)."""
+    return synthetic_corpus(200_000)
 
 
 #
