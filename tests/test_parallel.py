@@ -39,7 +39,9 @@ def _assert_same_run(ref, got):
     assert np.all(ref_m["grad_norm"] > 0)
     np.testing.assert_allclose(ref_m["grad_norm"], m["grad_norm"], rtol=1e-5)
     for a, b in zip(ref_params, params, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+        # a few f32 roundings apart: the sequence shards sum dK in another order, and
+        # Newton-Schulz amplifies the last bits over the steps
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))

@@ -3,19 +3,37 @@ q, k, v and the mask, and return the output and the per-head max logit
 
     S^h = max over allowed (i, j) of  scale * q_i^h . k_j^h
 
-(Kimi K2 report, arXiv 2507.20534, eq. for S_max; the signed max of the scaled
-pre-softmax logits, in float32, with no gradient through it).
+(Kimi K2 report, arXiv 2507.20534, sec. 2.1, the S_max of Algorithm 1: the
+signed max of the scaled pre-softmax logits, in float32, with no gradient).
 
 A query may attend to a key when both carry the same segment id and, if causal,
-the key's position is not after the query's. Segment ids must be above
-``int32 min + 1``: the blockwise kernel pads with those two values. Positions and segment ids are
+the key's position is not after the query's. Positions and segment ids are
 passed for queries and keys separately so that a caller holding a shard of the
-queries (context parallelism) masks correctly across shard borders.
+queries (context parallelism) masks correctly across shard borders. Any int32
+segment id is allowed: padding is masked by a validity flag, not by a reserved id.
+
+Both kernels are one tiled algorithm with a hand-written backward pass
+(FlashAttention-2, Dao 2023, arXiv 2307.08691, Algorithm 2): the forward keeps
+an online softmax (Milakov & Gimelshein 2018) and a running max of the raw
+masked logits, which is S exactly; it saves only q, k, v, the output and the
+row log-sum-exp, and the backward recomputes each tile's probabilities.
+``"dense"`` is the case of one tile (the whole sequence); ``"blockwise"`` tiles
+queries and keys by ``block_size``, so memory is linear in the sequence length,
+and skips every tile in which the mask allows no pair (under a causal mask,
+about half of them), which changes neither the output nor S.
+
+Layout inside: heads first, ``[kv_heads, group * t, d]``, the query heads of a
+KV group stacked along the rows, so that every matmul (and its vmap over the
+batch) has its batch axes leading and its contraction axis last or second to
+last: XLA:CPU then calls its matmul without a strided transpose of a
+``t x t`` tile.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,92 +42,199 @@ from jaxtyping import Array, Bool, Float, Int
 from ._config import Kernel
 
 
-def _allowed(
-    q_pos: Int[Array, " tq"],
-    k_pos: Int[Array, " tk"],
-    q_seg: Int[Array, " tq"],
-    k_seg: Int[Array, " tk"],
-    causal: bool,
-) -> Bool[Array, "tq tk"]:
-    mask = q_seg[:, None] == k_seg[None, :]
+class _Side(NamedTuple):
+    """Positions, segment ids and validity (False on padding) of queries or keys."""
+
+    pos: Int[Array, " t"]
+    seg: Int[Array, " t"]
+    valid: Bool[Array, " t"]
+
+
+def _allowed(q: _Side, k: _Side, causal: bool) -> Bool[Array, "tq tk"]:
+    ok = (q.seg[:, None] == k.seg[None, :]) & q.valid[:, None] & k.valid[None, :]
     if causal:
-        mask = mask & (k_pos[None, :] <= q_pos[:, None])
-    return mask
+        ok = ok & (k.pos[None, :] <= q.pos[:, None])
+    return ok
 
 
-def _logits(q: Array, k: Array, scale: float) -> Float[Array, "kv group tq tk"]:
-    # q: [tq, kv, group, d], k: [tk, kv, d]; float32 accumulation whatever the dtype.
-    s = jnp.einsum("tkgd,skd->kgts", q, k, preferred_element_type=jnp.float32)
-    return s * jnp.float32(scale)
+def _tile_logits(q, k, allowed, scale: float, group: int):
+    """q [kv, group*tq, d], k [kv, tk, d] -> f32 logits [kv, group*tq, tk], -inf where the
+    [tq, tk] mask (the same for every head of a group) allows no attention."""
+    s = jnp.einsum("krd,ksd->krs", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    return jnp.where(jnp.tile(allowed, (group, 1)), s, -jnp.inf)
 
 
-def _dense(q, k, v, mask, scale):
-    s = _logits(q, k, scale)
-    s = jnp.where(mask, s, -jnp.inf)
-    s_max = jnp.max(s, axis=(-2, -1))  # [kv, group]
-    # Rows with no allowed key (only possible with padding) give zeros, not NaN.
-    row_max = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    p = jnp.exp(s - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("kgts,skd->tkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+class _Tiling(NamedTuple):
+    group: int
+    tq: int
+    tk: int
+    bq: int
+    bk: int
+
+    @property
+    def nq(self) -> int:
+        return self.tq // self.bq
+
+    @property
+    def nk(self) -> int:
+        return self.tk // self.bk
+
+
+def _q_tiles(x: Array, t: _Tiling) -> Array:
+    """[kv, group*tq, ...] -> [nq, kv, group*bq, ...]."""
+    kv, rest = x.shape[0], x.shape[2:]
+    x = x.reshape(kv, t.group, t.nq, t.bq, *rest)
+    x = jnp.moveaxis(x, 2, 0)
+    return x.reshape(t.nq, kv, t.group * t.bq, *rest)
+
+
+def _q_untile(x: Array, t: _Tiling) -> Array:
+    """Inverse of :func:`_q_tiles`."""
+    kv, rest = x.shape[1], x.shape[3:]
+    x = x.reshape(t.nq, kv, t.group, t.bq, *rest)
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(kv, t.group * t.tq, *rest)
+
+
+def _k_tiles(x: Array, t: _Tiling) -> Array:
+    """[kv, tk, ...] -> [nk, kv, bk, ...]."""
+    kv, rest = x.shape[0], x.shape[2:]
+    return jnp.moveaxis(x.reshape(kv, t.nk, t.bk, *rest), 1, 0)
+
+
+def _k_untile(x: Array, t: _Tiling) -> Array:
+    kv, rest = x.shape[1], x.shape[3:]
+    return jnp.moveaxis(x, 0, 1).reshape(kv, t.tk, *rest)
+
+
+def _side_tiles(side: _Side, n: int) -> _Side:
+    return jax.tree.map(lambda x: x.reshape(n, -1), side)
+
+
+def _maybe(allowed, compute, skip, skippable: bool):
+    """``compute()`` if a tile has an allowed pair, else ``skip()`` (no FLOPs spent).
+    Under vmap with a batched mask (per-example segment ids) the cond becomes a
+    select and both run; the default positions and segments are not batched."""
+    if not skippable:
+        return compute()
+    return jax.lax.cond(jnp.any(allowed), compute, skip)
+
+
+def _forward(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: float):
+    """q [kv, group*tq, d], k [kv, tk, d], v [kv, tk, dv] (tq, tk multiples of the tiles).
+    Returns out [kv, group*tq, dv] (f32), lse [kv, group*tq] and S [kv, group]."""
+    kv, dv = q.shape[0], v.shape[-1]
+    rows = t.group * t.bq
+    qt, kt, vt = _q_tiles(q, t), _k_tiles(k, t), _k_tiles(v, t)
+    skippable = t.nq * t.nk > 1
+
+    def query_tile(qb, qsb):
+        def key_tile(carry, xs):
+            m, l, acc, s_max = carry
+            kb, vb, ksb = xs
+            allowed = _allowed(qsb, ksb, causal)
+
+            def compute():
+                s = _tile_logits(qb, kb, allowed, scale, t.group)
+                tile_max = jnp.max(s, axis=-1)  # [kv, rows]
+                m_new = jnp.maximum(m, tile_max)
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+                p = jnp.exp(s - m_safe[..., None])
+                corr = jnp.exp(m - m_safe)
+                pv = jnp.einsum("krs,ksd->krd", p.astype(vb.dtype), vb,
+                                preferred_element_type=jnp.float32)
+                return (m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv,
+                        jnp.maximum(s_max, tile_max))
+
+            carry = _maybe(allowed, compute, lambda: carry, skippable)
+            return carry, None
+
+        # Built from qb (not jnp.zeros) so that inside shard_map the carry varies
+        # over the same mesh axes as the values the scan writes into it.
+        zero = jnp.zeros_like(qb[..., 0], jnp.float32)
+        init = (zero - jnp.inf, zero, jnp.zeros_like(qb[..., :1], jnp.float32) * jnp.zeros((dv,)),
+                zero - jnp.inf)
+        (m, l, acc, s_max), _ = jax.lax.scan(key_tile, init, (kt, vt, _side_tiles(ks, t.nk)))
+        has = l > 0  # rows with no allowed key give zeros, not NaN
+        out = acc / jnp.where(has, l, 1.0)[..., None]
+        lse = jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), 0.0)
+        return out, lse, s_max
+
+    out, lse, s_max = jax.lax.map(lambda a: query_tile(*a), (qt, _side_tiles(qs, t.nq)))
+    s_max = jnp.max(s_max.reshape(t.nq, kv, t.group, t.bq), axis=(0, 3))
+    return _q_untile(out, t), _q_untile(lse, t), s_max
+
+
+def _backward(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: float, out, lse,
+              d_out):
+    """FlashAttention-2's backward pass (Dao 2023, Algorithm 2), tile by tile."""
+    qt, kt, vt = _q_tiles(q, t), _k_tiles(k, t), _k_tiles(v, t)
+    dot_, lset = _q_tiles(d_out, t), _q_tiles(lse, t)
+    delta = _q_tiles(jnp.sum(d_out * out, axis=-1), t)  # rowsum(dO * O), [nq, kv, rows]
+    skippable = t.nq * t.nk > 1
+    f32 = jnp.float32
+
+    def query_tile(carry, xs):
+        dk_all, dv_all = carry
+        qb, dob, lseb, deltab, qsb = xs
+
+        def key_tile(dq, ys):
+            kb, vb, ksb = ys
+            allowed = _allowed(qsb, ksb, causal)
+
+            def compute():
+                s = _tile_logits(qb, kb, allowed, scale, t.group)
+                p = jnp.exp(s - lseb[..., None])  # 0 where not allowed
+                # dV^T = dO^T P and dK^T = Q^T dS: contraction over the rows, which
+                # come second, so the only transposes are of [rows, d] tiles.
+                dv_t = jnp.einsum("krd,krs->kds", dob, p.astype(dob.dtype), preferred_element_type=f32)
+                dp = jnp.einsum("krd,ksd->krs", dob, vb, preferred_element_type=f32)
+                ds = p * (dp - deltab[..., None]) * f32(scale)
+                dq_new = dq + jnp.einsum("krs,ksd->krd", ds.astype(kb.dtype), kb,
+                                         preferred_element_type=f32)
+                dk_t = jnp.einsum("krd,krs->kds", qb, ds.astype(qb.dtype), preferred_element_type=f32)
+                return dq_new, jnp.swapaxes(dk_t, 1, 2), jnp.swapaxes(dv_t, 1, 2)
+
+            def skip():
+                return (dq, jnp.zeros_like(kb, f32), jnp.zeros_like(vb, f32))
+
+            dq, dkb, dvb = _maybe(allowed, compute, skip, skippable)
+            return dq, (dkb, dvb)
+
+        dq, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros_like(qb, f32),
+                                    (kt, vt, _side_tiles(ks, t.nk)))
+        return (dk_all + dk, dv_all + dv), dq
+
+    init = (jnp.zeros_like(kt, f32), jnp.zeros_like(vt, f32))
+    (dk, dv), dq = jax.lax.scan(query_tile, init, (qt, dot_, lset, delta, _side_tiles(qs, t.nq)))
+    return _q_untile(dq, t), _k_untile(dk, t), _k_untile(dv, t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: float):
+    out, _, s_max = _forward(q, k, v, qs, ks, t, causal, scale)
     return out, s_max
 
 
-def _pad(x: Array, n: int, value) -> Array:
-    pad = [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+def _flash_fwd(q, k, v, qs, ks, t, causal, scale):
+    out, lse, s_max = _forward(q, k, v, qs, ks, t, causal, scale)
+    return (out, s_max), (q, k, v, qs, ks, out, lse)
+
+
+def _flash_bwd(t, causal, scale, res, cts):
+    q, k, v, qs, ks, out, lse = res
+    d_out, _ = cts  # S has no gradient
+    dq, dk, dv = _backward(q, k, v, qs, ks, t, causal, scale, out, lse, d_out)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_to(x: Array, n: int, axis: int, value=0) -> Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n - x.shape[axis])
     return jnp.pad(x, pad, constant_values=value)
-
-
-def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, block):
-    """Flash-style: for each query block, scan over key blocks with an online
-    softmax (Milakov & Gimelshein 2018; Dao et al. 2022) and a running max of the
-    raw masked logits, which is S exactly. Each query block is rematerialised in
-    the backward pass, so memory is linear in sequence length."""
-    tq, tk = q.shape[0], k.shape[0]
-    nq, nk = -(-tq // block), -(-tk // block)
-    # Padded keys get a segment id no query has; padded queries are dropped.
-    pad_seg = jnp.iinfo(jnp.int32).min
-    q = _pad(q, nq * block, 0).reshape(nq, block, *q.shape[1:])
-    q_pos = _pad(q_pos, nq * block, 0).reshape(nq, block)
-    q_seg = _pad(q_seg, nq * block, pad_seg + 1).reshape(nq, block)
-    k = _pad(k, nk * block, 0).reshape(nk, block, *k.shape[1:])
-    v = _pad(v, nk * block, 0).reshape(nk, block, *v.shape[1:])
-    k_pos = _pad(k_pos, nk * block, 0).reshape(nk, block)
-    k_seg = _pad(k_seg, nk * block, pad_seg).reshape(nk, block)
-    kv, group, dv = q.shape[2], q.shape[3], v.shape[-1]
-
-    @jax.checkpoint
-    def one_query_block(qb, qpb, qsb):
-        def step(carry, kblock):
-            m, l, acc, s_max = carry
-            kb, vb, kpb, ksb = kblock
-            s = _logits(qb, kb, scale)
-            s = jnp.where(_allowed(qpb, kpb, qsb, ksb, causal), s, -jnp.inf)
-            s_max = jnp.maximum(s_max, jnp.max(s, axis=(-2, -1)))
-            m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(s - m_safe[..., None])
-            correction = jnp.exp(m - m_safe)
-            l = l * correction + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("kgts,skd->kgtd", p.astype(vb.dtype), vb,
-                            preferred_element_type=jnp.float32)
-            acc = acc * correction[..., None] + pv
-            return (m_new, l, acc, s_max), None
-
-        init = (
-            jnp.full((kv, group, block), -jnp.inf, jnp.float32),
-            jnp.zeros((kv, group, block), jnp.float32),
-            jnp.zeros((kv, group, block, dv), jnp.float32),
-            jnp.full((kv, group), -jnp.inf, jnp.float32),
-        )
-        (_, l, acc, s_max), _ = jax.lax.scan(step, init, (k, v, k_pos, k_seg))
-        out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-        return jnp.moveaxis(out, 2, 0), s_max  # [block, kv, group, dv]
-
-    out, s_max = jax.lax.map(lambda a: one_query_block(*a), (q, q_pos, q_seg))
-    out = out.reshape(nq * block, kv, group, dv)[:tq]
-    return out, jnp.max(s_max, axis=0)
 
 
 def attend(
@@ -126,24 +251,38 @@ def attend(
     kernel: Kernel = "dense",
     block_size: int = 128,
 ) -> tuple[Float[Array, "tq heads dv"], Float[Array, " heads"]]:
-    """Softmax attention (softmax in float32) returning ``(out, S)``.
+    """Softmax attention (logits, softmax and S in float32) returning ``(out, S)``.
 
     ``kv_heads`` must divide ``heads``; query head h uses key head
-    ``h // (heads // kv_heads)``. ``S`` has no gradient.
+    ``h // (heads // kv_heads)``. ``S`` has no gradient. ``"dense"`` computes
+    each head's whole ``tq x tk`` logit matrix at once; ``"blockwise"`` works in
+    ``block_size`` tiles (memory linear in the sequence length) and skips tiles
+    that the mask leaves empty.
     """
     tq, heads, dk = q.shape
-    kv_heads = k.shape[1]
+    tk, kv_heads, dv = v.shape
     if heads % kv_heads:
         raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
-    group = heads // kv_heads
-    qg = q.reshape(tq, kv_heads, group, dk)
-    if kernel == "dense":
-        out, s_max = _dense(qg, k, v, _allowed(q_pos, k_pos, q_seg, k_seg, causal), scale)
-    elif kernel == "blockwise":
-        out, s_max = _blockwise(qg, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, block_size)
-    else:
+    if kernel not in ("dense", "blockwise"):
         raise ValueError(f"unknown attention kernel {kernel!r}")
-    out = out.reshape(tq, heads, v.shape[-1]).astype(v.dtype)
+    group = heads // kv_heads
+    if kernel == "dense":
+        bq, bk = tq, tk
+    else:
+        bq, bk = min(block_size, tq), min(block_size, tk)
+    t = _Tiling(group=group, tq=-(-tq // bq) * bq, tk=-(-tk // bk) * bk, bq=bq, bk=bk)
+    qs = _Side(_pad_to(q_pos.astype(jnp.int32), t.tq, 0), _pad_to(q_seg.astype(jnp.int32), t.tq, 0),
+               jnp.arange(t.tq) < tq)
+    ks = _Side(_pad_to(k_pos.astype(jnp.int32), t.tk, 0), _pad_to(k_seg.astype(jnp.int32), t.tk, 0),
+               jnp.arange(t.tk) < tk)
+    # [t, kv*group, d] -> [kv, group*t, d]: the query heads of a group stacked along rows.
+    qh = _pad_to(q, t.tq, 0).reshape(t.tq, kv_heads, group, dk).transpose(1, 2, 0, 3)
+    qh = qh.reshape(kv_heads, group * t.tq, dk)
+    kh = _pad_to(k, t.tk, 0).transpose(1, 0, 2)
+    vh = _pad_to(v, t.tk, 0).transpose(1, 0, 2)
+    out, s_max = _flash(qh, kh, vh, qs, ks, t, causal, float(scale))
+    out = out.reshape(kv_heads, group, t.tq, dv)[:, :, :tq].transpose(2, 0, 1, 3)
+    out = out.reshape(tq, heads, dv).astype(v.dtype)
     return out, jax.lax.stop_gradient(s_max.reshape(heads))
 
 
