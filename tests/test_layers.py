@@ -71,3 +71,29 @@ def test_swiglu_matches_numpy(mlp, x):
     swapped = np_swiglu(x, mlp.w_up, mlp.w_gate, mlp.w_down)
     for other in (geglu, swapped):
         assert np.max(np.abs(other - ref)) > 100 * np.max(np.abs(got - ref)) + 1e-3
+
+
+def test_linear_under_vmap_is_the_plain_matmul_with_its_gradients():
+    """``linear``'s batching rule (one matmul over all rows) changes nothing:
+    values and gradients equal the plain ``x @ w.T`` under vmap, for a weight
+    with a head axis, under vmap of vmap, and with a batched weight."""
+    from qkclip_eqx._layers import linear
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 5, 7)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 4, 7)), jnp.float32)  # [heads, d, in]
+    ct = jnp.asarray(rng.standard_normal((3, 5, 2, 4)), jnp.float32)
+
+    def ours(x, w):
+        return jnp.sum(jax.vmap(lambda xx: linear(xx, w))(x) * ct)
+
+    def plain(x, w):
+        return jnp.sum(jnp.einsum("btr,hdr->bthd", x, w) * ct)
+
+    for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-5)
+    nested = jax.vmap(jax.vmap(lambda r: linear(r, w[0])))(x)
+    np.testing.assert_allclose(nested, jnp.einsum("btr,dr->btd", x, w[0]), rtol=1e-5, atol=1e-5)
+    batched_w = jax.vmap(linear)(x, jnp.stack([w[0]] * 3))
+    np.testing.assert_allclose(batched_w, jnp.einsum("btr,dr->btd", x, w[0]), rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._config import GQAConfig, MLAConfig, ParallelAxes
 from ._kernels import attend, softmax_scale
-from ._layers import RMSNorm, init_weight
+from ._layers import RMSNorm, init_weight, linear
 from ._rope import apply_rope
 
 
@@ -73,7 +73,7 @@ def _attend_and_project(
         causal=c.causal, scale=softmax_scale(qk_head_dim),
         kernel=c.kernel, block_size=c.block_size,
     )
-    y = out.reshape(out.shape[0], -1) @ wo.T
+    y = linear(out.reshape(out.shape[0], -1), wo)
     if parallel is not None and parallel.model is not None:
         y = jax.lax.psum(y, parallel.model)
     return y, max_logits
@@ -156,17 +156,17 @@ class MLAttention(AbstractQKClippable):
         c = self.config
         seq, heads = x.shape[0], self.wq.shape[0]
         positions, segment_ids = _positions_and_segments(seq, positions, segment_ids)
-        q_in = x if self.wq_a is None else self.q_norm(x @ self.wq_a.T)
-        q = jnp.einsum("tr,hdr->thd", q_in, self.wq)
+        q_in = x if self.wq_a is None else self.q_norm(linear(x, self.wq_a))
+        q = linear(q_in, self.wq)
         q_c, q_r = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
-        kv_a = x @ self.wkv_a.T
+        kv_a = linear(x, self.wkv_a)
         c_kv, k_r = kv_a[:, : c.kv_lora_rank], kv_a[:, c.kv_lora_rank :]
         rope = dict(theta=c.rope_theta, layout=c.rope_layout)
         q_r = apply_rope(q_r, positions, **rope)
         k_r = apply_rope(k_r[:, None, :], positions, **rope)
         # Context parallelism: only the latent and the shared RoPE key travel.
         c_kv, k_r, k_pos, k_seg = _gather_seq(parallel, c_kv, k_r, positions, segment_ids)
-        kv = jnp.einsum("tr,hdr->thd", self.kv_norm(c_kv), self.wkv_b)
+        kv = linear(self.kv_norm(c_kv), self.wkv_b)
         k_c, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
         q = jnp.concatenate([q_c, q_r], axis=-1)
         k = jnp.concatenate([k_c, jnp.broadcast_to(k_r, (k_r.shape[0], heads, k_r.shape[-1]))], axis=-1)
@@ -223,9 +223,9 @@ class GQAttention(AbstractQKClippable):
         seq = x.shape[0]
         positions, segment_ids = _positions_and_segments(seq, positions, segment_ids)
         rope = dict(theta=c.rope_theta, layout=c.rope_layout)
-        q = apply_rope(jnp.einsum("td,hed->the", x, self.wq), positions, **rope)
-        k = apply_rope(jnp.einsum("td,hed->the", x, self.wk), positions, **rope)
-        v = jnp.einsum("td,hed->the", x, self.wv)
+        q = apply_rope(linear(x, self.wq), positions, **rope)
+        k = apply_rope(linear(x, self.wk), positions, **rope)
+        v = linear(x, self.wv)
         k, v, k_pos, k_seg = _gather_seq(parallel, k, v, positions, segment_ids)
         return _attend_and_project(
             c, q, k, v, positions, segment_ids, k_pos, k_seg, c.head_dim, self.wo, parallel

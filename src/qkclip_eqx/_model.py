@@ -9,7 +9,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._attention import GQAttention, MLAttention
 from ._config import MLAConfig, ParallelAxes, TransformerConfig
-from ._layers import RMSNorm, SwiGLU, init_weight
+from ._layers import RMSNorm, SwiGLU, init_weight, linear
 
 
 class Block(eqx.Module):
@@ -84,6 +84,11 @@ class Transformer(eqx.Module):
             block = eqx.combine(block_params, static)
             return block(x, positions=positions, segment_ids=segment_ids, parallel=parallel)
 
+        # Save each layer's matmul outputs and recompute its elementwise work in
+        # the backward pass: XLA:CPU spends more on stacking a scan's residuals
+        # (zero-filled buffers, then a dynamic-update-slice per layer) than on
+        # recomputing them (measured: scripts/bench_speed.py).
+        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         x, max_logits = jax.lax.scan(layer, self.embed[tokens], params)
-        logits = self.final_norm(x) @ self.lm_head.T
+        logits = linear(self.final_norm(x), self.lm_head)
         return logits.astype(jnp.float32), max_logits
