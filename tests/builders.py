@@ -86,7 +86,8 @@ def synthetic_corpus(train_bytes: int = 200_000, val_bytes: int = 65_536, seed: 
 @eqx.filter_jit
 def layer_inputs(model, tokens):
     """The residual stream entering each layer of ``model``, per example:
-    ``[batch, layers, seq, dim]``."""
+    ``[batch, layers, seq, dim]``. ``tokens`` are the model's inputs (for a
+    training batch ``[batch, seq + 1]``, its ``[:, :-1]``)."""
     params, static = eqx.partition(model.blocks, eqx.is_array)
 
     def one(tok):

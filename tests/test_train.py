@@ -98,7 +98,7 @@ def _assert_clip_acted(before, after, tokens, tau, alpha, logged_s):
     over = s > tau
     assert over.any() and not over.all(), "tau must split the heads"
     assert_leaves_close(after, np_qk_clip(before, s, tau, alpha), rtol=1e-5, atol=1e-7)
-    xs = layer_inputs(before, tokens)
+    xs = layer_inputs(before, tokens[:, :-1])  # the inputs; the last token is only a target
     s_before, s_after = np.asarray(attention_s(before, xs)), np.asarray(attention_s(after, xs))
     np.testing.assert_allclose(s_after, np_clip_factors(s, tau) * s_before, rtol=1e-5)
     return s_before, s_after
