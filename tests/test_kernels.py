@@ -348,3 +348,20 @@ def test_extreme_segment_ids_are_ordinary(kernel):
     seg = np.where(np.arange(T) < 15, lo, np.where(np.arange(T) < 30, lo + 1, hi)).astype(np.int32)
     out, s = run(q, k, v, pos, pos, seg, seg, causal=True, kernel=kernel, block_size=8)
     check(out, s, *np_attention(q, k, v, pos, pos, seg, seg, True, SCALE))
+
+
+@pytest.mark.parametrize("kernel", ["dense", "blockwise"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_extreme_segment_ids_keep_s_signed_with_padding(kernel, causal):
+    """The ids a padding scheme might reserve (int32 min and min + 1) as real
+    segments, with T = 37 padded to blocks of 8 and every logit negative: a
+    padded key or query taking part would show as S = 0 (its logit q.k is 0)."""
+    q, k, v = make_qkv(14, T, T, HEADS, 2)
+    q, k = np.abs(q), -np.abs(k) - 0.1
+    pos, _ = plain(T)
+    lo = np.iinfo(np.int32).min
+    seg = np.where(np.arange(T) < 20, lo, lo + 1).astype(np.int32)
+    out, s = run(q, k, v, pos, pos, seg, seg, causal=causal, kernel=kernel, block_size=8)
+    ref_out, ref_s = np_attention(q, k, v, pos, pos, seg, seg, causal, SCALE)
+    assert np.all(ref_s < 0)
+    check(out, s, ref_out, ref_s)
