@@ -21,7 +21,7 @@ from jaxtyping import Array, Float
 from builders import attention_s as _attn_s_on_inputs
 from builders import init_from_numpy as _init
 from builders import layer_inputs as _layerwise_s
-from reference import assert_leaves_close, leaves_by_path, np_qk_clip
+from reference import assert_leaves_close, heads_scaled, leaves_by_path, np_qk_clip
 from qkclip_eqx import (
     AbstractQKClippable,
     GQAConfig,
@@ -33,6 +33,7 @@ from qkclip_eqx import (
     clip_factors,
     qk_clip,
 )
+from qkclip_eqx._clip import clipped_heads
 
 RTOL = 1e-5
 DIM = 16
@@ -371,6 +372,16 @@ def test_transformer_clip_matches_numpy_for_any_alpha(kind, alpha):
     # and the expectation is not the unclipped model (a clip that does nothing fails)
     before = leaves_by_path(model)
     assert any(not np.allclose(before[k], v, rtol=1e-3) for k, v in expected.items())
+    # clipped_heads names exactly the (layer, head) pairs whose query weights
+    # the clip changed: in "group" mode the group-mates of a head over tau too
+    changed = np.any(expected[".blocks.attn.wq"] != before[".blocks.attn.wq"], axis=(-2, -1))
+    (mask,) = clipped_heads(model, jnp.asarray(s), tau)
+    np.testing.assert_array_equal(np.asarray(mask), changed)
+    np.testing.assert_array_equal(changed, heads_scaled(model, s, tau))
+    if kind == "gqa_group":
+        assert changed.sum() > (s > tau).sum()
+    else:
+        np.testing.assert_array_equal(changed, s > tau)
 
 
 # --------------------------------------------------------------------------
@@ -478,6 +489,8 @@ class _TinyAttention(AbstractQKClippable):
 
 
 def test_custom_clippable_attention_is_found_and_clipped(x):
+    """A module written against the protocol alone; ``heads_scaled`` defaults
+    to the heads with gamma < 1."""
     tiny = _TinyAttention(5, 4, DIM, 13)
     model = {"blocks": [tiny], "w": jnp.arange(3.0)}
     s = np.asarray(_module_s(tiny, x))
@@ -488,6 +501,8 @@ def test_custom_clippable_attention_is_found_and_clipped(x):
     assert np.array_equal(clipped["w"], model["w"])
     under = s <= tau
     assert np.array_equal(clipped["blocks"][0].wq[under], tiny.wq[under])
+    (mask,) = clipped_heads(model, jnp.asarray(s), tau)
+    np.testing.assert_array_equal(np.asarray(mask), s > tau)
 
 
 # --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ by the clip.
 """
 
 import inspect
+import math
 
 import equinox as eqx
 import jax
@@ -18,7 +19,9 @@ import optax
 import pytest
 
 from builders import init_from_numpy as _init
+from reference import assert_leaves_close, heads_scaled, leaves_by_path, np_qk_clip
 from qkclip_eqx import (
+    GQAConfig,
     MLAConfig,
     Transformer,
     TransformerConfig,
@@ -192,10 +195,26 @@ def test_off_mode_has_no_max_logits(optimizer, model, opt_state, tokens, tau, by
 # --------------------------------------------------------------------------
 
 
+def _grad_capture(lr: float) -> optax.GradientTransformation:
+    """SGD whose state is the gradient it was given: the step's gradients come
+    back exactly in ``opt_state``, and its update is ``-lr * g``."""
+
+    def init(params):
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def update(grads, state, params=None):
+        return jax.tree.map(lambda g: -lr * g, grads), grads
+
+    return optax.GradientTransformation(init, update)
+
+
+CAPTURE = _grad_capture(LR)
+
+
 @pytest.fixture(scope="module")
 def accum_step():
     # the optimizer does not matter here: SGD keeps the compile small
-    return make_train_step(optax.sgd(LR), mode="monitor", tau=1.0, accum_steps=2)
+    return make_train_step(CAPTURE, mode="monitor", tau=1.0, accum_steps=2)
 
 
 @pytest.mark.parametrize("second", ["repeated_token", "periodic"])
@@ -214,12 +233,97 @@ def test_accumulation_maxes_s_and_means_loss(accum_step, model, second):
         assert np.any(s_a > s_b) and np.any(s_b > s_a)
 
     params = eqx.filter(model, eqx.is_array)
-    _, _, metrics = accum_step(_copy(model), optax.sgd(LR).init(params), jnp.concatenate([a, b]))
+    _, _, metrics = accum_step(_copy(model), CAPTURE.init(params), jnp.concatenate([a, b]))
     s = np.asarray(metrics["max_logits"])
     np.testing.assert_allclose(s, np.maximum(s_a, s_b), rtol=1e-6)
     # regression: the public defect summed micro-batch S; that is a different answer
     assert not np.allclose(s, s_a + s_b, rtol=1e-3)
     np.testing.assert_allclose(metrics["loss"], (loss_a + loss_b) / 2, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def big_batch_by_hand(model):
+    """Four rows whose halves differ a lot (the second is one repeated token),
+    and the loss, gradients and grad norm of ONE batch of all four, by hand."""
+    rng = np.random.default_rng(6)
+    tokens = jnp.asarray(np.concatenate([rng.integers(0, VOCAB, (2, 9)), np.full((2, 9), 3)]),
+                         jnp.int32)
+    params, static = eqx.partition(model, eqx.is_array)
+
+    @jax.jit
+    def grads_of(p, t):
+        return jax.value_and_grad(lambda p: next_token_loss(eqx.combine(p, static), t)[0])(p)
+
+    loss, grads = grads_of(params, tokens)
+    _, first_half = grads_of(params, tokens[:2])
+    g = jax.tree.leaves(grads)
+    norm = math.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in g))
+    return tokens, float(loss), grads, norm, first_half
+
+
+def test_accumulation_equals_one_big_batch(accum_step, model, big_batch_by_hand):
+    """Two micro-batches of two rows give the gradients, the grad norm, the loss
+    and the updated weights of one batch of four: the gradient is the mean over
+    micro-batches (not the first one's, not the sum)."""
+    tokens, loss, grads, norm, first_half = big_batch_by_hand
+    params = eqx.filter(model, eqx.is_array)
+    new_model, got_grads, metrics = accum_step(_copy(model), CAPTURE.init(params), tokens)
+    ref = leaves_by_path(grads)
+    got = leaves_by_path(got_grads)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        scale = np.max(np.abs(ref[k]))
+        assert scale > 0, k
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5 * scale, err_msg=k)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-6)
+    # the updated weights: W - lr * g of the big batch, in float64
+    before, after = leaves_by_path(model), leaves_by_path(new_model)
+    for k in ref:
+        np.testing.assert_allclose(after[k], before[k].astype(np.float64) - LR * ref[k],
+                                   rtol=1e-6, atol=1e-6 * LR * np.max(np.abs(ref[k])), err_msg=k)
+    # the test data tells the mean from the first micro-batch and from the sum
+    first = leaves_by_path(first_half)
+    assert max(np.max(np.abs(first[k] - ref[k])) / np.max(np.abs(ref[k])) for k in ref) > 0.1
+    assert float(metrics["grad_norm"]) < 0.75 * 2 * norm
+
+
+# --------------------------------------------------------------------------
+# GQA group mode: the metric counts the heads whose weights were scaled
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gqa_group_model():
+    att = GQAConfig(dim=16, n_heads=4, head_dim=4, n_kv_heads=2, clip_mode="group")
+    cfg = TransformerConfig(vocab_size=VOCAB, n_layers=2, mlp_hidden=32, attention=att)
+    return _init(lambda k: Transformer(cfg, key=k), 3)
+
+
+def test_group_mode_counts_the_heads_it_scales(gqa_group_model, tokens):
+    """In "group" mode a head over tau scales its whole group (Megatron-Core's
+    rule): ``heads_clipped`` counts every head whose q/k weights were scaled,
+    group-mates below tau included, while ``heads_over_tau`` counts S > tau. The
+    weights are the clip (alpha = 0.3) of the unclipped update, in NumPy."""
+    model = gqa_group_model
+    _, s = map(np.asarray, _forward(model, tokens))
+    # tau between the two heads of the group holding the largest S: that group
+    # is scaled with one head below tau
+    l, h = np.unravel_index(np.argmax(s), s.shape)
+    pair = np.sort(s[l, 2 * (h // 2): 2 * (h // 2) + 2])
+    tau = float((pair[0] + pair[1]) / 2)
+    scaled = heads_scaled(model, s, tau)
+    assert scaled.sum() > (s > tau).sum() > 0
+    opt = optax.sgd(LR)
+    state = opt.init(eqx.filter(model, eqx.is_array))
+    alpha = 0.3
+    updated, _, _ = make_train_step(opt, mode="monitor", tau=tau)(_copy(model), _copy(state), tokens)
+    clipped, _, metrics = make_train_step(opt, mode="clip", tau=tau, alpha=alpha)(
+        _copy(model), _copy(state), tokens)
+    np.testing.assert_allclose(metrics["max_logits"], s, rtol=1e-6)
+    assert int(metrics["heads_over_tau"]) == int((s > tau).sum())
+    assert int(metrics["heads_clipped"]) == int(scaled.sum())
+    assert_leaves_close(clipped, np_qk_clip(updated, s, tau, alpha), rtol=2e-6)
 
 
 # --------------------------------------------------------------------------

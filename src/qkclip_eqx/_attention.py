@@ -12,7 +12,7 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import GQAConfig, MLAConfig, ParallelAxes
 from ._kernels import attend, softmax_scale
@@ -43,6 +43,11 @@ class AbstractQKClippable(eqx.Module):
         free choice. ``gamma`` is 1 for heads that are not clipped, and a module
         must then leave those heads' weights bit-identical.
         """
+
+    def heads_scaled(self, gamma: Float[Array, " heads"]) -> Bool[Array, " heads"]:
+        """The heads whose logits :meth:`scale_heads` scales for this ``gamma``:
+        those with ``gamma < 1``. Override it if your rule also scales others."""
+        return gamma < 1
 
 
 def _positions_and_segments(seq: int, positions, segment_ids):
@@ -256,3 +261,12 @@ class GQAttention(AbstractQKClippable):
         wq = _scale_rows(self.wq, q_factor, everything)
         wk = _scale_rows(self.wk, k_factor, everything)
         return eqx.tree_at(lambda m: (m.wq, m.wk), self, (wq, wk))
+
+    def heads_scaled(self, gamma: Float[Array, " heads"]) -> Bool[Array, " heads"]:
+        """As :meth:`scale_heads` acts: in ``"group"`` mode (group > 1) every
+        head of a group in which one head has ``gamma < 1``."""
+        c = self.config
+        group = c.n_heads // c.n_kv_heads
+        if group == 1 or c.clip_mode == "query":
+            return gamma < 1
+        return jnp.repeat(jnp.any(gamma.reshape(c.n_kv_heads, group) < 1, axis=1), group)

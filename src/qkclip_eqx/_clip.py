@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Bool, Float, PyTree
 
 from ._attention import AbstractQKClippable
 
@@ -60,6 +60,32 @@ def _check_tau(tau) -> None:
         raise ValueError(f"tau must be > 0, got {tau}")
 
 
+def _modules_and_s(model: PyTree, max_logits, what: str) -> tuple[list, list]:
+    """The clippable modules of ``model`` and their S arrays, paired and checked."""
+    modules = clippable_modules(model)
+    if not modules:
+        raise ValueError(f"no AbstractQKClippable attention module found in {type(model).__name__}")
+    s_list = [max_logits] if not isinstance(max_logits, Sequence) else list(max_logits)
+    if len(s_list) != len(modules):
+        raise ValueError(
+            f"{what}: got {len(s_list)} max-logit arrays for {len(modules)} clippable modules"
+        )
+    for i, (m, s) in enumerate(zip(modules, s_list)):
+        if s.shape[-1] != m.n_heads:
+            raise ValueError(
+                f"max_logits[{i}] has {s.shape[-1]} heads, module {type(m).__name__} has {m.n_heads}"
+            )
+        lead = tuple(s.shape[:-1])
+        for leaf in jax.tree.leaves(eqx.filter(m, eqx.is_array)):
+            if tuple(leaf.shape[: len(lead)]) != lead:
+                raise ValueError(
+                    f"max_logits[{i}] has leading (layer) axes {lead}, but {type(m).__name__} "
+                    f"holds an array of shape {leaf.shape}: S needs one leading axis per "
+                    "stacked layer axis of the module"
+                )
+    return modules, s_list
+
+
 def qk_clip(
     model: PyTree,
     # Sequence items: sizes unchecked across items (modules may differ in heads/layers).
@@ -80,29 +106,30 @@ def qk_clip(
     _check_tau(tau)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    modules = clippable_modules(model)
-    if not modules:
-        raise ValueError(f"no AbstractQKClippable attention module found in {type(model).__name__}")
-    s_list = [max_logits] if not isinstance(max_logits, Sequence) else list(max_logits)
-    if len(s_list) != len(modules):
-        raise ValueError(
-            f"got {len(s_list)} max-logit arrays for {len(modules)} clippable modules"
-        )
-    for i, (m, s) in enumerate(zip(modules, s_list)):
-        if s.shape[-1] != m.n_heads:
-            raise ValueError(
-                f"max_logits[{i}] has {s.shape[-1]} heads, module {type(m).__name__} has {m.n_heads}"
-            )
-        lead = tuple(s.shape[:-1])
-        for leaf in jax.tree.leaves(eqx.filter(m, eqx.is_array)):
-            if tuple(leaf.shape[: len(lead)]) != lead:
-                raise ValueError(
-                    f"max_logits[{i}] has leading (layer) axes {lead}, but {type(m).__name__} "
-                    f"holds an array of shape {leaf.shape}: S needs one leading axis per "
-                    "stacked layer axis of the module"
-                )
+    modules, s_list = _modules_and_s(model, max_logits, "qk_clip")
     clipped = [_scale(m, clip_factors(s, tau), alpha) for m, s in zip(modules, s_list)]
     leaves, treedef = jax.tree.flatten(model, is_leaf=_is_clippable)
     replacements = iter(clipped)
     leaves = [next(replacements) if _is_clippable(x) else x for x in leaves]
     return jax.tree.unflatten(treedef, leaves)
+
+
+def _heads_scaled(module: AbstractQKClippable, gamma: Array) -> Array:
+    if gamma.ndim == 1:
+        return module.heads_scaled(gamma)
+    return eqx.filter_vmap(_heads_scaled)(module, gamma)
+
+
+def clipped_heads(
+    model: PyTree,
+    max_logits: Float[Array, "*layers heads"] | Sequence[Float[Array, "*_layers _heads"]],
+    tau: float | Float[Array, ""],
+) -> list[Bool[Array, "*_layers _heads"]]:
+    """Which heads :func:`qk_clip` scales, per clippable module (same order and
+    shapes as ``max_logits``): the heads with S > tau, plus any other head
+    whose module's rule scales it with them (GQA ``"group"`` mode scales every
+    head of a group that has a head over tau; see
+    :meth:`AbstractQKClippable.heads_scaled`)."""
+    _check_tau(tau)
+    modules, s_list = _modules_and_s(model, max_logits, "clipped_heads")
+    return [_heads_scaled(m, clip_factors(s, tau)) for m, s in zip(modules, s_list)]

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._clip import clip_factors, qk_clip
+from ._clip import clip_factors, clipped_heads, qk_clip
 from ._parallel import check_mesh, constrain_train_state, sharded_next_token_loss
 
 Mode = Literal["clip", "monitor", "off"]
@@ -85,8 +85,10 @@ def make_train_step(
     ``tokens`` is ``[batch, seq + 1]``; with ``accum_steps > 1`` the batch is cut
     into that many micro-batches. ``metrics``: ``loss``, ``grad_norm``,
     ``max_logits`` (S per layer and head), ``max_logit`` (global max),
-    ``heads_over_tau``, ``heads_clipped`` (0 unless mode is clip) and
-    ``n_nonfinite`` (heads with non-finite S, never clipped).
+    ``heads_over_tau`` (the (layer, head) pairs with S > tau),
+    ``heads_clipped`` (the pairs whose q/k weights the clip scaled: those over
+    tau and, in GQA ``"group"`` mode, their group-mates; 0 unless mode is clip)
+    and ``n_nonfinite`` (heads with non-finite S, never clipped).
 
     With a ``mesh`` (``qkclip_eqx.make_mesh``; the model and optimizer state
     placed by ``qkclip_eqx.shard_train_state``) the loss, gradients and S are
@@ -126,7 +128,10 @@ def make_train_step(
         if mode == "off":
             return *keep_sharding(model, opt_state), metrics
         if mode == "clip":
+            scaled = sum(jnp.sum(x) for x in clipped_heads(model, s, tau))
             model = qk_clip(model, s, tau, alpha=alpha)
+        else:
+            scaled = jnp.zeros((), jnp.int32)
         model, opt_state = keep_sharding(model, opt_state)
         leaves = jax.tree.leaves(s)
         over = [jnp.sum(clip_factors(x, tau) < 1) for x in leaves]
@@ -134,7 +139,7 @@ def make_train_step(
             max_logits=s,
             max_logit=jnp.max(jnp.stack([jnp.max(x) for x in leaves])),
             heads_over_tau=sum(over),
-            heads_clipped=sum(over) if mode == "clip" else jnp.zeros((), jnp.int32),
+            heads_clipped=scaled,
             n_nonfinite=sum(jnp.sum(~jnp.isfinite(x)) for x in leaves),
         )
         return model, opt_state, metrics
