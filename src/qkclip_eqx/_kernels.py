@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
 from ._config import Kernel
@@ -193,10 +194,11 @@ def _backward(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: fl
                 dq_new = dq + jnp.einsum("krs,ksd->krd", ds.astype(kb.dtype), kb,
                                          preferred_element_type=f32)
                 dk_t = jnp.einsum("krd,krs->kds", qb, ds.astype(qb.dtype), preferred_element_type=f32)
-                return dq_new, jnp.swapaxes(dk_t, 1, 2), jnp.swapaxes(dv_t, 1, 2)
+                return dq_new, dk_t, dv_t  # dK and dV transposed, [kv, d, bk]
 
             def skip():
-                return (dq, jnp.zeros_like(kb, f32), jnp.zeros_like(vb, f32))
+                return (dq, jnp.zeros_like(jnp.swapaxes(kb, 1, 2), f32),
+                        jnp.zeros_like(jnp.swapaxes(vb, 1, 2), f32))
 
             dq, dkb, dvb = _maybe(allowed, compute, skip, skippable)
             return dq, (dkb, dvb)
@@ -205,8 +207,11 @@ def _backward(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: fl
                                     (kt, vt, _side_tiles(ks, t.nk)))
         return (dk_all + dk, dv_all + dv), dq
 
-    init = (jnp.zeros_like(kt, f32), jnp.zeros_like(vt, f32))
+    # dK, dV are accumulated transposed and turned once at the end: transposing each
+    # tile's dot output would be folded by XLA into a dot that contracts a t x t tile's rows.
+    init = (jnp.zeros_like(jnp.swapaxes(kt, 2, 3), f32), jnp.zeros_like(jnp.swapaxes(vt, 2, 3), f32))
     (dk, dv), dq = jax.lax.scan(query_tile, init, (qt, dot_, lset, delta, _side_tiles(qs, t.nq)))
+    dk, dv = jnp.swapaxes(dk, 2, 3), jnp.swapaxes(dv, 2, 3)
     return _q_untile(dq, t), _k_untile(dk, t), _k_untile(dv, t)
 
 
@@ -218,6 +223,8 @@ def _flash(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: float
 
 def _flash_fwd(q, k, v, qs, ks, t, causal, scale):
     out, lse, s_max = _forward(q, k, v, qs, ks, t, causal, scale)
+    # named, so that a remat policy can keep them (see _model.py) rather than rerun the kernel
+    out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
     return (out, s_max), (q, k, v, qs, ks, out, lse)
 
 

@@ -12,6 +12,18 @@ from ._config import MLAConfig, ParallelAxes, TransformerConfig
 from ._layers import RMSNorm, SwiGLU, init_weight, linear
 
 
+# What a scanned layer keeps for its backward pass: the projections' matmul
+# outputs and the attention kernel's output and log-sum-exp; the elementwise
+# work (norms, RoPE, SiLU) is recomputed. XLA:CPU spends more on stacking a
+# scan's residuals (zero-filled buffers, a dynamic-update-slice per layer) than
+# on recomputing them: fwd+bwd of the benchmark model 474 -> 400 ms, measured
+# interleaved in one process (scripts/bench_speed.py times the whole step).
+_SAVE_MATMULS_AND_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse"),
+)
+
+
 class Block(eqx.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
@@ -84,11 +96,7 @@ class Transformer(eqx.Module):
             block = eqx.combine(block_params, static)
             return block(x, positions=positions, segment_ids=segment_ids, parallel=parallel)
 
-        # Save each layer's matmul outputs and recompute its elementwise work in
-        # the backward pass: XLA:CPU spends more on stacking a scan's residuals
-        # (zero-filled buffers, then a dynamic-update-slice per layer) than on
-        # recomputing them (measured: scripts/bench_speed.py).
-        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        layer = jax.checkpoint(layer, policy=_SAVE_MATMULS_AND_ATTENTION)
         x, max_logits = jax.lax.scan(layer, self.embed[tokens], params)
         logits = linear(self.final_norm(x), self.lm_head)
         return logits.astype(jnp.float32), max_logits
