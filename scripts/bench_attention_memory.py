@@ -1,5 +1,5 @@
-"""Peak host memory of ONE forward + backward of a single MLAttention, dense vs
-blockwise kernel.
+"""Peak host memory (and time) of ONE forward + backward of a single MLAttention,
+dense vs blockwise kernel.
 
     python scripts/bench_attention_memory.py            # runs everything, prints a table
     python scripts/bench_attention_memory.py --seq 8192 # another length
@@ -8,7 +8,7 @@ Each measurement is a fresh subprocess (``--child``) that builds one
 MLAttention (dim 256, 4 heads, q/k head dim 48 + 16 RoPE = 64, v head dim 64,
 kv_lora_rank 128, no q LoRA), takes ``jax.value_and_grad`` of ``sum(out**2)``
 with respect to the weights and the input ``x: [seq, 256]`` (batch 1), jits it,
-runs it once and exits. Its peak resident set size is read from
+runs it once, times ``--runs`` more calls (the median is reported) and exits. Its peak resident set size is read from
 ``/usr/bin/time -v`` ("Maximum resident set size"); where that program is
 missing, from ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` of a wrapper
 process that runs nothing but that one child. The table says which was used.
@@ -73,8 +73,14 @@ def child(args: argparse.Namespace) -> None:
     value, s, grads = jax.block_until_ready(step(module, x))
     elapsed = time.perf_counter() - t0
     assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(s)))
+    runs = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(module, x))
+        runs.append(time.perf_counter() - t0)
     print(f"CHILD kernel={args.kernel} seq={args.seq} loss={float(value):.4g} "
-          f"S={np.asarray(s).round(3).tolist()} compile+run={elapsed:.2f}s", flush=True)
+          f"S={np.asarray(s).round(3).tolist()} compile+run={elapsed:.2f}s "
+          f"run_ms={1e3 * sorted(runs)[len(runs) // 2]:.1f}", flush=True)
 
 
 def wrapper(cmd: list[str]) -> None:
@@ -87,7 +93,7 @@ def wrapper(cmd: list[str]) -> None:
 def measure(kernel: str, seq: int, args: argparse.Namespace) -> tuple[int, float, str, str]:
     """Returns (peak RSS in KiB, wall seconds, method, child's line)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--kernel", kernel,
-           "--seq", str(seq), "--block-size", str(args.block_size)]
+           "--seq", str(seq), "--block-size", str(args.block_size), "--runs", str(args.runs)]
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = args.platform
     t0 = time.perf_counter()
@@ -114,6 +120,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--baseline-seq", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs after the first (median)")
     parser.add_argument("--platform", default="cpu", help="JAX_PLATFORMS for the children")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--wrap", action="store_true", help=argparse.SUPPRESS)
@@ -130,17 +137,21 @@ def main() -> None:
     results = {}
     for label, kernel, seq in rows:
         kib, wall, method, line = measure(kernel, seq, args)
-        results[label] = (kernel, seq, kib, wall)
+        run_ms = float(re.search(r"run_ms=([\d.]+)", line).group(1))
+        results[label] = (kernel, seq, kib, wall, run_ms)
         print(line, flush=True)
     base = results["baseline (dense)"][2]
     print()
     print(f"One forward+backward of MLAttention (dim 256, 4 heads, qk 48+16, v 64, "
           f"kv_lora 128), batch 1, block_size {args.block_size}, JAX_PLATFORMS={args.platform}")
     print(f"peak memory from: {method}")
-    print(f"{'run':<18}{'seq':>6}{'peak RSS MiB':>14}{'minus baseline':>16}{'wall s':>8}")
-    for label, (kernel, seq, kib, wall) in results.items():
-        print(f"{label:<18}{seq:>6}{kib / 1024:>14.1f}{(kib - base) / 1024:>16.1f}{wall:>8.1f}")
+    print(f"{'run':<18}{'seq':>6}{'peak RSS MiB':>14}{'minus baseline':>16}{'wall s':>8}"
+          f"{'fwd+bwd ms':>12}")
+    for label, (kernel, seq, kib, wall, run_ms) in results.items():
+        print(f"{label:<18}{seq:>6}{kib / 1024:>14.1f}{(kib - base) / 1024:>16.1f}{wall:>8.1f}"
+              f"{run_ms:>12.1f}")
     dense, block = results["dense"][2], results["blockwise"][2]
+    print(f"ratio blockwise/dense, fwd+bwd time:       {results['blockwise'][4] / results['dense'][4]:.3f}")
     print(f"ratio blockwise/dense, peak RSS:           {block / dense:.3f}")
     if dense > base:
         print(f"ratio blockwise/dense, minus baseline:     {(block - base) / (dense - base):.3f}")

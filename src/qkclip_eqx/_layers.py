@@ -10,40 +10,14 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
-@custom_vmap
-def _matmul_t(x: Array, w: Array) -> Array:
-    return x @ w.T
-
-
-@_matmul_t.def_vmap
-def _matmul_t_vmap(axis_size, in_batched, x, w):
-    x_batched, w_batched = in_batched
-    if x_batched and not w_batched:
-        # vmap over the rows of x: one matmul over all of them.
-        y = x.reshape(-1, x.shape[-1]) @ w.T
-        return y.reshape(*x.shape[:-1], w.shape[0]), True
-    in_axes = (0 if x_batched else None, 0 if w_batched else None)
-    return jax.vmap(lambda a, b: a @ b.T, in_axes=in_axes)(x, w), True
-
-
-def linear(x: Float[Array, "*rows n_in"], w: Float[Array, "*n_out n_in"]) -> Float[Array, "*rows *n_out"]:
-    """``x @ w.T`` for a weight stored ``(out..., in)``, batched by ``jax.vmap`` as ONE matmul.
-
-    Under ``vmap`` over examples the plain matmul's weight gradient contracts
-    two axes (batch and sequence); XLA:CPU canonicalises that dot with a strided
-    transpose of the activation gradient, fused into its elementwise producer,
-    which cost as much as the matmuls of the MLP's backward pass. Here vmap
-    flattens the batch into the rows instead, so the gradient is one matmul
-    with a single contraction axis. The result is the same function.
-    """
-    out_shape = w.shape[:-1]
-    w2 = w.reshape(-1, w.shape[-1])
-    y = _matmul_t(x.reshape(-1, x.shape[-1]), w2)
-    return y.reshape(*x.shape[:-1], *out_shape)
+def linear(x: Float[Array, "*rows n_in"], w: Float[Array, "*n_out n_in"]) -> Float[Array, "..."]:
+    """``x @ w.T`` for a weight stored ``(out..., in)``: a per-head weight
+    ``[heads, head_dim, in]`` gives ``[..., heads, head_dim]``."""
+    y = x @ w.reshape(-1, w.shape[-1]).T
+    return y.reshape(*x.shape[:-1], *w.shape[:-1])
 
 
 def init_weight(key: PRNGKeyArray, shape: tuple[int, ...], dtype) -> Float[Array, "..."]:
