@@ -365,3 +365,25 @@ def test_extreme_segment_ids_keep_s_signed_with_padding(kernel, causal):
     ref_out, ref_s = np_attention(q, k, v, pos, pos, seg, seg, causal, SCALE)
     assert np.all(ref_s < 0)
     check(out, s, ref_out, ref_s)
+
+
+def test_blockwise_skips_empty_tiles_and_vmap_over_segments_is_exact():
+    """The blockwise kernel branches on whether a tile has an allowed pair (a
+    ``cond`` in its program; the dense kernel, one tile, has none). Under vmap
+    with per-example segment ids the branch becomes a select: still exact."""
+    q, k, v = make_qkv(14, T, T, HEADS, 2)
+    pos, seg = plain(T)
+    _, seg_b = packed(T)
+    args = dict(q_pos=jnp.asarray(pos), k_pos=jnp.asarray(pos), causal=True, scale=SCALE)
+
+    def f(kernel, q, k, v, s):
+        return attend(q, k, v, q_seg=s, k_seg=s, kernel=kernel, block_size=8, **args)
+
+    assert "cond" in str(jax.make_jaxpr(lambda *a: f("blockwise", *a))(q, k, v, jnp.asarray(seg)))
+    assert "cond" not in str(jax.make_jaxpr(lambda *a: f("dense", *a))(q, k, v, jnp.asarray(seg)))
+    segs = jnp.asarray(np.stack([seg, seg_b]))
+    qs, ks, vs = (jnp.stack([x, x[::-1]]) for x in (q, k, v))
+    out, s = jax.jit(jax.vmap(lambda *a: f("blockwise", *a)))(qs, ks, vs, segs)
+    for i, sg in enumerate((seg, seg_b)):
+        qi, ki, vi = (np.asarray(x[i]) for x in (qs, ks, vs))
+        check(out[i], s[i], *np_attention(qi, ki, vi, pos, pos, sg, sg, True, SCALE))
