@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MLA query LoRA rank (default: none, a direct W_q)")
     p.add_argument("--block-size", type=int, default=128, help="blockwise kernel block")
     p.add_argument("--kernels", default="dense,blockwise")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (parameters and optimizer state stay float32)")
     p.add_argument("--repeats", type=int, default=30, help="timed rounds (one step per mode)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode after compiling")
     p.add_argument("--tau", type=float, default=100.0)
@@ -67,7 +68,7 @@ def model_config(a: argparse.Namespace, kernel: str) -> TransformerConfig:
     )
     hidden = -(-8 * a.dim // 3 // 64) * 64  # SwiGLU's 8/3 * dim, rounded up to 64
     return TransformerConfig(vocab_size=a.vocab, n_layers=a.layers, mlp_hidden=hidden,
-                             attention=att, dtype=a.dtype)
+                             attention=att, compute_dtype=a.dtype)
 
 
 def _copy(tree):

@@ -27,8 +27,9 @@ def test_good_configs_construct():
     gqa = GQAConfig(dim=32, n_heads=4, head_dim=8)
     assert gqa.n_kv_heads == 4  # MHA by default
     assert GQAConfig(**{**GQA, "n_kv_heads": 1}).n_kv_heads == 1  # MQA
-    t = transformer(attention=mla, dtype="bfloat16")
+    t = transformer(attention=mla, compute_dtype="bfloat16")
     assert t.dim == 32 and t.n_heads == 4
+    assert (t.param_dtype, t.compute_dtype) == ("float32", "bfloat16")
 
 
 BAD_SIZES = [0, -1, 2.0, True, None, "8"]
@@ -94,10 +95,18 @@ def test_bad_clip_mode(value):
         GQAConfig(**GQA, clip_mode=value)
 
 
+@pytest.mark.parametrize("field", ["param_dtype", "compute_dtype"])
 @pytest.mark.parametrize("value", ["float16", "bf16", "float64", None])
-def test_bad_dtype(value):
-    with pytest.raises(ValueError, match=r"\bdtype\b"):
-        transformer(dtype=value)
+def test_bad_dtype(field, value):
+    with pytest.raises(ValueError, match=rf"\b{field}\b"):
+        transformer(**{field: value})
+
+
+def test_old_dtype_field_is_gone():
+    """``dtype="bfloat16"`` used to mean bf16 parameters and optimizer state;
+    it is not silently accepted with another meaning."""
+    with pytest.raises(TypeError, match="dtype"):
+        transformer(dtype="bfloat16")
 
 
 @pytest.mark.parametrize("cls,base", [(MLAConfig, MLA), (GQAConfig, GQA)])

@@ -107,7 +107,7 @@ GPU = Settings(
     steps=5000, warmup_steps=100, decay_fraction=0.35, weight_decay=0.1,
     sweep_steps=1000, sweep_lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1), seeds=(0, 1, 2),
     eval_every=250, eval_batches=32, ckpt_every=250,
-    extra=dict(kernel="blockwise", block_size=128, dtype="bfloat16"),
+    extra=dict(kernel="blockwise", block_size=128, compute_dtype="bfloat16"),
 )
 
 MODES = {"full": FULL, "quick": QUICK, "gpu": GPU}

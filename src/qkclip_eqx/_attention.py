@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import GQAConfig, MLAConfig, ParallelAxes
 from ._kernels import attend, softmax_scale
-from ._layers import RMSNorm, init_weight, linear
+from ._layers import RMSNorm, cast_arrays, init_weight, linear
 from ._rope import apply_rope
 
 
@@ -71,17 +71,18 @@ def _attend_and_project(
 ) -> tuple[Array, Array]:
     """The kernel, then the output projection. Under tensor parallelism each
     device holds its heads' columns of ``wo``, and the partial sums are added
-    over the model axis."""
+    over the model axis. The projection accumulates in float32 and the sum runs
+    in float32; the result is returned in the compute dtype (``v``'s)."""
     out, max_logits = attend(
         q, k, v,
         q_pos=positions, k_pos=k_pos, q_seg=segment_ids, k_seg=k_seg,
         causal=c.causal, scale=softmax_scale(qk_head_dim),
         kernel=c.kernel, block_size=c.block_size,
     )
-    y = linear(out.reshape(out.shape[0], -1), wo)
+    y = linear(out.reshape(out.shape[0], -1), wo, out_dtype=jnp.float32)
     if parallel is not None and parallel.model is not None:
         y = jax.lax.psum(y, parallel.model)
-    return y, max_logits
+    return y.astype(v.dtype), max_logits
 
 
 def _scale_rows(w: Array, factor: Float[Array, " heads"], rows: slice) -> Array:
@@ -114,6 +115,9 @@ class MLAttention(AbstractQKClippable):
     - ``wkv_b`` [heads, nope + v, kv_lora_rank]: rows ``[:nope]`` give k_C,
       ``[nope:]`` give v;
     - ``wo`` [dim, heads * v].
+
+    Weights are stored in ``dtype`` (the float32 master copy QK-Clip scales);
+    ``__call__`` casts them and ``x`` once to ``compute_dtype`` (None: no cast).
     """
 
     config: MLAConfig = eqx.field(static=True)
@@ -124,8 +128,10 @@ class MLAttention(AbstractQKClippable):
     kv_norm: RMSNorm
     wkv_b: Float[Array, "heads nope_v kv_lora"]
     wo: Float[Array, "dim heads_v"]
+    compute_dtype: str | None = eqx.field(static=True)
 
-    def __init__(self, config: MLAConfig, *, dtype=jnp.float32, key: PRNGKeyArray):
+    def __init__(self, config: MLAConfig, *, dtype=jnp.float32, compute_dtype=None,
+                 key: PRNGKeyArray):
         c = config
         kqa, kq, kkva, kkvb, ko = jax.random.split(key, 5)
         self.config = c
@@ -142,6 +148,7 @@ class MLAttention(AbstractQKClippable):
             kkvb, (c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank), dtype
         )
         self.wo = init_weight(ko, (c.dim, c.n_heads * c.v_head_dim), dtype)
+        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype).name
 
     @property
     def n_heads(self) -> int:
@@ -159,6 +166,7 @@ class MLAttention(AbstractQKClippable):
         sequence shard); ``segment_ids`` mark packed sequences. Under
         ``parallel`` the heads are this device's shard of the heads."""
         c = self.config
+        self, x = cast_arrays((self, x), self.compute_dtype)
         seq, heads = x.shape[0], self.wq.shape[0]
         positions, segment_ids = _positions_and_segments(seq, positions, segment_ids)
         q_in = x if self.wq_a is None else self.q_norm(linear(x, self.wq_a))
@@ -194,6 +202,7 @@ class GQAttention(AbstractQKClippable):
 
     ``wq`` [heads, head_dim, dim], ``wk``/``wv`` [kv_heads, head_dim, dim],
     ``wo`` [dim, heads * head_dim]. Query head h reads key head ``h // group``.
+    Stored in ``dtype``, computed in ``compute_dtype`` (as :class:`MLAttention`).
     """
 
     config: GQAConfig = eqx.field(static=True)
@@ -201,8 +210,10 @@ class GQAttention(AbstractQKClippable):
     wk: Float[Array, "kv_heads head_dim dim"]
     wv: Float[Array, "kv_heads head_dim dim"]
     wo: Float[Array, "dim heads_head_dim"]
+    compute_dtype: str | None = eqx.field(static=True)
 
-    def __init__(self, config: GQAConfig, *, dtype=jnp.float32, key: PRNGKeyArray):
+    def __init__(self, config: GQAConfig, *, dtype=jnp.float32, compute_dtype=None,
+                 key: PRNGKeyArray):
         c = config
         kq, kk, kv, ko = jax.random.split(key, 4)
         self.config = c
@@ -210,6 +221,7 @@ class GQAttention(AbstractQKClippable):
         self.wk = init_weight(kk, (c.n_kv_heads, c.head_dim, c.dim), dtype)
         self.wv = init_weight(kv, (c.n_kv_heads, c.head_dim, c.dim), dtype)
         self.wo = init_weight(ko, (c.dim, c.n_heads * c.head_dim), dtype)
+        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype).name
 
     @property
     def n_heads(self) -> int:
@@ -225,6 +237,7 @@ class GQAttention(AbstractQKClippable):
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
         """As :meth:`MLAttention.__call__`."""
         c = self.config
+        self, x = cast_arrays((self, x), self.compute_dtype)
         seq = x.shape[0]
         positions, segment_ids = _positions_and_segments(seq, positions, segment_ids)
         rope = dict(theta=c.rope_theta, layout=c.rope_layout)

@@ -14,6 +14,7 @@ from typing import Literal, no_type_check
 Kernel = Literal["dense", "blockwise"]
 RopeLayout = Literal["interleaved", "half"]
 GQAClipMode = Literal["query", "group"]
+Dtype = Literal["float32", "bfloat16"]
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -145,14 +146,30 @@ AttentionConfig = MLAConfig | GQAConfig
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """A decoder-only language model: embedding, ``n_layers`` pre-norm blocks
-    (RMSNorm, attention, RMSNorm, SwiGLU MLP), final RMSNorm, untied LM head."""
+    (RMSNorm, attention, RMSNorm, SwiGLU MLP), final RMSNorm, untied LM head.
+
+    Precision (mixed-precision training with float32 master weights,
+    Micikevicius et al. 2018, arXiv 1710.03740):
+
+    - ``param_dtype``: the dtype the parameters are stored in, and so the
+      optimizer state and the weights QK-Clip scales. Keep ``"float32"``.
+      ``"bfloat16"`` is pure bf16 storage and is NOT mixed precision: ``p + u``
+      is rounded to 8 bits of mantissa, so an update below half an ulp of ``p``
+      (decoupled weight decay ``lr * wd`` below ~2e-3, small AdamW/Muon steps
+      late in a decay) is lost. It is kept for experiments on that loss only.
+    - ``compute_dtype``: each module casts its weights and its input to this
+      dtype at the start of ``__call__``; matmuls run in it. Attention logits,
+      softmax, S, the output projection (and its psum across devices), the LM
+      logits and the loss accumulate in float32 whatever it is.
+    """
 
     vocab_size: int
     n_layers: int
     mlp_hidden: int
     attention: AttentionConfig
     norm_eps: float = 1e-6
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Dtype = "float32"
+    compute_dtype: Dtype = "float32"
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "n_layers", "mlp_hidden")
@@ -161,7 +178,8 @@ class TransformerConfig:
                 "TransformerConfig.attention must be an MLAConfig or GQAConfig, "
                 f"got {type(self.attention).__name__}"
             )
-        _choice(self, "dtype", ("float32", "bfloat16"))
+        _choice(self, "param_dtype", ("float32", "bfloat16"))
+        _choice(self, "compute_dtype", ("float32", "bfloat16"))
         _positive_number(self, "norm_eps")
 
     @property

@@ -10,14 +10,34 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 
-def linear(x: Float[Array, "*rows n_in"], w: Float[Array, "*n_out n_in"]) -> Float[Array, "..."]:
+def linear(
+    x: Float[Array, "*rows n_in"], w: Float[Array, "*n_out n_in"], out_dtype=None
+) -> Float[Array, "..."]:
     """``x @ w.T`` for a weight stored ``(out..., in)``: a per-head weight
-    ``[heads, head_dim, in]`` gives ``[..., heads, head_dim]``."""
-    y = x @ w.reshape(-1, w.shape[-1]).T
+    ``[heads, head_dim, in]`` gives ``[..., heads, head_dim]``. ``out_dtype``
+    (e.g. float32 for bf16 inputs) is the matmul's accumulation and result
+    dtype (``preferred_element_type``); by default the inputs' dtype."""
+    y = jnp.matmul(x, w.reshape(-1, w.shape[-1]).T, preferred_element_type=out_dtype)
     return y.reshape(*x.shape[:-1], *w.shape[:-1])
+
+
+def cast_arrays(tree: PyTree, dtype) -> PyTree:
+    """Every floating-point array leaf of ``tree`` in ``dtype`` (the compute
+    copy of a module's float32 master weights; a no-op where they agree, and
+    for ``dtype=None``)."""
+    if dtype is None:
+        return tree
+    dtype = jnp.dtype(dtype)
+
+    def cast(a):
+        if eqx.is_inexact_array(a) and a.dtype != dtype:
+            return a.astype(dtype)
+        return a
+
+    return jax.tree.map(cast, tree)
 
 
 def init_weight(key: PRNGKeyArray, shape: tuple[int, ...], dtype) -> Float[Array, "..."]:
@@ -38,21 +58,28 @@ class RMSNorm(eqx.Module):
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight * xf.astype(x.dtype)
+        return (self.weight.astype(jnp.float32) * xf).astype(x.dtype)
 
 
 class SwiGLU(eqx.Module):
-    """``W_down (silu(W_gate x) * W_up x)`` (Shazeer 2020, arXiv 2002.05202)."""
+    """``W_down (silu(W_gate x) * W_up x)`` (Shazeer 2020, arXiv 2002.05202).
+
+    Weights stored in ``dtype``; computed in ``compute_dtype`` (weights and
+    input cast once at entry; None: as given), the output in ``compute_dtype``."""
 
     w_gate: Float[Array, "hidden dim"]
     w_up: Float[Array, "hidden dim"]
     w_down: Float[Array, "dim hidden"]
+    compute_dtype: str | None = eqx.field(static=True)
 
-    def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, key: PRNGKeyArray):
+    def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, compute_dtype=None,
+                 key: PRNGKeyArray):
         k1, k2, k3 = jax.random.split(key, 3)
         self.w_gate = init_weight(k1, (hidden, dim), dtype)
         self.w_up = init_weight(k2, (hidden, dim), dtype)
         self.w_down = init_weight(k3, (dim, hidden), dtype)
+        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype).name
 
     def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
-        return linear(jax.nn.silu(linear(x, self.w_gate)) * linear(x, self.w_up), self.w_down)
+        m, x = cast_arrays((self, x), self.compute_dtype)
+        return linear(jax.nn.silu(linear(x, m.w_gate)) * linear(x, m.w_up), m.w_down)

@@ -34,12 +34,12 @@ class Block(eqx.Module):
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         ka, km = jax.random.split(key)
-        dtype = jnp.dtype(config.dtype)
+        dtype, compute = jnp.dtype(config.param_dtype), jnp.dtype(config.compute_dtype)
         attention = MLAttention if isinstance(config.attention, MLAConfig) else GQAttention
         self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
-        self.attn = attention(config.attention, dtype=dtype, key=ka)
+        self.attn = attention(config.attention, dtype=dtype, compute_dtype=compute, key=ka)
         self.mlp_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
-        self.mlp = SwiGLU(config.dim, config.mlp_hidden, dtype=dtype, key=km)
+        self.mlp = SwiGLU(config.dim, config.mlp_hidden, dtype=dtype, compute_dtype=compute, key=km)
 
     def __call__(
         self,
@@ -61,6 +61,10 @@ class Transformer(eqx.Module):
 
     ``blocks`` is ONE :class:`Block` whose array leaves carry a leading layer
     axis; ``__call__`` scans over it, so compile time does not grow with depth.
+
+    Parameters are stored in ``config.param_dtype``; the residual stream and the
+    matmuls run in ``config.compute_dtype``, each module casting its own weights
+    at entry; the LM head accumulates in float32.
     """
 
     config: TransformerConfig = eqx.field(static=True)
@@ -71,7 +75,7 @@ class Transformer(eqx.Module):
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         ke, kb, kh = jax.random.split(key, 3)
-        dtype = jnp.dtype(config.dtype)
+        dtype = jnp.dtype(config.param_dtype)
         self.config = config
         self.embed = jax.random.normal(ke, (config.vocab_size, config.dim), jnp.float32).astype(dtype)
         block_keys = jax.random.split(kb, config.n_layers)
@@ -97,6 +101,7 @@ class Transformer(eqx.Module):
             return block(x, positions=positions, segment_ids=segment_ids, parallel=parallel)
 
         layer = jax.checkpoint(layer, policy=_SAVE_MATMULS_AND_ATTENTION)
-        x, max_logits = jax.lax.scan(layer, self.embed[tokens], params)
-        logits = linear(self.final_norm(x), self.lm_head)
-        return logits.astype(jnp.float32), max_logits
+        compute = jnp.dtype(self.config.compute_dtype)
+        x, max_logits = jax.lax.scan(layer, self.embed[tokens].astype(compute), params)
+        logits = linear(self.final_norm(x), self.lm_head.astype(compute), out_dtype=jnp.float32)
+        return logits, max_logits

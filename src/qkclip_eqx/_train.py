@@ -60,7 +60,10 @@ class RunConfig:
     mlp_hidden: int = 384
     kernel: Literal["dense", "blockwise"] = "dense"
     block_size: int = 128
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # parameters and optimizer state (keep float32), and the matmuls' dtype:
+    # see TransformerConfig
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     # optimisation
     optimizer: Optimizer = "muonclip"
     mode: Literal["clip", "monitor", "off"] | None = None  # None: clip for muonclip, else monitor
@@ -144,7 +147,8 @@ class RunConfig:
             )
         return TransformerConfig(
             vocab_size=vocab_size, n_layers=self.n_layers, mlp_hidden=self.mlp_hidden,
-            attention=attn, dtype=self.dtype,
+            attention=attn,
+            param_dtype=self.param_dtype, compute_dtype=self.compute_dtype,
         )
 
 
@@ -159,11 +163,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # S to ~60 within 150 steps, so the cap is shown at tau = 30, the threshold
     # of the K2 ablation (Fig. 12).
     "small": dict(lr=2e-2, tau=30.0),
-    # about 100M parameters (100.4M with byte tokens), for an accelerator
+    # about 100M parameters (100.4M with byte tokens), for an accelerator:
+    # float32 master weights and optimizer state, bfloat16 matmuls
     "gpu-100m": dict(n_layers=15, dim=768, n_heads=12, q_lora_rank=384, kv_lora_rank=256,
                      qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, head_dim=64,
                      mlp_hidden=2048, steps=5000, batch_size=64, seq_len=1024,
-                     kernel="blockwise", dtype="bfloat16", lr=2e-3, warmup_steps=250,
+                     kernel="blockwise", compute_dtype="bfloat16", lr=2e-3, warmup_steps=250,
                      eval_every=250, ckpt_every=500, max_bytes=64_000_000),
 }
 
