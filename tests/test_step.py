@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from builders import init_from_numpy as _init
-from reference import assert_leaves_close, heads_scaled, leaves_by_path, np_qk_clip
+from reference import assert_leaves_close, heads_scaled, leaves_by_path, np_qk_clip, tree_from_paths
 from qkclip_eqx import (
     GQAConfig,
     MLAConfig,
@@ -324,6 +324,50 @@ def test_group_mode_counts_the_heads_it_scales(gqa_group_model, tokens):
     assert int(metrics["heads_over_tau"]) == int((s > tau).sum())
     assert int(metrics["heads_clipped"]) == int(scaled.sum())
     assert_leaves_close(clipped, np_qk_clip(updated, s, tau, alpha), rtol=2e-6)
+
+
+# --------------------------------------------------------------------------
+# bfloat16
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_bf16_step_trains_and_clips(tokens, param_dtype):
+    """A step with bfloat16 matmuls, float32 (mixed precision) or bfloat16
+    parameters: the loss is finite, the parameters keep their dtype, S is the
+    plain forward's, and the model is NumPy's clip of the unclipped update (to
+    bf16 rounding of the scaled weights when they are stored in bf16)."""
+    att = MLAConfig(dim=16, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                    v_head_dim=4, q_lora_rank=8)
+    cfg = TransformerConfig(vocab_size=VOCAB, n_layers=2, mlp_hidden=32, attention=att,
+                            param_dtype=param_dtype, compute_dtype="bfloat16")
+    model = _init(lambda k: Transformer(cfg, key=k), 4)
+    dtype = jnp.dtype(param_dtype)
+    assert all(x.dtype == dtype for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    _, s = map(np.asarray, _forward(model, tokens))
+    v = np.sort(s.ravel())
+    tau = float(np.float32((v[3] + v[4]) / 2))
+    # SGD that hands back its gradients: the unclipped update W - lr g is made here
+    state = CAPTURE.init(eqx.filter(model, eqx.is_array))
+    clipped, grads, metrics = make_train_step(CAPTURE, mode="clip", tau=tau)(_copy(model), state, tokens)
+    g = leaves_by_path(grads)
+    updated = tree_from_paths(model, {k: (w.astype(np.float64) - LR * g[k].astype(np.float64)).astype(w.dtype)
+                                      for k, w in leaves_by_path(model).items()})
+    assert np.isfinite(float(metrics["loss"]))
+    np.testing.assert_allclose(metrics["max_logits"], s, rtol=1e-6)
+    assert int(metrics["heads_clipped"]) == int(np.sum(s > tau)) == 4
+    assert all(x.dtype == dtype for x in jax.tree.leaves(eqx.filter(clipped, eqx.is_array)))
+    expected = np_qk_clip(updated, s, tau)
+    got = leaves_by_path(clipped)
+    for k, want in expected.items():
+        want = want.astype(np.float32)
+        # bf16 storage: a few roundings of 2^-8 relative to the leaf's values
+        atol = 1e-7 if param_dtype == "float32" else 1e-2 * np.max(np.abs(want))
+        rtol = 2e-6 if param_dtype == "float32" else 1e-2
+        np.testing.assert_allclose(got[k].astype(np.float32), want, rtol=rtol, atol=atol, err_msg=k)
+    # the clip moved the q weights of the heads over tau by more than bf16 rounding
+    plain = leaves_by_path(updated)[".blocks.attn.wq"].astype(np.float32)
+    assert np.max(np.abs(got[".blocks.attn.wq"].astype(np.float32) - plain)) > 0.02 * np.max(np.abs(plain))
 
 
 # --------------------------------------------------------------------------
