@@ -1,0 +1,47 @@
+"""scripts/bench_speed.py: its FLOP count matches the model it times, and it runs."""
+
+import importlib.util
+import pathlib
+
+import equinox as eqx
+import jax
+import numpy as np
+
+import qkclip_eqx as qc
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--q-lora", "16", "--kv-lora", "8",
+        "--nope", "8", "--rope", "4", "--v", "8", "--mlp", "48", "--vocab", "64", "--seq", "16",
+        "--batch", "2", "--rounds", "1", "--piece-rounds", "1"]
+
+
+def test_flops_count_the_models_own_matrices():
+    """6 x (matmul parameters) x tokens, where the matmul parameters are the
+    model's weights other than the embedding and the norm gains (counted here
+    from the built Transformer, not from the script's table)."""
+    bench = _load()
+    a = bench.parse_args(TINY)
+    model = eqx.filter_eval_shape(qc.Transformer, bench.model_config(a), key=jax.random.key(0))
+    leaves = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(model)
+              if isinstance(x, jax.ShapeDtypeStruct)]
+    names = [(jax.tree_util.keystr(p), x) for p, x in leaves]
+    matmul_params = sum(int(np.prod(x.shape)) for name, x in names
+                        if "embed" not in name and "norm" not in name)
+    flops = bench.model_flops(a)
+    assert flops["matmuls"] == 6 * matmul_params * a.batch * a.seq
+    assert flops["total"] == flops["matmuls"] + flops["attention"] + flops["newton_schulz"]
+
+
+def test_runs_without_torch(capsys):
+    _load().main([*TINY, "--torch-python", ""])
+    out = capsys.readouterr().out
+    assert "no --torch-python" in out and "qkclip_eqx" in out and "MFU" in out
