@@ -71,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-python", default=os.environ.get("QKCLIP_TORCH_PYTHON"),
                    help="a Python interpreter with torch (default: $QKCLIP_TORCH_PYTHON)")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--peak-n", type=int, default=2048, help="size of the matmul timed for the peak")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -217,11 +218,11 @@ def main(argv=None) -> None:
     else:
         print("no --torch-python: timing qkclip_eqx alone")
 
-    peak_before = matmul_peak()
+    peak_before = matmul_peak(a.peak_n)
     results = {"step": interleave(impls, "step", a.rounds)}
     for piece in ("fwd", "fwdbwd", "update"):
         results[piece] = interleave(impls, piece, a.piece_rounds)
-    peak = max(peak_before, matmul_peak())
+    peak = max(peak_before, matmul_peak(a.peak_n))
     for _, w in workers:
         w.close()
 
@@ -232,7 +233,7 @@ def main(argv=None) -> None:
           f"batch {a.batch} ({tokens} tokens/step), {a.kernel} kernel, float32, clip mode")
     print(f"model FLOPs/step {flops['total'] / 1e9:.1f} G (matmuls {flops['matmuls'] / 1e9:.1f}, "
           f"attention {flops['attention'] / 1e9:.1f}, Newton-Schulz {flops['newton_schulz'] / 1e9:.1f}); "
-          f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3, this run)")
+          f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s ({a.peak_n}^3, this run)")
     head = f"{'':16s} {'ms/step':>8s} {'tokens/s':>9s} {'MFU':>6s} {'fwd ms':>7s} {'fwd+bwd':>8s} {'bwd/fwd':>8s} {'update':>7s}"
     print(head)
     for n in impls:

@@ -21,7 +21,7 @@ def _load():
 
 TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--q-lora", "16", "--kv-lora", "8",
         "--nope", "8", "--rope", "4", "--v", "8", "--mlp", "48", "--vocab", "64", "--seq", "16",
-        "--batch", "2", "--rounds", "1", "--piece-rounds", "1"]
+        "--batch", "2", "--rounds", "1", "--piece-rounds", "1", "--peak-n", "128"]
 
 
 def test_flops_count_the_models_own_matrices():
