@@ -21,6 +21,7 @@ mutant is killed and nothing errored.
     python scripts/mutation_check.py --list          # the mutants and their tests
     python scripts/mutation_check.py -k optim -k clip   # mutants whose name contains a word
     python scripts/mutation_check.py --no-baseline   # skip the baseline run
+    python scripts/mutation_check.py --targets       # only check that every target text is found
 
 Patterns are regular expressions; :func:`lit` turns a literal into one that
 allows any whitespace between its tokens, so that reformatting the target file
@@ -270,6 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated baseline run")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per test run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    parser.add_argument("--targets", action="store_true",
+                        help="only apply each mutant (no tests): report stale targets and exit")
     args = parser.parse_args(argv)
 
     mutants = [m for m in MUTANTS if not args.k or any(k in m.name for k in args.k)]
@@ -304,6 +307,11 @@ def main(argv=None) -> int:
                 (copy / f).write_text(text)
             if msg:
                 stale[m.name] = msg
+        if args.targets:
+            for m in mutants:
+                print(f"{'STALE' if m.name in stale else 'ok':6s} {m.name} {stale.get(m.name, '')}")
+            print(f"{len(stale)} stale of {len(mutants)}")
+            return 1 if stale else 0
         if not args.no_baseline:
             tests = sorted({t for m in mutants for t in m.tests})
             rc, secs, out = run_tests(copy, tests, args.timeout * 3)
