@@ -125,7 +125,6 @@ def _forward(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: flo
     """q [kv, group*tq, d], k [kv, tk, d], v [kv, tk, dv] (tq, tk multiples of the tiles).
     Returns out [kv, group*tq, dv] (f32), lse [kv, group*tq] and S [kv, group]."""
     kv, dv = q.shape[0], v.shape[-1]
-    rows = t.group * t.bq
     qt, kt, vt = _q_tiles(q, t), _k_tiles(k, t), _k_tiles(v, t)
     skippable = t.nq * t.nk > 1
 
