@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optax
 
 
 def init_from_numpy(make, seed: int):
@@ -120,3 +121,14 @@ def attention_s(model, xs):
         return jax.lax.scan(layer, None, (params, x_layers))[1]
 
     return jnp.max(jax.vmap(one)(xs), axis=0)
+
+
+@eqx.filter_jit
+def unclipped_update(model, opt, opt_state, tokens):
+    """The train step without the clip: loss gradients and the optimizer's update."""
+    from qkclip_eqx import next_token_loss  # noqa: PLC0415
+
+    params, static = eqx.partition(model, eqx.is_array)
+    grads = jax.grad(lambda p: next_token_loss(eqx.combine(p, static), tokens)[0])(params)
+    updates, _ = opt.update(grads, opt_state, params)
+    return eqx.combine(optax.apply_updates(params, updates), static)

@@ -21,14 +21,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from builders import attention_s, layer_inputs, synthetic_corpus  # noqa: E402
+from builders import attention_s, layer_inputs, synthetic_corpus, unclipped_update  # noqa: E402
 from paper_repro.kimi_k2 import pipeline  # noqa: E402
 from paper_repro.kimi_k2.settings import QUICK  # noqa: E402
 from reference import leaves_by_path, np_clip_factors, np_qk_clip  # noqa: E402
@@ -76,15 +75,6 @@ def _clip_runs(out):
 _forward = eqx.filter_jit(next_token_loss)
 
 
-@eqx.filter_jit
-def _unclipped_update(model, opt, opt_state, tokens):
-    """The step without the clip: gradients and the optimizer's update."""
-    params, static = eqx.partition(model, eqx.is_array)
-    grads = jax.grad(lambda p: next_token_loss(eqx.combine(p, static), tokens)[0])(params)
-    updates, _ = opt.update(grads, opt_state, params)
-    return eqx.combine(optax.apply_updates(params, updates), static)
-
-
 def _copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, tree)
 
@@ -120,7 +110,7 @@ def _replay(run_dir, data) -> Replay:
     s_all, loss_all, clip_err, clip_size, s0_next = [], [], [], [], []
     for k in range(n):
         loss, s = map(np.asarray, _forward(model, batches[k]))
-        unclipped = _unclipped_update(model, opt, state, batches[k])
+        unclipped = unclipped_update(model, opt, state, batches[k])
         expected = np_qk_clip(unclipped, s, cfg.tau, cfg.alpha)
         model, state, _ = step(_copy(model), _copy(state), batches[k])
         got, plain = leaves_by_path(model), leaves_by_path(unclipped)

@@ -21,7 +21,7 @@ import optax
 import pytest
 
 import qkclip_eqx._train as train_mod
-from builders import attention_s, layer_inputs, synthetic_corpus, synthetic_text
+from builders import attention_s, layer_inputs, synthetic_corpus, synthetic_text, unclipped_update
 from reference import assert_leaves_close, leaves_by_path, np_clip_factors, np_qk_clip
 from qkclip_eqx._checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from qkclip_eqx._data import get_batch, load_data
@@ -66,15 +66,6 @@ def _like(cfg, vocab_size):
     model = eqx.filter_eval_shape(Transformer, cfg.model_config(vocab_size), key=jax.random.key(0))
     state = eqx.filter_eval_shape(lambda m: optimizer(cfg).init(eqx.filter(m, eqx.is_array)), model)
     return model, state
-
-
-@eqx.filter_jit
-def _update_by_hand(model, opt, opt_state, tokens):
-    """Loss, gradients and the optimizer's update, without the clip."""
-    params, static = eqx.partition(model, eqx.is_array)
-    grads = jax.grad(lambda p: next_token_loss(eqx.combine(p, static), tokens)[0])(params)
-    updates, _ = opt.update(grads, opt_state, params)
-    return eqx.combine(optax.apply_updates(params, updates), static)
 
 
 def _tau_splitting(s) -> float:
@@ -343,7 +334,7 @@ def test_adamw_can_clip_and_muon_cannot(tmp_path, data):
     records = _records(tmp_path)
     np.testing.assert_allclose(records[0]["max_logits"], s0, rtol=1e-6)
     adamw = optax.adamw(cfg.lr, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay)
-    updated = _update_by_hand(model0, adamw, adamw.init(eqx.filter(model0, eqx.is_array)), batch0)
+    updated = unclipped_update(model0, adamw, adamw.init(eqx.filter(model0, eqx.is_array)), batch0)
     assert not np.allclose(leaves_by_path(updated)[".embed"], leaves_by_path(model0)[".embed"])
     s_upd, s_after = _assert_clip_acted(updated, result.model, batch0, cfg.tau, cfg.alpha,
                                         np.asarray(s0))
