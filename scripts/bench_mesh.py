@@ -40,7 +40,7 @@ def main() -> None:
     for name, shape in MESHES.items():
         mesh = None if shape is None else qc.make_mesh(**shape)
         model = qc.Transformer(cfg, key=jax.random.key(0))
-        opt = qc.muonclip(1e-3)
+        opt = qc.muon_adamw(1e-3)
         state = opt.init(eqx.filter(model, eqx.is_array))
         if mesh is not None:
             model, state = qc.shard_train_state(model, state, opt, mesh)

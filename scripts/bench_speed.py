@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qkclip_eqx import (MLAConfig, Transformer, TransformerConfig, make_train_step, muonclip,
+from qkclip_eqx import (MLAConfig, Transformer, TransformerConfig, make_train_step, muon_adamw,
                         next_token_loss)
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -126,7 +126,7 @@ class Ours:
         rng = np.random.default_rng(0)
         self.tokens = [jnp.asarray(rng.integers(0, a.vocab, (a.batch, a.seq + 1)), jnp.int32)
                        for _ in range(4)]
-        self.optimizer = muonclip(2e-3, weight_decay=0.1)
+        self.optimizer = muon_adamw(2e-3, weight_decay=0.1)
         self.opt_state = self.optimizer.init(eqx.filter(self.model, eqx.is_array))
         self.train_step = make_train_step(self.optimizer, mode="clip", tau=100.0)
         self._fwd = eqx.filter_jit(lambda m, t: next_token_loss(m, t)[0])

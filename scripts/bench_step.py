@@ -7,7 +7,7 @@ How to run (from the repository root, in the project's environment):
     python scripts/bench_step.py --kernels dense --json /tmp/bench.json
 
 The reference model is an MLA Transformer (4 layers, dim 256, 4 heads, seq 256,
-batch 8, byte vocabulary) trained with ``muonclip``. For each attention kernel
+batch 8, byte vocabulary) trained with ``muon_adamw`` and QK-Clip. For each attention kernel
 (dense, blockwise) it builds three ``make_train_step`` functions (``clip``,
 ``monitor``, ``off``), compiles and warms each up, then times them
 INTERLEAVED: every round runs one step of each mode, the order rotating from
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qkclip_eqx import MLAConfig, Transformer, TransformerConfig, make_train_step, muonclip
+from qkclip_eqx import MLAConfig, Transformer, TransformerConfig, make_train_step, muon_adamw
 
 MODES = ("clip", "monitor", "off")
 
@@ -78,7 +78,7 @@ def _copy(tree):
 def bench_kernel(a: argparse.Namespace, kernel: str, tokens) -> dict:
     cfg = model_config(a, kernel)
     model = eqx.filter_jit(lambda k: Transformer(cfg, key=k))(jax.random.key(0))
-    optimizer = muonclip(a.lr, weight_decay=0.1)
+    optimizer = muon_adamw(a.lr, weight_decay=0.1)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qkclip_eqx import (GQAConfig, MLAConfig, Transformer, TransformerConfig, make_train_step,
-                        muonclip, shard_batch, shard_train_state)
+                        muon_adamw, shard_batch, shard_train_state)
 
 TAU = 3.0
 STEPS = 3
@@ -30,7 +30,7 @@ def tokens() -> np.ndarray:
 def run_scenario(mesh=None, attention: str = "mla", rows: slice = slice(None)):
     """Returns (parameter leaves as host arrays, metrics stacked over steps)."""
     model = Transformer(config(attention), key=jax.random.key(0))
-    opt = muonclip(1e-2)
+    opt = muon_adamw(1e-2)
     opt_state = opt.init(eqx.filter(model, eqx.is_array))
     if mesh is not None:
         model, opt_state = shard_train_state(model, opt_state, opt, mesh)

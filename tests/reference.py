@@ -8,7 +8,7 @@ documented weight layouts; no library function is called to compute them.
   stacked attention weights (and, for GQA, the two shared-key rules that
   ``GQAttention.scale_heads`` documents).
 - :class:`NumpyMuonClip`: Muon (Moonlight, arXiv 2502.16982; K2 Algorithm 1)
-  for the matrices of the blocks, AdamW for the rest, as ``qkclip_eqx.muonclip``
+  for the matrices of the blocks, AdamW for the rest, as ``qkclip_eqx.muon_adamw``
   says it computes them.
 """
 
@@ -141,7 +141,7 @@ def np_newton_schulz(m: np.ndarray, steps: int = 5, eps: float = 1e-8) -> np.nda
 
 
 class NumpyMuonClip:
-    """``qkclip_eqx.muonclip`` over several steps, in float64.
+    """``qkclip_eqx.muon_adamw`` over several steps, in float64.
 
     Leaves whose path starts with ``.blocks.`` (a Transformer's stacked
     blocks, layer axis first) and have rank >= 3 get Muon, each layer's

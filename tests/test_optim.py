@@ -1,4 +1,4 @@
-"""MuonClip's optimizer half (`qkclip_eqx.muonclip`, `param_spec`) and the schedules.
+"""MuonClip's optimizer half (`qkclip_eqx.muon_adamw`, routing) and the schedules.
 
 Routing (Kimi K2 report, Algorithm 1; Moonlight, arXiv 2502.16982): the hidden
 matrices of the Transformer's blocks go to Muon, each stacked layer
@@ -24,13 +24,12 @@ import reference
 from builders import init_from_numpy as _init
 from reference import NumpyMuonClip, leaves_by_path
 from qkclip_eqx import (
-    ADAMW,
     GQAConfig,
     MLAConfig,
     Transformer,
     TransformerConfig,
-    muonclip,
-    param_spec,
+    matrix_dimension_numbers,
+    muon_adamw,
     warmup_cosine,
     wsd,
 )
@@ -45,13 +44,18 @@ def _random_like(tree, seed: int):
 
 
 def _is_spec(x) -> bool:
-    return x is ADAMW or isinstance(x, MuonDimensionNumbers)
+    return x is None or isinstance(x, MuonDimensionNumbers)
+
+
+def param_spec(params):
+    """The routing the default muon_adamw applies to a Transformer."""
+    return params.muon_dimension_numbers()
 
 
 def _expected_route(path: str, leaf) -> object:
     """The documented routing of a Transformer leaf, restated independently."""
     if path in (".embed", ".lm_head") or "norm" in path:
-        return ADAMW
+        return None
     assert path.startswith(".blocks."), path
     assert leaf.ndim >= 3, path  # a stacked matrix: [layers, out..., in]
     return MuonDimensionNumbers(
@@ -96,7 +100,7 @@ def gqa_params():
 @pytest.fixture(scope="module")
 def transformer_update(mla_params):
     """One muonclip update (fresh state, wd=0) of the MLA Transformer's params."""
-    opt = muonclip(LR, weight_decay=0.0)
+    opt = muon_adamw(LR, weight_decay=0.0)
     state = opt.init(mla_params)
     grads = _random_like(mla_params, 2)
     updates, _ = jax.jit(opt.update)(grads, state, mla_params)
@@ -121,24 +125,38 @@ def test_param_spec_routes_every_transformer_leaf(which, mla_params, gqa_params)
     for path, leaf in param_leaves.items():
         expected = _expected_route(path, leaf)
         assert spec_leaves[path] == expected, (path, spec_leaves[path], expected)
-        n_muon += expected is not ADAMW
+        n_muon += expected is not None
     # some of each, and the AdamW ones include every kind
     assert n_muon >= 7
     for must in (".embed", ".lm_head", ".final_norm.weight", ".blocks.attn_norm.weight",
                  ".blocks.mlp_norm.weight"):
-        assert spec_leaves[must] is ADAMW
+        assert spec_leaves[must] is None
     if which == "mla":
         for must in (".blocks.attn.q_norm.weight", ".blocks.attn.kv_norm.weight"):
-            assert spec_leaves[must] is ADAMW
+            assert spec_leaves[must] is None
         assert spec_leaves[".blocks.attn.wq"] == MuonDimensionNumbers(3, (1, 2))
 
 
-def test_param_spec_generic_model():
+def test_matrix_dimension_numbers_generic_model():
     params = {"w": jnp.ones((3, 4)), "heads": jnp.ones((2, 3, 4)), "b": jnp.ones(4)}
-    spec = param_spec(params)
+    spec = matrix_dimension_numbers(params)
     assert spec["w"] == MuonDimensionNumbers(1, (0,))
     assert spec["heads"] == MuonDimensionNumbers(2, (0, 1))
-    assert spec["b"] is ADAMW
+    assert spec["b"] is None
+    # a stacked axis is a batch axis, never part of the matrix
+    stacked = matrix_dimension_numbers(params, stacked_axes=1)
+    assert stacked["heads"] == MuonDimensionNumbers(2, (1,))
+    assert stacked["w"] is None and stacked["b"] is None
+
+
+def test_a_model_without_routing_is_refused_by_name():
+    """No silent default for a model muon_adamw knows nothing about: a stacked
+    layer axis would be orthogonalised as part of the matrix."""
+    params = {"w": jnp.ones((2, 3, 4))}
+    with pytest.raises(TypeError, match="cannot tell which leaves of a dict"):
+        muon_adamw(LR).init(params)
+    with pytest.raises(ValueError, match="stacked_axes"):
+        matrix_dimension_numbers(params, stacked_axes=-1)
 
 
 def _array_paths(tree) -> set[str]:
@@ -147,11 +165,11 @@ def _array_paths(tree) -> set[str]:
 
 
 def test_optimizer_state_follows_routing(mla_params):
-    state = muonclip(LR).init(mla_params)
+    state = muon_adamw(LR).init(mla_params)
     spec = param_spec(mla_params)
     flat = jtu.tree_flatten_with_path(spec, is_leaf=_is_spec)[0]
-    muon_paths = {jtu.keystr(p) for p, s in flat if s is not ADAMW}
-    adamw_paths = {jtu.keystr(p) for p, s in flat if s is ADAMW}
+    muon_paths = {jtu.keystr(p) for p, s in flat if s is not None}
+    adamw_paths = {jtu.keystr(p) for p, s in flat if s is None}
     assert muon_paths and adamw_paths and not (muon_paths & adamw_paths)
 
     muon_state = state.inner_states["muon"].inner_state[0]
@@ -204,7 +222,7 @@ def test_muon_update_scale_and_rms(shape):
     """
     params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)}
     grads = {"w": jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)}
-    opt = muonclip(LR, weight_decay=0.0)
+    opt = muon_adamw(LR, weight_decay=0.0, weight_dimension_numbers=matrix_dimension_numbers)
     u = np.asarray(opt.update(grads, opt.init(params), params)[0]["w"])
     g2 = np.asarray(grads["w"]).reshape(-1, shape[-1])
     fan = max(g2.shape)
@@ -233,7 +251,7 @@ def test_newton_schulz_output_is_near_orthogonal():
         g = (uu * np.geomspace(1.0, 1e-3, len(s))) @ vt
         params = {"w": jnp.zeros(shape)}
         grads = {"w": jnp.asarray(g.reshape(shape), jnp.float32)}
-        opt = muonclip(LR, weight_decay=0.0)
+        opt = muon_adamw(LR, weight_decay=0.0, weight_dimension_numbers=matrix_dimension_numbers)
         u = np.asarray(opt.update(grads, opt.init(params), params)[0]["w"]).reshape(g.shape)
         o = u / (-LR * 0.2 * math.sqrt(max(g.shape)))
         sv = np.linalg.svd(o, compute_uv=False)
@@ -248,10 +266,12 @@ def test_decoupled_weight_decay_is_lr_wd_w():
     rng = np.random.default_rng(4)
     params = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
               "gain": jnp.asarray(1 + rng.standard_normal(8), jnp.float32)}
-    assert param_spec(params)["gain"] is ADAMW and param_spec(params)["w"] is not ADAMW
+    dims = matrix_dimension_numbers
+    assert dims(params)["gain"] is None and dims(params)["w"] is not None
     grads = _random_like(params, 5)
     wd = 0.1
-    on, off = muonclip(LR, weight_decay=wd), muonclip(LR, weight_decay=0.0)
+    on = muon_adamw(LR, weight_decay=wd, weight_dimension_numbers=dims)
+    off = muon_adamw(LR, weight_decay=0.0, weight_dimension_numbers=dims)
     u_on = on.update(grads, on.init(params), params)[0]
     u_off = off.update(grads, off.init(params), params)[0]
     for k in params:
@@ -260,12 +280,12 @@ def test_decoupled_weight_decay_is_lr_wd_w():
             rtol=1e-4, atol=1e-9, err_msg=k,
         )
     with pytest.raises(ValueError, match="weight_decay"):
-        muonclip(LR, weight_decay=-0.1)
+        muon_adamw(LR, weight_decay=-0.1)
 
 
 def test_adamw_leaves_get_exact_optax_adamw_updates(mla_params):
     wd = 0.1
-    opt = muonclip(LR, weight_decay=wd)
+    opt = muon_adamw(LR, weight_decay=wd)
     ref = optax.adamw(LR, b1=0.9, b2=0.95, eps=1e-8, weight_decay=wd)
     leaves = {
         "embed": lambda t: t.embed,
@@ -312,7 +332,7 @@ def _lr(t):
 def several_steps(mla_params):
     """Four muonclip updates (wd 0.1) of the MLA Transformer's params, with a
     fresh random gradient each step; the params move by their own updates."""
-    opt = muonclip(_lr, weight_decay=0.1)
+    opt = muon_adamw(_lr, weight_decay=0.1)
     update = jax.jit(opt.update)
     state, params = opt.init(mla_params), mla_params
     grads, updates = [], []

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from parallel_scenario import TAU, config, run_scenario
 
 import qkclip_eqx as qc
-from qkclip_eqx._parallel import param_specs, shard
+from qkclip_eqx._parallel import partition_specs, shard
 
 MESHES = [dict(data=8), dict(data=4, model=2), dict(data=2, seq=4), dict(data=2, model=2, seq=2)]
 
@@ -56,7 +56,7 @@ def test_mesh_matches_single_device_gqa(reference):
 def test_params_are_sharded_by_heads():
     mesh = qc.make_mesh(data=2, model=4)
     model = qc.Transformer(config("mla"), key=jax.random.key(0))
-    model = shard(model, param_specs(model), mesh)
+    model = shard(model, partition_specs(model), mesh)
     wq = model.blocks.attn.wq  # [layers, heads, qk, q_in]
     assert wq.sharding.spec == P(None, "model")
     assert {s.data.shape for s in wq.addressable_shards} == {(2, 1, 16, 16)}
@@ -65,7 +65,7 @@ def test_params_are_sharded_by_heads():
 def test_clip_on_sharded_weights_needs_no_all_gather():
     mesh = qc.make_mesh(data=2, model=4)
     model = qc.Transformer(config("mla"), key=jax.random.key(0))
-    model = shard(model, param_specs(model), mesh)
+    model = shard(model, partition_specs(model), mesh)
     s = jax.device_put(jnp.full((2, 4), 10.0), NamedSharding(mesh, P(None, "model")))
     params, static = eqx.partition(model, eqx.is_array)
     clip = jax.jit(lambda p, s: eqx.filter(qc.qk_clip(eqx.combine(p, static), s, TAU), eqx.is_array))
@@ -91,7 +91,7 @@ def test_bad_mesh_fails_before_compiling(shape, batch, seq, match):
     if match is None:
         qc._parallel.check_mesh(mesh, model, batch, seq)  # a good mesh passes
         return
-    opt = qc.muonclip(1e-2)
+    opt = qc.muon_adamw(1e-2)
     step = qc.make_train_step(opt, mesh=mesh)
     with pytest.raises(ValueError, match=match):
         step(model, opt.init(eqx.filter(model, eqx.is_array)),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from builders import init_from_numpy, synthetic_corpus
-from qkclip_eqx import Transformer, get_batch, make_train_step, muonclip, next_token_loss
+from qkclip_eqx import Transformer, get_batch, make_train_step, muon_adamw, next_token_loss
 from qkclip_eqx._train import preset
 
 STEPS, BATCH, SEQ, LR = 50, 8, 32, 3e-3
@@ -46,7 +46,7 @@ def data():
 
 def _train(config, data):
     model = _model(config)
-    opt = muonclip(LR)
+    opt = muon_adamw(LR)
     state = opt.init(eqx.filter(model, eqx.is_array))
     step = make_train_step(opt, mode="clip", tau=100.0)  # one compile per config
     losses = []
@@ -148,7 +148,7 @@ def _decay_only_step(config, lr, wd):
     """One step whose gradient is exactly zero: Muon and AdamW then update by
     their decoupled weight decay alone, ``p <- p - lr * wd * p``."""
     model = _model(config, seed=5)
-    opt = muonclip(lr, weight_decay=wd)
+    opt = muon_adamw(lr, weight_decay=wd)
     state = opt.init(eqx.filter(model, eqx.is_array))
 
     def zero_loss(model, tokens):

@@ -26,7 +26,7 @@ from qkclip_eqx import (
     Transformer,
     TransformerConfig,
     make_train_step,
-    muonclip,
+    muon_adamw,
     next_token_loss,
     qk_clip,
 )
@@ -72,7 +72,7 @@ def tokens():
 
 @pytest.fixture(scope="module")
 def optimizer():
-    return muonclip(LR, weight_decay=0.1)
+    return muon_adamw(LR, weight_decay=0.1)
 
 
 @pytest.fixture(scope="module")

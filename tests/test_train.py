@@ -26,7 +26,7 @@ from reference import assert_leaves_close, leaves_by_path, np_clip_factors, np_q
 from qkclip_eqx._checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from qkclip_eqx._data import get_batch, load_data
 from qkclip_eqx._model import Transformer
-from qkclip_eqx._parallel import make_mesh, param_specs, shard_train_state
+from qkclip_eqx._parallel import make_mesh, partition_specs, shard_train_state
 from qkclip_eqx._step import next_token_loss
 from qkclip_eqx._train import optimizer, preset, train
 from qkclip_eqx.cli import eval as eval_cli
@@ -298,7 +298,7 @@ def test_one_device_checkpoint_restores_on_a_mesh(tmp_path, data, straight):
         la, lb = leaves_by_path(got), leaves_by_path(want)
         for k in lb:
             np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
-    specs = param_specs(m)
+    specs = partition_specs(m)
     for x, spec in zip(jax.tree.leaves(eqx.filter(m, eqx.is_array)), jax.tree.leaves(specs)):
         assert x.sharding.mesh.shape == mesh.shape and x.sharding.spec == spec
     assert m.blocks.attn.wq.sharding.spec[1] == "model"  # the heads really are split

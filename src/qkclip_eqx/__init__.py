@@ -5,10 +5,11 @@ from ._attention import AbstractQKClippable as AbstractQKClippable
 from ._attention import GQAttention as GQAttention
 from ._attention import MLAttention as MLAttention
 from ._clip import clip_factors as clip_factors
+from ._clip import clipped_heads as clipped_heads
 from ._clip import qk_clip as qk_clip
 from ._config import GQAConfig as GQAConfig
-from ._config import ParallelAxes as ParallelAxes
 from ._config import MLAConfig as MLAConfig
+from ._config import ParallelAxes as ParallelAxes
 from ._config import TransformerConfig as TransformerConfig
 from ._data import TokenData as TokenData
 from ._data import eval_batches as eval_batches
@@ -16,24 +17,65 @@ from ._data import get_batch as get_batch
 from ._data import load_data as load_data
 from ._data import stdlib_corpus as stdlib_corpus
 from ._kernels import attend as attend
+from ._metrics import RunMetrics as RunMetrics
+from ._metrics import read_metrics as read_metrics
 from ._model import Block as Block
 from ._model import Transformer as Transformer
-from ._optim import ADAMW as ADAMW
-from ._parallel import make_mesh as make_mesh
-from ._parallel import param_specs as param_specs
-from ._parallel import shard_batch as shard_batch
-from ._parallel import shard_train_state as shard_train_state
-from ._optim import muonclip as muonclip
-from ._optim import param_spec as param_spec
+from ._optim import matrix_dimension_numbers as matrix_dimension_numbers
+from ._optim import muon_adamw as muon_adamw
 from ._optim import warmup_cosine as warmup_cosine
 from ._optim import wsd as wsd
+from ._parallel import make_mesh as make_mesh
+from ._parallel import partition_specs as partition_specs
+from ._parallel import shard_batch as shard_batch
+from ._parallel import shard_loss as shard_loss
+from ._parallel import shard_train_state as shard_train_state
 from ._step import make_train_step as make_train_step
 from ._step import next_token_loss as next_token_loss
+from ._train import PRESETS as PRESETS
+from ._train import RunConfig as RunConfig
+from ._train import RunResult as RunResult
+from ._train import evaluate as evaluate
+from ._train import preset as preset
+from ._train import train as train
 
 __all__ = [
-    "ADAMW", "AbstractQKClippable", "Block", "GQAConfig", "GQAttention", "MLAConfig",
-    "MLAttention", "ParallelAxes", "TokenData", "Transformer", "TransformerConfig", "attend", "clip_factors",
-    "eval_batches", "get_batch", "hf", "load_data", "make_mesh", "make_train_step", "muonclip",
-    "next_token_loss", "param_spec", "param_specs", "qk_clip", "shard_batch",
-    "shard_train_state", "stdlib_corpus", "warmup_cosine", "wsd",
+    "PRESETS",
+    "AbstractQKClippable",
+    "Block",
+    "GQAConfig",
+    "GQAttention",
+    "MLAConfig",
+    "MLAttention",
+    "ParallelAxes",
+    "RunConfig",
+    "RunMetrics",
+    "RunResult",
+    "TokenData",
+    "Transformer",
+    "TransformerConfig",
+    "attend",
+    "clip_factors",
+    "clipped_heads",
+    "eval_batches",
+    "evaluate",
+    "get_batch",
+    "hf",
+    "load_data",
+    "make_mesh",
+    "make_train_step",
+    "matrix_dimension_numbers",
+    "muon_adamw",
+    "next_token_loss",
+    "partition_specs",
+    "preset",
+    "qk_clip",
+    "read_metrics",
+    "shard_batch",
+    "shard_loss",
+    "shard_train_state",
+    "stdlib_corpus",
+    "train",
+    "warmup_cosine",
+    "wsd",
 ]

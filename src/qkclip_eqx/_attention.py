@@ -9,6 +9,9 @@ each head, and exposes :meth:`AbstractQKClippable.scale_heads` for QK-Clip.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -21,32 +24,52 @@ from ._rope import apply_rope
 
 
 class AbstractQKClippable(eqx.Module):
-    """An attention module QK-Clip can act on.
+    """An attention module QK-Clip can act on, and that knows its own head layout.
 
-    To make your own attention clippable, subclass this and implement
-    :meth:`scale_heads`, returning a copy whose head-``h`` logits are all
-    multiplied by exactly ``gamma[h]`` (``eqx.tree_at`` on the q/k weights).
-    :func:`qkclip_eqx.qk_clip` finds every such module in a model's tree.
+    To make your own attention clippable, subclass this and provide:
+
+    - `n_heads`: the number of query heads (the length of its `max_logits`);
+    - [`scale_heads`][]: a copy whose head-`h` logits are all multiplied by
+      exactly `gamma[h]` (`eqx.tree_at` on the q/k weights);
+    - [`head_axes`][]: which array leaves carry the head axis, and where.
+
+    [`qkclip_eqx.qk_clip`][] finds every such module in a model's tree;
+    [`qkclip_eqx.partition_specs`][] shards the leaves named by `head_axes`
+    over the mesh's `model` axis, and the mesh check requires that axis to
+    divide `n_heads` and every such leaf's head axis. Nothing else about the
+    module is assumed.
     """
 
-    @property
-    @abc.abstractmethod
-    def n_heads(self) -> int:
-        """Number of query heads: the length of this module's ``max_logits``."""
+    n_heads: eqx.AbstractVar[int]
 
     @abc.abstractmethod
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "AbstractQKClippable":
-        """Return a copy with every logit of head ``h`` multiplied by ``gamma[h]``.
+        """Return a copy with every logit of head `h` multiplied by `gamma[h]`.
 
-        ``alpha`` is the share of the factor given to the query side
-        (``gamma^alpha`` on q, ``gamma^(1-alpha)`` on k), where a module has a
-        free choice. ``gamma`` is 1 for heads that are not clipped, and a module
-        must then leave those heads' weights bit-identical.
+        **Arguments:**
+
+        - `gamma`: one factor per head; 1 for heads that are not clipped, and the
+          module must then leave those heads' weights bit-identical.
+        - `alpha`: the share of the factor given to the query side
+          (`gamma^alpha` on q, `gamma^(1-alpha)` on k), where the module has a
+          free choice.
+        """
+
+    @abc.abstractmethod
+    def head_axes(self) -> tuple[Callable[[Any], tuple[Array, ...]], tuple[int, ...]]:
+        """The leaves that carry the head axis: `(where, axes)`.
+
+        `where` selects array leaves as for `eqx.tree_at`, and `axes` gives for
+        each the axis along which its heads lie, counted from the end (negative),
+        so that stacked (scanned) layers may add leading axes. Along that axis
+        the heads must be contiguous and in head order (a head-major
+        `heads * head_dim` axis qualifies). Every other array leaf is shared by
+        all heads and is replicated under tensor parallelism.
         """
 
     def heads_scaled(self, gamma: Float[Array, " heads"]) -> Bool[Array, " heads"]:
-        """The heads whose logits :meth:`scale_heads` scales for this ``gamma``:
-        those with ``gamma < 1``. Override it if your rule also scales others."""
+        """The heads whose weights [`scale_heads`][] changes for this `gamma`:
+        those with `gamma < 1`. Override it if your rule also changes others."""
         return gamma < 1
 
 
@@ -187,6 +210,10 @@ class MLAttention(AbstractQKClippable):
             c, q, k, v, positions, segment_ids, k_pos, k_seg, c.qk_head_dim, self.wo, parallel
         )
 
+    def head_axes(self):
+        """`wq` and `wkv_b` [heads, rows, in] by head; `wo`'s head-major columns."""
+        return (lambda m: (m.wq, m.wkv_b, m.wo)), (-3, -3, -1)
+
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "MLAttention":
         """q_C by gamma^alpha, k_C by gamma^(1-alpha), q_R by gamma; k_R untouched
         (it is shared by all heads). Kimi K2 report, sec. 2.1."""
@@ -248,6 +275,11 @@ class GQAttention(AbstractQKClippable):
         return _attend_and_project(
             c, q, k, v, positions, segment_ids, k_pos, k_seg, c.head_dim, self.wo, parallel
         )
+
+    def head_axes(self):
+        """`wq` by query head, `wk`/`wv` by key head (query head `h` reads key
+        head `h // group`, so contiguous shards stay paired); `wo`'s columns."""
+        return (lambda m: (m.wq, m.wk, m.wv, m.wo)), (-3, -3, -3, -1)
 
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "GQAttention":
         """MHA (group of one): W_q^h by gamma^alpha, W_k^h by gamma^(1-alpha).

@@ -60,6 +60,13 @@ def _check_tau(tau) -> None:
         raise ValueError(f"tau must be > 0, got {tau}")
 
 
+def check_tau_alpha(tau, alpha) -> None:
+    """THE check of QK-Clip's two numbers: `tau > 0` and `0 <= alpha <= 1`."""
+    _check_tau(tau)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
 def _modules_and_s(model: PyTree, max_logits, what: str) -> tuple[list, list]:
     """The clippable modules of ``model`` and their S arrays, paired and checked."""
     modules = clippable_modules(model)
@@ -103,9 +110,7 @@ def qk_clip(
     (the Transformer's scanned layers), its S carries the same leading axes,
     ``[layers, heads]``, and every layer gets its own gamma.
     """
-    _check_tau(tau)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    check_tau_alpha(tau, alpha)
     modules, s_list = _modules_and_s(model, max_logits, "qk_clip")
     clipped = [_scale(m, clip_factors(s, tau), alpha) for m, s in zip(modules, s_list)]
     leaves, treedef = jax.tree.flatten(model, is_leaf=_is_clippable)

@@ -193,14 +193,16 @@ class TransformerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelAxes:
-    """Mesh axis names an attention module uses inside ``jax.shard_map``.
+    """Mesh axis names a model uses inside `jax.shard_map`; outside it, pass nothing.
 
-    ``model``: heads are sharded over this axis (tensor parallelism); the output
-    projection's partial sums are ``psum``-ed over it. ``seq``: the sequence is
-    sharded over this axis (context parallelism); keys and values (for MLA the
-    latent c_KV and the shared k_R) are all-gathered over it. Outside shard_map
-    pass nothing.
+    - `data`: the batch is sharded over this axis; a loss sums over it.
+    - `model`: heads are sharded over this axis (tensor parallelism); the output
+      projection's partial sums are `psum`-ed over it.
+    - `seq`: the sequence is sharded over this axis (context parallelism); keys
+      and values (for MLA the latent c_KV and the shared k_R) are all-gathered
+      over it, and a loss sums over it.
     """
 
+    data: str | None = None
     model: str | None = None
     seq: str | None = None

@@ -10,6 +10,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ._attention import GQAttention, MLAttention
 from ._config import MLAConfig, ParallelAxes, TransformerConfig
 from ._layers import RMSNorm, SwiGLU, init_weight, linear
+from ._optim import matrix_dimension_numbers
 
 
 # What a scanned layer keeps for its backward pass: the projections' matmul
@@ -105,3 +106,11 @@ class Transformer(eqx.Module):
         x, max_logits = jax.lax.scan(layer, self.embed[tokens].astype(compute), params)
         logits = linear(self.final_norm(x), self.lm_head.astype(compute), out_dtype=jnp.float32)
         return logits, max_logits
+
+    def muon_dimension_numbers(self) -> "Transformer":
+        """Optimizer routing for [`qkclip_eqx.muon_adamw`][]: the matrices inside
+        `blocks` go to Muon, each layer on its own (the leading layer axis is a
+        batch axis); the embedding, the LM head and every norm gain to AdamW
+        (`None`). Works on a masked copy of the params, as optax passes them."""
+        adamw = jax.tree.map(lambda _: None, self)
+        return eqx.tree_at(lambda t: t.blocks, adamw, matrix_dimension_numbers(self.blocks, stacked_axes=1))

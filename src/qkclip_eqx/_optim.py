@@ -6,14 +6,26 @@ Kimi K2 report (arXiv 2507.20534), Algorithm 1, and Moonlight (arXiv 2502.16982)
     O_t = NewtonSchulz5(M_t) * sqrt(max(n, m)) * 0.2     (update RMS matched to AdamW)
     W_t = W_{t-1} - eta (O_t + lambda W_{t-1})
 
-The momentum and Newton-Schulz iteration are ``optax.contrib.scale_by_muon``'s
-(Nesterov, coefficients (3.4445, -4.7750, 2.0315), 5 steps). Its momentum is an
-exponential average with bias correction rather than K2's plain sum; after the
-Frobenius normalisation inside Newton-Schulz the two differ only by the bias
-correction of the first few steps.
+The momentum and Newton-Schulz iteration are `optax.contrib.scale_by_muon`'s
+(coefficients (3.4445, -4.7750, 2.0315), 5 steps), with two differences from
+K2's formula that we keep on purpose:
 
-QK-Clip itself is weight surgery after the update and lives in ``_clip.py``;
-the train step (``_step.py``) composes the two.
+- the momentum is an exponential average with bias correction,
+  `M_t = mu M_{t-1} + (1 - mu) G_t` (divided by `1 - mu^t`), rather than the plain
+  sum; after the Frobenius normalisation inside Newton-Schulz the scale drops
+  out, so this alone changes only the first few steps;
+- it is Nesterov momentum (`nesterov=True`, as Moonlight's and Keller Jordan's
+  Muon): Newton-Schulz is applied to `mu M_t + (1 - mu) G_t`, not to `M_t`, so
+  the direction differs from K2's at every step. It is the variant the Muon
+  papers tune and report; pass `nesterov=False` for K2's plain momentum.
+
+QK-Clip itself is weight surgery after the update and lives in `_clip.py`; the
+train step (`_step.py`) composes the two.
+
+Routing follows optax's Muon convention (`optax.contrib.muon`'s
+`muon_weight_dimension_numbers`): a function of the params returning, for every
+array leaf, a `MuonDimensionNumbers` (Muon, with that matrix layout) or `None`
+(AdamW).
 """
 
 from __future__ import annotations
@@ -21,113 +33,118 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import PyTree
 from optax.contrib import MuonDimensionNumbers
 
-from ._model import Transformer
+DimensionNumbers = Callable[[PyTree], PyTree]
 
 
-class _AdamW:
-    """Marks a leaf routed to AdamW in a parameter spec."""
+def matrix_dimension_numbers(params: PyTree, *, stacked_axes: int = 0) -> PyTree:
+    """Muon for every leaf that is a matrix once its `stacked_axes` leading axes
+    are set aside; `None` (AdamW) for the rest.
 
-    def __repr__(self) -> str:
-        return "ADAMW"
+    The layout is `(out..., in)`: the last axis is the reduction (input) axis
+    and every other non-stacked axis an output axis, so a per-head weight
+    `[heads, head_dim, in]` is orthogonalised as ONE `(heads * head_dim, in)`
+    matrix, as K2 and Moonlight treat W_q (a per-head orthogonalisation would
+    give each head an update of full rank: a different optimizer). Stacked
+    (scanned) layers are batch axes: each layer is orthogonalised on its own.
 
-
-ADAMW = _AdamW()
-
-
-def _is_spec(x) -> bool:
-    return x is ADAMW or isinstance(x, MuonDimensionNumbers)
-
-
-def _matrix(stacked: int) -> Callable:
-    """Muon when the leaf, less its ``stacked`` leading axes, is a matrix.
-
-    Layout is ``(out..., in)``: the last axis is the reduction (input) axis and
-    every other non-stacked axis is an output axis, so a per-head weight
-    [heads, head_dim, in] is orthogonalised as ONE (heads*head_dim, in) matrix,
-    as K2 and Moonlight treat W_q (a per-head orthogonalisation would give each
-    head an update of full rank, a different optimizer). Stacked (scanned)
-    layers are batch axes: each layer is orthogonalised on its own.
+    An embedding table is a matrix too, and belongs to AdamW: route it yourself
+    (see [`qkclip_eqx.Transformer.muon_dimension_numbers`][] for an example).
     """
+    if not (isinstance(stacked_axes, int) and stacked_axes >= 0):
+        raise ValueError(f"stacked_axes must be an int >= 0, got {stacked_axes!r}")
 
-    def spec(x):
-        if x.ndim - stacked < 2:
-            return ADAMW
-        return MuonDimensionNumbers(reduction_axis=x.ndim - 1, output_axis=tuple(range(stacked, x.ndim - 1)))
+    def dims(x):
+        if x.ndim - stacked_axes < 2:
+            return None
+        return MuonDimensionNumbers(reduction_axis=x.ndim - 1, output_axis=tuple(range(stacked_axes, x.ndim - 1)))
 
-    return spec
-
-
-def param_spec(params: PyTree) -> PyTree:
-    """For every array leaf: a ``MuonDimensionNumbers`` (Muon) or ``ADAMW``.
-
-    For a :class:`Transformer`: the matrices inside ``blocks`` go to Muon (the
-    leading layer axis a batch axis); embedding, LM head and every norm gain
-    to AdamW. For any other model: every leaf of rank >= 2 goes to Muon, in the
-    ``(out..., in)`` layout; pass your own ``param_spec`` to ``muonclip``
-    otherwise (an embedding must go to AdamW).
-    """
-    if isinstance(params, Transformer):
-        top = jax.tree.map(lambda x: ADAMW, params)
-        blocks = jax.tree.map(_matrix(1), params.blocks)
-        return eqx.tree_at(lambda t: t.blocks, top, blocks)
-    return jax.tree.map(_matrix(0), params)
+    return jax.tree.map(dims, params)
 
 
-def _scale_by_rms_match(
-    spec_fn: Callable[[PyTree], PyTree], rms: float
-) -> optax.GradientTransformation:
+def _default_dims(params: PyTree) -> PyTree:
+    method = getattr(params, "muon_dimension_numbers", None)
+    if method is None and not jax.tree.leaves(params):
+        return params  # a tree with no leaves (optax.tree_map_params' placeholder)
+    if method is None:
+        raise TypeError(
+            f"muon_adamw cannot tell which leaves of a {type(params).__name__} are hidden-layer "
+            "matrices: pass weight_dimension_numbers=, a function of the params returning a "
+            "MuonDimensionNumbers (Muon) or None (AdamW) per leaf, e.g. built with "
+            "qkclip_eqx.matrix_dimension_numbers(params, stacked_axes=...) for a model "
+            "whose layers are stacked along that many leading axes (embedding to AdamW); or "
+            "give the model a muon_dimension_numbers() method"
+        )
+    return method()
+
+
+def _scale_by_rms_match(dims_fn: DimensionNumbers, rms: float) -> optax.GradientTransformation:
     """Multiply each orthogonalised update by ``rms * sqrt(max(fan_in, fan_out))``."""
 
-    def scale(u, spec):
-        fan_in = u.shape[spec.reduction_axis]
-        fan_out = math.prod(u.shape[a] for a in spec.output_axis)
+    def scale(u, dims):
+        fan_in = u.shape[dims.reduction_axis]
+        fan_out = math.prod(u.shape[a] for a in dims.output_axis)
         return u * jnp.asarray(rms * math.sqrt(max(fan_in, fan_out)), u.dtype)
 
     def update(updates, state, params=None):
         del params
-        return jax.tree.map(scale, updates, spec_fn(updates), is_leaf=_is_spec), state
+        return jax.tree.map(scale, updates, dims_fn(updates)), state
 
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def muonclip(
+def muon_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
     weight_decay: float = 0.1,
     momentum: float = 0.95,
+    nesterov: bool = True,
     ns_steps: int = 5,
     adam_b1: float = 0.9,
     adam_b2: float = 0.95,
     eps: float = 1e-8,
     rms: float = 0.2,
-    param_spec: Callable[[PyTree], PyTree] = param_spec,
+    weight_dimension_numbers: DimensionNumbers | None = None,
 ) -> optax.GradientTransformation:
-    """Muon (RMS-matched, decoupled weight decay) + AdamW, routed by ``param_spec``.
+    """Muon (RMS-matched, decoupled weight decay) for the hidden matrices, AdamW
+    for the rest: the optimizer of MuonClip. It never clips; pair it with
+    QK-Clip through [`qkclip_eqx.make_train_step`][].
 
-    Both halves share ``learning_rate`` and ``weight_decay``, as in K2. Apply it
-    to ``eqx.filter(model, eqx.is_array)``. Pair it with QK-Clip through
-    :func:`qkclip_eqx.make_train_step`.
+    Both halves share `learning_rate` and `weight_decay`, as in K2. Apply it to
+    `eqx.filter(model, eqx.is_array)`.
+
+    **Arguments:**
+
+    - `learning_rate`: a float or an optax schedule.
+    - `weight_decay`: decoupled, multiplied by the learning rate.
+    - `momentum`, `nesterov`, `ns_steps`: Muon's momentum and Newton-Schulz steps.
+    - `adam_b1`, `adam_b2`, `eps`: AdamW's.
+    - `rms`: the update RMS Muon is matched to (0.2, Moonlight sec. 2.2).
+    - `weight_dimension_numbers`: `params -> PyTree[MuonDimensionNumbers | None]`
+      routing each leaf to Muon (with its matrix layout) or AdamW (`None`), as
+      in `optax.contrib.muon`. Default: the params' own
+      `muon_dimension_numbers()` ([`qkclip_eqx.Transformer`][] has one); any
+      other model must pass it (see [`qkclip_eqx.matrix_dimension_numbers`][]).
     """
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    spec_fn = param_spec
+    dims_fn = _default_dims if weight_dimension_numbers is None else weight_dimension_numbers
 
     def labels(params):
-        return jax.tree.map(lambda s: "adamw" if s is ADAMW else "muon", spec_fn(params), is_leaf=_is_spec)
+        # a leaf of params meets its whole subtree of dims: None or a MuonDimensionNumbers
+        return jax.tree.map(lambda _, d: "adamw" if d is None else "muon", params, dims_fn(params))
 
     muon = optax.chain(
         optax.contrib.scale_by_muon(
-            ns_steps=ns_steps, beta=momentum, eps=eps, nesterov=True,
-            weight_dimension_numbers=spec_fn,
+            ns_steps=ns_steps, beta=momentum, eps=eps, nesterov=nesterov,
+            weight_dimension_numbers=dims_fn,
         ),
-        _scale_by_rms_match(spec_fn, rms),
+        _scale_by_rms_match(dims_fn, rms),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )

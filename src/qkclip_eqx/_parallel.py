@@ -1,20 +1,27 @@
-"""Meshes, the one table of partition specs, and the sharded loss.
+"""Meshes, the partition specs, and the loss on a mesh.
 
-Mesh axes: ``data`` (batch), ``model`` (attention heads: tensor parallelism)
-and ``seq`` (sequence: context parallelism); any may have size 1.
+Mesh axes: `data` (batch), `model` (attention heads: tensor parallelism) and
+`seq` (sequence: context parallelism); any may have size 1.
 
-The loss, gradients and S are computed inside ONE ``jax.shard_map`` over the
-whole mesh: each device runs the model on its batch and sequence shard, with
-its heads. The per-head S is reduced by an explicit ``lax.pmax`` over
-``data`` and ``seq``; heads sharded over ``model`` belong to one device group
-and need no reduction. Gradients of parameters replicated over an axis are
-summed over it by shard_map's autodiff (the transpose of the implicit
-broadcast). The optimizer update and QK-Clip then run on the sharded arrays
-under ``jit``; the clip is an elementwise scaling along the head axis, so it
-needs no all-gather.
+The loss, gradients and S are computed inside ONE `jax.shard_map` over the
+whole mesh ([`shard_loss`][]): each device runs the loss function on its batch
+and sequence shard, with its heads, and the loss function reduces over the
+axes named in its `parallel` argument (see [`qkclip_eqx.next_token_loss`][]:
+the loss by `psum`, the per-head S by an explicit `lax.pmax` over `data` and
+`seq`). Gradients of parameters replicated over an axis are summed over it by
+shard_map's autodiff (the transpose of the implicit broadcast). The optimizer
+update and QK-Clip then run on the sharded arrays under `jit`; the clip is an
+elementwise scaling along the head axis, so it needs no collective.
+
+Which leaves are sharded over `model` is declared by each attention module
+([`qkclip_eqx.AbstractQKClippable.head_axes`][]); nothing here knows a concrete
+attention class.
 """
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -24,12 +31,13 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._attention import GQAttention, MLAttention
+from ._attention import AbstractQKClippable
+from ._clip import clippable_modules
 from ._config import ParallelAxes
-from ._model import Transformer
 
 AXES = ("data", "model", "seq")
-PARALLEL = ParallelAxes(model="model", seq="seq")
+PARALLEL = ParallelAxes(data="data", model="model", seq="seq")
+LossFn = Callable[..., tuple[Float[Array, ""], PyTree]]
 
 
 def make_mesh(data: int = 1, model: int = 1, seq: int = 1, *, devices=None) -> Mesh:
@@ -44,29 +52,45 @@ def make_mesh(data: int = 1, model: int = 1, seq: int = 1, *, devices=None) -> M
                          devices=devices)
 
 
-def _attention_specs(attn, stacked: int):
-    """Heads over ``model``: the head axis of q/k/v per-head weights, and the
-    (head-major) input columns of the output projection."""
-    lead = (None,) * stacked
-    spec = jax.tree.map(lambda _: P(), eqx.filter(attn, eqx.is_array))
-    heads = P(*lead, "model")
-    wo = P(*lead, None, "model")
-    if isinstance(attn, MLAttention):
-        return eqx.tree_at(lambda a: (a.wq, a.wkv_b, a.wo), spec, (heads, heads, wo))
-    if isinstance(attn, GQAttention):
-        return eqx.tree_at(lambda a: (a.wq, a.wk, a.wv, a.wo), spec, (heads, heads, heads, wo))
-    raise TypeError(f"no partition rule for {type(attn).__name__}")
+def _is_clippable(x) -> bool:
+    return isinstance(x, AbstractQKClippable)
 
 
-def param_specs(model: Transformer) -> PyTree:
-    """THE table: a PartitionSpec for every array leaf of a Transformer.
+def _module_specs(module: AbstractQKClippable) -> PyTree:
+    """Specs for one clippable module's arrays: its head-axis leaves over `model`."""
+    specs = jax.tree.map(lambda x: P() if eqx.is_array(x) else None, module)
+    where, axes = module.head_axes()
+    leaves = where(module)
+    if len(leaves) != len(axes):
+        raise ValueError(
+            f"{type(module).__name__}.head_axes() selects {len(leaves)} leaves but gives "
+            f"{len(axes)} axes"
+        )
+    by_head = []
+    for leaf, axis in zip(leaves, axes):
+        if not (eqx.is_array(leaf) and -leaf.ndim <= axis < 0):
+            raise ValueError(
+                f"{type(module).__name__}.head_axes(): axis {axis} must be negative and "
+                f"within the rank of its leaf {getattr(leaf, 'shape', leaf)!r}"
+            )
+        by_head.append(P(*(None,) * (leaf.ndim + axis), "model"))
+    return eqx.tree_at(where, specs, tuple(by_head))
 
-    Attention heads are sharded over ``model``; everything else (embedding,
-    norms, MLP, head) is replicated. The optimizer state follows the params
-    (see :func:`state_specs`), the batch is sharded over ``data`` and ``seq``.
+
+def partition_specs(model: PyTree) -> PyTree:
+    """A `PartitionSpec` for every array leaf of `model` (`None` elsewhere).
+
+    The leaves each [`qkclip_eqx.AbstractQKClippable`][] module names in its
+    `head_axes` are sharded over `model` along their head axis; everything else
+    (embedding, norms, MLP, LM head) is replicated. The optimizer state follows
+    the params, and the batch is sharded over `data` and `seq`.
     """
-    specs = jax.tree.map(lambda _: P(), eqx.filter(model, eqx.is_array))
-    return eqx.tree_at(lambda m: m.blocks.attn, specs, _attention_specs(model.blocks.attn, stacked=1))
+    def spec(x):
+        if _is_clippable(x):
+            return _module_specs(x)
+        return P() if eqx.is_array(x) else None
+
+    return jax.tree.map(spec, model, is_leaf=_is_clippable)
 
 
 def state_specs(optimizer: optax.GradientTransformation, opt_state: PyTree, specs: PyTree) -> PyTree:
@@ -82,22 +106,39 @@ def state_specs(optimizer: optax.GradientTransformation, opt_state: PyTree, spec
     )
 
 
-def check_mesh(mesh: Mesh, model: Transformer, batch_size: int, seq_len: int) -> None:
+def check_mesh(mesh: Mesh, model: PyTree, batch_size: int, seq_len: int) -> None:
     """Errors, before compiling, for a mesh that cannot shard this run."""
     sizes = dict(mesh.shape)
     for axis in AXES:
         if axis not in sizes:
             raise ValueError(f"mesh has no axis {axis!r} (axes: {tuple(sizes)}); use make_mesh")
-    c = model.config.attention
-    if c.n_heads % sizes["model"]:
-        raise ValueError(f"n_heads={c.n_heads} is not divisible by the mesh's model axis ({sizes['model']})")
-    n_kv = getattr(c, "n_kv_heads", c.n_heads)
-    if n_kv % sizes["model"]:
-        raise ValueError(f"n_kv_heads={n_kv} is not divisible by the mesh's model axis ({sizes['model']})")
+    n = sizes["model"]
+    for module in clippable_modules(model):
+        name = type(module).__name__
+        if module.n_heads % n:
+            raise ValueError(f"{name}: n_heads={module.n_heads} is not divisible by the mesh's model axis ({n})")
+        where, axes = module.head_axes()
+        for path, (leaf, axis) in zip(_where_paths(module, where), zip(where(module), axes)):
+            if leaf.shape[axis] % n:
+                raise ValueError(
+                    f"{name}{path} has {leaf.shape[axis]} along its head axis ({axis}), which is "
+                    f"not divisible by the mesh's model axis ({n})"
+                )
     if batch_size % sizes["data"]:
         raise ValueError(f"batch size {batch_size} is not divisible by the mesh's data axis ({sizes['data']})")
     if seq_len % sizes["seq"]:
         raise ValueError(f"sequence length {seq_len} is not divisible by the mesh's seq axis ({sizes['seq']})")
+
+
+def _where_paths(module: PyTree, where: Callable) -> list[str]:
+    """Readable paths (`.wq`) of the leaves `where` selects, for error messages."""
+    marked = eqx.tree_at(where, module, replace_fn=lambda x: _Marker())
+    flat, _ = jax.tree_util.tree_flatten_with_path(marked, is_leaf=lambda x: isinstance(x, _Marker))
+    return [jax.tree_util.keystr(p) for p, x in flat if isinstance(x, _Marker)]
+
+
+class _Marker:
+    pass
 
 
 def _shardings(specs: PyTree, mesh: Mesh) -> PyTree:
@@ -121,48 +162,73 @@ def shard_batch(tokens: np.ndarray, mesh: Mesh) -> Int[Array, "batch seq_plus_on
     return jax.make_array_from_process_local_data(sharding, tokens)
 
 
-def sharded_next_token_loss(
-    params: PyTree, static: PyTree, tokens: Int[Array, "batch seq_plus_one"], mesh: Mesh
-) -> tuple[Float[Array, ""], Float[Array, "layers heads"]]:
-    """Mean next-token loss and S over the global batch, computed shard-wise.
+def _token_windows(tokens: Int[Array, "batch seq_plus_one"], n: int) -> Int[Array, "batch n t_plus_one"]:
+    """`[batch, n * t + 1]` -> `[batch, n, t + 1]`: shard `i` of the sequence
+    gets its `t` inputs and the one token after them (its last target)."""
+    t = (tokens.shape[1] - 1) // n
+    starts = np.arange(n) * t
+    return jnp.stack([jax.lax.dynamic_slice_in_dim(tokens, s, t + 1, axis=1) for s in starts], axis=1)
 
-    Differentiable in ``params`` (the shard_map is inside the function)."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    batch, seq = inputs.shape
 
-    def local(params, inputs, targets):
-        model = eqx.combine(params, static)
-        t = inputs.shape[1]
-        positions = jax.lax.axis_index("seq") * t + jnp.arange(t, dtype=jnp.int32)
-        logits, s = jax.vmap(lambda x: model(x, positions=positions, parallel=PARALLEL))(inputs)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        loss = jax.lax.psum(jnp.sum(ce), ("data", "seq")) / (batch * seq)
-        s = jax.lax.pmax(jnp.max(s, axis=0), ("data", "seq"))
-        return loss, s
+def accepts_parallel(loss_fn: Callable) -> bool:
+    """Whether `loss_fn` takes a `parallel` keyword (needed to run on a mesh)."""
+    try:
+        params = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "parallel" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
-    specs = param_specs(eqx.combine(params, static))
-    fn = jax.shard_map(
-        local, mesh=mesh,
-        in_specs=(specs, P("data", "seq"), P("data", "seq")),
-        out_specs=(P(), P(None, "model")),
-    )
-    return fn(params, inputs, targets)
+
+def shard_loss(loss_fn: LossFn, mesh: Mesh, specs: PyTree | None = None) -> Callable:
+    """`loss_fn(model, tokens, *, parallel)` as one `jax.shard_map` over `mesh`.
+
+    Returns `fn(model, tokens) -> (loss, S)` for a global batch `tokens`
+    `[batch, seq + 1]`. Each device calls `loss_fn` on its rows and its
+    sequence shard (its `t` inputs plus the next token), with
+    `parallel=ParallelAxes(data="data", model="model", seq="seq")`; `loss_fn`
+    must reduce its loss over `data` and `seq` and return S for all heads
+    (replicated), as [`qkclip_eqx.next_token_loss`][] does. Differentiable in
+    the model's arrays. `specs` defaults to [`partition_specs`][] of the model.
+    """
+    if not accepts_parallel(loss_fn):
+        raise TypeError(
+            f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} takes no `parallel` keyword, so it "
+            "cannot run on a mesh: it is called inside shard_map on each device's shard with "
+            "parallel=ParallelAxes(data=..., model=..., seq=...) and must reduce its loss and S "
+            "over those axes (see qkclip_eqx.next_token_loss)"
+        )
+    n_seq = dict(mesh.shape)["seq"]
+
+    def fn(model, tokens):
+        params, static = eqx.partition(model, eqx.is_array)
+
+        def local(params, windows):
+            return loss_fn(eqx.combine(params, static), windows[:, 0], parallel=PARALLEL)
+
+        sharded = jax.shard_map(
+            local, mesh=mesh,
+            in_specs=(partition_specs(model) if specs is None else specs, P("data", "seq")),
+            out_specs=P(),
+        )
+        return sharded(params, _token_windows(tokens, n_seq))
+
+    return fn
 
 
 def shard_train_state(
-    model: Transformer, opt_state: PyTree, optimizer: optax.GradientTransformation, mesh: Mesh
-) -> tuple[Transformer, PyTree]:
-    """Place a model and its optimizer state on ``mesh`` by :func:`param_specs`."""
-    specs = param_specs(model)
+    model: PyTree, opt_state: PyTree, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> tuple[PyTree, PyTree]:
+    """Place a model and its optimizer state on `mesh` by [`partition_specs`][]."""
+    specs = partition_specs(model)
     return shard(model, specs, mesh), shard(opt_state, state_specs(optimizer, opt_state, specs), mesh)
 
 
 def constrain_train_state(
-    model: Transformer, opt_state: PyTree, optimizer: optax.GradientTransformation, mesh: Mesh
-) -> tuple[Transformer, PyTree]:
-    """Inside jit: ``with_sharding_constraint`` of model and state to their specs."""
+    model: PyTree, opt_state: PyTree, optimizer: optax.GradientTransformation, mesh: Mesh,
+    specs: PyTree,
+) -> tuple[PyTree, PyTree]:
+    """Inside jit: `with_sharding_constraint` of model and state to their specs."""
     params, static = eqx.partition(model, eqx.is_array)
-    specs = param_specs(model)
     params = jax.lax.with_sharding_constraint(params, _shardings(specs, mesh))
     opt_state = jax.lax.with_sharding_constraint(
         opt_state, _shardings(state_specs(optimizer, opt_state, specs), mesh)

@@ -17,23 +17,65 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._clip import clip_factors, clipped_heads, qk_clip
-from ._parallel import check_mesh, constrain_train_state, sharded_next_token_loss
+from ._clip import check_tau_alpha, clip_factors, clipped_heads, qk_clip
+from ._config import ParallelAxes
+from ._parallel import accepts_parallel, check_mesh, constrain_train_state, partition_specs, shard_loss
 
 Mode = Literal["clip", "monitor", "off"]
 LossFn = Callable[[PyTree, Int[Array, "batch seq_plus_one"]], tuple[Float[Array, ""], PyTree]]
 
 
 def next_token_loss(
-    model: PyTree, tokens: Int[Array, "batch seq_plus_one"]
-) -> tuple[Float[Array, ""], Float[Array, "layers heads"]]:
-    """Mean next-token cross-entropy and S (max over the batch) per layer and head.
+    model: PyTree,
+    tokens: Int[Array, "batch seq_plus_one"],
+    *,
+    parallel: ParallelAxes | None = None,
+) -> tuple[Float[Array, ""], PyTree[Float[Array, "..."]]]:
+    """Mean next-token cross-entropy, and S (max over the batch) per layer and head.
 
-    ``tokens[:, :-1]`` are the inputs and ``tokens[:, 1:]`` the targets.
+    `tokens[:, :-1]` are the inputs and `tokens[:, 1:]` the targets; `model` maps
+    one example's tokens to `(logits, S)`.
+
+    **Arguments:**
+
+    - `model`: e.g. a [`qkclip_eqx.Transformer`][].
+    - `tokens`: `[batch, seq + 1]`.
+    - `parallel`: only inside `jax.shard_map` (see [`qkclip_eqx.make_train_step`][]
+      with a mesh): `tokens` are then this device's rows and its sequence shard
+      (plus the next token); the model is called with global `positions` and
+      `parallel`, the loss is summed over `parallel.data` and `parallel.seq`, S
+      is reduced by `lax.pmax` over them and gathered over `parallel.model`.
+
+    **Returns:**
+
+    `(loss, S)`; S has the model's structure, `[layers, heads]` for a Transformer.
     """
-    logits, max_logits = jax.vmap(model)(tokens[:, :-1])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-    return loss, jnp.max(max_logits, axis=0)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if parallel is None:
+        logits, s = jax.vmap(model)(inputs)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return loss, jax.tree.map(lambda x: jnp.max(x, axis=0), s)
+    t = inputs.shape[1]
+    offset = 0 if parallel.seq is None else jax.lax.axis_index(parallel.seq) * t
+    positions = offset + jnp.arange(t, dtype=jnp.int32)
+    logits, s = jax.vmap(lambda x: model(x, positions=positions, parallel=parallel))(inputs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    over = tuple(a for a in (parallel.data, parallel.seq) if a is not None)
+    loss = jax.lax.psum(jnp.sum(ce), over) / jax.lax.psum(ce.size, over)
+
+    def reduce(x):
+        x = jax.lax.pmax(jnp.max(x, axis=0), over)
+        if parallel.model is None:
+            return x
+        # gather this device's heads into all heads, replicated over `model`: a
+        # psum of zero-padded shards (exact: every other term is 0)
+        n, h = jax.lax.axis_size(parallel.model), x.shape[-1]
+        full = jnp.zeros((*x.shape[:-1], n * h), x.dtype)
+        start = jax.lax.axis_index(parallel.model) * h
+        full = jax.lax.dynamic_update_slice_in_dim(full, x, start, axis=x.ndim - 1)
+        return jax.lax.psum(full, parallel.model)
+
+    return loss, jax.tree.map(reduce, s)
 
 
 def _tree_max(a: PyTree, b: PyTree) -> PyTree:
@@ -98,33 +140,36 @@ def make_train_step(
     """
     if mode not in ("clip", "monitor", "off"):
         raise ValueError(f"mode must be 'clip', 'monitor' or 'off', got {mode!r}")
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    check_tau_alpha(tau, alpha)
     if not (isinstance(accum_steps, int) and accum_steps >= 1):
         raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
-    if mesh is not None:
-        if loss_fn is not next_token_loss:
-            raise ValueError("a custom loss_fn is not supported with a mesh")
-
-        def loss_fn(model, tokens):
-            params, static = eqx.partition(model, eqx.is_array)
-            return sharded_next_token_loss(params, static, tokens, mesh)
-
-    def keep_sharding(model, opt_state):
-        """Pin the updated state to its specs, so that no later step recompiles."""
-        if mesh is None:
-            return model, opt_state
-        return constrain_train_state(model, opt_state, optimizer, mesh)
+    if mesh is not None and not accepts_parallel(loss_fn):
+        raise TypeError(
+            f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} cannot run on a mesh: it must take "
+            "a `parallel` keyword (it is called inside shard_map with "
+            "parallel=ParallelAxes(data='data', model='model', seq='seq') and must reduce its "
+            "loss and S over those axes, as qkclip_eqx.next_token_loss does)"
+        )
 
     @eqx.filter_jit(donate="all-except-first")
     def step(tokens, model, opt_state):
         params, static = eqx.partition(model, eqx.is_array)
-        loss, grads, s = _loss_grads_and_s(loss_fn, params, static, tokens, accum_steps)
+        if mesh is None:
+            loss_of = loss_fn
+        else:
+            specs = partition_specs(model)  # once per trace, for the loss and the constraint
+            loss_of = shard_loss(loss_fn, mesh, specs)
+        loss, grads, s = _loss_grads_and_s(loss_of, params, static, tokens, accum_steps)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         model = eqx.combine(optax.apply_updates(params, updates), static)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+        def keep_sharding(model, opt_state):
+            """Pin the updated state to its specs, so that no later step recompiles."""
+            if mesh is None:
+                return model, opt_state
+            return constrain_train_state(model, opt_state, optimizer, mesh, specs)
+
         if mode == "off":
             return *keep_sharding(model, opt_state), metrics
         if mode == "clip":

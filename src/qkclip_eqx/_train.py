@@ -31,7 +31,7 @@ from ._checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ._config import GQAConfig, MLAConfig, TransformerConfig
 from ._data import TokenData, eval_batches, get_batch, load_data
 from ._model import Transformer
-from ._optim import muonclip, warmup_cosine, wsd
+from ._optim import muon_adamw, warmup_cosine, wsd
 from ._parallel import make_mesh, shard_batch, shard_train_state
 from ._step import make_train_step, next_token_loss
 
@@ -193,7 +193,7 @@ def optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     lr = schedule(cfg)
     if cfg.optimizer == "adamw":
         return optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay)
-    return muonclip(lr, weight_decay=cfg.weight_decay)
+    return muon_adamw(lr, weight_decay=cfg.weight_decay)
 
 
 def meta_of(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:
