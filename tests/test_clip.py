@@ -487,6 +487,9 @@ class _TinyAttention(AbstractQKClippable):
         wk = self.wk * (gamma ** (1 - alpha))[:, None, None]
         return eqx.tree_at(lambda m: (m.wq, m.wk), self, (wq, wk))
 
+    def head_axes(self):
+        return (lambda m: (m.wq, m.wk)), (-3, -3)
+
 
 def test_custom_clippable_attention_is_found_and_clipped(x):
     """A module written against the protocol alone; ``heads_scaled`` defaults

@@ -10,6 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from reference import assert_leaves_close, np_qk_clip
 from qkclip_eqx import next_token_loss
@@ -63,7 +64,11 @@ def test_own_clippable_attention_example():
     exec("import equinox as eqx, jax\nimport qkclip_eqx as qc\n" + _blocks()[1], scope)
     import qkclip_eqx as qc
 
-    attn = scope["MyAttention"](jnp.ones((2, 4, 8)), jnp.ones((2, 4, 8)))
+    ones = jnp.ones((2, 4, 8))
+    attn = scope["MyAttention"](wq=ones, wk=ones, wv=ones, wo=jnp.ones((8, 8)), n_heads=2)
+    # its head layout shards every per-head leaf, and wo's columns, over `model`
+    specs = qc.partition_specs({"layer": attn})["layer"]
+    assert (specs.wq, specs.wk, specs.wv, specs.wo) == (P("model"),) * 3 + (P(None, "model"),)
     clipped = qc.qk_clip({"layer": attn}, [jnp.array([400.0, 50.0])], 100.0)["layer"]
     # head 0: gamma = 1/4 split as sqrt on each side; head 1 below tau: untouched
     np.testing.assert_allclose(clipped.wq[0], 0.5, rtol=1e-6)

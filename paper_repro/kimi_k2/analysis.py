@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from qkclip_eqx.cli.plot import RunMetrics
+from qkclip_eqx import RunMetrics
 
 
 def global_s(m: RunMetrics) -> np.ndarray:

@@ -28,9 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from qkclip_eqx._data import load_data
-from qkclip_eqx._train import RunConfig
-from qkclip_eqx.cli.plot import read_metrics
+from qkclip_eqx import RunConfig, load_data, read_metrics
 
 from . import analysis as A
 from . import report, runner
@@ -367,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     # Before any training: the qkclip_eqx revision that this process imported
-    # (the working tree can move on while the runs train).
+    # (the sources may change while the runs train).
     vers = versions()
     restore = _use_compile_cache(runs_dir / ".jax_cache")
     try:

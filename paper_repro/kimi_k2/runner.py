@@ -22,9 +22,8 @@ import pathlib
 import time
 from typing import Any
 
+from qkclip_eqx import RunConfig, TokenData, train
 from qkclip_eqx._checkpoint import latest_checkpoint
-from qkclip_eqx._data import TokenData
-from qkclip_eqx._train import RunConfig, train
 
 STATUS = "status.json"
 
@@ -47,10 +46,6 @@ def read_status(run_dir: str | pathlib.Path) -> dict[str, Any] | None:
 
 def finished(status: dict[str, Any] | None, target: int) -> bool:
     return status is not None and (status["stopped"] in ("done", "nan") or status["step"] >= target)
-
-
-class _Stop(Exception):
-    pass
 
 
 def run(cfg: RunConfig, data: TokenData, until: int | None = None, log=print) -> dict[str, Any]:
