@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qkclip_eqx import GQAConfig, MLAConfig, Transformer, TransformerConfig
+from qkclip_eqx import GQAConfig, MLAConfig, Transformer, TransformerConfig, next_token_loss
 
 T = 10
 VOCAB = 48
@@ -164,6 +164,36 @@ def test_vmap_over_a_batch(models):
         np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(lb), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(s[b]), np.asarray(sb), rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(s[0]), np.asarray(s[1]))  # examples differ
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_packed_batch_equals_the_vmapped_batch(models, kind):
+    """next_token_loss packs the batch into one sequence with segment_length:
+    the loss, S and gradients equal those of the model vmapped over the rows."""
+    model = models[kind]
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, VOCAB, (3, T + 1)), jnp.int32)
+
+    def vmapped(m, tokens):
+        logits, s = jax.vmap(m)(tokens[:, :-1])
+        ce = -jax.nn.log_softmax(logits)[jnp.arange(3)[:, None], jnp.arange(T), tokens[:, 1:]]
+        return ce.mean(), s.max(axis=0)
+
+    grad = eqx.filter_jit(eqx.filter_value_and_grad(lambda m, t, f: f(m, t), has_aux=True))
+    (loss_p, s_p), g_p = grad(model, tokens, next_token_loss)
+    (loss_v, s_v), g_v = grad(model, tokens, vmapped)
+    np.testing.assert_allclose(loss_p, loss_v, rtol=1e-6)
+    np.testing.assert_array_equal(s_p, s_v)  # the same kernel on the same tiles
+    for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_v)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # positions restart in every segment: the rows are independent sequences
+    logits, _ = eqx.filter_jit(lambda m, x: m(x, segment_length=T))(model, tokens[:, :-1].reshape(-1))
+    one, _ = forward(model, tokens[1, :-1])
+    np.testing.assert_allclose(logits[T:2 * T], one, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_length_must_divide_the_sequence(models):
+    with pytest.raises(ValueError, match="segment_length=4 does not divide the sequence length 10"):
+        models["gqa"](tokens_for(0), segment_length=4)
 
 
 def _count_eqns(jaxpr) -> int:

@@ -354,7 +354,11 @@ def test_bf16_step_trains_and_clips(tokens, param_dtype):
     updated = tree_from_paths(model, {k: (w.astype(np.float64) - LR * g[k].astype(np.float64)).astype(w.dtype)
                                       for k, w in leaves_by_path(model).items()})
     assert np.isfinite(float(metrics["loss"]))
-    np.testing.assert_allclose(metrics["max_logits"], s, rtol=1e-6)
+    # the step's forward is compiled with its backward: in bf16 compute its
+    # activations may round differently from a forward-only program's (by a
+    # bf16 ulp, 2^-8), so S agrees to bf16 precision, not bit for bit
+    np.testing.assert_allclose(metrics["max_logits"], s, rtol=1e-2)
+    s = np.asarray(metrics["max_logits"])  # the S the clip acted on
     assert int(metrics["heads_clipped"]) == int(np.sum(s > tau)) == 4
     assert all(x.dtype == dtype for x in jax.tree.leaves(eqx.filter(clipped, eqx.is_array)))
     expected = np_qk_clip(updated, s, tau)

@@ -73,11 +73,14 @@ class AbstractQKClippable(eqx.Module):
         return gamma < 1
 
 
-def _positions_and_segments(seq: int, positions, segment_ids):
+def _positions_and_segments(seq: int, positions, segment_ids, segment_length: int | None):
+    if segment_length is not None and (segment_length <= 0 or seq % segment_length):
+        raise ValueError(f"segment_length={segment_length} does not divide the sequence length {seq}")
+    n, length = (1, seq) if segment_length is None else (seq // segment_length, segment_length)
     if positions is None:
-        positions = jnp.arange(seq, dtype=jnp.int32)
+        positions = jnp.tile(jnp.arange(length, dtype=jnp.int32), n)
     if segment_ids is None:
-        segment_ids = jnp.zeros((seq,), jnp.int32)
+        segment_ids = jnp.repeat(jnp.arange(n, dtype=jnp.int32), length)
     return positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
 
 
@@ -90,18 +93,33 @@ def _gather_seq(parallel: ParallelAxes | None, *arrays: Array) -> tuple[Array, .
 
 def _attend_and_project(
     c: MLAConfig | GQAConfig, q, k, v, positions, segment_ids, k_pos, k_seg, qk_head_dim: int,
-    wo: Array, parallel: ParallelAxes | None,
+    wo: Array, parallel: ParallelAxes | None, segment_length: int | None = None,
 ) -> tuple[Array, Array]:
     """The kernel, then the output projection. Under tensor parallelism each
     device holds its heads' columns of ``wo``, and the partial sums are added
     over the model axis. The projection accumulates in float32 and the sum runs
-    in float32; the result is returned in the compute dtype (``v``'s)."""
-    out, max_logits = attend(
-        q, k, v,
-        q_pos=positions, k_pos=k_pos, q_seg=segment_ids, k_seg=k_seg,
-        causal=c.causal, scale=softmax_scale(qk_head_dim),
-        kernel=c.kernel, block_size=c.block_size,
-    )
+    in float32; the result is returned in the compute dtype (``v``'s).
+
+    With ``segment_length`` the sequence is a packing of equal, independent
+    segments, and the kernel runs on them as a batch (no work on the pairs the
+    segment mask would empty)."""
+    kw = dict(causal=c.causal, scale=softmax_scale(qk_head_dim), kernel=c.kernel,
+              block_size=c.block_size)
+    if segment_length is None:
+        out, max_logits = attend(q, k, v, q_pos=positions, k_pos=k_pos, q_seg=segment_ids,
+                                 k_seg=k_seg, **kw)
+    else:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError("segment_length cannot be used with a sequence sharded over a mesh axis")
+        n = q.shape[0] // segment_length
+
+        def split(x):
+            return x.reshape(n, segment_length, *x.shape[1:])
+
+        out, max_logits = jax.vmap(
+            lambda q, k, v, qp, kp, qs, ks: attend(q, k, v, q_pos=qp, k_pos=kp, q_seg=qs, k_seg=ks, **kw)
+        )(*map(split, (q, k, v, positions, k_pos, segment_ids, k_seg)))
+        out, max_logits = out.reshape(q.shape[0], *out.shape[2:]), jnp.max(max_logits, axis=0)
     y = linear(out.reshape(out.shape[0], -1), wo, out_dtype=jnp.float32)
     if parallel is not None and parallel.model is not None:
         y = jax.lax.psum(y, parallel.model)
@@ -183,15 +201,18 @@ class MLAttention(AbstractQKClippable):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        segment_length: int | None = None,
         parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
         """``positions`` default to ``0..seq-1`` (pass the global positions of a
-        sequence shard); ``segment_ids`` mark packed sequences. Under
+        sequence shard); ``segment_ids`` mark packed sequences. ``segment_length``
+        says that ``x`` packs independent sequences of exactly that length
+        (positions then restart at each), and lets the kernel batch them. Under
         ``parallel`` the heads are this device's shard of the heads."""
         c = self.config
         self, x = cast_arrays((self, x), self.compute_dtype)
         seq, heads = x.shape[0], self.wq.shape[0]
-        positions, segment_ids = _positions_and_segments(seq, positions, segment_ids)
+        positions, segment_ids = _positions_and_segments(seq, positions, segment_ids, segment_length)
         q_in = x if self.wq_a is None else self.q_norm(linear(x, self.wq_a))
         q = linear(q_in, self.wq)
         q_c, q_r = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
@@ -207,7 +228,8 @@ class MLAttention(AbstractQKClippable):
         q = jnp.concatenate([q_c, q_r], axis=-1)
         k = jnp.concatenate([k_c, jnp.broadcast_to(k_r, (k_r.shape[0], heads, k_r.shape[-1]))], axis=-1)
         return _attend_and_project(
-            c, q, k, v, positions, segment_ids, k_pos, k_seg, c.qk_head_dim, self.wo, parallel
+            c, q, k, v, positions, segment_ids, k_pos, k_seg, c.qk_head_dim, self.wo, parallel,
+            segment_length,
         )
 
     def head_axes(self):
@@ -260,20 +282,22 @@ class GQAttention(AbstractQKClippable):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        segment_length: int | None = None,
         parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
         """As :meth:`MLAttention.__call__`."""
         c = self.config
         self, x = cast_arrays((self, x), self.compute_dtype)
         seq = x.shape[0]
-        positions, segment_ids = _positions_and_segments(seq, positions, segment_ids)
+        positions, segment_ids = _positions_and_segments(seq, positions, segment_ids, segment_length)
         rope = dict(theta=c.rope_theta, layout=c.rope_layout)
         q = apply_rope(linear(x, self.wq), positions, **rope)
         k = apply_rope(linear(x, self.wk), positions, **rope)
         v = linear(x, self.wv)
         k, v, k_pos, k_seg = _gather_seq(parallel, k, v, positions, segment_ids)
         return _attend_and_project(
-            c, q, k, v, positions, segment_ids, k_pos, k_seg, c.head_dim, self.wo, parallel
+            c, q, k, v, positions, segment_ids, k_pos, k_seg, c.head_dim, self.wo, parallel,
+            segment_length,
         )
 
     def head_axes(self):

@@ -48,10 +48,12 @@ class Block(eqx.Module):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        segment_length: int | None = None,
         parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
         h, max_logits = self.attn(
-            self.attn_norm(x), positions=positions, segment_ids=segment_ids, parallel=parallel
+            self.attn_norm(x), positions=positions, segment_ids=segment_ids,
+            segment_length=segment_length, parallel=parallel,
         )
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), max_logits
@@ -90,16 +92,21 @@ class Transformer(eqx.Module):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        segment_length: int | None = None,
         parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers heads"]]:
         """Returns float32 logits and S per layer and head for this example.
 
+        ``segment_length``: ``tokens`` packs independent sequences of exactly
+        this length (see [`qkclip_eqx.next_token_loss`][], which packs a batch
+        so that every matmul sees one flat ``[batch * seq, dim]`` operand).
         ``parallel`` is for use inside ``jax.shard_map`` (see ``_parallel.py``)."""
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
         def layer(x, block_params):
             block = eqx.combine(block_params, static)
-            return block(x, positions=positions, segment_ids=segment_ids, parallel=parallel)
+            return block(x, positions=positions, segment_ids=segment_ids,
+                         segment_length=segment_length, parallel=parallel)
 
         layer = jax.checkpoint(layer, policy=_SAVE_MATMULS_AND_ATTENTION)
         compute = jnp.dtype(self.config.compute_dtype)

@@ -7,6 +7,7 @@ and the clip scales the *updated* weights. The optimizer state is not touched.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Literal
 
@@ -25,6 +26,14 @@ Mode = Literal["clip", "monitor", "off"]
 LossFn = Callable[[PyTree, Int[Array, "batch seq_plus_one"]], tuple[Float[Array, ""], PyTree]]
 
 
+def _takes_keyword(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
 def next_token_loss(
     model: PyTree,
     tokens: Int[Array, "batch seq_plus_one"],
@@ -34,37 +43,51 @@ def next_token_loss(
     """Mean next-token cross-entropy, and S (max over the batch) per layer and head.
 
     `tokens[:, :-1]` are the inputs and `tokens[:, 1:]` the targets; `model` maps
-    one example's tokens to `(logits, S)`.
+    one example's tokens to `(logits, S)`. A model whose `__call__` takes
+    `segment_length` (as [`qkclip_eqx.Transformer`][] does) is given the batch as
+    ONE packed example of `batch * seq` tokens, so that every projection is one
+    flat matmul (on XLA:CPU a vmapped weight gradient, contracting over batch
+    and sequence, is much slower); attention still runs per sequence. Any other
+    model is `jax.vmap`-ed over the batch.
 
     **Arguments:**
 
     - `model`: e.g. a [`qkclip_eqx.Transformer`][].
     - `tokens`: `[batch, seq + 1]`.
-    - `parallel`: only inside `jax.shard_map` (see [`qkclip_eqx.make_train_step`][]
-      with a mesh): `tokens` are then this device's rows and its sequence shard
-      (plus the next token); the model is called with global `positions` and
-      `parallel`, the loss is summed over `parallel.data` and `parallel.seq`, S
-      is reduced by `lax.pmax` over them and gathered over `parallel.model`.
+    - `parallel`: only inside `jax.shard_map` (see [`qkclip_eqx.shard_loss`][]):
+      `tokens` are then this device's rows and its sequence shard (plus the next
+      token); the model is called with global `positions` and `parallel`, the
+      loss is summed over `parallel.data` and `parallel.seq`, S is reduced by
+      `lax.pmax` over them and gathered over `parallel.model`.
 
     **Returns:**
 
     `(loss, S)`; S has the model's structure, `[layers, heads]` for a Transformer.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    if parallel is None:
-        logits, s = jax.vmap(model)(inputs)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-        return loss, jax.tree.map(lambda x: jnp.max(x, axis=0), s)
-    t = inputs.shape[1]
-    offset = 0 if parallel.seq is None else jax.lax.axis_index(parallel.seq) * t
+    batch, t = inputs.shape
+    kw = {} if parallel is None else {"parallel": parallel}
+    seq_shards = 1 if parallel is None or parallel.seq is None else jax.lax.axis_size(parallel.seq)
+    offset = 0 if seq_shards == 1 else jax.lax.axis_index(parallel.seq) * t
     positions = offset + jnp.arange(t, dtype=jnp.int32)
-    logits, s = jax.vmap(lambda x: model(x, positions=positions, parallel=parallel))(inputs)
+    if seq_shards == 1 and _takes_keyword(model, "segment_length"):
+        logits, s = model(inputs.reshape(-1), positions=jnp.tile(positions, batch),
+                          segment_length=t, **kw)
+        logits = logits.reshape(batch, t, -1)
+    else:
+        if parallel is None:
+            logits, s = jax.vmap(model)(inputs)
+        else:
+            logits, s = jax.vmap(lambda x: model(x, positions=positions, **kw))(inputs)
+        s = jax.tree.map(lambda x: jnp.max(x, axis=0), s)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if parallel is None:
+        return ce.mean(), s
     over = tuple(a for a in (parallel.data, parallel.seq) if a is not None)
     loss = jax.lax.psum(jnp.sum(ce), over) / jax.lax.psum(ce.size, over)
 
     def reduce(x):
-        x = jax.lax.pmax(jnp.max(x, axis=0), over)
+        x = jax.lax.pmax(x, over)
         if parallel.model is None:
             return x
         # gather this device's heads into all heads, replicated over `model`: a
