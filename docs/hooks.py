@@ -27,8 +27,12 @@ def on_post_build(config):
     public |= {
         f"qkclip_eqx.hf.{name}"
         for name, obj in vars(qkclip_eqx.hf).items()
-        if not name.startswith("_") and inspect.isfunction(obj) and obj.__module__ == "qkclip_eqx.hf"
+        if not name.startswith("_")
+        and inspect.isfunction(obj)
+        and obj.__module__ == "qkclip_eqx.hf"
     }
     missing = sorted(public - _documented)
     if missing:
-        raise PluginError(f"public names with no `::: name` entry under docs/api/: {', '.join(missing)}")
+        raise PluginError(
+            f"public names with no `::: name` entry under docs/api/: {', '.join(missing)}"
+        )
