@@ -147,7 +147,7 @@ def main() -> None:
     print(f"peak memory from: {method}")
     print(f"{'run':<18}{'seq':>6}{'peak RSS MiB':>14}{'minus baseline':>16}{'wall s':>8}"
           f"{'fwd+bwd ms':>12}")
-    for label, (kernel, seq, kib, wall, run_ms) in results.items():
+    for label, (_kernel, seq, kib, wall, run_ms) in results.items():
         print(f"{label:<18}{seq:>6}{kib / 1024:>14.1f}{(kib - base) / 1024:>16.1f}{wall:>8.1f}"
               f"{run_ms:>12.1f}")
     dense, block = results["dense"][2], results["blockwise"][2]

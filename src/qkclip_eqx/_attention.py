@@ -218,7 +218,7 @@ class MLAttention(AbstractQKClippable):
         q_c, q_r = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
         kv_a = linear(x, self.wkv_a)
         c_kv, k_r = kv_a[:, : c.kv_lora_rank], kv_a[:, c.kv_lora_rank :]
-        rope = dict(theta=c.rope_theta, layout=c.rope_layout)
+        rope: dict = dict(theta=c.rope_theta, layout=c.rope_layout)
         q_r = apply_rope(q_r, positions, **rope)
         k_r = apply_rope(k_r[:, None, :], positions, **rope)
         # Context parallelism: only the latent and the shared RoPE key travel.
@@ -267,8 +267,8 @@ class GQAttention(AbstractQKClippable):
         kq, kk, kv, ko = jax.random.split(key, 4)
         self.config = c
         self.wq = init_weight(kq, (c.n_heads, c.head_dim, c.dim), dtype)
-        self.wk = init_weight(kk, (c.n_kv_heads, c.head_dim, c.dim), dtype)
-        self.wv = init_weight(kv, (c.n_kv_heads, c.head_dim, c.dim), dtype)
+        self.wk = init_weight(kk, (c.n_kv_heads, c.head_dim, c.dim), dtype)  # pyright: ignore[reportArgumentType]  # n_kv_heads: None becomes n_heads in __post_init__
+        self.wv = init_weight(kv, (c.n_kv_heads, c.head_dim, c.dim), dtype)  # pyright: ignore[reportArgumentType]  # n_kv_heads: None becomes n_heads in __post_init__
         self.wo = init_weight(ko, (c.dim, c.n_heads * c.head_dim), dtype)
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype).name
 
@@ -290,7 +290,7 @@ class GQAttention(AbstractQKClippable):
         self, x = cast_arrays((self, x), self.compute_dtype)
         seq = x.shape[0]
         positions, segment_ids = _positions_and_segments(seq, positions, segment_ids, segment_length)
-        rope = dict(theta=c.rope_theta, layout=c.rope_layout)
+        rope: dict = dict(theta=c.rope_theta, layout=c.rope_layout)
         q = apply_rope(linear(x, self.wq), positions, **rope)
         k = apply_rope(linear(x, self.wk), positions, **rope)
         v = linear(x, self.wv)
@@ -318,7 +318,7 @@ class GQAttention(AbstractQKClippable):
           by eta^(1-alpha). Every head of the group is scaled by eta.
         """
         c = self.config
-        group = c.n_heads // c.n_kv_heads
+        group = c.n_heads // c.n_kv_heads  # pyright: ignore[reportOperatorIssue]  # n_kv_heads: None becomes n_heads in __post_init__
         everything = slice(None)
         if group == 1:
             q_factor, k_factor = gamma**alpha, gamma ** (1 - alpha)
@@ -335,7 +335,7 @@ class GQAttention(AbstractQKClippable):
         """As :meth:`scale_heads` acts: in ``"group"`` mode (group > 1) every
         head of a group in which one head has ``gamma < 1``."""
         c = self.config
-        group = c.n_heads // c.n_kv_heads
+        group = c.n_heads // c.n_kv_heads  # pyright: ignore[reportOperatorIssue]  # n_kv_heads: None becomes n_heads in __post_init__
         if group == 1 or c.clip_mode == "query":
             return gamma < 1
         return jnp.repeat(jnp.any(gamma.reshape(c.n_kv_heads, group) < 1, axis=1), group)

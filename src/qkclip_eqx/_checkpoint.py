@@ -226,7 +226,7 @@ def _read_header(f: io.IOBase, path: pathlib.Path) -> tuple[dict[str, Any], int]
     try:
         header = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: checkpoint header is not valid JSON: {e}.")
+        raise CheckpointError(f"{path}: checkpoint header is not valid JSON: {e}.") from e
     if not isinstance(header, dict):
         raise CheckpointError(
             f"{path}: malformed checkpoint header: expected a JSON object, got "

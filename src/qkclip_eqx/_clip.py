@@ -50,7 +50,7 @@ def _scale(module: AbstractQKClippable, gamma: Array, alpha: float) -> AbstractQ
 def _check_tau(tau) -> None:
     """Reject a concrete tau <= 0 (or NaN), whatever its type: Python number,
     NumPy scalar or concrete 0-d array. A traced tau (under jit) is not checked."""
-    if isinstance(tau, jax.core.Tracer):
+    if isinstance(tau, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]  # `import jax` imports jax.core
         return
     try:
         value = float(tau)

@@ -286,7 +286,7 @@ def attend(
     qh = qh.reshape(kv_heads, group * t.tq, dk)
     kh = _pad_to(k, t.tk, 0).transpose(1, 0, 2)
     vh = _pad_to(v, t.tk, 0).transpose(1, 0, 2)
-    out, s_max = _flash(qh, kh, vh, qs, ks, t, causal, float(scale))
+    out, s_max = _flash(qh, kh, vh, qs, ks, t, causal, float(scale))  # pyright: ignore[reportGeneralTypeIssues]  # partial(custom_vjp) hides the type
     out = out.reshape(kv_heads, group, t.tq, dv)[:, :, :tq].transpose(2, 0, 1, 3)
     out = out.reshape(tq, heads, dv).astype(v.dtype)
     return out, jax.lax.stop_gradient(s_max.reshape(heads))

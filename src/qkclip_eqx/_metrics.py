@@ -154,7 +154,7 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     val_steps: list[int] = []
     val_loss: list[float] = []
     shape: tuple[int, ...] | None = None
-    for n, obj in enumerate(lines):
+    for obj in lines:
         step_raw = obj.get("step")
         if isinstance(step_raw, bool) or not isinstance(step_raw, (int, float)):
             step = None

@@ -38,7 +38,7 @@ class Block(eqx.Module):
         dtype, compute = jnp.dtype(config.param_dtype), jnp.dtype(config.compute_dtype)
         attention = MLAttention if isinstance(config.attention, MLAConfig) else GQAttention
         self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
-        self.attn = attention(config.attention, dtype=dtype, compute_dtype=compute, key=ka)
+        self.attn = attention(config.attention, dtype=dtype, compute_dtype=compute, key=ka)  # pyright: ignore[reportArgumentType]  # the class matches the config
         self.mlp_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
         self.mlp = SwiGLU(config.dim, config.mlp_hidden, dtype=dtype, compute_dtype=compute, key=km)
 

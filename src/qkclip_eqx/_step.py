@@ -136,7 +136,7 @@ def make_train_step(
     tau: float = 100.0,
     alpha: float = 0.5,
     accum_steps: int = 1,
-    loss_fn: LossFn = next_token_loss,
+    loss_fn: LossFn = next_token_loss,  # pyright: ignore[reportRedeclaration]  # redefined below under a mesh
     mesh: Mesh | None = None,
 ) -> Callable:
     """Build ``step(model, opt_state, tokens) -> (model, opt_state, metrics)``.

@@ -325,15 +325,15 @@ def train(
     if resume and (ckpt := latest_checkpoint(out)) is not None:
         (model, opt_state), stored = load_checkpoint(ckpt, (model, opt_state), expect_meta=meta)
         start = stored["step"]
-    mesh = None if cfg.mesh_shape() is None else make_mesh(**cfg.mesh_shape())
+    mesh = None if (shape := cfg.mesh_shape()) is None else make_mesh(**shape)
     if mesh is not None:
         model, opt_state = shard_train_state(model, opt_state, opt, mesh)
     lead = jax.process_index() == 0  # only the first process writes and prints
     metrics_path = out / ("metrics.jsonl" if lead else f"metrics.process{jax.process_index()}.jsonl")
     _trim_metrics(metrics_path, start)
 
-    step_fn = make_train_step(opt, mode=cfg.mode, tau=cfg.tau, alpha=cfg.alpha,
-                              accum_steps=cfg.accum_steps, mesh=mesh)
+    step_fn = make_train_step(opt, mode=cfg.mode,  # pyright: ignore[reportArgumentType]  # None becomes a mode in __post_init__
+                              tau=cfg.tau, alpha=cfg.alpha, accum_steps=cfg.accum_steps, mesh=mesh)
     lr_at = schedule(cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
 
@@ -363,7 +363,8 @@ def train(
                 model, opt_state, metrics = step_fn(model, opt_state, batch)
                 host = _host_metrics(metrics)
                 now = time.perf_counter()
-                host.update(step=step, lr=float(lr_at(step)), tokens_per_s=tokens_per_step / (now - t_last))
+                host.update(step=step, lr=float(lr_at(step)),  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
+                            tokens_per_s=tokens_per_step / (now - t_last))
                 t_last = now
                 if not math.isfinite(host["loss"]):
                     stopped = "nan"

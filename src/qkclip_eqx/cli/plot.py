@@ -209,7 +209,7 @@ def plot_heatmap(m: RunMetrics, path: Path, max_cols: int = 400) -> Path:
     ax.set_ylabel(f"layer (rows: {n_heads} heads each)")
     cb = fig.colorbar(mesh, ax=ax)
     cb.set_label(f"S (max logit, {scale} scale; grey = non-finite)")
-    if m.tau is not None and norm.vmin <= m.tau <= norm.vmax:
+    if m.tau is not None and norm.vmin is not None and norm.vmax is not None and norm.vmin <= m.tau <= norm.vmax:
         cb.ax.axhline(m.tau, color="cyan", lw=1.5)
     title = f"{m.label}: per-head max logit S"
     notes = []
