@@ -59,8 +59,8 @@ def absorbed_attention(
     """Causal attention of ``t`` new queries over the cache, in the latent space.
 
     Query ``i`` (at position ``q_pos[i]``) attends to cache slots
-    ``j <= q_pos[i]``. Logits, softmax and S are float32; the latent output is
-    float32 before ``W_UV``, whose result is in ``w_uv``'s dtype.
+    ``j <= q_pos[i]``. Everything here runs in float32 (the absorbed
+    products, logits, softmax, S); the result is cast to ``w_uv``'s dtype.
 
     **Arguments:**
 
@@ -75,17 +75,18 @@ def absorbed_attention(
     ``(out, S)``: per-head outputs before ``W_O``, and S per head.
     """
     f32 = jnp.float32
-    q_lat = jnp.einsum("thn,hnr->thr", q_c, w_uk, preferred_element_type=f32)
-    logits = jnp.einsum("thr,sr->hts", q_lat, c_kv.astype(f32), preferred_element_type=f32)
-    logits = logits + jnp.einsum("thd,sd->hts", q_r, k_r, preferred_element_type=f32)
+    dtype = w_uv.dtype
+    q_c, q_r, c_kv, k_r, w_uk, w_uv = (a.astype(f32) for a in (q_c, q_r, c_kv, k_r, w_uk, w_uv))
+    q_lat = jnp.einsum("thn,hnr->thr", q_c, w_uk)
+    logits = jnp.einsum("thr,sr->hts", q_lat, c_kv) + jnp.einsum("thd,sd->hts", q_r, k_r)
     logits = logits * f32(scale)
     allowed = jnp.arange(c_kv.shape[0])[None, :] <= q_pos[:, None]  # [t, max_len]
     logits = jnp.where(allowed[None], logits, -jnp.inf)
     s_max = jax.lax.stop_gradient(jnp.max(logits, axis=(1, 2)))
     p = jax.nn.softmax(logits, axis=-1)  # slot 0 is always allowed: no empty row
-    o_lat = jnp.einsum("hts,sr->thr", p, c_kv.astype(f32), preferred_element_type=f32)
-    out = jnp.einsum("thr,hvr->thv", o_lat.astype(w_uv.dtype), w_uv, preferred_element_type=f32)
-    return out.astype(w_uv.dtype), s_max
+    o_lat = jnp.einsum("hts,sr->thr", p, c_kv)
+    out = jnp.einsum("thr,hvr->thv", o_lat, w_uv)
+    return out.astype(dtype), s_max
 
 
 def write_cache(
