@@ -10,7 +10,9 @@ from ._config import GQAConfig as GQAConfig
 from ._config import ParallelAxes as ParallelAxes
 from ._config import MLAConfig as MLAConfig
 from ._config import TransformerConfig as TransformerConfig
+from ._config import YaRN as YaRN
 from ._data import TokenData as TokenData
+from ._decode import MLACache as MLACache
 from ._data import eval_batches as eval_batches
 from ._data import get_batch as get_batch
 from ._data import load_data as load_data
@@ -29,11 +31,13 @@ from ._optim import warmup_cosine as warmup_cosine
 from ._optim import wsd as wsd
 from ._step import make_train_step as make_train_step
 from ._step import next_token_loss as next_token_loss
+from ._generate import generate as generate
+from ._generate import sample_token as sample_token
 
 __all__ = [
-    "ADAMW", "AbstractQKClippable", "Block", "GQAConfig", "GQAttention", "MLAConfig",
+    "ADAMW", "AbstractQKClippable", "Block", "GQAConfig", "GQAttention", "MLACache", "MLAConfig",
     "MLAttention", "ParallelAxes", "TokenData", "Transformer", "TransformerConfig", "attend", "clip_factors",
-    "eval_batches", "get_batch", "hf", "load_data", "make_mesh", "make_train_step", "muonclip",
-    "next_token_loss", "param_spec", "param_specs", "qk_clip", "shard_batch",
-    "shard_train_state", "stdlib_corpus", "warmup_cosine", "wsd",
+    "eval_batches", "generate", "get_batch", "hf", "load_data", "make_mesh", "make_train_step", "muonclip",
+    "next_token_loss", "param_spec", "param_specs", "qk_clip", "sample_token", "shard_batch",
+    "shard_train_state", "stdlib_corpus", "warmup_cosine", "wsd", "YaRN",
 ]
