@@ -156,3 +156,17 @@ def test_cli_bad_input_is_named(run_dir, capsys, args, message):
 def test_cli_without_checkpoint(tmp_path, capsys):
     assert cli.main([str(tmp_path), "--prompt", "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_readme_decoding_example_runs():
+    """The README's decoding block runs as written and gives the shapes it says."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "qc.generate" in b)
+    scope: dict = {}
+    exec(block, scope)
+    assert scope["logits"].shape == (1, 256) and scope["S"].shape == (2, 2)
+    assert int(scope["cache"].length) == 4 and scope["cache"].c_kv.shape == (2, 16, 16)
+    assert scope["tokens"].shape == (8,)
