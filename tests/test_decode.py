@@ -216,6 +216,15 @@ def test_transformer_decode_equals_full_forward(model, clipped):
     np.testing.assert_allclose(np.asarray(s_steps.max(0)), np.asarray(s_full), rtol=1e-5, atol=1e-6)
     assert s_steps.shape == (T - PREFILL + 1, LAYERS, m.config.n_heads)
     assert int(cache.length) == T
+    # Layer 0 at every decoded position: its input is norm(embed[tokens]), so the
+    # NumPy per-query max logit gives each call's S.
+    attn0 = jax.tree.map(lambda a: a[0], m.blocks.attn)
+    e = np.asarray(m.embed, np.float64)[np.asarray(tokens)]
+    x0 = e / np.sqrt(np.mean(e * e, -1, keepdims=True) + m.config.norm_eps)
+    x0 = x0 * np.asarray(m.blocks.attn_norm.weight[0], np.float64)
+    rows = np_row_max_logits(attn0, x0)
+    expected = np.concatenate([rows[:PREFILL].max(0, keepdims=True), rows[PREFILL:]])
+    np.testing.assert_allclose(np.asarray(s_steps[:, 0]), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_holds_the_latent_and_rope_key_only(model):
