@@ -20,6 +20,9 @@ Attention with plain RoPE, and two with YaRN RoPE scaling:
     tests/data/hf_dsv3_attn_yarn_mscale.npz  (q_lora_rank=None, yarn with factor 32
                                           and mscale 0.707 != mscale_all_dim 1, so
                                           that HF also scales cos and sin)
+    tests/data/hf_k2_attn_yarn.npz       (q_lora_rank=32, Kimi K2-Instruct-0905's
+                                          block: factor 64, beta_fast = beta_slow = 1,
+                                          rope_theta 50000)
 
 The YaRN cases run at positions 5000..5000+seq-1, past the original context,
 where the interpolated frequencies differ from plain RoPE's.
@@ -88,19 +91,24 @@ DSV3_YARN = dict(type="yarn", factor=40.0, original_max_position_embeddings=4096
                  beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
 YARN_MSCALE = dict(type="yarn", factor=32.0, original_max_position_embeddings=4096, beta_fast=32,
                    beta_slow=1, mscale=0.707, mscale_all_dim=1.0)
+# Kimi K2-Instruct-0905's published block (with its rope_theta 50000).
+K2_YARN = dict(type="yarn", factor=64.0, original_max_position_embeddings=4096, beta_fast=1.0,
+               beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
 YARN_START = 5000  # first position of the YaRN inputs
 
-# file -> (q_lora_rank, rope_scaling, first position)
+# file -> (q_lora_rank, rope_scaling, first position, rope_theta)
 CASES = {
-    "hf_dsv3_attn_qlora.npz": (32, None, 0),
-    "hf_dsv3_attn_noqlora.npz": (None, None, 0),
-    "hf_dsv3_attn_yarn.npz": (32, DSV3_YARN, YARN_START),
-    "hf_dsv3_attn_yarn_mscale.npz": (None, YARN_MSCALE, YARN_START),
+    "hf_dsv3_attn_qlora.npz": (32, None, 0, 10000.0),
+    "hf_dsv3_attn_noqlora.npz": (None, None, 0, 10000.0),
+    "hf_dsv3_attn_yarn.npz": (32, DSV3_YARN, YARN_START, 10000.0),
+    "hf_dsv3_attn_yarn_mscale.npz": (None, YARN_MSCALE, YARN_START, 10000.0),
+    "hf_k2_attn_yarn.npz": (32, K2_YARN, YARN_START, 50000.0),
 }
 
 
-def make_config(q_lora_rank: int | None, rope_scaling: dict | None = None) -> DeepseekV3Config:
-    base = dict(BASE_CONFIG)
+def make_config(q_lora_rank: int | None, rope_scaling: dict | None = None,
+                rope_theta: float = 10000.0) -> DeepseekV3Config:
+    base = dict(BASE_CONFIG, rope_theta=rope_theta)
     if rope_scaling is not None:
         # the extended context, as the published configs set it (DeepSeek-V3: 40 * 4096 = 163840)
         extended = int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"])
@@ -117,7 +125,7 @@ def make_config(q_lora_rank: int | None, rope_scaling: dict | None = None) -> De
     if rope is not None:
         wanted = "default" if rope_scaling is None else "yarn"
         assert rope.get("rope_type", "default") == wanted, rope
-        assert float(rope["rope_theta"]) == BASE_CONFIG["rope_theta"], rope
+        assert float(rope["rope_theta"]) == rope_theta, rope
     assert config.rope_interleave is True
     assert config._attn_implementation == "eager"
     return config
@@ -174,8 +182,8 @@ def capture_pre_softmax_logits(store: list):
 
 
 def make_golden(q_lora_rank: int | None, out_path: pathlib.Path, rope_scaling: dict | None = None,
-                start: int = 0) -> dict:
-    config = make_config(q_lora_rank, rope_scaling)
+                start: int = 0, rope_theta: float = 10000.0) -> dict:
+    config = make_config(q_lora_rank, rope_scaling, rope_theta)
     generator = torch.Generator().manual_seed(SEED)
 
     attn = hf_dsv3.DeepseekV3Attention(config, layer_idx=0).to(torch.float32).eval()
@@ -221,6 +229,7 @@ def make_golden(q_lora_rank: int | None, out_path: pathlib.Path, rope_scaling: d
 
     config_record = {
         **BASE_CONFIG,
+        "rope_theta": rope_theta,
         **({} if rope_scaling is None else {"rope_scaling": rope_scaling,
                                             "max_position_embeddings": config.max_position_embeddings}),
         "q_lora_rank": q_lora_rank,
@@ -344,11 +353,11 @@ def main(names: list[str]) -> None:
     for name in names or list(CASES):
         if name not in CASES:
             raise SystemExit(f"unknown case {name!r}; choose from {sorted(CASES)}")
-    for filename, (q_lora_rank, rope_scaling, start) in CASES.items():
+    for filename, (q_lora_rank, rope_scaling, start, rope_theta) in CASES.items():
         if names and filename not in names:
             continue
         path = OUT_DIR / filename
-        make_golden(q_lora_rank, path, rope_scaling, start)
+        make_golden(q_lora_rank, path, rope_scaling, start, rope_theta)
         check_file(path)
 
 

@@ -1,8 +1,9 @@
 """Loading Hugging Face DeepseekV3Attention weights: output and per-head max
 logits match golden files written by scripts/make_hf_golden.py from
 transformers' own eager attention (q LoRA on and off), for both kernels; and
-with YaRN RoPE scaling (DeepSeek-V3's rope_scaling block, and one with
-mscale != mscale_all_dim) at positions past the original context."""
+with YaRN RoPE scaling (DeepSeek-V3's and Kimi K2-Instruct-0905's
+rope_scaling blocks, and one with mscale != mscale_all_dim) at positions past
+the original context."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from qkclip_eqx.hf import mla_config_from_hf, mla_from_hf
 
 DATA = pathlib.Path(__file__).parent / "data"
 FILES = {"qlora": "hf_dsv3_attn_qlora.npz", "noqlora": "hf_dsv3_attn_noqlora.npz"}
-YARN_FILES = {"yarn": "hf_dsv3_attn_yarn.npz", "yarn_mscale": "hf_dsv3_attn_yarn_mscale.npz"}
+YARN_FILES = {"yarn": "hf_dsv3_attn_yarn.npz", "yarn_mscale": "hf_dsv3_attn_yarn_mscale.npz",
+              "k2_yarn": "hf_k2_attn_yarn.npz"}
 NOT_WEIGHTS = ("hidden_states", "output", "max_logits", "config_json", "versions", "position_ids")
 
 
@@ -208,8 +210,9 @@ def test_yarn_config_from_hf(yarn_golden):
     case, _, hf_config, _ = yarn_golden
     c = mla_config_from_hf(hf_config)
     y = hf_config["rope_scaling"]
-    assert c.yarn == YaRN(factor=y["factor"], original_max_position_embeddings=4096, beta_fast=32.0,
-                          beta_slow=1.0, mscale=y["mscale"], mscale_all_dim=1.0)
+    assert c.yarn == YaRN(factor=y["factor"], original_max_position_embeddings=4096,
+                          beta_fast=y["beta_fast"], beta_slow=1.0, mscale=y["mscale"], mscale_all_dim=1.0)
+    assert c.rope_theta == (50_000.0 if case == "k2_yarn" else 10_000.0)
     # HF's own record: its rotary inverse frequencies, its cos/sin factor and softmax scale
     np.testing.assert_allclose(rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, c.yarn),
                                hf_config["rope_inv_freq"], rtol=1e-6)
@@ -231,7 +234,11 @@ def test_yarn_matches_hf_golden(yarn_golden, kernel, block_size):
     assert int(positions[0]) > 4096  # past the original context: the interpolation matters
     out, max_logits = run_at(module, x, positions)
     np.testing.assert_allclose(np.asarray(max_logits), arrays["max_logits"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out), arrays["output"], rtol=1e-4, atol=1e-5)
+    # Angles near 5000 rad lose ~3e-4 rad to float32 in HF and here alike, and
+    # cos/sin differ there by implementation: the golden's float64 NumPy check
+    # (scripts/make_hf_golden.py) sees up to 4e-5 on outputs of size ~4.
+    np.testing.assert_allclose(np.asarray(out), arrays["output"], rtol=1e-4,
+                               atol=2e-5 * np.abs(arrays["output"]).max())
     # guard: plain RoPE with the same weights does not match
     plain = mla_from_hf(state, mla_config_from_hf(hf_config, yarn=None))
     _, s_plain = run_at(plain, x, positions)
