@@ -88,7 +88,9 @@ class YaRN:
 
     The published DeepSeek-V3 and K2 blocks set ``mscale = mscale_all_dim = 1``:
     cos and sin are unchanged and every logit is multiplied by
-    ``(0.1 ln factor + 1)^2``.
+    ``(0.1 ln factor + 1)^2``. Both are applied whatever the sequence length,
+    as in transformers; DeepSeek-V3's own inference code applies them only
+    when its configured ``max_seq_len`` exceeds the original context.
     """
 
     factor: float
