@@ -24,6 +24,7 @@ CONFIG = TransformerConfig(
     attention=MLAConfig(dim=16, n_heads=2, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
                         v_head_dim=4, q_lora_rank=6),
 )
+CONFIG_S = (CONFIG.n_layers, CONFIG.n_heads)
 run = eqx.filter_jit(generate)
 
 
@@ -73,6 +74,16 @@ def test_sampling_draws_the_documented_tokens(model, temperature, top_k):
             row[np.argsort(row)[:-top_k]] = -np.inf
             assert np.isfinite(row[int(tokens[i])])
         assert int(jax.random.categorical(keys[i], jnp.asarray(row, jnp.float32))) == int(tokens[i])
+
+
+def test_vmap_over_keys_gives_each_keys_sample(model):
+    m, prompt = model
+    keys = jax.random.split(jax.random.key(5), 3)
+    batch, s = eqx.filter_jit(jax.vmap(lambda k: generate(m, prompt, NEW, temperature=1.0, key=k)))(keys)
+    assert batch.shape == (3, NEW) and s.shape == (3, *CONFIG_S)
+    for i in range(3):
+        one, _ = run(m, prompt, NEW, temperature=1.0, key=keys[i])
+        np.testing.assert_array_equal(np.asarray(batch[i]), np.asarray(one))
 
 
 def test_top_k_one_is_greedy(model):
@@ -158,11 +169,19 @@ def test_cli_without_checkpoint(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_readme_decoding_example_runs():
-    """The README's decoding block runs as written and gives the shapes it says."""
+def test_readme_decoding_example_runs(monkeypatch):
+    """The README's decoding block runs as written and gives the shapes it says.
+    Its model is filled from NumPy instead of jax.random, which compiles a
+    kernel per weight shape (tens of seconds on a busy 2-core machine)."""
     import pathlib
     import re
 
+    import qkclip_eqx
+
+    def numpy_init(cfg, *, key):
+        return init_from_numpy(lambda k: Transformer(cfg, key=k), seed=0)
+
+    monkeypatch.setattr(qkclip_eqx, "Transformer", numpy_init)
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "qc.generate" in b)
     scope: dict = {}
