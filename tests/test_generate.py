@@ -164,6 +164,21 @@ def test_cli_bad_input_is_named(run_dir, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_cli_token_vocabulary_prints_ids(tmp_path, capsys):
+    """A model whose vocabulary is not bytes takes --prompt-tokens and prints ids."""
+    cfg = preset("tiny", out=str(tmp_path), n_layers=1)
+    m = init_from_numpy(lambda k: Transformer(cfg.model_config(320), key=k), seed=8)
+    state = optimizer(cfg).init(eqx.filter(m, eqx.is_array))
+    save_checkpoint(tmp_path, 1, (m, state),
+                    meta={**meta_of(cfg, 320), "step": 1, "run": dataclasses.asdict(cfg)})
+    assert cli.main([str(tmp_path), "--prompt", "x"]) == 2
+    assert "--prompt-tokens" in capsys.readouterr().err
+    assert cli.main([str(tmp_path), "--prompt-tokens", "300,7", "--max-new-tokens", "3"]) == 0
+    ids = capsys.readouterr().out.strip().splitlines()[-1].split(",")
+    tokens, _ = run(m, jnp.array([300, 7], jnp.int32), 3)
+    assert ids == ["300", "7", *map(str, np.asarray(tokens).tolist())]
+
+
 def test_cli_without_checkpoint(tmp_path, capsys):
     assert cli.main([str(tmp_path), "--prompt", "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
