@@ -5,10 +5,27 @@ transformers and numpy installed -- NOT the project's own JAX environment):
 
     python scripts/make_hf_golden.py
 
-It writes two files, one per query path of Multi-head Latent Attention:
+    python scripts/make_hf_golden.py hf_dsv3_attn_yarn.npz   # only the files named
+
+It writes one file per case, two per query path of Multi-head Latent
+Attention with plain RoPE, and two with YaRN RoPE scaling:
 
     tests/data/hf_dsv3_attn_qlora.npz    (q_lora_rank=32: q_a_proj -> RMSNorm -> q_b_proj)
     tests/data/hf_dsv3_attn_noqlora.npz  (q_lora_rank=None: a single q_proj)
+    tests/data/hf_dsv3_attn_yarn.npz     (q_lora_rank=32 and DeepSeek-V3's own
+                                          rope_scaling block: yarn, factor 40,
+                                          original_max_position_embeddings 4096,
+                                          beta_fast 32, beta_slow 1, mscale 1,
+                                          mscale_all_dim 1)
+    tests/data/hf_dsv3_attn_yarn_mscale.npz  (q_lora_rank=None, yarn with factor 32
+                                          and mscale 0.707 != mscale_all_dim 1, so
+                                          that HF also scales cos and sin)
+    tests/data/hf_k2_attn_yarn.npz       (q_lora_rank=32, Kimi K2-Instruct-0905's
+                                          block: factor 64, beta_fast = beta_slow = 1,
+                                          rope_theta 50000)
+
+The YaRN cases run at positions 5000..5000+seq-1, past the original context,
+where the interpolated frequencies differ from plain RoPE's.
 
 so the project's tests can compare against HF without needing torch in CI.
 
@@ -22,10 +39,12 @@ Each .npz holds:
                                      query/key pairs of the scaled pre-softmax
                                      logit q_i . k_j * scaling, captured from
                                      HF's own eager attention computation;
-  * "config_json"    0-d str         the config used (plus "scaling"), as JSON;
+  * "position_ids"   [seq]           the positions the input sits at;
+  * "config_json"    0-d str         the config used (plus "scaling", HF's rotary
+                                     "rope_inv_freq" and "rope_attention_scaling"), as JSON;
   * "versions"       0-d str         torch / transformers / numpy versions, as JSON.
 
-The inputs use position ids 0..seq-1 and a standard causal mask.
+The plain-RoPE inputs use position ids 0..seq-1; every case a standard causal mask.
 """
 
 from __future__ import annotations
@@ -33,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import sys
 
 import numpy as np
 import torch
@@ -66,25 +86,46 @@ BASE_CONFIG = dict(
     max_position_embeddings=128,
 )
 
+# DeepSeek-V3's published config.json block (Kimi K2's has factor 32).
+DSV3_YARN = dict(type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32,
+                 beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+YARN_MSCALE = dict(type="yarn", factor=32.0, original_max_position_embeddings=4096, beta_fast=32,
+                   beta_slow=1, mscale=0.707, mscale_all_dim=1.0)
+# Kimi K2-Instruct-0905's published block (with its rope_theta 50000).
+K2_YARN = dict(type="yarn", factor=64.0, original_max_position_embeddings=4096, beta_fast=1.0,
+               beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+YARN_START = 5000  # first position of the YaRN inputs
+
+# file -> (q_lora_rank, rope_scaling, first position, rope_theta)
 CASES = {
-    "hf_dsv3_attn_qlora.npz": 32,
-    "hf_dsv3_attn_noqlora.npz": None,
+    "hf_dsv3_attn_qlora.npz": (32, None, 0, 10000.0),
+    "hf_dsv3_attn_noqlora.npz": (None, None, 0, 10000.0),
+    "hf_dsv3_attn_yarn.npz": (32, DSV3_YARN, YARN_START, 10000.0),
+    "hf_dsv3_attn_yarn_mscale.npz": (None, YARN_MSCALE, YARN_START, 10000.0),
+    "hf_k2_attn_yarn.npz": (32, K2_YARN, YARN_START, 50000.0),
 }
 
 
-def make_config(q_lora_rank: int | None) -> DeepseekV3Config:
+def make_config(q_lora_rank: int | None, rope_scaling: dict | None = None,
+                rope_theta: float = 10000.0) -> DeepseekV3Config:
+    base = dict(BASE_CONFIG, rope_theta=rope_theta)
+    if rope_scaling is not None:
+        # the extended context, as the published configs set it (DeepSeek-V3: 40 * 4096 = 163840)
+        extended = int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"])
+        base.update(rope_scaling=dict(rope_scaling), max_position_embeddings=extended)
     config = DeepseekV3Config(
-        **BASE_CONFIG,
+        **base,
         q_lora_rank=q_lora_rank,
         attn_implementation="eager",
         dtype="float32",
     )
     # Recent transformers fold rope_theta/rope_scaling into `rope_parameters`.
-    # Make sure we really got plain (unscaled) RoPE with the requested theta.
+    # Make sure we really got the RoPE asked for, with the requested theta.
     rope = getattr(config, "rope_parameters", None)
     if rope is not None:
-        assert rope.get("rope_type", "default") == "default", rope
-        assert float(rope["rope_theta"]) == BASE_CONFIG["rope_theta"], rope
+        wanted = "default" if rope_scaling is None else "yarn"
+        assert rope.get("rope_type", "default") == wanted, rope
+        assert float(rope["rope_theta"]) == rope_theta, rope
     assert config.rope_interleave is True
     assert config._attn_implementation == "eager"
     return config
@@ -140,15 +181,16 @@ def capture_pre_softmax_logits(store: list):
         torch.nn.functional.softmax = original_softmax
 
 
-def make_golden(q_lora_rank: int | None, out_path: pathlib.Path) -> dict:
-    config = make_config(q_lora_rank)
+def make_golden(q_lora_rank: int | None, out_path: pathlib.Path, rope_scaling: dict | None = None,
+                start: int = 0, rope_theta: float = 10000.0) -> dict:
+    config = make_config(q_lora_rank, rope_scaling, rope_theta)
     generator = torch.Generator().manual_seed(SEED)
 
     attn = hf_dsv3.DeepseekV3Attention(config, layer_idx=0).to(torch.float32).eval()
     init_weights(attn, generator)
 
     hidden_states = torch.randn(1, SEQ_LEN, config.hidden_size, generator=generator, dtype=torch.float32)
-    position_ids = torch.arange(SEQ_LEN)[None, :]
+    position_ids = start + torch.arange(SEQ_LEN)[None, :]
 
     rotary = hf_dsv3.DeepseekV3RotaryEmbedding(config)
     position_embeddings = rotary(hidden_states, position_ids)  # (cos, sin), each [1, seq, qk_rope_head_dim]
@@ -187,6 +229,9 @@ def make_golden(q_lora_rank: int | None, out_path: pathlib.Path) -> dict:
 
     config_record = {
         **BASE_CONFIG,
+        "rope_theta": rope_theta,
+        **({} if rope_scaling is None else {"rope_scaling": rope_scaling,
+                                            "max_position_embeddings": config.max_position_embeddings}),
         "q_lora_rank": q_lora_rank,
         "qk_head_dim": config.qk_nope_head_dim + config.qk_rope_head_dim,
         "scaling": float(attn.scaling),
@@ -196,6 +241,7 @@ def make_golden(q_lora_rank: int | None, out_path: pathlib.Path) -> dict:
         "seed": SEED,
         "rope_parameters": getattr(config, "rope_parameters", None),
         "rope_inv_freq": rotary.inv_freq.tolist(),
+        **({} if rope_scaling is None else {"rope_attention_scaling": float(rotary.attention_scaling)}),
     }
     versions = {
         "torch": torch.__version__,
@@ -207,6 +253,8 @@ def make_golden(q_lora_rank: int | None, out_path: pathlib.Path) -> dict:
     arrays["hidden_states"] = hidden_states[0].numpy().astype(np.float32)
     arrays["output"] = output[0].numpy().astype(np.float32)
     arrays["max_logits"] = max_logits.numpy().astype(np.float32)
+    if rope_scaling is not None:
+        arrays["position_ids"] = position_ids[0].numpy().astype(np.int32)
     arrays["config_json"] = np.array(json.dumps(config_record, sort_keys=True))
     arrays["versions"] = np.array(json.dumps(versions, sort_keys=True))
 
@@ -225,18 +273,21 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return weight * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
 
 
-def _rope_interleaved(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
-    """DeepSeek RoPE: pairs (x[2i], x[2i+1]) rotated by angle pos * theta^(-2i/d).
+def _rope_interleaved(x: np.ndarray, positions: np.ndarray, theta: float, inv_freq=None,
+                      amplitude: float = 1.0) -> np.ndarray:
+    """DeepSeek RoPE: pairs (x[2i], x[2i+1]) rotated by angle pos * theta^(-2i/d)
+    (or by the given ``inv_freq``), cos and sin times ``amplitude``.
 
     Returns the rotated pairs in HF's output order [all evens..., all odds...];
     q and k share that permutation, so dot products are unchanged.
     """
     d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
-    ang = positions[:, None] * inv_freq[None, :]  # [seq, d/2]
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = positions[:, None] * np.asarray(inv_freq, np.float64)[None, :]  # [seq, d/2]
     if x.ndim == 3:  # [heads, seq, d]
         ang = ang[None]
-    cos, sin = np.cos(ang), np.sin(ang)
+    cos, sin = amplitude * np.cos(ang), amplitude * np.sin(ang)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -249,18 +300,21 @@ def numpy_reference(arrays: dict) -> tuple[np.ndarray, np.ndarray]:
     h, dn, dr, dv = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
     r_kv = cfg["kv_lora_rank"]
     eps = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps=1e-6
-    pos = np.arange(seq, dtype=np.float64)
+    pos = arrays.get("position_ids", np.arange(seq)).astype(np.float64)
+    yarn = cfg.get("rope_scaling") is not None
+    rope = dict(inv_freq=cfg["rope_inv_freq"] if yarn else None,
+                amplitude=cfg.get("rope_attention_scaling", 1.0))
 
     if cfg["q_lora_rank"] is None:
         q = x @ w["q_proj.weight"].T
     else:
         q = _rms_norm(x @ w["q_a_proj.weight"].T, w["q_a_layernorm.weight"], eps) @ w["q_b_proj.weight"].T
     q = q.reshape(seq, h, dn + dr).transpose(1, 0, 2)  # [h, seq, dn+dr], head-major columns
-    q_nope, q_pe = q[..., :dn], _rope_interleaved(q[..., dn:], pos, cfg["rope_theta"])
+    q_nope, q_pe = q[..., :dn], _rope_interleaved(q[..., dn:], pos, cfg["rope_theta"], **rope)
 
     ckv = x @ w["kv_a_proj_with_mqa.weight"].T  # [seq, r_kv + dr]
     c_kv = _rms_norm(ckv[:, :r_kv], w["kv_a_layernorm.weight"], eps)
-    k_pe = _rope_interleaved(ckv[:, r_kv:], pos, cfg["rope_theta"])  # [seq, dr], shared by all heads
+    k_pe = _rope_interleaved(ckv[:, r_kv:], pos, cfg["rope_theta"], **rope)  # [seq, dr], shared by all heads
     kv = (c_kv @ w["kv_b_proj.weight"].T).reshape(seq, h, dn + dv).transpose(1, 0, 2)
     k_nope, v = kv[..., :dn], kv[..., dn:]
 
@@ -278,7 +332,11 @@ def check_file(path: pathlib.Path) -> None:
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     cfg = json.loads(str(arrays["config_json"]))
-    assert abs(cfg["scaling"] - (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) ** -0.5) < 1e-12
+    mscale = 1.0
+    if cfg.get("rope_scaling") is not None:  # DeepSeek-V3: softmax scale times mscale(mscale_all_dim)^2
+        y = cfg["rope_scaling"]
+        mscale = (0.1 * y["mscale_all_dim"] * np.log(y["factor"]) + 1.0) ** 2
+    assert abs(cfg["scaling"] - mscale * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) ** -0.5) < 1e-12
     out, max_logits = numpy_reference(arrays)
     err_out = np.abs(out - arrays["output"]).max()
     err_ml = np.abs(max_logits - arrays["max_logits"]).max()
@@ -291,12 +349,17 @@ def check_file(path: pathlib.Path) -> None:
     print(f"  versions: {arrays['versions']}")
 
 
-def main() -> None:
-    for filename, q_lora_rank in CASES.items():
+def main(names: list[str]) -> None:
+    for name in names or list(CASES):
+        if name not in CASES:
+            raise SystemExit(f"unknown case {name!r}; choose from {sorted(CASES)}")
+    for filename, (q_lora_rank, rope_scaling, start, rope_theta) in CASES.items():
+        if names and filename not in names:
+            continue
         path = OUT_DIR / filename
-        make_golden(q_lora_rank, path)
+        make_golden(q_lora_rank, path, rope_scaling, start, rope_theta)
         check_file(path)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

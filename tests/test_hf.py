@@ -1,6 +1,9 @@
 """Loading Hugging Face DeepseekV3Attention weights: output and per-head max
 logits match golden files written by scripts/make_hf_golden.py from
-transformers' own eager attention (q LoRA on and off), for both kernels."""
+transformers' own eager attention (q LoRA on and off), for both kernels; and
+with YaRN RoPE scaling (DeepSeek-V3's and Kimi K2-Instruct-0905's
+rope_scaling blocks, and one with mscale != mscale_all_dim) at positions past
+the original context."""
 
 from __future__ import annotations
 
@@ -13,16 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qkclip_eqx import MLAttention
+from qkclip_eqx import MLAttention, YaRN, qk_clip
+from qkclip_eqx._rope import rope_inv_freq
 from qkclip_eqx.hf import mla_config_from_hf, mla_from_hf
 
 DATA = pathlib.Path(__file__).parent / "data"
 FILES = {"qlora": "hf_dsv3_attn_qlora.npz", "noqlora": "hf_dsv3_attn_noqlora.npz"}
-NOT_WEIGHTS = ("hidden_states", "output", "max_logits", "config_json", "versions")
+YARN_FILES = {"yarn": "hf_dsv3_attn_yarn.npz", "yarn_mscale": "hf_dsv3_attn_yarn_mscale.npz",
+              "k2_yarn": "hf_k2_attn_yarn.npz"}
+NOT_WEIGHTS = ("hidden_states", "output", "max_logits", "config_json", "versions", "position_ids")
 
 
 def load(case):
-    with np.load(DATA / FILES[case]) as f:
+    with np.load(DATA / {**FILES, **YARN_FILES}[case]) as f:
         arrays = {k: f[k] for k in f.files}
     hf_config = json.loads(str(arrays["config_json"]))
     state = {k: v for k, v in arrays.items() if k not in NOT_WEIGHTS}
@@ -156,11 +162,16 @@ def test_config_mismatch_is_refused():
 
 def test_unsupported_rope_is_refused():
     _, hf_config, state = load("qlora")
+    dynamic = {"rope_type": "dynamic", "factor": 4.0}
+    with pytest.raises(ValueError, match=r"dynamic"):
+        mla_config_from_hf({**hf_config, "rope_scaling": dynamic, "rope_parameters": None})
+    with pytest.raises(ValueError, match=r"dynamic"):
+        mla_config_from_hf({**hf_config, "rope_scaling": None, "rope_parameters": dynamic})
     yarn = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096}
-    with pytest.raises(ValueError, match=r"yarn"):
-        mla_config_from_hf({**hf_config, "rope_scaling": yarn, "rope_parameters": None})
-    with pytest.raises(ValueError, match=r"yarn"):
-        mla_config_from_hf({**hf_config, "rope_scaling": None, "rope_parameters": yarn})
+    with pytest.raises(ValueError, match=r"attention_factor"):
+        mla_config_from_hf({**hf_config, "rope_scaling": {**yarn, "attention_factor": 1.2}})
+    with pytest.raises(ValueError, match=r"original_max_position_embeddings"):
+        mla_config_from_hf({**hf_config, "rope_scaling": {"type": "yarn", "factor": 40.0}})
     # Non-interleaved RoPE storage is not the DeepSeek layout: the loader refuses.
     half = mla_config_from_hf({**hf_config, "rope_interleave": False})
     assert half.rope_layout == "half"
@@ -178,3 +189,87 @@ def test_config_fields_from_hf():
     moved = {k: v for k, v in hf_config.items() if k != "rope_theta"}
     moved["rope_parameters"] = {"rope_type": "default", "rope_theta": 50_000.0}
     assert mla_config_from_hf(moved).rope_theta == 50_000.0
+
+
+# --------------------------------------------------------------------------
+# YaRN (DeepSeek-V3 / Kimi K2 rope_scaling)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=list(YARN_FILES))
+def yarn_golden(request):
+    return request.param, *load(request.param)
+
+
+@eqx.filter_jit
+def run_at(module, x, positions):
+    return module(x, positions=positions)
+
+
+def test_yarn_config_from_hf(yarn_golden):
+    case, _, hf_config, _ = yarn_golden
+    c = mla_config_from_hf(hf_config)
+    y = hf_config["rope_scaling"]
+    assert c.yarn == YaRN(factor=y["factor"], original_max_position_embeddings=4096,
+                          beta_fast=y["beta_fast"], beta_slow=1.0, mscale=y["mscale"], mscale_all_dim=1.0)
+    assert c.rope_theta == (50_000.0 if case == "k2_yarn" else 10_000.0)
+    # HF's own record: its rotary inverse frequencies, its cos/sin factor and softmax scale
+    np.testing.assert_allclose(rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, c.yarn),
+                               hf_config["rope_inv_freq"], rtol=1e-6)
+    assert c.yarn.rope_factor == pytest.approx(hf_config["rope_attention_scaling"], rel=1e-12)
+    assert c.qk_head_dim ** -0.5 * c.yarn.softmax_factor == pytest.approx(hf_config["scaling"], rel=1e-12)
+    # the interpolation acts on some pairs and not on others
+    plain = rope_inv_freq(c.qk_rope_head_dim, c.rope_theta)
+    assert plain[0] == rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, c.yarn)[0]
+    assert not np.allclose(plain, hf_config["rope_inv_freq"], rtol=1e-3)
+    if case == "yarn":
+        assert c.yarn.rope_factor == 1.0 and c.yarn.softmax_factor == pytest.approx((0.1 * np.log(40) + 1) ** 2)
+
+
+@pytest.mark.parametrize("kernel,block_size", [("dense", 128), ("blockwise", 5)])
+def test_yarn_matches_hf_golden(yarn_golden, kernel, block_size):
+    _, arrays, hf_config, state = yarn_golden
+    module = mla_from_hf(state, mla_config_from_hf(hf_config, kernel=kernel, block_size=block_size))
+    x, positions = jnp.asarray(arrays["hidden_states"]), jnp.asarray(arrays["position_ids"])
+    assert int(positions[0]) > 4096  # past the original context: the interpolation matters
+    out, max_logits = run_at(module, x, positions)
+    np.testing.assert_allclose(np.asarray(max_logits), arrays["max_logits"], rtol=1e-4, atol=1e-5)
+    # Angles near 5000 rad lose ~3e-4 rad to float32 in HF and here alike, and
+    # cos/sin differ there by implementation: the golden's float64 NumPy check
+    # (scripts/make_hf_golden.py) sees up to 4e-5 on outputs of size ~4.
+    np.testing.assert_allclose(np.asarray(out), arrays["output"], rtol=1e-4,
+                               atol=2e-5 * np.abs(arrays["output"]).max())
+    # guard: plain RoPE with the same weights does not match
+    plain = mla_from_hf(state, mla_config_from_hf(hf_config, yarn=None))
+    _, s_plain = run_at(plain, x, positions)
+    assert np.abs(np.asarray(s_plain) - arrays["max_logits"]).max() > 0.1
+
+
+def test_qk_clip_is_exact_under_yarn(yarn_golden):
+    """S is the logit entering the softmax, YaRN's mscale^2 included: after a
+    clip at tau, re-running gives min(S, tau) per head."""
+    _, arrays, hf_config, state = yarn_golden
+    module = mla_from_hf(state, mla_config_from_hf(hf_config))
+    x, positions = jnp.asarray(arrays["hidden_states"]), jnp.asarray(arrays["position_ids"])
+    _, s = run_at(module, x, positions)
+    tau = float(np.median(arrays["max_logits"]))
+    _, s_clipped = run_at(qk_clip(module, s, tau), x, positions)
+    np.testing.assert_allclose(np.asarray(s_clipped), np.minimum(arrays["max_logits"], tau), rtol=1e-4)
+    assert np.sum(arrays["max_logits"] > tau) >= 1 and np.sum(arrays["max_logits"] <= tau) >= 1
+
+
+@pytest.mark.parametrize("field,value", [
+    ("factor", 0.0), ("factor", float("nan")), ("original_max_position_embeddings", 0),
+    ("original_max_position_embeddings", 4096.0), ("beta_fast", -1.0), ("beta_slow", 0),
+    ("mscale", -1.0), ("mscale_all_dim", "1"), ("truncate", 1),
+])
+def test_yarn_bad_field_is_named(field, value):
+    fields = dict(factor=40.0, original_max_position_embeddings=4096)
+    with pytest.raises(ValueError, match=rf"YaRN\.{field}"):
+        YaRN(**{**fields, field: value})
+
+
+def test_yarn_field_must_be_a_yarn():
+    _, hf_config, _ = load("qlora")
+    with pytest.raises(ValueError, match=r"MLAConfig\.yarn"):
+        mla_config_from_hf(hf_config, yarn={"factor": 40.0})

@@ -11,7 +11,9 @@ from ._config import GQAConfig as GQAConfig
 from ._config import MLAConfig as MLAConfig
 from ._config import ParallelAxes as ParallelAxes
 from ._config import TransformerConfig as TransformerConfig
+from ._config import YaRN as YaRN
 from ._data import TokenData as TokenData
+from ._decode import MLACache as MLACache
 from ._data import eval_batches as eval_batches
 from ._data import get_batch as get_batch
 from ._data import load_data as load_data
@@ -32,6 +34,8 @@ from ._parallel import shard_loss as shard_loss
 from ._parallel import shard_train_state as shard_train_state
 from ._step import make_train_step as make_train_step
 from ._step import next_token_loss as next_token_loss
+from ._generate import generate as generate
+from ._generate import sample_token as sample_token
 from ._train import PRESETS as PRESETS
 from ._train import RunConfig as RunConfig
 from ._train import RunResult as RunResult
@@ -45,6 +49,7 @@ __all__ = [
     "Block",
     "GQAConfig",
     "GQAttention",
+    "MLACache",
     "MLAConfig",
     "MLAttention",
     "ParallelAxes",
@@ -59,6 +64,7 @@ __all__ = [
     "clipped_heads",
     "eval_batches",
     "evaluate",
+    "generate",
     "get_batch",
     "hf",
     "load_data",
@@ -71,6 +77,7 @@ __all__ = [
     "preset",
     "qk_clip",
     "read_metrics",
+    "sample_token",
     "shard_batch",
     "shard_loss",
     "shard_train_state",
@@ -78,4 +85,5 @@ __all__ = [
     "train",
     "warmup_cosine",
     "wsd",
+    "YaRN",
 ]

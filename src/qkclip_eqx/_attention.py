@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import GQAConfig, MLAConfig, ParallelAxes
+from ._decode import MLACache, absorbed_attention, write_cache
 from ._kernels import attend, softmax_scale
 from ._layers import RMSNorm, cast_arrays, init_weight, linear
 from ._rope import apply_rope
@@ -142,6 +143,12 @@ def _scale_rows(w: Array, factor: Float[Array, " heads"], rows: slice) -> Array:
     return w.at[:, rows, :].multiply(f)
 
 
+def _mla_softmax_factor(c: MLAConfig) -> float:
+    """What the softmax scale ``1/sqrt(d_qk)`` is multiplied by: 1, or YaRN's
+    ``mscale^2`` (see :class:`~qkclip_eqx.YaRN`)."""
+    return 1.0 if c.yarn is None else c.yarn.softmax_factor
+
+
 class MLAttention(AbstractQKClippable):
     """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, sec. 2.1;
     DeepSeek-V3, arXiv 2412.19437), as Kimi K2 uses it.
@@ -159,6 +166,9 @@ class MLAttention(AbstractQKClippable):
 
     Weights are stored in ``dtype`` (the float32 master copy QK-Clip scales);
     ``__call__`` casts them and ``x`` once to ``compute_dtype`` (None: no cast).
+    With ``config.yarn`` the RoPE frequencies and the softmax scale are YaRN's;
+    S is the logit entering the softmax, so QK-Clip stays exact.
+    :meth:`decode` is the absorbed form over a latent cache (:meth:`init_cache`).
     """
 
     config: MLAConfig = eqx.field(static=True)
@@ -218,7 +228,7 @@ class MLAttention(AbstractQKClippable):
         q_c, q_r = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
         kv_a = linear(x, self.wkv_a)
         c_kv, k_r = kv_a[:, : c.kv_lora_rank], kv_a[:, c.kv_lora_rank :]
-        rope: dict = dict(theta=c.rope_theta, layout=c.rope_layout)
+        rope: dict = dict(theta=c.rope_theta, layout=c.rope_layout, yarn=c.yarn)
         q_r = apply_rope(q_r, positions, **rope)
         k_r = apply_rope(k_r[:, None, :], positions, **rope)
         # Context parallelism: only the latent and the shared RoPE key travel.
@@ -226,6 +236,9 @@ class MLAttention(AbstractQKClippable):
         kv = linear(self.kv_norm(c_kv), self.wkv_b)
         k_c, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
         q = jnp.concatenate([q_c, q_r], axis=-1)
+        factor = _mla_softmax_factor(c)
+        if factor != 1.0:  # YaRN: the kernel's scale is 1/sqrt(d_qk); fold the rest into q
+            q = (q.astype(jnp.float32) * jnp.float32(factor)).astype(q.dtype)
         k = jnp.concatenate([k_c, jnp.broadcast_to(k_r, (k_r.shape[0], heads, k_r.shape[-1]))], axis=-1)
         return _attend_and_project(
             c, q, k, v, positions, segment_ids, k_pos, k_seg, c.qk_head_dim, self.wo, parallel,
@@ -235,6 +248,64 @@ class MLAttention(AbstractQKClippable):
     def head_axes(self):
         """`wq` and `wkv_b` [heads, rows, in] by head; `wo`'s head-major columns."""
         return (lambda m: (m.wq, m.wkv_b, m.wo)), (-3, -3, -1)
+
+    def init_cache(self, max_len: int) -> MLACache:
+        """An empty latent cache of ``max_len`` slots for :meth:`decode`, in the
+        compute dtype (the weights' dtype when that is None)."""
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        c = self.config
+        dtype = self.wkv_a.dtype if self.compute_dtype is None else jnp.dtype(self.compute_dtype)
+        return MLACache(
+            jnp.zeros((max_len, c.kv_lora_rank), dtype),
+            jnp.zeros((max_len, c.qk_rope_head_dim), dtype),
+            jnp.zeros((), jnp.int32),
+        )
+
+    def decode(
+        self, x: Float[Array, "t dim"], cache: MLACache
+    ) -> tuple[Float[Array, "t dim"], Float[Array, " heads"], MLACache]:
+        """Absorbed attention of ``t`` new tokens at positions ``cache.length ..
+        cache.length + t - 1`` over the cache and themselves (causal).
+
+        Only ``kv_norm(c_KV)`` and the rotated ``k_R`` are cached; ``W_kv_b``'s k
+        rows are absorbed into the query and its v rows into the output (see
+        ``_decode.py``). Equal to :meth:`__call__` on the whole sequence, at every
+        new position, within float32 rounding. ``t`` is the prompt length for a
+        prefill and 1 for a step.
+
+        **Arguments:**
+
+        - `x`: the new tokens' inputs.
+        - `cache`: the cache holding the earlier tokens.
+
+        **Returns:**
+
+        ``(out, S, cache)``: the new tokens' outputs, S per head (the max of the
+        logit entering the softmax over the new queries), and the cache with
+        the new tokens written.
+        """
+        c = self.config
+        if not c.causal:
+            raise ValueError("decode needs a causal MLAConfig (causal=True)")
+        self, x = cast_arrays((self, x), self.compute_dtype)
+        t, nope = x.shape[0], c.qk_nope_head_dim
+        positions = cache.length + jnp.arange(t, dtype=jnp.int32)
+        q_in = x if self.wq_a is None else self.q_norm(linear(x, self.wq_a))
+        q = linear(q_in, self.wq)
+        rope = dict(theta=c.rope_theta, layout=c.rope_layout, yarn=c.yarn)
+        q_c, q_r = q[..., :nope], apply_rope(q[..., nope:], positions, **rope)
+        kv_a = linear(x, self.wkv_a)
+        c_kv = self.kv_norm(kv_a[:, : c.kv_lora_rank])
+        k_r = apply_rope(kv_a[:, None, c.kv_lora_rank :], positions, **rope)[:, 0]
+        cache = write_cache(cache, c_kv, k_r)
+        scale = softmax_scale(c.qk_head_dim) * _mla_softmax_factor(c)
+        out, max_logits = absorbed_attention(
+            q_c, q_r, cache.c_kv, cache.k_r, positions,
+            self.wkv_b[:, :nope], self.wkv_b[:, nope:], scale,
+        )
+        y = linear(out.reshape(t, -1), self.wo, out_dtype=jnp.float32)
+        return y.astype(x.dtype), max_logits, cache
 
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "MLAttention":
         """q_C by gamma^alpha, k_C by gamma^(1-alpha), q_R by gamma; k_R untouched

@@ -62,6 +62,75 @@ def _check_common(obj: object) -> None:
     _bool(obj, "causal")
 
 
+@no_type_check
+@dataclasses.dataclass(frozen=True)
+class YaRN:
+    """YaRN RoPE scaling (Peng et al. 2023, arXiv 2309.00071) as DeepSeek-V3 and
+    Kimi K2 define it (their ``rope_scaling`` block of ``type: yarn``), following
+    Hugging Face's ``DeepseekV3`` code.
+
+    RoPE pair ``i`` of ``d`` has the base inverse frequency
+    ``f_i = theta^(-2i/d)``. With ``low``, ``high`` the pair indices at which the
+    original context ``L = original_max_position_embeddings`` turns ``beta_fast``
+    and ``beta_slow`` times, ``idx(b) = d ln(L / (2 pi b)) / (2 ln theta)``
+    (floored / ceiled when ``truncate``, clipped to ``[0, d - 1]``), and the ramp
+    ``r_i = clip((i - low) / (high - low), 0, 1)``, the frequency is
+
+        f'_i = (1 - r_i) f_i + r_i f_i / factor
+
+    (high-frequency pairs kept, low-frequency pairs interpolated by ``factor``).
+    With ``m(s, a) = 0.1 a ln s + 1`` (1 for ``s <= 1``):
+
+    - the softmax scale ``1/sqrt(d_qk)`` is multiplied by
+      ``m(factor, mscale_all_dim)^2`` when ``mscale_all_dim`` is set (non-zero);
+    - cos and sin are multiplied by ``m(factor, mscale) / m(factor, mscale_all_dim)``
+      when both are set, else by ``m(factor, 1)``.
+
+    The published DeepSeek-V3 and K2 blocks set ``mscale = mscale_all_dim = 1``:
+    cos and sin are unchanged and every logit is multiplied by
+    ``(0.1 ln factor + 1)^2``. Both are applied whatever the sequence length,
+    as in transformers; DeepSeek-V3's own inference code applies them only
+    when its configured ``max_seq_len`` exceeds the original context.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_number(self, "factor")
+        _positive(self, "original_max_position_embeddings")
+        _positive_number(self, "beta_fast")
+        _positive_number(self, "beta_slow")
+        for name in ("mscale", "mscale_all_dim"):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if value is not None and not (ok and value >= 0):
+                raise ValueError(
+                    f"YaRN.{name} must be None or a finite number >= 0, got {value!r}"
+                )
+        _bool(self, "truncate")
+
+    def _m(self, a: float) -> float:
+        return 1.0 if self.factor <= 1 else 0.1 * a * math.log(self.factor) + 1.0
+
+    @property
+    def softmax_factor(self) -> float:
+        """What the softmax scale is multiplied by: ``m(factor, mscale_all_dim)^2``."""
+        return self._m(self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+    @property
+    def rope_factor(self) -> float:
+        """What cos and sin are multiplied by (the YaRN "attention factor")."""
+        if self.mscale and self.mscale_all_dim:
+            return self._m(self.mscale) / self._m(self.mscale_all_dim)
+        return self._m(1.0)
+
+
 # The configs validate themselves in __post_init__ and raise ValueError naming the
 # field. ``no_type_check`` keeps jaxtyping's import hook (enabled in the tests)
 # from replacing that with a generic type-check error on the generated __init__.
@@ -75,7 +144,8 @@ class MLAConfig:
     ``q_lora_rank=None`` gives a direct query projection W_q; otherwise queries
     go through a rank-``q_lora_rank`` down-projection, an RMSNorm and a per-head
     up-projection. Keys and values share a ``kv_lora_rank`` latent, plus one
-    RoPE key of ``qk_rope_head_dim`` shared by all heads (k_R).
+    RoPE key of ``qk_rope_head_dim`` shared by all heads (k_R). ``yarn``: YaRN
+    RoPE scaling (frequencies and softmax scale), None for plain RoPE.
     """
 
     dim: int
@@ -91,6 +161,7 @@ class MLAConfig:
     causal: bool = True
     kernel: Kernel = "dense"
     block_size: int = 128
+    yarn: YaRN | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "dim", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
@@ -99,6 +170,8 @@ class MLAConfig:
             _positive(self, "q_lora_rank")
         _even(self, "qk_rope_head_dim")
         _check_common(self)
+        if self.yarn is not None and not isinstance(self.yarn, YaRN):
+            raise ValueError(f"MLAConfig.yarn must be a YaRN or None, got {self.yarn!r}")
 
     @property
     def qk_head_dim(self) -> int:

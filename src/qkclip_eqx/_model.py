@@ -9,6 +9,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._attention import GQAttention, MLAttention
 from ._config import MLAConfig, ParallelAxes, TransformerConfig
+from ._decode import MLACache
 from ._layers import RMSNorm, SwiGLU, init_weight, linear
 from ._optim import matrix_dimension_numbers
 
@@ -57,6 +58,17 @@ class Block(eqx.Module):
         )
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), max_logits
+
+    def decode(
+        self, x: Float[Array, "t dim"], cache: MLACache
+    ) -> tuple[Float[Array, "t dim"], Float[Array, " heads"], MLACache]:
+        """As ``__call__`` for ``t`` new tokens, with absorbed MLA over ``cache``
+        (:meth:`MLAttention.decode`); returns the updated cache."""
+        if not isinstance(self.attn, MLAttention):
+            raise TypeError(f"decode needs MLA attention, got {type(self.attn).__name__}")
+        h, max_logits, cache = self.attn.decode(self.attn_norm(x), cache)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), max_logits, cache
 
 
 class Transformer(eqx.Module):
@@ -121,3 +133,64 @@ class Transformer(eqx.Module):
         (`None`). Works on a masked copy of the params, as optax passes them."""
         adamw = jax.tree.map(lambda _: None, self)
         return eqx.tree_at(lambda t: t.blocks, adamw, matrix_dimension_numbers(self.blocks, stacked_axes=1))
+
+    def init_cache(self, max_len: int) -> MLACache:
+        """An empty latent cache for :meth:`decode`: ``c_kv`` [layers, max_len,
+        kv_lora_rank] and ``k_r`` [layers, max_len, qk_rope_head_dim] in the
+        compute dtype, ``length`` 0. MLA models only."""
+        c = self.config.attention
+        if not isinstance(c, MLAConfig):
+            raise TypeError(
+                f"decoding with a latent cache needs MLA attention, got {type(c).__name__}"
+            )
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        dtype, n = jnp.dtype(self.config.compute_dtype), self.config.n_layers
+        return MLACache(
+            jnp.zeros((n, max_len, c.kv_lora_rank), dtype),
+            jnp.zeros((n, max_len, c.qk_rope_head_dim), dtype),
+            jnp.zeros((), jnp.int32),
+        )
+
+    def decode(
+        self, tokens: Int[Array, " t"], cache: MLACache
+    ) -> tuple[Float[Array, "t vocab"], Float[Array, "layers heads"], MLACache]:
+        """Prefill (``t`` = the prompt's length, on an empty cache) or an
+        incremental step (``t = 1``): the new tokens sit at positions
+        ``cache.length .. cache.length + t - 1``.
+
+        Equal, at every new position, to ``__call__`` on the whole sequence so
+        far, within float32 rounding; S is the max of the logit entering the
+        softmax over the new queries only, per layer and head. Pure: state in,
+        state out, usable under ``jax.jit`` and ``jax.lax.scan``.
+
+        **Arguments:**
+
+        - `tokens`: the new tokens.
+        - `cache`: from :meth:`init_cache` or an earlier call.
+
+        **Returns:**
+
+        ``(logits, S, cache)``: float32 logits of the new positions, S
+        [layers, heads], and the cache with the new tokens written.
+        """
+        if cache.c_kv.ndim != 3 or cache.c_kv.shape[0] != self.config.n_layers:
+            raise ValueError(
+                f"cache.c_kv has shape {cache.c_kv.shape}; expected [layers={self.config.n_layers}, "
+                "max_len, kv_lora_rank] (from Transformer.init_cache)"
+            )
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+        length = cache.length
+
+        def layer(x, xs):
+            block_params, c_kv, k_r = xs
+            block = eqx.combine(block_params, static)
+            x, max_logits, new = block.decode(x, MLACache(c_kv, k_r, length))
+            return x, (max_logits, new.c_kv, new.k_r)
+
+        compute = jnp.dtype(self.config.compute_dtype)
+        x, (max_logits, c_kv, k_r) = jax.lax.scan(
+            layer, self.embed[tokens].astype(compute), (params, cache.c_kv, cache.k_r)
+        )
+        logits = linear(self.final_norm(x), self.lm_head.astype(compute), out_dtype=jnp.float32)
+        return logits, max_logits, MLACache(c_kv, k_r, length + tokens.shape[0])

@@ -18,19 +18,50 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._attention import MLAttention
-from ._config import MLAConfig
+from ._config import MLAConfig, YaRN
+
+_YARN_KEYS = frozenset({"type", "rope_type", "rope_theta", "factor", "original_max_position_embeddings",
+                        "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"})
+
+
+def _yarn_from_hf(rope: Mapping[str, Any], hf_config: Mapping[str, Any]) -> YaRN:
+    """A :class:`YaRN` from a ``rope_scaling`` block, with transformers' defaults
+    (``beta_fast`` 32, ``beta_slow`` 1, ``truncate`` True; ``factor`` from
+    ``max_position_embeddings / original_max_position_embeddings`` if absent)."""
+    unknown = sorted(k for k, v in rope.items() if k not in _YARN_KEYS and v is not None)
+    if unknown:
+        raise ValueError(f"yarn rope_scaling keys {unknown} are not supported")
+    if "original_max_position_embeddings" not in rope:
+        raise ValueError("yarn rope_scaling needs original_max_position_embeddings")
+    original = rope["original_max_position_embeddings"]
+    factor = rope.get("factor")
+    if factor is None:
+        factor = hf_config["max_position_embeddings"] / original
+    return YaRN(
+        factor=float(factor),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(rope.get("beta_fast") or 32),
+        beta_slow=float(rope.get("beta_slow") or 1),
+        mscale=None if rope.get("mscale") is None else float(rope["mscale"]),
+        mscale_all_dim=None if rope.get("mscale_all_dim") is None else float(rope["mscale_all_dim"]),
+        truncate=bool(rope.get("truncate", True)),
+    )
 
 
 def mla_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MLAConfig:
     """An :class:`MLAConfig` from a ``DeepseekV3Config`` (as a dict, e.g. config.json).
 
-    Only the default RoPE is supported: a YaRN ``rope_scaling`` (as in the full
-    DeepSeek-V3 config) changes the softmax scale and frequencies and is refused.
+    The default RoPE and YaRN (``rope_scaling`` or ``rope_parameters`` of type
+    ``yarn``, as in the published DeepSeek-V3 and Kimi K2 configs) are supported:
+    YaRN becomes :class:`~qkclip_eqx.YaRN`, which sets the interpolated
+    frequencies, the cos/sin factor and the softmax scale as transformers'
+    ``DeepseekV3Attention`` does. Other RoPE types are refused.
     """
     rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope type {rope_type!r} is not supported (only 'default')")
+    if rope_type not in ("default", "yarn"):
+        raise ValueError(f"rope type {rope_type!r} is not supported (only 'default' and 'yarn')")
+    yarn = _yarn_from_hf(rope, hf_config) if rope_type == "yarn" else None
     theta = hf_config.get("rope_theta", rope.get("rope_theta", 10_000.0))
     fields = dict(
         dim=hf_config["hidden_size"],
@@ -43,6 +74,7 @@ def mla_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MLACon
         rope_theta=float(theta),
         rope_layout="interleaved" if hf_config.get("rope_interleave", True) else "half",
         norm_eps=1e-6,  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
+        yarn=yarn,
     )
     fields.update(overrides)
     return MLAConfig(**fields)
