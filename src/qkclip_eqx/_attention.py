@@ -30,9 +30,9 @@ class AbstractQKClippable(eqx.Module):
     To make your own attention clippable, subclass this and provide:
 
     - `n_heads`: the number of query heads (the length of its `max_logits`);
-    - [`scale_heads`][]: a copy whose head-`h` logits are all multiplied by
+    - [`scale_heads`][qkclip_eqx.AbstractQKClippable.scale_heads]: a copy whose head-`h` logits are all multiplied by
       exactly `gamma[h]` (`eqx.tree_at` on the q/k weights);
-    - [`head_axes`][]: which array leaves carry the head axis, and where.
+    - [`head_axes`][qkclip_eqx.AbstractQKClippable.head_axes]: which array leaves carry the head axis, and where.
 
     [`qkclip_eqx.qk_clip`][] finds every such module in a model's tree;
     [`qkclip_eqx.partition_specs`][] shards the leaves named by `head_axes`
@@ -69,7 +69,7 @@ class AbstractQKClippable(eqx.Module):
         """
 
     def heads_scaled(self, gamma: Float[Array, " heads"]) -> Bool[Array, " heads"]:
-        """The heads whose weights [`scale_heads`][] changes for this `gamma`:
+        """The heads whose weights [`scale_heads`][qkclip_eqx.AbstractQKClippable.scale_heads] changes for this `gamma`:
         those with `gamma < 1`. Override it if your rule also changes others."""
         return gamma < 1
 
@@ -93,8 +93,19 @@ def _gather_seq(parallel: ParallelAxes | None, *arrays: Array) -> tuple[Array, .
 
 
 def _attend_and_project(
-    c: MLAConfig | GQAConfig, q, k, v, positions, segment_ids, k_pos, k_seg, qk_head_dim: int,
-    wo: Array, parallel: ParallelAxes | None, segment_length: int | None = None,
+    c: MLAConfig | GQAConfig,
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    q_pos: Array,
+    q_seg: Array,
+    k_pos: Array,
+    k_seg: Array,
+    scale: float,
+    wo: Array,
+    parallel: ParallelAxes | None,
+    segment_length: int | None,
 ) -> tuple[Array, Array]:
     """The kernel, then the output projection. Under tensor parallelism each
     device holds its heads' columns of ``wo``, and the partial sums are added
@@ -104,11 +115,9 @@ def _attend_and_project(
     With ``segment_length`` the sequence is a packing of equal, independent
     segments, and the kernel runs on them as a batch (no work on the pairs the
     segment mask would empty)."""
-    kw = dict(causal=c.causal, scale=softmax_scale(qk_head_dim), kernel=c.kernel,
-              block_size=c.block_size)
+    kw = dict(causal=c.causal, scale=scale, kernel=c.kernel, block_size=c.block_size)
     if segment_length is None:
-        out, max_logits = attend(q, k, v, q_pos=positions, k_pos=k_pos, q_seg=segment_ids,
-                                 k_seg=k_seg, **kw)
+        out, max_logits = attend(q, k, v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, **kw)
     else:
         if k.shape[0] != q.shape[0]:
             raise ValueError("segment_length cannot be used with a sequence sharded over a mesh axis")
@@ -119,7 +128,7 @@ def _attend_and_project(
 
         out, max_logits = jax.vmap(
             lambda q, k, v, qp, kp, qs, ks: attend(q, k, v, q_pos=qp, k_pos=kp, q_seg=qs, k_seg=ks, **kw)
-        )(*map(split, (q, k, v, positions, k_pos, segment_ids, k_seg)))
+        )(*map(split, (q, k, v, q_pos, k_pos, q_seg, k_seg)))
         out, max_logits = out.reshape(q.shape[0], *out.shape[2:]), jnp.max(max_logits, axis=0)
     y = linear(out.reshape(out.shape[0], -1), wo, out_dtype=jnp.float32)
     if parallel is not None and parallel.model is not None:
@@ -236,13 +245,11 @@ class MLAttention(AbstractQKClippable):
         kv = linear(self.kv_norm(c_kv), self.wkv_b)
         k_c, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
         q = jnp.concatenate([q_c, q_r], axis=-1)
-        factor = _mla_softmax_factor(c)
-        if factor != 1.0:  # YaRN: the kernel's scale is 1/sqrt(d_qk); fold the rest into q
-            q = (q.astype(jnp.float32) * jnp.float32(factor)).astype(q.dtype)
         k = jnp.concatenate([k_c, jnp.broadcast_to(k_r, (k_r.shape[0], heads, k_r.shape[-1]))], axis=-1)
         return _attend_and_project(
-            c, q, k, v, positions, segment_ids, k_pos, k_seg, c.qk_head_dim, self.wo, parallel,
-            segment_length,
+            c, q, k, v, q_pos=positions, q_seg=segment_ids, k_pos=k_pos, k_seg=k_seg,
+            scale=softmax_scale(c.qk_head_dim) * _mla_softmax_factor(c), wo=self.wo,
+            parallel=parallel, segment_length=segment_length,
         )
 
     def head_axes(self):
@@ -367,8 +374,9 @@ class GQAttention(AbstractQKClippable):
         v = linear(x, self.wv)
         k, v, k_pos, k_seg = _gather_seq(parallel, k, v, positions, segment_ids)
         return _attend_and_project(
-            c, q, k, v, positions, segment_ids, k_pos, k_seg, c.head_dim, self.wo, parallel,
-            segment_length,
+            c, q, k, v, q_pos=positions, q_seg=segment_ids, k_pos=k_pos, k_seg=k_seg,
+            scale=softmax_scale(c.head_dim), wo=self.wo, parallel=parallel,
+            segment_length=segment_length,
         )
 
     def head_axes(self):

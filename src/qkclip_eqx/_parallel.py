@@ -4,7 +4,7 @@ Mesh axes: `data` (batch), `model` (attention heads: tensor parallelism) and
 `seq` (sequence: context parallelism); any may have size 1.
 
 The loss, gradients and S are computed inside ONE `jax.shard_map` over the
-whole mesh ([`shard_loss`][]): each device runs the loss function on its batch
+whole mesh ([`shard_loss`][qkclip_eqx.shard_loss]): each device runs the loss function on its batch
 and sequence shard, with its heads, and the loss function reduces over the
 axes named in its `parallel` argument (see [`qkclip_eqx.next_token_loss`][]:
 the loss by `psum`, the per-head S by an explicit `lax.pmax` over `data` and
@@ -188,7 +188,7 @@ def shard_loss(loss_fn: LossFn, mesh: Mesh, specs: PyTree | None = None) -> Call
     `parallel=ParallelAxes(data="data", model="model", seq="seq")`; `loss_fn`
     must reduce its loss over `data` and `seq` and return S for all heads
     (replicated), as [`qkclip_eqx.next_token_loss`][] does. Differentiable in
-    the model's arrays. `specs` defaults to [`partition_specs`][] of the model.
+    the model's arrays. `specs` defaults to [`partition_specs`][qkclip_eqx.partition_specs] of the model.
     """
     if not accepts_parallel(loss_fn):
         raise TypeError(
@@ -218,7 +218,7 @@ def shard_loss(loss_fn: LossFn, mesh: Mesh, specs: PyTree | None = None) -> Call
 def shard_train_state(
     model: PyTree, opt_state: PyTree, optimizer: optax.GradientTransformation, mesh: Mesh
 ) -> tuple[PyTree, PyTree]:
-    """Place a model and its optimizer state on `mesh` by [`partition_specs`][]."""
+    """Place a model and its optimizer state on `mesh` by [`partition_specs`][qkclip_eqx.partition_specs]."""
     specs = partition_specs(model)
     return shard(model, specs, mesh), shard(opt_state, state_specs(optimizer, opt_state, specs), mesh)
 

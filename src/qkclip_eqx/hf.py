@@ -146,5 +146,6 @@ def mla_from_hf(
         ),
     )
     left = [leaf for leaf in jax.tree.leaves(module) if isinstance(leaf, jax.ShapeDtypeStruct)]
-    assert not left, f"weights not loaded: {left}"
+    if left:  # a new MLAttention leaf this loader does not know about
+        raise RuntimeError(f"mla_from_hf left {len(left)} MLAttention weights unloaded: {left}")
     return module
