@@ -6,8 +6,8 @@ For each head h with max logit S^h over a batch, after the optimizer update:
 
 and the head's query/key weights are scaled so that every logit of head h is
 multiplied by exactly gamma_h. Re-running the batch then gives
-``min(S^h, tau)``. A head with S^h <= 0 or non-finite S^h gets gamma = 1: the
-clip never writes NaN or inf into a model (``min(1, tau/S)`` would, for S <= 0).
+`min(S^h, tau)`. A head with S^h <= 0 or non-finite S^h gets gamma = 1: the
+clip never writes NaN or inf into a model (`min(1, tau/S)` would, for S <= 0).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _is_clippable(x) -> bool:
 
 
 def clippable_modules(model: PyTree) -> list[AbstractQKClippable]:
-    """Every :class:`AbstractQKClippable` in ``model``, in tree-flattening order."""
+    """Every [`qkclip_eqx.AbstractQKClippable`][] in `model`, in tree-flattening order."""
     return [x for x in jax.tree.leaves(model, is_leaf=_is_clippable) if _is_clippable(x)]
 
 
@@ -68,7 +68,7 @@ def check_tau_alpha(tau, alpha) -> None:
 
 
 def _modules_and_s(model: PyTree, max_logits, what: str) -> tuple[list, list]:
-    """The clippable modules of ``model`` and their S arrays, paired and checked."""
+    """The clippable modules of `model` and their S arrays, paired and checked."""
     modules = clippable_modules(model)
     if not modules:
         raise ValueError(f"no AbstractQKClippable attention module found in {type(model).__name__}")
@@ -101,14 +101,14 @@ def qk_clip(
     *,
     alpha: float = 0.5,
 ) -> PyTree:
-    """Return ``model`` with QK-Clip applied; pure and jit-safe.
+    """Return `model` with QK-Clip applied; pure and jit-safe.
 
-    ``model`` is an attention module, a :class:`~qkclip_eqx.Transformer`, or any
-    PyTree holding :class:`AbstractQKClippable` modules. ``max_logits`` is one
+    `model` is an attention module, a [`qkclip_eqx.Transformer`][], or any
+    PyTree holding [`qkclip_eqx.AbstractQKClippable`][] modules. `max_logits` is one
     array per such module, in tree-flattening order (a single array when there
     is one). For a module whose array leaves are stacked along leading axes
     (the Transformer's scanned layers), its S carries the same leading axes,
-    ``[layers, heads]``, and every layer gets its own gamma.
+    `[layers, heads]`, and every layer gets its own gamma.
     """
     check_tau_alpha(tau, alpha)
     modules, s_list = _modules_and_s(model, max_logits, "qk_clip")
@@ -130,11 +130,11 @@ def clipped_heads(
     max_logits: Float[Array, "*layers heads"] | Sequence[Float[Array, "*_layers _heads"]],
     tau: float | Float[Array, ""],
 ) -> list[Bool[Array, "*_layers _heads"]]:
-    """Which heads :func:`qk_clip` scales, per clippable module (same order and
-    shapes as ``max_logits``): the heads with S > tau, plus any other head
-    whose module's rule scales it with them (GQA ``"group"`` mode scales every
+    """Which heads [`qkclip_eqx.qk_clip`][] scales, per clippable module (same order and
+    shapes as `max_logits`): the heads with S > tau, plus any other head
+    whose module's rule scales it with them (GQA `"group"` mode scales every
     head of a group that has a head over tau; see
-    :meth:`AbstractQKClippable.heads_scaled`)."""
+    `AbstractQKClippable.heads_scaled`)."""
     _check_tau(tau)
     modules, s_list = _modules_and_s(model, max_logits, "clipped_heads")
     return [_heads_scaled(m, clip_factors(s, tau)) for m, s in zip(modules, s_list)]

@@ -1,15 +1,15 @@
 """Absorbed multi-head latent attention for decoding, with a latent KV cache.
 
 MLA (DeepSeek-V2, arXiv 2405.04434, sec. 2.1.2 and 2.1.3) caches, per token
-and layer, only the normalised latent ``c_KV`` (``kv_lora_rank`` numbers) and
-the shared RoPE key ``k_R`` (``qk_rope_head_dim`` numbers). The key and value
-up-projections are absorbed: with ``W_UK^h``, ``W_UV^h`` the k and v rows of
-head h of ``W_kv_b``,
+and layer, only the normalised latent `c_KV` (`kv_lora_rank` numbers) and
+the shared RoPE key `k_R` (`qk_rope_head_dim` numbers). The key and value
+up-projections are absorbed: with `W_UK^h`, `W_UV^h` the k and v rows of
+head h of `W_kv_b`,
 
     q_C^h . k_C^h = q_C^h . (W_UK^h c_KV) = (W_UK^h^T q_C^h) . c_KV
     o^h = sum_j p_j W_UV^h c_KV,j = W_UV^h (sum_j p_j c_KV,j)
 
-so attention runs in the latent space and ``W_UV`` is applied once per query.
+so attention runs in the latent space and `W_UV` is applied once per query.
 The logit entering the softmax is
 
     scale * ((W_UK^h^T q_C^h) . c_KV,j + q_R^h . k_R,j)
@@ -27,14 +27,14 @@ from jaxtyping import Array, Float, Int
 
 
 class MLACache(eqx.Module):
-    """The latent KV cache of :class:`~qkclip_eqx.MLAttention`: state in, state out.
+    """The latent KV cache of [`qkclip_eqx.MLAttention`][]: state in, state out.
 
-    ``c_kv`` holds the normalised latents ``kv_norm(c_KV)`` and ``k_r`` the
-    rotated shared RoPE keys, slot ``j`` for position ``j``; ``length`` is the
+    `c_kv` holds the normalised latents `kv_norm(c_KV)` and `k_r` the
+    rotated shared RoPE keys, slot `j` for position `j`; `length` is the
     number of slots filled (the position of the next token). A
-    :class:`~qkclip_eqx.Transformer`'s cache carries a leading layer axis on
-    ``c_kv`` and ``k_r`` and one ``length`` for all layers. Per token and layer
-    it holds ``kv_lora_rank + qk_rope_head_dim`` numbers.
+    [`qkclip_eqx.Transformer`][]'s cache carries a leading layer axis on
+    `c_kv` and `k_r` and one `length` for all layers. Per token and layer
+    it holds `kv_lora_rank + qk_rope_head_dim` numbers.
     """
 
     c_kv: Float[Array, "*layers max_len kv_lora"]
@@ -56,23 +56,23 @@ def absorbed_attention(
     w_uv: Float[Array, "heads v kv_lora"],
     scale: float,
 ) -> tuple[Float[Array, "t heads v"], Float[Array, " heads"]]:
-    """Causal attention of ``t`` new queries over the cache, in the latent space.
+    """Causal attention of `t` new queries over the cache, in the latent space.
 
-    Query ``i`` (at position ``q_pos[i]``) attends to cache slots
-    ``j <= q_pos[i]``. Everything here runs in float32 (the absorbed
-    products, logits, softmax, S); the result is cast to ``w_uv``'s dtype.
+    Query `i` (at position `q_pos[i]`) attends to cache slots
+    `j <= q_pos[i]`. Everything here runs in float32 (the absorbed
+    products, logits, softmax, S); the result is cast to `w_uv`'s dtype.
 
     **Arguments:**
 
     - `q_c`, `q_r`: the queries' non-RoPE and (rotated) RoPE parts.
     - `c_kv`, `k_r`: the cache, the new tokens already written.
     - `q_pos`: the queries' positions.
-    - `w_uk`, `w_uv`: the k and v rows of ``W_kv_b``, per head.
+    - `w_uk`, `w_uv`: the k and v rows of `W_kv_b`, per head.
     - `scale`: the softmax scale.
 
     **Returns:**
 
-    ``(out, S)``: per-head outputs before ``W_O``, and S per head.
+    `(out, S)`: per-head outputs before `W_O`, and S per head.
     """
     f32 = jnp.float32
     dtype = w_uv.dtype
@@ -92,8 +92,8 @@ def absorbed_attention(
 def write_cache(
     cache: MLACache, c_kv: Float[Array, "t kv_lora"], k_r: Float[Array, "t rope"]
 ) -> MLACache:
-    """Write ``t`` new tokens at slots ``length .. length + t - 1``; ``length``
-    grows by ``t``. Overflowing the cache is an error (at run time, also under jit)."""
+    """Write `t` new tokens at slots `length .. length + t - 1`; `length`
+    grows by `t`. Overflowing the cache is an error (at run time, also under jit)."""
     t = c_kv.shape[0]
     if t > cache.max_len:
         raise ValueError(f"{t} new tokens do not fit a cache of max_len {cache.max_len}")

@@ -1,4 +1,4 @@
-"""Sampling from a :class:`~qkclip_eqx.Transformer` with the latent KV cache."""
+"""Sampling from a [`qkclip_eqx.Transformer`][] with the latent KV cache."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def sample_token(
     temperature: float,
     top_k: int | None,
 ) -> Int[Array, ""]:
-    """One token from ``logits``: the argmax when ``temperature == 0``, else a
-    draw from ``softmax(logits / temperature)`` restricted to the ``top_k``
+    """One token from `logits`: the argmax when `temperature == 0`, else a
+    draw from `softmax(logits / temperature)` restricted to the `top_k`
     largest logits (ties at the k-th value kept; None: all).
 
     **Arguments:**
@@ -59,29 +59,29 @@ def generate(
     top_k: int | None = None,
     key: PRNGKeyArray | None = None,
 ) -> tuple[Int[Array, " new"], Float[Array, "layers heads"]]:
-    """Continue ``prompt`` by ``max_new_tokens`` tokens: one prefill of the
-    prompt, then one cached step per token (:meth:`Transformer.decode`, absorbed
-    MLA over a cache of ``len(prompt) + max_new_tokens`` slots), in a
-    ``jax.lax.scan``. Jit it with ``eqx.filter_jit`` (``max_new_tokens``,
-    ``temperature`` and ``top_k`` are static); vmap it over keys for several
+    """Continue `prompt` by `max_new_tokens` tokens: one prefill of the
+    prompt, then one cached step per token (`Transformer.decode`, absorbed
+    MLA over a cache of `len(prompt) + max_new_tokens` slots), in a
+    `jax.lax.scan`. Jit it with `eqx.filter_jit` (`max_new_tokens`,
+    `temperature` and `top_k` are static); vmap it over keys for several
     samples of one prompt.
 
-    Token ``i`` is drawn with ``jax.random.split(key, max_new_tokens)[i]`` by
-    :func:`sample_token`; greedy decoding (``temperature=0``) uses no key and
+    Token `i` is drawn with `jax.random.split(key, max_new_tokens)[i]` by
+    [`qkclip_eqx.sample_token`][]; greedy decoding (`temperature=0`) uses no key and
     is deterministic.
 
     **Arguments:**
 
-    - `model`: an MLA :class:`~qkclip_eqx.Transformer`.
+    - `model`: an MLA [`qkclip_eqx.Transformer`][].
     - `prompt`: the prompt's tokens (at least one).
     - `max_new_tokens`: how many tokens to generate.
     - `temperature`: 0 for greedy (the default), else the sampling temperature.
-    - `top_k`: sample among the ``top_k`` most likely tokens only (None: all).
-    - `key`: needed when ``temperature > 0``.
+    - `top_k`: sample among the `top_k` most likely tokens only (None: all).
+    - `key`: needed when `temperature > 0`.
 
     **Returns:**
 
-    ``(tokens, S)``: the generated tokens, and S per layer and head, the max
+    `(tokens, S)`: the generated tokens, and S per layer and head, the max
     over the prompt and every generated position but the last (whose logits
     are not needed).
     """

@@ -1,8 +1,8 @@
 """Small building blocks: RMSNorm, SwiGLU, and the weight initialiser.
 
-Weight layout throughout the project: a matrix is stored ``(out..., in)``, the
-input axis LAST, as ``eqx.nn.Linear`` does; per-head matrices split ``out`` into
-``(heads, head_dim)``. The Muon routing in ``_optim.py`` relies on this.
+Weight layout throughout the project: a matrix is stored `(out..., in)`, the
+input axis LAST, as `eqx.nn.Linear` does; per-head matrices split `out` into
+`(heads, head_dim)`. The Muon routing in `_optim.py` relies on this.
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 def linear(
     x: Float[Array, "*rows n_in"], w: Float[Array, "*n_out n_in"], out_dtype=None
 ) -> Float[Array, "..."]:
-    """``x @ w.T`` for a weight stored ``(out..., in)``: a per-head weight
-    ``[heads, head_dim, in]`` gives ``[..., heads, head_dim]``. ``out_dtype``
+    """`x @ w.T` for a weight stored `(out..., in)`: a per-head weight
+    `[heads, head_dim, in]` gives `[..., heads, head_dim]`. `out_dtype`
     (e.g. float32 for bf16 inputs) is the matmul's accumulation and result
-    dtype (``preferred_element_type``); by default the inputs' dtype."""
+    dtype (`preferred_element_type`); by default the inputs' dtype."""
     y = jnp.matmul(x, w.reshape(-1, w.shape[-1]).T, preferred_element_type=out_dtype)
     return y.reshape(*x.shape[:-1], *w.shape[:-1])
 
 
 def cast_arrays(tree: PyTree, dtype) -> PyTree:
-    """Every floating-point array leaf of ``tree`` in ``dtype`` (the compute
+    """Every floating-point array leaf of `tree` in `dtype` (the compute
     copy of a module's float32 master weights; a no-op where they agree, and
-    for ``dtype=None``)."""
+    for `dtype=None`)."""
     if dtype is None:
         return tree
     dtype = jnp.dtype(dtype)
@@ -46,7 +46,7 @@ def init_weight(key: PRNGKeyArray, shape: tuple[int, ...], dtype) -> Float[Array
 
 
 class RMSNorm(eqx.Module):
-    """RMSNorm (Zhang & Sennrich 2019): ``w * x / sqrt(mean(x^2) + eps)``, in float32."""
+    """RMSNorm (Zhang & Sennrich 2019): `w * x / sqrt(mean(x^2) + eps)`, in float32."""
 
     weight: Float[Array, " dim"]
     eps: float = eqx.field(static=True)
@@ -62,10 +62,10 @@ class RMSNorm(eqx.Module):
 
 
 class SwiGLU(eqx.Module):
-    """``W_down (silu(W_gate x) * W_up x)`` (Shazeer 2020, arXiv 2002.05202).
+    """`W_down (silu(W_gate x) * W_up x)` (Shazeer 2020, arXiv 2002.05202).
 
-    Weights stored in ``dtype``; computed in ``compute_dtype`` (weights and
-    input cast once at entry; None: as given), the output in ``compute_dtype``."""
+    Weights stored in `dtype`; computed in `compute_dtype` (weights and
+    input cast once at entry; None: as given), the output in `compute_dtype`."""
 
     w_gate: Float[Array, "hidden dim"]
     w_up: Float[Array, "hidden dim"]

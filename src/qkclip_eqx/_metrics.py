@@ -19,24 +19,25 @@ from jaxtyping import Float, Int
 class RunMetrics:
     """Parsed metrics of one run.
 
-    Attributes:
-        steps: ``[t]`` steps of the training lines (lines with ``"loss"``),
-            sorted ascending.
-        loss: ``[t]`` training loss (NaN where missing or null).
-        val_steps: ``[v]`` steps of the validation lines (``"val_loss"``).
-        val_loss: ``[v]`` validation loss.
-        max_logits: ``[t, layers, heads]`` max attention logit S per layer and
-            head; NaN for null (non-finite) entries and for training lines
-            without ``"max_logits"``.  Shape ``[t, 0, 0]`` when no line
-            recorded it (e.g. mode ``"off"``).
-        heads_clipped: ``[t]`` number of heads clipped at each step, as float
-            so that a missing value can be NaN.
-        label: display label (config ``"label"``, else the directory name).
-        tau: QK-Clip threshold from the config, or ``None``.
-        mode: ``"clip" | "monitor" | "off"`` from the config, or ``None``.
-        n_heads_total: ``layers * heads`` for the clipped fraction, from the
-            ``max_logits`` shape; ``None`` when no line recorded S.
-        run_dir: the directory read.
+    **Fields:**
+
+    - `steps`: `[t]` steps of the training lines (lines with `"loss"`),
+      sorted ascending.
+    - `loss`: `[t]` training loss (NaN where missing or null).
+    - `val_steps`: `[v]` steps of the validation lines (`"val_loss"`).
+    - `val_loss`: `[v]` validation loss.
+    - `max_logits`: `[t, layers, heads]` max attention logit S per layer and
+      head; NaN for null (non-finite) entries and for training lines
+      without `"max_logits"`.  Shape `[t, 0, 0]` when no line
+      recorded it (e.g. mode `"off"`).
+    - `heads_clipped`: `[t]` number of heads clipped at each step, as float
+      so that a missing value can be NaN.
+    - `label`: display label (config `"label"`, else the directory name).
+    - `tau`: QK-Clip threshold from the config, or `None`.
+    - `mode`: `"clip" | "monitor" | "off"` from the config, or `None`.
+    - `n_heads_total`: `layers * heads` for the clipped fraction, from the
+      `max_logits` shape; `None` when no line recorded S.
+    - `run_dir`: the directory read.
     """
 
     steps: Int[np.ndarray, " t"]
@@ -118,7 +119,7 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _logits_array(x: Any) -> np.ndarray | None:
-    """``max_logits`` JSON value -> float [layers, heads] (NaN for null)."""
+    """`max_logits` JSON value -> float [layers, heads] (NaN for null)."""
     if not isinstance(x, list) or not x or not all(isinstance(r, list) for r in x):
         return None
     widths = {len(r) for r in x}
@@ -128,17 +129,18 @@ def _logits_array(x: Any) -> np.ndarray | None:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
-    """Read ``run_dir/metrics.jsonl`` (and ``config.json`` if present).
+    """Read `run_dir/metrics.jsonl` (and `config.json` if present).
 
-    A line with ``"loss"`` is a training line; a line with ``"val_loss"`` a
+    A line with `"loss"` is a training line; a line with `"val_loss"` a
     validation line (a line may be both).  Lines that do not parse (e.g. the
     truncated last line of a crashed run) are skipped with a
-    :class:`UserWarning`.  Training and validation points are sorted by step
+    `UserWarning`.  Training and validation points are sorted by step
     (stable, so repeated steps keep file order).
 
-    Raises:
-        FileNotFoundError: ``run_dir/metrics.jsonl`` does not exist.
-        ValueError: ``max_logits`` changes shape between lines.
+    **Raises:**
+
+    `FileNotFoundError` if `run_dir/metrics.jsonl` does not exist; `ValueError`
+    if `max_logits` changes shape between lines.
     """
     rd = Path(run_dir)
     path = rd / "metrics.jsonl"
@@ -222,11 +224,11 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
 
 
 def clipped_fraction(m: RunMetrics) -> Float[np.ndarray, " t"]:
-    """``heads_clipped / (n_layers * n_heads)`` per training step.
+    """`heads_clipped / (n_layers * n_heads)` per training step.
 
-    When the total head count is unknown (no ``max_logits`` recorded) the
+    When the total head count is unknown (no `max_logits` recorded) the
     fraction is 0 where
-    ``heads_clipped == 0`` and NaN elsewhere.  Missing ``heads_clipped`` is NaN.
+    `heads_clipped == 0` and NaN elsewhere.  Missing `heads_clipped` is NaN.
     """
     if not m.n_heads_total:
         return np.where(m.heads_clipped == 0, 0.0, np.nan)
@@ -234,7 +236,7 @@ def clipped_fraction(m: RunMetrics) -> Float[np.ndarray, " t"]:
 
 
 def layer_max_logits(m: RunMetrics) -> Float[np.ndarray, "t layers"]:
-    """Max over heads of ``max_logits``: ``[t, layers]``.
+    """Max over heads of `max_logits`: `[t, layers]`.
 
     NaN entries (non-finite logits) are ignored; a (step, layer) with no
     finite head is NaN.

@@ -27,7 +27,7 @@ _SAVE_MATMULS_AND_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
 
 
 class Block(eqx.Module):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
 
     attn_norm: RMSNorm
     attn: MLAttention | GQAttention
@@ -62,8 +62,8 @@ class Block(eqx.Module):
     def decode(
         self, x: Float[Array, "t dim"], cache: MLACache
     ) -> tuple[Float[Array, "t dim"], Float[Array, " heads"], MLACache]:
-        """As ``__call__`` for ``t`` new tokens, with absorbed MLA over ``cache``
-        (:meth:`MLAttention.decode`); returns the updated cache."""
+        """As `__call__` for `t` new tokens, with absorbed MLA over `cache`
+        (`MLAttention.decode`); returns the updated cache."""
         if not isinstance(self.attn, MLAttention):
             raise TypeError(f"decode needs MLA attention, got {type(self.attn).__name__}")
         h, max_logits, cache = self.attn.decode(self.attn_norm(x), cache)
@@ -72,13 +72,13 @@ class Block(eqx.Module):
 
 
 class Transformer(eqx.Module):
-    """Token embedding, ``n_layers`` stacked :class:`Block` s, final norm, untied head.
+    """Token embedding, `n_layers` stacked blocks ([`qkclip_eqx.Block`][]), final norm, untied head.
 
-    ``blocks`` is ONE :class:`Block` whose array leaves carry a leading layer
-    axis; ``__call__`` scans over it, so compile time does not grow with depth.
+    `blocks` is ONE [`qkclip_eqx.Block`][] whose array leaves carry a leading layer
+    axis; `__call__` scans over it, so compile time does not grow with depth.
 
-    Parameters are stored in ``config.param_dtype``; the residual stream and the
-    matmuls run in ``config.compute_dtype``, each module casting its own weights
+    Parameters are stored in `config.param_dtype`; the residual stream and the
+    matmuls run in `config.compute_dtype`, each module casting its own weights
     at entry; the LM head accumulates in float32.
     """
 
@@ -109,10 +109,10 @@ class Transformer(eqx.Module):
     ) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers heads"]]:
         """Returns float32 logits and S per layer and head for this example.
 
-        ``segment_length``: ``tokens`` packs independent sequences of exactly
+        `segment_length`: `tokens` packs independent sequences of exactly
         this length (see [`qkclip_eqx.next_token_loss`][], which packs a batch
-        so that every matmul sees one flat ``[batch * seq, dim]`` operand).
-        ``parallel`` is for use inside ``jax.shard_map`` (see ``_parallel.py``)."""
+        so that every matmul sees one flat `[batch * seq, dim]` operand).
+        `parallel` is for use inside `jax.shard_map` (see `_parallel.py`)."""
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
         def layer(x, block_params):
@@ -135,9 +135,9 @@ class Transformer(eqx.Module):
         return eqx.tree_at(lambda t: t.blocks, adamw, matrix_dimension_numbers(self.blocks, stacked_axes=1))
 
     def init_cache(self, max_len: int) -> MLACache:
-        """An empty latent cache for :meth:`decode`: ``c_kv`` [layers, max_len,
-        kv_lora_rank] and ``k_r`` [layers, max_len, qk_rope_head_dim] in the
-        compute dtype, ``length`` 0. MLA models only."""
+        """An empty latent cache for `decode`: `c_kv` [layers, max_len,
+        kv_lora_rank] and `k_r` [layers, max_len, qk_rope_head_dim] in the
+        compute dtype, `length` 0. MLA models only."""
         c = self.config.attention
         if not isinstance(c, MLAConfig):
             raise TypeError(
@@ -155,23 +155,23 @@ class Transformer(eqx.Module):
     def decode(
         self, tokens: Int[Array, " t"], cache: MLACache
     ) -> tuple[Float[Array, "t vocab"], Float[Array, "layers heads"], MLACache]:
-        """Prefill (``t`` = the prompt's length, on an empty cache) or an
-        incremental step (``t = 1``): the new tokens sit at positions
-        ``cache.length .. cache.length + t - 1``.
+        """Prefill (`t` = the prompt's length, on an empty cache) or an
+        incremental step (`t = 1`): the new tokens sit at positions
+        `cache.length .. cache.length + t - 1`.
 
-        Equal, at every new position, to ``__call__`` on the whole sequence so
+        Equal, at every new position, to `__call__` on the whole sequence so
         far, within float32 rounding; S is the max of the logit entering the
         softmax over the new queries only, per layer and head. Pure: state in,
-        state out, usable under ``jax.jit`` and ``jax.lax.scan``.
+        state out, usable under `jax.jit` and `jax.lax.scan`.
 
         **Arguments:**
 
         - `tokens`: the new tokens.
-        - `cache`: from :meth:`init_cache` or an earlier call.
+        - `cache`: from `init_cache` or an earlier call.
 
         **Returns:**
 
-        ``(logits, S, cache)``: float32 logits of the new positions, S
+        `(logits, S, cache)`: float32 logits of the new positions, S
         [layers, heads], and the cache with the new tokens written.
         """
         if cache.c_kv.ndim != 3 or cache.c_kv.shape[0] != self.config.n_layers:

@@ -84,7 +84,7 @@ def _default_dims(params: PyTree) -> PyTree:
 
 
 def _scale_by_rms_match(dims_fn: DimensionNumbers, rms: float) -> optax.GradientTransformation:
-    """Multiply each orthogonalised update by ``rms * sqrt(max(fan_in, fan_out))``."""
+    """Multiply each orthogonalised update by `rms * sqrt(max(fan_in, fan_out))`."""
 
     def scale(u, dims):
         fan_in = u.shape[dims.reduction_axis]
@@ -155,7 +155,7 @@ def muon_adamw(
 def warmup_cosine(
     peak: float, *, warmup_steps: int, total_steps: int, final_fraction: float = 0.1
 ) -> optax.Schedule:
-    """Linear warmup from 0 to ``peak``, then cosine decay to ``final_fraction * peak``."""
+    """Linear warmup from 0 to `peak`, then cosine decay to `final_fraction * peak`."""
     return optax.warmup_cosine_decay_schedule(
         0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1), peak * final_fraction
     )
@@ -165,8 +165,8 @@ def wsd(
     peak: float, *, warmup_steps: int, total_steps: int, decay_fraction: float = 0.2,
     final_fraction: float = 0.0,
 ) -> optax.Schedule:
-    """Warmup-stable-decay: linear warmup, constant ``peak``, then a linear
-    decay over the last ``decay_fraction`` of training (K2 uses WSD)."""
+    """Warmup-stable-decay: linear warmup, constant `peak`, then a linear
+    decay over the last `decay_fraction` of training (K2 uses WSD)."""
     # the decay ends at total_steps even when warmup + decay would not fit
     decay_steps = max(1, min(int(round(total_steps * decay_fraction)), total_steps - warmup_steps))
     stable_steps = max(0, total_steps - warmup_steps - decay_steps)

@@ -41,7 +41,7 @@ LossFn = Callable[..., tuple[Float[Array, ""], PyTree]]
 
 
 def make_mesh(data: int = 1, model: int = 1, seq: int = 1, *, devices=None) -> Mesh:
-    """A ``(data, model, seq)`` mesh over ``devices`` (default: all of them)."""
+    """A `(data, model, seq)` mesh over `devices` (default: all of them)."""
     devices = jax.devices() if devices is None else devices
     if data * model * seq != len(devices):
         raise ValueError(
@@ -146,13 +146,13 @@ def _shardings(specs: PyTree, mesh: Mesh) -> PyTree:
 
 
 def shard(tree: PyTree, specs: PyTree, mesh: Mesh) -> PyTree:
-    """``device_put`` every array leaf with its spec (non-arrays pass through)."""
+    """`device_put` every array leaf with its spec (non-arrays pass through)."""
     arrays, static = eqx.partition(tree, eqx.is_array)
     return eqx.combine(jax.device_put(arrays, _shardings(specs, mesh)), static)
 
 
 def shard_batch(tokens: np.ndarray, mesh: Mesh) -> Int[Array, "batch seq_plus_one"]:
-    """Place a host batch ``[batch, seq + 1]`` sharded over ``data``.
+    """Place a host batch `[batch, seq + 1]` sharded over `data`.
 
     In a multi-process run each process passes its own rows (its share of the
     global batch, in process order)."""

@@ -2,14 +2,14 @@
 
 Two layouts of the rotated pairs:
 
-- ``"half"``: pairs (x_i, x_{i+d/2}), as in Llama / GPT-NeoX ("rotate_half").
-- ``"interleaved"``: pairs (x_{2i}, x_{2i+1}), the layout DeepSeek-V3 and Kimi K2
-  checkpoints store their RoPE dimensions in (HF ``rope_interleave=True``).
+- `"half"`: pairs (x_i, x_{i+d/2}), as in Llama / GPT-NeoX ("rotate_half").
+- `"interleaved"`: pairs (x_{2i}, x_{2i+1}), the layout DeepSeek-V3 and Kimi K2
+  checkpoints store their RoPE dimensions in (HF `rope_interleave=True`).
 
-Pair i rotates by angle ``position * theta^(-2i/d)``. Only dot products between
+Pair i rotates by angle `position * theta^(-2i/d)`. Only dot products between
 rotated queries and keys matter to attention, so both layouts give the same
 attention output for weights stored in the matching layout. With a
-:class:`~qkclip_eqx.YaRN` config the frequencies are interpolated and cos, sin
+[`qkclip_eqx.YaRN`][] config the frequencies are interpolated and cos, sin
 scaled as that class describes.
 """
 
@@ -25,9 +25,9 @@ from ._config import RopeLayout, YaRN
 
 
 def rope_inv_freq(d: int, theta: float, yarn: YaRN | None = None) -> Float[np.ndarray, " half"]:
-    """The ``d/2`` inverse frequencies, float32: ``theta^(-2i/d)``, or YaRN's
+    """The `d/2` inverse frequencies, float32: `theta^(-2i/d)`, or YaRN's
     interpolation of them (Peng et al. 2023, arXiv 2309.00071, sec. 3.2, the
-    "NTK-by-parts" ramp; DeepSeek-V3's ``find_correction_range``).
+    "NTK-by-parts" ramp; DeepSeek-V3's `find_correction_range`).
 
     **Arguments:**
 
@@ -64,8 +64,8 @@ def apply_rope(
     layout: RopeLayout,
     yarn: YaRN | None = None,
 ) -> Float[Array, "seq heads dim"]:
-    """Rotate ``x`` by its positions; computed in float32, returned in x's dtype.
-    ``yarn``: YaRN scaling (None: plain RoPE)."""
+    """Rotate `x` by its positions; computed in float32, returned in x's dtype.
+    `yarn`: YaRN scaling (None: plain RoPE)."""
     d = x.shape[-1]
     if yarn is None:
         inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)

@@ -1,10 +1,10 @@
-"""Load Hugging Face ``DeepseekV3Attention`` weights (DeepSeek-V3, Kimi K2) into
-:class:`~qkclip_eqx.MLAttention`.
+"""Load Hugging Face `DeepseekV3Attention` weights (DeepSeek-V3, Kimi K2) into
+[`qkclip_eqx.MLAttention`][].
 
-HF stores ``nn.Linear`` weights as ``(out, in)``, as this project does, with the
-per-head rows head-major; the loader only reshapes. With ``rope_interleave``
+HF stores `nn.Linear` weights as `(out, in)`, as this project does, with the
+per-head rows head-major; the loader only reshapes. With `rope_interleave`
 (the default of these checkpoints) the RoPE dimensions are stored as pairs
-``(x_2i, x_2i+1)``: :class:`MLAConfig` ``rope_layout="interleaved"``.
+`(x_2i, x_2i+1)`: [`qkclip_eqx.MLAConfig`][] `rope_layout="interleaved"`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ _YARN_KEYS = frozenset({"type", "rope_type", "rope_theta", "factor", "original_m
 
 
 def _yarn_from_hf(rope: Mapping[str, Any], hf_config: Mapping[str, Any]) -> YaRN:
-    """A :class:`YaRN` from a ``rope_scaling`` block, with transformers' defaults
-    (``beta_fast`` 32, ``beta_slow`` 1, ``truncate`` True; ``factor`` from
-    ``max_position_embeddings / original_max_position_embeddings`` if absent)."""
+    """A [`qkclip_eqx.YaRN`][] from a `rope_scaling` block, with transformers' defaults
+    (`beta_fast` 32, `beta_slow` 1, `truncate` True; `factor` from
+    `max_position_embeddings / original_max_position_embeddings` if absent)."""
     unknown = sorted(k for k, v in rope.items() if k not in _YARN_KEYS and v is not None)
     if unknown:
         raise ValueError(f"yarn rope_scaling keys {unknown} are not supported")
@@ -49,13 +49,13 @@ def _yarn_from_hf(rope: Mapping[str, Any], hf_config: Mapping[str, Any]) -> YaRN
 
 
 def mla_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MLAConfig:
-    """An :class:`MLAConfig` from a ``DeepseekV3Config`` (as a dict, e.g. config.json).
+    """An [`qkclip_eqx.MLAConfig`][] from a `DeepseekV3Config` (as a dict, e.g. config.json).
 
-    The default RoPE and YaRN (``rope_scaling`` or ``rope_parameters`` of type
-    ``yarn``, as in the published DeepSeek-V3 and Kimi K2 configs) are supported:
-    YaRN becomes :class:`~qkclip_eqx.YaRN`, which sets the interpolated
+    The default RoPE and YaRN (`rope_scaling` or `rope_parameters` of type
+    `yarn`, as in the published DeepSeek-V3 and Kimi K2 configs) are supported:
+    YaRN becomes [`qkclip_eqx.YaRN`][], which sets the interpolated
     frequencies, the cos/sin factor and the softmax scale as transformers'
-    ``DeepseekV3Attention`` does. Other RoPE types are refused.
+    `DeepseekV3Attention` does. Other RoPE types are refused.
     """
     rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -99,12 +99,12 @@ def _expected_shapes(c: MLAConfig) -> dict[str, tuple[int, ...]]:
 def mla_from_hf(
     state_dict: Mapping[str, Any], config: MLAConfig, *, dtype: Any = jnp.float32
 ) -> MLAttention:
-    """Build an :class:`MLAttention` holding the weights of a ``DeepseekV3Attention``.
+    """Build an [`qkclip_eqx.MLAttention`][] holding the weights of a `DeepseekV3Attention`.
 
-    ``state_dict`` maps that module's parameter names (``q_a_proj.weight``, ...;
-    a layer prefix such as ``model.layers.0.self_attn.`` must be stripped) to
-    arrays. Missing, unexpected or mis-shaped ``*.weight``/``*.bias`` entries
-    raise ``ValueError``; buffers such as ``rotary_emb.inv_freq`` are ignored.
+    `state_dict` maps that module's parameter names (`q_a_proj.weight`, ...;
+    a layer prefix such as `model.layers.0.self_attn.` must be stripped) to
+    arrays. Missing, unexpected or mis-shaped `*.weight`/`*.bias` entries
+    raise `ValueError`; buffers such as `rotary_emb.inv_freq` are ignored.
     """
     if config.rope_layout != "interleaved":
         raise ValueError("DeepSeek-V3 checkpoints need rope_layout='interleaved'")

@@ -4,10 +4,10 @@
     qkclip-generate runs/default/ckpt_00000600.eqx --prompt "import " --temperature 0.8 --top-k 40 --seed 1
     qkclip-generate runs/gpt2 --prompt-tokens 464,2068 --max-new-tokens 64
 
-Byte-level models (vocab 256) take ``--prompt`` as UTF-8 text and print text;
-other vocabularies take ``--prompt-tokens`` and print token ids. Greedy
-(``--temperature 0``, the default) is deterministic; sampling draws with
-``--seed``. Also prints S, the max logit per layer and head over the prompt
+Byte-level models (vocab 256) take `--prompt` as UTF-8 text and print text;
+other vocabularies take `--prompt-tokens` and print token ids. Greedy
+(`--temperature 0`, the default) is deterministic; sampling draws with
+`--seed`. Also prints S, the max logit per layer and head over the prompt
 and the generated tokens.
 """
 

@@ -1,27 +1,27 @@
-"""``qkclip-plot``: plot the metrics of one or more training runs.
+"""`qkclip-plot`: plot the metrics of one or more training runs.
 
 Usage::
 
     qkclip-plot RUN_DIR [RUN_DIR ...] [--out DIR] [--labels A B ...]
 
-Each ``RUN_DIR`` holds ``metrics.jsonl`` (one JSON object per line, written by
-``qkclip-train``) and, optionally, ``config.json``.  The script writes:
+Each `RUN_DIR` holds `metrics.jsonl` (one JSON object per line, written by
+`qkclip-train`) and, optionally, `config.json`.  The script writes:
 
-* ``loss.png``: training loss (solid) and validation loss (dashed, markers)
+* `loss.png`: training loss (solid) and validation loss (dashed, markers)
   against step, every run overlaid, one colour per run.
-* ``max_logit.png``: per run (one subplot each) the max attention logit of
+* `max_logit.png`: per run (one subplot each) the max attention logit of
   every layer (max over heads) against step, log-scale y, with the QK-Clip
-  threshold ``tau`` as a dashed line when the run's mode is ``"clip"``.
-* ``heatmap_<label>.png`` per run that recorded ``max_logits``: S for every
+  threshold `tau` as a dashed line when the run's mode is `"clip"`.
+* `heatmap_<label>.png` per run that recorded `max_logits`: S for every
   (layer, head) row against step, log colour scale where possible.
-* ``clipped_fraction.png``: fraction of heads clipped per step, runs overlaid.
+* `clipped_fraction.png`: fraction of heads clipped per step, runs overlaid.
 
-The figures are built with the object-oriented API (``matplotlib.figure.Figure``
-rendered by the Agg canvas), so this module never imports ``pyplot`` and never
+The figures are built with the object-oriented API (`matplotlib.figure.Figure`
+rendered by the Agg canvas), so this module never imports `pyplot` and never
 changes matplotlib's global backend or state.
 
-The parsing (:func:`read_metrics`) and derived quantities
-(:func:`clipped_fraction`) are pure functions, usable from notebooks.
+The parsing ([`qkclip_eqx.read_metrics`][]) and derived quantities
+(`clipped_fraction`) are pure functions, usable from notebooks.
 """
 
 from __future__ import annotations
@@ -155,10 +155,10 @@ def _edges(steps: np.ndarray) -> np.ndarray:
 def _pool_columns(
     steps: np.ndarray, img: np.ndarray, max_cols: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Max-pool ``img [rows, t]`` over groups of consecutive steps.
+    """Max-pool `img [rows, t]` over groups of consecutive steps.
 
-    Keeps at most ``max_cols`` columns (spikes survive: max, not mean).
-    Returns ``(x_edges, pooled, group_size)``.
+    Keeps at most `max_cols` columns (spikes survive: max, not mean).
+    Returns `(x_edges, pooled, group_size)`.
     """
     t = img.shape[1]
     increasing = t > 0 and bool(np.all(np.diff(steps) > 0))
@@ -268,7 +268,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``qkclip-plot``; returns the process exit code."""
+    """Entry point of `qkclip-plot`; returns the process exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.run_dirs):
