@@ -13,7 +13,7 @@ from typing import Literal, no_type_check
 
 Kernel = Literal["dense", "blockwise"]
 RopeLayout = Literal["interleaved", "half"]
-GQAClipMode = Literal["query", "group"]
+GQAClipMode = Literal["query", "query_key", "group"]
 Dtype = Literal["float32", "bfloat16"]
 
 
@@ -111,7 +111,8 @@ class GQAConfig:
     """Grouped-query attention: MHA when ``n_kv_heads == n_heads``, MQA when 1.
 
     ``clip_mode`` chooses how QK-Clip treats a key head shared by several query
-    heads; see :func:`qkclip_eqx.qk_clip`.
+    heads (``"query"``, ``"query_key"`` or ``"group"``); see
+    :meth:`qkclip_eqx.GQAttention.scale_heads`.
     """
 
     dim: int
@@ -135,7 +136,7 @@ class GQAConfig:
                 f"GQAConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
             )
         _even(self, "head_dim")
-        _choice(self, "clip_mode", ("query", "group"))
+        _choice(self, "clip_mode", ("query", "query_key", "group"))
         _check_common(self)
 
 
