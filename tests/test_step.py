@@ -422,3 +422,27 @@ def test_bad_inputs_raise_before_compiling(optimizer):
     # the model and state are placeholders: the check must come before any tracing
     with pytest.raises(ValueError, match="divisible"):
         step(object(), object(), jnp.zeros((4, 9), jnp.int32))
+
+
+def test_lse_bound_metrics_say_bound(tokens):
+    """With ``max_logit="lse_bound"`` the model reports the log-sum-exp bound,
+    and the step's S metrics are named ``*_lse_bound``: no ``max_logits`` key
+    holds something that is not S. The bound lies in [S, S + log(seq)], S from
+    the same weights under the exact kernel."""
+    att = GQAConfig(dim=16, n_heads=4, head_dim=4, n_kv_heads=2,
+                    kernel="dot_product_attention", max_logit="lse_bound")
+    cfg = TransformerConfig(vocab_size=VOCAB, n_layers=2, mlp_hidden=32, attention=att)
+    model = _init(lambda k: Transformer(cfg, key=k), 4)
+    exact_cfg = TransformerConfig(vocab_size=VOCAB, n_layers=2, mlp_hidden=32,
+                                  attention=GQAConfig(dim=16, n_heads=4, head_dim=4, n_kv_heads=2))
+    template = eqx.filter_eval_shape(Transformer, exact_cfg, key=jax.random.key(0))
+    exact = jtu.tree_unflatten(jtu.tree_structure(template), jax.tree.leaves(model))
+    _, s = map(np.asarray, _forward(exact, tokens))
+    opt = optax.sgd(LR)
+    _, _, metrics = make_train_step(opt, mode="monitor")(
+        _copy(model), opt.init(eqx.filter(model, eqx.is_array)), tokens)
+    assert "max_logits" not in metrics and "max_logit" not in metrics
+    bound = np.asarray(metrics["max_logits_lse_bound"])
+    assert bound.shape == s.shape
+    assert np.all(bound >= s - 1e-5) and np.all(bound <= s + math.log(tokens.shape[1] - 1) + 1e-5)
+    assert float(metrics["max_logit_lse_bound"]) == float(bound.max())

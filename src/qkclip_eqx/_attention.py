@@ -77,7 +77,7 @@ def _attend_and_project(
         q, k, v,
         q_pos=positions, k_pos=k_pos, q_seg=segment_ids, k_seg=k_seg,
         causal=c.causal, scale=softmax_scale(qk_head_dim),
-        kernel=c.kernel, block_size=c.block_size,
+        kernel=c.kernel, block_size=c.block_size, max_logit=c.max_logit,
     )
     y = linear(out.reshape(out.shape[0], -1), wo, out_dtype=jnp.float32)
     if parallel is not None and parallel.model is not None:

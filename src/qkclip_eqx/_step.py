@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._clip import clip_factors, clipped_heads, qk_clip
+from ._clip import clip_factors, clippable_modules, clipped_heads, qk_clip
 from ._parallel import check_mesh, constrain_train_state, sharded_next_token_loss
 
 Mode = Literal["clip", "monitor", "off"]
@@ -86,9 +86,13 @@ def make_train_step(
     into that many micro-batches. ``metrics``: ``loss``, ``grad_norm``,
     ``max_logits`` (S per layer and head), ``max_logit`` (global max),
     ``heads_over_tau`` (the (layer, head) pairs with S > tau),
-    ``heads_clipped`` (the pairs whose q/k weights the clip scaled: those over
-    tau and, in GQA ``"group"`` mode, their group-mates; 0 unless mode is clip)
-    and ``n_nonfinite`` (heads with non-finite S, never clipped).
+    ``heads_clipped`` (the pairs whose logits the clip scaled: those over tau
+    and, in GQA ``"group"`` mode, their group-mates; 0 unless mode is clip)
+    and ``n_nonfinite`` (heads with non-finite S, never clipped). When the
+    model's attention reports the log-sum-exp bound instead of S
+    (``max_logit="lse_bound"``), the two S metrics are named
+    ``max_logits_lse_bound`` and ``max_logit_lse_bound``, and the clip acts on
+    the bound (it then clips at least as hard as on S).
 
     With a ``mesh`` (``qkclip_eqx.make_mesh``; the model and optimizer state
     placed by ``qkclip_eqx.shard_train_state``) the loss, gradients and S are
@@ -135,9 +139,14 @@ def make_train_step(
         model, opt_state = keep_sharding(model, opt_state)
         leaves = jax.tree.leaves(s)
         over = [jnp.sum(clip_factors(x, tau) < 1) for x in leaves]
+        bound = any(getattr(getattr(m, "config", None), "max_logit", "exact") == "lse_bound"
+                    for m in clippable_modules(model))
+        suffix = "_lse_bound" if bound else ""  # the name says when it is not S
+        metrics.update({
+            "max_logits" + suffix: s,
+            "max_logit" + suffix: jnp.max(jnp.stack([jnp.max(x) for x in leaves])),
+        })
         metrics.update(
-            max_logits=s,
-            max_logit=jnp.max(jnp.stack([jnp.max(x) for x in leaves])),
             heads_over_tau=sum(over),
             heads_clipped=scaled,
             n_nonfinite=sum(jnp.sum(~jnp.isfinite(x)) for x in leaves),
