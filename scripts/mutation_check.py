@@ -77,7 +77,7 @@ def M(name: str, what: str, edits, tests) -> Mutant:
 K, A, C, O, L = SRC + "_kernels.py", SRC + "_attention.py", SRC + "_clip.py", SRC + "_optim.py", SRC + "_layers.py"
 S, P, CK, T, D = SRC + "_step.py", SRC + "_parallel.py", SRC + "_checkpoint.py", SRC + "_train.py", SRC + "_data.py"
 
-STEP_TAU = Edit(S, lit("model = qk_clip(model, s, tau, alpha=alpha)"),
+STEP_TAU = Edit(S, lit("model = qk_clip(model, s, clip_tau, alpha=alpha)"),
                 "model = qk_clip(model, s, 1e9, alpha=alpha)")
 
 MUTANTS: list[Mutant] = [
@@ -182,6 +182,9 @@ MUTANTS: list[Mutant] = [
       STEP_TAU, ["tests/test_readme.py::test_library_example_runs"]),
     M("step_tau_1e9[test_repro]", "QK-Clip switched off inside the step: the K2 reproduction",
       STEP_TAU, ["tests/test_repro.py"]),
+    M("clip_until_ignored", "the clip goes on after clip_until",
+      Edit(S, lit("jnp.where(step_index < clip_until, tau, jnp.inf)"), "tau"),
+      ["tests/test_step.py::test_clip_until_clips_before_and_not_after"]),
     M("accum_first_micro_batch", "gradient accumulation keeps only the first micro-batch's grads",
       Edit(S, lit("jax.tree.map(jnp.add, grads, g)"), "grads"),
       ["tests/test_step.py::test_accumulation_equals_one_big_batch"]),
@@ -192,7 +195,7 @@ MUTANTS: list[Mutant] = [
       Edit(S, lit("_tree_max(s, s_new)"), "jax.tree.map(jnp.add, s, s_new)"),
       ["tests/test_step.py::test_accumulation_maxes_s_and_means_loss"]),
     M("step_alpha_dropped", "the step ignores alpha (always 1/2)",
-      Edit(S, lit("model = qk_clip(model, s, tau, alpha=alpha)"), "model = qk_clip(model, s, tau)"),
+      Edit(S, lit("model = qk_clip(model, s, clip_tau, alpha=alpha)"), "model = qk_clip(model, s, clip_tau)"),
       ["tests/test_step.py::test_group_mode_counts_the_heads_it_scales"]),
     M("step_grad_norm_of_updates", "grad_norm reported of the updates, not the gradients",
       Edit(S, lit('"grad_norm": optax.tree.norm(grads)'), '"grad_norm": optax.tree.norm(updates)'),

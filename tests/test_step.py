@@ -8,6 +8,7 @@ by the clip.
 """
 
 import inspect
+import json
 import math
 
 import equinox as eqx
@@ -421,6 +422,50 @@ def test_bad_inputs_raise_before_compiling(optimizer):
     step = make_train_step(optimizer, accum_steps=3)
     # the model and state are placeholders: the check must come before any tracing
     with pytest.raises(ValueError, match="divisible"):
+        step(object(), object(), jnp.zeros((4, 9), jnp.int32))
+
+
+# --------------------------------------------------------------------------
+# clip_until: the clip stops after a given step; S is still reported
+# --------------------------------------------------------------------------
+
+
+def test_clip_until_clips_before_and_not_after(optimizer, model, opt_state, tokens, tau, clip_run,
+                                               monitor_run):
+    """From the same state, steps 0 and 1 (< clip_until = 2) give the clip
+    step's model bit for bit, steps 2 and 9 the monitor step's; S and
+    heads_over_tau are reported either way. The step index is traced: four
+    indices, one trace."""
+    assert _n_differing_leaves(clip_run[0], monitor_run[0]) > 0  # the clip matters here
+    traces = []
+
+    def counting_loss(m, t):
+        traces.append(1)
+        return next_token_loss(m, t)
+
+    step = make_train_step(optimizer, mode="clip", tau=tau, clip_until=2, loss_fn=counting_loss)
+    for i, ref in ((0, clip_run), (jnp.int32(1), clip_run), (2, monitor_run), (np.int64(9), monitor_run)):
+        new_model, _, metrics = step(_copy(model), _copy(opt_state), tokens, step=i)
+        metrics = jax.device_get(metrics)
+        _assert_trees_bit_equal(new_model, ref[0], f"step {i}")
+        active = int(i) < 2
+        assert int(metrics["clip_active"]) == active
+        assert int(metrics["heads_over_tau"]) == int(clip_run[2]["heads_over_tau"]) > 0
+        assert int(metrics["heads_clipped"]) == (int(clip_run[2]["heads_clipped"]) if active else 0)
+        np.testing.assert_array_equal(metrics["max_logits"], clip_run[2]["max_logits"])
+    assert len(traces) == 1
+
+
+def test_clip_until_bad_inputs_raise_before_compiling(optimizer):
+    for bad in (-1, True):
+        with pytest.raises((ValueError, TypeError), match="clip_until"):
+            make_train_step(optimizer, clip_until=bad)
+    with pytest.raises(ValueError, match="clip_until"):
+        inspect.unwrap(make_train_step)(optimizer, clip_until=2.5)
+    with pytest.raises(ValueError, match="mode='clip'"):
+        make_train_step(optimizer, mode="monitor", clip_until=3)
+    step = make_train_step(optimizer, clip_until=3)
+    with pytest.raises(ValueError, match="step=i"):
         step(object(), object(), jnp.zeros((4, 9), jnp.int32))
 
 

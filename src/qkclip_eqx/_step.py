@@ -13,6 +13,7 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
@@ -73,14 +74,23 @@ def make_train_step(
     accum_steps: int = 1,
     loss_fn: LossFn = next_token_loss,
     mesh: Mesh | None = None,
+    clip_until: int | None = None,
 ) -> Callable:
-    """Build ``step(model, opt_state, tokens) -> (model, opt_state, metrics)``.
+    """Build ``step(model, opt_state, tokens, step=None) -> (model, opt_state, metrics)``.
 
     One ``eqx.filter_jit`` with the model and optimizer state donated. Modes:
 
     - ``"clip"``: QK-Clip at ``tau`` after every update (MuonClip).
     - ``"monitor"``: S is reported but the weights are never clipped.
     - ``"off"``: S is neither reduced nor reported (the speed baseline).
+
+    ``clip_until`` (clip mode only): the clip acts on the updates of steps
+    ``0 .. clip_until - 1`` and not after; S is still computed and reported.
+    K2 reports that the clip stops acting early in training (Kimi K2 report,
+    arXiv 2507.20534, sec. 2.1). The step index is then required: pass
+    ``step=i``, the index of the update being taken (the train loop's step,
+    restored from the checkpoint on resume); it is traced, so changing it does
+    not recompile. ``metrics`` then also holds ``clip_active`` (1 or 0).
 
     ``tokens`` is ``[batch, seq + 1]``; with ``accum_steps > 1`` the batch is cut
     into that many micro-batches. ``metrics``: ``loss``, ``grad_norm``,
@@ -108,6 +118,11 @@ def make_train_step(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not (isinstance(accum_steps, int) and accum_steps >= 1):
         raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+    if clip_until is not None:
+        if not (isinstance(clip_until, int) and not isinstance(clip_until, bool) and clip_until >= 0):
+            raise ValueError(f"clip_until must be a non-negative int or None, got {clip_until!r}")
+        if mode != "clip":
+            raise ValueError(f"clip_until={clip_until} needs mode='clip', got mode={mode!r}")
     if mesh is not None:
         if loss_fn is not next_token_loss:
             raise ValueError("a custom loss_fn is not supported with a mesh")
@@ -123,7 +138,8 @@ def make_train_step(
         return constrain_train_state(model, opt_state, optimizer, mesh)
 
     @eqx.filter_jit(donate="all-except-first")
-    def step(tokens, model, opt_state):
+    def step(not_donated, model, opt_state):
+        tokens, step_index = not_donated
         params, static = eqx.partition(model, eqx.is_array)
         loss, grads, s = _loss_grads_and_s(loss_fn, params, static, tokens, accum_steps)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -132,8 +148,12 @@ def make_train_step(
         if mode == "off":
             return *keep_sharding(model, opt_state), metrics
         if mode == "clip":
-            scaled = sum(jnp.sum(x) for x in clipped_heads(model, s, tau))
-            model = qk_clip(model, s, tau, alpha=alpha)
+            # after clip_until, tau = inf: every gamma is exactly 1 (a bit-exact no-op)
+            clip_tau = tau if clip_until is None else jnp.where(step_index < clip_until, tau, jnp.inf)
+            scaled = sum(jnp.sum(x) for x in clipped_heads(model, s, clip_tau))
+            model = qk_clip(model, s, clip_tau, alpha=alpha)
+            if clip_until is not None:
+                metrics["clip_active"] = (step_index < clip_until).astype(jnp.int32)
         else:
             scaled = jnp.zeros((), jnp.int32)
         model, opt_state = keep_sharding(model, opt_state)
@@ -153,13 +173,21 @@ def make_train_step(
         )
         return model, opt_state, metrics
 
-    def train_step(model: PyTree, opt_state: PyTree, tokens: Int[Array, "batch seq_plus_one"]):
+    jitted_step = step  # train_step's argument ``step`` is the step index
+
+    def train_step(model: PyTree, opt_state: PyTree, tokens: Int[Array, "batch seq_plus_one"],
+                   step: int | np.integer | Int[Array, ""] | None = None):
+        if clip_until is not None and step is None:
+            raise ValueError(
+                f"clip_until={clip_until}: pass the index of this step, train_step(..., step=i)"
+            )
         if tokens.shape[0] % accum_steps:
             raise ValueError(
                 f"batch size {tokens.shape[0]} is not divisible by accum_steps={accum_steps}"
             )
         if mesh is not None:
             check_mesh(mesh, model, tokens.shape[0] // accum_steps, tokens.shape[1] - 1)
-        return step(tokens, model, opt_state)
+        step_index = None if clip_until is None else jnp.asarray(step, jnp.int32)
+        return jitted_step((tokens, step_index), model, opt_state)
 
     return train_step
