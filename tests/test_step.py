@@ -469,6 +469,45 @@ def test_clip_until_bad_inputs_raise_before_compiling(optimizer):
         step(object(), object(), jnp.zeros((4, 9), jnp.int32))
 
 
+def test_train_clip_until_counts_the_steps_across_a_resume(tmp_path, monkeypatch):
+    """``qkclip-train --clip-until 4``: the flag reaches RunConfig, and the loop's
+    step (restored from the checkpoint on resume) decides: steps 0-3 clip,
+    steps 4-5 don't, with the run stopped after step 2 and resumed."""
+    import argparse
+
+    import qkclip_eqx._train as train_mod
+    from builders import synthetic_corpus
+    from qkclip_eqx.cli._flags import add_run_flags, run_config_from_args
+
+    real, built = train_mod.make_train_step, []
+
+    def built_once(*args, **kwargs):  # the resumed run reuses the compiled step
+        if not built:
+            built.append(real(*args, **kwargs))
+        return built[0]
+
+    monkeypatch.setattr(train_mod, "make_train_step", built_once)
+    parser = argparse.ArgumentParser()
+    add_run_flags(parser)
+    out = tmp_path / "run"
+
+    def config(steps):
+        return run_config_from_args(parser.parse_args([
+            "--preset", "tiny", "--clip-until", "4", "--tau", "0.01", "--steps", str(steps),
+            "--ckpt-every", "3", "--eval-every", "100", "--out", str(out)]))
+
+    assert config(3).clip_until == 4 and config(3).mode == "clip"
+    data = synthetic_corpus(100_000)
+    assert train_mod.train(config(3), progress=False, data=data).step == 3
+    assert train_mod.train(config(6), resume=True, progress=False, data=data).step == 6
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(6))
+    assert [r["clip_active"] for r in records] == [1, 1, 1, 1, 0, 0]
+    over = [r["heads_over_tau"] for r in records]
+    assert all(n > 0 for n in over)  # S is still measured (and over tau) after the clip stops
+    assert [r["heads_clipped"] for r in records] == over[:4] + [0, 0]
+
+
 def test_lse_bound_metrics_say_bound(tokens):
     """With ``max_logit="lse_bound"`` the model reports the log-sum-exp bound,
     and the step's S metrics are named ``*_lse_bound``: no ``max_logits`` key
