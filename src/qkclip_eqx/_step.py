@@ -86,8 +86,8 @@ def make_train_step(
 
     ``clip_until`` (clip mode only): the clip acts on the updates of steps
     ``0 .. clip_until - 1`` and not after; S is still computed and reported.
-    K2 reports that the clip stops acting early in training (Kimi K2 report,
-    arXiv 2507.20534, sec. 2.1). The step index is then required: pass
+    In K2 the max logit decays below tau after about 30% of training, and the
+    clip then no longer acts (Kimi K2 report, arXiv 2507.20534, sec. 2.1). The step index is then required: pass
     ``step=i``, the index of the update being taken (the train loop's step,
     restored from the checkpoint on resume); it is traced, so changing it does
     not recompile. ``metrics`` then also holds ``clip_active`` (1 or 0).
