@@ -594,3 +594,21 @@ def test_modules_with_dot_product_attention_equal_dense(which):
     (y_d, s_d), (y_f, s_f) = call(dense), call(fused)
     np.testing.assert_allclose(np.asarray(y_f), np.asarray(y_d), rtol=1e-5, atol=2e-6)
     np.testing.assert_array_equal(np.asarray(s_f), np.asarray(s_d))
+
+
+def test_bench_fused_attention_runs_and_removes_the_unused_s_pass(capsys):
+    """scripts/bench_fused_attention.py on a tiny shape: its ``no_s`` baseline
+    really lacks the S pass (fewer loops in the compiled program than ``exact``,
+    which the script also checks), and it prints both overhead ratios."""
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_fused_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_fused_attention", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--batch", "1", "--seq", "48", "--heads", "4", "--kv-heads", "2",
+                      "--head-dim", "8", "--block-size", "16", "--repeats", "1", "--warmup", "0"])
+    assert out["while_loops"]["no_s"] < out["while_loops"]["exact"]
+    assert set(out["ratios"]) == {"exact", "lse_bound"}
+    assert "exact/no_s" in capsys.readouterr().out
