@@ -395,6 +395,10 @@ def test_blockwise_skips_empty_tiles_and_vmap_over_segments_is_exact():
 # --------------------------------------------------------------------------
 
 DPA = "dot_product_attention"
+# The exact S is the max of the same float32 logits as the dense kernel's; XLA
+# may sum a tile's q.k in another order than the whole matrix's: bit-equal on
+# jax 0.10's XLA:CPU, within one ulp (~1.6e-7 relative) on jax 0.12's.
+S_RTOL = 1e-6
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "max_logit", "block_size"))
@@ -422,9 +426,9 @@ DPA_CASES = [
 @pytest.mark.parametrize("kv_heads,causal,layout,lo,hi", DPA_CASES)
 def test_dot_product_attention_matches_dense_and_s_is_exact(kv_heads, causal, layout, lo, hi):
     """Output within float32 rounding of the dense kernel (and of the brute
-    force); the exact S equal to the dense kernel's S, bit for bit (the same
-    f32 logits, maxed over block-8 key tiles, T = 37 padded); the LSE bound
-    within S <= bound <= S + log(n_allowed)."""
+    force); the exact S equal to the dense kernel's S up to the rounding of
+    the logits (S_RTOL; maxed over block-8 key tiles, T = 37 padded); the LSE
+    bound within S <= bound <= S + log(n_allowed)."""
     q, k, v = make_qkv(21, T, T, HEADS, kv_heads)
     pos, seg = plain(T) if layout == "plain" else packed(T)
     qa = (q[lo:hi], k, v, pos[lo:hi], pos, seg[lo:hi], seg)
@@ -436,7 +440,7 @@ def test_dot_product_attention_matches_dense_and_s_is_exact(kv_heads, causal, la
     check(out_e, s_e, ref_out, ref_s)
     for out in (out_e, out_b):
         np.testing.assert_allclose(np.asarray(out), np.asarray(out_d), rtol=1e-5, atol=2e-6)
-    np.testing.assert_array_equal(np.asarray(s_e), np.asarray(s_d))
+    np.testing.assert_allclose(np.asarray(s_e), np.asarray(s_d), rtol=S_RTOL)
     s_d, s_b = np.asarray(s_d, np.float64), np.asarray(s_b, np.float64)
     log_n = math.log(_n_allowed(pos[lo:hi], pos, seg[lo:hi], seg, causal))
     assert log_n > 1
@@ -455,7 +459,7 @@ def test_dot_product_attention_value_wider_than_key():
     out_e, s_e = run_dpa(q, k, v, pos, pos, seg, seg, causal=True, max_logit="exact")
     assert out_e.shape == (T, HEADS, 12)
     np.testing.assert_allclose(np.asarray(out_e), np.asarray(out_d), rtol=1e-5, atol=2e-6)
-    np.testing.assert_array_equal(np.asarray(s_e), np.asarray(s_d))
+    np.testing.assert_allclose(np.asarray(s_e), np.asarray(s_d), rtol=S_RTOL)
 
 
 @pytest.mark.parametrize("max_logit", ["exact", "lse_bound"])
@@ -507,7 +511,7 @@ def test_dot_product_attention_rows_without_allowed_keys_give_zeros():
 
 @pytest.mark.parametrize("max_logit", ["exact", "lse_bound"])
 def test_dot_product_attention_bf16(max_logit):
-    """bf16 inputs: S in float32; the exact S equals the dense kernel's; the
+    """bf16 inputs: S in float32; the exact S equals the dense kernel's (S_RTOL); the
     bound, returned by JAX in bf16, is rounded up so that it stays >= S."""
     q, k, v = make_qkv(26, T, T, HEADS, 2, dtype=jnp.bfloat16)
     q = q * 4  # larger logits: a bf16 ulp of the bound is then ~0.03 or more
@@ -518,7 +522,7 @@ def test_dot_product_attention_bf16(max_logit):
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(out_d, np.float32),
                                atol=3e-2, rtol=3e-2)
     if max_logit == "exact":
-        np.testing.assert_array_equal(np.asarray(s), np.asarray(s_d))
+        np.testing.assert_allclose(np.asarray(s), np.asarray(s_d), rtol=S_RTOL)
     else:
         assert np.all(np.asarray(s) >= np.asarray(s_d))
         assert np.all(np.asarray(s) <= np.asarray(s_d) + math.log(T) + 0.1)
@@ -562,7 +566,7 @@ def test_lse_bound_only_with_dot_product_attention():
 def test_modules_with_dot_product_attention_equal_dense(which):
     """The same weights under kernel="dense" and "dot_product_attention" (exact
     S), MLA (d_v != d_qk, one shared k_R) and GQA, vmapped over a batch with
-    per-example packed segments: outputs within float32 rounding, S equal."""
+    per-example packed segments: outputs and S within float32 rounding."""
     import dataclasses
 
     import equinox as eqx
@@ -593,7 +597,7 @@ def test_modules_with_dot_product_attention_equal_dense(which):
 
     (y_d, s_d), (y_f, s_f) = call(dense), call(fused)
     np.testing.assert_allclose(np.asarray(y_f), np.asarray(y_d), rtol=1e-5, atol=2e-6)
-    np.testing.assert_array_equal(np.asarray(s_f), np.asarray(s_d))
+    np.testing.assert_allclose(np.asarray(s_f), np.asarray(s_d), rtol=S_RTOL)
 
 
 def test_bench_fused_attention_runs_and_removes_the_unused_s_pass(capsys):
