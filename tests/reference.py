@@ -63,8 +63,10 @@ def np_qk_clip(model, s, tau: float, alpha: float = 0.5, prefix: str = ".blocks.
     MLA: q_C rows by gamma^alpha, q_R rows by gamma, k_C rows of wkv_b by
     gamma^(1-alpha); everything else untouched. MHA: W_q^h by gamma^alpha,
     W_k^h by gamma^(1-alpha). GQA "query": W_q^h by gamma_h, keys untouched;
-    GQA "group": eta = the group's smallest gamma, its queries by eta^alpha,
-    the shared key by eta^(1-alpha)."""
+    GQA "query_key": eta = the group's smallest gamma, the shared key by
+    eta^(1-alpha), W_q^h by gamma_h / eta^(1-alpha) (every head's logits by
+    gamma_h); GQA "group": its queries by eta^alpha, the shared key by
+    eta^(1-alpha)."""
     attn = model
     for name in filter(None, prefix.split(".")):
         attn = getattr(attn, name)
@@ -90,6 +92,10 @@ def np_qk_clip(model, s, tau: float, alpha: float = 0.5, prefix: str = ".blocks.
         scaled("wk", gamma ** (1 - alpha))
     elif c.clip_mode == "query":
         scaled("wq", gamma)
+    elif c.clip_mode == "query_key":
+        eta = gamma.reshape(*gamma.shape[:-1], c.n_kv_heads, group).min(axis=-1)
+        scaled("wq", gamma / np.repeat(eta ** (1 - alpha), group, axis=-1))
+        scaled("wk", eta ** (1 - alpha))
     else:
         eta = gamma.reshape(*gamma.shape[:-1], c.n_kv_heads, group).min(axis=-1)
         scaled("wq", np.repeat(eta**alpha, group, axis=-1))
@@ -98,8 +104,9 @@ def np_qk_clip(model, s, tau: float, alpha: float = 0.5, prefix: str = ".blocks.
 
 
 def heads_scaled(model, s, tau: float, prefix: str = ".blocks.attn") -> np.ndarray:
-    """Which (layer, head) pairs QK-Clip scales: S > tau, and in GQA "group"
-    mode every head of a group with one head over tau."""
+    """Which (layer, head) pairs have their logits scaled by QK-Clip: S > tau,
+    and in GQA "group" mode every head of a group with one head over tau ("query"
+    and "query_key" mode scale every head's logits by its own gamma)."""
     attn = model
     for name in filter(None, prefix.split(".")):
         attn = getattr(attn, name)

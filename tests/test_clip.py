@@ -556,3 +556,115 @@ def test_bad_inputs_raise(mla, mla_transformer):
     for no_attention in (user_model, eqx.nn.Identity(), {"w": jnp.ones(3)}, []):
         with pytest.raises(ValueError, match="no AbstractQKClippable"):
             qk_clip(no_attention, s, 1.0)
+
+
+# --------------------------------------------------------------------------
+# GQA "query_key": exact per head, the shared key takes eta^(1-alpha)
+# --------------------------------------------------------------------------
+
+
+def _query_key_module(alpha_seed: int = 30):
+    cfg = GQAConfig(dim=DIM, n_heads=6, head_dim=8, n_kv_heads=2, clip_mode="query_key")
+    return _init(lambda k: GQAttention(cfg, key=k), alpha_seed)
+
+
+def _hot_group_tau(s: np.ndarray, group: int) -> tuple[float, int]:
+    """A tau that clips part of the hottest group and nothing of the others."""
+    groups = s.reshape(-1, group)
+    hot = int(np.argmax(groups.max(axis=1)))
+    top = np.sort(groups[hot])[::-1]
+    tau = float((top[0] + top[1]) / 2)
+    cold_max = np.delete(groups, hot, axis=0).max()
+    assert cold_max < tau, "the data must leave the other groups below tau"
+    return tau, hot
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_gqa_query_key_mode_identity_and_key_factor(x, alpha):
+    """S' = min(S, tau) for every head (re-running the same batch); the shared
+    key of the clipped group is scaled by exactly eta^(1-alpha), each of its
+    query heads by gamma_h / eta^(1-alpha); a group with no head over tau is
+    bit-identical, weights and S."""
+    attn = _query_key_module()
+    s = np.asarray(_module_s(attn, x))
+    tau, hot = _hot_group_tau(s, 3)
+    clipped = qk_clip(attn, jnp.asarray(s), tau, alpha=alpha)
+    s_new = np.asarray(_module_s(clipped, x))
+    np.testing.assert_allclose(s_new, np.minimum(s, tau), rtol=RTOL)
+    hot_heads = np.arange(3 * hot, 3 * hot + 3)
+    cold_heads = np.setdiff1d(np.arange(6), hot_heads)
+    # the other group: exactly as before (eta = 1 changes nothing, bit for bit)
+    assert np.array_equal(s_new[cold_heads], s[cold_heads])
+    _assert_untouched(attn, clipped, {
+        ".wq": _head_rows_mask(attn.wq.shape, hot_heads),
+        ".wk": _head_rows_mask(attn.wk.shape, [hot]),
+    })
+    gamma = np.where(s > tau, tau / s.astype(np.float64), 1.0)
+    eta = gamma[hot_heads].min()
+    assert eta < 1 and np.any(gamma[hot_heads] == 1.0)  # a group-mate below tau
+    np.testing.assert_allclose(clipped.wk[hot], attn.wk[hot] * eta ** (1 - alpha), rtol=1e-6)
+    for h in hot_heads:
+        np.testing.assert_allclose(
+            clipped.wq[h], attn.wq[h] * gamma[h] / eta ** (1 - alpha), rtol=1e-6
+        )
+    # against the float64 NumPy rule
+    assert_leaves_close(clipped, np_qk_clip(attn, s, tau, alpha, prefix=""), rtol=2e-6)
+    # The key took part of the shrinkage (unlike "query" mode), the mate below
+    # tau kept its logits (unlike "group" mode), and clipped_heads counts the
+    # heads whose logits were scaled: those over tau, not the mate whose q rows
+    # were rescaled by 1/eta^(1-alpha).
+    assert not np.allclose(clipped.wk[hot], attn.wk[hot], rtol=1e-3)
+    mate = hot_heads[gamma[hot_heads] == 1.0][0]
+    assert not np.allclose(clipped.wq[mate], attn.wq[mate], rtol=1e-3)
+    np.testing.assert_allclose(s_new[mate], s[mate], rtol=1e-6)
+    (mask,) = clipped_heads(attn, jnp.asarray(s), tau)
+    np.testing.assert_array_equal(np.asarray(mask), s > tau)
+    np.testing.assert_array_equal(np.asarray(mask), heads_scaled(attn, s, tau, prefix=""))
+
+
+def test_gqa_query_key_mode_alpha_one_is_query_mode_bit_for_bit(x):
+    """alpha = 1 gives the key eta^0 = 1: the rule is then "query" mode's."""
+    attn = _query_key_module()
+    s = np.asarray(_module_s(attn, x))
+    tau, _ = _hot_group_tau(s, 3)
+    query_cfg = GQAConfig(dim=DIM, n_heads=6, head_dim=8, n_kv_heads=2, clip_mode="query")
+    template = eqx.filter_eval_shape(GQAttention, query_cfg, key=jax.random.key(0))
+    as_query = jtu.tree_unflatten(jtu.tree_structure(template), jax.tree.leaves(attn))
+    assert as_query.config.clip_mode == "query"
+    a = qk_clip(attn, jnp.asarray(s), tau, alpha=1.0)
+    b = qk_clip(as_query, jnp.asarray(s), tau, alpha=1.0)
+    assert np.array_equal(a.wq, b.wq) and np.array_equal(a.wk, attn.wk)
+
+
+def test_gqa_query_key_mode_unclipped_group_bit_identical_for_any_alpha(x):
+    """Every gamma 1 (S at or under tau everywhere): every leaf bit-identical."""
+    attn = _query_key_module()
+    s = np.asarray(_module_s(attn, x))
+    for alpha in (0.0, 0.3, 0.5, 1.0):
+        _assert_untouched(attn, qk_clip(attn, jnp.asarray(s), float(s.max()), alpha=alpha), {})
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.8])
+def test_transformer_query_key_mode_matches_numpy(alpha):
+    """The stacked Transformer in "query_key" mode against the NumPy rule; each
+    layer its own eta. clipped_heads names the heads over tau, although the q
+    rows of their group-mates change too."""
+    att = GQAConfig(dim=DIM, n_heads=4, head_dim=8, n_kv_heads=2, clip_mode="query_key")
+    cfg = TransformerConfig(vocab_size=32, n_layers=2, mlp_hidden=16, attention=att)
+    model = _init(lambda k: Transformer(cfg, key=k), 20)
+    tau = 10.0
+    s = np.array([[40.0, 9.0, 12.5, -3.0],   # layer 0: both groups clipped, each with a mate
+                  [5.0, 7.0, 10.0, 80.0]],   # layer 1: group 0 untouched
+                 np.float32)
+    clipped = qk_clip(model, jnp.asarray(s), tau, alpha=alpha)
+    expected = np_qk_clip(model, s, tau, alpha)
+    assert_leaves_close(clipped, expected, rtol=2e-6, what="query_key")
+    got, before = leaves_by_path(clipped), leaves_by_path(model)
+    # layer 1, group 0 (heads 0, 1 and key 0): bit-identical
+    assert np.array_equal(got[".blocks.attn.wq"][1, :2], before[".blocks.attn.wq"][1, :2])
+    assert np.array_equal(got[".blocks.attn.wk"][1, 0], before[".blocks.attn.wk"][1, 0])
+    changed = np.any(got[".blocks.attn.wq"] != before[".blocks.attn.wq"], axis=(-2, -1))
+    np.testing.assert_array_equal(changed, [[True] * 4, [False, False, True, True]])
+    (mask,) = clipped_heads(model, jnp.asarray(s), tau)
+    np.testing.assert_array_equal(np.asarray(mask), s > tau)
+    np.testing.assert_array_equal(np.asarray(mask), heads_scaled(model, s, tau))

@@ -387,3 +387,232 @@ def test_blockwise_skips_empty_tiles_and_vmap_over_segments_is_exact():
     for i, sg in enumerate((seg, seg_b)):
         qi, ki, vi = (np.asarray(x[i]) for x in (qs, ks, vs))
         check(out[i], s[i], *np_attention(qi, ki, vi, pos, pos, sg, sg, True, SCALE))
+
+
+# --------------------------------------------------------------------------
+# kernel="dot_product_attention": the output from jax.nn.dot_product_attention,
+# S exact (a max-only pass) or the log-sum-exp bound
+# --------------------------------------------------------------------------
+
+DPA = "dot_product_attention"
+# The exact S is the max of the same float32 logits as the dense kernel's; XLA
+# may sum a tile's q.k in another order than the whole matrix's: bit-equal on
+# jax 0.10's XLA:CPU, within one ulp (~1.6e-7 relative) on jax 0.12's.
+S_RTOL = 1e-6
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "max_logit", "block_size"))
+def run_dpa(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, max_logit, block_size=8):
+    return attend(q, k, v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, causal=causal,
+                  scale=SCALE, kernel=DPA, block_size=block_size, max_logit=max_logit)
+
+
+def _n_allowed(q_pos, k_pos, q_seg, k_seg, causal) -> int:
+    """The most keys any query may attend to."""
+    ok = (q_seg[:, None] == k_seg[None, :])
+    if causal:
+        ok &= k_pos[None, :] <= q_pos[:, None]
+    return int(ok.sum(axis=1).max())
+
+
+DPA_CASES = [
+    # (kv_heads, causal, layout, lo, hi): GQA, MQA and MHA; packed documents; a
+    # shard of the queries with offset positions (context parallelism)
+    (2, True, "plain", 0, T), (1, False, "packed", 0, T), (4, True, "packed", 0, T),
+    (2, True, "packed", 13, 30),
+]
+
+
+@pytest.mark.parametrize("kv_heads,causal,layout,lo,hi", DPA_CASES)
+def test_dot_product_attention_matches_dense_and_s_is_exact(kv_heads, causal, layout, lo, hi):
+    """Output within float32 rounding of the dense kernel (and of the brute
+    force); the exact S equal to the dense kernel's S up to the rounding of
+    the logits (S_RTOL; maxed over block-8 key tiles, T = 37 padded); the LSE
+    bound within S <= bound <= S + log(n_allowed)."""
+    q, k, v = make_qkv(21, T, T, HEADS, kv_heads)
+    pos, seg = plain(T) if layout == "plain" else packed(T)
+    qa = (q[lo:hi], k, v, pos[lo:hi], pos, seg[lo:hi], seg)
+    out_d, s_d = run(*qa, causal=causal, kernel="dense")
+    out_e, s_e = run_dpa(*qa, causal=causal, max_logit="exact")
+    out_b, s_b = run_dpa(*qa, causal=causal, max_logit="lse_bound")
+    ref_out, ref_s = np_attention(*qa, causal, SCALE)
+    assert out_e.shape == (hi - lo, HEADS, DV) and s_e.shape == (HEADS,) and s_e.dtype == jnp.float32
+    check(out_e, s_e, ref_out, ref_s)
+    for out in (out_e, out_b):
+        np.testing.assert_allclose(np.asarray(out), np.asarray(out_d), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(s_e), np.asarray(s_d), rtol=S_RTOL)
+    s_d, s_b = np.asarray(s_d, np.float64), np.asarray(s_b, np.float64)
+    log_n = math.log(_n_allowed(pos[lo:hi], pos, seg[lo:hi], seg, causal))
+    assert log_n > 1
+    assert np.all(s_b >= s_d - 1e-6 * np.abs(s_d)), (s_b, s_d)
+    assert np.all(s_b <= s_d + log_n + 1e-5), (s_b - s_d, log_n)
+    assert np.all(s_b > s_d + 1e-3)  # a bound, not S: it must not pass for the exact kernel
+
+
+def test_dot_product_attention_value_wider_than_key():
+    """``jax.nn.dot_product_attention`` wants one head size for q, k and v; MLA
+    has d_v != d_qk either way. Here d_v = 12 > d_qk = 8 (the other tests: 6 < 8)."""
+    q, k, v = make_qkv(22, T, T, HEADS, 2)
+    v = np.concatenate([v, 2 * v], axis=-1)
+    pos, seg = packed(T)
+    out_d, s_d = run(q, k, v, pos, pos, seg, seg, causal=True, kernel="dense")
+    out_e, s_e = run_dpa(q, k, v, pos, pos, seg, seg, causal=True, max_logit="exact")
+    assert out_e.shape == (T, HEADS, 12)
+    np.testing.assert_allclose(np.asarray(out_e), np.asarray(out_d), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(s_e), np.asarray(s_d), rtol=S_RTOL)
+
+
+@pytest.mark.parametrize("max_logit", ["exact", "lse_bound"])
+def test_dot_product_attention_gradients_match_dense_and_s_has_none(max_logit):
+    q, k, v = make_qkv(23, T, T, HEADS, 2)
+    pos, seg = packed(T)
+    w = jnp.asarray(np.random.default_rng(24).standard_normal((T, HEADS, DV)), jnp.float32)
+    pos_, seg_ = jnp.asarray(pos), jnp.asarray(seg)
+
+    def fwd(kernel, q, k, v):
+        return attend(q, k, v, q_pos=pos_, k_pos=pos_, q_seg=seg_, k_seg=seg_, causal=True,
+                      scale=SCALE, kernel=kernel, block_size=8,
+                      max_logit=max_logit if kernel == DPA else "exact")
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def grads(kernel, q, k, v):
+        return (jax.grad(lambda *a: jnp.sum(fwd(kernel, *a)[0] * w), argnums=(0, 1, 2))(q, k, v),
+                jax.grad(lambda *a: jnp.sum(fwd(kernel, *a)[1]), argnums=(0, 1, 2))(q, k, v))
+
+    g_dense, _ = grads("dense", q, k, v)
+    g_dpa, gs_dpa = grads(DPA, q, k, v)
+    for name, gd, gf in zip("qkv", g_dense, g_dpa):
+        assert float(jnp.max(jnp.abs(gd))) > 1e-3, name
+        np.testing.assert_allclose(np.asarray(gf), np.asarray(gd), rtol=1e-4, atol=1e-5,
+                                   err_msg=f"grad wrt {name}")
+    for g in gs_dpa:
+        assert not np.any(np.asarray(g))
+
+
+def test_dot_product_attention_rows_without_allowed_keys_give_zeros():
+    """As the other kernels: zeros (not the mean of v that a fully masked
+    softmax gives), finite gradients, and such rows enter neither S nor the bound."""
+    q, k, v = make_qkv(25, T, T, HEADS, 2)
+    pos, seg = plain(T)
+    q_seg = seg.copy()
+    q_seg[20:] = 7  # no key carries segment 7
+    ref_out, ref_s = np_attention(q, k, v, pos, pos, q_seg, seg, True, SCALE)
+    out, s = run_dpa(q, k, v, pos, pos, q_seg, seg, causal=True, max_logit="exact")
+    assert np.all(np.asarray(out)[20:] == 0)
+    check(out, s, ref_out, ref_s)
+    _, bound = run_dpa(q, k, v, pos, pos, q_seg, seg, causal=True, max_logit="lse_bound")
+    assert np.all(np.asarray(bound) >= ref_s - 1e-5) and np.all(np.asarray(bound) <= ref_s + math.log(20))
+    k_, v_ = jnp.asarray(k), jnp.asarray(v)
+    g = jax.jit(jax.grad(lambda q: jnp.sum(attend(
+        q, k_, v_, q_pos=jnp.asarray(pos), k_pos=jnp.asarray(pos), q_seg=jnp.asarray(q_seg),
+        k_seg=jnp.asarray(seg), causal=True, scale=SCALE, kernel=DPA)[0] ** 2)))(q)
+    assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g)[20:] == 0)
+
+
+@pytest.mark.parametrize("max_logit", ["exact", "lse_bound"])
+def test_dot_product_attention_bf16(max_logit):
+    """bf16 inputs: S in float32; the exact S equals the dense kernel's (S_RTOL); the
+    bound, returned by JAX in bf16, is rounded up so that it stays >= S."""
+    q, k, v = make_qkv(26, T, T, HEADS, 2, dtype=jnp.bfloat16)
+    q = q * 4  # larger logits: a bf16 ulp of the bound is then ~0.03 or more
+    pos, seg = plain(T)
+    out_d, s_d = run(q, k, v, pos, pos, seg, seg, causal=True, kernel="dense")
+    out, s = run_dpa(q, k, v, pos, pos, seg, seg, causal=True, max_logit=max_logit)
+    assert out.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(out_d, np.float32),
+                               atol=3e-2, rtol=3e-2)
+    if max_logit == "exact":
+        np.testing.assert_allclose(np.asarray(s), np.asarray(s_d), rtol=S_RTOL)
+    else:
+        assert np.all(np.asarray(s) >= np.asarray(s_d))
+        assert np.all(np.asarray(s) <= np.asarray(s_d) + math.log(T) + 0.1)
+
+
+def test_dot_product_attention_s_pass_is_blockwise():
+    """The exact S pass reads keys in ``block_size`` tiles: a scan over
+    ceil(37 / 8) = 5 tiles, whose largest f32 intermediate is [kv, group*tq, 8],
+    never a [.., tq, tk] logit matrix beside the one jax.nn.dot_product_attention makes."""
+    q, k, v = (jnp.asarray(x) for x in make_qkv(27, T, T, HEADS, 2))
+    pos, seg = (jnp.asarray(a) for a in plain(T))
+
+    def s_only(q, k, v):
+        return attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True,
+                      scale=SCALE, kernel=DPA, block_size=8)[1]
+
+    text = str(jax.make_jaxpr(s_only)(q, k, v))
+    assert "length=5" in text and "f32[2,74,8]" in text
+    # reaching S alone needs no PV: dead-code elimination leaves no exp in the program
+    lowered = jax.jit(s_only).lower(q, k, v).compile().as_text()
+    assert "exponential" not in lowered
+
+
+def test_lse_bound_only_with_dot_product_attention():
+    from qkclip_eqx import GQAConfig, MLAConfig
+
+    q, k, v = (jnp.asarray(x) for x in make_qkv(28, 5, 5, HEADS, 2))
+    pos, seg = (jnp.asarray(a) for a in plain(5))
+    with pytest.raises((ValueError, TypeError), match="lse_bound|max_logit"):
+        attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True, scale=SCALE,
+               kernel="blockwise", max_logit="lse_bound")
+    with pytest.raises(ValueError, match="max_logit"):
+        GQAConfig(dim=16, n_heads=4, head_dim=4, max_logit="lse_bound")
+    with pytest.raises(ValueError, match="max_logit"):
+        MLAConfig(dim=16, n_heads=2, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                  v_head_dim=4, kernel=DPA, max_logit="max")
+    assert GQAConfig(dim=16, n_heads=4, head_dim=4, kernel=DPA, max_logit="lse_bound").kernel == DPA
+
+
+@pytest.mark.parametrize("which", ["mla", "gqa"])
+def test_modules_with_dot_product_attention_equal_dense(which):
+    """The same weights under kernel="dense" and "dot_product_attention" (exact
+    S), MLA (d_v != d_qk, one shared k_R) and GQA, vmapped over a batch with
+    per-example packed segments: outputs and S within float32 rounding."""
+    import dataclasses
+
+    import equinox as eqx
+
+    from builders import init_from_numpy
+    from qkclip_eqx import GQAConfig, GQAttention, MLAConfig, MLAttention
+
+    if which == "mla":
+        cfg = MLAConfig(dim=16, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                        v_head_dim=6, q_lora_rank=12)
+        cls = MLAttention
+    else:
+        cfg = GQAConfig(dim=16, n_heads=4, head_dim=8, n_kv_heads=2)
+        cls = GQAttention
+    dense = init_from_numpy(lambda key: cls(cfg, key=key), 29)
+    fused_cfg = dataclasses.replace(cfg, kernel=DPA, block_size=8)
+    template = eqx.filter_eval_shape(cls, fused_cfg, key=jax.random.key(0))
+    fused = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), jax.tree.leaves(dense))
+    assert fused.config.kernel == DPA
+    x = jnp.asarray(np.random.default_rng(30).standard_normal((2, T, 16)), jnp.float32)
+    pos, seg = packed(T)
+    segs = jnp.asarray(np.stack([seg, np.zeros_like(seg)]))
+    poss = jnp.asarray(np.stack([pos, np.arange(T, dtype=np.int32)]))
+
+    @eqx.filter_jit
+    def call(m):
+        return jax.vmap(lambda xi, p, s: m(xi, positions=p, segment_ids=s))(x, poss, segs)
+
+    (y_d, s_d), (y_f, s_f) = call(dense), call(fused)
+    np.testing.assert_allclose(np.asarray(y_f), np.asarray(y_d), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(s_f), np.asarray(s_d), rtol=S_RTOL)
+
+
+def test_bench_fused_attention_runs_and_removes_the_unused_s_pass(capsys):
+    """scripts/bench_fused_attention.py on a tiny shape: its ``no_s`` baseline
+    really lacks the S pass (fewer loops in the compiled program than ``exact``,
+    which the script also checks), and it prints both overhead ratios."""
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_fused_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_fused_attention", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--batch", "1", "--seq", "48", "--heads", "4", "--kv-heads", "2",
+                      "--head-dim", "8", "--block-size", "16", "--repeats", "1", "--warmup", "0"])
+    assert out["while_loops"]["no_s"] < out["while_loops"]["exact"]
+    assert set(out["ratios"]) == {"exact", "lse_bound"}
+    assert "exact/no_s" in capsys.readouterr().out

@@ -8,6 +8,7 @@ by the clip.
 """
 
 import inspect
+import json
 import math
 
 import equinox as eqx
@@ -426,3 +427,110 @@ def test_bad_inputs_raise_before_compiling(optimizer):
     # the model and state are placeholders: the check must come before any tracing
     with pytest.raises(ValueError, match="divisible"):
         step(object(), object(), jnp.zeros((4, 9), jnp.int32))
+
+
+# --------------------------------------------------------------------------
+# clip_until: the clip stops after a given step; S is still reported
+# --------------------------------------------------------------------------
+
+
+def test_clip_until_clips_before_and_not_after(optimizer, model, opt_state, tokens, tau, clip_run,
+                                               monitor_run):
+    """From the same state, steps 0 and 1 (< clip_until = 2) give the clip
+    step's model bit for bit, steps 2 and 9 the monitor step's; S and
+    heads_over_tau are reported either way. The step index is traced: four
+    indices, one trace."""
+    assert _n_differing_leaves(clip_run[0], monitor_run[0]) > 0  # the clip matters here
+    traces = []
+
+    def counting_loss(m, t):
+        traces.append(1)
+        return next_token_loss(m, t)
+
+    step = make_train_step(optimizer, mode="clip", tau=tau, clip_until=2, loss_fn=counting_loss)
+    for i, ref in ((0, clip_run), (jnp.int32(1), clip_run), (2, monitor_run), (np.int64(9), monitor_run)):
+        new_model, _, metrics = step(_copy(model), _copy(opt_state), tokens, step=i)
+        metrics = jax.device_get(metrics)
+        _assert_trees_bit_equal(new_model, ref[0], f"step {i}")
+        active = int(i) < 2
+        assert int(metrics["clip_active"]) == active
+        assert int(metrics["heads_over_tau"]) == int(clip_run[2]["heads_over_tau"]) > 0
+        assert int(metrics["heads_clipped"]) == (int(clip_run[2]["heads_clipped"]) if active else 0)
+        np.testing.assert_array_equal(metrics["max_logits"], clip_run[2]["max_logits"])
+    assert len(traces) == 1
+
+
+def test_clip_until_bad_inputs_raise_before_compiling(optimizer):
+    for bad in (-1, True):
+        with pytest.raises((ValueError, TypeError), match="clip_until"):
+            make_train_step(optimizer, clip_until=bad)
+    with pytest.raises(ValueError, match="clip_until"):
+        inspect.unwrap(make_train_step)(optimizer, clip_until=2.5)
+    with pytest.raises(ValueError, match="mode='clip'"):
+        make_train_step(optimizer, mode="monitor", clip_until=3)
+    step = make_train_step(optimizer, clip_until=3)
+    with pytest.raises(ValueError, match="step=i"):
+        step(object(), object(), jnp.zeros((4, 9), jnp.int32))
+
+
+def test_train_clip_until_counts_the_steps_across_a_resume(tmp_path, monkeypatch):
+    """``qkclip-train --clip-until 4``: the flag reaches RunConfig, and the loop's
+    step (restored from the checkpoint on resume) decides: steps 0-3 clip,
+    steps 4-5 don't, with the run stopped after step 2 and resumed."""
+    import argparse
+
+    import qkclip_eqx._train as train_mod
+    from builders import synthetic_corpus
+    from qkclip_eqx.cli._flags import add_run_flags, run_config_from_args
+
+    real, built = train_mod.make_train_step, []
+
+    def built_once(*args, **kwargs):  # the resumed run reuses the compiled step
+        if not built:
+            built.append(real(*args, **kwargs))
+        return built[0]
+
+    monkeypatch.setattr(train_mod, "make_train_step", built_once)
+    parser = argparse.ArgumentParser()
+    add_run_flags(parser)
+    out = tmp_path / "run"
+
+    def config(steps):
+        return run_config_from_args(parser.parse_args([
+            "--preset", "tiny", "--clip-until", "4", "--tau", "0.01", "--steps", str(steps),
+            "--ckpt-every", "3", "--eval-every", "100", "--out", str(out)]))
+
+    assert config(3).clip_until == 4 and config(3).mode == "clip"
+    data = synthetic_corpus(100_000)
+    assert train_mod.train(config(3), progress=False, data=data).step == 3
+    assert train_mod.train(config(6), resume=True, progress=False, data=data).step == 6
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(6))
+    assert [r["clip_active"] for r in records] == [1, 1, 1, 1, 0, 0]
+    over = [r["heads_over_tau"] for r in records]
+    assert all(n > 0 for n in over)  # S is still measured (and over tau) after the clip stops
+    assert [r["heads_clipped"] for r in records] == over[:4] + [0, 0]
+
+
+def test_lse_bound_metrics_say_bound(tokens):
+    """With ``max_logit="lse_bound"`` the model reports the log-sum-exp bound,
+    and the step's S metrics are named ``*_lse_bound``: no ``max_logits`` key
+    holds something that is not S. The bound lies in [S, S + log(seq)], S from
+    the same weights under the exact kernel."""
+    att = GQAConfig(dim=16, n_heads=4, head_dim=4, n_kv_heads=2,
+                    kernel="dot_product_attention", max_logit="lse_bound")
+    cfg = TransformerConfig(vocab_size=VOCAB, n_layers=2, mlp_hidden=32, attention=att)
+    model = _init(lambda k: Transformer(cfg, key=k), 4)
+    exact_cfg = TransformerConfig(vocab_size=VOCAB, n_layers=2, mlp_hidden=32,
+                                  attention=GQAConfig(dim=16, n_heads=4, head_dim=4, n_kv_heads=2))
+    template = eqx.filter_eval_shape(Transformer, exact_cfg, key=jax.random.key(0))
+    exact = jtu.tree_unflatten(jtu.tree_structure(template), jax.tree.leaves(model))
+    _, s = map(np.asarray, _forward(exact, tokens))
+    opt = optax.sgd(LR)
+    _, _, metrics = make_train_step(opt, mode="monitor")(
+        _copy(model), opt.init(eqx.filter(model, eqx.is_array)), tokens)
+    assert "max_logits" not in metrics and "max_logit" not in metrics
+    bound = np.asarray(metrics["max_logits_lse_bound"])
+    assert bound.shape == s.shape
+    assert np.all(bound >= s - 1e-5) and np.all(bound <= s + math.log(tokens.shape[1] - 1) + 1e-5)
+    assert float(metrics["max_logit_lse_bound"]) == float(bound.max())

@@ -157,8 +157,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypat
         step = real(*args, **kwargs)
         calls = {"n": 0}
 
-        def wrapped(model, opt_state, tokens):
-            model, opt_state, m = step(model, opt_state, tokens)
+        def wrapped(model, opt_state, tokens, **kw):
+            model, opt_state, m = step(model, opt_state, tokens, **kw)
             calls["n"] += 1
             if calls["n"] == N + 2:  # the step with index N + 1
                 m = {**m, "loss": jnp.float32(jnp.nan)}

@@ -115,7 +115,8 @@ def _attend_and_project(
     With ``segment_length`` the sequence is a packing of equal, independent
     segments, and the kernel runs on them as a batch (no work on the pairs the
     segment mask would empty)."""
-    kw = dict(causal=c.causal, scale=scale, kernel=c.kernel, block_size=c.block_size)
+    kw = dict(causal=c.causal, scale=scale, kernel=c.kernel, block_size=c.block_size,
+              max_logit=c.max_logit)
     if segment_length is None:
         out, max_logits = attend(q, k, v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, **kw)
     else:
@@ -387,14 +388,23 @@ class GQAttention(AbstractQKClippable):
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "GQAttention":
         """MHA (group of one): W_q^h by gamma^alpha, W_k^h by gamma^(1-alpha).
 
-        Shared keys (group > 1), by ``config.clip_mode``:
+        Shared keys (group > 1), by ``config.clip_mode``, with eta = the
+        smallest gamma of a group (its largest S):
 
         - ``"query"`` (default): each query head by its own gamma_h, the shared
           key untouched, as K2 treats the shared k_R. Exact per head: a head
           below tau is never touched because a group-mate was clipped.
-        - ``"group"`` (Megatron-Core's experimental rule): eta = the group's
-          smallest gamma (largest S); its queries by eta^alpha, the shared key
-          by eta^(1-alpha). Every head of the group is scaled by eta.
+        - ``"query_key"``: the shared key by eta^(1-alpha), each query head by
+          gamma_h / eta^(1-alpha). Every head's logits are multiplied by exactly
+          gamma_h, as in ``"query"``, and the key takes the part of the
+          shrinkage that alpha gives it, as in MHA (to which it reduces for a
+          group of one). A group with no head over tau (eta = 1) is untouched,
+          bit for bit; in a clipped group the heads below tau get the factors
+          1/eta^(1-alpha) on q and eta^(1-alpha) on k, whose product is 1: their
+          logits are unchanged up to float rounding.
+        - ``"group"`` (Megatron-Core's experimental rule): its queries by
+          eta^alpha, the shared key by eta^(1-alpha). Every head of the group is
+          scaled by eta, so heads below tau are clipped too.
         """
         c = self.config
         group = c.n_heads // c.n_kv_heads  # pyright: ignore[reportOperatorIssue]  # n_kv_heads: None becomes n_heads in __post_init__
@@ -405,16 +415,24 @@ class GQAttention(AbstractQKClippable):
             return eqx.tree_at(lambda m: m.wq, self, _scale_rows(self.wq, gamma, everything))
         else:
             eta = jnp.min(gamma.reshape(c.n_kv_heads, group), axis=1)
-            q_factor, k_factor = jnp.repeat(eta**alpha, group), eta ** (1 - alpha)
+            k_factor = eta ** (1 - alpha)
+            if c.clip_mode == "query_key":
+                # eta = 1 gives k_factor = 1 exactly, so gamma / 1 = gamma: bit-exact no-op
+                q_factor = gamma / jnp.repeat(k_factor, group)
+            else:
+                q_factor = jnp.repeat(eta**alpha, group)
         wq = _scale_rows(self.wq, q_factor, everything)
         wk = _scale_rows(self.wk, k_factor, everything)
         return eqx.tree_at(lambda m: (m.wq, m.wk), self, (wq, wk))
 
     def heads_scaled(self, gamma: Float[Array, " heads"]) -> Bool[Array, " heads"]:
-        """As :meth:`scale_heads` acts: in ``"group"`` mode (group > 1) every
-        head of a group in which one head has ``gamma < 1``."""
+        """The heads whose logits :meth:`scale_heads` scales: ``gamma < 1``, and
+        in ``"group"`` mode (group > 1) every head of a group in which one head
+        has ``gamma < 1``. In ``"query_key"`` mode only ``gamma < 1``: the
+        group-mates' q rows and shared key change by reciprocal factors, which
+        leave their logits as they were."""
         c = self.config
         group = c.n_heads // c.n_kv_heads  # pyright: ignore[reportOperatorIssue]  # n_kv_heads: None becomes n_heads in __post_init__
-        if group == 1 or c.clip_mode == "query":
+        if group == 1 or c.clip_mode != "group":
             return gamma < 1
         return jnp.repeat(jnp.any(gamma.reshape(c.n_kv_heads, group) < 1, axis=1), group)

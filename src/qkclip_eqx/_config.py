@@ -11,9 +11,11 @@ import dataclasses
 import math
 from typing import Literal, no_type_check
 
-Kernel = Literal["dense", "blockwise"]
+Kernel = Literal["dense", "blockwise", "dot_product_attention"]
+MaxLogit = Literal["exact", "lse_bound"]
 RopeLayout = Literal["interleaved", "half"]
-GQAClipMode = Literal["query", "group"]
+GQAClipMode = Literal["query", "query_key", "group"]
+KERNELS: tuple[str, ...] = ("dense", "blockwise", "dot_product_attention")
 Dtype = Literal["float32", "bfloat16"]
 
 
@@ -54,7 +56,13 @@ def _even(obj: object, name: str) -> None:
 
 
 def _check_common(obj: object) -> None:
-    _choice(obj, "kernel", ("dense", "blockwise"))
+    _choice(obj, "kernel", KERNELS)
+    _choice(obj, "max_logit", ("exact", "lse_bound"))
+    if obj.max_logit == "lse_bound" and obj.kernel != "dot_product_attention":
+        raise ValueError(
+            f"{type(obj).__name__}.max_logit='lse_bound' needs kernel='dot_product_attention' "
+            f"(kernel {obj.kernel!r} computes the exact S at no extra cost)"
+        )
     _choice(obj, "rope_layout", ("interleaved", "half"))
     _positive(obj, "block_size")
     _positive_number(obj, "rope_theta")
@@ -146,6 +154,11 @@ class MLAConfig:
     up-projection. Keys and values share a ``kv_lora_rank`` latent, plus one
     RoPE key of ``qk_rope_head_dim`` shared by all heads (k_R). ``yarn``: YaRN
     RoPE scaling (frequencies and softmax scale), None for plain RoPE.
+
+    ``kernel`` and ``max_logit`` choose the attention kernel and what it
+    reports as S; see :func:`qkclip_eqx.attend`. ``max_logit="lse_bound"``
+    (only with ``kernel="dot_product_attention"``) reports an upper bound of S,
+    not S, and the train step names its metrics accordingly.
     """
 
     dim: int
@@ -162,6 +175,7 @@ class MLAConfig:
     kernel: Kernel = "dense"
     block_size: int = 128
     yarn: YaRN | None = None
+    max_logit: MaxLogit = "exact"
 
     def __post_init__(self) -> None:
         _positive(self, "dim", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
@@ -184,7 +198,9 @@ class GQAConfig:
     """Grouped-query attention: MHA when ``n_kv_heads == n_heads``, MQA when 1.
 
     ``clip_mode`` chooses how QK-Clip treats a key head shared by several query
-    heads; see :func:`qkclip_eqx.qk_clip`.
+    heads (``"query"``, ``"query_key"`` or ``"group"``); see
+    :meth:`qkclip_eqx.GQAttention.scale_heads`. ``kernel`` and ``max_logit``
+    as in :class:`MLAConfig`.
     """
 
     dim: int
@@ -197,6 +213,7 @@ class GQAConfig:
     causal: bool = True
     kernel: Kernel = "dense"
     block_size: int = 128
+    max_logit: MaxLogit = "exact"
     clip_mode: GQAClipMode = "query"
 
     def __post_init__(self) -> None:
@@ -208,7 +225,7 @@ class GQAConfig:
                 f"GQAConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
             )
         _even(self, "head_dim")
-        _choice(self, "clip_mode", ("query", "group"))
+        _choice(self, "clip_mode", ("query", "query_key", "group"))
         _check_common(self)
 
 

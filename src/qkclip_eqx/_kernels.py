@@ -27,6 +27,18 @@ KV group stacked along the rows, so that every matmul (and its vmap over the
 batch) has its batch axes leading and its contraction axis last or second to
 last: XLA:CPU then calls its matmul without a strided transpose of a
 ``t x t`` tile.
+
+``"dot_product_attention"`` takes the output (and its gradient) from
+``jax.nn.dot_product_attention``, a kernel that returns the output and at most
+the row log-sum-exp, never the max. S then comes either from a separate
+max-only pass (``max_logit="exact"``: q.k tile by tile over ``block_size`` keys,
+masked and maxed; no softmax, no PV, no gradient, memory O(t * block_size)), or
+from the log-sum-exp (``max_logit="lse_bound"``): for a row with n allowed keys,
+
+    max_j l_ij  <=  LSE_i = log sum_j exp(l_ij)  <=  max_j l_ij + log n,
+
+so the max over rows of LSE is an upper bound of S, off by at most log n
+(FlashAttention-2, arXiv 2307.08691, sec. 3.1.1, for the log-sum-exp).
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
-from ._config import Kernel
+from ._config import KERNELS, Kernel, MaxLogit
 
 
 class _Side(NamedTuple):
@@ -243,6 +255,66 @@ def _pad_to(x: Array, n: int, axis: int, value=0) -> Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
+def _exact_max_logits(q, k, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: float):
+    """S alone, by a max-only pass over key tiles: q [kv, group*tq, d] (one
+    query tile), k [kv, tk, d] -> S [kv, group]. Tiles with no allowed pair are
+    skipped; nothing here is differentiated."""
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    kv = q.shape[0]
+    skippable = t.nk > 1
+
+    def key_tile(s_max, xs):
+        kb, ksb = xs
+        allowed = _allowed(qs, ksb, causal)
+
+        def compute():
+            s = _tile_logits(q, kb, allowed, scale, t.group)  # [kv, group*tq, bk]
+            return jnp.maximum(s_max, jnp.max(s.reshape(kv, t.group, -1), axis=-1))
+
+        return _maybe(allowed, compute, lambda: s_max, skippable), None
+
+    init = jnp.zeros_like(q[:, : t.group, 0], jnp.float32) - jnp.inf  # varies as q does
+    s_max, _ = jax.lax.scan(key_tile, init, (_k_tiles(k, t), _side_tiles(ks, t.nk)))
+    return s_max
+
+
+def _attend_dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, causal: bool,
+                                  scale: float, block_size: int, max_logit: str):
+    """``jax.nn.dot_product_attention`` for the output; S exact or bounded."""
+    tq, heads, dk = q.shape
+    tk, kv_heads, dv = v.shape
+    group = heads // kv_heads
+    true_q = jnp.ones((tq,), bool)
+    qs = _Side(q_pos.astype(jnp.int32), q_seg.astype(jnp.int32), true_q)
+    allowed = _allowed(qs, _Side(k_pos.astype(jnp.int32), k_seg.astype(jnp.int32),
+                                 jnp.ones((tk,), bool)), causal)
+    has_any = jnp.any(allowed, axis=1)  # rows with no allowed key give zeros, as the other kernels
+    # It needs one head size for q, k and v: pad the smaller with zeros (the
+    # scale is explicit, so the padding changes neither logits nor output).
+    d = max(dk, dv)
+    res = jax.nn.dot_product_attention(
+        _pad_to(q, d, 2), _pad_to(k, d, 2), _pad_to(v, d, 2), mask=allowed[None, None],
+        scale=scale, return_residual=max_logit == "lse_bound", implementation=None,
+    )
+    out, lse = res if max_logit == "lse_bound" else (res, None)
+    out = (out[..., :dv] * has_any[:, None, None].astype(out.dtype)).astype(v.dtype)
+    if max_logit == "lse_bound":
+        lse_dtype = lse.dtype
+        lse = jax.lax.stop_gradient(lse).astype(jnp.float32)
+        if jnp.finfo(lse_dtype).bits < 32:  # returned rounded to the inputs' dtype: round up
+            lse = lse + jnp.abs(lse) * jnp.float32(jnp.finfo(lse_dtype).eps)
+        s_max = jnp.max(jnp.where(has_any[:, None], lse, -jnp.inf), axis=0)
+        return out, s_max
+    bk = min(block_size, tk)
+    t = _Tiling(group=group, tq=tq, tk=-(-tk // bk) * bk, bq=tq, bk=bk)
+    ks = _Side(_pad_to(k_pos.astype(jnp.int32), t.tk, 0), _pad_to(k_seg.astype(jnp.int32), t.tk, 0),
+               jnp.arange(t.tk) < tk)
+    qh = q.reshape(tq, kv_heads, group, dk).transpose(1, 2, 0, 3).reshape(kv_heads, group * tq, dk)
+    kh = _pad_to(k, t.tk, 0).transpose(1, 0, 2)
+    s_max = _exact_max_logits(qh, kh, qs, ks, t, causal, float(scale))
+    return out, s_max.reshape(heads)
+
+
 def attend(
     q: Float[Array, "tq heads dk"],
     k: Float[Array, "tk kv_heads dk"],
@@ -256,21 +328,41 @@ def attend(
     scale: float,
     kernel: Kernel = "dense",
     block_size: int = 128,
+    max_logit: MaxLogit = "exact",
 ) -> tuple[Float[Array, "tq heads dv"], Float[Array, " heads"]]:
     """Softmax attention (logits, softmax and S in float32) returning ``(out, S)``.
 
     ``kv_heads`` must divide ``heads``; query head h uses key head
-    ``h // (heads // kv_heads)``. ``S`` has no gradient. ``"dense"`` computes
-    each head's whole ``tq x tk`` logit matrix at once; ``"blockwise"`` works in
-    ``block_size`` tiles (memory linear in the sequence length) and skips tiles
-    that the mask leaves empty.
+    ``h // (heads // kv_heads)``. ``S`` has no gradient. Kernels:
+
+    - ``"dense"``: each head's whole ``tq x tk`` logit matrix at once;
+    - ``"blockwise"``: ``block_size`` tiles (memory linear in the sequence
+      length), skipping tiles that the mask leaves empty;
+    - ``"dot_product_attention"``: the output from
+      ``jax.nn.dot_product_attention`` (``implementation=None``; with a
+      boolean mask built from positions and segment ids), and S by a max-only
+      pass over ``block_size`` key tiles (``max_logit="exact"``) or as the
+      log-sum-exp bound ``S <= max_i LSE_i <= S + log n`` (``"lse_bound"``,
+      n the most keys a query may attend to), which costs nothing extra.
+
+    ``max_logit="lse_bound"`` is only offered by ``"dot_product_attention"``;
+    the other kernels' S is exact at no cost.
     """
     tq, heads, dk = q.shape
     tk, kv_heads, dv = v.shape
     if heads % kv_heads:
         raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
-    if kernel not in ("dense", "blockwise"):
-        raise ValueError(f"unknown attention kernel {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose from {KERNELS}")
+    if max_logit not in ("exact", "lse_bound"):
+        raise ValueError(f"max_logit must be 'exact' or 'lse_bound', got {max_logit!r}")
+    if max_logit == "lse_bound" and kernel != "dot_product_attention":
+        raise ValueError(f"max_logit='lse_bound' needs kernel='dot_product_attention', got {kernel!r}")
+    if kernel == "dot_product_attention":
+        out, s_max = _attend_dot_product_attention(
+            q, k, v, q_pos, k_pos, q_seg, k_seg, causal, float(scale), block_size, max_logit
+        )
+        return out, jax.lax.stop_gradient(s_max)
     group = heads // kv_heads
     if kernel == "dense":
         bq, bk = tq, tk

@@ -14,11 +14,12 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._clip import check_tau_alpha, clip_factors, clipped_heads, qk_clip
+from ._clip import check_tau_alpha, clip_factors, clippable_modules, clipped_heads, qk_clip
 from ._config import ParallelAxes
 from ._parallel import accepts_parallel, check_mesh, constrain_train_state, partition_specs, shard_loss
 
@@ -136,10 +137,11 @@ def make_train_step(
     tau: float = 100.0,
     alpha: float = 0.5,
     accum_steps: int = 1,
-    loss_fn: LossFn = next_token_loss,  # pyright: ignore[reportRedeclaration]  # redefined below under a mesh
+    loss_fn: LossFn = next_token_loss,
     mesh: Mesh | None = None,
+    clip_until: int | None = None,
 ) -> Callable:
-    """Build ``step(model, opt_state, tokens) -> (model, opt_state, metrics)``.
+    """Build ``step(model, opt_state, tokens, step=None) -> (model, opt_state, metrics)``.
 
     One ``eqx.filter_jit`` with the model and optimizer state donated. Modes:
 
@@ -147,13 +149,25 @@ def make_train_step(
     - ``"monitor"``: S is reported but the weights are never clipped.
     - ``"off"``: S is neither reduced nor reported (the speed baseline).
 
+    ``clip_until`` (clip mode only): the clip acts on the updates of steps
+    ``0 .. clip_until - 1`` and not after; S is still computed and reported.
+    In K2 the max logit decays below tau after about 30% of training, and the
+    clip then no longer acts (Kimi K2 report, arXiv 2507.20534, sec. 2.1). The step index is then required: pass
+    ``step=i``, the index of the update being taken (the train loop's step,
+    restored from the checkpoint on resume); it is traced, so changing it does
+    not recompile. ``metrics`` then also holds ``clip_active`` (1 or 0).
+
     ``tokens`` is ``[batch, seq + 1]``; with ``accum_steps > 1`` the batch is cut
     into that many micro-batches. ``metrics``: ``loss``, ``grad_norm``,
     ``max_logits`` (S per layer and head), ``max_logit`` (global max),
     ``heads_over_tau`` (the (layer, head) pairs with S > tau),
-    ``heads_clipped`` (the pairs whose q/k weights the clip scaled: those over
-    tau and, in GQA ``"group"`` mode, their group-mates; 0 unless mode is clip)
-    and ``n_nonfinite`` (heads with non-finite S, never clipped).
+    ``heads_clipped`` (the pairs whose logits the clip scaled: those over tau
+    and, in GQA ``"group"`` mode, their group-mates; 0 unless mode is clip)
+    and ``n_nonfinite`` (heads with non-finite S, never clipped). When the
+    model's attention reports the log-sum-exp bound instead of S
+    (``max_logit="lse_bound"``), the two S metrics are named
+    ``max_logits_lse_bound`` and ``max_logit_lse_bound``, and the clip acts on
+    the bound (it then clips at least as hard as on S).
 
     With a ``mesh`` (``qkclip_eqx.make_mesh``; the model and optimizer state
     placed by ``qkclip_eqx.shard_train_state``) the loss, gradients and S are
@@ -166,6 +180,11 @@ def make_train_step(
     check_tau_alpha(tau, alpha)
     if not (isinstance(accum_steps, int) and accum_steps >= 1):
         raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+    if clip_until is not None:
+        if not (isinstance(clip_until, int) and not isinstance(clip_until, bool) and clip_until >= 0):
+            raise ValueError(f"clip_until must be a non-negative int or None, got {clip_until!r}")
+        if mode != "clip":
+            raise ValueError(f"clip_until={clip_until} needs mode='clip', got mode={mode!r}")
     if mesh is not None and not accepts_parallel(loss_fn):
         raise TypeError(
             f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} cannot run on a mesh: it must take "
@@ -175,7 +194,8 @@ def make_train_step(
         )
 
     @eqx.filter_jit(donate="all-except-first")
-    def step(tokens, model, opt_state):
+    def step(not_donated, model, opt_state):
+        tokens, step_index = not_donated
         params, static = eqx.partition(model, eqx.is_array)
         if mesh is None:
             loss_of = loss_fn
@@ -196,29 +216,46 @@ def make_train_step(
         if mode == "off":
             return *keep_sharding(model, opt_state), metrics
         if mode == "clip":
-            scaled = sum(jnp.sum(x) for x in clipped_heads(model, s, tau))
-            model = qk_clip(model, s, tau, alpha=alpha)
+            # after clip_until, tau = inf: every gamma is exactly 1 (a bit-exact no-op)
+            clip_tau = tau if clip_until is None else jnp.where(step_index < clip_until, tau, jnp.inf)
+            scaled = sum(jnp.sum(x) for x in clipped_heads(model, s, clip_tau))
+            model = qk_clip(model, s, clip_tau, alpha=alpha)
+            if clip_until is not None:
+                metrics["clip_active"] = (step_index < clip_until).astype(jnp.int32)
         else:
             scaled = jnp.zeros((), jnp.int32)
         model, opt_state = keep_sharding(model, opt_state)
         leaves = jax.tree.leaves(s)
         over = [jnp.sum(clip_factors(x, tau) < 1) for x in leaves]
+        bound = any(getattr(getattr(m, "config", None), "max_logit", "exact") == "lse_bound"
+                    for m in clippable_modules(model))
+        suffix = "_lse_bound" if bound else ""  # the name says when it is not S
+        metrics.update({
+            "max_logits" + suffix: s,
+            "max_logit" + suffix: jnp.max(jnp.stack([jnp.max(x) for x in leaves])),
+        })
         metrics.update(
-            max_logits=s,
-            max_logit=jnp.max(jnp.stack([jnp.max(x) for x in leaves])),
             heads_over_tau=sum(over),
             heads_clipped=scaled,
             n_nonfinite=sum(jnp.sum(~jnp.isfinite(x)) for x in leaves),
         )
         return model, opt_state, metrics
 
-    def train_step(model: PyTree, opt_state: PyTree, tokens: Int[Array, "batch seq_plus_one"]):
+    jitted_step = step  # train_step's argument ``step`` is the step index
+
+    def train_step(model: PyTree, opt_state: PyTree, tokens: Int[Array, "batch seq_plus_one"],
+                   step: int | np.integer | Int[Array, ""] | None = None):
+        if clip_until is not None and step is None:
+            raise ValueError(
+                f"clip_until={clip_until}: pass the index of this step, train_step(..., step=i)"
+            )
         if tokens.shape[0] % accum_steps:
             raise ValueError(
                 f"batch size {tokens.shape[0]} is not divisible by accum_steps={accum_steps}"
             )
         if mesh is not None:
             check_mesh(mesh, model, tokens.shape[0] // accum_steps, tokens.shape[1] - 1)
-        return step(tokens, model, opt_state)
+        step_index = None if clip_until is None else jnp.asarray(step, jnp.int32)
+        return jitted_step((tokens, step_index), model, opt_state)
 
     return train_step

@@ -69,6 +69,7 @@ class RunConfig:
     mode: Literal["clip", "monitor", "off"] | None = None  # None: clip for muonclip, else monitor
     tau: float = 100.0
     alpha: float = 0.5
+    clip_until: int | None = None  # clip mode: clip the updates of steps < clip_until only
     lr: float = 3e-3
     weight_decay: float = 0.1
     schedule: Literal["wsd", "cosine", "constant"] = "wsd"
@@ -200,7 +201,8 @@ def meta_of(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: every field that shapes the
     model, the optimizer or the data stream."""
     config = dataclasses.asdict(cfg)
-    for name in ("out", "eval_every", "eval_batches", "ckpt_every", "keep", "label", "steps", "mesh"):
+    for name in ("out", "eval_every", "eval_batches", "ckpt_every", "keep", "label", "steps", "mesh",
+                 "clip_until"):
         config.pop(name)
     return {"config": config, "vocab_size": vocab_size}
 
@@ -333,7 +335,8 @@ def train(
     _trim_metrics(metrics_path, start)
 
     step_fn = make_train_step(opt, mode=cfg.mode,  # pyright: ignore[reportArgumentType]  # None becomes a mode in __post_init__
-                              tau=cfg.tau, alpha=cfg.alpha, accum_steps=cfg.accum_steps, mesh=mesh)
+                              tau=cfg.tau, alpha=cfg.alpha, accum_steps=cfg.accum_steps, mesh=mesh,
+                              clip_until=cfg.clip_until)
     lr_at = schedule(cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
 
@@ -360,7 +363,7 @@ def train(
                     raise KeyboardInterrupt
                 batch = _place_batch(get_batch(data.train, batch_size=cfg.batch_size,
                                                seq_len=cfg.seq_len, seed=cfg.seed, step=step), mesh)
-                model, opt_state, metrics = step_fn(model, opt_state, batch)
+                model, opt_state, metrics = step_fn(model, opt_state, batch, step=step)
                 host = _host_metrics(metrics)
                 now = time.perf_counter()
                 host.update(step=step, lr=float(lr_at(step)),  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
