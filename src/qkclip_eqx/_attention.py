@@ -1,9 +1,9 @@
 """Attention modules that return their per-head max logits.
 
-Each module's ``__call__`` takes ONE example ``x: [seq, dim]`` and returns
-``(out: [seq, dim], max_logits: [heads])``; batch with ``jax.vmap`` and take the
+Each module's `__call__` takes ONE example `x: [seq, dim]` and returns
+`(out: [seq, dim], max_logits: [heads])`; batch with `jax.vmap` and take the
 max over the batch. Each module also knows which of its weights are q and k of
-each head, and exposes :meth:`AbstractQKClippable.scale_heads` for QK-Clip.
+each head, and exposes `AbstractQKClippable.scale_heads` for QK-Clip.
 """
 
 from __future__ import annotations
@@ -108,11 +108,11 @@ def _attend_and_project(
     segment_length: int | None,
 ) -> tuple[Array, Array]:
     """The kernel, then the output projection. Under tensor parallelism each
-    device holds its heads' columns of ``wo``, and the partial sums are added
+    device holds its heads' columns of `wo`, and the partial sums are added
     over the model axis. The projection accumulates in float32 and the sum runs
-    in float32; the result is returned in the compute dtype (``v``'s).
+    in float32; the result is returned in the compute dtype (`v`'s).
 
-    With ``segment_length`` the sequence is a packing of equal, independent
+    With `segment_length` the sequence is a packing of equal, independent
     segments, and the kernel runs on them as a batch (no work on the pairs the
     segment mask would empty)."""
     kw = dict(causal=c.causal, scale=scale, kernel=c.kernel, block_size=c.block_size,
@@ -138,9 +138,9 @@ def _attend_and_project(
 
 
 def _scale_rows(w: Array, factor: Float[Array, " heads"], rows: slice) -> Array:
-    """``w[h, rows, :] *= factor[h]`` in w's dtype (factor 1 leaves bits unchanged).
+    """`w[h, rows, :] *= factor[h]` in w's dtype (factor 1 leaves bits unchanged).
 
-    ``w`` is ONE layer's per-head weight [heads, rows, in]: on a stacked one the
+    `w` is ONE layer's per-head weight [heads, rows, in]: on a stacked one the
     indexing would hit the wrong axes silently, so that is an error (qk_clip
     gives a stacked module S with the same leading axes and vmaps over them)."""
     if w.ndim != 3 or factor.shape != (w.shape[0],):
@@ -154,8 +154,8 @@ def _scale_rows(w: Array, factor: Float[Array, " heads"], rows: slice) -> Array:
 
 
 def _mla_softmax_factor(c: MLAConfig) -> float:
-    """What the softmax scale ``1/sqrt(d_qk)`` is multiplied by: 1, or YaRN's
-    ``mscale^2`` (see :class:`~qkclip_eqx.YaRN`)."""
+    """What the softmax scale `1/sqrt(d_qk)` is multiplied by: 1, or YaRN's
+    `mscale^2` (see [`qkclip_eqx.YaRN`][])."""
     return 1.0 if c.yarn is None else c.yarn.softmax_factor
 
 
@@ -163,22 +163,22 @@ class MLAttention(AbstractQKClippable):
     """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, sec. 2.1;
     DeepSeek-V3, arXiv 2412.19437), as Kimi K2 uses it.
 
-    Weights (``(out..., in)`` layout):
+    Weights (`(out..., in)` layout):
 
-    - ``wq_a`` [q_lora_rank, dim], ``q_norm``: optional low-rank query path;
-    - ``wq`` [heads, nope + rope, q_in]: per-head rows ``[:nope]`` give q_C,
-      ``[nope:]`` give q_R; ``q_in`` is ``q_lora_rank`` or ``dim``;
-    - ``wkv_a`` [kv_lora_rank + rope, dim]: the latent c_KV, then ONE RoPE key
-      k_R shared by all heads; ``kv_norm`` on the latent;
-    - ``wkv_b`` [heads, nope + v, kv_lora_rank]: rows ``[:nope]`` give k_C,
-      ``[nope:]`` give v;
-    - ``wo`` [dim, heads * v].
+    - `wq_a` [q_lora_rank, dim], `q_norm`: optional low-rank query path;
+    - `wq` [heads, nope + rope, q_in]: per-head rows `[:nope]` give q_C,
+      `[nope:]` give q_R; `q_in` is `q_lora_rank` or `dim`;
+    - `wkv_a` [kv_lora_rank + rope, dim]: the latent c_KV, then ONE RoPE key
+      k_R shared by all heads; `kv_norm` on the latent;
+    - `wkv_b` [heads, nope + v, kv_lora_rank]: rows `[:nope]` give k_C,
+      `[nope:]` give v;
+    - `wo` [dim, heads * v].
 
-    Weights are stored in ``dtype`` (the float32 master copy QK-Clip scales);
-    ``__call__`` casts them and ``x`` once to ``compute_dtype`` (None: no cast).
-    With ``config.yarn`` the RoPE frequencies and the softmax scale are YaRN's;
+    Weights are stored in `dtype` (the float32 master copy QK-Clip scales);
+    `__call__` casts them and `x` once to `compute_dtype` (None: no cast).
+    With `config.yarn` the RoPE frequencies and the softmax scale are YaRN's;
     S is the logit entering the softmax, so QK-Clip stays exact.
-    :meth:`decode` is the absorbed form over a latent cache (:meth:`init_cache`).
+    `decode` is the absorbed form over a latent cache (`init_cache`).
     """
 
     config: MLAConfig = eqx.field(static=True)
@@ -224,11 +224,11 @@ class MLAttention(AbstractQKClippable):
         segment_length: int | None = None,
         parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
-        """``positions`` default to ``0..seq-1`` (pass the global positions of a
-        sequence shard); ``segment_ids`` mark packed sequences. ``segment_length``
-        says that ``x`` packs independent sequences of exactly that length
+        """`positions` default to `0..seq-1` (pass the global positions of a
+        sequence shard); `segment_ids` mark packed sequences. `segment_length`
+        says that `x` packs independent sequences of exactly that length
         (positions then restart at each), and lets the kernel batch them. Under
-        ``parallel`` the heads are this device's shard of the heads."""
+        `parallel` the heads are this device's shard of the heads."""
         c = self.config
         self, x = cast_arrays((self, x), self.compute_dtype)
         seq, heads = x.shape[0], self.wq.shape[0]
@@ -258,7 +258,7 @@ class MLAttention(AbstractQKClippable):
         return (lambda m: (m.wq, m.wkv_b, m.wo)), (-3, -3, -1)
 
     def init_cache(self, max_len: int) -> MLACache:
-        """An empty latent cache of ``max_len`` slots for :meth:`decode`, in the
+        """An empty latent cache of `max_len` slots for `decode`, in the
         compute dtype (the weights' dtype when that is None)."""
         if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
             raise ValueError(f"max_len must be a positive int, got {max_len!r}")
@@ -273,13 +273,13 @@ class MLAttention(AbstractQKClippable):
     def decode(
         self, x: Float[Array, "t dim"], cache: MLACache
     ) -> tuple[Float[Array, "t dim"], Float[Array, " heads"], MLACache]:
-        """Absorbed attention of ``t`` new tokens at positions ``cache.length ..
+        """Absorbed attention of `t` new tokens at positions ``cache.length ..
         cache.length + t - 1`` over the cache and themselves (causal).
 
-        Only ``kv_norm(c_KV)`` and the rotated ``k_R`` are cached; ``W_kv_b``'s k
+        Only `kv_norm(c_KV)` and the rotated `k_R` are cached; `W_kv_b`'s k
         rows are absorbed into the query and its v rows into the output (see
-        ``_decode.py``). Equal to :meth:`__call__` on the whole sequence, at every
-        new position, within float32 rounding. ``t`` is the prompt length for a
+        `_decode.py`). Equal to `__call__` on the whole sequence, at every
+        new position, within float32 rounding. `t` is the prompt length for a
         prefill and 1 for a step.
 
         **Arguments:**
@@ -289,7 +289,7 @@ class MLAttention(AbstractQKClippable):
 
         **Returns:**
 
-        ``(out, S, cache)``: the new tokens' outputs, S per head (the max of the
+        `(out, S, cache)`: the new tokens' outputs, S per head (the max of the
         logit entering the softmax over the new queries), and the cache with
         the new tokens written.
         """
@@ -328,9 +328,9 @@ class MLAttention(AbstractQKClippable):
 class GQAttention(AbstractQKClippable):
     """Grouped-query attention (Ainslie et al. 2023, arXiv 2305.13245) with RoPE.
 
-    ``wq`` [heads, head_dim, dim], ``wk``/``wv`` [kv_heads, head_dim, dim],
-    ``wo`` [dim, heads * head_dim]. Query head h reads key head ``h // group``.
-    Stored in ``dtype``, computed in ``compute_dtype`` (as :class:`MLAttention`).
+    `wq` [heads, head_dim, dim], `wk`/`wv` [kv_heads, head_dim, dim],
+    `wo` [dim, heads * head_dim]. Query head h reads key head `h // group`.
+    Stored in `dtype`, computed in `compute_dtype` (as [`qkclip_eqx.MLAttention`][]).
     """
 
     config: GQAConfig = eqx.field(static=True)
@@ -364,7 +364,7 @@ class GQAttention(AbstractQKClippable):
         segment_length: int | None = None,
         parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
-        """As :meth:`MLAttention.__call__`."""
+        """As `MLAttention.__call__`."""
         c = self.config
         self, x = cast_arrays((self, x), self.compute_dtype)
         seq = x.shape[0]
@@ -388,21 +388,21 @@ class GQAttention(AbstractQKClippable):
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "GQAttention":
         """MHA (group of one): W_q^h by gamma^alpha, W_k^h by gamma^(1-alpha).
 
-        Shared keys (group > 1), by ``config.clip_mode``, with eta = the
+        Shared keys (group > 1), by `config.clip_mode`, with eta = the
         smallest gamma of a group (its largest S):
 
-        - ``"query"`` (default): each query head by its own gamma_h, the shared
+        - `"query"` (default): each query head by its own gamma_h, the shared
           key untouched, as K2 treats the shared k_R. Exact per head: a head
           below tau is never touched because a group-mate was clipped.
-        - ``"query_key"``: the shared key by eta^(1-alpha), each query head by
+        - `"query_key"`: the shared key by eta^(1-alpha), each query head by
           gamma_h / eta^(1-alpha). Every head's logits are multiplied by exactly
-          gamma_h, as in ``"query"``, and the key takes the part of the
+          gamma_h, as in `"query"`, and the key takes the part of the
           shrinkage that alpha gives it, as in MHA (to which it reduces for a
           group of one). A group with no head over tau (eta = 1) is untouched,
           bit for bit; in a clipped group the heads below tau get the factors
           1/eta^(1-alpha) on q and eta^(1-alpha) on k, whose product is 1: their
           logits are unchanged up to float rounding.
-        - ``"group"`` (Megatron-Core's experimental rule): its queries by
+        - `"group"` (Megatron-Core's experimental rule): its queries by
           eta^alpha, the shared key by eta^(1-alpha). Every head of the group is
           scaled by eta, so heads below tau are clipped too.
         """
@@ -426,9 +426,9 @@ class GQAttention(AbstractQKClippable):
         return eqx.tree_at(lambda m: (m.wq, m.wk), self, (wq, wk))
 
     def heads_scaled(self, gamma: Float[Array, " heads"]) -> Bool[Array, " heads"]:
-        """The heads whose logits :meth:`scale_heads` scales: ``gamma < 1``, and
-        in ``"group"`` mode (group > 1) every head of a group in which one head
-        has ``gamma < 1``. In ``"query_key"`` mode only ``gamma < 1``: the
+        """The heads whose logits `scale_heads` scales: `gamma < 1`, and
+        in `"group"` mode (group > 1) every head of a group in which one head
+        has `gamma < 1`. In `"query_key"` mode only `gamma < 1`: the
         group-mates' q rows and shared key change by reciprocal factors, which
         leave their logits as they were."""
         c = self.config

@@ -1,6 +1,6 @@
 """Frozen, validated configuration dataclasses.
 
-Every config is checked in ``__post_init__`` so that a bad one fails at
+Every config is checked in `__post_init__` so that a bad one fails at
 construction, before anything is traced or compiled, with an error that names
 the offending field.
 """
@@ -74,31 +74,31 @@ def _check_common(obj: object) -> None:
 @dataclasses.dataclass(frozen=True)
 class YaRN:
     """YaRN RoPE scaling (Peng et al. 2023, arXiv 2309.00071) as DeepSeek-V3 and
-    Kimi K2 define it (their ``rope_scaling`` block of ``type: yarn``), following
-    Hugging Face's ``DeepseekV3`` code.
+    Kimi K2 define it (their `rope_scaling` block of `type: yarn`), following
+    Hugging Face's `DeepseekV3` code.
 
-    RoPE pair ``i`` of ``d`` has the base inverse frequency
-    ``f_i = theta^(-2i/d)``. With ``low``, ``high`` the pair indices at which the
-    original context ``L = original_max_position_embeddings`` turns ``beta_fast``
-    and ``beta_slow`` times, ``idx(b) = d ln(L / (2 pi b)) / (2 ln theta)``
-    (floored / ceiled when ``truncate``, clipped to ``[0, d - 1]``), and the ramp
-    ``r_i = clip((i - low) / (high - low), 0, 1)``, the frequency is
+    RoPE pair `i` of `d` has the base inverse frequency
+    `f_i = theta^(-2i/d)`. With `low`, `high` the pair indices at which the
+    original context `L = original_max_position_embeddings` turns `beta_fast`
+    and `beta_slow` times, `idx(b) = d ln(L / (2 pi b)) / (2 ln theta)`
+    (floored / ceiled when `truncate`, clipped to `[0, d - 1]`), and the ramp
+    `r_i = clip((i - low) / (high - low), 0, 1)`, the frequency is
 
         f'_i = (1 - r_i) f_i + r_i f_i / factor
 
-    (high-frequency pairs kept, low-frequency pairs interpolated by ``factor``).
-    With ``m(s, a) = 0.1 a ln s + 1`` (1 for ``s <= 1``):
+    (high-frequency pairs kept, low-frequency pairs interpolated by `factor`).
+    With `m(s, a) = 0.1 a ln s + 1` (1 for `s <= 1`):
 
-    - the softmax scale ``1/sqrt(d_qk)`` is multiplied by
-      ``m(factor, mscale_all_dim)^2`` when ``mscale_all_dim`` is set (non-zero);
-    - cos and sin are multiplied by ``m(factor, mscale) / m(factor, mscale_all_dim)``
-      when both are set, else by ``m(factor, 1)``.
+    - the softmax scale `1/sqrt(d_qk)` is multiplied by
+      `m(factor, mscale_all_dim)^2` when `mscale_all_dim` is set (non-zero);
+    - cos and sin are multiplied by `m(factor, mscale) / m(factor, mscale_all_dim)`
+      when both are set, else by `m(factor, 1)`.
 
-    The published DeepSeek-V3 and K2 blocks set ``mscale = mscale_all_dim = 1``:
+    The published DeepSeek-V3 and K2 blocks set `mscale = mscale_all_dim = 1`:
     cos and sin are unchanged and every logit is multiplied by
-    ``(0.1 ln factor + 1)^2``. Both are applied whatever the sequence length,
+    `(0.1 ln factor + 1)^2`. Both are applied whatever the sequence length,
     as in transformers; DeepSeek-V3's own inference code applies them only
-    when its configured ``max_seq_len`` exceeds the original context.
+    when its configured `max_seq_len` exceeds the original context.
     """
 
     factor: float
@@ -128,7 +128,7 @@ class YaRN:
 
     @property
     def softmax_factor(self) -> float:
-        """What the softmax scale is multiplied by: ``m(factor, mscale_all_dim)^2``."""
+        """What the softmax scale is multiplied by: `m(factor, mscale_all_dim)^2`."""
         return self._m(self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
 
     @property
@@ -140,7 +140,7 @@ class YaRN:
 
 
 # The configs validate themselves in __post_init__ and raise ValueError naming the
-# field. ``no_type_check`` keeps jaxtyping's import hook (enabled in the tests)
+# field. `no_type_check` keeps jaxtyping's import hook (enabled in the tests)
 # from replacing that with a generic type-check error on the generated __init__.
 
 
@@ -149,15 +149,15 @@ class YaRN:
 class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2).
 
-    ``q_lora_rank=None`` gives a direct query projection W_q; otherwise queries
-    go through a rank-``q_lora_rank`` down-projection, an RMSNorm and a per-head
-    up-projection. Keys and values share a ``kv_lora_rank`` latent, plus one
-    RoPE key of ``qk_rope_head_dim`` shared by all heads (k_R). ``yarn``: YaRN
+    `q_lora_rank=None` gives a direct query projection W_q; otherwise queries
+    go through a rank-`q_lora_rank` down-projection, an RMSNorm and a per-head
+    up-projection. Keys and values share a `kv_lora_rank` latent, plus one
+    RoPE key of `qk_rope_head_dim` shared by all heads (k_R). `yarn`: YaRN
     RoPE scaling (frequencies and softmax scale), None for plain RoPE.
 
-    ``kernel`` and ``max_logit`` choose the attention kernel and what it
-    reports as S; see :func:`qkclip_eqx.attend`. ``max_logit="lse_bound"``
-    (only with ``kernel="dot_product_attention"``) reports an upper bound of S,
+    `kernel` and `max_logit` choose the attention kernel and what it
+    reports as S; see [`qkclip_eqx.attend`][]. `max_logit="lse_bound"`
+    (only with `kernel="dot_product_attention"`) reports an upper bound of S,
     not S, and the train step names its metrics accordingly.
     """
 
@@ -195,12 +195,12 @@ class MLAConfig:
 @no_type_check
 @dataclasses.dataclass(frozen=True)
 class GQAConfig:
-    """Grouped-query attention: MHA when ``n_kv_heads == n_heads``, MQA when 1.
+    """Grouped-query attention: MHA when `n_kv_heads == n_heads`, MQA when 1.
 
-    ``clip_mode`` chooses how QK-Clip treats a key head shared by several query
-    heads (``"query"``, ``"query_key"`` or ``"group"``); see
-    :meth:`qkclip_eqx.GQAttention.scale_heads`. ``kernel`` and ``max_logit``
-    as in :class:`MLAConfig`.
+    `clip_mode` chooses how QK-Clip treats a key head shared by several query
+    heads (`"query"`, `"query_key"` or `"group"`); see
+    [`qkclip_eqx.GQAttention.scale_heads`][]. `kernel` and `max_logit`
+    as in [`qkclip_eqx.MLAConfig`][].
     """
 
     dim: int
@@ -235,20 +235,20 @@ AttentionConfig = MLAConfig | GQAConfig
 @no_type_check
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """A decoder-only language model: embedding, ``n_layers`` pre-norm blocks
+    """A decoder-only language model: embedding, `n_layers` pre-norm blocks
     (RMSNorm, attention, RMSNorm, SwiGLU MLP), final RMSNorm, untied LM head.
 
     Precision (mixed-precision training with float32 master weights,
     Micikevicius et al. 2018, arXiv 1710.03740):
 
-    - ``param_dtype``: the dtype the parameters are stored in, and so the
-      optimizer state and the weights QK-Clip scales. Keep ``"float32"``.
-      ``"bfloat16"`` is pure bf16 storage and is NOT mixed precision: ``p + u``
-      is rounded to 8 bits of mantissa, so an update below half an ulp of ``p``
-      (decoupled weight decay ``lr * wd`` below ~2e-3, small AdamW/Muon steps
+    - `param_dtype`: the dtype the parameters are stored in, and so the
+      optimizer state and the weights QK-Clip scales. Keep `"float32"`.
+      `"bfloat16"` is pure bf16 storage and is NOT mixed precision: `p + u`
+      is rounded to 8 bits of mantissa, so an update below half an ulp of `p`
+      (decoupled weight decay `lr * wd` below ~2e-3, small AdamW/Muon steps
       late in a decay) is lost. It is kept for experiments on that loss only.
-    - ``compute_dtype``: each module casts its weights and its input to this
-      dtype at the start of ``__call__``; matmuls run in it. Attention logits,
+    - `compute_dtype`: each module casts its weights and its input to this
+      dtype at the start of `__call__`; matmuls run in it. Attention logits,
       softmax, S, the output projection (and its psum across devices), the LM
       logits and the loss accumulate in float32 whatever it is.
     """

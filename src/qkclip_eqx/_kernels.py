@@ -17,23 +17,23 @@ Both kernels are one tiled algorithm with a hand-written backward pass
 an online softmax (Milakov & Gimelshein 2018) and a running max of the raw
 masked logits, which is S exactly; it saves only q, k, v, the output and the
 row log-sum-exp, and the backward recomputes each tile's probabilities.
-``"dense"`` is the case of one tile (the whole sequence); ``"blockwise"`` tiles
-queries and keys by ``block_size``, so memory is linear in the sequence length,
+`"dense"` is the case of one tile (the whole sequence); `"blockwise"` tiles
+queries and keys by `block_size`, so memory is linear in the sequence length,
 and skips every tile in which the mask allows no pair (under a causal mask,
 about half of them), which changes neither the output nor S.
 
-Layout inside: heads first, ``[kv_heads, group * t, d]``, the query heads of a
+Layout inside: heads first, `[kv_heads, group * t, d]`, the query heads of a
 KV group stacked along the rows, so that every matmul (and its vmap over the
 batch) has its batch axes leading and its contraction axis last or second to
 last: XLA:CPU then calls its matmul without a strided transpose of a
-``t x t`` tile.
+`t x t` tile.
 
-``"dot_product_attention"`` takes the output (and its gradient) from
-``jax.nn.dot_product_attention``, a kernel that returns the output and at most
+`"dot_product_attention"` takes the output (and its gradient) from
+`jax.nn.dot_product_attention`, a kernel that returns the output and at most
 the row log-sum-exp, never the max. S then comes either from a separate
-max-only pass (``max_logit="exact"``: q.k tile by tile over ``block_size`` keys,
+max-only pass (`max_logit="exact"`: q.k tile by tile over `block_size` keys,
 masked and maxed; no softmax, no PV, no gradient, memory O(t * block_size)), or
-from the log-sum-exp (``max_logit="lse_bound"``): for a row with n allowed keys,
+from the log-sum-exp (`max_logit="lse_bound"`): for a row with n allowed keys,
 
     max_j l_ij  <=  LSE_i = log sum_j exp(l_ij)  <=  max_j l_ij + log n,
 
@@ -102,7 +102,7 @@ def _q_tiles(x: Array, t: _Tiling) -> Array:
 
 
 def _q_untile(x: Array, t: _Tiling) -> Array:
-    """Inverse of :func:`_q_tiles`."""
+    """Inverse of `_q_tiles`."""
     kv, rest = x.shape[1], x.shape[3:]
     x = x.reshape(t.nq, kv, t.group, t.bq, *rest)
     x = jnp.moveaxis(x, 0, 2)
@@ -125,7 +125,7 @@ def _side_tiles(side: _Side, n: int) -> _Side:
 
 
 def _maybe(allowed, compute, skip, skippable: bool):
-    """``compute()`` if a tile has an allowed pair, else ``skip()`` (no FLOPs spent).
+    """`compute()` if a tile has an allowed pair, else `skip()` (no FLOPs spent).
     Under vmap with a batched mask (per-example segment ids) the cond becomes a
     select and both run; the default positions and segments are not batched."""
     if not skippable:
@@ -280,7 +280,7 @@ def _exact_max_logits(q, k, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scal
 
 def _attend_dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, causal: bool,
                                   scale: float, block_size: int, max_logit: str):
-    """``jax.nn.dot_product_attention`` for the output; S exact or bounded."""
+    """`jax.nn.dot_product_attention` for the output; S exact or bounded."""
     tq, heads, dk = q.shape
     tk, kv_heads, dv = v.shape
     group = heads // kv_heads
@@ -330,22 +330,22 @@ def attend(
     block_size: int = 128,
     max_logit: MaxLogit = "exact",
 ) -> tuple[Float[Array, "tq heads dv"], Float[Array, " heads"]]:
-    """Softmax attention (logits, softmax and S in float32) returning ``(out, S)``.
+    """Softmax attention (logits, softmax and S in float32) returning `(out, S)`.
 
-    ``kv_heads`` must divide ``heads``; query head h uses key head
-    ``h // (heads // kv_heads)``. ``S`` has no gradient. Kernels:
+    `kv_heads` must divide `heads`; query head h uses key head
+    `h // (heads // kv_heads)`. `S` has no gradient. Kernels:
 
-    - ``"dense"``: each head's whole ``tq x tk`` logit matrix at once;
-    - ``"blockwise"``: ``block_size`` tiles (memory linear in the sequence
+    - `"dense"`: each head's whole `tq x tk` logit matrix at once;
+    - `"blockwise"`: `block_size` tiles (memory linear in the sequence
       length), skipping tiles that the mask leaves empty;
-    - ``"dot_product_attention"``: the output from
-      ``jax.nn.dot_product_attention`` (``implementation=None``; with a
+    - `"dot_product_attention"`: the output from
+      `jax.nn.dot_product_attention` (`implementation=None`; with a
       boolean mask built from positions and segment ids), and S by a max-only
-      pass over ``block_size`` key tiles (``max_logit="exact"``) or as the
-      log-sum-exp bound ``S <= max_i LSE_i <= S + log n`` (``"lse_bound"``,
+      pass over `block_size` key tiles (`max_logit="exact"`) or as the
+      log-sum-exp bound `S <= max_i LSE_i <= S + log n` (`"lse_bound"`,
       n the most keys a query may attend to), which costs nothing extra.
 
-    ``max_logit="lse_bound"`` is only offered by ``"dot_product_attention"``;
+    `max_logit="lse_bound"` is only offered by `"dot_product_attention"`;
     the other kernels' S is exact at no cost.
     """
     tq, heads, dk = q.shape

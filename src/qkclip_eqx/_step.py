@@ -107,7 +107,7 @@ def _tree_max(a: PyTree, b: PyTree) -> PyTree:
 
 
 def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int):
-    """Gradient of the mean loss over ``accum_steps`` micro-batches; S combined
+    """Gradient of the mean loss over `accum_steps` micro-batches; S combined
     by max (never by sum: a summed S would clip far too hard)."""
 
     def micro(p, t):
@@ -141,38 +141,38 @@ def make_train_step(
     mesh: Mesh | None = None,
     clip_until: int | None = None,
 ) -> Callable:
-    """Build ``step(model, opt_state, tokens, step=None) -> (model, opt_state, metrics)``.
+    """Build `step(model, opt_state, tokens, step=None) -> (model, opt_state, metrics)`.
 
-    One ``eqx.filter_jit`` with the model and optimizer state donated. Modes:
+    One `eqx.filter_jit` with the model and optimizer state donated. Modes:
 
-    - ``"clip"``: QK-Clip at ``tau`` after every update (MuonClip).
-    - ``"monitor"``: S is reported but the weights are never clipped.
-    - ``"off"``: S is neither reduced nor reported (the speed baseline).
+    - `"clip"`: QK-Clip at `tau` after every update (MuonClip).
+    - `"monitor"`: S is reported but the weights are never clipped.
+    - `"off"`: S is neither reduced nor reported (the speed baseline).
 
-    ``clip_until`` (clip mode only): the clip acts on the updates of steps
-    ``0 .. clip_until - 1`` and not after; S is still computed and reported.
+    `clip_until` (clip mode only): the clip acts on the updates of steps
+    `0 .. clip_until - 1` and not after; S is still computed and reported.
     In K2 the max logit decays below tau after about 30% of training, and the
     clip then no longer acts (Kimi K2 report, arXiv 2507.20534, sec. 2.1). The step index is then required: pass
-    ``step=i``, the index of the update being taken (the train loop's step,
+    `step=i`, the index of the update being taken (the train loop's step,
     restored from the checkpoint on resume); it is traced, so changing it does
-    not recompile. ``metrics`` then also holds ``clip_active`` (1 or 0).
+    not recompile. `metrics` then also holds `clip_active` (1 or 0).
 
-    ``tokens`` is ``[batch, seq + 1]``; with ``accum_steps > 1`` the batch is cut
-    into that many micro-batches. ``metrics``: ``loss``, ``grad_norm``,
-    ``max_logits`` (S per layer and head), ``max_logit`` (global max),
-    ``heads_over_tau`` (the (layer, head) pairs with S > tau),
-    ``heads_clipped`` (the pairs whose logits the clip scaled: those over tau
-    and, in GQA ``"group"`` mode, their group-mates; 0 unless mode is clip)
-    and ``n_nonfinite`` (heads with non-finite S, never clipped). When the
+    `tokens` is `[batch, seq + 1]`; with `accum_steps > 1` the batch is cut
+    into that many micro-batches. `metrics`: `loss`, `grad_norm`,
+    `max_logits` (S per layer and head), `max_logit` (global max),
+    `heads_over_tau` (the (layer, head) pairs with S > tau),
+    `heads_clipped` (the pairs whose logits the clip scaled: those over tau
+    and, in GQA `"group"` mode, their group-mates; 0 unless mode is clip)
+    and `n_nonfinite` (heads with non-finite S, never clipped). When the
     model's attention reports the log-sum-exp bound instead of S
-    (``max_logit="lse_bound"``), the two S metrics are named
-    ``max_logits_lse_bound`` and ``max_logit_lse_bound``, and the clip acts on
+    (`max_logit="lse_bound"`), the two S metrics are named
+    `max_logits_lse_bound` and `max_logit_lse_bound`, and the clip acts on
     the bound (it then clips at least as hard as on S).
 
-    With a ``mesh`` (``qkclip_eqx.make_mesh``; the model and optimizer state
-    placed by ``qkclip_eqx.shard_train_state``) the loss, gradients and S are
-    computed inside one ``shard_map`` with S reduced by ``lax.pmax`` over
-    ``data`` and ``seq`` (see ``_parallel.py``); the mesh must divide the heads,
+    With a `mesh` (`qkclip_eqx.make_mesh`; the model and optimizer state
+    placed by `qkclip_eqx.shard_train_state`) the loss, gradients and S are
+    computed inside one `shard_map` with S reduced by `lax.pmax` over
+    `data` and `seq` (see `_parallel.py`); the mesh must divide the heads,
     the micro-batch and the sequence, checked before compiling.
     """
     if mode not in ("clip", "monitor", "off"):
@@ -241,7 +241,7 @@ def make_train_step(
         )
         return model, opt_state, metrics
 
-    jitted_step = step  # train_step's argument ``step`` is the step index
+    jitted_step = step  # train_step's argument `step` is the step index
 
     def train_step(model: PyTree, opt_state: PyTree, tokens: Int[Array, "batch seq_plus_one"],
                    step: int | np.integer | Int[Array, ""] | None = None):
