@@ -273,8 +273,8 @@ class MLAttention(AbstractQKClippable):
     def decode(
         self, x: Float[Array, "t dim"], cache: MLACache
     ) -> tuple[Float[Array, "t dim"], Float[Array, " heads"], MLACache]:
-        """Absorbed attention of `t` new tokens at positions ``cache.length ..
-        cache.length + t - 1`` over the cache and themselves (causal).
+        """Absorbed attention of `t` new tokens at positions
+        `cache.length .. cache.length + t - 1` over the cache and themselves (causal).
 
         Only `kv_norm(c_KV)` and the rotated `k_R` are cached; `W_kv_b`'s k
         rows are absorbed into the query and its v rows into the output (see
