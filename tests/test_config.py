@@ -109,12 +109,18 @@ def test_old_dtype_field_is_gone():
         transformer(dtype="bfloat16")
 
 
-@pytest.mark.parametrize("cls,base", [(MLAConfig, MLA), (GQAConfig, GQA)])
-@pytest.mark.parametrize("field", ["rope_theta", "norm_eps"])
+@pytest.mark.parametrize("cls,base,field", [(MLAConfig, MLA, "rope_theta"), (GQAConfig, GQA, "rope_theta"),
+                                            (MLAConfig, MLA, "norm_eps")])
 @pytest.mark.parametrize("value", [0, -1.0, 0.0, float("nan"), "1e4", None])
 def test_rope_theta_and_norm_eps_must_be_positive_numbers(cls, base, field, value):
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
         cls(**{**base, field: value})
+
+
+def test_gqa_has_no_norm_eps():
+    """GQA attention has no norm of its own (the block's norms use TransformerConfig.norm_eps)."""
+    with pytest.raises(TypeError, match="norm_eps"):
+        GQAConfig(**{**GQA, "norm_eps": 1e-5})
 
 
 @pytest.mark.parametrize("value", [0, -1e-6, "1e-6", None])

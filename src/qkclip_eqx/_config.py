@@ -66,7 +66,6 @@ def _check_common(obj: object) -> None:
     _choice(obj, "rope_layout", ("interleaved", "half"))
     _positive(obj, "block_size")
     _positive_number(obj, "rope_theta")
-    _positive_number(obj, "norm_eps")
     _bool(obj, "causal")
 
 
@@ -183,6 +182,7 @@ class MLAConfig:
         if self.q_lora_rank is not None:
             _positive(self, "q_lora_rank")
         _even(self, "qk_rope_head_dim")
+        _positive_number(self, "norm_eps")
         _check_common(self)
         if self.yarn is not None and not isinstance(self.yarn, YaRN):
             raise ValueError(f"MLAConfig.yarn must be a YaRN or None, got {self.yarn!r}")
@@ -209,7 +209,6 @@ class GQAConfig:
     n_kv_heads: int | None = None
     rope_theta: float = 10_000.0
     rope_layout: RopeLayout = "half"
-    norm_eps: float = 1e-6
     causal: bool = True
     kernel: Kernel = "dense"
     block_size: int = 128
