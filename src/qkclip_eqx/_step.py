@@ -42,7 +42,13 @@ def _tree_max(a: PyTree, b: PyTree) -> PyTree:
 
 def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int):
     """Gradient of the mean loss over ``accum_steps`` micro-batches; S combined
-    by max (never by sum: a summed S would clip far too hard)."""
+    by max (never by sum: a summed S would clip far too hard).
+
+    Micro-batch ``j`` is rows ``j, j + accum_steps, j + 2 accum_steps, ...``:
+    with the batch sharded over ``data`` in contiguous blocks, each device's
+    share of every micro-batch is among its own rows, so the split moves no
+    data. Every micro-batch, the first included, is traced once, in the scan.
+    """
 
     def micro(p, t):
         return loss_fn(eqx.combine(p, static), t)
@@ -51,15 +57,20 @@ def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int)
     if accum_steps == 1:
         (loss, s), grads = grad_fn(params, tokens)
         return loss, grads, s
-    micro_batches = tokens.reshape(accum_steps, -1, *tokens.shape[1:])
-    (loss0, s0), g0 = grad_fn(params, micro_batches[0])
+    strided = tokens.reshape(-1, accum_steps, *tokens.shape[1:])  # [batch / accum, accum, ...]
+    (loss_shape, s_shape), _ = jax.eval_shape(grad_fn, params, strided[:, 0])
+    init = (
+        jnp.zeros(loss_shape.shape, loss_shape.dtype),
+        jax.tree.map(jnp.zeros_like, params),
+        jax.tree.map(lambda x: jnp.full(x.shape, -jnp.inf, x.dtype), s_shape),
+    )
 
-    def body(carry, t):
+    def body(carry, j):
         loss, grads, s = carry
-        (l, s_new), g = grad_fn(params, t)
+        (l, s_new), g = grad_fn(params, strided[:, j])
         return (loss + l, jax.tree.map(jnp.add, grads, g), _tree_max(s, s_new)), None
 
-    (loss, grads, s), _ = jax.lax.scan(body, (loss0, g0, s0), micro_batches[1:])
+    (loss, grads, s), _ = jax.lax.scan(body, init, jnp.arange(accum_steps))
     scale = 1.0 / accum_steps
     return loss * scale, jax.tree.map(lambda g: g * scale, grads), s
 
