@@ -148,7 +148,7 @@ def _copy_checkpoints(src, dst, steps):
 
 def _corrupt(ckpt):
     """Flip bytes in the middle of the largest array file of a checkpoint."""
-    blob = max((p for p in (ckpt / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    blob = max((p for p in (ckpt / "state" / "d").iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
     raw = bytearray(blob.read_bytes())
     for i in range(len(raw) // 2, len(raw) // 2 + 8):
         raw[i] ^= 0xFF
@@ -187,7 +187,7 @@ def test_resume_may_change_lr_and_steps_with_stated_effect(tmp_path, data, strai
     from the checkpoint, says what changed and what the lr at the resume step
     was and is, and logs the new schedule's lr from there on."""
     _copy_checkpoints(straight.out, tmp_path, [N])
-    cfg = _cfg(tmp_path, lr=1e-3, steps=N + 2)
+    cfg = dataclasses.replace(_cfg(tmp_path), lr=1e-3, steps=N + 2)
     resumed = train(cfg, resume=True, progress=False, data=data)
     text = capsys.readouterr().out
     assert resumed.step == N + 2

@@ -26,8 +26,10 @@ as `eqx.tree_deserialise_leaves` does.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -423,12 +425,29 @@ def save_checkpoint(
     return path
 
 
+def _short(e: BaseException) -> str:
+    """An exception in at most 300 characters (TensorStore's carry their whole spec)."""
+    text = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _restore(path: pathlib.Path, **items: Any) -> Any:
     """Orbax's restore of some items of the checkpoint directory `path`."""
     ocp = _ocp()
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
         return checkpointer.restore(path, args=ocp.args.Composite(**items))
+    except Exception:
+        # A failed read leaves one failed future per array, each logged in full
+        # by asyncio when collected: the CheckpointError raised instead says it.
+        log = logging.getLogger("asyncio")
+        level = log.level
+        log.setLevel(logging.CRITICAL)
+        try:
+            gc.collect()
+        finally:
+            log.setLevel(level)
+        raise
     finally:
         checkpointer.close()
 
@@ -445,7 +464,7 @@ def _read_header(path: pathlib.Path) -> dict[str, Any]:
     try:
         header = _restore(path, meta=ocp.args.JsonRestore()).meta
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata: {_short(e)}") from e
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
         found = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise CheckpointError(f"{path}: not a qkclip checkpoint (format {found!r}, expected {_FORMAT!r}).")
@@ -515,7 +534,7 @@ def load_checkpoint(
         items = _restore(path, state=ocp.args.StandardRestore(targets)).state
         arrays = [items[f"leaf_{i:05d}"] for i in range(len(stored))]
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint: {_short(e)}") from e
     fingerprints = _fingerprint_all(arrays)
     for (leaf_path, _, _), have, want in zip(stored, fingerprints, header["fingerprints"]):
         if have != want:
