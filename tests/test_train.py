@@ -206,6 +206,31 @@ def test_resume_may_change_lr_and_steps_with_stated_effect(tmp_path, data, strai
         train(_cfg(tmp_path, seq_len=16), resume=True, progress=False, data=data)
 
 
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypatch, capsys):
+    real = train_mod.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step = real(*args, **kwargs)
+        calls = {"n": 0}
+
+        def wrapped(model, opt_state, tokens):
+            model, opt_state, m = step(model, opt_state, tokens)
+            calls["n"] += 1
+            if calls["n"] == N + 2:  # the step with index N + 1
+                m = {**m, "loss": jnp.float32(jnp.nan)}
+            return model, opt_state, m
+
+        return wrapped
+
+    monkeypatch.setattr(train_mod, "make_train_step", poisoned)
+    result = train(_cfg(tmp_path), progress=False, data=data)
+    assert result.stopped == "nan" and result.step == N + 1
+    assert f"step {N + 1}: loss is not finite" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path).name == f"ckpt_{N:08d}"
+    # the log ends with the last good step
+    assert [r["step"] for r in _records(tmp_path)] == list(range(N + 1))
+
+
 def test_nonfinite_parameters_at_a_checkpoint_step_are_never_saved(tmp_path, data, monkeypatch, capsys):
     """NaN injected into the updated parameters of step 2N - 1, whose result is
     the step-2N checkpoint (the loss of that step is finite): the run stops
