@@ -431,9 +431,9 @@ def train(
             (model, opt_state), stored, path = found
             start = stored["step"]
             if lead:
-                for unusable in list_checkpoints(out):  # newer ones failed to restore
-                    if unusable.name > path.name:
-                        print(f"set aside {unusable.name} as {set_aside(unusable).name}", flush=True)
+                found_paths = list_checkpoints(out)  # oldest first: those after `path` failed
+                for unusable in found_paths[found_paths.index(path) + 1:]:
+                    print(f"set aside {unusable.name} as {set_aside(unusable).name}", flush=True)
                 for line in resume_changes(stored, cfg):
                     print(f"resume changes {line}", flush=True)
             _barrier("qkclip-resume")
