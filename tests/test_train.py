@@ -351,6 +351,11 @@ def test_run_on_a_mesh_matches_one_device(data, straight, sharded):
         np.testing.assert_allclose([r[key] for r in got], [r[key] for r in ref], rtol=1e-5, err_msg=key)
     np.testing.assert_allclose([r["max_logits"] for r in got], [r["max_logits"] for r in ref], rtol=1e-5)
     assert [r["heads_clipped"] for r in got] == [r["heads_clipped"] for r in ref]
+    # evaluation on the mesh (the sharded loss) gives the one-device validation loss
+    val = [(r["step"], r["val_loss"]) for r in got if "val_loss" in r]
+    ref_val = [(r["step"], r["val_loss"]) for r in ref if "val_loss" in r]
+    assert [s for s, _ in val] == [s for s, _ in ref_val] == [N - 1, 2 * N - 1]
+    np.testing.assert_allclose([v for _, v in val], [v for _, v in ref_val], rtol=1e-5)
     _assert_states_close(straight.model, sharded.model, what="final model")
 
 
