@@ -269,7 +269,7 @@ def test_cli_data_pointing_nowhere_is_one_line(tmp_path, capsys):
     assert "nowhere.txt" in err and "does not exist" in err
 
 
-def test_cli_train_then_eval(tmp_path, capsys, data_file):
+def test_cli_train_then_eval(tmp_path, capsys, data_file, monkeypatch):
     # The run's first batch and initial model, rebuilt here from the seed: tau
     # is chosen between their heads' S, so the first step clips some heads.
     data = load_data(data_file)
@@ -300,7 +300,8 @@ def test_cli_train_then_eval(tmp_path, capsys, data_file):
     # S on the same batch after the step: min(S, tau), so never above tau
     np.testing.assert_allclose(s_after, np.minimum(np.asarray(s0), cfg.tau), rtol=1e-5)
     assert records[0]["heads_clipped"] == int(np.sum(np.asarray(s0) > cfg.tau)) > 0
-    assert eval_cli.main([str(out)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert eval_cli.main(["run"]) == 0  # a relative path
     text = capsys.readouterr().out
     val = float(text.split("validation loss:")[1].split()[0])
     assert val == pytest.approx(records[-1]["val_loss"], abs=1e-4)  # printed to 4 places

@@ -26,7 +26,6 @@ as `eqx.tree_deserialise_leaves` does.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
@@ -35,6 +34,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -431,22 +431,42 @@ def _short(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _ignore_closed_loop_callbacks() -> None:
+    """Drops, from then on, the "Event loop is closed" errors of callbacks that
+    arrive after Orbax closed the event loop of a failed restore, and asyncio's
+    log of its failed reads; every other unraisable exception still reaches the
+    previous `sys.unraisablehook`, and every other record the asyncio log."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_qkclip_closed_loop", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._qkclip_closed_loop = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_drop_failed_tensorstore_futures)
+
+
+def _drop_failed_tensorstore_futures(record: logging.LogRecord) -> bool:
+    """asyncio's "Future exception was never retrieved" for a TensorStore read
+    of a failed restore (each carries its whole spec)."""
+    return "tensorstore_spec" not in record.getMessage()
+
+
 def _restore(path: pathlib.Path, **items: Any) -> Any:
     """Orbax's restore of some items of the checkpoint directory `path`."""
     ocp = _ocp()
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
-        return checkpointer.restore(path, args=ocp.args.Composite(**items))
+        return checkpointer.restore(path.absolute(), args=ocp.args.Composite(**items))
     except Exception:
         # A failed read leaves one failed future per array, each logged in full
-        # by asyncio when collected: the CheckpointError raised instead says it.
-        log = logging.getLogger("asyncio")
-        level = log.level
-        log.setLevel(logging.CRITICAL)
-        try:
-            gc.collect()
-        finally:
-            log.setLevel(level)
+        # by asyncio when collected, and TensorStore reads that finish after
+        # Orbax closed its event loop: the CheckpointError raised instead says it.
+        _ignore_closed_loop_callbacks()
         raise
     finally:
         checkpointer.close()
