@@ -44,8 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qkclip_eqx import Transformer, make_train_step
-from qkclip_eqx._train import RunConfig, optimizer, preset
+from qkclip_eqx import RunConfig, Transformer, make_train_step, preset
 
 # Dense (no sparsity) bf16 peak per chip, TFLOP/s, from the vendors' data
 # sheets, matched against jax's device_kind (case-insensitive, first match).
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         fields = dict(kv.split("=", 1) for kv in a.set)
         cfg = RunConfig(**{**cfg.__dict__, **{k: int(v) for k, v in fields.items()}})
     model = Transformer(cfg.model_config(256), key=jax.random.key(cfg.seed))
-    opt = optimizer(cfg)
+    opt = cfg.make_optimizer()
     state = opt.init(eqx.filter(model, eqx.is_array))
     step = make_train_step(opt, mode=cfg.mode, tau=cfg.tau, alpha=cfg.alpha)
     rng = np.random.default_rng(0)

@@ -27,8 +27,10 @@ def tokens() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 64, size=(STEPS, 8, 17), dtype=np.int32)
 
 
-def run_scenario(mesh=None, attention: str = "mla", rows: slice = slice(None)):
-    """Returns (parameter leaves as host arrays, metrics stacked over steps)."""
+def run_scenario(mesh=None, attention: str = "mla"):
+    """Returns (parameter leaves as host arrays, metrics stacked over steps).
+
+    Every process passes the whole batch to ``shard_batch``."""
     model = Transformer(config(attention), key=jax.random.key(0))
     opt = muon_adamw(1e-2)
     opt_state = opt.init(eqx.filter(model, eqx.is_array))
@@ -37,7 +39,7 @@ def run_scenario(mesh=None, attention: str = "mla", rows: slice = slice(None)):
     step = make_train_step(opt, tau=TAU, mesh=mesh)
     history = {"loss": [], "grad_norm": [], "max_logits": [], "heads_clipped": []}
     for batch in tokens():
-        batch = jnp.asarray(batch) if mesh is None else shard_batch(batch[rows], mesh)
+        batch = jnp.asarray(batch) if mesh is None else shard_batch(batch, mesh)
         model, opt_state, m = step(model, opt_state, batch)
         for k in history:
             history[k].append(_host(m[k]))
@@ -46,8 +48,12 @@ def run_scenario(mesh=None, attention: str = "mla", rows: slice = slice(None)):
 
 
 def _host(x) -> np.ndarray:
-    """A host copy; for arrays spanning processes, the replicated local shard."""
+    """A host copy; for arrays spanning processes, gathered (a collective:
+    every process calls this in the same order)."""
     if x.is_fully_addressable:
         return np.asarray(x)
-    assert x.is_fully_replicated, "only replicated multi-process arrays can be read back"
-    return np.asarray(x.addressable_data(0))
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -1,7 +1,8 @@
-"""Tests for `qkclip_eqx._checkpoint`: bit-exact round trips, retention, atomicity and
+"""Tests for `qkclip_eqx._checkpoint` (Orbax): bit-exact round trips, restore onto
+another sharding, retention, atomicity, fall-back to an older checkpoint and
 precise error reporting."""
 
-import os
+import json
 import pathlib
 import re
 
@@ -16,8 +17,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qkclip_eqx._checkpoint import (
     CheckpointError,
+    CheckpointMismatchError,
     latest_checkpoint,
     load_checkpoint,
+    load_latest_checkpoint,
     read_meta,
     save_checkpoint,
 )
@@ -79,8 +82,8 @@ def _save(tmp_path, step=1, state=None, meta=META, keep=3):
 def test_round_trip_bit_exact(tmp_path):
     state = _make_state(0)
     path = save_checkpoint(tmp_path / "run", 12, state, meta=META)
-    assert path == tmp_path / "run" / "ckpt_00000012.eqx"
-    assert path.read_bytes().startswith(b"QKCLIP-CKPT 1\n")
+    assert path == tmp_path / "run" / "ckpt_00000012"
+    assert (path / "state").is_dir() and (path / "meta").is_dir()
 
     like = _make_state(1)  # Same structure, different values.
     with pytest.raises(AssertionError):
@@ -108,152 +111,204 @@ def test_round_trip_with_eval_shape_like(tmp_path):
     _assert_bit_identical(state, loaded)
 
 
-def test_round_trip_restores_sharding(tmp_path):
+def test_restore_onto_another_sharding(tmp_path):
+    """Written sharded over 8 devices; read back onto a 4 x 2 mesh with another
+    spec, onto one device, and onto the same sharding: the same bits each time."""
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
     state = {
-        "w": jax.device_put(jnp.arange(16.0), sharded),
+        "w": jax.device_put(jnp.arange(64.0).reshape(16, 4), sharded),
         "key": jax.device_put(jax.random.key(3), replicated),
         "local": jnp.ones(2),
     }
     path = _save(tmp_path, state=state)
-    like = {
-        "w": jax.device_put(jnp.zeros(16), sharded),
-        "key": jax.device_put(jax.random.key(0), replicated),
-        "local": jnp.zeros(2),
-    }
-    loaded, _ = load_checkpoint(path, like)
-    _assert_bit_identical(state, loaded)
-    assert loaded["w"].sharding == sharded
-    assert loaded["key"].sharding == replicated
+    mesh2 = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    other = NamedSharding(mesh2, PartitionSpec("model", "data"))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[3])
+    for w_sharding in (sharded, other, one):
+        like = {
+            "w": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=w_sharding),
+            "key": jax.device_put(jax.random.key(0), replicated),
+            "local": jnp.zeros(2),
+        }
+        loaded, _ = load_checkpoint(path, like)
+        _assert_bit_identical(state, loaded)
+        assert loaded["w"].sharding == w_sharding
+        assert loaded["key"].sharding == replicated
 
 
 def test_keep_and_latest(tmp_path):
     assert latest_checkpoint(tmp_path / "missing") is None
     assert latest_checkpoint(tmp_path) is None
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    (tmp_path / "ckpt_abc.eqx").write_text("not a checkpoint either")
+    (tmp_path / "ckpt_abc").mkdir()
     state = {"x": jnp.arange(3.0)}
-    for step in [5, 1, 30, 7, 100_000_000]:
+    for step in [1, 5, 7, 30, 100_000_000]:
         save_checkpoint(tmp_path, step, state, meta={"step": step}, keep=3)
-    names = sorted(p.name for p in tmp_path.glob("ckpt_*.eqx"))
-    assert names == [
-        "ckpt_00000007.eqx",
-        "ckpt_00000030.eqx",
-        "ckpt_100000000.eqx",
-        "ckpt_abc.eqx",
-    ]
-    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt_100000000.eqx"
+    names = sorted(p.name for p in tmp_path.glob("ckpt_*"))
+    assert names == ["ckpt_00000007", "ckpt_00000030", "ckpt_100000000", "ckpt_abc"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt_100000000"
     assert read_meta(latest_checkpoint(tmp_path)) == {"step": 100_000_000}
     assert (tmp_path / "notes.txt").exists()
-
-    # Saving an older step never deletes the file just written.
-    save_checkpoint(tmp_path, 2, state, meta={}, keep=1)
-    assert sorted(p.name for p in tmp_path.glob("ckpt_0*.eqx")) == ["ckpt_00000002.eqx"]
-    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt_100000000.eqx"
-
     with pytest.raises(ValueError, match="keep"):
         save_checkpoint(tmp_path, 3, state, meta={}, keep=0)
 
 
-def test_crash_mid_write_keeps_previous(tmp_path, monkeypatch):
+def test_interrupted_write_is_ignored(tmp_path, monkeypatch):
+    """A save that dies before Orbax commits it (here: the commit raises) leaves
+    no checkpoint under its name; its temporary directory is ignored and the
+    previous checkpoint is the newest."""
+    from orbax.checkpoint._src.path import atomicity
+
     state = _make_state(0)
     good = _save(tmp_path, step=1, state=state)
 
-    def crash(src, dst):
+    async def crash(self):
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(os, "replace", crash)
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", crash)
     with pytest.raises(OSError, match="simulated crash"):
         _save(tmp_path, step=2, state=_make_state(1))
     monkeypatch.undo()
-
-    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # Temp removed.
-    # A hard crash (no cleanup) leaves a partial temp file: it must be ignored.
-    partial = good.read_bytes()[:100]
-    (tmp_path / ".ckpt_00000002.eqx.0123456789abcdef.tmp").write_bytes(partial)
+    assert not (tmp_path / "ckpt_00000002").exists()
     assert latest_checkpoint(tmp_path) == good
-    loaded, _ = load_checkpoint(latest_checkpoint(tmp_path), _make_state(1))
+    loaded, _, path = load_latest_checkpoint(tmp_path, _make_state(1))
+    assert path == good
     _assert_bit_identical(state, loaded)
 
 
-def test_truncated(tmp_path):
+def _array_files(path):
+    """The files Orbax reads the arrays from (`state/d`, after it merged every
+    process's writes), smallest first."""
+    return sorted((p for p in (path / "state" / "d").iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_missing_array_files(tmp_path):
     path = _save(tmp_path)
-    data = path.read_bytes()
-    path.write_bytes(data[:-10])
-    with pytest.raises(CheckpointError, match="truncated") as info:
-        load_checkpoint(path, _make_state(0))
-    numbers = [int(n) for n in re.findall(r"(\d+) bytes", str(info.value))]
-    assert len(numbers) == 2 and numbers[1] - numbers[0] == 10
-    assert str(path) in str(info.value)
-
-    path.write_bytes(data[:40])  # Cut inside the header.
-    with pytest.raises(CheckpointError, match="truncated"):
-        load_checkpoint(path, _make_state(0))
-
-
-def test_corrupt_payload(tmp_path):
-    path = _save(tmp_path)
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0x01
-    path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt.*checksum") as info:
+    for f in _array_files(path):
+        f.unlink()
+    with pytest.raises(CheckpointError, match="unreadable or truncated") as info:
         load_checkpoint(path, _make_state(0))
     assert str(path) in str(info.value)
-    assert read_meta(path) == META  # The header itself is still readable.
+    assert not isinstance(info.value, CheckpointMismatchError)
 
-    path.write_bytes(bytes(data) + b"extra")
-    with pytest.raises(CheckpointError, match="corrupt"):
+
+def test_corrupt_arrays(tmp_path):
+    path = _save(tmp_path)
+    blob = _array_files(path)[-1]
+    raw = bytearray(blob.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    blob.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="corrupt|unreadable") as info:
         load_checkpoint(path, _make_state(0))
+    assert str(path) in str(info.value)
+    assert read_meta(path) == META  # The metadata itself is still readable.
+
+
+def test_fingerprint_catches_changed_bits(tmp_path):
+    """A leaf whose bits differ from those saved (here: the saved fingerprint
+    edited) is reported as corrupt, naming the leaf."""
+    path = _save(tmp_path)
+    meta_file = path / "meta" / "metadata"
+    header = json.loads(meta_file.read_text())
+    i = [r["path"] for r in header["leaves"]].index("['ema']")
+    header["fingerprints"][i] = "%08x" % (int(header["fingerprints"][i], 16) ^ 1)
+    meta_file.write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match=re.escape("corrupt checkpoint: leaf ['ema']")):
+        load_checkpoint(path, _make_state(0))
+
+
+def test_fingerprints_ignore_the_sharding():
+    """The fingerprint of an array is the same whatever its sharding, and one
+    flipped bit anywhere changes it."""
+    from qkclip_eqx._checkpoint import _fingerprint_all
+
+    x = jnp.arange(64, dtype=jnp.float32).reshape(16, 4) / 7
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    placed = [x, jax.device_put(x, NamedSharding(mesh, PartitionSpec("a", "b"))),
+              jax.device_put(x, NamedSharding(mesh, PartitionSpec("b")))]
+    fps = {_fingerprint_all([y])[0] for y in placed}
+    assert len(fps) == 1
+    bits = np.asarray(x).view(np.uint32).copy()
+    for i, bit in [(0, 0), (37, 31), (63, 15)]:
+        flipped = bits.copy()
+        flipped.flat[i] ^= np.uint32(1 << bit)
+        assert _fingerprint_all([jnp.asarray(flipped.view(np.float32))])[0] not in fps
+
+
+def test_newest_unusable_falls_back_to_older(tmp_path):
+    old, new = _make_state(0), _make_state(1)
+    _save(tmp_path, step=1, state=old)
+    newest = _save(tmp_path, step=2, state=new)
+    for f in _array_files(newest):
+        f.unlink()
+    warnings = []
+    loaded, meta, path = load_latest_checkpoint(tmp_path, _make_state(2), warn=warnings.append)
+    assert path.name == "ckpt_00000001"
+    _assert_bit_identical(old, loaded)
+    assert len(warnings) == 1
+    assert "ckpt_00000002 failed to restore" in warnings[0] and "trying the older ckpt_00000001" in warnings[0]
+    # a checkpoint of another run: no fall-back, the mismatch is the answer
+    with pytest.raises(CheckpointMismatchError, match="n_layers"):
+        load_latest_checkpoint(tmp_path, _make_state(2), expect_meta={"config": {"n_layers": 2}},
+                               warn=warnings.append)
+    assert load_latest_checkpoint(tmp_path / "empty", _make_state(2)) is None
 
 
 def test_not_a_checkpoint(tmp_path):
-    path = tmp_path / "ckpt_00000001.eqx"
+    path = tmp_path / "ckpt_00000001"
     path.write_bytes(np.random.default_rng(0).bytes(1000))
     for fn in (read_meta, lambda p: load_checkpoint(p, _make_state(0))):
         with pytest.raises(CheckpointError, match="not a qkclip checkpoint") as info:
             fn(path)
         assert str(path) in str(info.value)
-    path.write_bytes(b"")
+    path.unlink()
+    path.mkdir()
     with pytest.raises(CheckpointError, match="not a qkclip checkpoint"):
         read_meta(path)
-    path.write_bytes(b"QKCLIP-CKPT 1\n{not json\n")
-    with pytest.raises(CheckpointError, match="not valid JSON"):
-        read_meta(path)
-    path.write_bytes(b"QKCLIP-CKPT 2\n{}\n")
-    with pytest.raises(CheckpointError, match="version '2'"):
-        read_meta(path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        read_meta(tmp_path / "missing")
+    # an Orbax checkpoint, but not one of ours
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(tmp_path / "other", item_names=("state", "meta"),
+                               options=ocp.CheckpointManagerOptions(step_prefix="ckpt", step_format_fixed_length=8)) as m:
+        m.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"a": jnp.ones(2)}),
+                                          meta=ocp.args.JsonSave({"hello": 1})))
+        m.wait_until_finished()
+    with pytest.raises(CheckpointError, match="not a qkclip checkpoint"):
+        read_meta(tmp_path / "other" / "ckpt_00000001")
     assert issubclass(CheckpointError, ValueError)
 
 
 def test_structure_mismatch(tmp_path):
     path = _save(tmp_path)
-    with pytest.raises(CheckpointError, match="structure") as info:
+    with pytest.raises(CheckpointMismatchError, match="structure") as info:
         load_checkpoint(path, _make_state(0, width=16))
     message = str(info.value)
     assert ".layers[0].weight" in message
     assert "(8, 3)" in message and "(16, 3)" in message
     assert str(path) in message
 
-    with pytest.raises(CheckpointError, match="number of stored leaves") as info:
+    with pytest.raises(CheckpointMismatchError, match="number of stored leaves"):
         load_checkpoint(path, _make_state(0, depth=3))
 
     like = _make_state(0)
     like["ema"] = like["ema"].astype(jnp.float32)
-    with pytest.raises(CheckpointError, match="bfloat16") as info:
+    with pytest.raises(CheckpointMismatchError, match="bfloat16") as info:
         load_checkpoint(path, like)
     assert "['ema']" in str(info.value) and "float32" in str(info.value)
 
     like = _make_state(0)
     like["key"] = jax.random.PRNGKey(0)  # Raw key where a typed key was saved.
-    with pytest.raises(CheckpointError, match=re.escape("['key']")):
+    with pytest.raises(CheckpointMismatchError, match=re.escape("['key']")):
         load_checkpoint(path, like)
 
 
 def test_expect_meta_mismatch(tmp_path):
     path = _save(tmp_path)
-    with pytest.raises(CheckpointError, match="n_layers") as info:
+    with pytest.raises(CheckpointMismatchError, match="n_layers") as info:
         load_checkpoint(path, _make_state(0), expect_meta={"config": {"n_layers": 2}})
     message = str(info.value)
     assert "config.n_layers: checkpoint has 4, expected 2" in message
@@ -279,4 +334,4 @@ def test_expect_meta_mismatch(tmp_path):
 def test_meta_must_be_json(tmp_path):
     with pytest.raises(TypeError, match="JSON"):
         save_checkpoint(tmp_path, 1, {"x": 1}, meta={"bad": object()})
-    assert not any(pathlib.Path(tmp_path).iterdir())
+    assert not (pathlib.Path(tmp_path) / "ckpt_00000001").exists()

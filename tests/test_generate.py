@@ -135,7 +135,7 @@ def test_cli_greedy_matches_generate(run_dir, capsys):
     prompt = jnp.asarray(np.frombuffer(b"def f(", np.uint8).astype(np.int32))
     tokens, _ = run(m, prompt, 12)
     text = (b"def f(" + np.asarray(tokens).astype(np.uint8).tobytes()).decode("utf-8", "replace")
-    assert "ckpt_00000003.eqx (step 3)" in printed.out
+    assert "ckpt_00000003 (step 3)" in printed.out
     assert text in printed.out
     assert "12 tokens in" in printed.err and "layer" in printed.err
 

@@ -28,7 +28,7 @@ from qkclip_eqx._data import get_batch, load_data
 from qkclip_eqx._model import Transformer
 from qkclip_eqx._parallel import make_mesh, partition_specs, shard_train_state
 from qkclip_eqx._step import next_token_loss
-from qkclip_eqx._train import optimizer, preset, train
+from qkclip_eqx._train import RunError, optimizer, preset, train
 from qkclip_eqx.cli import eval as eval_cli
 from qkclip_eqx.cli import train as train_cli
 
@@ -118,7 +118,7 @@ def test_resume_after_interrupt_is_bit_exact(tmp_path, data, straight):
 
     first = train(cfg, progress=False, data=data, on_step=stop_at_n)
     assert first.stopped == "interrupted" and first.step == N
-    assert latest_checkpoint(tmp_path).name == f"ckpt_{N:08d}.eqx"  # Ctrl-C wrote it
+    assert latest_checkpoint(tmp_path).name == f"ckpt_{N:08d}"  # Ctrl-C wrote it
     resumed = train(cfg, resume=True, progress=False, data=data)
     assert resumed.step == 2 * N and resumed.stopped == "done"
     for a, b in zip(_leaves(straight.model), _leaves(resumed.model), strict=True):
@@ -132,7 +132,7 @@ def test_resume_after_interrupt_is_bit_exact(tmp_path, data, straight):
 
 
 def test_existing_run_needs_resume(tmp_path, data, straight):
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunError, match="--resume"):
         train(_cfg(straight.out), progress=False, data=data)
 
 
@@ -141,13 +141,69 @@ def test_resume_with_other_config_names_the_field(data, straight):
         train(_cfg(straight.out, dim=48), resume=True, progress=False, data=data)
 
 
-def test_truncated_checkpoint_is_reported(tmp_path, data):
-    cfg = preset("tiny", out=str(tmp_path), steps=2, ckpt_every=2, eval_every=2)
-    train(cfg, progress=False, data=data)
-    ckpt = latest_checkpoint(tmp_path)
-    ckpt.write_bytes(ckpt.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="truncated"):
-        train(cfg, resume=True, progress=False, data=data)
+def _copy_checkpoints(src, dst, steps):
+    for step in steps:
+        shutil.copytree(pathlib.Path(src) / f"ckpt_{step:08d}", pathlib.Path(dst) / f"ckpt_{step:08d}")
+
+
+def _corrupt(ckpt):
+    """Flip bytes in the middle of the largest array file of a checkpoint."""
+    blob = max((p for p in (ckpt / "state" / "d").iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(blob.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 8):
+        raw[i] ^= 0xFF
+    blob.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "missing array files"])
+def test_corrupt_newest_checkpoint_falls_back_to_older(tmp_path, data, straight, capsys, damage):
+    """The newest checkpoint (step 2N) is damaged: resume says so, names the
+    older one it uses (step N), sets the damaged one aside, and the run then
+    ends bit for bit where the uninterrupted run ended."""
+    _copy_checkpoints(straight.out, tmp_path, [N, 2 * N])
+    newest = tmp_path / f"ckpt_{2 * N:08d}"
+    if damage == "flipped bytes":
+        _corrupt(newest)
+    else:
+        shutil.rmtree(newest / "state" / "d")
+    resumed = train(_cfg(tmp_path), resume=True, progress=False, data=data)
+    out = capsys.readouterr().out
+    assert f"checkpoint ckpt_{2 * N:08d} failed to restore" in out
+    assert f"trying the older ckpt_{N:08d}" in out
+    assert (tmp_path / f"ckpt_{2 * N:08d}.unusable").is_dir()
+    assert resumed.step == 2 * N and resumed.stopped == "done"
+    for a, b in zip(_leaves(straight.model), _leaves(resumed.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the only checkpoint damaged: resume fails, naming it
+    only = tmp_path / "only"
+    _copy_checkpoints(straight.out, only, [N])
+    _corrupt(only / f"ckpt_{N:08d}")
+    with pytest.raises(CheckpointError, match=f"no checkpoint restores:\n.*ckpt_{N:08d}"):
+        train(_cfg(only), resume=True, progress=False, data=data)
+
+
+def test_resume_may_change_lr_and_steps_with_stated_effect(tmp_path, data, straight, capsys):
+    """lr and steps may change on resume (README, 'Resuming'): the run continues
+    from the checkpoint, says what changed and what the lr at the resume step
+    was and is, and logs the new schedule's lr from there on."""
+    _copy_checkpoints(straight.out, tmp_path, [N])
+    cfg = dataclasses.replace(_cfg(tmp_path), lr=1e-3, steps=N + 2)
+    resumed = train(cfg, resume=True, progress=False, data=data)
+    text = capsys.readouterr().out
+    assert resumed.step == N + 2
+    assert "resume changes lr: 0.003 -> 0.001" in text
+    assert f"resume changes steps: {2 * N} -> {N + 2}" in text
+    before, after = float(train_mod.schedule(_cfg(tmp_path))(N)), float(train_mod.schedule(cfg)(N))
+    assert before != after
+    assert f"lr at the resume step {N}: {before:.6g} -> {after:.6g}" in text
+    got = _records(tmp_path)
+    assert [r["step"] for r in got] == [N, N + 1]
+    assert [r["lr"] for r in got] == [float(train_mod.schedule(cfg)(i)) for i in (N, N + 1)]
+    # the first resumed step starts from the same weights and batch: same loss
+    assert got[0]["loss"] == _records(straight.out)[N]["loss"]
+    # a must-match field is refused, naming it
+    with pytest.raises(CheckpointError, match="config.seq_len: checkpoint has 32, expected 16"):
+        train(_cfg(tmp_path, seq_len=16), resume=True, progress=False, data=data)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypatch, capsys):
@@ -169,11 +225,51 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypat
     monkeypatch.setattr(train_mod, "make_train_step", poisoned)
     result = train(_cfg(tmp_path), progress=False, data=data)
     assert result.stopped == "nan" and result.step == N + 1
-    assert f"at step {N + 1}" in capsys.readouterr().out
-    assert latest_checkpoint(tmp_path).name == f"ckpt_{N:08d}.eqx"
+    assert f"step {N + 1}: loss is not finite" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path).name == f"ckpt_{N:08d}"
+    # the log ends with the last good step
+    assert [r["step"] for r in _records(tmp_path)] == list(range(N + 1))
 
 
-def test_cli_train_then_eval(tmp_path, capsys, data_file):
+def test_nonfinite_parameters_at_a_checkpoint_step_are_never_saved(tmp_path, data, monkeypatch, capsys):
+    """NaN injected into the updated parameters of step 2N - 1, whose result is
+    the step-2N checkpoint (the loss of that step is finite): the run stops
+    naming the step and the parameters, and the step-N checkpoint stays the
+    newest on disk."""
+    real = train_mod.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step = real(*args, **kwargs)
+        calls = {"n": 0}
+
+        def wrapped(model, opt_state, tokens, **kw):
+            model, opt_state, m = step(model, opt_state, tokens, **kw)
+            calls["n"] += 1
+            if calls["n"] == 2 * N:  # the step with index 2N - 1
+                model = eqx.tree_at(lambda m: m.embed, model, replace_fn=lambda x: x.at[0, 0].set(jnp.nan))
+            return model, opt_state, m
+
+        return wrapped
+
+    monkeypatch.setattr(train_mod, "make_train_step", poisoned)
+    result = train(_cfg(tmp_path), progress=False, data=data)
+    assert result.stopped == "nan" and result.step == 2 * N - 1
+    text = capsys.readouterr().out
+    assert f"step {2 * N - 1}: parameters is not finite" in text
+    assert "--lr" in text and "--mesh" not in text  # suggests only what a resume may change
+    assert latest_checkpoint(tmp_path).name == f"ckpt_{N:08d}"
+
+
+def test_cli_data_pointing_nowhere_is_one_line(tmp_path, capsys):
+    rc = train_cli.main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--no-progress",
+                         "--no-plots", "--data", str(tmp_path / "nowhere.txt")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "nowhere.txt" in err and "does not exist" in err
+
+
+def test_cli_train_then_eval(tmp_path, capsys, data_file, monkeypatch):
     # The run's first batch and initial model, rebuilt here from the seed: tau
     # is chosen between their heads' S, so the first step clips some heads.
     data = load_data(data_file)
@@ -198,13 +294,14 @@ def test_cli_train_then_eval(tmp_path, capsys, data_file):
     cfg = preset("tiny", tau=tau, data=str(data_file))
     assert records[0]["lr"] == 0.0
     np.testing.assert_allclose(records[0]["max_logits"], s0, rtol=1e-6)  # the log is that forward's S
-    (model1, _), meta = load_checkpoint(out / "ckpt_00000001.eqx", _like(cfg, data.vocab_size))
+    (model1, _), meta = load_checkpoint(out / "ckpt_00000001", _like(cfg, data.vocab_size))
     assert meta["step"] == 1
     _, s_after = _assert_clip_acted(model0, model1, batch0, cfg.tau, cfg.alpha, np.asarray(s0))
     # S on the same batch after the step: min(S, tau), so never above tau
     np.testing.assert_allclose(s_after, np.minimum(np.asarray(s0), cfg.tau), rtol=1e-5)
     assert records[0]["heads_clipped"] == int(np.sum(np.asarray(s0) > cfg.tau)) > 0
-    assert eval_cli.main([str(out)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert eval_cli.main(["run"]) == 0  # a relative path
     text = capsys.readouterr().out
     val = float(text.split("validation loss:")[1].split()[0])
     assert val == pytest.approx(records[-1]["val_loss"], abs=1e-4)  # printed to 4 places
@@ -218,13 +315,16 @@ def test_cli_rejects_bad_flag_naming_it(tmp_path, capsys):
 
 
 def test_eval_on_garbage_file(tmp_path, capsys):
-    bad = tmp_path / "ckpt_00000001.eqx"
+    bad = tmp_path / "ckpt_00000001"
     bad.write_bytes(b"garbage" * 10)
     assert eval_cli.main([str(bad)]) == 2
     assert "not a qkclip checkpoint" in capsys.readouterr().err
+    (tmp_path / "somedir" / "meta").mkdir(parents=True)  # a directory, not a checkpoint
+    assert eval_cli.main([str(tmp_path / "somedir")]) == 2
+    assert "not a qkclip checkpoint" in capsys.readouterr().err
 
 
-MESH = "data=2,model=2,seq=2"
+MESH = "data=4,model=2"
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +352,11 @@ def test_run_on_a_mesh_matches_one_device(data, straight, sharded):
         np.testing.assert_allclose([r[key] for r in got], [r[key] for r in ref], rtol=1e-5, err_msg=key)
     np.testing.assert_allclose([r["max_logits"] for r in got], [r["max_logits"] for r in ref], rtol=1e-5)
     assert [r["heads_clipped"] for r in got] == [r["heads_clipped"] for r in ref]
+    # evaluation on the mesh (the sharded loss) gives the one-device validation loss
+    val = [(r["step"], r["val_loss"]) for r in got if "val_loss" in r]
+    ref_val = [(r["step"], r["val_loss"]) for r in ref if "val_loss" in r]
+    assert [s for s, _ in val] == [s for s, _ in ref_val] == [N - 1, 2 * N - 1]
+    np.testing.assert_allclose([v for _, v in val], [v for _, v in ref_val], rtol=1e-5)
     _assert_states_close(straight.model, sharded.model, what="final model")
 
 
@@ -262,17 +367,17 @@ def test_mesh_checkpoint_restores_on_one_device(tmp_path, data, straight, sharde
     one-device run's steps N..2N-1 and final model."""
     cfg = _cfg(sharded.out)
     like = _like(cfg, data.vocab_size)
-    (model, state), meta = _load(sharded.out / f"ckpt_{2 * N:08d}.eqx", like)
+    (model, state), meta = _load(sharded.out / f"ckpt_{2 * N:08d}", like)
     assert meta["step"] == 2 * N
     assert all(len(x.devices()) == 1 for x in jax.tree.leaves(eqx.filter((model, state), eqx.is_array)))
     mesh_final = leaves_by_path(sharded.model)
     for k, v in leaves_by_path(model).items():
         np.testing.assert_array_equal(v, mesh_final[k], err_msg=k)
-    (ref_model, ref_state), _ = _load(straight.out / f"ckpt_{2 * N:08d}.eqx", like)
+    (ref_model, ref_state), _ = _load(straight.out / f"ckpt_{2 * N:08d}", like)
     _assert_states_close(ref_model, model, what="model")
     _assert_states_close(ref_state, state, what="optimizer state")
     # resume the mesh run's step-N checkpoint on one device
-    shutil.copy(sharded.out / f"ckpt_{N:08d}.eqx", tmp_path)
+    shutil.copytree(sharded.out / f"ckpt_{N:08d}", tmp_path / f"ckpt_{N:08d}")
     resumed = train(_cfg(tmp_path), resume=True, progress=False, data=data)
     assert resumed.step == 2 * N
     ref = _records(straight.out)[N:]
@@ -292,8 +397,8 @@ def test_one_device_checkpoint_restores_on_a_mesh(tmp_path, data, straight):
     model = _initial_model(cfg, vocab)
     opt = optimizer(cfg)
     sharded_like = shard_train_state(model, opt.init(eqx.filter(model, eqx.is_array)), opt, mesh)
-    (m, st), _ = _load(straight.out / f"ckpt_{N:08d}.eqx", sharded_like)
-    (m1, st1), _ = _load(straight.out / f"ckpt_{N:08d}.eqx", _like(cfg, vocab))
+    (m, st), _ = _load(straight.out / f"ckpt_{N:08d}", sharded_like)
+    (m1, st1), _ = _load(straight.out / f"ckpt_{N:08d}", _like(cfg, vocab))
     for got, want in ((m, m1), (st, st1)):
         la, lb = leaves_by_path(got), leaves_by_path(want)
         for k in lb:
@@ -302,7 +407,7 @@ def test_one_device_checkpoint_restores_on_a_mesh(tmp_path, data, straight):
     for x, spec in zip(jax.tree.leaves(eqx.filter(m, eqx.is_array)), jax.tree.leaves(specs)):
         assert x.sharding.mesh.shape == mesh.shape and x.sharding.spec == spec
     assert m.blocks.attn.wq.sharding.spec[1] == "model"  # the heads really are split
-    shutil.copy(straight.out / f"ckpt_{N:08d}.eqx", tmp_path)
+    shutil.copytree(straight.out / f"ckpt_{N:08d}", tmp_path / f"ckpt_{N:08d}")
     resumed = train(cfg, resume=True, progress=False, data=data)
     ref, got = _records(straight.out)[N:], _records(tmp_path)
     assert [r["step"] for r in got] == list(range(N, 2 * N))
@@ -367,10 +472,47 @@ def test_sigint_writes_a_checkpoint_then_resume_finishes(tmp_path, data_file):
             proc.kill()
     assert proc.returncode == 130, log
     assert "interrupted: checkpoint for step 3" in log
-    assert latest_checkpoint(out).name == "ckpt_00000003.eqx"
+    assert latest_checkpoint(out).name == "ckpt_00000003"
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     # and the run resumes from it
     rc = train_cli.main(["--preset", "tiny", "--steps", "5", "--out", str(out), "--resume",
                          "--no-progress", "--no-plots", "--data", str(data_file)])
     assert rc == 0
     assert [r["step"] for r in _records(out)] == list(range(5))
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_exact(tmp_path, data_file):
+    """kill -9 of a qkclip-train process in the middle of writing its step-4
+    checkpoint (tests/_sigkill_worker.py holds Orbax's commit of that step, with
+    every file written, and the test kills the process there): the step-2
+    checkpoint is intact and the newest, the half-written one is never taken
+    for a checkpoint, and the resumed run ends bit for bit where an
+    uninterrupted run ends."""
+    flags = ["--preset", "tiny", "--steps", "4", "--ckpt-every", "2", "--eval-every", "2",
+             "--data", str(data_file)]
+    out, marker = tmp_path / "run", tmp_path / "at_step"
+    args = [sys.executable, str(TESTS / "_sigkill_worker.py"), str(marker), "4", *flags,
+            "--out", str(out), "--no-progress", "--no-plots"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail("the training process exited before its step-4 save:\n" + proc.communicate()[0])
+            time.sleep(0.05)
+        assert any(p.name.startswith("ckpt_00000004.") for p in out.iterdir())  # mid-write
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert latest_checkpoint(out).name == "ckpt_00000002"
+    cfg = preset("tiny", steps=4, ckpt_every=2, eval_every=2, data=str(data_file), out=str(out))
+    data = load_data(data_file, max_bytes=cfg.max_bytes)
+    resumed = train(cfg, resume=True, progress=False, data=data)
+    straight = train(dataclasses.replace(cfg, out=str(tmp_path / "straight")), progress=False, data=data)
+    assert resumed.step == straight.step == 4
+    for a, b in zip(_leaves(straight.model), _leaves(resumed.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [r["loss"] for r in _records(out)] == [r["loss"] for r in _records(straight.out)]
+    assert latest_checkpoint(out).name == "ckpt_00000004"

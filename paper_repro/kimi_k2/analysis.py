@@ -1,6 +1,6 @@
 """The reported numbers, as pure functions of a run's ``metrics.jsonl``.
 
-Everything here reads :class:`qkclip_eqx.cli.plot.RunMetrics` (``read_metrics``).
+Everything here reads `qkclip_eqx.RunMetrics` (from `qkclip_eqx.read_metrics`).
 S is the per-(layer, head) max logit of a step's forward pass, recorded before
 that step's update and clip. A head is clipped at step t when S_t > tau (the
 same float32 comparison the clip makes; tau values are exact in float32).

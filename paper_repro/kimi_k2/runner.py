@@ -22,8 +22,7 @@ import pathlib
 import time
 from typing import Any
 
-from qkclip_eqx import RunConfig, TokenData, train
-from qkclip_eqx._checkpoint import latest_checkpoint
+from qkclip_eqx import RunConfig, TokenData, latest_checkpoint, train
 
 STATUS = "status.json"
 

@@ -4,6 +4,10 @@ from . import hf as hf
 from ._attention import AbstractQKClippable as AbstractQKClippable
 from ._attention import GQAttention as GQAttention
 from ._attention import MLAttention as MLAttention
+from ._checkpoint import CheckpointError as CheckpointError
+from ._checkpoint import latest_checkpoint as latest_checkpoint
+from ._checkpoint import load_checkpoint as load_checkpoint
+from ._checkpoint import load_latest_checkpoint as load_latest_checkpoint
 from ._clip import clip_factors as clip_factors
 from ._clip import clipped_heads as clipped_heads
 from ._clip import qk_clip as qk_clip
@@ -47,6 +51,7 @@ __all__ = [
     "PRESETS",
     "AbstractQKClippable",
     "Block",
+    "CheckpointError",
     "GQAConfig",
     "GQAttention",
     "MLACache",
@@ -67,6 +72,9 @@ __all__ = [
     "generate",
     "get_batch",
     "hf",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_latest_checkpoint",
     "load_data",
     "make_mesh",
     "make_train_step",

@@ -115,10 +115,12 @@ def _attend_and_project(
     With `segment_length` the sequence is a packing of equal, independent
     segments, and the kernel runs on them as a batch (no work on the pairs the
     segment mask would empty)."""
-    kw = dict(causal=c.causal, scale=scale, kernel=c.kernel, block_size=c.block_size,
-              max_logit=c.max_logit)
+    def kernel(q, k, v, q_pos, k_pos, q_seg, k_seg):
+        return attend(q, k, v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, causal=c.causal,
+                      scale=scale, kernel=c.kernel, block_size=c.block_size, max_logit=c.max_logit)
+
     if segment_length is None:
-        out, max_logits = attend(q, k, v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, **kw)
+        out, max_logits = kernel(q, k, v, q_pos, k_pos, q_seg, k_seg)
     else:
         if k.shape[0] != q.shape[0]:
             raise ValueError("segment_length cannot be used with a sequence sharded over a mesh axis")
@@ -127,9 +129,7 @@ def _attend_and_project(
         def split(x):
             return x.reshape(n, segment_length, *x.shape[1:])
 
-        out, max_logits = jax.vmap(
-            lambda q, k, v, qp, kp, qs, ks: attend(q, k, v, q_pos=qp, k_pos=kp, q_seg=qs, k_seg=ks, **kw)
-        )(*map(split, (q, k, v, q_pos, k_pos, q_seg, k_seg)))
+        out, max_logits = jax.vmap(kernel)(*map(split, (q, k, v, q_pos, k_pos, q_seg, k_seg)))
         out, max_logits = out.reshape(q.shape[0], *out.shape[2:]), jnp.max(max_logits, axis=0)
     y = linear(out.reshape(out.shape[0], -1), wo, out_dtype=jnp.float32)
     if parallel is not None and parallel.model is not None:
@@ -301,7 +301,7 @@ class MLAttention(AbstractQKClippable):
         positions = cache.length + jnp.arange(t, dtype=jnp.int32)
         q_in = x if self.wq_a is None else self.q_norm(linear(x, self.wq_a))
         q = linear(q_in, self.wq)
-        rope = dict(theta=c.rope_theta, layout=c.rope_layout, yarn=c.yarn)
+        rope: dict = dict(theta=c.rope_theta, layout=c.rope_layout, yarn=c.yarn)
         q_c, q_r = q[..., :nope], apply_rope(q[..., nope:], positions, **rope)
         kv_a = linear(x, self.wkv_a)
         c_kv = self.kv_norm(kv_a[:, : c.kv_lora_rank])

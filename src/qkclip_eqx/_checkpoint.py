@@ -1,62 +1,70 @@
-"""Atomic, validated checkpoints of arbitrary training-state PyTrees.
+"""Sharded, atomic, validated checkpoints of training-state PyTrees, on Orbax.
 
-A checkpoint file `ckpt_{step:08d}.eqx` is laid out as
+A checkpoint is a directory `ckpt_{step:08d}` written by `orbax-checkpoint`'s
+`CheckpointManager` with two items:
 
-```
-QKCLIP-CKPT 1\\n                       <- fixed magic line
-{"step": ..., "meta": {...}, ...}\\n  <- one JSON header line
-<payload>                             <- `eqx.tree_serialise_leaves` bytes
-```
+- `state`: every stored leaf of the PyTree, as arrays. Each process writes the
+  shards it holds (no gather to one host); a restore places each array on the
+  sharding asked for, so a checkpoint written on one mesh loads on any other.
+- `meta`: JSON: the caller's `meta` (run config, step, ...), a description (key
+  path, kind, shape, dtype) of every stored leaf, and a 32-bit fingerprint of
+  each leaf's bits. Loading checks the structure against `like` before any
+  array is read, and the fingerprints after, so a truncated, corrupt or
+  mismatched checkpoint is reported precisely rather than silently mis-loaded.
 
-The header records the caller's `meta` dictionary (run config, step, data position,
-...), the payload's length and sha256, and a description (key path, kind, shape,
-dtype) of every leaf that is stored in the payload. Loading validates all of these
-before any array is materialised, so that a truncated, corrupt or mismatched
-checkpoint is reported precisely rather than silently mis-loaded.
+Orbax writes into a temporary directory and renames it when every process has
+finished, so a crash (even `kill -9`) mid-save leaves the previous checkpoints
+intact and no directory under a checkpoint name.
 
-Which leaves are stored:
-
-- JAX arrays (including new-style typed PRNG keys from `jax.random.key`, which are
-  stored as `jax.random.key_data` and re-wrapped with the impl of the corresponding
-  leaf of `like` on load; raw `uint32` keys are just arrays);
-- NumPy arrays and NumPy scalars (at their own dtype, so also `float64`);
-- Python `bool`/`int`/`float`/`complex` (as 64-bit NumPy values, so that e.g. a Python
-  `float` round-trips exactly even without `jax_enable_x64`).
-
-Every other leaf (e.g. the activation function of an `eqx.nn.MLP`) is not stored,
-and is taken from `like` on load -- exactly as `eqx.tree_deserialise_leaves` does.
+Which leaves are stored: JAX arrays (new-style typed PRNG keys as their
+`jax.random.key_data`, re-wrapped with `like`'s impl on load), NumPy arrays and
+scalars, and Python `bool`/`int`/`float`/`complex` (as 64-bit NumPy values).
+Every other leaf (e.g. an activation function) is taken from `like` on load,
+as `eqx.tree_deserialise_leaves` does.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
+import logging
 import math
 import os
 import pathlib
 import re
-import secrets
+import shutil
+import sys
+from collections.abc import Callable
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
-
-_MAGIC = b"QKCLIP-CKPT 1\n"
-_MAGIC_PREFIX = b"QKCLIP-CKPT "
-_NAME_RE = re.compile(r"ckpt_(\d{8,})\.eqx")
+_FORMAT = "qkclip-ckpt 2"
+_NAME_RE = re.compile(r"ckpt_(\d{8,})")
 _MAX_REPORTED_MISMATCHES = 10
 
 
 class CheckpointError(ValueError):
-    """Raised for every problem with a checkpoint file: not a checkpoint, malformed
-    header, truncated or corrupt payload, a structure that does not match `like`, or
-    metadata that does not match `expect_meta`. The message always names the file.
-    """
+    """Every problem with a checkpoint: not a checkpoint, unreadable or corrupt,
+    a structure that does not match `like`, or metadata that does not match
+    `expect_meta`. The message always names the checkpoint."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint is readable but belongs to another run: its metadata or
+    its structure differs from what was asked for. An older checkpoint of the
+    same run would differ the same way, so resume does not fall back."""
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # imported on first use: a few seconds
+
+    return ocp
 
 
 #
@@ -74,19 +82,15 @@ def _key_impl(x: Any) -> Any:
     """The PRNG impl of a typed key array, or of a `ShapeDtypeStruct` of one."""
     if isinstance(x, jax.ShapeDtypeStruct):
         out = []
-
-        def _capture(k):
-            out.append(jax.random.key_impl(k))
-
-        jax.eval_shape(_capture, x)
+        jax.eval_shape(lambda k: out.append(jax.random.key_impl(k)), x)
         return out[0]
     return jax.random.key_impl(x)
 
 
 def _key_data_like(x: Any) -> Any:
-    """A typed key leaf -> its `uint32` key data (or a `ShapeDtypeStruct` thereof)."""
     if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.eval_shape(jax.random.key_data, x)
+        data = jax.eval_shape(jax.random.key_data, x)
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
     return jax.random.key_data(x)
 
 
@@ -103,80 +107,112 @@ def _leaf_kind(x: Any) -> str | None:
     return None
 
 
-def _describe_leaves(tree: PyTree) -> list[dict[str, Any]]:
-    """One JSON-able record per stored leaf, in serialisation order."""
-    records = []
+def _stored(tree: PyTree) -> list[tuple[str, str, Any]]:
+    """(key path, kind, leaf) of every stored leaf, in flattening order."""
+    out = []
     for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
         kind = _leaf_kind(leaf)
-        if kind is None:
-            continue
-        record: dict[str, Any] = {"path": jtu.keystr(path), "kind": kind}
-        if kind == "key":
-            data = _key_data_like(leaf)
-            record["shape"] = list(data.shape)
-            record["dtype"] = str(data.dtype)
-            record["impl"] = str(_key_impl(leaf))
-        elif kind == "python":
-            record["shape"] = []
-            record["dtype"] = type(leaf).__name__
-        else:
-            record["shape"] = list(leaf.shape)
-            record["dtype"] = str(leaf.dtype)
-        records.append(record)
-    return records
-
-
-def _unwrap_keys(tree: PyTree) -> PyTree:
-    return jtu.tree_map(lambda x: _key_data_like(x) if _is_typed_key(x) else x, tree)
-
-
-#
-# Payload (de)serialisation
-#
-
-
-def _serialise_leaf(f: io.IOBase, x: Any) -> None:
-    kind = _leaf_kind(x)
-    if kind in ("jax", "numpy", "python"):
-        # `np.asarray` keeps each leaf's own dtype: 64-bit for Python scalars and NumPy
-        # `float64`, and `ml_dtypes` types (stored as raw bytes, viewed back on load).
-        np.save(f, np.asarray(x), allow_pickle=False)
-    elif kind is not None:
-        raise AssertionError(f"Unexpected leaf kind {kind} at serialisation time.")
-
-
-def _deserialise_leaf(f: io.IOBase, x: Any) -> Any:
-    kind = _leaf_kind(x)
-    if kind is None:
-        return x
-    out = np.load(f, allow_pickle=False)
-    if kind == "python":
-        return type(x)(out.item())
-    if out.dtype != x.dtype and out.dtype.kind == "V":
-        # `bfloat16`, `float8_*`, ... are written by `np.save` as opaque void bytes.
-        out = out.view(x.dtype)
-    if kind == "jax":
-        return jnp.asarray(out)
-    if isinstance(x, np.generic):
-        return out[()]
+        if kind is not None:
+            out.append((jtu.keystr(path), kind, leaf))
     return out
 
 
-def _rewrap_and_place(loaded: Any, like: Any) -> Any:
-    """Re-wrap typed keys with `like`'s impl; put arrays on `like`'s sharding."""
-    if _is_typed_key(like):
-        loaded = jax.random.wrap_key_data(loaded, impl=_key_impl(like))
-    if isinstance(like, jax.Array):
-        if getattr(like, "committed", False):
-            loaded = jax.device_put(loaded, like.sharding)
-    elif isinstance(like, jax.ShapeDtypeStruct):
-        if like.sharding is not None:
-            loaded = jax.device_put(loaded, like.sharding)
-    return loaded
+def _record(path: str, kind: str, leaf: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {"path": path, "kind": kind}
+    if kind == "key":
+        data = _key_data_like(leaf)
+        record.update(shape=list(data.shape), dtype=str(data.dtype), impl=str(_key_impl(leaf)))
+    elif kind == "python":
+        record.update(shape=[], dtype=type(leaf).__name__)
+    else:
+        record.update(shape=list(leaf.shape), dtype=str(leaf.dtype))
+    return record
+
+
+def _array_of(kind: str, leaf: Any) -> Any:
+    """What Orbax stores for a leaf: a JAX array (sharded as it is) or NumPy."""
+    if kind == "key":
+        return jax.random.key_data(leaf)
+    if kind == "jax":
+        return leaf
+    return np.asarray(leaf)
+
+
+def _target_of(kind: str, leaf: Any) -> Any:
+    """What Orbax restores a leaf as: a `ShapeDtypeStruct` on the sharding of
+    `like`'s leaf (the default device when it has none), or a NumPy array."""
+    if kind in ("jax", "key"):
+        data = _key_data_like(leaf) if kind == "key" else leaf
+        sharding = getattr(data, "sharding", None)
+        if isinstance(leaf, jax.Array) and not getattr(leaf, "committed", True):
+            sharding = None
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+    return np.zeros(np.shape(leaf), np.asarray(leaf).dtype)
+
+
+def _from_array(kind: str, like: Any, x: Any) -> Any:
+    if kind == "key":
+        return jax.random.wrap_key_data(x, impl=_key_impl(like))
+    if kind == "python":
+        return type(like)(np.asarray(x).item())
+    if kind == "numpy":
+        x = np.asarray(x)
+        return x[()] if isinstance(like, np.generic) else x
+    return x
 
 
 #
-# Header
+# Fingerprints: one uint32 per leaf, the same whatever the sharding
+#
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words (8-byte elements give two words)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size >= 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(leaves: list[jax.Array]) -> list[jax.Array]:
+    """`sum_i w_i * (2 i + 1) mod 2^32` over the words `w_i` in row-major order:
+    integer sums are exact in any order, so every mesh gives the same value, and
+    any one flipped bit changes it."""
+    out = []
+    for x in leaves:
+        w = _words(x)
+        index = jnp.zeros(w.shape, jnp.uint32)
+        stride = 1
+        for d in reversed(range(w.ndim)):
+            index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride)
+            stride *= w.shape[d]
+        out.append(jnp.sum(w * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32))
+    return out
+
+
+def _fingerprint_all(arrays: list[Any]) -> list[str]:
+    groups: dict[tuple[int, ...], list[int]] = {}  # one jit call per set of devices
+    for i, a in enumerate(arrays):
+        if isinstance(a, jax.Array):
+            groups.setdefault(tuple(sorted(d.id for d in a.sharding.device_set)), []).append(i)
+    fps: list[str] = [""] * len(arrays)
+    for idx in groups.values():
+        for i, fp in zip(idx, _fingerprints([arrays[i] for i in idx])):
+            fps[i] = f"{int(np.asarray(fp.addressable_data(0))):08x}"
+    for i, a in enumerate(arrays):
+        if not isinstance(a, jax.Array):
+            a = np.ascontiguousarray(a)
+            fps[i] = hashlib.sha256(a.tobytes() + str(a.dtype).encode()).hexdigest()[:8]
+    return fps
+
+
+#
+# Metadata
 #
 
 
@@ -196,58 +232,8 @@ def _json_default(x: Any) -> Any:
 
 
 def _to_json_value(x: Any) -> Any:
-    """What `x` becomes after a round trip through the header (tuples -> lists...)."""
+    """What `x` becomes after a round trip through JSON (tuples -> lists, ...)."""
     return json.loads(json.dumps(x, default=_json_default))
-
-
-def _read_header(f: io.IOBase, path: pathlib.Path) -> tuple[dict[str, Any], int]:
-    """Validates the magic line and parses the JSON header.
-
-    Returns the header and the byte offset at which the payload starts.
-    """
-    magic = f.read(len(_MAGIC))
-    if magic != _MAGIC:
-        if magic.startswith(_MAGIC_PREFIX) and magic.endswith(b"\n"):
-            version = magic[len(_MAGIC_PREFIX) : -1].decode("ascii", "replace")
-            raise CheckpointError(
-                f"{path}: unsupported qkclip checkpoint format version {version!r} "
-                f"(this code reads version 1)."
-            )
-        raise CheckpointError(
-            f"{path}: not a qkclip checkpoint (bad magic: expected {_MAGIC!r}, found "
-            f"{magic!r})."
-        )
-    line = f.readline()
-    if not line.endswith(b"\n"):
-        raise CheckpointError(
-            f"{path}: truncated checkpoint: the file ends inside the JSON header "
-            f"({len(line)} header bytes, no terminating newline)."
-        )
-    try:
-        header = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: checkpoint header is not valid JSON: {e}.") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(
-            f"{path}: malformed checkpoint header: expected a JSON object, got "
-            f"{type(header).__name__}."
-        )
-    expected_types = {
-        "step": int,
-        "meta": dict,
-        "payload_bytes": int,
-        "payload_sha256": str,
-        "leaves": list,
-    }
-    for name, type_ in expected_types.items():
-        if not isinstance(header.get(name), type_) or isinstance(
-            header.get(name), bool
-        ):
-            raise CheckpointError(
-                f"{path}: malformed checkpoint header: field {name!r} is missing or "
-                f"not of type {type_.__name__} (got {header.get(name)!r})."
-            )
-    return header, len(_MAGIC) + len(line)
 
 
 def _json_equal(a: Any, b: Any) -> bool:
@@ -263,26 +249,25 @@ def _json_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _meta_diffs(expected: dict, stored: dict, prefix: str) -> list[str]:
+def meta_diffs(expected: dict, stored: dict, prefix: str = "") -> list[str]:
+    """One line per field of `expected` that `stored` lacks or holds otherwise
+    (recursively into nested dictionaries), naming both values."""
     diffs = []
     for key, want in expected.items():
         name = f"{prefix}.{key}" if prefix else str(key)
         if key not in stored:
-            diffs.append(
-                f"{name}: expected {want!r}, but the checkpoint has no such field"
-            )
+            diffs.append(f"{name}: expected {want!r}, but the checkpoint has no such field")
             continue
         have = stored[key]
         if isinstance(want, dict) and isinstance(have, dict):
-            diffs.extend(_meta_diffs(want, have, name))
+            diffs.extend(meta_diffs(want, have, name))
         elif not _json_equal(want, have):
             diffs.append(f"{name}: checkpoint has {have!r}, expected {want!r}")
     return diffs
 
 
 def _format_record(record: dict[str, Any]) -> str:
-    shape = tuple(record.get("shape", ()))
-    out = f"{record.get('kind')} shape={shape} dtype={record.get('dtype')}"
+    out = f"{record.get('kind')} shape={tuple(record.get('shape', ()))} dtype={record.get('dtype')}"
     if record.get("kind") == "key":
         out += f" impl={record.get('impl')}"
     return out
@@ -290,46 +275,32 @@ def _format_record(record: dict[str, Any]) -> str:
 
 def _structure_diffs(stored: list[Any], wanted: list[dict[str, Any]]) -> list[str]:
     if len(stored) != len(wanted):
-        diffs = [
-            f"different number of stored leaves: checkpoint has {len(stored)}, `like` "
-            f"has {len(wanted)}"
-        ]
+        diffs = [f"different number of stored leaves: checkpoint has {len(stored)}, `like` has {len(wanted)}"]
         for i, (s, w) in enumerate(zip(stored, wanted)):
             if not isinstance(s, dict) or s.get("path") != w["path"]:
                 have = s.get("path") if isinstance(s, dict) else s
-                diffs.append(
-                    f"first differing leaf is #{i}: checkpoint {have!r}, `like` "
-                    f"{w['path']!r}"
-                )
+                diffs.append(f"first differing leaf is #{i}: checkpoint {have!r}, `like` {w['path']!r}")
                 break
         else:
             if len(stored) > len(wanted):
                 extra = stored[len(wanted)]
-                extra = extra.get("path") if isinstance(extra, dict) else extra
-                diffs.append(f"first extra leaf (in the checkpoint) is {extra!r}")
+                diffs.append(f"first extra leaf (in the checkpoint) is {extra.get('path') if isinstance(extra, dict) else extra!r}")
             else:
-                extra = wanted[len(stored)]["path"]
-                diffs.append(f"first extra leaf (in `like`) is {extra!r}")
+                diffs.append(f"first extra leaf (in `like`) is {wanted[len(stored)]['path']!r}")
         return diffs
     diffs = []
     for i, (s, w) in enumerate(zip(stored, wanted)):
         if not isinstance(s, dict):
             diffs.append(f"leaf #{i}: malformed record {s!r}")
         elif s.get("path") != w["path"]:
-            diffs.append(
-                f"leaf #{i}: key path differs: checkpoint {s.get('path')!r}, `like` "
-                f"{w['path']!r}"
-            )
+            diffs.append(f"leaf #{i}: key path differs: checkpoint {s.get('path')!r}, `like` {w['path']!r}")
         elif _format_record(s) != _format_record(w):
-            diffs.append(
-                f"leaf {w['path']}: checkpoint has {_format_record(s)}, `like` has "
-                f"{_format_record(w)}"
-            )
+            diffs.append(f"leaf {w['path']}: checkpoint has {_format_record(s)}, `like` has {_format_record(w)}")
     return diffs
 
 
 #
-# Files and directories
+# Directories
 #
 
 
@@ -338,233 +309,316 @@ def _step_of(path: pathlib.Path) -> int | None:
     return None if match is None else int(match.group(1))
 
 
-def _list_checkpoints(directory: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
-    """All `ckpt_XXXXXXXX.eqx` regular files, sorted by step (oldest first)."""
+def list_checkpoints(directory: str | os.PathLike) -> list[pathlib.Path]:
+    """The finished checkpoints `ckpt_XXXXXXXX` in `directory`, oldest first.
+    Orbax's temporary directories (an interrupted save) and any other files are
+    ignored; nothing is validated."""
+    directory = pathlib.Path(directory)
     if not directory.is_dir():
         return []
-    found = []
-    for entry in directory.iterdir():
-        step = _step_of(entry)
-        if step is not None and entry.is_file():
-            found.append((step, entry))
-    return sorted(found)
+    found = [(_step_of(p), p) for p in directory.iterdir() if p.is_dir()]
+    return [p for s, p in sorted((s, p) for s, p in found if s is not None)]
 
 
-def _fsync_directory(directory: pathlib.Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows, where directories cannot be opened.
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def latest_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
+    """The checkpoint in `directory` with the highest step, or `None` if there
+    is none (or `directory` does not exist). Not validated: see
+    `load_latest_checkpoint` for a restore that falls back to older ones."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
 
 
-#
-# Public API
-#
+def _manager_options(keep: int, async_save: bool) -> Any:
+    ocp = _ocp()
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, step_prefix="ckpt", step_format_fixed_length=8,
+        enable_async_checkpointing=async_save,
+    )
+
+
+class Checkpointer:
+    """Writes `ckpt_{step:08d}` checkpoints into one directory, keeping the
+    newest `keep`. Every process of a multi-process run must make the same calls
+    (each writes its own shards).
+
+    With `async_save=True`, `save` returns once the arrays are copied off the
+    devices, and the files are written while training continues; `wait` (or the
+    next `save`, or `close`) waits for the write to finish.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"`keep` must be at least 1, got {keep}.")
+        self.directory = pathlib.Path(directory).absolute()
+        self._manager = _ocp().CheckpointManager(
+            self.directory, options=_manager_options(keep, async_save), item_names=("state", "meta")
+        )
+
+    def save(self, step: int, state: PyTree, *, meta: dict) -> pathlib.Path:
+        """Starts writing `state` (any PyTree: see the module docstring for which
+        leaves are stored) with the JSON-able `meta`, as the checkpoint of `step`.
+
+        **Arguments:**
+
+        - `step`: the training step, in the directory's name; non-negative.
+        - `state`: the PyTree to store.
+        - `meta`: JSON-able metadata, returned by `read_meta` / `load_checkpoint`.
+
+        **Returns:**
+
+        The path the checkpoint will have once written.
+        """
+        if step < 0:
+            raise ValueError(f"`step` must be non-negative, got {step}.")
+        ocp = _ocp()
+        stored = _stored(state)
+        arrays = [_array_of(kind, leaf) for _, kind, leaf in stored]
+        header = {
+            "format": _FORMAT,
+            "step": step,
+            "meta": _to_json_value(meta),
+            "leaves": [_record(*s) for s in stored],
+            "fingerprints": _fingerprint_all(arrays),
+        }
+        items = {f"leaf_{i:05d}": a for i, a in enumerate(arrays)}
+        path = self.directory / f"ckpt_{step:08d}"
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(header)), force=True)
+        return path
+
+    def wait(self) -> None:
+        """Blocks until the last `save` is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def save_checkpoint(
-    directory: str | os.PathLike,
-    step: int,
-    state: PyTree,
-    *,
-    meta: dict,
-    keep: int = 3,
+    directory: str | os.PathLike, step: int, state: PyTree, *, meta: dict, keep: int = 3
 ) -> pathlib.Path:
-    """Atomically writes `state` to `directory/ckpt_{step:08d}.eqx`, then deletes all
-    but the newest `keep` checkpoints in `directory`.
+    """Writes `state` as `directory/ckpt_{step:08d}` and waits until it is on
+    disk, keeping the newest `keep` checkpoints (see `Checkpointer`).
 
     **Arguments:**
 
-    - `directory`: where to write; created (with parents) if needed.
-    - `step`: the training step, used in the file name. Must be non-negative.
-    - `state`: any PyTree: Equinox modules, optax states, Python scalars, raw or typed
-        PRNG keys, ... See the module docstring for which leaves are stored.
-    - `meta`: JSON-able metadata (run config, step, data position, ...), stored in the
-        header verbatim and returned by `read_meta` / `load_checkpoint`.
-    - `keep`: how many checkpoints (by step number) to keep in `directory`. The file
-        just written is never deleted, even when older than `keep` others.
+    - `directory`: where to write; created if needed.
+    - `step`: the training step, non-negative.
+    - `state`: any PyTree (see the module docstring for which leaves are stored).
+    - `meta`: JSON-able metadata.
+    - `keep`: how many checkpoints (by step) to keep.
 
     **Returns:**
 
     The path of the written checkpoint.
-
-    **Raises:**
-
-    `TypeError` if `meta` is not JSON-serialisable, `ValueError` for a negative `step`
-    or `keep < 1`, `OSError` if writing fails (in which case no partial file is left
-    under a checkpoint name, and the temporary file is removed).
     """
-    if step < 0:
-        raise ValueError(f"`step` must be non-negative, got {step}.")
-    if keep < 1:
-        raise ValueError(f"`keep` must be at least 1, got {keep}.")
-    directory = pathlib.Path(directory)
-    final = directory / f"ckpt_{step:08d}.eqx"
+    _to_json_value(meta)  # a TypeError now, not in a background thread
+    with Checkpointer(directory, keep=keep, async_save=False) as ckpt:
+        path = ckpt.save(step, state, meta=meta)
+        ckpt.wait()
+    return path
 
-    buffer = io.BytesIO()
-    eqx.tree_serialise_leaves(buffer, _unwrap_keys(state), filter_spec=_serialise_leaf)
-    payload = buffer.getbuffer()
-    header = {
-        "step": step,
-        "meta": meta,
-        "payload_bytes": payload.nbytes,
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
-        "leaves": _describe_leaves(state),
-    }
-    # One line: `json.dumps` without `indent` never emits a raw newline.
-    header_line = json.dumps(header, default=_json_default).encode("utf-8") + b"\n"
 
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{final.name}.{secrets.token_hex(8)}.tmp"
-    # `O_EXCL` with mode 0o666 gives the usual umask-respecting permissions.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, 0o666)
+def _short(e: BaseException) -> str:
+    """An exception in at most 300 characters (TensorStore's carry their whole spec)."""
+    text = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """Drops, from then on, the "Event loop is closed" errors of callbacks that
+    arrive after Orbax closed the event loop of a failed restore, and asyncio's
+    log of its failed reads; every other unraisable exception still reaches the
+    previous `sys.unraisablehook`, and every other record the asyncio log."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_qkclip_closed_loop", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            previous(unraisable)
+
+    setattr(hook, "_qkclip_closed_loop", True)  # noqa: B010  (a function attribute)
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_drop_failed_tensorstore_futures)
+
+
+def _drop_failed_tensorstore_futures(record: logging.LogRecord) -> bool:
+    """asyncio's "Future exception was never retrieved" for a TensorStore read
+    of a failed restore (each carries its whole spec)."""
+    return "tensorstore_spec" not in record.getMessage()
+
+
+def _restore(path: pathlib.Path, **items: Any) -> Any:
+    """Orbax's restore of some items of the checkpoint directory `path`."""
+    ocp = _ocp()
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_MAGIC)
-            f.write(header_line)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        return checkpointer.restore(path.absolute(), args=ocp.args.Composite(**items))
+    except Exception:
+        # A failed read leaves one failed future per array, each logged in full
+        # by asyncio when collected, and TensorStore reads that finish after
+        # Orbax closed its event loop: the CheckpointError raised instead says it.
+        _ignore_closed_loop_callbacks()
         raise
-    _fsync_directory(directory)
-
-    checkpoints = _list_checkpoints(directory)
-    for _, old in checkpoints[: max(len(checkpoints) - keep, 0)]:
-        if old.name != final.name:
-            try:
-                old.unlink()
-            except FileNotFoundError:
-                pass
-    return final
+    finally:
+        checkpointer.close()
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
-    """The checkpoint in `directory` with the highest step, or `None` if there is none
-    (or `directory` does not exist). Temporary files left by an interrupted
-    `save_checkpoint`, and any other files, are ignored. The file is not validated.
-    """
-    checkpoints = _list_checkpoints(pathlib.Path(directory))
-    return checkpoints[-1][1] if checkpoints else None
+def _read_header(path: pathlib.Path) -> dict[str, Any]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint.")
+    if not path.is_dir() or not (path / "meta").is_dir() or not (path / "state").is_dir():
+        raise CheckpointError(
+            f"{path}: not a qkclip checkpoint (expected a directory ckpt_XXXXXXXX holding "
+            "the Orbax items 'state' and 'meta')."
+        )
+    ocp = _ocp()
+    try:
+        header = _restore(path, meta=ocp.args.JsonRestore()).meta
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata: {_short(e)}") from e
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        found = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise CheckpointError(f"{path}: not a qkclip checkpoint (format {found!r}, expected {_FORMAT!r}).")
+    for name, type_ in {"step": int, "meta": dict, "leaves": list, "fingerprints": list}.items():
+        if not isinstance(header.get(name), type_) or isinstance(header.get(name), bool):
+            raise CheckpointError(
+                f"{path}: malformed checkpoint metadata: field {name!r} is missing or not of "
+                f"type {type_.__name__} (got {header.get(name)!r})."
+            )
+    return header
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    """The `meta` dictionary stored in a checkpoint's header, without reading the
-    payload.
+    """The `meta` dictionary stored with a checkpoint, without reading arrays.
 
     **Raises:**
 
-    `CheckpointError` if `path` is not a qkclip checkpoint or its header is malformed.
+    `CheckpointError` if `path` is not a qkclip checkpoint or its metadata is malformed.
     """
-    path = pathlib.Path(path)
-    with open(path, "rb") as f:
-        header, _ = _read_header(f, path)
-    return header["meta"]
+    return _read_header(pathlib.Path(path))["meta"]
 
 
 def load_checkpoint(
-    path: str | os.PathLike,
-    like: PyTree,
-    *,
-    expect_meta: dict | None = None,
+    path: str | os.PathLike, like: PyTree, *, expect_meta: dict | None = None
 ) -> tuple[PyTree, dict]:
-    """Validates and loads a checkpoint written by `save_checkpoint`.
+    """Validates and loads a checkpoint written by `Checkpointer.save`.
 
     **Arguments:**
 
-    - `path`: the checkpoint file.
-    - `like`: a PyTree with the structure, shapes and dtypes of the saved state, e.g.
-        a freshly initialised state or `eqx.filter_eval_shape(init_state, ...)`.
-        Leaves that are not stored (functions, ...) are taken from `like`. Typed PRNG
-        keys are re-wrapped with the impl of `like`'s key. Arrays are placed on the
-        sharding of the corresponding `like` leaf when that leaf is a committed array,
-        or a `ShapeDtypeStruct` with a sharding.
-    - `expect_meta`: if given, every key in it must equal the stored meta (recursively
-        into nested dictionaries; only keys present in `expect_meta` are compared).
+    - `path`: the checkpoint directory `ckpt_XXXXXXXX`.
+    - `like`: a PyTree with the structure, shapes and dtypes of the saved state,
+        e.g. a fresh state or `eqx.filter_eval_shape(init, ...)`. Arrays are placed
+        on the sharding of `like`'s leaf (a committed array, or a
+        `ShapeDtypeStruct` with a sharding), whatever mesh wrote them; leaves
+        that are not stored come from `like`.
+    - `expect_meta`: if given, every key in it must equal the stored meta
+        (recursively; keys absent from `expect_meta` are not compared).
 
     **Returns:**
 
-    A 2-tuple `(state, meta)`; `state` is bit-identical to what was saved.
+    `(state, meta)`; `state` is bit-identical to what was saved.
 
     **Raises:**
 
-    `CheckpointError`, with a message naming the file and the problem, if: the file is
-    not a qkclip checkpoint; its header is not valid JSON; it is truncated; its payload
-    is corrupt (checksum mismatch); `expect_meta` does not match (each differing field
-    is named with both values); or its structure does not match `like` (different
-    number of stored leaves, or a leaf whose key path, shape or dtype differs).
+    `CheckpointMismatchError` (a `CheckpointError`) when `expect_meta` or the
+    structure differ, each differing field named with both values;
+    `CheckpointError` when `path` is not a checkpoint, or is unreadable,
+    truncated or corrupt (a leaf whose bits differ from the saved fingerprint).
     """
     path = pathlib.Path(path)
-    with open(path, "rb") as f:
-        header, offset = _read_header(f, path)
-        recorded = header["payload_bytes"]
-        actual = os.fstat(f.fileno()).st_size - offset
-        if actual < recorded:
-            raise CheckpointError(
-                f"{path}: truncated checkpoint: payload has {actual} bytes but the "
-                f"header records {recorded} bytes."
-            )
-        if actual > recorded:
-            raise CheckpointError(
-                f"{path}: corrupt checkpoint: payload has {actual} bytes but the "
-                f"header records {recorded} bytes ({actual - recorded} trailing bytes)."
-            )
-
-        if expect_meta is not None:
-            diffs = _meta_diffs(_to_json_value(expect_meta), header["meta"], "")
-            if diffs:
-                raise CheckpointError(
-                    f"{path}: checkpoint is from a different run/config; meta "
-                    "mismatch:\n  " + "\n  ".join(diffs)
-                )
-
-        diffs = _structure_diffs(header["leaves"], _describe_leaves(like))
+    header = _read_header(path)
+    if expect_meta is not None:
+        diffs = meta_diffs(_to_json_value(expect_meta), header["meta"])
         if diffs:
-            shown = diffs[:_MAX_REPORTED_MISMATCHES]
-            if len(diffs) > len(shown):
-                shown.append(f"... and {len(diffs) - len(shown)} more")
-            raise CheckpointError(
-                f"{path}: checkpoint structure does not match `like`:\n  "
-                + "\n  ".join(shown)
-            )
-
-        payload = f.read(recorded)
-    if len(payload) != recorded:  # The file shrank under us.
-        raise CheckpointError(
-            f"{path}: truncated checkpoint: payload has {len(payload)} bytes but the "
-            f"header records {recorded} bytes."
-        )
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != header["payload_sha256"]:
-        raise CheckpointError(
-            f"{path}: corrupt checkpoint: payload sha256 checksum mismatch (header "
-            f"records {header['payload_sha256']}, payload hashes to {digest})."
-        )
-
-    buffer = io.BytesIO(payload)
+            raise CheckpointMismatchError(
+                f"{path}: checkpoint is from a different run/config; meta mismatch:\n  " + "\n  ".join(diffs))
+    stored = _stored(like)
+    diffs = _structure_diffs(header["leaves"], [_record(*s) for s in stored])
+    if diffs:
+        shown = diffs[:_MAX_REPORTED_MISMATCHES]
+        if len(diffs) > len(shown):
+            shown.append(f"... and {len(diffs) - len(shown)} more")
+        raise CheckpointMismatchError(f"{path}: checkpoint structure does not match `like`:\n  " + "\n  ".join(shown))
+    ocp = _ocp()
+    targets = {f"leaf_{i:05d}": _target_of(kind, leaf) for i, (_, kind, leaf) in enumerate(stored)}
     try:
-        loaded = eqx.tree_deserialise_leaves(
-            buffer, _unwrap_keys(like), filter_spec=_deserialise_leaf
-        )
+        items = _restore(path, state=ocp.args.StandardRestore(targets)).state
+        arrays = [items[f"leaf_{i:05d}"] for i in range(len(stored))]
     except Exception as e:
-        msg = f"{path}: payload does not deserialise into `like`: {e}"
-        raise CheckpointError(msg) from e
-    if buffer.tell() != recorded:
-        raise CheckpointError(
-            f"{path}: payload does not match its header: read {buffer.tell()} of "
-            f"{recorded} payload bytes."
-        )
-    state = jtu.tree_map(_rewrap_and_place, loaded, like)
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint: {_short(e)}") from e
+    fingerprints = _fingerprint_all(arrays)
+    for (leaf_path, _, _), have, want in zip(stored, fingerprints, header["fingerprints"]):
+        if have != want:
+            raise CheckpointError(
+                f"{path}: corrupt checkpoint: leaf {leaf_path} does not match its saved "
+                f"fingerprint ({have}, saved {want}).")
+    values = iter(_from_array(kind, leaf, a) for (_, kind, leaf), a in zip(stored, arrays))
+    leaves, treedef = jtu.tree_flatten(like)
+    state = jtu.tree_unflatten(treedef, [next(values) if _leaf_kind(x) is not None else x for x in leaves])
     return state, header["meta"]
+
+
+def load_latest_checkpoint(
+    directory: str | os.PathLike,
+    like: PyTree,
+    *,
+    expect_meta: dict | None = None,
+    warn: Callable[[str], None] = print,
+) -> tuple[PyTree, dict, pathlib.Path] | None:
+    """The newest checkpoint in `directory` that restores, falling back to older
+    ones: each that fails is reported through `warn`, naming it, why, and the one
+    tried next.
+
+    **Arguments:**
+
+    - `directory`: the directory holding `ckpt_XXXXXXXX` checkpoints.
+    - `like`, `expect_meta`: as for `load_checkpoint`.
+    - `warn`: called with one message per checkpoint that could not be used.
+
+    **Returns:**
+
+    `(state, meta, path)`, or `None` if `directory` holds no checkpoint.
+
+    **Raises:**
+
+    `CheckpointMismatchError` at once when a checkpoint is of another run (an
+    older one would be too); `CheckpointError` naming every failure when none
+    restores.
+    """
+    found = list_checkpoints(directory)[::-1]
+    failures = []
+    for i, path in enumerate(found):
+        try:
+            state, meta = load_checkpoint(path, like, expect_meta=expect_meta)
+        except CheckpointMismatchError:
+            raise
+        except CheckpointError as e:
+            failures.append(str(e))
+            nxt = f"trying the older {found[i + 1].name}" if i + 1 < len(found) else "no older checkpoint is left"
+            warn(f"checkpoint {path.name} failed to restore ({e}); {nxt}")
+            continue
+        return state, meta, path
+    if failures:
+        raise CheckpointError(f"{directory}: no checkpoint restores:\n  " + "\n  ".join(failures))
+    return None
+
+
+def set_aside(path: str | os.PathLike) -> pathlib.Path:
+    """Renames an unusable checkpoint `ckpt_X` to `ckpt_X.unusable` (numbered if
+    taken), keeping it for inspection and freeing its step for a new save."""
+    path = pathlib.Path(path)
+    for n in range(1000):
+        dest = path.with_name(f"{path.name}.unusable" + (f"{n}" if n else ""))
+        if not dest.exists():
+            shutil.move(path, dest)
+            return dest
+    raise CheckpointError(f"{path}: too many set-aside copies next to it")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, no_type_check
+from typing import Any, Literal, no_type_check
 
 Kernel = Literal["dense", "blockwise", "dot_product_attention"]
 MaxLogit = Literal["exact", "lse_bound"]
@@ -55,7 +55,7 @@ def _even(obj: object, name: str) -> None:
         raise ValueError(f"{type(obj).__name__}.{name} must be even for RoPE, got {value}")
 
 
-def _check_common(obj: object) -> None:
+def _check_common(obj: Any) -> None:
     _choice(obj, "kernel", KERNELS)
     _choice(obj, "max_logit", ("exact", "lse_bound"))
     if obj.max_logit == "lse_bound" and obj.kernel != "dot_product_attention":

@@ -29,6 +29,8 @@ def sample_token(
     """
     if temperature == 0:
         return jnp.argmax(logits).astype(jnp.int32)
+    if key is None:
+        raise ValueError("sampling with temperature > 0 needs a key")
     logits = logits.astype(jnp.float32) / jnp.float32(temperature)
     if top_k is not None and top_k < logits.shape[0]:
         kth = jax.lax.top_k(logits, top_k)[0][-1]

@@ -296,9 +296,9 @@ def _attend_dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, causal: b
         _pad_to(q, d, 2), _pad_to(k, d, 2), _pad_to(v, d, 2), mask=allowed[None, None],
         scale=scale, return_residual=max_logit == "lse_bound", implementation=None,
     )
-    out, lse = res if max_logit == "lse_bound" else (res, None)
+    out, lse = res if isinstance(res, tuple) else (res, None)
     out = (out[..., :dv] * has_any[:, None, None].astype(out.dtype)).astype(v.dtype)
-    if max_logit == "lse_bound":
+    if lse is not None:
         lse_dtype = lse.dtype
         lse = jax.lax.stop_gradient(lse).astype(jnp.float32)
         if jnp.finfo(lse_dtype).bits < 32:  # returned rounded to the inputs' dtype: round up

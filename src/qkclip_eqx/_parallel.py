@@ -154,12 +154,13 @@ def shard(tree: PyTree, specs: PyTree, mesh: Mesh) -> PyTree:
 def shard_batch(tokens: np.ndarray, mesh: Mesh) -> Int[Array, "batch seq_plus_one"]:
     """Place a host batch `[batch, seq + 1]` sharded over `data`.
 
-    In a multi-process run each process passes its own rows (its share of the
-    global batch, in process order)."""
+    `tokens` is the whole global batch, the same on every process (each
+    builds it from `(seed, step)`); each device takes its rows by
+    `jax.make_array_from_callback`, which is right for every mesh and
+    process layout, including one where `model` or `seq` spans processes."""
+    tokens = np.asarray(tokens)
     sharding = NamedSharding(mesh, P("data"))
-    if jax.process_count() == 1:
-        return jax.device_put(tokens, sharding)
-    return jax.make_array_from_process_local_data(sharding, tokens)
+    return jax.make_array_from_callback(tokens.shape, sharding, lambda index: tokens[index])
 
 
 def _token_windows(tokens: Int[Array, "batch seq_plus_one"], n: int) -> Int[Array, "batch n t_plus_one"]:

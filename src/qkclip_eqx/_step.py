@@ -68,8 +68,9 @@ def next_token_loss(
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     batch, t = inputs.shape
     kw = {} if parallel is None else {"parallel": parallel}
-    seq_shards = 1 if parallel is None or parallel.seq is None else jax.lax.axis_size(parallel.seq)
-    offset = 0 if seq_shards == 1 else jax.lax.axis_index(parallel.seq) * t
+    seq_axis = None if parallel is None else parallel.seq
+    seq_shards = 1 if seq_axis is None else jax.lax.axis_size(seq_axis)
+    offset = 0 if seq_axis is None or seq_shards == 1 else jax.lax.axis_index(seq_axis) * t
     positions = offset + jnp.arange(t, dtype=jnp.int32)
     if seq_shards == 1 and _takes_keyword(model, "segment_length"):
         logits, s = model(inputs.reshape(-1), positions=jnp.tile(positions, batch),
@@ -108,7 +109,13 @@ def _tree_max(a: PyTree, b: PyTree) -> PyTree:
 
 def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int):
     """Gradient of the mean loss over `accum_steps` micro-batches; S combined
-    by max (never by sum: a summed S would clip far too hard)."""
+    by max (never by sum: a summed S would clip far too hard).
+
+    Micro-batch `j` is rows `j, j + accum_steps, j + 2 accum_steps, ...`:
+    with the batch sharded over `data` in contiguous blocks, each device's
+    share of every micro-batch is among its own rows, so the split moves no
+    data. Every micro-batch, the first included, is traced once, in the scan.
+    """
 
     def micro(p, t):
         return loss_fn(eqx.combine(p, static), t)
@@ -117,15 +124,20 @@ def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int)
     if accum_steps == 1:
         (loss, s), grads = grad_fn(params, tokens)
         return loss, grads, s
-    micro_batches = tokens.reshape(accum_steps, -1, *tokens.shape[1:])
-    (loss0, s0), g0 = grad_fn(params, micro_batches[0])
+    strided = tokens.reshape(-1, accum_steps, *tokens.shape[1:])  # [batch / accum, accum, ...]
+    (loss_shape, s_shape), _ = jax.eval_shape(grad_fn, params, strided[:, 0])
+    init = (
+        jnp.zeros(loss_shape.shape, loss_shape.dtype),
+        jax.tree.map(jnp.zeros_like, params),
+        jax.tree.map(lambda x: jnp.full(x.shape, -jnp.inf, x.dtype), s_shape),
+    )
 
-    def body(carry, t):
+    def body(carry, j):
         loss, grads, s = carry
-        (l, s_new), g = grad_fn(params, t)
+        (l, s_new), g = grad_fn(params, strided[:, j])
         return (loss + l, jax.tree.map(jnp.add, grads, g), _tree_max(s, s_new)), None
 
-    (loss, grads, s), _ = jax.lax.scan(body, (loss0, g0, s0), micro_batches[1:])
+    (loss, grads, s), _ = jax.lax.scan(body, init, jnp.arange(accum_steps))
     scale = 1.0 / accum_steps
     return loss * scale, jax.tree.map(lambda g: g * scale, grads), s
 
@@ -197,6 +209,7 @@ def make_train_step(
     def step(not_donated, model, opt_state):
         tokens, step_index = not_donated
         params, static = eqx.partition(model, eqx.is_array)
+        specs = None
         if mesh is None:
             loss_of = loss_fn
         else:
@@ -209,7 +222,7 @@ def make_train_step(
 
         def keep_sharding(model, opt_state):
             """Pin the updated state to its specs, so that no later step recompiles."""
-            if mesh is None:
+            if mesh is None or specs is None:
                 return model, opt_state
             return constrain_train_state(model, opt_state, optimizer, mesh, specs)
 

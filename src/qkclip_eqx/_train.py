@@ -1,8 +1,8 @@
-"""The training run behind ``qkclip-train``: config, presets, loop, records.
+"""The training run behind `qkclip-train`: config, presets, loop, records.
 
-One frozen :class:`RunConfig` holds every setting; every field is a CLI flag.
+One frozen [`qkclip_eqx.RunConfig`][] holds every setting; every field is a CLI flag.
 The loop is plain Python around the jitted step: batches are a pure function
-of ``(seed, step)``, checkpoints hold model, optimizer state and step, so a
+of `(seed, step)`, checkpoints hold model, optimizer state and step, so a
 resumed run continues bit-exactly.
 """
 
@@ -27,12 +27,14 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array
 
-from ._checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ._checkpoint import (Checkpointer, latest_checkpoint, list_checkpoints, load_latest_checkpoint,
+                          set_aside)
+from ._clip import check_tau_alpha
 from ._config import GQAConfig, MLAConfig, TransformerConfig
 from ._data import TokenData, eval_batches, get_batch, load_data
 from ._model import Transformer
 from ._optim import muon_adamw, warmup_cosine, wsd
-from ._parallel import make_mesh, shard_batch, shard_train_state
+from ._parallel import check_mesh, make_mesh, shard_batch, shard_loss, shard_train_state
 from ._step import make_train_step, next_token_loss
 
 Optimizer = Literal["muonclip", "muon", "adamw"]
@@ -40,10 +42,10 @@ Optimizer = Literal["muonclip", "muon", "adamw"]
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything a training run needs. ``optimizer="muonclip"`` is Muon with
-    QK-Clip (``mode`` clip by default); ``"muon"`` is Muon that never clips
-    (``monitor`` or ``off``); ``"adamw"`` monitors by default and clips with
-    ``mode="clip"`` (QK-Clip does not depend on the optimizer)."""
+    """Everything a training run needs. `optimizer="muonclip"` is Muon with
+    QK-Clip (`mode` clip by default); `"muon"` is Muon that never clips
+    (`monitor` or `off`); `"adamw"` monitors by default and clips with
+    `mode="clip"` (QK-Clip does not depend on the optimizer)."""
 
     # model
     attention: Literal["mla", "gqa"] = "mla"
@@ -58,7 +60,7 @@ class RunConfig:
     n_kv_heads: int | None = None
     head_dim: int = 32
     mlp_hidden: int = 384
-    kernel: Literal["dense", "blockwise"] = "dense"
+    kernel: Literal["dense", "blockwise", "dot_product_attention"] = "dense"
     block_size: int = 128
     # parameters and optimizer state (keep float32), and the matmuls' dtype:
     # see TransformerConfig
@@ -99,8 +101,10 @@ class RunConfig:
                      "eval_batches", "ckpt_every", "keep", "max_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RunConfig.{name} must be > 0, got {getattr(self, name)}")
-        if not self.tau > 0:
-            raise ValueError(f"RunConfig.tau must be > 0, got {self.tau}")
+        try:
+            check_tau_alpha(self.tau, self.alpha)
+        except ValueError as e:
+            raise ValueError(f"RunConfig.{e}") from None
         if not 0.0 <= self.final_lr_fraction <= 1.0:
             raise ValueError(f"RunConfig.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
         if not self.lr > 0:
@@ -119,8 +123,13 @@ class RunConfig:
             )
         self.model_config()  # validates the model fields, naming the bad one
 
+    def make_optimizer(self) -> optax.GradientTransformation:
+        """The run's optimizer: `muon_adamw` (Muon and MuonClip) or AdamW, on the
+        run's lr schedule and weight decay."""
+        return optimizer(self)
+
     def mesh_shape(self) -> dict[str, int] | None:
-        """``mesh`` parsed: ``{"data": d, "model": m, "seq": s}``, or None."""
+        """`mesh` parsed: `{"data": d, "model": m, "seq": s}`, or None."""
         if self.mesh is None:
             return None
         shape = {"data": 1, "model": 1, "seq": 1}
@@ -197,14 +206,65 @@ def optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     return muon_adamw(lr, weight_decay=cfg.weight_decay)
 
 
+# What a resume may change (README, "Resuming"). MUST_MATCH: the fields that
+# shape the model, the optimizer state or the data stream; a checkpoint whose
+# values differ is refused, naming each field. Every other field may change,
+# with the effect stated here (and printed when a resume changes it).
+MUST_MATCH = (
+    # architecture (and the dtype of the stored parameters)
+    "attention", "n_layers", "dim", "n_heads", "q_lora_rank", "kv_lora_rank",
+    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_kv_heads", "head_dim",
+    "mlp_hidden", "param_dtype",
+    # data: which bytes, and the batches drawn from them at each step
+    "data", "max_bytes", "batch_size", "seq_len", "seed",
+    # optimizer kind: the layout and meaning of the optimizer state
+    "optimizer",
+)
+MAY_CHANGE = {
+    "lr": "the lr schedule is recomputed; from the resume step on, the lr is the new schedule's value at that step",
+    "schedule": "as lr", "warmup_steps": "as lr", "decay_fraction": "as lr", "final_lr_fraction": "as lr",
+    "steps": "the run ends at the new step count, and the warmup/decay schedule is recomputed for it "
+             "(from the resume step on, the lr is the new schedule's value at that step)",
+    "weight_decay": "applies from the resume step on",
+    "tau": "QK-Clip uses the new threshold from the resume step on",
+    "alpha": "as tau", "mode": "as tau", "clip_until": "as tau",
+    "mesh": "the same maths in another arithmetic order: results agree to rounding, not bit for bit",
+    "kernel": "as mesh", "block_size": "as mesh", "compute_dtype": "as mesh", "accum_steps": "as mesh",
+    "eval_every": "no effect on training", "eval_batches": "no effect on training",
+    "ckpt_every": "no effect on training", "keep": "no effect on training",
+    "label": "no effect on training", "out": "no effect on training",
+}
+
+
 def meta_of(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: every field that shapes the
-    model, the optimizer or the data stream."""
+    """What a checkpoint must agree on to be resumed (`MUST_MATCH`)."""
     config = dataclasses.asdict(cfg)
-    for name in ("out", "eval_every", "eval_batches", "ckpt_every", "keep", "label", "steps", "mesh",
-                 "clip_until"):
-        config.pop(name)
-    return {"config": config, "vocab_size": vocab_size}
+    return {"config": {name: config[name] for name in MUST_MATCH}, "vocab_size": vocab_size}
+
+
+def resume_changes(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """One line per may-change field that differs from the checkpoint's run,
+    with its effect (`MAY_CHANGE`); the lr at the resume step is named when
+    the schedule changes it."""
+    run, now = stored.get("run", {}), dataclasses.asdict(cfg)
+    lines = []
+    for name, effect in MAY_CHANGE.items():
+        if name in run and run[name] != now[name]:
+            lines.append(f"{name}: {run[name]!r} -> {now[name]!r}: {effect}")
+    step = stored.get("step", 0)
+    try:
+        before = float(schedule(RunConfig(**run))(step))  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
+    except (TypeError, ValueError):
+        before = None
+    after = float(schedule(cfg)(step))  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
+    if before is not None and before != after:
+        lines.append(f"lr at the resume step {step}: {before:.6g} -> {after:.6g}")
+    return lines
+
+
+class RunError(Exception):
+    """An expected problem with a run's inputs (the data, the output directory,
+    the mesh): the CLI prints it as one line, without a traceback."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +274,14 @@ class RunResult:
     last_metrics: dict[str, Any]
     out: pathlib.Path
     stopped: str  # "done", "nan", "interrupted"
+
+
+def load_run_data(cfg: RunConfig) -> TokenData:
+    """`load_data` for `cfg`; a missing or unreadable `data` is a RunError."""
+    try:
+        return load_data(cfg.data, max_bytes=cfg.max_bytes)
+    except (OSError, ValueError) as e:
+        raise RunError(f"--data {cfg.data}: {e}") from e
 
 
 def _to_host(tree: Any) -> Any:
@@ -226,11 +294,8 @@ def _to_host(tree: Any) -> Any:
 
 
 def _place_batch(batch: np.ndarray, mesh: Mesh | None) -> Array:
-    """This process's rows of a global batch, on the mesh (or the default device)."""
-    if mesh is None:
-        return jnp.asarray(batch)
-    rows = batch.shape[0] // jax.process_count()
-    return shard_batch(batch[jax.process_index() * rows:(jax.process_index() + 1) * rows], mesh)
+    """The global batch (every process builds the same one) on the mesh."""
+    return jnp.asarray(batch) if mesh is None else shard_batch(batch, mesh)
 
 
 def _host_metrics(m: dict[str, Any]) -> dict[str, Any]:
@@ -245,25 +310,47 @@ def _host_metrics(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_NONFINITE = ("loss", "grad_norm", "parameters")
+
+
+@eqx.filter_jit
+def _first_nonfinite(loss: Array, grad_norm: Array, model: Transformer) -> Array:
+    """0 if the step is finite, else 1 + the index in `_NONFINITE` of the first
+    non-finite quantity: loss, gradient norm, updated parameters."""
+    params = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in params]))
+    oks = jnp.stack([jnp.isfinite(loss), jnp.isfinite(grad_norm), params_ok])
+    return jnp.where(jnp.all(oks), 0, 1 + jnp.argmin(oks))
+
+
 _eval_loss = eqx.filter_jit(next_token_loss)  # one compile for every evaluation
+
+
+@eqx.filter_jit
+def _sharded_eval_loss(model: Transformer, tokens: Array, mesh: Mesh):
+    return shard_loss(next_token_loss, mesh)(model, tokens)
 
 
 def evaluate(
     model: Transformer, data: TokenData, cfg: RunConfig, mesh: Mesh | None = None
 ) -> tuple[float, np.ndarray]:
-    """Mean validation loss and S (max over the validation batches) per layer and head."""
+    """Mean validation loss and S (max over the validation batches) per layer and
+    head; on a mesh, by the same sharded loss as training."""
     batches = eval_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                            max_batches=cfg.eval_batches)
+    results = []
+    for b in batches:  # dispatch every batch, then fetch: one host sync
+        tokens = _place_batch(b, mesh)
+        results.append(_eval_loss(model, tokens) if mesh is None else _sharded_eval_loss(model, tokens, mesh))
     losses, s = [], None
-    for b in batches:
-        loss, s_b = _to_host(_eval_loss(model, _place_batch(b, mesh)))
+    for loss, s_b in _to_host(results):
         losses.append(float(loss))
         s = s_b if s is None else np.maximum(s, s_b)
     return float(np.mean(losses)), np.asarray(s)
 
 
 def _trim_metrics(path: pathlib.Path, from_step: int) -> None:
-    """Drop records at or after ``from_step`` (a resumed run rewrites them)."""
+    """Drop records at or after `from_step` (a resumed run rewrites them)."""
     if not path.exists():
         return
     kept = []
@@ -301,6 +388,13 @@ def _deferred_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def train(
     cfg: RunConfig,
     *,
@@ -309,28 +403,51 @@ def train(
     data: TokenData | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> RunResult:
-    """Train, writing ``config.json``, ``metrics.jsonl`` and checkpoints in ``cfg.out``."""
+    """Train, writing `config.json`, `metrics.jsonl` and checkpoints in `cfg.out`.
+
+    Metrics are read from the devices one step behind, so the host never waits
+    for a step it has just dispatched; `on_step(steps_done, metrics)` (if
+    given) is called before the next step is dispatched, so it sees the model
+    of that step, at the cost of a host sync per step.
+    """
     out = pathlib.Path(cfg.out)
     if not resume and latest_checkpoint(out) is not None:
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_data(cfg.data, max_bytes=cfg.max_bytes) if data is None else data
+        raise RunError(f"{out} already holds checkpoints: pass --resume, or choose another --out")
+    data = load_run_data(cfg) if data is None else data
     mcfg = cfg.model_config(data.vocab_size)
     meta = meta_of(cfg, data.vocab_size)
-    if jax.process_index() == 0:
-        (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "data_description": data.description}, indent=1))
+    lead = jax.process_index() == 0  # only the first process writes and prints
+    try:
+        mesh = None if (shape := cfg.mesh_shape()) is None else make_mesh(**shape)
+    except ValueError as e:
+        raise RunError(f"--mesh {cfg.mesh}: {e}") from e
 
     model = Transformer(mcfg, key=jax.random.key(cfg.seed))
     opt = optimizer(cfg)
     opt_state = opt.init(eqx.filter(model, eqx.is_array))
-    start = 0
-    if resume and (ckpt := latest_checkpoint(out)) is not None:
-        (model, opt_state), stored = load_checkpoint(ckpt, (model, opt_state), expect_meta=meta)
-        start = stored["step"]
-    mesh = None if (shape := cfg.mesh_shape()) is None else make_mesh(**shape)
     if mesh is not None:
+        try:
+            check_mesh(mesh, model, cfg.batch_size // cfg.accum_steps, cfg.seq_len)
+        except ValueError as e:
+            raise RunError(f"--mesh {cfg.mesh}: {e}") from e
         model, opt_state = shard_train_state(model, opt_state, opt, mesh)
-    lead = jax.process_index() == 0  # only the first process writes and prints
+    start = 0
+    if resume:
+        found = load_latest_checkpoint(out, (model, opt_state), expect_meta=meta,
+                                       warn=lambda msg: print(msg, flush=True) if lead else None)
+        if found is not None:
+            (model, opt_state), stored, path = found
+            start = stored["step"]
+            if lead:
+                found_paths = list_checkpoints(out)  # oldest first: those after `path` failed
+                for unusable in found_paths[found_paths.index(path) + 1:]:
+                    print(f"set aside {unusable.name} as {set_aside(unusable).name}", flush=True)
+                for line in resume_changes(stored, cfg):
+                    print(f"resume changes {line}", flush=True)
+            _barrier("qkclip-resume")
+    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "data_description": data.description}, indent=1))
     metrics_path = out / ("metrics.jsonl" if lead else f"metrics.process{jax.process_index()}.jsonl")
     _trim_metrics(metrics_path, start)
 
@@ -339,14 +456,12 @@ def train(
                               clip_until=cfg.clip_until)
     lr_at = schedule(cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    checkpoints = Checkpointer(out, keep=cfg.keep, async_save=True)
 
     def save(step: int) -> None:
-        state = (model, opt_state)
-        if jax.process_count() > 1:  # gather (a collective: every process takes part)
-            state = jax.tree.map(jnp.asarray, _to_host(state))
-        if lead:
-            save_checkpoint(out, step, state, keep=cfg.keep,
-                            meta={**meta, "step": step, "run": dataclasses.asdict(cfg)})
+        # Every process writes its own shards; the device-to-host copy happens
+        # here, the file writes overlap the next steps.
+        checkpoints.save(step, (model, opt_state), meta={**meta, "step": step, "run": dataclasses.asdict(cfg)})
 
     bar = None
     if progress and lead:
@@ -354,49 +469,81 @@ def train(
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
     stopped, host = "done", {}
-    step = start
+    step = start  # steps applied to `model`
     t_last = time.perf_counter()
+    pending = None  # (step index, device metrics, device non-finite code) not yet read
+
+    def finish(log) -> bool:
+        """Reads, checks and logs the pending step; False if it was not finite."""
+        nonlocal pending, host, t_last, stopped
+        if pending is None:
+            return True
+        index, metrics, bad = pending
+        pending = None
+        host, bad = _host_metrics(metrics), int(_to_host(bad))
+        now = time.perf_counter()
+        host.update(step=index, lr=float(lr_at(index)),  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
+                    tokens_per_s=tokens_per_step / (now - t_last))
+        t_last = now
+        if bad:
+            stopped = "nan"
+            if lead:
+                print(f"\nstep {index}: {_NONFINITE[bad - 1]} is not finite (loss {host['loss']}, grad norm "
+                      f"{host['grad_norm']}): stopping without saving it; the last good checkpoint in {out} "
+                      "is kept. Rerun with --resume and a lower --lr (a resume may change lr, the schedule "
+                      "and tau; see README, 'Resuming').", flush=True)
+            return False
+        if (index + 1) % cfg.eval_every == 0 or index + 1 == cfg.steps:
+            host["val_loss"], _ = evaluate(model, data, cfg, mesh)
+        log.write(json.dumps(host) + "\n")
+        log.flush()
+        if on_step is not None:
+            on_step(index + 1, host)
+        if bar is not None:
+            post = dict(loss=f"{host['loss']:.3f}")
+            if "max_logit" in host:
+                post.update(S_max=f"{host['max_logit']:.1f}", clipped=host["heads_clipped"])
+            post["tok/s"] = f"{host['tokens_per_s']:.0f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+        return True
+
     try:
         with metrics_path.open("a") as log, _deferred_sigint() as sigint:
-            while step < cfg.steps:
-                if sigint.is_set():  # between steps: model, state, step and log agree
-                    raise KeyboardInterrupt
-                batch = _place_batch(get_batch(data.train, batch_size=cfg.batch_size,
-                                               seq_len=cfg.seq_len, seed=cfg.seed, step=step), mesh)
-                model, opt_state, metrics = step_fn(model, opt_state, batch, step=step)
-                host = _host_metrics(metrics)
-                now = time.perf_counter()
-                host.update(step=step, lr=float(lr_at(step)),  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
-                            tokens_per_s=tokens_per_step / (now - t_last))
-                t_last = now
-                if not math.isfinite(host["loss"]):
-                    stopped = "nan"
-                    print(f"\nloss is {host['loss']} at step {step}: stopping; the last good "
-                          f"checkpoint in {out} is kept (rerun with --resume and a lower --lr).")
-                    break
-                step += 1
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    host["val_loss"], _ = evaluate(model, data, cfg, mesh)
-                log.write(json.dumps(host) + "\n")
-                log.flush()
-                if on_step is not None:
-                    on_step(step, host)
-                if bar is not None:
-                    post = dict(loss=f"{host['loss']:.3f}")
-                    if "max_logit" in host:
-                        post.update(S_max=f"{host['max_logit']:.1f}", clipped=host["heads_clipped"])
-                    post["tok/s"] = f"{host['tokens_per_s']:.0f}"
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(1)
-                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            try:
+                while step < cfg.steps:
+                    if sigint.is_set():  # between steps: model, state, step and log agree
+                        raise KeyboardInterrupt
+                    batch = _place_batch(get_batch(data.train, batch_size=cfg.batch_size,
+                                                   seq_len=cfg.seq_len, seed=cfg.seed, step=step), mesh)
+                    model, opt_state, metrics = step_fn(model, opt_state, batch, step=step)
+                    bad = _first_nonfinite(metrics["loss"], metrics["grad_norm"], model)
+                    if not finish(log):  # the previous step, read while this one runs
+                        break
+                    pending = (step, metrics, bad)
+                    step += 1
+                    # Eval and checkpoint steps (and every step for on_step) are read
+                    # at once, so that they see the model of that very step.
+                    boundary = step % cfg.eval_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps
+                    if (boundary or on_step is not None) and not finish(log):
+                        break
+                    if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                        save(step)  # `finish` has checked this step: a non-finite one is never saved
+                else:
+                    finish(log)
+            except KeyboardInterrupt:
+                if finish(log):  # a step not yet read is checked before it is saved
+                    stopped = "interrupted"
                     save(step)
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        save(step)
-        print(f"\ninterrupted: checkpoint for step {step} written to {out}")
+                    if lead:
+                        print(f"\ninterrupted: checkpoint for step {step} written to {out}")
     finally:
+        checkpoints.wait()
+        checkpoints.close()
         if bar is not None:
             bar.close()
+    if stopped == "nan":
+        step = host.get("step", step)
     return RunResult(model=model, step=step, last_metrics=host, out=out, stopped=stopped)
 
 

@@ -11,7 +11,7 @@ from .._train import PRESETS, RunConfig, preset
 
 
 def _parser_for(tp):
-    """The argparse ``type`` and ``choices`` for a field's annotation."""
+    """The argparse `type` and `choices` for a field's annotation (no field is a bool)."""
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if origin in (typing.Union, types.UnionType):  # X | None: parse X
@@ -28,11 +28,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(RunConfig):
         tp, choices = _parser_for(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
-        if tp is bool:
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
-        else:
-            parser.add_argument(flag, type=tp, choices=choices, default=None,
-                                help=f"default: {field.default!r} (before the preset)")
+        parser.add_argument(flag, type=tp, choices=choices, default=None,
+                            help=f"default: {field.default!r} (before the preset)")
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:

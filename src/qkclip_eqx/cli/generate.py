@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from .._checkpoint import latest_checkpoint, load_checkpoint, load_latest_checkpoint, read_meta
 from .._generate import generate
 from .._model import Transformer
 from .._train import RunConfig, format_table, optimizer
@@ -33,16 +33,24 @@ def load_trained_model(path: pathlib.Path) -> tuple[Transformer, RunConfig, dict
     """The model of a checkpoint file, or of the latest checkpoint in a run
     directory, with its run config and meta. The only use of the checkpoint
     API in this command."""
-    if path.is_dir():
+    def like(meta):
+        cfg = RunConfig(**meta["run"])
+        model = eqx.filter_eval_shape(Transformer, cfg.model_config(meta["vocab_size"]), key=jax.random.key(0))
+        state = eqx.filter_eval_shape(lambda m: optimizer(cfg).init(eqx.filter(m, eqx.is_array)), model)
+        return cfg, (model, state)
+
+    if path.is_dir():  # the newest checkpoint that restores (older ones if it does not)
         found = latest_checkpoint(path)
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {path}")
-        path = found
-    meta = read_meta(path)
-    cfg = RunConfig(**meta["run"])
-    like_model = eqx.filter_eval_shape(Transformer, cfg.model_config(meta["vocab_size"]), key=jax.random.key(0))
-    like_state = eqx.filter_eval_shape(lambda m: optimizer(cfg).init(eqx.filter(m, eqx.is_array)), like_model)
-    (model, _), meta = load_checkpoint(path, (like_model, like_state))
+        cfg, shape = like(read_meta(found))
+        loaded = load_latest_checkpoint(path, shape, warn=lambda msg: print(msg, file=sys.stderr))
+        if loaded is None:
+            raise FileNotFoundError(f"no checkpoint in {path}")
+        (model, _), meta, path = loaded
+    else:
+        cfg, shape = like(read_meta(path))
+        (model, _), meta = load_checkpoint(path, shape)
     return model, cfg, {**meta, "path": str(path)}
 
 

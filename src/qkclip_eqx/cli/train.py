@@ -23,7 +23,8 @@ import sys
 import jax
 import numpy as np
 
-from .._train import format_table, train
+from .._checkpoint import CheckpointError
+from .._train import RunError, format_table, train
 from . import plot
 from ._flags import add_run_flags, run_config_from_args
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {f.name} = {getattr(cfg, f.name)!r}")
     try:
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (FileExistsError, ValueError) as e:  # CheckpointError is a ValueError
+    except (RunError, CheckpointError) as e:  # expected problems: one message; bugs keep their traceback
         print(f"qkclip-train: error: {e}", file=sys.stderr)
         return 2
 
