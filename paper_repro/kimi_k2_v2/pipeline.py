@@ -166,7 +166,22 @@ def versions() -> dict[str, str]:
 
     return {"python": sys.version.split()[0], "jax": jax.__version__, "equinox": equinox.__version__,
             "optax": optax.__version__, "numpy": np.__version__, "platform": platform.platform(),
-            "backend": jax.default_backend(), "qkclip_eqx": getattr(qkclip_eqx, "__version__", "?")}
+            "backend": jax.default_backend(), "qkclip_eqx": _lib_rev(qkclip_eqx.__file__)}
+
+
+def _lib_rev(path: str) -> str:
+    """The git commit of the qkclip_eqx sources that ran (+ "uncommitted changes")."""
+    import subprocess
+
+    src = pathlib.Path(path).parent
+    try:
+        rev = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"git {rev}" + (" + uncommitted changes" if dirty else "")
+    except Exception:
+        return str(src)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
