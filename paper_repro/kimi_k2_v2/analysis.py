@@ -69,7 +69,9 @@ def diverged(recs: Records, status: dict[str, Any] | None = None) -> bool:
 def clip_summary(recs: Records, tau: float) -> dict[str, Any]:
     """First / last step with a head over tau (-1: none), the fraction of
     heads ever over tau, per layer and in all, and the largest probe S / tau
-    after the first clip (``overshoot``)."""
+    after the first clip (``overshoot``; the cap verdict's number) and the
+    same on the training batches (``overshoot_train``: one update's growth
+    plus the variation between batches, as K2's Fig. 2 plots it)."""
     s = train_s(recs)
     over = s > tau
     any_t = over.reshape(len(s), -1).any(axis=1)
@@ -78,7 +80,7 @@ def clip_summary(recs: Records, tau: float) -> dict[str, Any]:
     if not any_t.any():
         return {**out, "clipped": False, "first": -1, "last": -1, "steps_clipping": 0,
                 "fraction": 0.0, "fraction_by_layer": [0.0] * over.shape[1], "overshoot": math.nan,
-                "overshoot_step": -1}
+                "overshoot_step": -1, "overshoot_train": math.nan}
     idx = np.nonzero(any_t)[0]
     first, last = int(steps[idx[0]]), int(steps[idx[-1]])
     ever = over.any(axis=0)
@@ -91,7 +93,8 @@ def clip_summary(recs: Records, tau: float) -> dict[str, Any]:
         ov, ov_step = math.nan, -1
     return {**out, "clipped": True, "first": first, "last": last, "steps_clipping": int(any_t.sum()),
             "fraction": float(ever.mean()), "fraction_by_layer": [float(x) for x in ever.mean(axis=1)],
-            "overshoot": ov, "overshoot_step": ov_step}
+            "overshoot": ov, "overshoot_step": ov_step,
+            "overshoot_train": float(s.reshape(len(s), -1)[steps > first].max(initial=-np.inf) / tau)}
 
 
 def ever_clipped_curve(recs: Records, tau: float) -> np.ndarray:

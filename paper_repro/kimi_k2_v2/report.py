@@ -258,15 +258,15 @@ def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
               f"{_f(r['peak_probe_s'], 1)} | {len(r['spikes'])} |" for r in sw["runs"]]
         L.append("")
     L += [f"![]({figs['presweep']})", "", "## Main runs", "",
-          "| run | peak probe S | final val | spikes | first clip | last clip | heads ever clipped | overshoot | stable rank |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| run | peak probe S | final val | spikes | first clip | last clip | heads ever clipped | overshoot (probe) | overshoot (train batches) | stable rank |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     rows = [r for m in summ["main"]["multipliers"].values() for r in m["muon"] + m["clip"]]
     rows += summ["main"]["wd_large"] + summ["main"]["adamw"]
     for r in rows:
         cl = r.get("clip")
         L.append(f"| {r['run']} | {_f(r['peak_probe_s'], 1)} | {_f(r['final_val'], 4)} | {len(r['spikes'])} | "
                  + (f"{cl['first']} | {cl['last']} | {_f(cl['fraction'])} | {_f(cl['overshoot'])} | "
-                    if cl else "- | - | - | - | ")
+                    f"{_f(cl['overshoot_train'])} | " if cl else "- | - | - | - | - | ")
                  + f"{_f(r['stable_rank']['all'], 2)} |")
     L.append("")
     for key in ("fig2_left", "fig2_right", "appd", "fig12", "appe", "overshoot", "wd"):
