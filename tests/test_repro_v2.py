@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 import qkclip_eqx as qc  # noqa: E402
 from builders import unclipped_update  # noqa: E402
 from paper_repro.kimi_k2_v2 import corpus as C  # noqa: E402
-from paper_repro.kimi_k2_v2 import pipeline, runner  # noqa: E402
+from paper_repro.kimi_k2_v2 import pipeline, report, runner  # noqa: E402
 from paper_repro.kimi_k2_v2 import settings as S  # noqa: E402
 
 WORDS = {S.REPRODUCED, S.NOT_REPRODUCED, S.NOT_TESTED}
@@ -148,6 +148,17 @@ def test_every_verdict_word_is_reachable():
     assert S.verdict_wd_hypothesis([1900, 920], [220, 320], 20, 3.0, 1820)[0] == S.NOT_TESTED
 
 
+def test_update_growth_on_synthetic_records():
+    from paper_repro.kimi_k2_v2 import analysis as A
+
+    # one layer, two heads, tau 10: at step 0 head 0 has S 20 (gamma 0.5), head 1 is not clipped
+    recs = [{"step": 0, "s": [[20.0, 5.0]], "probe_s": [[18.0, 4.0]]},
+            {"step": 1, "s": [[11.0, 5.0]], "probe_s": [[10.8, 100.0]]},
+            {"step": 2, "s": [[9.0, 5.0]]}]
+    assert A.update_growth(recs, 10.0) == pytest.approx(10.8 / (0.5 * 18.0))
+    assert math.isnan(A.update_growth(recs, 30.0))
+
+
 def test_settings_validate():
     with pytest.raises(ValueError, match="Settings.flat_min"):
         dataclasses.replace(S.QUICK, flat_min=30, flat_max=20)
@@ -246,6 +257,10 @@ def test_quick_writes_results(quick):
             assert v["word"] in WORDS and f"**{v['word']}**: {v['why']}" in md
     assert summ["verdicts"]["wd_hypothesis"]["word"] in {S.SUPPORTED, S.NOT_SUPPORTED, S.NOT_TESTED}
     assert json.loads((out / "summary.json").read_text())["n_runs"] == summ["n_runs"] == 18
+    assert ("CORPUS MISMATCH" in md) == (not summ["corpus"]["matches"])
+    other = {**summ, "corpus": {**summ["corpus"], "matches": False, "sha256": "0" * 64}}
+    figs = dict.fromkeys(("presweep", "fig2_left", "fig2_right", "appd", "fig12", "appe", "overshoot", "wd"), "x.png")
+    assert report.results_md(other, figs).count("CORPUS MISMATCH") == 1
 
 
 def test_quick_numbers_recomputed_from_logs(quick):
@@ -312,6 +327,7 @@ def test_overshoot_bounded_by_the_unclipped_update(quick):
         s_t = np.asarray(_fwd(model, batch)[1])
         assert np.allclose(s_t, recs[t]["s"], rtol=1e-5)          # the log is this run
         unclipped = unclipped_update(model, opt, state, batch)
+        p_t = np.asarray(_fwd(model, probe)[1])[0]
         model, state, _ = step(copy(model), copy(state), batch)
         if not (s_t > spec.tau).any():
             continue
@@ -324,5 +340,8 @@ def test_overshoot_bounded_by_the_unclipped_update(quick):
         assert (s_next[clipped] <= spec.tau * s_unc[clipped] / s_t[0][clipped] * (1 + 2e-4)).all()
         if "probe_s" in recs[t + 1]:
             np.testing.assert_allclose(recs[t + 1]["probe_s"][0], s_next, rtol=1e-5)
+            # the logged pair's growth (analysis.update_growth) is the unclipped update's, in layer 0
+            logged = np.array(recs[t + 1]["probe_s"][0]) / (gamma * np.array(recs[t]["probe_s"][0]))
+            np.testing.assert_allclose(logged[clipped], (s_unc / p_t)[clipped], rtol=2e-4)
         n_checked += int(clipped.sum())
     assert n_checked > 0

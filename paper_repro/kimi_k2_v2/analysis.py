@@ -97,6 +97,27 @@ def clip_summary(recs: Records, tau: float) -> dict[str, Any]:
             "overshoot_train": float(s.reshape(len(s), -1)[steps > first].max(initial=-np.inf) / tau)}
 
 
+def update_growth(recs: Records, tau: float) -> float:
+    """One update's growth of S on fixed data, for the heads a clip acted on:
+    the largest ``probe_s[t + 1] / (gamma_t probe_s[t])`` over consecutive
+    probe pairs and heads with ``s[t] > tau``, ``gamma_t = tau / s[t]``. In
+    layer 0 this is exactly S_probe(unclipped update) / S_probe(W_t) (the
+    clip scales every logit of a head by gamma); later layers' inputs also
+    move with the clip of the layers before. NaN when no pair qualifies."""
+    by_step = {r["step"]: r for r in recs}
+    best = -np.inf
+    for t, r in by_step.items():
+        n = by_step.get(t + 1)
+        if "probe_s" not in r or n is None or "probe_s" not in n:
+            continue
+        s_t = np.asarray(r["s"], dtype=float)
+        hit = s_t > tau
+        if hit.any():
+            g = np.asarray(n["probe_s"])[hit] / ((tau / s_t[hit]) * np.asarray(r["probe_s"])[hit])
+            best = max(best, float(g.max()))
+    return best if np.isfinite(best) else math.nan
+
+
 def ever_clipped_curve(recs: Records, tau: float) -> np.ndarray:
     """Fraction of heads clipped at least once up to each step."""
     over = (train_s(recs) > tau).reshape(len(recs), -1)
@@ -134,4 +155,5 @@ def run_row(recs: Records, status: dict[str, Any], s: S.Settings) -> dict[str, A
            "stable_rank": mean_stable_rank(recs)}
     if spec["optimizer"] == "muonclip":
         row["clip"] = clip_summary(recs, spec["tau"])
+        row["clip"]["update_growth"] = update_growth(recs, spec["tau"])
     return row

@@ -178,11 +178,14 @@ def fig_overshoot(summ, logs, out) -> str:
     groups.append((f"1x lr*, wd {summ['settings']['weight_decay_large']:g}", summ["main"]["wd_large"]))
     for i, (lab, rows) in enumerate(groups):
         ov = [r["clip"]["overshoot"] for r in rows if math.isfinite(r["clip"]["overshoot"])]
-        a.plot([i] * len(ov), ov, "o", color="C3", alpha=0.7)
+        g = [r["clip"]["update_growth"] for r in rows if math.isfinite(r["clip"]["update_growth"])]
+        a.plot([i - 0.1] * len(ov), ov, "o", color="C3", alpha=0.7, label="probe S / tau" if i == 0 else None)
+        a.plot([i + 0.1] * len(g), g, "s", color="C0", alpha=0.7,
+               label="one update's growth of S (fixed data)" if i == 0 else None)
     a.axhline(1.0, color="k", lw=1, label="tau")
     a.axhline(S.CAP_TOLERANCE, color="k", ls="--", lw=1, label=f"pre-registered tolerance {S.CAP_TOLERANCE}")
     a.set_xticks(range(len(groups)), [g[0] for g in groups])
-    a.set_ylabel("largest probe S / tau after the first clip")
+    a.set_ylabel("largest value after the first clip")
     a.set_title("Overshoot of the cap, by lr (dots: seeds)")
     _legend(a)
     return _save(fig, out / "overshoot.png")
@@ -258,15 +261,15 @@ def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
               f"{_f(r['peak_probe_s'], 1)} | {len(r['spikes'])} |" for r in sw["runs"]]
         L.append("")
     L += [f"![]({figs['presweep']})", "", "## Main runs", "",
-          "| run | peak probe S | final val | spikes | first clip | last clip | heads ever clipped | overshoot (probe) | overshoot (train batches) | stable rank |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| run | peak probe S | final val | spikes | first clip | last clip | heads ever clipped | overshoot (probe) | overshoot (train batches) | one update's growth of S | stable rank |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = [r for m in summ["main"]["multipliers"].values() for r in m["muon"] + m["clip"]]
     rows += summ["main"]["wd_large"] + summ["main"]["adamw"]
     for r in rows:
         cl = r.get("clip")
         L.append(f"| {r['run']} | {_f(r['peak_probe_s'], 1)} | {_f(r['final_val'], 4)} | {len(r['spikes'])} | "
                  + (f"{cl['first']} | {cl['last']} | {_f(cl['fraction'])} | {_f(cl['overshoot'])} | "
-                    f"{_f(cl['overshoot_train'])} | " if cl else "- | - | - | - | - | ")
+                    f"{_f(cl['overshoot_train'])} | {_f(cl['update_growth'])} | " if cl else "- | - | - | - | - | - | ")
                  + f"{_f(r['stable_rank']['all'], 2)} |")
     L.append("")
     for key in ("fig2_left", "fig2_right", "appd", "fig12", "appe", "overshoot", "wd"):

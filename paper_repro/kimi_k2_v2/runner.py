@@ -13,8 +13,10 @@ Records, one JSON line per step in ``metrics.jsonl``:
 - every step: ``loss``, ``lr``, ``s`` (S per layer and head on the step's
   training batch, before the update and clip), ``clipped`` (heads whose S
   exceeded tau, for a clip run);
-- every ``probe_every`` steps (and the last): ``probe_s``, S of the current
-  model (before that step's update) on a fixed probe batch;
+- at steps t and t + 1 for every multiple t of ``probe_every`` (and the
+  last): ``probe_s``, S of the current model (before that step's update) on
+  a fixed probe batch. The consecutive pairs give one update's growth of S
+  on fixed data (``analysis.update_growth``);
 - every ``norms_every`` steps: ``norm_qc``, ``norm_kc``, ``norm_qr``, the
   spectral norm per layer and head of q_C (``wq[:, :, :nope]``), k_C
   (``wkv_b[:, :, :nope]``) and q_R (``wq[:, :, nope:]``); in monitor runs
@@ -190,7 +192,7 @@ def run(spec: RunSpec, data: qc.TokenData, probe: np.ndarray, val_windows: np.nd
         for t in range(spec.steps):
             rec: dict[str, Any] = {"step": t}
             last = t == spec.steps - 1
-            if t % spec.probe_every == 0 or last:
+            if t % spec.probe_every in (0, 1) or last:
                 rec["probe_s"] = probe_s(model, probe).tolist()
             measure = t % spec.norms_every == 0 or last
             if measure:

@@ -31,7 +31,7 @@ mechanically; a verdict in ``results.md`` is the return value of one of them.
   - AdamW (monitor) at 1x its own lr*, same length (3 runs): App. E.
   18 main runs in all.
 - **Measurements**: S on a fixed probe batch (8 windows spread evenly across
-  the validation split) every 5 steps; per-head spectral norms of q_C, k_C
+  the validation split) at steps t and t + 1 for every fifth t; per-head spectral norms of q_C, k_C
   and q_R every 50 steps; the stable rank ||U||_F^2 / ||U||_2^2 of each
   optimizer's update U (weight decay removed) of the attention matrices every
   50 steps (monitor runs only); validation loss on 32 windows spread evenly
