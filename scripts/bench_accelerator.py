@@ -49,17 +49,36 @@ from qkclip_eqx import RunConfig, Transformer, make_train_step, preset
 # Dense (no sparsity) bf16 peak per chip, TFLOP/s, from the vendors' data
 # sheets, matched against jax's device_kind (case-insensitive, first match).
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("h200", 989.0), ("h100", 989.0),  # SXM; the PCIe H100 is 756
-    ("gh200", 989.0), ("b200", 2250.0), ("a100", 312.0), ("l40s", 362.0),
-    ("l4", 121.0), ("a10g", 125.0),
-    ("tpu v6", 918.0), ("tpu v5p", 459.0), ("tpu v5 lite", 197.0), ("tpu v5e", 197.0),
+    ("h200", 989.0),
+    ("h100", 989.0),  # SXM; the PCIe H100 is 756
+    ("gh200", 989.0),
+    ("b200", 2250.0),
+    ("a100", 312.0),
+    ("l40s", 362.0),
+    ("l4", 121.0),
+    ("a10g", 125.0),
+    ("tpu v6", 918.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5 lite", 197.0),
+    ("tpu v5e", 197.0),
     ("tpu v4", 275.0),
 )
 
 # The scaled-down shape run on a CPU (--shape auto or small).
-SMALL = dict(n_layers=2, dim=128, n_heads=4, q_lora_rank=64, kv_lora_rank=32,
-             qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, mlp_hidden=256,
-             batch_size=2, seq_len=256, block_size=128)
+SMALL = dict(
+    n_layers=2,
+    dim=128,
+    n_heads=4,
+    q_lora_rank=64,
+    kv_lora_rank=32,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    mlp_hidden=256,
+    batch_size=2,
+    seq_len=256,
+    block_size=128,
+)
 
 
 def default_peak_tflops(device_kind: str) -> float | None:
@@ -108,16 +127,29 @@ def peak_memory_bytes(device: jax.Device) -> tuple[int | None, str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="auto", choices=("auto", "full", "small"),
-                   help="full: gpu-100m; small: scaled down; auto: small on CPU, else full")
+    p.add_argument(
+        "--shape",
+        default="auto",
+        choices=("auto", "full", "small"),
+        help="full: gpu-100m; small: scaled down; auto: small on CPU, else full",
+    )
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense bf16 peak of one device, TFLOP/s (default: by device kind)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a RunConfig field (int), e.g. --set n_layers=1")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak of one device, TFLOP/s (default: by device kind)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a RunConfig field (int), e.g. --set n_layers=1",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -134,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     state = opt.init(eqx.filter(model, eqx.is_array))
     step = make_train_step(opt, mode=cfg.mode, tau=cfg.tau, alpha=cfg.alpha)
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, 256, size=(cfg.batch_size, cfg.seq_len + 1), dtype=np.int32))
+    tokens = jnp.asarray(
+        rng.integers(0, 256, size=(cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
+    )
 
     t0 = time.perf_counter()
     model, state, metrics = jax.block_until_ready(step(model, state, tokens))
@@ -152,25 +186,49 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
     peak = a.peak_tflops if a.peak_tflops is not None else default_peak_tflops(device.device_kind)
     mem, mem_source = peak_memory_bytes(device)
-    dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(eqx.filter((model, state), eqx.is_inexact_array))})
+    dtypes = sorted(
+        {str(x.dtype) for x in jax.tree.leaves(eqx.filter((model, state), eqx.is_inexact_array))}
+    )
     out = {
-        "device": f"{device.platform} {device.device_kind}", "n_devices_used": 1,
-        "jax": jax.__version__, "python": platform.python_version(),
-        "shape": {k: getattr(cfg, k) for k in ("n_layers", "dim", "n_heads", "mlp_hidden",
-                                                "batch_size", "seq_len", "kernel", "block_size",
-                                                "param_dtype", "compute_dtype")},
-        "params": int(n_params), "matmul_params": int(n_matmul),
+        "device": f"{device.platform} {device.device_kind}",
+        "n_devices_used": 1,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "shape": {
+            k: getattr(cfg, k)
+            for k in (
+                "n_layers",
+                "dim",
+                "n_heads",
+                "mlp_hidden",
+                "batch_size",
+                "seq_len",
+                "kernel",
+                "block_size",
+                "param_dtype",
+                "compute_dtype",
+            )
+        },
+        "params": int(n_params),
+        "matmul_params": int(n_matmul),
         "param_and_state_dtypes": dtypes,
-        "compile_plus_first_step_s": compile_s, "step_s_median": step_s,
-        "step_s_all": times, "tokens_per_s": cfg.batch_size * cfg.seq_len / step_s,
-        "model_tflops_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
-        "peak_bf16_tflops": peak, "mfu": None if peak is None else flops / step_s / (peak * 1e12),
-        "peak_memory_bytes": mem, "peak_memory_source": mem_source,
+        "compile_plus_first_step_s": compile_s,
+        "step_s_median": step_s,
+        "step_s_all": times,
+        "tokens_per_s": cfg.batch_size * cfg.seq_len / step_s,
+        "model_tflops_per_step": flops / 1e12,
+        "achieved_tflops": flops / step_s / 1e12,
+        "peak_bf16_tflops": peak,
+        "mfu": None if peak is None else flops / step_s / (peak * 1e12),
+        "peak_memory_bytes": mem,
+        "peak_memory_source": mem_source,
         "final_loss": float(metrics["loss"]),
     }
     print(f"device {out['device']} | jax {out['jax']} | python {out['python']}")
     print(f"model {n_params / 1e6:.1f}M params ({n_matmul / 1e6:.1f}M in matmuls); {out['shape']}")
-    print(f"compile + first step {compile_s:.1f} s; median step {step_s * 1e3:.1f} ms over {a.steps}")
+    print(
+        f"compile + first step {compile_s:.1f} s; median step {step_s * 1e3:.1f} ms over {a.steps}"
+    )
     print(f"tokens/s {out['tokens_per_s']:,.0f} | {out['achieved_tflops']:.2f} TFLOP/s achieved")
     if peak is None:
         print("MFU: n/a (no peak known for this device; pass --peak-tflops)")

@@ -43,9 +43,17 @@ def child(args: argparse.Namespace) -> None:
 
     from qkclip_eqx import MLAConfig, MLAttention
 
-    config = MLAConfig(dim=256, n_heads=4, kv_lora_rank=128, qk_nope_head_dim=48,
-                       qk_rope_head_dim=16, v_head_dim=64, q_lora_rank=None,
-                       kernel=args.kernel, block_size=args.block_size)
+    config = MLAConfig(
+        dim=256,
+        n_heads=4,
+        kv_lora_rank=128,
+        qk_nope_head_dim=48,
+        qk_rope_head_dim=16,
+        v_head_dim=64,
+        q_lora_rank=None,
+        kernel=args.kernel,
+        block_size=args.block_size,
+    )
     # Weights from NumPy into the constructor's structure: the same module as
     # MLAttention(config, key=...), without compiling a random initialiser.
     shapes = eqx.filter_eval_shape(MLAttention, config, key=jax.random.key(0))
@@ -78,9 +86,12 @@ def child(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         jax.block_until_ready(step(module, x))
         runs.append(time.perf_counter() - t0)
-    print(f"CHILD kernel={args.kernel} seq={args.seq} loss={float(value):.4g} "
-          f"S={np.asarray(s).round(3).tolist()} compile+run={elapsed:.2f}s "
-          f"run_ms={1e3 * sorted(runs)[len(runs) // 2]:.1f}", flush=True)
+    print(
+        f"CHILD kernel={args.kernel} seq={args.seq} loss={float(value):.4g} "
+        f"S={np.asarray(s).round(3).tolist()} compile+run={elapsed:.2f}s "
+        f"run_ms={1e3 * sorted(runs)[len(runs) // 2]:.1f}",
+        flush=True,
+    )
 
 
 def wrapper(cmd: list[str]) -> None:
@@ -92,8 +103,19 @@ def wrapper(cmd: list[str]) -> None:
 
 def measure(kernel: str, seq: int, args: argparse.Namespace) -> tuple[int, float, str, str]:
     """Returns (peak RSS in KiB, wall seconds, method, child's line)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--kernel", kernel,
-           "--seq", str(seq), "--block-size", str(args.block_size), "--runs", str(args.runs)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        "--kernel",
+        kernel,
+        "--seq",
+        str(seq),
+        "--block-size",
+        str(args.block_size),
+        "--runs",
+        str(args.runs),
+    ]
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = args.platform
     t0 = time.perf_counter()
@@ -102,8 +124,12 @@ def measure(kernel: str, seq: int, args: argparse.Namespace) -> tuple[int, float
         method = "/usr/bin/time -v (Maximum resident set size)"
         match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
     else:
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--wrap", "--", *cmd],
-                           capture_output=True, text=True, env=env)
+        r = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--wrap", "--", *cmd],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         method = "resource.getrusage(RUSAGE_CHILDREN).ru_maxrss"
         match = re.search(r"WRAPPER maxrss_kib=(\d+)", r.stdout)
     wall = time.perf_counter() - t0
@@ -131,9 +157,11 @@ def main() -> None:
     if args.wrap:
         return wrapper(args.rest)
 
-    rows = [("baseline (dense)", "dense", args.baseline_seq),
-            ("dense", "dense", args.seq),
-            ("blockwise", "blockwise", args.seq)]
+    rows = [
+        ("baseline (dense)", "dense", args.baseline_seq),
+        ("dense", "dense", args.seq),
+        ("blockwise", "blockwise", args.seq),
+    ]
     results = {}
     for label, kernel, seq in rows:
         kib, wall, method, line = measure(kernel, seq, args)
@@ -142,16 +170,24 @@ def main() -> None:
         print(line, flush=True)
     base = results["baseline (dense)"][2]
     print()
-    print(f"One forward+backward of MLAttention (dim 256, 4 heads, qk 48+16, v 64, "
-          f"kv_lora 128), batch 1, block_size {args.block_size}, JAX_PLATFORMS={args.platform}")
+    print(
+        f"One forward+backward of MLAttention (dim 256, 4 heads, qk 48+16, v 64, "
+        f"kv_lora 128), batch 1, block_size {args.block_size}, JAX_PLATFORMS={args.platform}"
+    )
     print(f"peak memory from: {method}")
-    print(f"{'run':<18}{'seq':>6}{'peak RSS MiB':>14}{'minus baseline':>16}{'wall s':>8}"
-          f"{'fwd+bwd ms':>12}")
+    print(
+        f"{'run':<18}{'seq':>6}{'peak RSS MiB':>14}{'minus baseline':>16}{'wall s':>8}"
+        f"{'fwd+bwd ms':>12}"
+    )
     for label, (_kernel, seq, kib, wall, run_ms) in results.items():
-        print(f"{label:<18}{seq:>6}{kib / 1024:>14.1f}{(kib - base) / 1024:>16.1f}{wall:>8.1f}"
-              f"{run_ms:>12.1f}")
+        print(
+            f"{label:<18}{seq:>6}{kib / 1024:>14.1f}{(kib - base) / 1024:>16.1f}{wall:>8.1f}"
+            f"{run_ms:>12.1f}"
+        )
     dense, block = results["dense"][2], results["blockwise"][2]
-    print(f"ratio blockwise/dense, fwd+bwd time:       {results['blockwise'][4] / results['dense'][4]:.3f}")
+    print(
+        f"ratio blockwise/dense, fwd+bwd time:       {results['blockwise'][4] / results['dense'][4]:.3f}"
+    )
     print(f"ratio blockwise/dense, peak RSS:           {block / dense:.3f}")
     if dense > base:
         print(f"ratio blockwise/dense, minus baseline:     {(block - base) / (dense - base):.3f}")

@@ -53,7 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--no-causal", action="store_true")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds (one call per variant)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant after compiling")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed calls per variant after compiling"
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -70,10 +72,20 @@ def build(a: argparse.Namespace):
 
     def fns(max_logit: str, return_s: bool):
         def one(q, k, v):
-            return attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg,
-                          causal=not a.no_causal, scale=1.0 / a.head_dim**0.5,
-                          kernel="dot_product_attention", block_size=a.block_size,
-                          max_logit=max_logit)
+            return attend(
+                q,
+                k,
+                v,
+                q_pos=pos,
+                k_pos=pos,
+                q_seg=seg,
+                k_seg=seg,
+                causal=not a.no_causal,
+                scale=1.0 / a.head_dim**0.5,
+                kernel="dot_product_attention",
+                block_size=a.block_size,
+                max_logit=max_logit,
+            )
 
         def loss(q, k, v):
             out, s = jax.vmap(one)(q, k, v)
@@ -88,8 +100,11 @@ def build(a: argparse.Namespace):
 
         return run
 
-    runs = {"no_s": fns("exact", False), "exact": fns("exact", True),
-            "lse_bound": fns("lse_bound", True)}
+    runs = {
+        "no_s": fns("exact", False),
+        "exact": fns("exact", True),
+        "lse_bound": fns("lse_bound", True),
+    }
     return runs, (q, k, v)
 
 
@@ -106,31 +121,51 @@ def main(argv=None) -> dict:
         raise RuntimeError(f"the S pass was not removed from no_s: while loops {loops}")
     times = {name: [] for name in VARIANTS}
     for r in range(a.repeats):
-        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]
+        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
         for name in order:
             t0 = time.perf_counter()
             jax.block_until_ready(runs[name](*args))
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     ratios = {
-        name: {"ratio_of_medians": med[name] / med["no_s"],
-               "median_of_ratios": statistics.median(
-                   x / y for x, y in zip(times[name], times["no_s"]))}
+        name: {
+            "ratio_of_medians": med[name] / med["no_s"],
+            "median_of_ratios": statistics.median(
+                x / y for x, y in zip(times[name], times["no_s"])
+            ),
+        }
         for name in ("exact", "lse_bound")
     }
-    shape = dict(batch=a.batch, seq=a.seq, heads=a.heads, kv_heads=a.kv_heads,
-                 head_dim=a.head_dim, block_size=a.block_size, dtype=a.dtype,
-                 causal=not a.no_causal)
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({platform.machine()}), "
-          f"dot_product_attention implementation=None, fwd+bwd, {shape}")
+    shape = dict(
+        batch=a.batch,
+        seq=a.seq,
+        heads=a.heads,
+        kv_heads=a.kv_heads,
+        head_dim=a.head_dim,
+        block_size=a.block_size,
+        dtype=a.dtype,
+        causal=not a.no_causal,
+    )
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({platform.machine()}), "
+        f"dot_product_attention implementation=None, fwd+bwd, {shape}"
+    )
     print(f"while loops in the compiled programs: {loops}")
     for name in VARIANTS:
         print(f"{name:>10}: median {1e3 * med[name]:9.2f} ms over {a.repeats} interleaved rounds")
     for name, r in ratios.items():
-        print(f"{name}/no_s: ratio of medians {r['ratio_of_medians']:.3f}, "
-              f"median of per-round ratios {r['median_of_ratios']:.3f}")
-    result = {"shape": shape, "median_s": med, "ratios": ratios, "while_loops": loops,
-              "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+        print(
+            f"{name}/no_s: ratio of medians {r['ratio_of_medians']:.3f}, "
+            f"median of per-round ratios {r['median_of_ratios']:.3f}"
+        )
+    result = {
+        "shape": shape,
+        "median_s": med,
+        "ratios": ratios,
+        "while_loops": loops,
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+    }
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

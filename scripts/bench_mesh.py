@@ -22,8 +22,13 @@ import numpy as np  # noqa: E402
 
 import qkclip_eqx as qc  # noqa: E402
 
-MESHES = {"1 device": None, "data=8": dict(data=8), "data=4,model=2": dict(data=4, model=2),
-          "data=2,seq=4": dict(data=2, seq=4), "data=2,model=2,seq=2": dict(data=2, model=2, seq=2)}
+MESHES = {
+    "1 device": None,
+    "data=8": dict(data=8),
+    "data=4,model=2": dict(data=4, model=2),
+    "data=2,seq=4": dict(data=2, seq=4),
+    "data=2,model=2,seq=2": dict(data=2, model=2, seq=2),
+}
 
 
 def main() -> None:
@@ -32,8 +37,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     args = p.parse_args()
-    attn = qc.MLAConfig(dim=128, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
-                        qk_rope_head_dim=16, v_head_dim=32)
+    attn = qc.MLAConfig(
+        dim=128, n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32
+    )
     cfg = qc.TransformerConfig(vocab_size=256, n_layers=4, mlp_hidden=384, attention=attn)
     tokens = np.random.default_rng(0).integers(0, 256, (args.batch, args.seq + 1), dtype=np.int32)
     runs = {}
@@ -57,8 +63,10 @@ def main() -> None:
             if rep >= 2:
                 times[name].append(time.perf_counter() - t)
     base = statistics.median(times["1 device"])
-    print(f"MLA Transformer (4 layers, dim 128, 4 heads), batch {args.batch}, seq {args.seq}, "
-          f"{args.repeats} interleaved repeats, {jax.device_count()} simulated CPU devices")
+    print(
+        f"MLA Transformer (4 layers, dim 128, 4 heads), batch {args.batch}, seq {args.seq}, "
+        f"{args.repeats} interleaved repeats, {jax.device_count()} simulated CPU devices"
+    )
     print(f"{'mesh':>22} {'median ms':>10} {'vs 1 device':>12}")
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -45,8 +45,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qkclip_eqx import (MLAConfig, Transformer, TransformerConfig, make_train_step, muon_adamw,
-                        next_token_loss)
+from qkclip_eqx import (
+    MLAConfig,
+    Transformer,
+    TransformerConfig,
+    make_train_step,
+    muon_adamw,
+    next_token_loss,
+)
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -68,8 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel", default="dense", choices=("dense", "blockwise"))
     p.add_argument("--rounds", type=int, default=20, help="timed rounds of whole steps")
     p.add_argument("--piece-rounds", type=int, default=8, help="timed rounds of each piece")
-    p.add_argument("--torch-python", default=os.environ.get("QKCLIP_TORCH_PYTHON"),
-                   help="a Python interpreter with torch (default: $QKCLIP_TORCH_PYTHON)")
+    p.add_argument(
+        "--torch-python",
+        default=os.environ.get("QKCLIP_TORCH_PYTHON"),
+        help="a Python interpreter with torch (default: $QKCLIP_TORCH_PYTHON)",
+    )
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
     p.add_argument("--peak-n", type=int, default=2048, help="size of the matmul timed for the peak")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -77,19 +86,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_config(a) -> TransformerConfig:
-    att = MLAConfig(dim=a.dim, n_heads=a.heads, q_lora_rank=a.q_lora, kv_lora_rank=a.kv_lora,
-                    qk_nope_head_dim=a.nope, qk_rope_head_dim=a.rope, v_head_dim=a.v,
-                    kernel=a.kernel)
-    return TransformerConfig(vocab_size=a.vocab, n_layers=a.layers, mlp_hidden=a.mlp,
-                             attention=att)
+    att = MLAConfig(
+        dim=a.dim,
+        n_heads=a.heads,
+        q_lora_rank=a.q_lora,
+        kv_lora_rank=a.kv_lora,
+        qk_nope_head_dim=a.nope,
+        qk_rope_head_dim=a.rope,
+        v_head_dim=a.v,
+        kernel=a.kernel,
+    )
+    return TransformerConfig(vocab_size=a.vocab, n_layers=a.layers, mlp_hidden=a.mlp, attention=att)
 
 
 def model_flops(a) -> dict:
     """FLOPs of one train step, by part (see the module docstring)."""
     mats = [  # per layer, (out, in)
-        (a.q_lora, a.dim), (a.heads * (a.nope + a.rope), a.q_lora), (a.kv_lora + a.rope, a.dim),
-        (a.heads * (a.nope + a.v), a.kv_lora), (a.dim, a.heads * a.v),
-        (a.mlp, a.dim), (a.mlp, a.dim), (a.dim, a.mlp),
+        (a.q_lora, a.dim),
+        (a.heads * (a.nope + a.rope), a.q_lora),
+        (a.kv_lora + a.rope, a.dim),
+        (a.heads * (a.nope + a.v), a.kv_lora),
+        (a.dim, a.heads * a.v),
+        (a.mlp, a.dim),
+        (a.mlp, a.dim),
+        (a.dim, a.mlp),
     ]
     tokens = a.batch * a.seq
     matmul_params = a.layers * sum(o * i for o, i in mats) + a.vocab * a.dim  # + LM head
@@ -99,8 +119,12 @@ def model_flops(a) -> dict:
     for o, i in mats:
         m, n = min(o, i), max(o, i)
         ns += a.layers * (5 * (4 * m * m * n + 2 * m**3) + 4 * m * n)
-    return {"matmuls": dense, "attention": 3 * attn_fwd, "newton_schulz": ns,
-            "total": dense + 3 * attn_fwd + ns}
+    return {
+        "matmuls": dense,
+        "attention": 3 * attn_fwd,
+        "newton_schulz": ns,
+        "total": dense + 3 * attn_fwd + ns,
+    }
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -124,20 +148,23 @@ class Ours:
     def __init__(self, a):
         self.model = Transformer(model_config(a), key=jax.random.key(0))
         rng = np.random.default_rng(0)
-        self.tokens = [jnp.asarray(rng.integers(0, a.vocab, (a.batch, a.seq + 1)), jnp.int32)
-                       for _ in range(4)]
+        self.tokens = [
+            jnp.asarray(rng.integers(0, a.vocab, (a.batch, a.seq + 1)), jnp.int32) for _ in range(4)
+        ]
         self.optimizer = muon_adamw(2e-3, weight_decay=0.1)
         self.opt_state = self.optimizer.init(eqx.filter(self.model, eqx.is_array))
         self.train_step = make_train_step(self.optimizer, mode="clip", tau=100.0)
         self._fwd = eqx.filter_jit(lambda m, t: next_token_loss(m, t)[0])
         self._fwdbwd = eqx.filter_jit(
-            lambda m, t: eqx.filter_value_and_grad(lambda m: next_token_loss(m, t)[0])(m))
+            lambda m, t: eqx.filter_value_and_grad(lambda m: next_token_loss(m, t)[0])(m)
+        )
         # the update piece works on copies: the step donates the model and its state
         copy = lambda tree: jax.tree.map(jnp.copy, eqx.filter(tree, eqx.is_array))  # noqa: E731
         self.params, self.update_state = copy(self.model), copy(self.opt_state)
         self.grads = self._fwdbwd(self.model, self.tokens[0])[1]
         self._update = eqx.filter_jit(
-            lambda g, s, p: eqx.apply_updates(p, self.optimizer.update(g, s, p)[0]))
+            lambda g, s, p: eqx.apply_updates(p, self.optimizer.update(g, s, p)[0])
+        )
         self.i = 0
 
     def _batch(self):
@@ -146,8 +173,9 @@ class Ours:
 
     def step(self):
         # the step donates the model and optimizer state: keep what it returns
-        self.model, self.opt_state, metrics = self.train_step(self.model, self.opt_state,
-                                                              self._batch())
+        self.model, self.opt_state, metrics = self.train_step(
+            self.model, self.opt_state, self._batch()
+        )
         jax.block_until_ready((self.model, self.opt_state, metrics))
 
     def fwd(self):
@@ -164,11 +192,35 @@ class TorchWorker:
     """``scripts/torch_twin.py --serve`` in another interpreter; one piece per request."""
 
     def __init__(self, python: str, a, compile: bool):
-        args = [python, str(HERE / "torch_twin.py"), "--serve", "--dim", str(a.dim),
-                "--layers", str(a.layers), "--heads", str(a.heads), "--q-lora", str(a.q_lora),
-                "--kv-lora", str(a.kv_lora), "--nope", str(a.nope), "--rope", str(a.rope),
-                "--v", str(a.v), "--mlp", str(a.mlp), "--vocab", str(a.vocab),
-                "--seq", str(a.seq), "--batch", str(a.batch)]
+        args = [
+            python,
+            str(HERE / "torch_twin.py"),
+            "--serve",
+            "--dim",
+            str(a.dim),
+            "--layers",
+            str(a.layers),
+            "--heads",
+            str(a.heads),
+            "--q-lora",
+            str(a.q_lora),
+            "--kv-lora",
+            str(a.kv_lora),
+            "--nope",
+            str(a.nope),
+            "--rope",
+            str(a.rope),
+            "--v",
+            str(a.v),
+            "--mlp",
+            str(a.mlp),
+            "--vocab",
+            str(a.vocab),
+            "--seq",
+            str(a.seq),
+            "--batch",
+            str(a.batch),
+        ]
         if compile:
             args.append("--compile")
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -191,15 +243,17 @@ def interleave(impls: dict, piece: str, rounds: int) -> dict[str, list[float]]:
     names = list(impls)
     times = {n: [] for n in names}
     for r in range(rounds):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             times[n].append(impls[n](piece))
     return times
 
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    print(f"{platform.node()}: {os.cpu_count()} CPUs, {jax.default_backend()}, jax {jax.__version__}, "
-          f"Python {platform.python_version()}, load {os.getloadavg()}")
+    print(
+        f"{platform.node()}: {os.cpu_count()} CPUs, {jax.default_backend()}, jax {jax.__version__}, "
+        f"Python {platform.python_version()}, load {os.getloadavg()}"
+    )
     ours = Ours(a)
     for piece in ("step", "fwd", "fwdbwd", "update"):  # compile and warm up
         for _ in range(3):
@@ -214,7 +268,7 @@ def main(argv=None) -> None:
             for _ in range(3):
                 w("step")
             impls[name] = w
-            print(f"{name}: {w.version[len('ready '):]}")
+            print(f"{name}: {w.version[len('ready ') :]}")
     else:
         print("no --torch-python: timing qkclip_eqx alone")
 
@@ -229,28 +283,40 @@ def main(argv=None) -> None:
     tokens = a.batch * a.seq
     flops = model_flops(a)
     med = {p: {n: statistics.median(t) for n, t in r.items()} for p, r in results.items()}
-    print(f"\nbenchmark model: MLA dim {a.dim}, {a.layers} layers, {a.heads} heads, seq {a.seq}, "
-          f"batch {a.batch} ({tokens} tokens/step), {a.kernel} kernel, float32, clip mode")
-    print(f"model FLOPs/step {flops['total'] / 1e9:.1f} G (matmuls {flops['matmuls'] / 1e9:.1f}, "
-          f"attention {flops['attention'] / 1e9:.1f}, Newton-Schulz {flops['newton_schulz'] / 1e9:.1f}); "
-          f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s ({a.peak_n}^3, this run)")
+    print(
+        f"\nbenchmark model: MLA dim {a.dim}, {a.layers} layers, {a.heads} heads, seq {a.seq}, "
+        f"batch {a.batch} ({tokens} tokens/step), {a.kernel} kernel, float32, clip mode"
+    )
+    print(
+        f"model FLOPs/step {flops['total'] / 1e9:.1f} G (matmuls {flops['matmuls'] / 1e9:.1f}, "
+        f"attention {flops['attention'] / 1e9:.1f}, Newton-Schulz {flops['newton_schulz'] / 1e9:.1f}); "
+        f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s ({a.peak_n}^3, this run)"
+    )
     head = f"{'':16s} {'ms/step':>8s} {'tokens/s':>9s} {'MFU':>6s} {'fwd ms':>7s} {'fwd+bwd':>8s} {'bwd/fwd':>8s} {'update':>7s}"
     print(head)
     for n in impls:
         st = med["step"][n]
-        print(f"{n:16s} {st * 1e3:8.1f} {tokens / st:9.0f} {flops['total'] / st / peak:6.1%} "
-              f"{med['fwd'][n] * 1e3:7.1f} {med['fwdbwd'][n] * 1e3:8.1f} "
-              f"{med['fwdbwd'][n] / med['fwd'][n]:8.2f} {med['update'][n] * 1e3:7.1f}")
+        print(
+            f"{n:16s} {st * 1e3:8.1f} {tokens / st:9.0f} {flops['total'] / st / peak:6.1%} "
+            f"{med['fwd'][n] * 1e3:7.1f} {med['fwdbwd'][n] * 1e3:8.1f} "
+            f"{med['fwdbwd'][n] / med['fwd'][n]:8.2f} {med['update'][n] * 1e3:7.1f}"
+        )
     for n in impls:
         if n != "qkclip_eqx":
             paired = statistics.median(
-                [t / o for o, t in zip(results["step"]["qkclip_eqx"], results["step"][n])])
-            print(f"tokens/s qkclip_eqx / {n}: {med['step'][n] / med['step']['qkclip_eqx']:.2f} "
-                  f"(median of per-round ratios {paired:.2f})")
+                [t / o for o, t in zip(results["step"]["qkclip_eqx"], results["step"][n])]
+            )
+            print(
+                f"tokens/s qkclip_eqx / {n}: {med['step'][n] / med['step']['qkclip_eqx']:.2f} "
+                f"(median of per-round ratios {paired:.2f})"
+            )
     print(f"load average at the end: {os.getloadavg()}")
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps(
-            {"args": vars(a), "flops": flops, "peak": peak, "times_s": results}, indent=1))
+        pathlib.Path(a.json).write_text(
+            json.dumps(
+                {"args": vars(a), "flops": flops, "peak": peak, "times_s": results}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -87,13 +87,34 @@ BASE_CONFIG = dict(
 )
 
 # DeepSeek-V3's published config.json block (Kimi K2's has factor 32).
-DSV3_YARN = dict(type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32,
-                 beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
-YARN_MSCALE = dict(type="yarn", factor=32.0, original_max_position_embeddings=4096, beta_fast=32,
-                   beta_slow=1, mscale=0.707, mscale_all_dim=1.0)
+DSV3_YARN = dict(
+    type="yarn",
+    factor=40.0,
+    original_max_position_embeddings=4096,
+    beta_fast=32,
+    beta_slow=1,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
+YARN_MSCALE = dict(
+    type="yarn",
+    factor=32.0,
+    original_max_position_embeddings=4096,
+    beta_fast=32,
+    beta_slow=1,
+    mscale=0.707,
+    mscale_all_dim=1.0,
+)
 # Kimi K2-Instruct-0905's published block (with its rope_theta 50000).
-K2_YARN = dict(type="yarn", factor=64.0, original_max_position_embeddings=4096, beta_fast=1.0,
-               beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+K2_YARN = dict(
+    type="yarn",
+    factor=64.0,
+    original_max_position_embeddings=4096,
+    beta_fast=1.0,
+    beta_slow=1.0,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
 YARN_START = 5000  # first position of the YaRN inputs
 
 # file -> (q_lora_rank, rope_scaling, first position, rope_theta)
@@ -106,8 +127,9 @@ CASES = {
 }
 
 
-def make_config(q_lora_rank: int | None, rope_scaling: dict | None = None,
-                rope_theta: float = 10000.0) -> DeepseekV3Config:
+def make_config(
+    q_lora_rank: int | None, rope_scaling: dict | None = None, rope_theta: float = 10000.0
+) -> DeepseekV3Config:
     base = dict(BASE_CONFIG, rope_theta=rope_theta)
     if rope_scaling is not None:
         # the extended context, as the published configs set it (DeepSeek-V3: 40 * 4096 = 163840)
@@ -181,19 +203,28 @@ def capture_pre_softmax_logits(store: list):
         torch.nn.functional.softmax = original_softmax
 
 
-def make_golden(q_lora_rank: int | None, out_path: pathlib.Path, rope_scaling: dict | None = None,
-                start: int = 0, rope_theta: float = 10000.0) -> dict:
+def make_golden(
+    q_lora_rank: int | None,
+    out_path: pathlib.Path,
+    rope_scaling: dict | None = None,
+    start: int = 0,
+    rope_theta: float = 10000.0,
+) -> dict:
     config = make_config(q_lora_rank, rope_scaling, rope_theta)
     generator = torch.Generator().manual_seed(SEED)
 
     attn = hf_dsv3.DeepseekV3Attention(config, layer_idx=0).to(torch.float32).eval()
     init_weights(attn, generator)
 
-    hidden_states = torch.randn(1, SEQ_LEN, config.hidden_size, generator=generator, dtype=torch.float32)
+    hidden_states = torch.randn(
+        1, SEQ_LEN, config.hidden_size, generator=generator, dtype=torch.float32
+    )
     position_ids = start + torch.arange(SEQ_LEN)[None, :]
 
     rotary = hf_dsv3.DeepseekV3RotaryEmbedding(config)
-    position_embeddings = rotary(hidden_states, position_ids)  # (cos, sin), each [1, seq, qk_rope_head_dim]
+    position_embeddings = rotary(
+        hidden_states, position_ids
+    )  # (cos, sin), each [1, seq, qk_rope_head_dim]
 
     # The causal mask exactly as DeepseekV3Model builds it for eager attention:
     # float [batch, 1, q, kv], 0.0 where j <= i, finfo(float32).min where j > i.
@@ -216,7 +247,9 @@ def make_golden(q_lora_rank: int | None, out_path: pathlib.Path, rope_scaling: d
             position_embeddings=position_embeddings,
             attention_mask=mask,
         )
-    assert len(captured) == 1, f"expected one softmax call inside eager attention, got {len(captured)}"
+    assert len(captured) == 1, (
+        f"expected one softmax call inside eager attention, got {len(captured)}"
+    )
 
     logits = captured[0]  # [1, heads, q, kv]: scaled logits + mask
     assert logits.shape == (1, config.num_attention_heads, SEQ_LEN, SEQ_LEN)
@@ -230,8 +263,14 @@ def make_golden(q_lora_rank: int | None, out_path: pathlib.Path, rope_scaling: d
     config_record = {
         **BASE_CONFIG,
         "rope_theta": rope_theta,
-        **({} if rope_scaling is None else {"rope_scaling": rope_scaling,
-                                            "max_position_embeddings": config.max_position_embeddings}),
+        **(
+            {}
+            if rope_scaling is None
+            else {
+                "rope_scaling": rope_scaling,
+                "max_position_embeddings": config.max_position_embeddings,
+            }
+        ),
         "q_lora_rank": q_lora_rank,
         "qk_head_dim": config.qk_nope_head_dim + config.qk_rope_head_dim,
         "scaling": float(attn.scaling),
@@ -241,7 +280,11 @@ def make_golden(q_lora_rank: int | None, out_path: pathlib.Path, rope_scaling: d
         "seed": SEED,
         "rope_parameters": getattr(config, "rope_parameters", None),
         "rope_inv_freq": rotary.inv_freq.tolist(),
-        **({} if rope_scaling is None else {"rope_attention_scaling": float(rotary.attention_scaling)}),
+        **(
+            {}
+            if rope_scaling is None
+            else {"rope_attention_scaling": float(rotary.attention_scaling)}
+        ),
     }
     versions = {
         "torch": torch.__version__,
@@ -249,7 +292,9 @@ def make_golden(q_lora_rank: int | None, out_path: pathlib.Path, rope_scaling: d
         "numpy": np.__version__,
     }
 
-    arrays = {name: t.detach().cpu().numpy().astype(np.float32) for name, t in attn.state_dict().items()}
+    arrays = {
+        name: t.detach().cpu().numpy().astype(np.float32) for name, t in attn.state_dict().items()
+    }
     arrays["hidden_states"] = hidden_states[0].numpy().astype(np.float32)
     arrays["output"] = output[0].numpy().astype(np.float32)
     arrays["max_logits"] = max_logits.numpy().astype(np.float32)
@@ -273,8 +318,9 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return weight * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
 
 
-def _rope_interleaved(x: np.ndarray, positions: np.ndarray, theta: float, inv_freq=None,
-                      amplitude: float = 1.0) -> np.ndarray:
+def _rope_interleaved(
+    x: np.ndarray, positions: np.ndarray, theta: float, inv_freq=None, amplitude: float = 1.0
+) -> np.ndarray:
     """DeepSeek RoPE: pairs (x[2i], x[2i+1]) rotated by angle pos * theta^(-2i/d)
     (or by the given ``inv_freq``), cos and sin times ``amplitude``.
 
@@ -297,28 +343,42 @@ def numpy_reference(arrays: dict) -> tuple[np.ndarray, np.ndarray]:
     w = {k: v.astype(np.float64) for k, v in arrays.items() if k.endswith(".weight")}
     x = arrays["hidden_states"].astype(np.float64)
     seq = x.shape[0]
-    h, dn, dr, dv = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    h, dn, dr, dv = (
+        cfg["num_attention_heads"],
+        cfg["qk_nope_head_dim"],
+        cfg["qk_rope_head_dim"],
+        cfg["v_head_dim"],
+    )
     r_kv = cfg["kv_lora_rank"]
     eps = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps=1e-6
     pos = arrays.get("position_ids", np.arange(seq)).astype(np.float64)
     yarn = cfg.get("rope_scaling") is not None
-    rope = dict(inv_freq=cfg["rope_inv_freq"] if yarn else None,
-                amplitude=cfg.get("rope_attention_scaling", 1.0))
+    rope = dict(
+        inv_freq=cfg["rope_inv_freq"] if yarn else None,
+        amplitude=cfg.get("rope_attention_scaling", 1.0),
+    )
 
     if cfg["q_lora_rank"] is None:
         q = x @ w["q_proj.weight"].T
     else:
-        q = _rms_norm(x @ w["q_a_proj.weight"].T, w["q_a_layernorm.weight"], eps) @ w["q_b_proj.weight"].T
+        q = (
+            _rms_norm(x @ w["q_a_proj.weight"].T, w["q_a_layernorm.weight"], eps)
+            @ w["q_b_proj.weight"].T
+        )
     q = q.reshape(seq, h, dn + dr).transpose(1, 0, 2)  # [h, seq, dn+dr], head-major columns
     q_nope, q_pe = q[..., :dn], _rope_interleaved(q[..., dn:], pos, cfg["rope_theta"], **rope)
 
     ckv = x @ w["kv_a_proj_with_mqa.weight"].T  # [seq, r_kv + dr]
     c_kv = _rms_norm(ckv[:, :r_kv], w["kv_a_layernorm.weight"], eps)
-    k_pe = _rope_interleaved(ckv[:, r_kv:], pos, cfg["rope_theta"], **rope)  # [seq, dr], shared by all heads
+    k_pe = _rope_interleaved(
+        ckv[:, r_kv:], pos, cfg["rope_theta"], **rope
+    )  # [seq, dr], shared by all heads
     kv = (c_kv @ w["kv_b_proj.weight"].T).reshape(seq, h, dn + dv).transpose(1, 0, 2)
     k_nope, v = kv[..., :dn], kv[..., dn:]
 
-    logits = (np.einsum("hqd,hkd->hqk", q_nope, k_nope) + np.einsum("hqd,kd->hqk", q_pe, k_pe)) * cfg["scaling"]
+    logits = (
+        np.einsum("hqd,hkd->hqk", q_nope, k_nope) + np.einsum("hqd,kd->hqk", q_pe, k_pe)
+    ) * cfg["scaling"]
     allowed = np.tril(np.ones((seq, seq), dtype=bool))
     logits = np.where(allowed, logits, -np.inf)
     max_logits = logits.max(axis=(-1, -2))
@@ -333,17 +393,24 @@ def check_file(path: pathlib.Path) -> None:
         arrays = {k: f[k] for k in f.files}
     cfg = json.loads(str(arrays["config_json"]))
     mscale = 1.0
-    if cfg.get("rope_scaling") is not None:  # DeepSeek-V3: softmax scale times mscale(mscale_all_dim)^2
+    if (
+        cfg.get("rope_scaling") is not None
+    ):  # DeepSeek-V3: softmax scale times mscale(mscale_all_dim)^2
         y = cfg["rope_scaling"]
         mscale = (0.1 * y["mscale_all_dim"] * np.log(y["factor"]) + 1.0) ** 2
-    assert abs(cfg["scaling"] - mscale * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) ** -0.5) < 1e-12
+    assert (
+        abs(cfg["scaling"] - mscale * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) ** -0.5)
+        < 1e-12
+    )
     out, max_logits = numpy_reference(arrays)
     err_out = np.abs(out - arrays["output"]).max()
     err_ml = np.abs(max_logits - arrays["max_logits"]).max()
     assert err_out < 1e-4 and err_ml < 1e-4, (err_out, err_ml)
     shapes = {k: v.shape for k, v in arrays.items() if k.endswith(".weight")}
-    print(f"{path.name}: {path.stat().st_size} bytes; numpy reference max|diff| output={err_out:.2e} "
-          f"max_logits={err_ml:.2e}")
+    print(
+        f"{path.name}: {path.stat().st_size} bytes; numpy reference max|diff| output={err_out:.2e} "
+        f"max_logits={err_ml:.2e}"
+    )
     print(f"  weights: {shapes}")
     print(f"  max_logits: {arrays['max_logits']}")
     print(f"  versions: {arrays['versions']}")

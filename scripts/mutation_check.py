@@ -44,8 +44,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = "src/qkclip_eqx/"
-COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "runs", "__pycache__", "*.egg-info",
-                                     ".pytest_cache", "build", "dist")
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv", "venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache", "build", "dist"
+)
 
 
 def lit(text: str) -> str:
@@ -74,176 +75,398 @@ def M(name: str, what: str, edits, tests) -> Mutant:
     return Mutant(name, what, edits, tuple(tests))
 
 
-K, A, C, O, L = SRC + "_kernels.py", SRC + "_attention.py", SRC + "_clip.py", SRC + "_optim.py", SRC + "_layers.py"
-S, P, CK, T, D = SRC + "_step.py", SRC + "_parallel.py", SRC + "_checkpoint.py", SRC + "_train.py", SRC + "_data.py"
+K, A, C, O, L = (
+    SRC + "_kernels.py",
+    SRC + "_attention.py",
+    SRC + "_clip.py",
+    SRC + "_optim.py",
+    SRC + "_layers.py",
+)
+S, P, CK, T, D = (
+    SRC + "_step.py",
+    SRC + "_parallel.py",
+    SRC + "_checkpoint.py",
+    SRC + "_train.py",
+    SRC + "_data.py",
+)
 
-STEP_TAU = Edit(S, lit("model = qk_clip(model, s, clip_tau, alpha=alpha)"),
-                "model = qk_clip(model, s, 1e9, alpha=alpha)")
+STEP_TAU = Edit(
+    S,
+    lit("model = qk_clip(model, s, clip_tau, alpha=alpha)"),
+    "model = qk_clip(model, s, 1e9, alpha=alpha)",
+)
 
 MUTANTS: list[Mutant] = [
     # ---- kernels ------------------------------------------------------------------------
-    M("kernels_causal_strict", "the causal mask drops the diagonal (k_pos < q_pos)",
-      Edit(K, r"pos\[None, :\]\s*<=\s*", "pos[None, :] < "),
-      ["tests/test_kernels.py::test_dense_and_blockwise_match_bruteforce"]),
-    M("kernels_s_last_tile", "the running max S keeps only the last key tile's max",
-      Edit(K, r"jnp\.maximum\(\s*s_max\s*,\s*tile_max\s*\)", "tile_max"),
-      ["tests/test_kernels.py::test_dense_and_blockwise_match_bruteforce"]),
-    M("kernels_padding_keys_valid", "padded keys count as valid (attended with logit 0)",
-      Edit(K, r"jnp\.arange\(t\.tk\)\s*<\s*tk", "jnp.arange(t.tk) >= 0", count=2),
-      ["tests/test_kernels.py::test_dense_and_blockwise_match_bruteforce"]),
-    M("dpa_s_last_tile", "dot_product_attention's exact S keeps only the last key tile's max",
-      Edit(K, lit("return jnp.maximum(s_max, jnp.max(s.reshape(kv, t.group, -1), axis=-1))"),
-           "return jnp.max(s.reshape(kv, t.group, -1), axis=-1)"),
-      ["tests/test_kernels.py::test_dot_product_attention_matches_dense_and_s_is_exact"]),
-    M("dpa_empty_rows_not_zeroed", "dot_product_attention: a query with no allowed key gets mean(v)",
-      Edit(K, lit("out = (out[..., :dv] * has_any[:, None, None].astype(out.dtype)).astype(v.dtype)"),
-           "out = out[..., :dv].astype(v.dtype)"),
-      ["tests/test_kernels.py::test_dot_product_attention_rows_without_allowed_keys_give_zeros"]),
-    M("lse_bound_named_as_s", "the LSE bound reported under the name of S (max_logits)",
-      Edit(S, lit('suffix = "_lse_bound" if bound else ""'), 'suffix = ""'),
-      ["tests/test_step.py::test_lse_bound_metrics_say_bound"]),
-    M("kernels_backward_no_scale", "the hand-written backward forgets the softmax scale in dS",
-      Edit(K, r"\(dp - deltab\[\.\.\., None\]\)\s*\*\s*f32\(scale\)", "(dp - deltab[..., None])"),
-      ["tests/test_kernels.py::test_gradients_dense_equal_blockwise_and_s_has_none"]),
+    M(
+        "kernels_causal_strict",
+        "the causal mask drops the diagonal (k_pos < q_pos)",
+        Edit(K, r"pos\[None, :\]\s*<=\s*", "pos[None, :] < "),
+        ["tests/test_kernels.py::test_dense_and_blockwise_match_bruteforce"],
+    ),
+    M(
+        "kernels_s_last_tile",
+        "the running max S keeps only the last key tile's max",
+        Edit(K, r"jnp\.maximum\(\s*s_max\s*,\s*tile_max\s*\)", "tile_max"),
+        ["tests/test_kernels.py::test_dense_and_blockwise_match_bruteforce"],
+    ),
+    M(
+        "kernels_padding_keys_valid",
+        "padded keys count as valid (attended with logit 0)",
+        Edit(K, r"jnp\.arange\(t\.tk\)\s*<\s*tk", "jnp.arange(t.tk) >= 0", count=2),
+        ["tests/test_kernels.py::test_dense_and_blockwise_match_bruteforce"],
+    ),
+    M(
+        "dpa_s_last_tile",
+        "dot_product_attention's exact S keeps only the last key tile's max",
+        Edit(
+            K,
+            lit("return jnp.maximum(s_max, jnp.max(s.reshape(kv, t.group, -1), axis=-1))"),
+            "return jnp.max(s.reshape(kv, t.group, -1), axis=-1)",
+        ),
+        ["tests/test_kernels.py::test_dot_product_attention_matches_dense_and_s_is_exact"],
+    ),
+    M(
+        "dpa_empty_rows_not_zeroed",
+        "dot_product_attention: a query with no allowed key gets mean(v)",
+        Edit(
+            K,
+            lit("out = (out[..., :dv] * has_any[:, None, None].astype(out.dtype)).astype(v.dtype)"),
+            "out = out[..., :dv].astype(v.dtype)",
+        ),
+        ["tests/test_kernels.py::test_dot_product_attention_rows_without_allowed_keys_give_zeros"],
+    ),
+    M(
+        "lse_bound_named_as_s",
+        "the LSE bound reported under the name of S (max_logits)",
+        Edit(S, lit('suffix = "_lse_bound" if bound else ""'), 'suffix = ""'),
+        ["tests/test_step.py::test_lse_bound_metrics_say_bound"],
+    ),
+    M(
+        "kernels_backward_no_scale",
+        "the hand-written backward forgets the softmax scale in dS",
+        Edit(K, r"\(dp - deltab\[\.\.\., None\]\)\s*\*\s*f32\(scale\)", "(dp - deltab[..., None])"),
+        ["tests/test_kernels.py::test_gradients_dense_equal_blockwise_and_s_has_none"],
+    ),
     # ---- attention: how each layout is clipped ----------------------------------------------
-    M("gqa_exponents_swapped", "q and k exponents swapped in every GQA branch (MHA, query_key, group)",
-      [Edit(A, lit("q_factor, k_factor = gamma**alpha, gamma ** (1 - alpha)"),
-            "q_factor, k_factor = gamma ** (1 - alpha), gamma**alpha"),
-       Edit(A, lit("k_factor = eta ** (1 - alpha)"), "k_factor = eta**alpha"),
-       Edit(A, lit("q_factor = jnp.repeat(eta**alpha, group)"),
-            "q_factor = jnp.repeat(eta ** (1 - alpha), group)")],
-      ["tests/test_clip.py::test_transformer_clip_matches_numpy_for_any_alpha"]),
-    M("query_key_exponents_swapped", "GQA query_key mode gives the key eta^alpha (still exact per head)",
-      Edit(A, lit("k_factor = eta ** (1 - alpha)"), "k_factor = eta**alpha"),
-      ["tests/test_clip.py::test_transformer_query_key_mode_matches_numpy"]),
-    M("query_key_query_not_compensated", "GQA query_key mode scales q by gamma_h, not gamma_h / eta^(1-alpha)",
-      Edit(A, lit("q_factor = gamma / jnp.repeat(k_factor, group)"), "q_factor = gamma"),
-      ["tests/test_clip.py::test_gqa_query_key_mode_identity_and_key_factor"]),
-    M("query_key_metric_counts_group", "GQA query_key mode reports the group-mates as scaled",
-      Edit(A, lit('if group == 1 or c.clip_mode != "group":'), 'if group == 1 or c.clip_mode == "query":'),
-      ["tests/test_clip.py::test_gqa_query_key_mode_identity_and_key_factor"]),
-    M("mla_rope_query_by_sqrt_gamma", "MLA's q_R scaled by gamma^alpha instead of gamma",
-      Edit(A, lit("wq = _scale_rows(wq, gamma, slice(nope, None))"),
-           "wq = _scale_rows(wq, gamma**alpha, slice(nope, None))"),
-      ["tests/test_clip.py::test_mla_identity_and_untouched_weights"]),
-    M("mla_value_rows_scaled", "MLA scales all of wkv_b (the v rows too), not only k_C",
-      Edit(A, lit("wkv_b = _scale_rows(self.wkv_b, gamma ** (1 - alpha), slice(0, nope))"),
-           "wkv_b = _scale_rows(self.wkv_b, gamma ** (1 - alpha), slice(None))"),
-      ["tests/test_clip.py::test_mla_identity_and_untouched_weights"]),
-    M("group_metric_over_tau_only", "GQA group mode reports only the heads over tau as scaled",
-      Edit(A, r"return jnp\.repeat\(jnp\.any\(gamma\.reshape\(c\.n_kv_heads, group\) < 1, axis=1\), group\)",
-           "return gamma < 1"),
-      ["tests/test_step.py::test_group_mode_counts_the_heads_it_scales"]),
+    M(
+        "gqa_exponents_swapped",
+        "q and k exponents swapped in every GQA branch (MHA, query_key, group)",
+        [
+            Edit(
+                A,
+                lit("q_factor, k_factor = gamma**alpha, gamma ** (1 - alpha)"),
+                "q_factor, k_factor = gamma ** (1 - alpha), gamma**alpha",
+            ),
+            Edit(A, lit("k_factor = eta ** (1 - alpha)"), "k_factor = eta**alpha"),
+            Edit(
+                A,
+                lit("q_factor = jnp.repeat(eta**alpha, group)"),
+                "q_factor = jnp.repeat(eta ** (1 - alpha), group)",
+            ),
+        ],
+        ["tests/test_clip.py::test_transformer_clip_matches_numpy_for_any_alpha"],
+    ),
+    M(
+        "query_key_exponents_swapped",
+        "GQA query_key mode gives the key eta^alpha (still exact per head)",
+        Edit(A, lit("k_factor = eta ** (1 - alpha)"), "k_factor = eta**alpha"),
+        ["tests/test_clip.py::test_transformer_query_key_mode_matches_numpy"],
+    ),
+    M(
+        "query_key_query_not_compensated",
+        "GQA query_key mode scales q by gamma_h, not gamma_h / eta^(1-alpha)",
+        Edit(A, lit("q_factor = gamma / jnp.repeat(k_factor, group)"), "q_factor = gamma"),
+        ["tests/test_clip.py::test_gqa_query_key_mode_identity_and_key_factor"],
+    ),
+    M(
+        "query_key_metric_counts_group",
+        "GQA query_key mode reports the group-mates as scaled",
+        Edit(
+            A,
+            lit('if group == 1 or c.clip_mode != "group":'),
+            'if group == 1 or c.clip_mode == "query":',
+        ),
+        ["tests/test_clip.py::test_gqa_query_key_mode_identity_and_key_factor"],
+    ),
+    M(
+        "mla_rope_query_by_sqrt_gamma",
+        "MLA's q_R scaled by gamma^alpha instead of gamma",
+        Edit(
+            A,
+            lit("wq = _scale_rows(wq, gamma, slice(nope, None))"),
+            "wq = _scale_rows(wq, gamma**alpha, slice(nope, None))",
+        ),
+        ["tests/test_clip.py::test_mla_identity_and_untouched_weights"],
+    ),
+    M(
+        "mla_value_rows_scaled",
+        "MLA scales all of wkv_b (the v rows too), not only k_C",
+        Edit(
+            A,
+            lit("wkv_b = _scale_rows(self.wkv_b, gamma ** (1 - alpha), slice(0, nope))"),
+            "wkv_b = _scale_rows(self.wkv_b, gamma ** (1 - alpha), slice(None))",
+        ),
+        ["tests/test_clip.py::test_mla_identity_and_untouched_weights"],
+    ),
+    M(
+        "group_metric_over_tau_only",
+        "GQA group mode reports only the heads over tau as scaled",
+        Edit(
+            A,
+            r"return jnp\.repeat\(jnp\.any\(gamma\.reshape\(c\.n_kv_heads, group\) < 1, axis=1\), group\)",
+            "return gamma < 1",
+        ),
+        ["tests/test_step.py::test_group_mode_counts_the_heads_it_scales"],
+    ),
     # ---- clip ---------------------------------------------------------------------------------
-    M("clip_min_one_tau_over_s", "gamma = min(1, tau / S): NaN and sign flips for S <= 0",
-      Edit(C, lit("return jnp.where(over, tau / jnp.where(over, s, 1.0), 1.0)"),
-           "return jnp.minimum(1.0, tau / s)"),
-      ["tests/test_clip.py::test_clip_factors_values"]),
-    M("clip_one_gamma_for_all_layers", "stacked layers all get the smallest layer's gamma",
-      Edit(C, lit("return eqx.filter_vmap(lambda m, g: _scale(m, g, alpha))(module, gamma)"),
-           "return eqx.filter_vmap(lambda m, g: _scale(m, g, alpha))"
-           "(module, jnp.broadcast_to(gamma.min(axis=0), gamma.shape))"),
-      ["tests/test_clip.py::test_scanned_layers_get_their_own_gamma"]),
+    M(
+        "clip_min_one_tau_over_s",
+        "gamma = min(1, tau / S): NaN and sign flips for S <= 0",
+        Edit(
+            C,
+            lit("return jnp.where(over, tau / jnp.where(over, s, 1.0), 1.0)"),
+            "return jnp.minimum(1.0, tau / s)",
+        ),
+        ["tests/test_clip.py::test_clip_factors_values"],
+    ),
+    M(
+        "clip_one_gamma_for_all_layers",
+        "stacked layers all get the smallest layer's gamma",
+        Edit(
+            C,
+            lit("return eqx.filter_vmap(lambda m, g: _scale(m, g, alpha))(module, gamma)"),
+            "return eqx.filter_vmap(lambda m, g: _scale(m, g, alpha))"
+            "(module, jnp.broadcast_to(gamma.min(axis=0), gamma.shape))",
+        ),
+        ["tests/test_clip.py::test_scanned_layers_get_their_own_gamma"],
+    ),
     # ---- optimizer ------------------------------------------------------------------------------
-    M("muon_momentum_zero", "Muon with momentum 0",
-      Edit(O, r"beta\s*=\s*momentum", "beta=0.0"),
-      ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"]),
-    M("muon_no_nesterov", "Muon without Nesterov's look-ahead",
-      Edit(O, r"nesterov\s*=\s*True", "nesterov=False"),
-      ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"]),
-    M("muon_decay_after_lr", "Muon's weight decay added after the lr scaling (not lr * wd * W)",
-      Edit(O, r"(optax\.add_decayed_weights\(weight_decay\),)(\s*)(optax\.scale_by_learning_rate\(learning_rate\),)",
-           r"\3\2\1"),
-      ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"]),
-    M("muon_rms_min", "Muon's RMS matching by sqrt(min(n, m)) instead of max",
-      Edit(O, lit("math.sqrt(max(fan_in, fan_out))"), "math.sqrt(min(fan_in, fan_out))"),
-      ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"]),
-    M("adamw_beta2", "AdamW's beta2 0.999 instead of K2's 0.95",
-      Edit(O, r"adam_b2:\s*float\s*=\s*0\.95", "adam_b2: float = 0.999"),
-      ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"]),
+    M(
+        "muon_momentum_zero",
+        "Muon with momentum 0",
+        Edit(O, r"beta\s*=\s*momentum", "beta=0.0"),
+        ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"],
+    ),
+    M(
+        "muon_no_nesterov",
+        "Muon without Nesterov's look-ahead",
+        Edit(O, r"nesterov\s*=\s*True", "nesterov=False"),
+        ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"],
+    ),
+    M(
+        "muon_decay_after_lr",
+        "Muon's weight decay added after the lr scaling (not lr * wd * W)",
+        Edit(
+            O,
+            r"(optax\.add_decayed_weights\(weight_decay\),)(\s*)(optax\.scale_by_learning_rate\(learning_rate\),)",
+            r"\3\2\1",
+        ),
+        ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"],
+    ),
+    M(
+        "muon_rms_min",
+        "Muon's RMS matching by sqrt(min(n, m)) instead of max",
+        Edit(O, lit("math.sqrt(max(fan_in, fan_out))"), "math.sqrt(min(fan_in, fan_out))"),
+        ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"],
+    ),
+    M(
+        "adamw_beta2",
+        "AdamW's beta2 0.999 instead of K2's 0.95",
+        Edit(O, r"adam_b2:\s*float\s*=\s*0\.95", "adam_b2: float = 0.999"),
+        ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"],
+    ),
     # ---- layers ---------------------------------------------------------------------------------
-    M("swiglu_is_geglu", "SwiGLU replaced by GeGLU (another gated MLP)",
-      Edit(L, r"jax\.nn\.silu\(", "jax.nn.gelu("),
-      ["tests/test_layers.py::test_swiglu_matches_numpy", "tests/test_model.py"]),
-    M("swiglu_is_geglu_model_only", "SwiGLU replaced by GeGLU, caught by the model test alone",
-      Edit(L, r"jax\.nn\.silu\(", "jax.nn.gelu("),
-      ["tests/test_model.py::test_per_layer_s_equals_unrolled_layers"]),
-    M("rmsnorm_sum", "RMSNorm divides by the root of the SUM of squares",
-      Edit(L, r"jnp\.mean\(\s*xf\s*\*\s*xf", "jnp.sum(xf * xf"),
-      ["tests/test_layers.py::test_rms_norm_matches_numpy"]),
+    M(
+        "swiglu_is_geglu",
+        "SwiGLU replaced by GeGLU (another gated MLP)",
+        Edit(L, r"jax\.nn\.silu\(", "jax.nn.gelu("),
+        ["tests/test_layers.py::test_swiglu_matches_numpy", "tests/test_model.py"],
+    ),
+    M(
+        "swiglu_is_geglu_model_only",
+        "SwiGLU replaced by GeGLU, caught by the model test alone",
+        Edit(L, r"jax\.nn\.silu\(", "jax.nn.gelu("),
+        ["tests/test_model.py::test_per_layer_s_equals_unrolled_layers"],
+    ),
+    M(
+        "rmsnorm_sum",
+        "RMSNorm divides by the root of the SUM of squares",
+        Edit(L, r"jnp\.mean\(\s*xf\s*\*\s*xf", "jnp.sum(xf * xf"),
+        ["tests/test_layers.py::test_rms_norm_matches_numpy"],
+    ),
     # ---- the train step -------------------------------------------------------------------------
-    M("step_tau_1e9[test_step]", "QK-Clip switched off inside the step (tau -> 1e9)",
-      STEP_TAU, ["tests/test_step.py::test_clip_model_is_qk_clip_of_the_manual_update"]),
-    M("step_tau_1e9[test_train]", "QK-Clip switched off inside the step: the end-to-end tests",
-      STEP_TAU, ["tests/test_train.py::test_adamw_can_clip_and_muon_cannot"]),
-    M("step_tau_1e9[test_cli]", "QK-Clip switched off inside the step: the CLI test",
-      STEP_TAU, ["tests/test_train.py::test_cli_train_then_eval"]),
-    M("step_tau_1e9[test_readme]", "QK-Clip switched off inside the step: the README test",
-      STEP_TAU, ["tests/test_readme.py::test_library_example_runs"]),
-    M("step_tau_1e9[test_repro]", "QK-Clip switched off inside the step: the K2 reproduction",
-      STEP_TAU, ["tests/test_repro.py"]),
-    M("clip_until_ignored", "the clip goes on after clip_until",
-      Edit(S, lit("jnp.where(step_index < clip_until, tau, jnp.inf)"), "tau"),
-      ["tests/test_step.py::test_clip_until_clips_before_and_not_after"]),
-    M("clip_until_step_from_zero", "the loop passes a step index that restarts at 0 on resume",
-      Edit(T, lit("step_fn(model, opt_state, batch, step=step)"),
-           "step_fn(model, opt_state, batch, step=step - start)"),
-      ["tests/test_step.py::test_train_clip_until_counts_the_steps_across_a_resume"]),
-    M("accum_first_micro_batch", "gradient accumulation keeps only the first micro-batch's grads",
-      Edit(S, lit("jax.tree.map(jnp.add, grads, g)"), "grads"),
-      ["tests/test_step.py::test_accumulation_equals_one_big_batch"]),
-    M("accum_sum", "gradient accumulation sums the micro-batch grads instead of averaging",
-      Edit(S, lit("jax.tree.map(lambda g: g * scale, grads)"), "grads"),
-      ["tests/test_step.py::test_accumulation_equals_one_big_batch"]),
-    M("accum_s_summed", "micro-batch S summed instead of maxed",
-      Edit(S, lit("_tree_max(s, s_new)"), "jax.tree.map(jnp.add, s, s_new)"),
-      ["tests/test_step.py::test_accumulation_maxes_s_and_means_loss"]),
-    M("step_alpha_dropped", "the step ignores alpha (always 1/2)",
-      Edit(S, lit("model = qk_clip(model, s, clip_tau, alpha=alpha)"), "model = qk_clip(model, s, clip_tau)"),
-      ["tests/test_step.py::test_group_mode_counts_the_heads_it_scales"]),
-    M("step_grad_norm_of_updates", "grad_norm reported of the updates, not the gradients",
-      Edit(S, lit('"grad_norm": optax.tree.norm(grads)'), '"grad_norm": optax.tree.norm(updates)'),
-      ["tests/test_step.py::test_accumulation_equals_one_big_batch"]),
+    M(
+        "step_tau_1e9[test_step]",
+        "QK-Clip switched off inside the step (tau -> 1e9)",
+        STEP_TAU,
+        ["tests/test_step.py::test_clip_model_is_qk_clip_of_the_manual_update"],
+    ),
+    M(
+        "step_tau_1e9[test_train]",
+        "QK-Clip switched off inside the step: the end-to-end tests",
+        STEP_TAU,
+        ["tests/test_train.py::test_adamw_can_clip_and_muon_cannot"],
+    ),
+    M(
+        "step_tau_1e9[test_cli]",
+        "QK-Clip switched off inside the step: the CLI test",
+        STEP_TAU,
+        ["tests/test_train.py::test_cli_train_then_eval"],
+    ),
+    M(
+        "step_tau_1e9[test_readme]",
+        "QK-Clip switched off inside the step: the README test",
+        STEP_TAU,
+        ["tests/test_readme.py::test_library_example_runs"],
+    ),
+    M(
+        "step_tau_1e9[test_repro]",
+        "QK-Clip switched off inside the step: the K2 reproduction",
+        STEP_TAU,
+        ["tests/test_repro.py"],
+    ),
+    M(
+        "clip_until_ignored",
+        "the clip goes on after clip_until",
+        Edit(S, lit("jnp.where(step_index < clip_until, tau, jnp.inf)"), "tau"),
+        ["tests/test_step.py::test_clip_until_clips_before_and_not_after"],
+    ),
+    M(
+        "clip_until_step_from_zero",
+        "the loop passes a step index that restarts at 0 on resume",
+        Edit(
+            T,
+            lit("step_fn(model, opt_state, batch, step=step)"),
+            "step_fn(model, opt_state, batch, step=step - start)",
+        ),
+        ["tests/test_step.py::test_train_clip_until_counts_the_steps_across_a_resume"],
+    ),
+    M(
+        "accum_first_micro_batch",
+        "gradient accumulation keeps only the first micro-batch's grads",
+        Edit(S, lit("jax.tree.map(jnp.add, grads, g)"), "grads"),
+        ["tests/test_step.py::test_accumulation_equals_one_big_batch"],
+    ),
+    M(
+        "accum_sum",
+        "gradient accumulation sums the micro-batch grads instead of averaging",
+        Edit(S, lit("jax.tree.map(lambda g: g * scale, grads)"), "grads"),
+        ["tests/test_step.py::test_accumulation_equals_one_big_batch"],
+    ),
+    M(
+        "accum_s_summed",
+        "micro-batch S summed instead of maxed",
+        Edit(S, lit("_tree_max(s, s_new)"), "jax.tree.map(jnp.add, s, s_new)"),
+        ["tests/test_step.py::test_accumulation_maxes_s_and_means_loss"],
+    ),
+    M(
+        "step_alpha_dropped",
+        "the step ignores alpha (always 1/2)",
+        Edit(
+            S,
+            lit("model = qk_clip(model, s, clip_tau, alpha=alpha)"),
+            "model = qk_clip(model, s, clip_tau)",
+        ),
+        ["tests/test_step.py::test_group_mode_counts_the_heads_it_scales"],
+    ),
+    M(
+        "step_grad_norm_of_updates",
+        "grad_norm reported of the updates, not the gradients",
+        Edit(
+            S, lit('"grad_norm": optax.tree.norm(grads)'), '"grad_norm": optax.tree.norm(updates)'
+        ),
+        ["tests/test_step.py::test_accumulation_equals_one_big_batch"],
+    ),
     # ---- parallel --------------------------------------------------------------------------------
-    M("parallel_s_not_reduced_over_seq", "S reduced over data only, not over the sequence shards",
-      Edit(P, lit('jax.lax.pmax(jnp.max(s, axis=0), ("data", "seq"))'),
-           'jax.lax.pmax(jnp.max(s, axis=0), ("data",))'),
-      ["tests/test_parallel.py::test_mesh_matches_single_device_mla[data2-seq4]"]),
-    M("parallel_positions_no_offset", "context parallelism: each sequence shard's positions start at 0",
-      Edit(P, lit('jax.lax.axis_index("seq") * t + jnp.arange(t, dtype=jnp.int32)'),
-           "jnp.arange(t, dtype=jnp.int32)"),
-      ["tests/test_parallel.py::test_mesh_matches_single_device_mla[data2-seq4]"]),
+    M(
+        "parallel_s_not_reduced_over_seq",
+        "S reduced over data only, not over the sequence shards",
+        Edit(
+            P,
+            lit('jax.lax.pmax(jnp.max(s, axis=0), ("data", "seq"))'),
+            'jax.lax.pmax(jnp.max(s, axis=0), ("data",))',
+        ),
+        ["tests/test_parallel.py::test_mesh_matches_single_device_mla[data2-seq4]"],
+    ),
+    M(
+        "parallel_positions_no_offset",
+        "context parallelism: each sequence shard's positions start at 0",
+        Edit(
+            P,
+            lit('jax.lax.axis_index("seq") * t + jnp.arange(t, dtype=jnp.int32)'),
+            "jnp.arange(t, dtype=jnp.int32)",
+        ),
+        ["tests/test_parallel.py::test_mesh_matches_single_device_mla[data2-seq4]"],
+    ),
     # ---- checkpoints of mesh runs -------------------------------------------------------------
-    M("ckpt_first_shard_only", "a sharded array is written as its first shard (mesh checkpoint wrong)",
-      Edit(CK, lit("np.save(f, np.asarray(x), allow_pickle=False)"),
-           "np.save(f, np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) "
-           "else np.asarray(x), allow_pickle=False)"),
-      ["tests/test_train.py::test_mesh_checkpoint_restores_on_one_device"]),
-    M("ckpt_mesh_fresh_optimizer_state", "a mesh run checkpoints a fresh optimizer state",
-      Edit(T, lit("state = (model, opt_state)"),
-           "state = (model, opt_state if mesh is None else opt.init(eqx.filter(model, eqx.is_array)))"),
-      ["tests/test_train.py::test_mesh_checkpoint_restores_on_one_device"]),
-    M("ckpt_load_ignores_sharding", "a loaded checkpoint is not placed on the mesh",
-      Edit(CK, lit('if getattr(like, "committed", False):'), "if False:"),
-      ["tests/test_train.py::test_one_device_checkpoint_restores_on_a_mesh"]),
+    M(
+        "ckpt_first_shard_only",
+        "a sharded array is written as its first shard (mesh checkpoint wrong)",
+        Edit(
+            CK,
+            lit("np.save(f, np.asarray(x), allow_pickle=False)"),
+            "np.save(f, np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) "
+            "else np.asarray(x), allow_pickle=False)",
+        ),
+        ["tests/test_train.py::test_mesh_checkpoint_restores_on_one_device"],
+    ),
+    M(
+        "ckpt_mesh_fresh_optimizer_state",
+        "a mesh run checkpoints a fresh optimizer state",
+        Edit(
+            T,
+            lit("state = (model, opt_state)"),
+            "state = (model, opt_state if mesh is None else opt.init(eqx.filter(model, eqx.is_array)))",
+        ),
+        ["tests/test_train.py::test_mesh_checkpoint_restores_on_one_device"],
+    ),
+    M(
+        "ckpt_load_ignores_sharding",
+        "a loaded checkpoint is not placed on the mesh",
+        Edit(CK, lit('if getattr(like, "committed", False):'), "if False:"),
+        ["tests/test_train.py::test_one_device_checkpoint_restores_on_a_mesh"],
+    ),
     # ---- the train loop ---------------------------------------------------------------------------
-    M("loop_no_checkpoint_on_interrupt", "Ctrl-C stops without writing a checkpoint",
-      Edit(T, r"(except KeyboardInterrupt:\s*stopped = \"interrupted\"\s*)save\(step\)", r"\1pass"),
-      ["tests/test_train.py::test_resume_after_interrupt_is_bit_exact"]),
-    M("loop_resume_skips_a_step", "a resumed run starts one step late",
-      Edit(T, lit('start = stored["step"]'), 'start = stored["step"] + 1'),
-      ["tests/test_train.py::test_resume_after_interrupt_is_bit_exact"]),
-    M("loop_alpha_not_passed", "the loop passes alpha = 1/2 whatever the config says",
-      Edit(T, lit("alpha=cfg.alpha,"), "alpha=0.5,"),
-      ["tests/test_train.py::test_adamw_can_clip_and_muon_cannot"]),
-    M("loop_adamw_never_clips", "optimizer adamw with mode clip only monitors",
-      Edit(T, lit("make_train_step(opt, mode=cfg.mode,"),
-           'make_train_step(opt, mode="monitor" if cfg.optimizer == "adamw" else cfg.mode,'),
-      ["tests/test_train.py::test_adamw_can_clip_and_muon_cannot"]),
+    M(
+        "loop_no_checkpoint_on_interrupt",
+        "Ctrl-C stops without writing a checkpoint",
+        Edit(
+            T, r"(except KeyboardInterrupt:\s*stopped = \"interrupted\"\s*)save\(step\)", r"\1pass"
+        ),
+        ["tests/test_train.py::test_resume_after_interrupt_is_bit_exact"],
+    ),
+    M(
+        "loop_resume_skips_a_step",
+        "a resumed run starts one step late",
+        Edit(T, lit('start = stored["step"]'), 'start = stored["step"] + 1'),
+        ["tests/test_train.py::test_resume_after_interrupt_is_bit_exact"],
+    ),
+    M(
+        "loop_alpha_not_passed",
+        "the loop passes alpha = 1/2 whatever the config says",
+        Edit(T, lit("alpha=cfg.alpha,"), "alpha=0.5,"),
+        ["tests/test_train.py::test_adamw_can_clip_and_muon_cannot"],
+    ),
+    M(
+        "loop_adamw_never_clips",
+        "optimizer adamw with mode clip only monitors",
+        Edit(
+            T,
+            lit("make_train_step(opt, mode=cfg.mode,"),
+            'make_train_step(opt, mode="monitor" if cfg.optimizer == "adamw" else cfg.mode,',
+        ),
+        ["tests/test_train.py::test_adamw_can_clip_and_muon_cannot"],
+    ),
     # ---- data ----------------------------------------------------------------------------------------
-    M("data_batches_ignore_seed", "batches depend on the step only, not the seed",
-      Edit(D, lit("rng = np.random.default_rng([seed, step])"), "rng = np.random.default_rng(step)"),
-      ["tests/test_data.py::test_get_batch_deterministic_and_stateless"]),
+    M(
+        "data_batches_ignore_seed",
+        "batches depend on the step only, not the seed",
+        Edit(
+            D, lit("rng = np.random.default_rng([seed, step])"), "rng = np.random.default_rng(step)"
+        ),
+        ["tests/test_data.py::test_get_batch_deterministic_and_stateless"],
+    ),
 ]
 
 
@@ -270,15 +493,33 @@ def apply(copy: Path, mutant: Mutant) -> str | None:
 
 
 def run_tests(copy: Path, tests, timeout: float) -> tuple[int | str, float, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(copy / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "--no-header", "-p", "no:cacheprovider", *tests]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(copy / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "--no-header",
+        "-p",
+        "no:cacheprovider",
+        *tests,
+    ]
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
         return r.returncode, time.perf_counter() - t0, r.stdout + r.stderr
     except subprocess.TimeoutExpired as err:
-        out = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        out = (
+            (err.stdout or b"").decode(errors="replace")
+            if isinstance(err.stdout, bytes)
+            else (err.stdout or "")
+        )
         return "timeout", time.perf_counter() - t0, out
 
 
@@ -293,14 +534,23 @@ def verdict(rc) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-k", action="append", default=[], help="only mutants whose name contains this")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-k", action="append", default=[], help="only mutants whose name contains this"
+    )
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated baseline run")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the unmutated baseline run"
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per test run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
-    parser.add_argument("--targets", action="store_true",
-                        help="only apply each mutant (no tests): report stale targets and exit")
+    parser.add_argument(
+        "--targets",
+        action="store_true",
+        help="only apply each mutant (no tests): report stale targets and exit",
+    )
     args = parser.parse_args(argv)
 
     mutants = [m for m in MUTANTS if not args.k or any(k in m.name for k in args.k)]
@@ -318,9 +568,13 @@ def main(argv=None) -> int:
     shutil.copytree(ROOT, copy, ignore=COPY_IGNORE)
     pristine = {e.file: (copy / e.file).read_text() for m in mutants for e in m.edits}
     print(f"copy of {ROOT} in {copy}")
-    probe = subprocess.run([sys.executable, "-c", "import qkclip_eqx; print(qkclip_eqx.__file__)"],
-                           cwd=copy, env={**os.environ, "PYTHONPATH": str(copy / "src")},
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import qkclip_eqx; print(qkclip_eqx.__file__)"],
+        cwd=copy,
+        env={**os.environ, "PYTHONPATH": str(copy / "src")},
+        capture_output=True,
+        text=True,
+    )
     if not probe.stdout.strip().startswith(str(copy)):
         print(f"the copy's qkclip_eqx is not the one imported: {probe.stdout}{probe.stderr}")
         return 2
@@ -343,7 +597,10 @@ def main(argv=None) -> int:
         if not args.no_baseline:
             tests = sorted({t for m in mutants for t in m.tests})
             rc, secs, out = run_tests(copy, tests, args.timeout * 3)
-            print(f"baseline (unmutated, {len(tests)} test selections): rc={rc} in {secs:.0f}s", flush=True)
+            print(
+                f"baseline (unmutated, {len(tests)} test selections): rc={rc} in {secs:.0f}s",
+                flush=True,
+            )
             if rc != 0:
                 print(out[-5000:])
                 print("the baseline must pass: fix the tests (or the copy) first")
@@ -361,7 +618,9 @@ def main(argv=None) -> int:
             detail = ""
             if v.startswith("KILLED"):
                 failed = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
-                detail = failed[0] if failed else out.strip().splitlines()[-1] if out.strip() else ""
+                detail = (
+                    failed[0] if failed else out.strip().splitlines()[-1] if out.strip() else ""
+                )
             elif v == "ERROR":
                 detail = f"pytest exit code {rc}: " + out.strip()[-500:]
             results.append((m, v, secs, detail))
@@ -378,8 +637,10 @@ def main(argv=None) -> int:
     killed = [r for r in results if r[1].startswith("KILLED")]
     survived = [r for r in results if r[1] == "SURVIVED"]
     errors = [r for r in results if r[1] == "ERROR"]
-    print(f"\n{len(killed)} killed, {len(survived)} survived, {len(errors)} errors, "
-          f"of {len(results)} mutants, in {total:.0f}s")
+    print(
+        f"\n{len(killed)} killed, {len(survived)} survived, {len(errors)} errors, "
+        f"of {len(results)} mutants, in {total:.0f}s"
+    )
     for m, v, _, detail in survived + errors:
         print(f"  {v}: {m.name}: {m.what} {detail}")
     return 0 if not survived and not errors else 1

@@ -35,9 +35,25 @@ import torch.nn.functional as F
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    defaults = dict(dim=256, layers=4, heads=4, q_lora=96, kv_lora=64, nope=32, rope=16, v=32,
-                    mlp=704, vocab=256, seq=256, batch=8, steps=20, warmup=3, tau=100.0, lr=2e-3,
-                    threads=2)
+    defaults = dict(
+        dim=256,
+        layers=4,
+        heads=4,
+        q_lora=96,
+        kv_lora=64,
+        nope=32,
+        rope=16,
+        v=32,
+        mlp=704,
+        vocab=256,
+        seq=256,
+        batch=8,
+        steps=20,
+        warmup=3,
+        tau=100.0,
+        lr=2e-3,
+        threads=2,
+    )
     for k, v in defaults.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     p.add_argument("--compile", action="store_true", help="torch.compile the forward+backward")
@@ -157,10 +173,14 @@ class Twin:
         named = list(self.model.named_parameters())
         hidden = [p for n, p in named if p.ndim == 2 and not n.startswith(("emb", "head"))]
         rest = [p for n, p in named if not (p.ndim == 2 and not n.startswith(("emb", "head")))]
-        self.opts = [Muon(hidden, lr=a.lr),
-                     torch.optim.AdamW(rest, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)]
+        self.opts = [
+            Muon(hidden, lr=a.lr),
+            torch.optim.AdamW(rest, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1),
+        ]
         g = torch.Generator().manual_seed(0)
-        self.batches = [torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g) for _ in range(4)]
+        self.batches = [
+            torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g) for _ in range(4)
+        ]
         self.i = 0
         self.fwd_bwd = torch.compile(self._fwd_bwd) if a.compile else self._fwd_bwd
 
@@ -224,8 +244,10 @@ def main(argv=None) -> None:
         for _ in range(a.steps):
             twin.step()
         dt = (time.perf_counter() - t0) / a.steps
-        print(f"torch {torch.__version__} threads={torch.get_num_threads()} compile={a.compile}: "
-              f"{dt * 1e3:.1f} ms/step, {a.batch * a.seq / dt:.0f} tokens/s")
+        print(
+            f"torch {torch.__version__} threads={torch.get_num_threads()} compile={a.compile}: "
+            f"{dt * 1e3:.1f} ms/step, {a.batch * a.seq / dt:.0f} tokens/s"
+        )
         return
     print(f"ready torch {torch.__version__} threads={torch.get_num_threads()}", flush=True)
     pieces = {"step": twin.step, "fwd": twin.fwd, "fwdbwd": twin.fwdbwd}

@@ -27,8 +27,8 @@ jax.distributed.initialize(address, num_processes=2, process_id=process_id)
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType, Mesh  # noqa: E402
 
-from qkclip_eqx import make_mesh  # noqa: E402
 from parallel_scenario import run_scenario  # noqa: E402
+from qkclip_eqx import make_mesh  # noqa: E402
 
 assert jax.device_count() == 8 and jax.local_device_count() == 4
 if layout == "data":
@@ -36,12 +36,18 @@ if layout == "data":
 else:
     # devices[d, i] = device d of process i: the last mesh axis (model or seq,
     # size 2) joins the two processes
-    by_process = np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))).reshape(2, 4).T
+    by_process = (
+        np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))).reshape(2, 4).T
+    )
     shape = (4, 2, 1) if layout == "model" else (4, 1, 2)
-    mesh = Mesh(by_process.reshape(shape), ("data", "model", "seq"), axis_types=(AxisType.Auto,) * 3)
+    mesh = Mesh(
+        by_process.reshape(shape), ("data", "model", "seq"), axis_types=(AxisType.Auto,) * 3
+    )
     axis = mesh.devices.shape.index(2)
     pairs = np.moveaxis(mesh.devices, axis, -1).reshape(-1, 2)
-    assert all(a.process_index != b.process_index for a, b in pairs), "the axis must span the processes"
+    assert all(a.process_index != b.process_index for a, b in pairs), (
+        "the axis must span the processes"
+    )
 params, metrics = run_scenario(mesh)
 if process_id == 0:
     np.savez(out, *params, **metrics)

@@ -45,12 +45,12 @@ def synthetic_text(n_bytes: int, seed: int = 0) -> bytes:
     stable across releases, so the tests' training data does not depend on the
     running interpreter (its standard library) or on NumPy's version."""
     raw = np.random.PCG64(seed).random_raw(3 * 400 + 2 * (n_bytes // 3 + 16)).astype(np.uint64)
-    head, raw = raw[: 3 * 400], raw[3 * 400:]
+    head, raw = raw[: 3 * 400], raw[3 * 400 :]
     lengths = 2 + (head[:400] % 7).astype(int)  # 2..8 letters
     letters = _LETTERS[(head[400:] % 26).astype(int)]
     words = []
     for i, n in enumerate(lengths):
-        w = letters[2 * i: 2 * i + n] if 2 * i + n <= len(letters) else letters[-n:]
+        w = letters[2 * i : 2 * i + n] if 2 * i + n <= len(letters) else letters[-n:]
         words.append(w.tobytes())
     # the product of two uniforms on 0..399, over 400: index k has weight ~ log(400 / k)
     a, b = raw[0::2] % 400, raw[1::2] % 400

@@ -7,8 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qkclip_eqx import (GQAConfig, MLAConfig, Transformer, TransformerConfig, make_train_step,
-                        muon_adamw, shard_batch, shard_train_state)
+from qkclip_eqx import (
+    GQAConfig,
+    MLAConfig,
+    Transformer,
+    TransformerConfig,
+    make_train_step,
+    muon_adamw,
+    shard_batch,
+    shard_train_state,
+)
 
 TAU = 3.0
 STEPS = 3
@@ -16,8 +24,15 @@ STEPS = 3
 
 def config(attention: str = "mla") -> TransformerConfig:
     if attention == "mla":
-        attn = MLAConfig(dim=32, n_heads=4, q_lora_rank=16, kv_lora_rank=16,
-                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+        attn = MLAConfig(
+            dim=32,
+            n_heads=4,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+        )
     else:
         attn = GQAConfig(dim=32, n_heads=4, n_kv_heads=2, head_dim=8)
     return TransformerConfig(vocab_size=64, n_layers=2, mlp_hidden=64, attention=attn)

@@ -167,8 +167,19 @@ class NumpyMuonClip:
         m_t, v_t = EMAs of G and G^2;  W <- W - lr_t (m^_t / (sqrt(v^_t) + eps) + lambda W).
     """
 
-    def __init__(self, params: dict[str, np.ndarray], lr, *, weight_decay=0.1, momentum=0.95,
-                 b1=0.9, b2=0.95, eps=1e-8, rms=0.2, ns_steps=5):
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        lr,
+        *,
+        weight_decay=0.1,
+        momentum=0.95,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        rms=0.2,
+        ns_steps=5,
+    ):
         self.lr, self.wd, self.mu, self.b1, self.b2 = lr, weight_decay, momentum, b1, b2
         self.eps, self.rms, self.ns_steps = eps, rms, ns_steps
         self.muon = {k: k.startswith(".blocks.") and v.ndim >= 3 for k, v in params.items()}
@@ -195,7 +206,9 @@ class NumpyMuonClip:
         v_hat = self.v[k] / (1 - self.b2**t)
         return m_hat / (np.sqrt(v_hat) + self.eps) + self.wd * w
 
-    def update(self, grads: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def update(
+        self, grads: dict[str, np.ndarray], params: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
         """The updates (to be added to ``params``) of the next step."""
         self.t += 1
         lr = float(self.lr(self.t - 1)) if callable(self.lr) else float(self.lr)
@@ -209,7 +222,10 @@ class NumpyMuonClip:
 
 def tree_from_paths(like, values: dict[str, np.ndarray]):
     """``like`` (a PyTree of arrays) with each array leaf replaced by ``values[path]``."""
+
     def fill(path, leaf):
-        return jax.numpy.asarray(values[jtu.keystr(path)], leaf.dtype) if eqx.is_array(leaf) else leaf
+        return (
+            jax.numpy.asarray(values[jtu.keystr(path)], leaf.dtype) if eqx.is_array(leaf) else leaf
+        )
 
     return jtu.tree_map_with_path(fill, like)

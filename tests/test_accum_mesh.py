@@ -11,10 +11,17 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
-from parallel_scenario import config, tokens
 
-from qkclip_eqx import (Transformer, make_mesh, muon_adamw, next_token_loss, shard_batch, shard_loss,
-                        shard_train_state)
+from parallel_scenario import config, tokens
+from qkclip_eqx import (
+    Transformer,
+    make_mesh,
+    muon_adamw,
+    next_token_loss,
+    shard_batch,
+    shard_loss,
+    shard_train_state,
+)
 from qkclip_eqx._step import _loss_grads_and_s
 
 MOVES = ("all-to-all", "collective-permute", "all-gather")

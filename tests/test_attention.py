@@ -19,10 +19,29 @@ T = 14  # sequence length; packed inputs hold two documents of T // 2
 DIM = 64
 
 CASES = {
-    "mla_qlora": (MLAttention, MLAConfig(dim=DIM, n_heads=4, kv_lora_rank=12, qk_nope_head_dim=8,
-                                         qk_rope_head_dim=4, v_head_dim=6, q_lora_rank=10)),
-    "mla_noqlora": (MLAttention, MLAConfig(dim=DIM, n_heads=4, kv_lora_rank=12,
-                                           qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=6)),
+    "mla_qlora": (
+        MLAttention,
+        MLAConfig(
+            dim=DIM,
+            n_heads=4,
+            kv_lora_rank=12,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=6,
+            q_lora_rank=10,
+        ),
+    ),
+    "mla_noqlora": (
+        MLAttention,
+        MLAConfig(
+            dim=DIM,
+            n_heads=4,
+            kv_lora_rank=12,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=6,
+            v_head_dim=6,
+        ),
+    ),
     "mha": (GQAttention, GQAConfig(dim=DIM, n_heads=4, head_dim=8, rope_layout="interleaved")),
     "gqa": (GQAttention, GQAConfig(dim=DIM, n_heads=4, head_dim=8, n_kv_heads=2)),
     "mqa": (GQAttention, GQAConfig(dim=DIM, n_heads=4, head_dim=8, n_kv_heads=1)),
@@ -152,10 +171,12 @@ def np_gqa(module, x, pos, seg):
     w = np_weights(module)
     x = np.asarray(x, np.float64)
     group = c.n_heads // c.n_kv_heads
-    q = np_rope(np.stack([x @ w.wq[h].T for h in range(c.n_heads)], 1), pos, c.rope_theta,
-                c.rope_layout)
-    k = np_rope(np.stack([x @ w.wk[g].T for g in range(c.n_kv_heads)], 1), pos, c.rope_theta,
-                c.rope_layout)
+    q = np_rope(
+        np.stack([x @ w.wq[h].T for h in range(c.n_heads)], 1), pos, c.rope_theta, c.rope_layout
+    )
+    k = np_rope(
+        np.stack([x @ w.wk[g].T for g in range(c.n_kv_heads)], 1), pos, c.rope_theta, c.rope_layout
+    )
     v = np.stack([x @ w.wv[g].T for g in range(c.n_kv_heads)], 1)
     logits = np.stack([q[:, h] @ k[:, h // group].T for h in range(c.n_heads)])
     logits /= np.sqrt(c.head_dim)
@@ -170,8 +191,10 @@ def reference(module, x, pos, seg, with_logits=False):
 
 @pytest.fixture(scope="module")
 def modules():
-    return {name: build(cls, cfg, seed=i)
-            for i, (name, (cls, cfg)) in enumerate({**CASES, **BIDIRECTIONAL}.items())}
+    return {
+        name: build(cls, cfg, seed=i)
+        for i, (name, (cls, cfg)) in enumerate({**CASES, **BIDIRECTIONAL}.items())
+    }
 
 
 # --------------------------------------------------------------------------
@@ -208,8 +231,11 @@ def test_rope_layout_matters(modules):
     module = modules["gqa"]
     x = inputs(1)
     pos, seg = plain()
-    other = build(GQAttention, dataclasses.replace(CASES["gqa"][1], rope_layout="interleaved"),
-                  seed=list(modules).index("gqa"))
+    other = build(
+        GQAttention,
+        dataclasses.replace(CASES["gqa"][1], rope_layout="interleaved"),
+        seed=list(modules).index("gqa"),
+    )
     _, s_half = reference(module, x, pos, seg)
     _, s_inter = reference(other, x, pos, seg)
     assert not np.allclose(s_half, s_inter, atol=1e-3)
@@ -253,8 +279,9 @@ def query_null_space(module):
 def _with_config(module, config):
     """The same weights under another (static) config."""
     template = eqx.filter_eval_shape(type(module), config, key=jax.random.key(0))
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template),
-                                        jax.tree.leaves(module))
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(template), jax.tree.leaves(module)
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))

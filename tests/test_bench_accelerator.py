@@ -9,8 +9,18 @@ import pytest
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_accelerator.py"
 
-TINY = dict(n_layers=1, dim=32, n_heads=2, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
-            qk_rope_head_dim=4, v_head_dim=8, mlp_hidden=48, block_size=8)
+TINY = dict(
+    n_layers=1,
+    dim=32,
+    n_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=8,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    mlp_hidden=48,
+    block_size=8,
+)
 BATCH, SEQ, VOCAB = 2, 16, 256
 
 
@@ -23,8 +33,22 @@ def bench():
 
 
 def test_runs_tiny_and_reports(bench, tmp_path):
-    argv = ["--shape", "small", "--batch", str(BATCH), "--seq", str(SEQ), "--steps", "2",
-            "--warmup", "0", "--peak-tflops", "0.5", "--json", str(tmp_path / "b.json")]
+    argv = [
+        "--shape",
+        "small",
+        "--batch",
+        str(BATCH),
+        "--seq",
+        str(SEQ),
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--peak-tflops",
+        "0.5",
+        "--json",
+        str(tmp_path / "b.json"),
+    ]
     for k, v in TINY.items():
         argv += ["--set", f"{k}={v}"]
     out = bench.main(argv)
@@ -35,8 +59,14 @@ def test_runs_tiny_and_reports(bench, tmp_path):
 
     # the matmul parameters counted by hand from the shapes above
     d, h, nope, rope, v = TINY["dim"], TINY["n_heads"], 8, 4, 8
-    per_layer = (16 * d + h * (nope + rope) * 16 + (8 + rope) * d + h * (nope + v) * 8
-                 + d * h * v + 3 * d * TINY["mlp_hidden"])
+    per_layer = (
+        16 * d
+        + h * (nope + rope) * 16
+        + (8 + rope) * d
+        + h * (nope + v) * 8
+        + d * h * v
+        + 3 * d * TINY["mlp_hidden"]
+    )
     n = per_layer + VOCAB * d
     assert out["matmul_params"] == n
     tokens = BATCH * SEQ

@@ -19,9 +19,38 @@ def _load():
     return module
 
 
-TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--q-lora", "16", "--kv-lora", "8",
-        "--nope", "8", "--rope", "4", "--v", "8", "--mlp", "48", "--vocab", "64", "--seq", "16",
-        "--batch", "2", "--rounds", "1", "--piece-rounds", "1", "--peak-n", "128"]
+TINY = [
+    "--layers",
+    "2",
+    "--dim",
+    "32",
+    "--heads",
+    "2",
+    "--q-lora",
+    "16",
+    "--kv-lora",
+    "8",
+    "--nope",
+    "8",
+    "--rope",
+    "4",
+    "--v",
+    "8",
+    "--mlp",
+    "48",
+    "--vocab",
+    "64",
+    "--seq",
+    "16",
+    "--batch",
+    "2",
+    "--rounds",
+    "1",
+    "--piece-rounds",
+    "1",
+    "--peak-n",
+    "128",
+]
 
 
 def test_flops_count_the_models_own_matrices():
@@ -31,11 +60,15 @@ def test_flops_count_the_models_own_matrices():
     bench = _load()
     a = bench.parse_args(TINY)
     model = eqx.filter_eval_shape(qc.Transformer, bench.model_config(a), key=jax.random.key(0))
-    leaves = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(model)
-              if isinstance(x, jax.ShapeDtypeStruct)]
+    leaves = [
+        (p, x)
+        for p, x in jax.tree_util.tree_leaves_with_path(model)
+        if isinstance(x, jax.ShapeDtypeStruct)
+    ]
     names = [(jax.tree_util.keystr(p), x) for p, x in leaves]
-    matmul_params = sum(int(np.prod(x.shape)) for name, x in names
-                        if "embed" not in name and "norm" not in name)
+    matmul_params = sum(
+        int(np.prod(x.shape)) for name, x in names if "embed" not in name and "norm" not in name
+    )
     flops = bench.model_flops(a)
     assert flops["matmuls"] == 6 * matmul_params * a.batch * a.seq
     assert flops["total"] == flops["matmuls"] + flops["attention"] + flops["newton_schulz"]

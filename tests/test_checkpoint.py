@@ -25,7 +25,6 @@ from qkclip_eqx._checkpoint import (
     save_checkpoint,
 )
 
-
 META = {"config": {"n_layers": 4, "width": 8, "betas": [0.9, 0.95]}, "step": 1}
 
 
@@ -181,7 +180,9 @@ def test_interrupted_write_is_ignored(tmp_path, monkeypatch):
 def _array_files(path):
     """The files Orbax reads the arrays from (`state/d`, after it merged every
     process's writes), smallest first."""
-    return sorted((p for p in (path / "state" / "d").iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+    return sorted(
+        (p for p in (path / "state" / "d").iterdir() if p.is_file()), key=lambda p: p.stat().st_size
+    )
 
 
 def test_missing_array_files(tmp_path):
@@ -226,8 +227,11 @@ def test_fingerprints_ignore_the_sharding():
 
     x = jnp.arange(64, dtype=jnp.float32).reshape(16, 4) / 7
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
-    placed = [x, jax.device_put(x, NamedSharding(mesh, PartitionSpec("a", "b"))),
-              jax.device_put(x, NamedSharding(mesh, PartitionSpec("b")))]
+    placed = [
+        x,
+        jax.device_put(x, NamedSharding(mesh, PartitionSpec("a", "b"))),
+        jax.device_put(x, NamedSharding(mesh, PartitionSpec("b"))),
+    ]
     fps = {_fingerprint_all([y])[0] for y in placed}
     assert len(fps) == 1
     bits = np.asarray(x).view(np.uint32).copy()
@@ -248,11 +252,15 @@ def test_newest_unusable_falls_back_to_older(tmp_path):
     assert path.name == "ckpt_00000001"
     _assert_bit_identical(old, loaded)
     assert len(warnings) == 1
-    assert "ckpt_00000002 failed to restore" in warnings[0] and "trying the older ckpt_00000001" in warnings[0]
+    assert (
+        "ckpt_00000002 failed to restore" in warnings[0]
+        and "trying the older ckpt_00000001" in warnings[0]
+    )
     # a checkpoint of another run: no fall-back, the mismatch is the answer
     with pytest.raises(CheckpointMismatchError, match="n_layers"):
-        load_latest_checkpoint(tmp_path, _make_state(2), expect_meta={"config": {"n_layers": 2}},
-                               warn=warnings.append)
+        load_latest_checkpoint(
+            tmp_path, _make_state(2), expect_meta={"config": {"n_layers": 2}}, warn=warnings.append
+        )
     assert load_latest_checkpoint(tmp_path / "empty", _make_state(2)) is None
 
 
@@ -272,10 +280,18 @@ def test_not_a_checkpoint(tmp_path):
     # an Orbax checkpoint, but not one of ours
     import orbax.checkpoint as ocp
 
-    with ocp.CheckpointManager(tmp_path / "other", item_names=("state", "meta"),
-                               options=ocp.CheckpointManagerOptions(step_prefix="ckpt", step_format_fixed_length=8)) as m:
-        m.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"a": jnp.ones(2)}),
-                                          meta=ocp.args.JsonSave({"hello": 1})))
+    with ocp.CheckpointManager(
+        tmp_path / "other",
+        item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(step_prefix="ckpt", step_format_fixed_length=8),
+    ) as m:
+        m.save(
+            1,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"a": jnp.ones(2)}),
+                meta=ocp.args.JsonSave({"hello": 1}),
+            ),
+        )
         m.wait_until_finished()
     with pytest.raises(CheckpointError, match="not a qkclip checkpoint"):
         read_meta(tmp_path / "other" / "ckpt_00000001")
@@ -325,9 +341,7 @@ def test_expect_meta_mismatch(tmp_path):
     assert "seed" in message
 
     # Tuples compare equal to their JSON lists; only given keys are compared.
-    _, meta = load_checkpoint(
-        path, _make_state(1), expect_meta={"config": {"betas": (0.9, 0.95)}}
-    )
+    _, meta = load_checkpoint(path, _make_state(1), expect_meta={"config": {"betas": (0.9, 0.95)}})
     assert meta == META
 
 

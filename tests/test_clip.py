@@ -21,7 +21,6 @@ from jaxtyping import Array, Float
 from builders import attention_s as _attn_s_on_inputs
 from builders import init_from_numpy as _init
 from builders import layer_inputs as _layerwise_s
-from reference import assert_leaves_close, heads_scaled, leaves_by_path, np_qk_clip
 from qkclip_eqx import (
     AbstractQKClippable,
     GQAConfig,
@@ -34,6 +33,7 @@ from qkclip_eqx import (
     qk_clip,
 )
 from qkclip_eqx._clip import clipped_heads
+from reference import assert_leaves_close, heads_scaled, leaves_by_path, np_qk_clip
 
 RTOL = 1e-5
 DIM = 16
@@ -46,8 +46,13 @@ DIM = 16
 
 def _mla_config(q_lora: int | None, n_heads: int = 4) -> MLAConfig:
     return MLAConfig(
-        dim=DIM, n_heads=n_heads, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
-        v_head_dim=6, q_lora_rank=q_lora,
+        dim=DIM,
+        n_heads=n_heads,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        q_lora_rank=q_lora,
     )
 
 
@@ -204,10 +209,14 @@ def test_mha_identity_and_untouched_weights(x, alpha):
     clipped = qk_clip(attn, jnp.asarray(s), tau, alpha=alpha)
     _check_identity(s, _module_s(clipped, x), tau)
     over = np.flatnonzero(s > tau)
-    _assert_untouched(attn, clipped, {
-        ".wq": _head_rows_mask(attn.wq.shape, over),
-        ".wk": _head_rows_mask(attn.wk.shape, over),
-    })
+    _assert_untouched(
+        attn,
+        clipped,
+        {
+            ".wq": _head_rows_mask(attn.wq.shape, over),
+            ".wk": _head_rows_mask(attn.wk.shape, over),
+        },
+    )
     for h in over:
         g = tau / float(s[h])
         np.testing.assert_allclose(clipped.wq[h], attn.wq[h] * g**alpha, rtol=1e-6)
@@ -257,10 +266,14 @@ def test_gqa_group_mode_scales_whole_group_by_its_max(x, alpha):
     assert s_new[mate] < s[mate] * (1 - 1e-3)
     cold_heads = [2 * (1 - hot), 2 * (1 - hot) + 1]
     hot_heads = [2 * hot, 2 * hot + 1]
-    _assert_untouched(attn, clipped, {
-        ".wq": _head_rows_mask(attn.wq.shape, hot_heads),
-        ".wk": _head_rows_mask(attn.wk.shape, [hot]),
-    })
+    _assert_untouched(
+        attn,
+        clipped,
+        {
+            ".wq": _head_rows_mask(attn.wq.shape, hot_heads),
+            ".wk": _head_rows_mask(attn.wk.shape, [hot]),
+        },
+    )
     np.testing.assert_allclose(clipped.wk[hot], attn.wk[hot] * eta[hot] ** (1 - alpha), rtol=1e-6)
     for h in hot_heads:
         np.testing.assert_allclose(clipped.wq[h], attn.wq[h] * eta[hot] ** alpha, rtol=1e-6)
@@ -316,9 +329,11 @@ def test_scanned_layers_get_their_own_gamma(mla_transformer):
     nope = attn.config.qk_nope_head_dim
     tau = 100.0
     s = np.array(
-        [[400.0, 150.0, 90.0, 100.0],  # layer 0: heads 0, 1 clipped (different gammas)
-         [50.0, 50.0, 50.0, 50.0],  # layer 1: nothing over tau
-         [101.0, 250.0, 800.0, 1000.0]],  # layer 2: all clipped, all different
+        [
+            [400.0, 150.0, 90.0, 100.0],  # layer 0: heads 0, 1 clipped (different gammas)
+            [50.0, 50.0, 50.0, 50.0],  # layer 1: nothing over tau
+            [101.0, 250.0, 800.0, 1000.0],
+        ],  # layer 2: all clipped, all different
         np.float32,
     )
     clipped = qk_clip(model, jnp.asarray(s), tau)
@@ -359,13 +374,18 @@ def test_transformer_clip_matches_numpy_for_any_alpha(kind, alpha):
     """Every clip mode of a stacked Transformer, alpha != 1/2 (where swapping
     the q and k exponents shows), against the float64 NumPy rule of K2 sec. 2.1
     (reference.np_qk_clip): each layer its own gamma, every other leaf untouched."""
-    cfg = TransformerConfig(vocab_size=32, n_layers=2, mlp_hidden=16,
-                            attention=TRANSFORMER_ATTENTION[kind])
+    cfg = TransformerConfig(
+        vocab_size=32, n_layers=2, mlp_hidden=16, attention=TRANSFORMER_ATTENTION[kind]
+    )
     model = _init(lambda k: Transformer(cfg, key=k), 20)
     tau = 10.0
-    s = np.array([[40.0, 9.0, 12.5, -3.0],   # layer 0: heads 0 and 2 over tau
-                  [5.0, 25.0, 10.0, 80.0]],  # layer 1: heads 1 and 3 (tau itself is not over)
-                 np.float32)
+    s = np.array(
+        [
+            [40.0, 9.0, 12.5, -3.0],  # layer 0: heads 0 and 2 over tau
+            [5.0, 25.0, 10.0, 80.0],
+        ],  # layer 1: heads 1 and 3 (tau itself is not over)
+        np.float32,
+    )
     clipped = qk_clip(model, jnp.asarray(s), tau, alpha=alpha)
     expected = np_qk_clip(model, s, tau, alpha)
     assert_leaves_close(clipped, expected, rtol=2e-6, what=kind)
@@ -412,10 +432,14 @@ def test_nonfinite_s_is_bit_identical_and_never_nan(mla):
     s = jnp.array([jnp.nan, jnp.inf, -jnp.inf, 1.0])  # only head 3 is a real clip
     out = qk_clip(mla, s, tau)
     assert all(np.all(np.isfinite(v)) for v in _paths(out).values())
-    _assert_untouched(mla, out, {
-        ".wq": _head_rows_mask(mla.wq.shape, [3]),
-        ".wkv_b": _head_rows_mask(mla.wkv_b.shape, [3], slice(0, mla.config.qk_nope_head_dim)),
-    })
+    _assert_untouched(
+        mla,
+        out,
+        {
+            ".wq": _head_rows_mask(mla.wq.shape, [3]),
+            ".wkv_b": _head_rows_mask(mla.wkv_b.shape, [3], slice(0, mla.config.qk_nope_head_dim)),
+        },
+    )
     np.testing.assert_allclose(out.wq[3, 8:], mla.wq[3, 8:] * 0.5, rtol=1e-7)
     all_bad = jnp.array([jnp.nan, jnp.inf, jnp.nan, -jnp.inf])
     _assert_untouched(mla, qk_clip(mla, all_bad, tau), {})
@@ -438,9 +462,7 @@ def test_user_model_with_several_attentions(x):
     gqa_cfg = GQAConfig(dim=DIM, n_heads=6, head_dim=8, n_kv_heads=3)
     gqa = _init(lambda k: GQAttention(gqa_cfg, key=k), 12)
     # dict keys flatten sorted: "a_gqa" before "z_mla"; then the list
-    model = _UserModel(
-        attn={"z_mla": mla_a, "a_gqa": gqa}, extra=[mla_b], head=jnp.ones((DIM, 3))
-    )
+    model = _UserModel(attn={"z_mla": mla_a, "a_gqa": gqa}, extra=[mla_b], head=jnp.ones((DIM, 3)))
     order = [gqa, mla_a, mla_b]
     s = [np.asarray(_module_s(m, x)) for m in order]
     tau = _tau_between(np.concatenate(s))
@@ -595,10 +617,14 @@ def test_gqa_query_key_mode_identity_and_key_factor(x, alpha):
     cold_heads = np.setdiff1d(np.arange(6), hot_heads)
     # the other group: exactly as before (eta = 1 changes nothing, bit for bit)
     assert np.array_equal(s_new[cold_heads], s[cold_heads])
-    _assert_untouched(attn, clipped, {
-        ".wq": _head_rows_mask(attn.wq.shape, hot_heads),
-        ".wk": _head_rows_mask(attn.wk.shape, [hot]),
-    })
+    _assert_untouched(
+        attn,
+        clipped,
+        {
+            ".wq": _head_rows_mask(attn.wq.shape, hot_heads),
+            ".wk": _head_rows_mask(attn.wk.shape, [hot]),
+        },
+    )
     gamma = np.where(s > tau, tau / s.astype(np.float64), 1.0)
     eta = gamma[hot_heads].min()
     assert eta < 1 and np.any(gamma[hot_heads] == 1.0)  # a group-mate below tau
@@ -653,9 +679,13 @@ def test_transformer_query_key_mode_matches_numpy(alpha):
     cfg = TransformerConfig(vocab_size=32, n_layers=2, mlp_hidden=16, attention=att)
     model = _init(lambda k: Transformer(cfg, key=k), 20)
     tau = 10.0
-    s = np.array([[40.0, 9.0, 12.5, -3.0],   # layer 0: both groups clipped, each with a mate
-                  [5.0, 7.0, 10.0, 80.0]],   # layer 1: group 0 untouched
-                 np.float32)
+    s = np.array(
+        [
+            [40.0, 9.0, 12.5, -3.0],  # layer 0: both groups clipped, each with a mate
+            [5.0, 7.0, 10.0, 80.0],
+        ],  # layer 1: group 0 untouched
+        np.float32,
+    )
     clipped = qk_clip(model, jnp.asarray(s), tau, alpha=alpha)
     expected = np_qk_clip(model, s, tau, alpha)
     assert_leaves_close(clipped, expected, rtol=2e-6, what="query_key")

@@ -9,8 +9,7 @@ import pytest
 
 from qkclip_eqx import GQAConfig, MLAConfig, TransformerConfig
 
-MLA = dict(dim=32, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
-           v_head_dim=8)
+MLA = dict(dim=32, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 GQA = dict(dim=32, n_heads=4, head_dim=8, n_kv_heads=2)
 
 
@@ -35,9 +34,19 @@ def test_good_configs_construct():
 BAD_SIZES = [0, -1, 2.0, True, None, "8"]
 
 
-@pytest.mark.parametrize("field", ["dim", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
-                                   "qk_rope_head_dim", "v_head_dim", "q_lora_rank",
-                                   "block_size"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "dim",
+        "n_heads",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "q_lora_rank",
+        "block_size",
+    ],
+)
 @pytest.mark.parametrize("value", BAD_SIZES)
 def test_mla_sizes_must_be_positive_ints(field, value):
     if field == "q_lora_rank" and value is None:
@@ -80,10 +89,16 @@ def test_n_kv_heads_must_divide_n_heads(n_heads, n_kv_heads):
 
 
 @pytest.mark.parametrize("cls,base", [(MLAConfig, MLA), (GQAConfig, GQA)])
-@pytest.mark.parametrize("field,value", [
-    ("kernel", "flash"), ("kernel", "Dense"), ("kernel", None),
-    ("rope_layout", "neox"), ("rope_layout", ""),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("kernel", "flash"),
+        ("kernel", "Dense"),
+        ("kernel", None),
+        ("rope_layout", "neox"),
+        ("rope_layout", ""),
+    ],
+)
 def test_bad_choices(cls, base, field, value):
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
         cls(**{**base, field: value})
@@ -109,8 +124,10 @@ def test_old_dtype_field_is_gone():
         transformer(dtype="bfloat16")
 
 
-@pytest.mark.parametrize("cls,base,field", [(MLAConfig, MLA, "rope_theta"), (GQAConfig, GQA, "rope_theta"),
-                                            (MLAConfig, MLA, "norm_eps")])
+@pytest.mark.parametrize(
+    "cls,base,field",
+    [(MLAConfig, MLA, "rope_theta"), (GQAConfig, GQA, "rope_theta"), (MLAConfig, MLA, "norm_eps")],
+)
 @pytest.mark.parametrize("value", [0, -1.0, 0.0, float("nan"), "1e4", None])
 def test_rope_theta_and_norm_eps_must_be_positive_numbers(cls, base, field, value):
     with pytest.raises(ValueError, match=rf"\b{field}\b"):

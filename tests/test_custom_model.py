@@ -130,7 +130,9 @@ def test_mesh_check_reads_the_user_module_layout():
     model = MyLM(key=jax.random.key(0))
     opt = qc.muon_adamw(1e-2)
     step = qc.make_train_step(opt, mesh=mesh)
-    with pytest.raises(ValueError, match="MyAttention: n_heads=4 is not divisible by the mesh's model axis"):
+    with pytest.raises(
+        ValueError, match="MyAttention: n_heads=4 is not divisible by the mesh's model axis"
+    ):
         step(model, opt.init(eqx.filter(model, eqx.is_array)), jnp.zeros((8, SEQ + 1), jnp.int32))
 
 
@@ -144,6 +146,7 @@ def test_a_loss_without_parallel_is_refused_on_a_mesh():
 
 def test_a_custom_loss_with_parallel_runs_on_a_mesh(runs):
     """A loss that wraps next_token_loss (here: twice the loss) trains on a mesh."""
+
     def doubled(model, tokens, *, parallel=None):
         loss, s = qc.next_token_loss(model, tokens, parallel=parallel)
         return 2 * loss, s

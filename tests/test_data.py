@@ -15,7 +15,6 @@ from qkclip_eqx._data import (
     stdlib_corpus,
 )
 
-
 _REAL_STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
 
 
@@ -50,12 +49,17 @@ def fake_stdlib(tmp_path_factory) -> tuple[pathlib.Path, dict[str, bytes]]:
     sources = {}
     for i, (off, n) in enumerate(zip(offsets, sizes)):
         rel = f"pkg{i % 7}/sub{i % 3}/mod{i:03d}.py"
-        sources[rel] = b"def f%d():\n    import os\n" % i + text[off: off + n]
+        sources[rel] = b"def f%d():\n    import os\n" % i + text[off : off + n]
     for rel, data in sources.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-    for rel in ("site-packages/skipped.py", "pkg0/__pycache__/skipped.py", ".hidden/skipped.py",
-                "pkg1/.skipped.py", "pkg2/notes.txt"):
+    for rel in (
+        "site-packages/skipped.py",
+        "pkg0/__pycache__/skipped.py",
+        ".hidden/skipped.py",
+        "pkg1/.skipped.py",
+        "pkg2/notes.txt",
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"must not be read\n" * 10)
     return root, dict(sorted(sources.items()))
@@ -66,7 +70,9 @@ def stdlib(fake_stdlib, monkeypatch):
     """``stdlib_corpus`` reads the fake standard library for this test."""
     root, sources = fake_stdlib
     real = sysconfig.get_paths
-    monkeypatch.setattr(_data.sysconfig, "get_paths", lambda *a, **k: {**real(*a, **k), "stdlib": str(root)})
+    monkeypatch.setattr(
+        _data.sysconfig, "get_paths", lambda *a, **k: {**real(*a, **k), "stdlib": str(root)}
+    )
     return root, sources
 
 
@@ -210,10 +216,7 @@ def test_get_batch_offsets_cover_exact_range():
     n, seq_len = 20, 4
     ramp = np.arange(n, dtype=np.uint16)
     starts = np.concatenate(
-        [
-            get_batch(ramp, batch_size=64, seq_len=seq_len, seed=0, step=s)[:, 0]
-            for s in range(20)
-        ]
+        [get_batch(ramp, batch_size=64, seq_len=seq_len, seed=0, step=s)[:, 0] for s in range(20)]
     )
     # Valid offsets are exactly [0, n - seq_len - 1]; all get drawn.
     assert set(starts.tolist()) == set(range(n - seq_len))

@@ -18,18 +18,41 @@ import numpy as np
 import pytest
 
 from builders import init_from_numpy
-from qkclip_eqx import GQAConfig, MLACache, MLAConfig, MLAttention, Transformer, TransformerConfig, YaRN, qk_clip
+from qkclip_eqx import (
+    GQAConfig,
+    MLACache,
+    MLAConfig,
+    MLAttention,
+    Transformer,
+    TransformerConfig,
+    YaRN,
+    qk_clip,
+)
 
 T = 9  # sequence length
 PREFILL = 3  # then T - PREFILL steps of one token
 ATTN = {
-    "qlora": MLAConfig(dim=32, n_heads=3, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                       v_head_dim=6, q_lora_rank=10),
-    "noqlora": MLAConfig(dim=32, n_heads=3, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=6,
-                         v_head_dim=6),
+    "qlora": MLAConfig(
+        dim=32,
+        n_heads=3,
+        kv_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        q_lora_rank=10,
+    ),
+    "noqlora": MLAConfig(
+        dim=32, n_heads=3, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=6
+    ),
 }
-DSV3_YARN = YaRN(factor=40.0, original_max_position_embeddings=4, beta_fast=32.0, beta_slow=1.0,
-                 mscale=1.0, mscale_all_dim=1.0)
+DSV3_YARN = YaRN(
+    factor=40.0,
+    original_max_position_embeddings=4,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
 
 
 def build_attention(config, seed=0):
@@ -75,8 +98,15 @@ def np_row_max_logits(m: MLAttention, x) -> np.ndarray:
     """[seq, heads]: per query, the max over keys j <= i of the scaled logit
     (q_C.k_C + q_R.k_R) / sqrt(d_qk), non-absorbed, float64, plain interleaved RoPE."""
     c = m.config
-    w = {k: np.asarray(v, np.float64) for k, v in
-         (("wq", m.wq), ("wkv_a", m.wkv_a), ("wkv_b", m.wkv_b), ("kv_norm", m.kv_norm.weight))}
+    w = {
+        k: np.asarray(v, np.float64)
+        for k, v in (
+            ("wq", m.wq),
+            ("wkv_a", m.wkv_a),
+            ("wkv_b", m.wkv_b),
+            ("kv_norm", m.kv_norm.weight),
+        )
+    }
     x = np.asarray(x, np.float64)
 
     def rms(a, g):
@@ -87,15 +117,23 @@ def np_row_max_logits(m: MLAttention, x) -> np.ndarray:
         ang = np.arange(a.shape[0])[:, None] * c.rope_theta ** (-np.arange(0, d, 2) / d)
         ang = ang.reshape(a.shape[0], *([1] * (a.ndim - 2)), d // 2)
         a1, a2 = a[..., 0::2], a[..., 1::2]
-        return np.stack([a1 * np.cos(ang) - a2 * np.sin(ang), a2 * np.cos(ang) + a1 * np.sin(ang)], -1).reshape(a.shape)
+        return np.stack(
+            [a1 * np.cos(ang) - a2 * np.sin(ang), a2 * np.cos(ang) + a1 * np.sin(ang)], -1
+        ).reshape(a.shape)
 
-    q_in = x if m.wq_a is None else rms(x @ np.asarray(m.wq_a, np.float64).T, np.asarray(m.q_norm.weight, np.float64))
+    q_in = (
+        x
+        if m.wq_a is None
+        else rms(x @ np.asarray(m.wq_a, np.float64).T, np.asarray(m.q_norm.weight, np.float64))
+    )
     q = np.einsum("si,hdi->shd", q_in, w["wq"])
     nope, r = c.qk_nope_head_dim, c.kv_lora_rank
     kv_a = x @ w["wkv_a"].T
     k_c = np.einsum("sr,hdr->shd", rms(kv_a[:, :r], w["kv_norm"]), w["wkv_b"][:, :nope])
-    logits = (np.einsum("qhd,khd->hqk", q[..., :nope], k_c)
-              + np.einsum("qhd,kd->hqk", rope(q[..., nope:]), rope(kv_a[:, r:]))) / np.sqrt(c.qk_head_dim)
+    logits = (
+        np.einsum("qhd,khd->hqk", q[..., :nope], k_c)
+        + np.einsum("qhd,kd->hqk", rope(q[..., nope:]), rope(kv_a[:, r:]))
+    ) / np.sqrt(c.qk_head_dim)
     causal = np.tril(np.ones((x.shape[0], x.shape[0]), bool))
     return np.where(causal, logits, -np.inf).max(-1).T
 
@@ -132,8 +170,12 @@ def test_attention_decode_after_qk_clip_is_min_s_tau(attention):
     out_full, s_full = full(clipped, x)
     out, s_steps, _ = decode_in_steps(clipped, x)
     np.testing.assert_allclose(np.asarray(s_full), np.minimum(np.asarray(s), tau), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(s_steps.max(0)), np.minimum(np.asarray(s), tau), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(out_full), atol=1e-5 * float(jnp.abs(out_full).max()))
+    np.testing.assert_allclose(
+        np.asarray(s_steps.max(0)), np.minimum(np.asarray(s), tau), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(out_full), atol=1e-5 * float(jnp.abs(out_full).max())
+    )
 
 
 def test_attention_decode_with_yarn_and_clip(attention):
@@ -147,14 +189,20 @@ def test_attention_decode_with_yarn_and_clip(attention):
     out_full, s_full = full(yarn, x)
     assert not np.allclose(np.asarray(s_full), np.asarray(s_plain), rtol=1e-2)
     out, s_steps, _ = decode_in_steps(yarn, x)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(out_full), atol=1e-5 * float(jnp.abs(out_full).max()))
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(out_full), atol=1e-5 * float(jnp.abs(out_full).max())
+    )
     np.testing.assert_allclose(np.asarray(s_steps.max(0)), np.asarray(s_full), rtol=1e-5)
     tau = float(np.median(np.asarray(s_full)))
     clipped = clip(yarn, s_full, tau)
     _, s_clipped = full(clipped, x)
     _, s_dec, _ = decode_in_steps(clipped, x)
-    np.testing.assert_allclose(np.asarray(s_clipped), np.minimum(np.asarray(s_full), tau), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(s_dec.max(0)), np.minimum(np.asarray(s_full), tau), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(s_clipped), np.minimum(np.asarray(s_full), tau), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(s_dec.max(0)), np.minimum(np.asarray(s_full), tau), rtol=1e-5
+    )
 
 
 # --------------------------------------------------------------------------
@@ -207,7 +255,10 @@ def test_transformer_decode_equals_full_forward(model, clipped):
     logits_full, s_full = forward(m, tokens)
     logits, s_steps, cache = model_in_steps(m, tokens)
     # Targets: max abs diff of the logits <= 1e-4 relative, at every position.
-    rel = np.abs(np.asarray(logits) - np.asarray(logits_full)).max(-1) / np.abs(np.asarray(logits_full)).max()
+    rel = (
+        np.abs(np.asarray(logits) - np.asarray(logits_full)).max(-1)
+        / np.abs(np.asarray(logits_full)).max()
+    )
     assert rel.shape == (T,) and rel.max() <= 1e-4, rel
     # S per layer and head: the prefill's is the full forward's on the prefix;
     # over all calls, the full forward's on the whole sequence.
@@ -264,8 +315,12 @@ def test_bad_inputs_are_named(model):
     m, _ = model
     with pytest.raises(ValueError, match="max_len"):
         m.init_cache(0)
-    gqa = TransformerConfig(vocab_size=VOCAB, n_layers=1, mlp_hidden=8,
-                            attention=GQAConfig(dim=8, n_heads=2, head_dim=4))
+    gqa = TransformerConfig(
+        vocab_size=VOCAB,
+        n_layers=1,
+        mlp_hidden=8,
+        attention=GQAConfig(dim=8, n_heads=2, head_dim=4),
+    )
     g = eqx.filter_eval_shape(Transformer, gqa, key=jax.random.key(0))
     with pytest.raises(TypeError, match="MLA"):
         g.init_cache(4)
@@ -282,7 +337,11 @@ def test_bf16_compute_decode_is_close():
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, VOCAB, T), jnp.int32)
     logits_full, s_full = forward(m, tokens)
     logits, s_steps, cache = model_in_steps(m, tokens)
-    assert cache.c_kv.dtype == jnp.bfloat16 and logits.dtype == jnp.float32 and s_steps.dtype == jnp.float32
+    assert (
+        cache.c_kv.dtype == jnp.bfloat16
+        and logits.dtype == jnp.float32
+        and s_steps.dtype == jnp.float32
+    )
     scale = float(jnp.abs(logits_full).max())
     np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_full), atol=5e-2 * scale)
     np.testing.assert_allclose(np.asarray(s_steps.max(0)), np.asarray(s_full), rtol=5e-2, atol=5e-2)

@@ -20,9 +20,18 @@ from qkclip_eqx.cli import generate as cli
 
 VOCAB, PROMPT, NEW = 40, 4, 7
 CONFIG = TransformerConfig(
-    vocab_size=VOCAB, n_layers=2, mlp_hidden=32,
-    attention=MLAConfig(dim=16, n_heads=2, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
-                        v_head_dim=4, q_lora_rank=6),
+    vocab_size=VOCAB,
+    n_layers=2,
+    mlp_hidden=32,
+    attention=MLAConfig(
+        dim=16,
+        n_heads=2,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=4,
+        q_lora_rank=6,
+    ),
 )
 CONFIG_S = (CONFIG.n_layers, CONFIG.n_heads)
 run = eqx.filter_jit(generate)
@@ -49,7 +58,9 @@ def test_greedy_is_the_full_forward_argmax_and_bit_identical(model):
     np.testing.assert_array_equal(np.asarray(s), np.asarray(s_again))
     seq = jnp.concatenate([prompt, tokens])
     logits, s_full = forward(m, seq[:-1])  # the last token's logits are never computed
-    np.testing.assert_array_equal(np.asarray(tokens), np.argmax(np.asarray(logits[PROMPT - 1:]), -1))
+    np.testing.assert_array_equal(
+        np.asarray(tokens), np.argmax(np.asarray(logits[PROMPT - 1 :]), -1)
+    )
     np.testing.assert_allclose(np.asarray(s), np.asarray(s_full), rtol=1e-5)
     assert len(set(np.asarray(tokens).tolist())) > 1  # not a constant stream
 
@@ -66,7 +77,7 @@ def test_sampling_draws_the_documented_tokens(model, temperature, top_k):
     other, _ = run(m, prompt, NEW, temperature=temperature, top_k=top_k, key=jax.random.key(12))
     assert not np.array_equal(np.asarray(tokens), np.asarray(other))
     logits, _ = forward(m, jnp.concatenate([prompt, tokens])[:-1])
-    logits = np.asarray(logits[PROMPT - 1:], np.float64) / temperature
+    logits = np.asarray(logits[PROMPT - 1 :], np.float64) / temperature
     keys = jax.random.split(key, NEW)
     for i in range(NEW):
         row = logits[i].copy()
@@ -79,7 +90,9 @@ def test_sampling_draws_the_documented_tokens(model, temperature, top_k):
 def test_vmap_over_keys_gives_each_keys_sample(model):
     m, prompt = model
     keys = jax.random.split(jax.random.key(5), 3)
-    batch, s = eqx.filter_jit(jax.vmap(lambda k: generate(m, prompt, NEW, temperature=1.0, key=k)))(keys)
+    batch, s = eqx.filter_jit(jax.vmap(lambda k: generate(m, prompt, NEW, temperature=1.0, key=k)))(
+        keys
+    )
     assert batch.shape == (3, NEW) and s.shape == (3, *CONFIG_S)
     for i in range(3):
         one, _ = run(m, prompt, NEW, temperature=1.0, key=keys[i])
@@ -142,8 +155,19 @@ def test_cli_greedy_matches_generate(run_dir, capsys):
 
 def test_cli_token_prompt_and_sampling(run_dir, capsys):
     out, _ = run_dir
-    args = [str(out), "--prompt-tokens", "100,101", "--max-new-tokens", "5", "--temperature", "0.9",
-            "--top-k", "8", "--seed", "3"]
+    args = [
+        str(out),
+        "--prompt-tokens",
+        "100,101",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "8",
+        "--seed",
+        "3",
+    ]
     assert cli.main(args) == 0
     first = capsys.readouterr().out
     assert cli.main(args) == 0
@@ -152,12 +176,15 @@ def test_cli_token_prompt_and_sampling(run_dir, capsys):
     assert first.splitlines()[1].startswith("de")
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "exactly one of --prompt"),
-    (["--prompt", ""], "empty"),
-    (["--prompt-tokens", "1,300"], "prompt-tokens"),
-    (["--prompt", "x", "--temperature", "-1"], "temperature"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "exactly one of --prompt"),
+        (["--prompt", ""], "empty"),
+        (["--prompt-tokens", "1,300"], "prompt-tokens"),
+        (["--prompt", "x", "--temperature", "-1"], "temperature"),
+    ],
+)
 def test_cli_bad_input_is_named(run_dir, capsys, args, message):
     out, _ = run_dir
     assert cli.main([str(out), *args]) == 2
@@ -169,8 +196,12 @@ def test_cli_token_vocabulary_prints_ids(tmp_path, capsys):
     cfg = preset("tiny", out=str(tmp_path), n_layers=1)
     m = init_from_numpy(lambda k: Transformer(cfg.model_config(320), key=k), seed=8)
     state = optimizer(cfg).init(eqx.filter(m, eqx.is_array))
-    save_checkpoint(tmp_path, 1, (m, state),
-                    meta={**meta_of(cfg, 320), "step": 1, "run": dataclasses.asdict(cfg)})
+    save_checkpoint(
+        tmp_path,
+        1,
+        (m, state),
+        meta={**meta_of(cfg, 320), "step": 1, "run": dataclasses.asdict(cfg)},
+    )
     assert cli.main([str(tmp_path), "--prompt", "x"]) == 2
     assert "--prompt-tokens" in capsys.readouterr().err
     assert cli.main([str(tmp_path), "--prompt-tokens", "300,7", "--max-new-tokens", "3"]) == 0

@@ -22,8 +22,11 @@ from qkclip_eqx.hf import mla_config_from_hf, mla_from_hf
 
 DATA = pathlib.Path(__file__).parent / "data"
 FILES = {"qlora": "hf_dsv3_attn_qlora.npz", "noqlora": "hf_dsv3_attn_noqlora.npz"}
-YARN_FILES = {"yarn": "hf_dsv3_attn_yarn.npz", "yarn_mscale": "hf_dsv3_attn_yarn_mscale.npz",
-              "k2_yarn": "hf_k2_attn_yarn.npz"}
+YARN_FILES = {
+    "yarn": "hf_dsv3_attn_yarn.npz",
+    "yarn_mscale": "hf_dsv3_attn_yarn_mscale.npz",
+    "k2_yarn": "hf_k2_attn_yarn.npz",
+}
 NOT_WEIGHTS = ("hidden_states", "output", "max_logits", "config_json", "versions", "position_ids")
 
 
@@ -52,7 +55,7 @@ def test_matches_hf_golden(golden, kernel, block_size):
     assert (config.q_lora_rank is None) == (case == "noqlora")
     assert config.rope_layout == "interleaved"
     # The golden's own record of HF's softmax scale is ours.
-    assert config.qk_head_dim ** -0.5 == pytest.approx(hf_config["scaling"], rel=1e-12)
+    assert config.qk_head_dim**-0.5 == pytest.approx(hf_config["scaling"], rel=1e-12)
     module = mla_from_hf(state, config)
     assert isinstance(module, MLAttention)
     out, max_logits = run(module, jnp.asarray(arrays["hidden_states"]))
@@ -75,7 +78,9 @@ def test_weights_land_in_the_documented_layout(golden):
     m = mla_from_hf(state, c)
     h = c.n_heads
     q_name = "q_proj.weight" if case == "noqlora" else "q_b_proj.weight"
-    np.testing.assert_array_equal(np.asarray(m.wq[1]), state[q_name][c.qk_head_dim:2 * c.qk_head_dim])
+    np.testing.assert_array_equal(
+        np.asarray(m.wq[1]), state[q_name][c.qk_head_dim : 2 * c.qk_head_dim]
+    )
     per_head = c.qk_nope_head_dim + c.v_head_dim
     np.testing.assert_array_equal(np.asarray(m.wkv_b[h - 1]), state["kv_b_proj.weight"][-per_head:])
     np.testing.assert_array_equal(np.asarray(m.wkv_a), state["kv_a_proj_with_mqa.weight"])
@@ -95,8 +100,9 @@ def test_bf16_load(golden):
     out, max_logits = run(module, jnp.asarray(arrays["hidden_states"], jnp.bfloat16))
     assert max_logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(max_logits), arrays["max_logits"], rtol=5e-2, atol=5e-2)
-    np.testing.assert_allclose(np.asarray(out, np.float32), arrays["output"],
-                               atol=5e-2 * np.abs(arrays["output"]).max())
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), arrays["output"], atol=5e-2 * np.abs(arrays["output"]).max()
+    )
 
 
 # --------------------------------------------------------------------------
@@ -210,20 +216,33 @@ def test_yarn_config_from_hf(yarn_golden):
     case, _, hf_config, _ = yarn_golden
     c = mla_config_from_hf(hf_config)
     y = hf_config["rope_scaling"]
-    assert c.yarn == YaRN(factor=y["factor"], original_max_position_embeddings=4096,
-                          beta_fast=y["beta_fast"], beta_slow=1.0, mscale=y["mscale"], mscale_all_dim=1.0)
+    assert c.yarn == YaRN(
+        factor=y["factor"],
+        original_max_position_embeddings=4096,
+        beta_fast=y["beta_fast"],
+        beta_slow=1.0,
+        mscale=y["mscale"],
+        mscale_all_dim=1.0,
+    )
     assert c.rope_theta == (50_000.0 if case == "k2_yarn" else 10_000.0)
     # HF's own record: its rotary inverse frequencies, its cos/sin factor and softmax scale
-    np.testing.assert_allclose(rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, c.yarn),
-                               hf_config["rope_inv_freq"], rtol=1e-6)
+    np.testing.assert_allclose(
+        rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, c.yarn),
+        hf_config["rope_inv_freq"],
+        rtol=1e-6,
+    )
     assert c.yarn.rope_factor == pytest.approx(hf_config["rope_attention_scaling"], rel=1e-12)
-    assert c.qk_head_dim ** -0.5 * c.yarn.softmax_factor == pytest.approx(hf_config["scaling"], rel=1e-12)
+    assert c.qk_head_dim**-0.5 * c.yarn.softmax_factor == pytest.approx(
+        hf_config["scaling"], rel=1e-12
+    )
     # the interpolation acts on some pairs and not on others
     plain = rope_inv_freq(c.qk_rope_head_dim, c.rope_theta)
     assert plain[0] == rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, c.yarn)[0]
     assert not np.allclose(plain, hf_config["rope_inv_freq"], rtol=1e-3)
     if case == "yarn":
-        assert c.yarn.rope_factor == 1.0 and c.yarn.softmax_factor == pytest.approx((0.1 * np.log(40) + 1) ** 2)
+        assert c.yarn.rope_factor == 1.0 and c.yarn.softmax_factor == pytest.approx(
+            (0.1 * np.log(40) + 1) ** 2
+        )
 
 
 @pytest.mark.parametrize("kernel,block_size", [("dense", 128), ("blockwise", 5)])
@@ -237,8 +256,9 @@ def test_yarn_matches_hf_golden(yarn_golden, kernel, block_size):
     # Angles near 5000 rad lose ~3e-4 rad to float32 in HF and here alike, and
     # cos/sin differ there by implementation: the golden's float64 NumPy check
     # (scripts/make_hf_golden.py) sees up to 4e-5 on outputs of size ~4.
-    np.testing.assert_allclose(np.asarray(out), arrays["output"], rtol=1e-4,
-                               atol=2e-5 * np.abs(arrays["output"]).max())
+    np.testing.assert_allclose(
+        np.asarray(out), arrays["output"], rtol=1e-4, atol=2e-5 * np.abs(arrays["output"]).max()
+    )
     # guard: plain RoPE with the same weights does not match
     plain = mla_from_hf(state, mla_config_from_hf(hf_config, yarn=None))
     _, s_plain = run_at(plain, x, positions)
@@ -254,15 +274,26 @@ def test_qk_clip_is_exact_under_yarn(yarn_golden):
     _, s = run_at(module, x, positions)
     tau = float(np.median(arrays["max_logits"]))
     _, s_clipped = run_at(qk_clip(module, s, tau), x, positions)
-    np.testing.assert_allclose(np.asarray(s_clipped), np.minimum(arrays["max_logits"], tau), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(s_clipped), np.minimum(arrays["max_logits"], tau), rtol=1e-4
+    )
     assert np.sum(arrays["max_logits"] > tau) >= 1 and np.sum(arrays["max_logits"] <= tau) >= 1
 
 
-@pytest.mark.parametrize("field,value", [
-    ("factor", 0.0), ("factor", float("nan")), ("original_max_position_embeddings", 0),
-    ("original_max_position_embeddings", 4096.0), ("beta_fast", -1.0), ("beta_slow", 0),
-    ("mscale", -1.0), ("mscale_all_dim", "1"), ("truncate", 1),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("factor", 0.0),
+        ("factor", float("nan")),
+        ("original_max_position_embeddings", 0),
+        ("original_max_position_embeddings", 4096.0),
+        ("beta_fast", -1.0),
+        ("beta_slow", 0),
+        ("mscale", -1.0),
+        ("mscale_all_dim", "1"),
+        ("truncate", 1),
+    ],
+)
 def test_yarn_bad_field_is_named(field, value):
     fields = dict(factor=40.0, original_max_position_embeddings=4096)
     with pytest.raises(ValueError, match=rf"YaRN\.{field}"):

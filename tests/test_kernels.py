@@ -37,7 +37,8 @@ def np_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale):
         kh = head // group
         for i in range(tq):
             allowed = [
-                j for j in range(tk)
+                j
+                for j in range(tk)
                 if q_seg[i] == k_seg[j] and (not causal or k_pos[j] <= q_pos[i])
             ]
             if not allowed:
@@ -63,8 +64,19 @@ def make_qkv(seed, tq, tk, heads, kv_heads, dtype=jnp.float32):
 
 @functools.partial(jax.jit, static_argnames=("causal", "kernel", "block_size"))
 def run(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, kernel, block_size=128):
-    return attend(q, k, v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg,
-                  causal=causal, scale=SCALE, kernel=kernel, block_size=block_size)
+    return attend(
+        q,
+        k,
+        v,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_seg=q_seg,
+        k_seg=k_seg,
+        causal=causal,
+        scale=SCALE,
+        kernel=kernel,
+        block_size=block_size,
+    )
 
 
 def plain(t):
@@ -94,8 +106,14 @@ def check(out, s, ref_out, ref_s, rtol=1e-5, atol=1e-5):
 BLOCKWISE_CASES = [
     # (block, kv_heads, causal): block sizes below, at and above T = 37 (none
     # divides it); GQA groups of 2, MHA (groups of 1) and MQA (one key head).
-    (4, 2, True), (8, 2, True), (8, 2, False), (16, 2, False), (128, 2, True),
-    (8, 4, True), (8, 1, False), (16, 1, True),
+    (4, 2, True),
+    (8, 2, True),
+    (8, 2, False),
+    (16, 2, False),
+    (128, 2, True),
+    (8, 4, True),
+    (8, 1, False),
+    (16, 1, True),
 ]
 
 
@@ -105,8 +123,9 @@ def test_dense_and_blockwise_match_bruteforce(block, kv_heads, causal):
     pos, seg = plain(T)
     ref_out, ref_s = np_attention(q, k, v, pos, pos, seg, seg, causal, SCALE)
     out_d, s_d = run(q, k, v, pos, pos, seg, seg, causal=causal, kernel="dense")
-    out_b, s_b = run(q, k, v, pos, pos, seg, seg, causal=causal, kernel="blockwise",
-                     block_size=block)
+    out_b, s_b = run(
+        q, k, v, pos, pos, seg, seg, causal=causal, kernel="blockwise", block_size=block
+    )
     assert out_b.shape == out_d.shape == (T, HEADS, DV) and s_b.shape == s_d.shape == (HEADS,)
     check(out_d, s_d, ref_out, ref_s)
     check(out_b, s_b, ref_out, ref_s)
@@ -136,8 +155,9 @@ def test_packed_segments(kernel, block, causal):
     s_docs = []
     for d in range(3):
         rows = np.flatnonzero(seg == d)
-        o_d, s_d = np_attention(q[rows], k[rows], v[rows], pos[rows], pos[rows], seg[rows],
-                                seg[rows], causal, SCALE)
+        o_d, s_d = np_attention(
+            q[rows], k[rows], v[rows], pos[rows], pos[rows], seg[rows], seg[rows], causal, SCALE
+        )
         np.testing.assert_allclose(np.asarray(out)[rows], o_d, rtol=1e-5, atol=1e-5)
         s_docs.append(s_d)
     np.testing.assert_allclose(np.asarray(s), np.max(s_docs, axis=0), rtol=1e-5)
@@ -157,8 +177,18 @@ def test_query_shard_with_offset_positions(causal, layout):
     full_out, _ = np_attention(q, k, v, pos, pos, seg, seg, causal, SCALE)
     np.testing.assert_allclose(ref_out, full_out[lo:hi], rtol=1e-12)  # the reference agrees
     for kernel, block in (("dense", 128), ("blockwise", 4)):
-        out, s = run(q[lo:hi], k, v, pos[lo:hi], pos, seg[lo:hi], seg, causal=causal,
-                     kernel=kernel, block_size=block)
+        out, s = run(
+            q[lo:hi],
+            k,
+            v,
+            pos[lo:hi],
+            pos,
+            seg[lo:hi],
+            seg,
+            causal=causal,
+            kernel=kernel,
+            block_size=block,
+        )
         assert out.shape == (hi - lo, HEADS, DV)
         check(out, s, ref_out, ref_s)
     if causal and layout == "plain":
@@ -191,9 +221,19 @@ def test_rows_without_allowed_keys_give_zeros(kernel):
     q_seg[20:] = 7  # no key carries segment 7
 
     def loss(q, k, v):
-        out, _ = attend(q, k, v, q_pos=jnp.asarray(pos), k_pos=jnp.asarray(pos),
-                        q_seg=jnp.asarray(q_seg), k_seg=jnp.asarray(seg), causal=True,
-                        scale=SCALE, kernel=kernel, block_size=8)
+        out, _ = attend(
+            q,
+            k,
+            v,
+            q_pos=jnp.asarray(pos),
+            k_pos=jnp.asarray(pos),
+            q_seg=jnp.asarray(q_seg),
+            k_seg=jnp.asarray(seg),
+            causal=True,
+            scale=SCALE,
+            kernel=kernel,
+            block_size=8,
+        )
         return jnp.sum(out**2)
 
     out, s = run(q, k, v, pos, pos, q_seg, seg, causal=True, kernel=kernel, block_size=8)
@@ -216,8 +256,19 @@ def _grads_fn(kernel, block, causal, pos, seg, w):
     pos, seg = jnp.asarray(pos), jnp.asarray(seg)
 
     def fwd(q, k, v):
-        return attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=causal,
-                      scale=SCALE, kernel=kernel, block_size=block)
+        return attend(
+            q,
+            k,
+            v,
+            q_pos=pos,
+            k_pos=pos,
+            q_seg=seg,
+            k_seg=seg,
+            causal=causal,
+            scale=SCALE,
+            kernel=kernel,
+            block_size=block,
+        )
 
     def out_loss(q, k, v):
         return jnp.sum(fwd(q, k, v)[0] * w)
@@ -227,16 +278,21 @@ def _grads_fn(kernel, block, causal, pos, seg, w):
 
     @jax.jit
     def both(q, k, v):
-        return (jax.grad(out_loss, argnums=(0, 1, 2))(q, k, v),
-                jax.value_and_grad(s_loss, argnums=(0, 1, 2))(q, k, v))
+        return (
+            jax.grad(out_loss, argnums=(0, 1, 2))(q, k, v),
+            jax.value_and_grad(s_loss, argnums=(0, 1, 2))(q, k, v),
+        )
 
     return both
 
 
-@pytest.mark.parametrize("kv_heads,causal,layout,block", [
-    (2, True, "plain", 8),
-    (1, False, "packed", 16),
-])
+@pytest.mark.parametrize(
+    "kv_heads,causal,layout,block",
+    [
+        (2, True, "plain", 8),
+        (1, False, "packed", 16),
+    ],
+)
 def test_gradients_dense_equal_blockwise_and_s_has_none(kv_heads, causal, layout, block):
     q, k, v = make_qkv(6, T, T, HEADS, kv_heads)
     pos, seg = plain(T) if layout == "plain" else packed(T)
@@ -246,8 +302,9 @@ def test_gradients_dense_equal_blockwise_and_s_has_none(kv_heads, causal, layout
     g_block, (s_block, gs_block) = _grads_fn("blockwise", block, causal, pos, seg, w)(q, k, v)
     for name, gd, gb in zip("qkv", g_dense, g_block):
         assert float(jnp.max(jnp.abs(gd))) > 1e-3, name  # a real gradient
-        np.testing.assert_allclose(np.asarray(gb), np.asarray(gd), rtol=1e-4, atol=1e-5,
-                                   err_msg=f"grad wrt {name}")
+        np.testing.assert_allclose(
+            np.asarray(gb), np.asarray(gd), rtol=1e-4, atol=1e-5, err_msg=f"grad wrt {name}"
+        )
 
     # S carries no gradient, in either kernel.
     assert float(s_dense) != 0.0
@@ -323,8 +380,19 @@ def test_hand_written_backward_equals_autodiff(kernel, block, kv_heads, layout):
     pos_, seg_ = jnp.asarray(pos), jnp.asarray(seg)
 
     def ours(q, k, v):
-        out, _ = attend(q, k, v, q_pos=pos_, k_pos=pos_, q_seg=seg_, k_seg=seg_, causal=True,
-                        scale=SCALE, kernel=kernel, block_size=block)
+        out, _ = attend(
+            q,
+            k,
+            v,
+            q_pos=pos_,
+            k_pos=pos_,
+            q_seg=seg_,
+            k_seg=seg_,
+            causal=True,
+            scale=SCALE,
+            kernel=kernel,
+            block_size=block,
+        )
         return jnp.sum(out * w)
 
     def reference(q, k, v):
@@ -334,8 +402,9 @@ def test_hand_written_backward_equals_autodiff(kernel, block, kv_heads, layout):
     want = jax.jit(jax.grad(reference, argnums=(0, 1, 2)))(q, k, v)
     for name, g, r in zip("qkv", got, want):
         assert float(jnp.max(jnp.abs(r))) > 1e-2, name
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=2e-5,
-                                   err_msg=f"grad wrt {name}")
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(r), rtol=1e-4, atol=2e-5, err_msg=f"grad wrt {name}"
+        )
 
 
 @pytest.mark.parametrize("kernel", ["dense", "blockwise"])
@@ -403,13 +472,25 @@ S_RTOL = 1e-6
 
 @functools.partial(jax.jit, static_argnames=("causal", "max_logit", "block_size"))
 def run_dpa(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, max_logit, block_size=8):
-    return attend(q, k, v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, causal=causal,
-                  scale=SCALE, kernel=DPA, block_size=block_size, max_logit=max_logit)
+    return attend(
+        q,
+        k,
+        v,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_seg=q_seg,
+        k_seg=k_seg,
+        causal=causal,
+        scale=SCALE,
+        kernel=DPA,
+        block_size=block_size,
+        max_logit=max_logit,
+    )
 
 
 def _n_allowed(q_pos, k_pos, q_seg, k_seg, causal) -> int:
     """The most keys any query may attend to."""
-    ok = (q_seg[:, None] == k_seg[None, :])
+    ok = q_seg[:, None] == k_seg[None, :]
     if causal:
         ok &= k_pos[None, :] <= q_pos[:, None]
     return int(ok.sum(axis=1).max())
@@ -418,7 +499,9 @@ def _n_allowed(q_pos, k_pos, q_seg, k_seg, causal) -> int:
 DPA_CASES = [
     # (kv_heads, causal, layout, lo, hi): GQA, MQA and MHA; packed documents; a
     # shard of the queries with offset positions (context parallelism)
-    (2, True, "plain", 0, T), (1, False, "packed", 0, T), (4, True, "packed", 0, T),
+    (2, True, "plain", 0, T),
+    (1, False, "packed", 0, T),
+    (4, True, "packed", 0, T),
     (2, True, "packed", 13, 30),
 ]
 
@@ -436,7 +519,9 @@ def test_dot_product_attention_matches_dense_and_s_is_exact(kv_heads, causal, la
     out_e, s_e = run_dpa(*qa, causal=causal, max_logit="exact")
     out_b, s_b = run_dpa(*qa, causal=causal, max_logit="lse_bound")
     ref_out, ref_s = np_attention(*qa, causal, SCALE)
-    assert out_e.shape == (hi - lo, HEADS, DV) and s_e.shape == (HEADS,) and s_e.dtype == jnp.float32
+    assert (
+        out_e.shape == (hi - lo, HEADS, DV) and s_e.shape == (HEADS,) and s_e.dtype == jnp.float32
+    )
     check(out_e, s_e, ref_out, ref_s)
     for out in (out_e, out_b):
         np.testing.assert_allclose(np.asarray(out), np.asarray(out_d), rtol=1e-5, atol=2e-6)
@@ -470,21 +555,35 @@ def test_dot_product_attention_gradients_match_dense_and_s_has_none(max_logit):
     pos_, seg_ = jnp.asarray(pos), jnp.asarray(seg)
 
     def fwd(kernel, q, k, v):
-        return attend(q, k, v, q_pos=pos_, k_pos=pos_, q_seg=seg_, k_seg=seg_, causal=True,
-                      scale=SCALE, kernel=kernel, block_size=8,
-                      max_logit=max_logit if kernel == DPA else "exact")
+        return attend(
+            q,
+            k,
+            v,
+            q_pos=pos_,
+            k_pos=pos_,
+            q_seg=seg_,
+            k_seg=seg_,
+            causal=True,
+            scale=SCALE,
+            kernel=kernel,
+            block_size=8,
+            max_logit=max_logit if kernel == DPA else "exact",
+        )
 
     @functools.partial(jax.jit, static_argnums=0)
     def grads(kernel, q, k, v):
-        return (jax.grad(lambda *a: jnp.sum(fwd(kernel, *a)[0] * w), argnums=(0, 1, 2))(q, k, v),
-                jax.grad(lambda *a: jnp.sum(fwd(kernel, *a)[1]), argnums=(0, 1, 2))(q, k, v))
+        return (
+            jax.grad(lambda *a: jnp.sum(fwd(kernel, *a)[0] * w), argnums=(0, 1, 2))(q, k, v),
+            jax.grad(lambda *a: jnp.sum(fwd(kernel, *a)[1]), argnums=(0, 1, 2))(q, k, v),
+        )
 
     g_dense, _ = grads("dense", q, k, v)
     g_dpa, gs_dpa = grads(DPA, q, k, v)
     for name, gd, gf in zip("qkv", g_dense, g_dpa):
         assert float(jnp.max(jnp.abs(gd))) > 1e-3, name
-        np.testing.assert_allclose(np.asarray(gf), np.asarray(gd), rtol=1e-4, atol=1e-5,
-                                   err_msg=f"grad wrt {name}")
+        np.testing.assert_allclose(
+            np.asarray(gf), np.asarray(gd), rtol=1e-4, atol=1e-5, err_msg=f"grad wrt {name}"
+        )
     for g in gs_dpa:
         assert not np.any(np.asarray(g))
 
@@ -501,11 +600,29 @@ def test_dot_product_attention_rows_without_allowed_keys_give_zeros():
     assert np.all(np.asarray(out)[20:] == 0)
     check(out, s, ref_out, ref_s)
     _, bound = run_dpa(q, k, v, pos, pos, q_seg, seg, causal=True, max_logit="lse_bound")
-    assert np.all(np.asarray(bound) >= ref_s - 1e-5) and np.all(np.asarray(bound) <= ref_s + math.log(20))
+    assert np.all(np.asarray(bound) >= ref_s - 1e-5) and np.all(
+        np.asarray(bound) <= ref_s + math.log(20)
+    )
     k_, v_ = jnp.asarray(k), jnp.asarray(v)
-    g = jax.jit(jax.grad(lambda q: jnp.sum(attend(
-        q, k_, v_, q_pos=jnp.asarray(pos), k_pos=jnp.asarray(pos), q_seg=jnp.asarray(q_seg),
-        k_seg=jnp.asarray(seg), causal=True, scale=SCALE, kernel=DPA)[0] ** 2)))(q)
+    g = jax.jit(
+        jax.grad(
+            lambda q: jnp.sum(
+                attend(
+                    q,
+                    k_,
+                    v_,
+                    q_pos=jnp.asarray(pos),
+                    k_pos=jnp.asarray(pos),
+                    q_seg=jnp.asarray(q_seg),
+                    k_seg=jnp.asarray(seg),
+                    causal=True,
+                    scale=SCALE,
+                    kernel=DPA,
+                )[0]
+                ** 2
+            )
+        )
+    )(q)
     assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g)[20:] == 0)
 
 
@@ -519,8 +636,9 @@ def test_dot_product_attention_bf16(max_logit):
     out_d, s_d = run(q, k, v, pos, pos, seg, seg, causal=True, kernel="dense")
     out, s = run_dpa(q, k, v, pos, pos, seg, seg, causal=True, max_logit=max_logit)
     assert out.dtype == jnp.bfloat16 and s.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(out_d, np.float32),
-                               atol=3e-2, rtol=3e-2)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(out_d, np.float32), atol=3e-2, rtol=3e-2
+    )
     if max_logit == "exact":
         np.testing.assert_allclose(np.asarray(s), np.asarray(s_d), rtol=S_RTOL)
     else:
@@ -536,8 +654,19 @@ def test_dot_product_attention_s_pass_is_blockwise():
     pos, seg = (jnp.asarray(a) for a in plain(T))
 
     def s_only(q, k, v):
-        return attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True,
-                      scale=SCALE, kernel=DPA, block_size=8)[1]
+        return attend(
+            q,
+            k,
+            v,
+            q_pos=pos,
+            k_pos=pos,
+            q_seg=seg,
+            k_seg=seg,
+            causal=True,
+            scale=SCALE,
+            kernel=DPA,
+            block_size=8,
+        )[1]
 
     text = str(jax.make_jaxpr(s_only)(q, k, v))
     assert "length=5" in text and "f32[2,74,8]" in text
@@ -552,13 +681,32 @@ def test_lse_bound_only_with_dot_product_attention():
     q, k, v = (jnp.asarray(x) for x in make_qkv(28, 5, 5, HEADS, 2))
     pos, seg = (jnp.asarray(a) for a in plain(5))
     with pytest.raises((ValueError, TypeError), match="lse_bound|max_logit"):
-        attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True, scale=SCALE,
-               kernel="blockwise", max_logit="lse_bound")
+        attend(
+            q,
+            k,
+            v,
+            q_pos=pos,
+            k_pos=pos,
+            q_seg=seg,
+            k_seg=seg,
+            causal=True,
+            scale=SCALE,
+            kernel="blockwise",
+            max_logit="lse_bound",
+        )
     with pytest.raises(ValueError, match="max_logit"):
         GQAConfig(dim=16, n_heads=4, head_dim=4, max_logit="lse_bound")
     with pytest.raises(ValueError, match="max_logit"):
-        MLAConfig(dim=16, n_heads=2, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
-                  v_head_dim=4, kernel=DPA, max_logit="max")
+        MLAConfig(
+            dim=16,
+            n_heads=2,
+            kv_lora_rank=8,
+            qk_nope_head_dim=4,
+            qk_rope_head_dim=4,
+            v_head_dim=4,
+            kernel=DPA,
+            max_logit="max",
+        )
     assert GQAConfig(dim=16, n_heads=4, head_dim=4, kernel=DPA, max_logit="lse_bound").kernel == DPA
 
 
@@ -575,8 +723,15 @@ def test_modules_with_dot_product_attention_equal_dense(which):
     from qkclip_eqx import GQAConfig, GQAttention, MLAConfig, MLAttention
 
     if which == "mla":
-        cfg = MLAConfig(dim=16, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                        v_head_dim=6, q_lora_rank=12)
+        cfg = MLAConfig(
+            dim=16,
+            n_heads=4,
+            kv_lora_rank=8,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=6,
+            q_lora_rank=12,
+        )
         cls = MLAttention
     else:
         cfg = GQAConfig(dim=16, n_heads=4, head_dim=8, n_kv_heads=2)
@@ -584,7 +739,9 @@ def test_modules_with_dot_product_attention_equal_dense(which):
     dense = init_from_numpy(lambda key: cls(cfg, key=key), 29)
     fused_cfg = dataclasses.replace(cfg, kernel=DPA, block_size=8)
     template = eqx.filter_eval_shape(cls, fused_cfg, key=jax.random.key(0))
-    fused = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), jax.tree.leaves(dense))
+    fused = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(template), jax.tree.leaves(dense)
+    )
     assert fused.config.kernel == DPA
     x = jnp.asarray(np.random.default_rng(30).standard_normal((2, T, 16)), jnp.float32)
     pos, seg = packed(T)
@@ -611,8 +768,26 @@ def test_bench_fused_attention_runs_and_removes_the_unused_s_pass(capsys):
     spec = importlib.util.spec_from_file_location("bench_fused_attention", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(["--batch", "1", "--seq", "48", "--heads", "4", "--kv-heads", "2",
-                      "--head-dim", "8", "--block-size", "16", "--repeats", "1", "--warmup", "0"])
+    out = bench.main(
+        [
+            "--batch",
+            "1",
+            "--seq",
+            "48",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--block-size",
+            "16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ]
+    )
     assert out["while_loops"]["no_s"] < out["while_loops"]["exact"]
     assert set(out["ratios"]) == {"exact", "lse_bound"}
     assert "exact/no_s" in capsys.readouterr().out

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reference import np_rms_norm, np_swiglu
 from qkclip_eqx._layers import RMSNorm, SwiGLU
+from reference import np_rms_norm, np_swiglu
 
 DIM, HIDDEN, T = 12, 20, 7
 
@@ -28,8 +28,11 @@ def x():
 
 @pytest.mark.parametrize("eps", [1e-6, 0.5])
 def test_rms_norm_matches_numpy(x, eps):
-    norm = eqx.tree_at(lambda n: n.weight, RMSNorm(DIM, eps=eps),
-                       jnp.asarray(1 + 0.3 * _rng(1).standard_normal(DIM), jnp.float32))
+    norm = eqx.tree_at(
+        lambda n: n.weight,
+        RMSNorm(DIM, eps=eps),
+        jnp.asarray(1 + 0.3 * _rng(1).standard_normal(DIM), jnp.float32),
+    )
     got = np.asarray(eqx.filter_jit(lambda n, x: n(x))(norm, jnp.asarray(x)))
     ref = np_rms_norm(x, norm.weight, eps)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
@@ -52,14 +55,19 @@ def mlp():
     rng = _rng(2)
     m = eqx.filter_eval_shape(SwiGLU, DIM, HIDDEN, key=jax.random.key(0))
     return eqx.tree_at(
-        lambda m: (m.w_gate, m.w_up, m.w_down), m,
-        tuple(jnp.asarray(rng.standard_normal(s) / np.sqrt(s[-1]), jnp.float32)
-              for s in ((HIDDEN, DIM), (HIDDEN, DIM), (DIM, HIDDEN))),
+        lambda m: (m.w_gate, m.w_up, m.w_down),
+        m,
+        tuple(
+            jnp.asarray(rng.standard_normal(s) / np.sqrt(s[-1]), jnp.float32)
+            for s in ((HIDDEN, DIM), (HIDDEN, DIM), (DIM, HIDDEN))
+        ),
     )
 
 
 def test_swiglu_matches_numpy(mlp, x):
-    x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True))  # unit rows: gates in silu's curved part
+    x = x / np.sqrt(
+        np.mean(x * x, axis=-1, keepdims=True)
+    )  # unit rows: gates in silu's curved part
     got = np.asarray(eqx.filter_jit(lambda m, x: m(x))(mlp, jnp.asarray(x)))
     ref = np_swiglu(x, mlp.w_gate, mlp.w_up, mlp.w_down)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

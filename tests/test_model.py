@@ -4,7 +4,6 @@ does not depend on depth."""
 
 from __future__ import annotations
 
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -18,15 +17,23 @@ VOCAB = 48
 LAYERS = 3
 
 ATTENTION = {
-    "mla": MLAConfig(dim=32, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                     v_head_dim=8, q_lora_rank=8),
+    "mla": MLAConfig(
+        dim=32,
+        n_heads=4,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        q_lora_rank=8,
+    ),
     "gqa": GQAConfig(dim=32, n_heads=4, head_dim=8, n_kv_heads=2),
 }
 
 
 def config(kind, n_layers=LAYERS, **dtypes):
-    return TransformerConfig(vocab_size=VOCAB, n_layers=n_layers, mlp_hidden=32,
-                             attention=ATTENTION[kind], **dtypes)
+    return TransformerConfig(
+        vocab_size=VOCAB, n_layers=n_layers, mlp_hidden=32, attention=ATTENTION[kind], **dtypes
+    )
 
 
 def build(cfg, seed=0):
@@ -108,8 +115,9 @@ def unrolled(model, tokens, positions, segment_ids):
     s_per_layer = []
     for i in range(model.config.n_layers):
         blk = layer(model.blocks, i)
-        h, s_i = blk.attn(rms_norm(x, blk.attn_norm, eps), positions=positions,
-                          segment_ids=segment_ids)
+        h, s_i = blk.attn(
+            rms_norm(x, blk.attn_norm, eps), positions=positions, segment_ids=segment_ids
+        )
         x = x + h
         x = x + swiglu(rms_norm(x, blk.mlp_norm, eps), blk.mlp)
         s_per_layer.append(s_i)
@@ -136,8 +144,9 @@ def test_per_layer_s_equals_unrolled_layers(models, kind):
         for j in range(i):
             assert np.max(np.abs(s[i] - s[j])) > 1e-3, (i, j, s)
     # And the segments matter (so the check above covers their passing on).
-    _, s_one_doc = unrolled(model, tokens, positions * 0 + jnp.arange(T, dtype=jnp.int32),
-                            segments * 0)
+    _, s_one_doc = unrolled(
+        model, tokens, positions * 0 + jnp.arange(T, dtype=jnp.int32), segments * 0
+    )
     assert not np.allclose(np.asarray(s_one_doc), ref_s, atol=1e-3)
 
 
@@ -186,9 +195,11 @@ def test_packed_batch_equals_the_vmapped_batch(models, kind):
     for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_v)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # positions restart in every segment: the rows are independent sequences
-    logits, _ = eqx.filter_jit(lambda m, x: m(x, segment_length=T))(model, tokens[:, :-1].reshape(-1))
+    logits, _ = eqx.filter_jit(lambda m, x: m(x, segment_length=T))(
+        model, tokens[:, :-1].reshape(-1)
+    )
     one, _ = forward(model, tokens[1, :-1])
-    np.testing.assert_allclose(logits[T:2 * T], one, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits[T : 2 * T], one, rtol=1e-5, atol=1e-5)
 
 
 def test_segment_length_must_divide_the_sequence(models):

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from parallel_scenario import run_scenario
 from test_parallel import _assert_same_run, _reserved_port
 
@@ -27,9 +28,20 @@ def test_axis_spanning_processes_matches_one_process(reference, tmp_path, layout
     env.pop("XLA_FLAGS", None)
     with _reserved_port() as port:
         procs = [
-            subprocess.Popen([sys.executable, str(tests / "_multiprocess_worker.py"), f"127.0.0.1:{port}",
-                              str(i), str(out), layout],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(tests / "_multiprocess_worker.py"),
+                    f"127.0.0.1:{port}",
+                    str(i),
+                    str(out),
+                    layout,
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             for i in range(2)
         ]
         try:

@@ -20,9 +20,7 @@ import pytest
 from optax.contrib import MuonDimensionNumbers
 
 import reference
-
 from builders import init_from_numpy as _init
-from reference import NumpyMuonClip, leaves_by_path
 from qkclip_eqx import (
     GQAConfig,
     MLAConfig,
@@ -33,6 +31,7 @@ from qkclip_eqx import (
     warmup_cosine,
     wsd,
 )
+from reference import NumpyMuonClip, leaves_by_path
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 LR = 1e-2
@@ -84,8 +83,15 @@ def _ns_scaled(g: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def mla_params():
-    att = MLAConfig(dim=16, n_heads=2, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
-                    v_head_dim=4, q_lora_rank=12)
+    att = MLAConfig(
+        dim=16,
+        n_heads=2,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=4,
+        q_lora_rank=12,
+    )
     cfg = TransformerConfig(vocab_size=32, n_layers=3, mlp_hidden=24, attention=att)
     return eqx.filter(_init(lambda k: Transformer(cfg, key=k), 0), eqx.is_array)
 
@@ -128,8 +134,13 @@ def test_param_spec_routes_every_transformer_leaf(which, mla_params, gqa_params)
         n_muon += expected is not None
     # some of each, and the AdamW ones include every kind
     assert n_muon >= 7
-    for must in (".embed", ".lm_head", ".final_norm.weight", ".blocks.attn_norm.weight",
-                 ".blocks.mlp_norm.weight"):
+    for must in (
+        ".embed",
+        ".lm_head",
+        ".final_norm.weight",
+        ".blocks.attn_norm.weight",
+        ".blocks.mlp_norm.weight",
+    ):
         assert spec_leaves[must] is None
     if which == "mla":
         for must in (".blocks.attn.q_norm.weight", ".blocks.attn.kv_norm.weight"):
@@ -193,15 +204,19 @@ def test_optimizer_state_follows_routing(mla_params):
 
 def test_stacked_layers_orthogonalised_separately_heads_jointly(transformer_update):
     grads, updates, _ = transformer_update
-    for name, get in [("wq", lambda t: t.blocks.attn.wq), ("wo", lambda t: t.blocks.attn.wo),
-                      ("w_gate", lambda t: t.blocks.mlp.w_gate)]:
+    for name, get in [
+        ("wq", lambda t: t.blocks.attn.wq),
+        ("wo", lambda t: t.blocks.attn.wo),
+        ("w_gate", lambda t: t.blocks.mlp.w_gate),
+    ]:
         g, u = np.asarray(get(grads)), np.asarray(get(updates))
         n_layers = g.shape[0]
         for layer in range(n_layers):
             g2 = g[layer].reshape(-1, g.shape[-1])  # (heads*head_dim, in) for wq
             expected = -LR * _ns_scaled(g2)
-            np.testing.assert_allclose(u[layer].reshape(g2.shape), expected, rtol=2e-4, atol=1e-7,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                u[layer].reshape(g2.shape), expected, rtol=2e-4, atol=1e-7, err_msg=name
+            )
         # had the layers been orthogonalised jointly, the update would differ
         joint = -LR * _ns_scaled(g.reshape(-1, g.shape[-1])).reshape(g.shape)
         assert not np.allclose(u, joint, rtol=1e-2)
@@ -264,8 +279,10 @@ def test_newton_schulz_output_is_near_orthogonal():
 
 def test_decoupled_weight_decay_is_lr_wd_w():
     rng = np.random.default_rng(4)
-    params = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
-              "gain": jnp.asarray(1 + rng.standard_normal(8), jnp.float32)}
+    params = {
+        "w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
+        "gain": jnp.asarray(1 + rng.standard_normal(8), jnp.float32),
+    }
     dims = matrix_dimension_numbers
     assert dims(params)["gain"] is None and dims(params)["w"] is not None
     grads = _random_like(params, 5)
@@ -276,8 +293,11 @@ def test_decoupled_weight_decay_is_lr_wd_w():
     u_off = off.update(grads, off.init(params), params)[0]
     for k in params:
         np.testing.assert_allclose(
-            np.asarray(u_on[k]) - np.asarray(u_off[k]), -LR * wd * np.asarray(params[k]),
-            rtol=1e-4, atol=1e-9, err_msg=k,
+            np.asarray(u_on[k]) - np.asarray(u_off[k]),
+            -LR * wd * np.asarray(params[k]),
+            rtol=1e-4,
+            atol=1e-9,
+            err_msg=k,
         )
     with pytest.raises(ValueError, match="weight_decay"):
         muon_adamw(LR, weight_decay=-0.1)
@@ -307,8 +327,9 @@ def test_adamw_leaves_get_exact_optax_adamw_updates(mla_params):
         for k, get in leaves.items():
             # same arithmetic; jit vs eager may round a near-cancelling
             # (adam + wd * W) element differently in the last bit
-            np.testing.assert_allclose(get(updates), ref_updates[k], rtol=1e-6, atol=1e-7 * LR,
-                                       err_msg=f"{k} step {step}")
+            np.testing.assert_allclose(
+                get(updates), ref_updates[k], rtol=1e-6, atol=1e-7 * LR, err_msg=f"{k} step {step}"
+            )
         params = optax.apply_updates(params, updates)
         ref_params = optax.apply_updates(ref_params, ref_updates)
     # after three steps the AdamW leaves match a standalone AdamW run
@@ -365,8 +386,9 @@ def test_muonclip_matches_numpy_over_several_steps(several_steps):
     for step, (u, r) in enumerate(zip(updates, ref_updates)):
         for k in r:
             scale = np.max(np.abs(r[k]))
-            np.testing.assert_allclose(u[k], r[k], rtol=1e-4, atol=2e-5 * scale,
-                                       err_msg=f"{k} step {step}")
+            np.testing.assert_allclose(
+                u[k], r[k], rtol=1e-4, atol=2e-5 * scale, err_msg=f"{k} step {step}"
+            )
     for k in ref_final:
         np.testing.assert_allclose(final[k], ref_final[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
@@ -382,14 +404,22 @@ def test_several_steps_tell_momentum_variants_apart(several_steps, variant):
     if variant == "no_momentum":
         ref.mu = 0.0
     elif variant == "no_nesterov_sum":
+
         def heavy_ball(k, g, w, ref=ref):  # M_t = mu M_{t-1} + G_t, O = NS5(M_t)
             ref.m[k] = ref.mu * ref.m[k] + g
-            o = np.stack([reference.np_newton_schulz(m.reshape(-1, g.shape[-1])).reshape(g.shape[1:])
-                          * ref.rms * math.sqrt(max(np.prod(g.shape[1:-1]), g.shape[-1]))
-                          for m in ref.m[k]])
+            o = np.stack(
+                [
+                    reference.np_newton_schulz(m.reshape(-1, g.shape[-1])).reshape(g.shape[1:])
+                    * ref.rms
+                    * math.sqrt(max(np.prod(g.shape[1:-1]), g.shape[-1]))
+                    for m in ref.m[k]
+                ]
+            )
             return o + ref.wd * w
+
         ref._muon = heavy_ball
     else:
+
         def unbiased(k, g, w, ref=ref, muon=ref._muon):
             t = ref.t
             ref.t = 10_000  # bias corrections -> 1
@@ -397,6 +427,7 @@ def test_several_steps_tell_momentum_variants_apart(several_steps, variant):
                 return muon(k, g, w)
             finally:
                 ref.t = t
+
         ref._muon = unbiased
     params = {k: v.astype(np.float64) for k, v in params0.items()}
     wq = ".blocks.attn.wq"
@@ -421,8 +452,17 @@ def test_warmup_cosine_values():
     def cosine(t):
         return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * (t - 10) / 100))
 
-    expected = {0: 0.0, 1: peak / 10, 5: peak / 2, 10: peak, 35: cosine(35), 60: cosine(60),
-                100: cosine(100), 110: end, 500: end}
+    expected = {
+        0: 0.0,
+        1: peak / 10,
+        5: peak / 2,
+        10: peak,
+        35: cosine(35),
+        60: cosine(60),
+        100: cosine(100),
+        110: end,
+        500: end,
+    }
     assert cosine(60) == pytest.approx((peak + end) / 2)
     for t, v in expected.items():
         assert float(sched(t)) == pytest.approx(v, rel=1e-5, abs=1e-12), t
@@ -435,8 +475,18 @@ def test_warmup_cosine_values():
 def test_wsd_values():
     peak = 2e-4
     sched = wsd(peak, warmup_steps=10, total_steps=100, decay_fraction=0.2)
-    expected = {0: 0.0, 5: peak / 2, 10: peak, 50: peak, 79: peak, 80: peak, 85: 0.75 * peak,
-                90: peak / 2, 100: 0.0, 200: 0.0}
+    expected = {
+        0: 0.0,
+        5: peak / 2,
+        10: peak,
+        50: peak,
+        79: peak,
+        80: peak,
+        85: 0.75 * peak,
+        90: peak / 2,
+        100: 0.0,
+        200: 0.0,
+    }
     for t, v in expected.items():
         assert float(sched(t)) == pytest.approx(v, rel=1e-5, abs=1e-12), t
     with_floor = wsd(peak, warmup_steps=0, total_steps=50, decay_fraction=0.4, final_fraction=0.1)

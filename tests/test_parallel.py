@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
-from parallel_scenario import TAU, config, run_scenario
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import qkclip_eqx as qc
+from parallel_scenario import TAU, config, run_scenario
 from qkclip_eqx._parallel import partition_specs, shard
 
 MESHES = [dict(data=8), dict(data=4, model=2), dict(data=2, seq=4), dict(data=2, model=2, seq=2)]
@@ -68,7 +69,9 @@ def test_clip_on_sharded_weights_needs_no_all_gather():
     model = shard(model, partition_specs(model), mesh)
     s = jax.device_put(jnp.full((2, 4), 10.0), NamedSharding(mesh, P(None, "model")))
     params, static = eqx.partition(model, eqx.is_array)
-    clip = jax.jit(lambda p, s: eqx.filter(qc.qk_clip(eqx.combine(p, static), s, TAU), eqx.is_array))
+    clip = jax.jit(
+        lambda p, s: eqx.filter(qc.qk_clip(eqx.combine(p, static), s, TAU), eqx.is_array)
+    )
     hlo = clip.lower(params, s).compile().as_text()
     assert "multiply" in hlo  # the clip was compiled, not optimised away
     assert "all-gather" not in hlo and "all-reduce" not in hlo
@@ -94,8 +97,9 @@ def test_bad_mesh_fails_before_compiling(shape, batch, seq, match):
     opt = qc.muon_adamw(1e-2)
     step = qc.make_train_step(opt, mesh=mesh)
     with pytest.raises(ValueError, match=match):
-        step(model, opt.init(eqx.filter(model, eqx.is_array)),
-             jnp.zeros((batch, seq + 1), jnp.int32))
+        step(
+            model, opt.init(eqx.filter(model, eqx.is_array)), jnp.zeros((batch, seq + 1), jnp.int32)
+        )
 
 
 def test_mesh_must_match_devices():
@@ -122,9 +126,19 @@ def test_two_processes_match_one(reference, tmp_path):
     env.pop("XLA_FLAGS", None)
     with _reserved_port() as port:
         procs = [
-            subprocess.Popen([sys.executable, str(tests / "_multiprocess_worker.py"), f"127.0.0.1:{port}",
-                              str(i), str(out)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(tests / "_multiprocess_worker.py"),
+                    f"127.0.0.1:{port}",
+                    str(i),
+                    str(out),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             for i in range(2)
         ]
         try:

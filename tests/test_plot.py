@@ -49,9 +49,7 @@ def _write_run(
             "tokens_per_s": 1234.5,
         }
         if mode != "off":
-            ml = [
-                [_s(run, step, la, h) for h in range(N_HEADS)] for la in range(N_LAYERS)
-            ]
+            ml = [[_s(run, step, la, h) for h in range(N_HEADS)] for la in range(N_LAYERS)]
             if run == 0 and step == NULL_AT[0]:
                 ml[NULL_AT[1]][NULL_AT[2]] = None
             line["max_logits"] = ml

@@ -60,8 +60,11 @@ def _train(config, data):
 @pytest.fixture(scope="module")
 def runs(data):
     pure_bf16 = dataclasses.replace(BF16_CONFIG, param_dtype="bfloat16")
-    return {"f32": _train(F32_CONFIG, data), "bf16": _train(BF16_CONFIG, data),
-            "pure_bf16": _train(pure_bf16, data)}
+    return {
+        "f32": _train(F32_CONFIG, data),
+        "bf16": _train(BF16_CONFIG, data),
+        "pure_bf16": _train(pure_bf16, data),
+    }
 
 
 def _rel_diffs(losses, reference):
@@ -114,7 +117,9 @@ def test_bf16_forward_dtypes_and_s(tokens):
     scale = np.abs(s32).max()
     np.testing.assert_allclose(s16, s32, rtol=0, atol=2e-2 * scale)
     assert not np.array_equal(s16, s32)  # it was computed in bf16
-    np.testing.assert_allclose(np.asarray(logits16), logits32, rtol=0, atol=3e-2 * np.abs(logits32).max())
+    np.testing.assert_allclose(
+        np.asarray(logits16), logits32, rtol=0, atol=3e-2 * np.abs(logits32).max()
+    )
 
 
 def _dots(jaxpr):

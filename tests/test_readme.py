@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from reference import assert_leaves_close, np_qk_clip
 from qkclip_eqx import next_token_loss
+from reference import assert_leaves_close, np_qk_clip
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
 TAU = 100.0  # the README's make_train_step(opt, mode="clip", tau=100.0)

@@ -30,11 +30,11 @@ if str(ROOT) not in sys.path:
 from builders import attention_s, layer_inputs, synthetic_corpus, unclipped_update  # noqa: E402
 from paper_repro.kimi_k2 import pipeline  # noqa: E402
 from paper_repro.kimi_k2.settings import QUICK  # noqa: E402
-from reference import leaves_by_path, np_clip_factors, np_qk_clip  # noqa: E402
 from qkclip_eqx._data import get_batch  # noqa: E402
 from qkclip_eqx._model import Transformer  # noqa: E402
 from qkclip_eqx._step import make_train_step, next_token_loss  # noqa: E402
 from qkclip_eqx._train import RunConfig, optimizer, preset, train  # noqa: E402
+from reference import leaves_by_path, np_clip_factors, np_qk_clip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,14 @@ def quick(tmp_path_factory, corpus):
 
 
 def _records(run_dir):
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = [
+        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
+    ]
     cfg = json.loads((run_dir / "config.json").read_text())
     steps = np.array([r["step"] for r in lines])
-    s = np.array([[[np.nan if v is None else v for v in row] for row in r["max_logits"]] for r in lines])
+    s = np.array(
+        [[[np.nan if v is None else v for v in row] for row in r["max_logits"]] for r in lines]
+    )
     clipped = np.array([r["heads_clipped"] for r in lines])
     return cfg, steps, s, clipped
 
@@ -82,12 +86,14 @@ def _copy(tree):
 @dataclasses.dataclass
 class Replay:
     tau: float
-    s: np.ndarray          # [t, layers, heads]: S of each step's model on its batch (a plain forward)
-    logged_s: np.ndarray   # the same, from metrics.jsonl
+    s: np.ndarray  # [t, layers, heads]: S of each step's model on its batch (a plain forward)
+    logged_s: np.ndarray  # the same, from metrics.jsonl
     logged_loss: np.ndarray
     loss: np.ndarray
-    clip_err: np.ndarray   # [t]: max |model_{t+1} - NumPy clip of the unclipped update| / max |.|
-    clip_size: np.ndarray  # [t]: max |NumPy clip - unclipped update| / max |.|: what the clip changed
+    clip_err: np.ndarray  # [t]: max |model_{t+1} - NumPy clip of the unclipped update| / max |.|
+    clip_size: (
+        np.ndarray
+    )  # [t]: max |NumPy clip - unclipped update| / max |.|: what the clip changed
     # [t-1, layers, heads]: S of each layer of step k's UNCLIPPED update, on
     # batch k + 1, each layer fed the inputs it gets in the clipped model
     s_next_unclipped: np.ndarray
@@ -99,14 +105,24 @@ def _replay(run_dir, data) -> Replay:
     conf = json.loads((run_dir / "config.json").read_text())
     cfg = RunConfig(**{f.name: conf[f.name] for f in dataclasses.fields(RunConfig)})
     _, _, logged, _ = _records(run_dir)
-    logged_loss = np.array([json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()])
+    logged_loss = np.array(
+        [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    )
     n = len(logged)
     model = Transformer(cfg.model_config(data.vocab_size), key=jax.random.key(cfg.seed))
     opt = optimizer(cfg)
     state = opt.init(eqx.filter(model, eqx.is_array))
-    step = make_train_step(opt, mode=cfg.mode, tau=cfg.tau, alpha=cfg.alpha, accum_steps=cfg.accum_steps)
-    batches = [jnp.asarray(get_batch(data.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                                     seed=cfg.seed, step=k)) for k in range(n)]
+    step = make_train_step(
+        opt, mode=cfg.mode, tau=cfg.tau, alpha=cfg.alpha, accum_steps=cfg.accum_steps
+    )
+    batches = [
+        jnp.asarray(
+            get_batch(
+                data.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, step=k
+            )
+        )
+        for k in range(n)
+    ]
     s_all, loss_all, clip_err, clip_size, s0_next = [], [], [], [], []
     for k in range(n):
         loss, s = map(np.asarray, _forward(model, batches[k]))
@@ -114,15 +130,29 @@ def _replay(run_dir, data) -> Replay:
         expected = np_qk_clip(unclipped, s, cfg.tau, cfg.alpha)
         model, state, _ = step(_copy(model), _copy(state), batches[k])
         got, plain = leaves_by_path(model), leaves_by_path(unclipped)
-        clip_err.append(max(np.max(np.abs(got[p] - e)) / np.max(np.abs(e)) for p, e in expected.items()))
-        clip_size.append(max(np.max(np.abs(plain[p] - e)) / np.max(np.abs(e)) for p, e in expected.items()))
+        clip_err.append(
+            max(np.max(np.abs(got[p] - e)) / np.max(np.abs(e)) for p, e in expected.items())
+        )
+        clip_size.append(
+            max(np.max(np.abs(plain[p] - e)) / np.max(np.abs(e)) for p, e in expected.items())
+        )
         if k + 1 < n:
-            xs = layer_inputs(model, batches[k + 1][:, :-1])  # the inputs; the last token is a target
+            xs = layer_inputs(
+                model, batches[k + 1][:, :-1]
+            )  # the inputs; the last token is a target
             s0_next.append(np.asarray(attention_s(unclipped, xs)))
         s_all.append(s)
         loss_all.append(float(loss))
-    return Replay(cfg.tau, np.stack(s_all), logged, logged_loss, np.array(loss_all),
-                  np.array(clip_err), np.array(clip_size), np.stack(s0_next))
+    return Replay(
+        cfg.tau,
+        np.stack(s_all),
+        logged,
+        logged_loss,
+        np.array(loss_all),
+        np.array(clip_err),
+        np.array(clip_size),
+        np.stack(s0_next),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +162,14 @@ def replays(quick, corpus):
     out, summ = quick
     fig2 = summ["fig2_right"][f"{summ['tau_low']:g}"]
     assert not fig2.get("identical_to_monitor_run"), "tau_low must be reached"
-    adamw = [r for r in summ["sweep"]["runs"]["adamw_clip"].values() if r["clip"]["first_clip_step"] >= 0]
+    adamw = [
+        r for r in summ["sweep"]["runs"]["adamw_clip"].values() if r["clip"]["first_clip_step"] >= 0
+    ]
     assert adamw, "an AdamW + QK-Clip sweep run must clip"
-    return {"muonclip": _replay(out / "runs" / fig2["run"], corpus),
-            "adamw_clip": _replay(out / "runs" / adamw[0]["run"], corpus)}
+    return {
+        "muonclip": _replay(out / "runs" / fig2["run"], corpus),
+        "adamw_clip": _replay(out / "runs" / adamw[0]["run"], corpus),
+    }
 
 
 @pytest.mark.parametrize("run", ["muonclip", "adamw_clip"])
@@ -201,7 +235,7 @@ def test_overshoot_is_the_max_after_the_first_clip(quick):
         if len(hit) == 0:
             assert d.name not in per_run
             continue
-        after = np.nanmax(s[hit[0] + 1:].reshape(len(steps) - hit[0] - 1, -1), axis=1) / tau
+        after = np.nanmax(s[hit[0] + 1 :].reshape(len(steps) - hit[0] - 1, -1), axis=1) / tau
         assert per_run[d.name] == pytest.approx(float(after.max()), rel=1e-12)
         seen.append(float(after.max()))
     assert reported == pytest.approx(max(seen), rel=1e-12)
@@ -233,8 +267,11 @@ def test_results_md_holds_the_numbers(quick):
     assert f"lr* = **{summ['lr_star']:g}**" in md
     for t, row in summ["fig2_right"].items():
         c = row["clip"]
-        assert f"| {t} | **{c['ever_clipped']:.1%}** | " + " | ".join(
-            f"{x:.0%}" for x in c["ever_clipped_by_layer"]) in md
+        assert (
+            f"| {t} | **{c['ever_clipped']:.1%}** | "
+            + " | ".join(f"{x:.0%}" for x in c["ever_clipped_by_layer"])
+            in md
+        )
     for f in summ["fig12"]:
         assert f"lr {f['lr']:g}: MuonClip - Muon = {f['diff_mean']:+.4f}" in md
         for r in f["seeds"]:
@@ -243,8 +280,14 @@ def test_results_md_holds_the_numbers(quick):
     assert f"S = {left['peak_s']:.1f} at step {left['peak_step']}" in md
     for v in ("python", "jax", "equinox", "optax"):
         assert summ["versions"][v] in md
-    for png in ("fig2_left_muon", "fig2_right_muonclip", "appD_heads_clipped", "fig12_loss",
-                "appE_lr_sweep", "overshoot"):
+    for png in (
+        "fig2_left_muon",
+        "fig2_right_muonclip",
+        "appD_heads_clipped",
+        "fig12_loss",
+        "appE_lr_sweep",
+        "overshoot",
+    ):
         assert (out / f"{png}.png").stat().st_size < 150_000
         assert f"({png}.png)" in md
     json.loads((out / "summary.json").read_text())
@@ -262,7 +305,9 @@ def test_app_e_has_adamw_with_qk_clip(quick):
         row = sw["runs"]["adamw_clip"][f"{lr:g}"]
         cfg, steps, s, clipped = _records(out / "runs" / row["run"])
         assert (cfg["optimizer"], cfg["mode"], cfg["tau"]) == ("adamw", "clip", sw["tau"])
-        np.testing.assert_array_equal((np.nan_to_num(s, nan=-np.inf) > cfg["tau"]).sum(axis=(1, 2)), clipped)
+        np.testing.assert_array_equal(
+            (np.nan_to_num(s, nan=-np.inf) > cfg["tau"]).sum(axis=(1, 2)), clipped
+        )
         v = row["s_fixed"]
         line = [x for x in md.splitlines() if x.startswith(f"| {lr:g} | ") and x.count("|") == 11]
         assert len(line) == 1  # the App. E table's row for this lr
@@ -283,12 +328,17 @@ def test_monitor_and_unreached_clip_leave_the_weights_of_the_unclipped_run(tmp_p
     runs = {
         "monitor": preset("tiny", optimizer="muon", mode="monitor", out=str(tmp_path / "a"), **kw),
         "off": preset("tiny", optimizer="muon", mode="off", out=str(tmp_path / "b"), **kw),
-        "clip_unreached": preset("tiny", optimizer="muonclip", tau=1e9, out=str(tmp_path / "c"), **kw),
+        "clip_unreached": preset(
+            "tiny", optimizer="muonclip", tau=1e9, out=str(tmp_path / "c"), **kw
+        ),
     }
     models = {k: train(cfg, progress=False, data=data).model for k, cfg in runs.items()}
     ref = _leaves(models["monitor"])
     for k in ("off", "clip_unreached"):
         for a, b in zip(ref, _leaves(models[k]), strict=True):
             np.testing.assert_array_equal(a, b, err_msg=k)
-    s = [json.loads(x)["max_logit"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    s = [
+        json.loads(x)["max_logit"]
+        for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert 0 < max(s) < 1e9

@@ -48,16 +48,19 @@ def test_diverged_rule_fires():
     down = list(np.linspace(5.5, 2.0, 100))
     assert not S.diverged(down)
     assert S.diverged(down[:50] + [float("nan")])
-    assert S.diverged(down + [3.0] * 40)    # blew up from ~2.1 to 3.0: >= 0.5 above its best mean
+    assert S.diverged(down + [3.0] * 40)  # blew up from ~2.1 to 3.0: >= 0.5 above its best mean
     assert not S.diverged(down + [2.4] * 40)
-    assert S.diverged([5.5] * 100)                      # never learned
+    assert S.diverged([5.5] * 100)  # never learned
     assert S.diverged(list(np.linspace(5.5, 5.2, 100)))  # learned < 0.5 nats
 
 
 def test_best_lr_and_extension():
     lrs = [1e-3, 1e-2, 1e-1]
     assert S.best_lr(lrs, [3.0, 2.0, 2.5], [False] * 3) == {
-        "lr": 1e-2, "edge": None, "why": "lowest final val loss among the runs that did not diverge"}
+        "lr": 1e-2,
+        "edge": None,
+        "why": "lowest final val loss among the runs that did not diverge",
+    }
     assert S.best_lr(lrs, [3.0, 2.0, 1.0], [False] * 3)["edge"] == "high"
     assert S.best_lr(lrs, [1.0, 2.0, 1.5], [False] * 3)["edge"] == "low"
     # the best loss belongs to a diverged run: it is not chosen
@@ -74,10 +77,24 @@ def test_schedule_reaches_two_weight_decay_times_and_matches_wsd():
         assert sch["warmup"] + sch["flat"] + sch["decay"] == sch["total"]
         wdt = S.wd_time(lr, S.FULL.weight_decay, sch["flat"])
         assert wdt >= 2.0 or sch["flat"] == S.FULL.flat_max
-        spec = runner.RunSpec(name="x", optimizer="muon", lr=lr, weight_decay=0.1, seed=0, steps=sch["total"],
-                              warmup_steps=sch["warmup"], decay_fraction=sch["decay"] / sch["total"], tau=1.0,
-                              model=S.MODEL_QUICK, batch_size=2, seq_len=8, probe_every=1, norms_every=1,
-                              val_every=1, corpus_sha256="")
+        spec = runner.RunSpec(
+            name="x",
+            optimizer="muon",
+            lr=lr,
+            weight_decay=0.1,
+            seed=0,
+            steps=sch["total"],
+            warmup_steps=sch["warmup"],
+            decay_fraction=sch["decay"] / sch["total"],
+            tau=1.0,
+            model=S.MODEL_QUICK,
+            batch_size=2,
+            seq_len=8,
+            probe_every=1,
+            norms_every=1,
+            val_every=1,
+            corpus_sha256="",
+        )
         f = spec.schedule()
         d = sch["decay_start"]
         assert float(f(d - 1)) == pytest.approx(lr) and float(f(d)) == pytest.approx(lr)
@@ -97,7 +114,7 @@ def test_t_quantiles_are_student_t():
     for df, q in enumerate(S.T975, start=1):
         x = np.linspace(0.0, q, 400_001)
         c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
-        pdf = c * (1 + x ** 2 / df) ** (-(df + 1) / 2)
+        pdf = c * (1 + x**2 / df) ** (-(df + 1) / 2)
         assert np.trapezoid(pdf, x) == pytest.approx(0.475, abs=1e-7)
 
 
@@ -115,7 +132,7 @@ def test_every_verdict_word_is_reachable():
     assert S.verdict_explosion([1500, 1500, 1500], False)[0] == T
     assert S.verdict_spikes([2, 1, 0], [0, 0, 0], True)[0] == R
     assert S.verdict_spikes([2, 0, 0], [0, 0, 0], True)[0] == N
-    assert S.verdict_spikes([2, 2, 2], [2, 2, 2], True)[0] == N   # the clip removes none
+    assert S.verdict_spikes([2, 2, 2], [2, 2, 2], True)[0] == N  # the clip removes none
     assert S.verdict_spikes([2, 2, 2], [0, 0, 0], False)[0] == T
     assert S.verdict_cap([1.1, 1.2, 1.0], [True] * 3)[0] == R
     assert S.verdict_cap([1.1, 1.3, 1.0], [True] * 3)[0] == N
@@ -152,9 +169,11 @@ def test_update_growth_on_synthetic_records():
     from paper_repro.kimi_k2_v2 import analysis as A
 
     # one layer, two heads, tau 10: at step 0 head 0 has S 20 (gamma 0.5), head 1 is not clipped
-    recs = [{"step": 0, "s": [[20.0, 5.0]], "probe_s": [[18.0, 4.0]]},
-            {"step": 1, "s": [[11.0, 5.0]], "probe_s": [[10.8, 100.0]]},
-            {"step": 2, "s": [[9.0, 5.0]]}]
+    recs = [
+        {"step": 0, "s": [[20.0, 5.0]], "probe_s": [[18.0, 4.0]]},
+        {"step": 1, "s": [[11.0, 5.0]], "probe_s": [[10.8, 100.0]]},
+        {"step": 2, "s": [[9.0, 5.0]]},
+    ]
     assert A.update_growth(recs, 10.0) == pytest.approx(10.8 / (0.5 * 18.0))
     assert math.isnan(A.update_growth(recs, 30.0))
 
@@ -193,7 +212,11 @@ def test_corpus_hash_and_mismatch(tmp_path):
     expected, rows = C.read_manifest(manifest)
     assert expected == h
     names = [r[2] for r in rows]
-    assert "m00.py" not in names and "only_b.py" not in names and not any("site-packages" in n for n in names)
+    assert (
+        "m00.py" not in names
+        and "only_b.py" not in names
+        and not any("site-packages" in n for n in names)
+    )
     assert len(names) == 39 and names == sorted(names)
     # independent hash of the listed files
     ref = hashlib.sha256()
@@ -249,8 +272,16 @@ def test_quick_writes_results(quick):
     out, summ = quick
     md = (out / "results.md").read_text()
     assert summ["corpus"]["sha256"] in md
-    for f in ("presweep.png", "fig2_left_muon.png", "fig2_right_muonclip.png", "appD_head_fraction.png",
-              "fig12_paired.png", "appE_muon_vs_adamw.png", "overshoot.png", "wd_hypothesis.png"):
+    for f in (
+        "presweep.png",
+        "fig2_left_muon.png",
+        "fig2_right_muonclip.png",
+        "appD_head_fraction.png",
+        "fig12_paired.png",
+        "appE_muon_vs_adamw.png",
+        "overshoot.png",
+        "wd_hypothesis.png",
+    ):
         assert (out / f).stat().st_size > 10_000 and f in md
     for tag in ("1x", "3x"):
         for v in summ["verdicts"][tag].values():
@@ -259,7 +290,9 @@ def test_quick_writes_results(quick):
     assert json.loads((out / "summary.json").read_text())["n_runs"] == summ["n_runs"] == 18
     assert ("CORPUS MISMATCH" in md) == (not summ["corpus"]["matches"])
     other = {**summ, "corpus": {**summ["corpus"], "matches": False, "sha256": "0" * 64}}
-    figs = dict.fromkeys(("presweep", "fig2_left", "fig2_right", "appd", "fig12", "appe", "overshoot", "wd"), "x.png")
+    figs = dict.fromkeys(
+        ("presweep", "fig2_left", "fig2_right", "appd", "fig12", "appe", "overshoot", "wd"), "x.png"
+    )
     assert report.results_md(other, figs).count("CORPUS MISMATCH") == 1
 
 
@@ -322,10 +355,13 @@ def test_overshoot_bounded_by_the_unclipped_update(quick):
     copy = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, t)  # noqa: E731
     n_checked = 0
     for t in range(spec.steps - 1):
-        batch = jnp.asarray(qc.get_batch(data.train, batch_size=spec.batch_size, seq_len=spec.seq_len,
-                                         seed=spec.seed, step=t))
+        batch = jnp.asarray(
+            qc.get_batch(
+                data.train, batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.seed, step=t
+            )
+        )
         s_t = np.asarray(_fwd(model, batch)[1])
-        assert np.allclose(s_t, recs[t]["s"], rtol=1e-5)          # the log is this run
+        assert np.allclose(s_t, recs[t]["s"], rtol=1e-5)  # the log is this run
         unclipped = unclipped_update(model, opt, state, batch)
         p_t = np.asarray(_fwd(model, probe)[1])[0]
         model, state, _ = step(copy(model), copy(state), batch)

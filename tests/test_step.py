@@ -20,7 +20,6 @@ import optax
 import pytest
 
 from builders import init_from_numpy as _init
-from reference import assert_leaves_close, heads_scaled, leaves_by_path, np_qk_clip, tree_from_paths
 from qkclip_eqx import (
     GQAConfig,
     MLAConfig,
@@ -31,6 +30,7 @@ from qkclip_eqx import (
     next_token_loss,
     qk_clip,
 )
+from reference import assert_leaves_close, heads_scaled, leaves_by_path, np_qk_clip, tree_from_paths
 
 VOCAB = 32
 LR = 0.05
@@ -60,8 +60,15 @@ _forward = eqx.filter_jit(next_token_loss)
 
 @pytest.fixture(scope="module")
 def model():
-    att = MLAConfig(dim=16, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
-                    v_head_dim=4, q_lora_rank=8)
+    att = MLAConfig(
+        dim=16,
+        n_heads=4,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=4,
+        q_lora_rank=8,
+    )
     cfg = TransformerConfig(vocab_size=VOCAB, n_layers=2, mlp_hidden=32, attention=att)
     return _init(lambda k: Transformer(cfg, key=k), 0)
 
@@ -107,8 +114,13 @@ def by_hand(optimizer, model, opt_state, tokens):
 
         (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, state = optimizer.update(grads, state, params)
-        return (eqx.combine(optax.apply_updates(params, updates), static), state,
-                loss, s, optax.tree.norm(grads))
+        return (
+            eqx.combine(optax.apply_updates(params, updates), static),
+            state,
+            loss,
+            s,
+            optax.tree.norm(grads),
+        )
 
     return update(model, opt_state, tokens)
 
@@ -247,8 +259,9 @@ def big_batch_by_hand(model):
     """Four rows whose halves differ a lot (the second is one repeated token),
     and the loss, gradients and grad norm of ONE batch of all four, by hand."""
     rng = np.random.default_rng(6)
-    tokens = jnp.asarray(np.concatenate([rng.integers(0, VOCAB, (2, 9)), np.full((2, 9), 3)]),
-                         jnp.int32)
+    tokens = jnp.asarray(
+        np.concatenate([rng.integers(0, VOCAB, (2, 9)), np.full((2, 9), 3)]), jnp.int32
+    )
     params, static = eqx.partition(model, eqx.is_array)
 
     @jax.jit
@@ -281,8 +294,13 @@ def test_accumulation_equals_one_big_batch(accum_step, model, big_batch_by_hand)
     # the updated weights: W - lr * g of the big batch, in float64
     before, after = leaves_by_path(model), leaves_by_path(new_model)
     for k in ref:
-        np.testing.assert_allclose(after[k], before[k].astype(np.float64) - LR * ref[k],
-                                   rtol=1e-6, atol=1e-6 * LR * np.max(np.abs(ref[k])), err_msg=k)
+        np.testing.assert_allclose(
+            after[k],
+            before[k].astype(np.float64) - LR * ref[k],
+            rtol=1e-6,
+            atol=1e-6 * LR * np.max(np.abs(ref[k])),
+            err_msg=k,
+        )
     # the test data tells the mean from the first micro-batch and from the sum
     first = leaves_by_path(first_half)
     assert max(np.max(np.abs(first[k] - ref[k])) / np.max(np.abs(ref[k])) for k in ref) > 0.1
@@ -311,16 +329,19 @@ def test_group_mode_counts_the_heads_it_scales(gqa_group_model, tokens):
     # tau between the two heads of the group holding the largest S: that group
     # is scaled with one head below tau
     l, h = np.unravel_index(np.argmax(s), s.shape)
-    pair = np.sort(s[l, 2 * (h // 2): 2 * (h // 2) + 2])
+    pair = np.sort(s[l, 2 * (h // 2) : 2 * (h // 2) + 2])
     tau = float((pair[0] + pair[1]) / 2)
     scaled = heads_scaled(model, s, tau)
     assert scaled.sum() > (s > tau).sum() > 0
     opt = optax.sgd(LR)
     state = opt.init(eqx.filter(model, eqx.is_array))
     alpha = 0.3
-    updated, _, _ = make_train_step(opt, mode="monitor", tau=tau)(_copy(model), _copy(state), tokens)
+    updated, _, _ = make_train_step(opt, mode="monitor", tau=tau)(
+        _copy(model), _copy(state), tokens
+    )
     clipped, _, metrics = make_train_step(opt, mode="clip", tau=tau, alpha=alpha)(
-        _copy(model), _copy(state), tokens)
+        _copy(model), _copy(state), tokens
+    )
     np.testing.assert_allclose(metrics["max_logits"], s, rtol=1e-6)
     assert int(metrics["heads_over_tau"]) == int((s > tau).sum())
     assert int(metrics["heads_clipped"]) == int(scaled.sum())
@@ -338,10 +359,23 @@ def test_bf16_step_trains_and_clips(tokens, param_dtype):
     parameters: the loss is finite, the parameters keep their dtype, S is the
     plain forward's, and the model is NumPy's clip of the unclipped update (to
     bf16 rounding of the scaled weights when they are stored in bf16)."""
-    att = MLAConfig(dim=16, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
-                    v_head_dim=4, q_lora_rank=8)
-    cfg = TransformerConfig(vocab_size=VOCAB, n_layers=2, mlp_hidden=32, attention=att,
-                            param_dtype=param_dtype, compute_dtype="bfloat16")
+    att = MLAConfig(
+        dim=16,
+        n_heads=4,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=4,
+        q_lora_rank=8,
+    )
+    cfg = TransformerConfig(
+        vocab_size=VOCAB,
+        n_layers=2,
+        mlp_hidden=32,
+        attention=att,
+        param_dtype=param_dtype,
+        compute_dtype="bfloat16",
+    )
     model = _init(lambda k: Transformer(cfg, key=k), 4)
     dtype = jnp.dtype(param_dtype)
     assert all(x.dtype == dtype for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
@@ -350,10 +384,17 @@ def test_bf16_step_trains_and_clips(tokens, param_dtype):
     tau = float(np.float32((v[3] + v[4]) / 2))
     # SGD that hands back its gradients: the unclipped update W - lr g is made here
     state = CAPTURE.init(eqx.filter(model, eqx.is_array))
-    clipped, grads, metrics = make_train_step(CAPTURE, mode="clip", tau=tau)(_copy(model), state, tokens)
+    clipped, grads, metrics = make_train_step(CAPTURE, mode="clip", tau=tau)(
+        _copy(model), state, tokens
+    )
     g = leaves_by_path(grads)
-    updated = tree_from_paths(model, {k: (w.astype(np.float64) - LR * g[k].astype(np.float64)).astype(w.dtype)
-                                      for k, w in leaves_by_path(model).items()})
+    updated = tree_from_paths(
+        model,
+        {
+            k: (w.astype(np.float64) - LR * g[k].astype(np.float64)).astype(w.dtype)
+            for k, w in leaves_by_path(model).items()
+        },
+    )
     assert np.isfinite(float(metrics["loss"]))
     # the step's forward is compiled with its backward: in bf16 compute its
     # activations may round differently from a forward-only program's (by a
@@ -372,7 +413,9 @@ def test_bf16_step_trains_and_clips(tokens, param_dtype):
         np.testing.assert_allclose(got[k].astype(np.float32), want, rtol=rtol, atol=atol, err_msg=k)
     # the clip moved the q weights of the heads over tau by more than bf16 rounding
     plain = leaves_by_path(updated)[".blocks.attn.wq"].astype(np.float32)
-    assert np.max(np.abs(got[".blocks.attn.wq"].astype(np.float32) - plain)) > 0.02 * np.max(np.abs(plain))
+    assert np.max(np.abs(got[".blocks.attn.wq"].astype(np.float32) - plain)) > 0.02 * np.max(
+        np.abs(plain)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -434,8 +477,9 @@ def test_bad_inputs_raise_before_compiling(optimizer):
 # --------------------------------------------------------------------------
 
 
-def test_clip_until_clips_before_and_not_after(optimizer, model, opt_state, tokens, tau, clip_run,
-                                               monitor_run):
+def test_clip_until_clips_before_and_not_after(
+    optimizer, model, opt_state, tokens, tau, clip_run, monitor_run
+):
     """From the same state, steps 0 and 1 (< clip_until = 2) give the clip
     step's model bit for bit, steps 2 and 9 the monitor step's; S and
     heads_over_tau are reported either way. The step index is traced: four
@@ -448,7 +492,12 @@ def test_clip_until_clips_before_and_not_after(optimizer, model, opt_state, toke
         return next_token_loss(m, t)
 
     step = make_train_step(optimizer, mode="clip", tau=tau, clip_until=2, loss_fn=counting_loss)
-    for i, ref in ((0, clip_run), (jnp.int32(1), clip_run), (2, monitor_run), (np.int64(9), monitor_run)):
+    for i, ref in (
+        (0, clip_run),
+        (jnp.int32(1), clip_run),
+        (2, monitor_run),
+        (np.int64(9), monitor_run),
+    ):
         new_model, _, metrics = step(_copy(model), _copy(opt_state), tokens, step=i)
         metrics = jax.device_get(metrics)
         _assert_trees_bit_equal(new_model, ref[0], f"step {i}")
@@ -496,9 +545,26 @@ def test_train_clip_until_counts_the_steps_across_a_resume(tmp_path, monkeypatch
     out = tmp_path / "run"
 
     def config(steps):
-        return run_config_from_args(parser.parse_args([
-            "--preset", "tiny", "--clip-until", "4", "--tau", "0.01", "--steps", str(steps),
-            "--ckpt-every", "3", "--eval-every", "100", "--out", str(out)]))
+        return run_config_from_args(
+            parser.parse_args(
+                [
+                    "--preset",
+                    "tiny",
+                    "--clip-until",
+                    "4",
+                    "--tau",
+                    "0.01",
+                    "--steps",
+                    str(steps),
+                    "--ckpt-every",
+                    "3",
+                    "--eval-every",
+                    "100",
+                    "--out",
+                    str(out),
+                ]
+            )
+        )
 
     assert config(3).clip_until == 4 and config(3).mode == "clip"
     data = synthetic_corpus(100_000)
@@ -517,18 +583,29 @@ def test_lse_bound_metrics_say_bound(tokens):
     and the step's S metrics are named ``*_lse_bound``: no ``max_logits`` key
     holds something that is not S. The bound lies in [S, S + log(seq)], S from
     the same weights under the exact kernel."""
-    att = GQAConfig(dim=16, n_heads=4, head_dim=4, n_kv_heads=2,
-                    kernel="dot_product_attention", max_logit="lse_bound")
+    att = GQAConfig(
+        dim=16,
+        n_heads=4,
+        head_dim=4,
+        n_kv_heads=2,
+        kernel="dot_product_attention",
+        max_logit="lse_bound",
+    )
     cfg = TransformerConfig(vocab_size=VOCAB, n_layers=2, mlp_hidden=32, attention=att)
     model = _init(lambda k: Transformer(cfg, key=k), 4)
-    exact_cfg = TransformerConfig(vocab_size=VOCAB, n_layers=2, mlp_hidden=32,
-                                  attention=GQAConfig(dim=16, n_heads=4, head_dim=4, n_kv_heads=2))
+    exact_cfg = TransformerConfig(
+        vocab_size=VOCAB,
+        n_layers=2,
+        mlp_hidden=32,
+        attention=GQAConfig(dim=16, n_heads=4, head_dim=4, n_kv_heads=2),
+    )
     template = eqx.filter_eval_shape(Transformer, exact_cfg, key=jax.random.key(0))
     exact = jtu.tree_unflatten(jtu.tree_structure(template), jax.tree.leaves(model))
     _, s = map(np.asarray, _forward(exact, tokens))
     opt = optax.sgd(LR)
     _, _, metrics = make_train_step(opt, mode="monitor")(
-        _copy(model), opt.init(eqx.filter(model, eqx.is_array)), tokens)
+        _copy(model), opt.init(eqx.filter(model, eqx.is_array)), tokens
+    )
     assert "max_logits" not in metrics and "max_logit" not in metrics
     bound = np.asarray(metrics["max_logits_lse_bound"])
     assert bound.shape == s.shape

@@ -22,7 +22,6 @@ import pytest
 
 import qkclip_eqx._train as train_mod
 from builders import attention_s, layer_inputs, synthetic_corpus, synthetic_text, unclipped_update
-from reference import assert_leaves_close, leaves_by_path, np_clip_factors, np_qk_clip
 from qkclip_eqx._checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from qkclip_eqx._data import get_batch, load_data
 from qkclip_eqx._model import Transformer
@@ -31,6 +30,7 @@ from qkclip_eqx._step import next_token_loss
 from qkclip_eqx._train import RunError, optimizer, preset, train
 from qkclip_eqx.cli import eval as eval_cli
 from qkclip_eqx.cli import train as train_cli
+from reference import assert_leaves_close, leaves_by_path, np_clip_factors, np_qk_clip
 
 N = 4
 TESTS = pathlib.Path(__file__).parent
@@ -76,8 +76,9 @@ def _tau_splitting(s) -> float:
 
 
 def _first_batch(cfg, data):
-    return jnp.asarray(get_batch(data.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                                 seed=cfg.seed, step=0))
+    return jnp.asarray(
+        get_batch(data.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, step=0)
+    )
 
 
 def _assert_clip_acted(before, after, tokens, tau, alpha, logged_s):
@@ -143,12 +144,16 @@ def test_resume_with_other_config_names_the_field(data, straight):
 
 def _copy_checkpoints(src, dst, steps):
     for step in steps:
-        shutil.copytree(pathlib.Path(src) / f"ckpt_{step:08d}", pathlib.Path(dst) / f"ckpt_{step:08d}")
+        shutil.copytree(
+            pathlib.Path(src) / f"ckpt_{step:08d}", pathlib.Path(dst) / f"ckpt_{step:08d}"
+        )
 
 
 def _corrupt(ckpt):
     """Flip bytes in the middle of the largest array file of a checkpoint."""
-    blob = max((p for p in (ckpt / "state" / "d").iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+    blob = max(
+        (p for p in (ckpt / "state" / "d").iterdir() if p.is_file()), key=lambda p: p.stat().st_size
+    )
     raw = bytearray(blob.read_bytes())
     for i in range(len(raw) // 2, len(raw) // 2 + 8):
         raw[i] ^= 0xFF
@@ -231,7 +236,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypat
     assert [r["step"] for r in _records(tmp_path)] == list(range(N + 1))
 
 
-def test_nonfinite_parameters_at_a_checkpoint_step_are_never_saved(tmp_path, data, monkeypatch, capsys):
+def test_nonfinite_parameters_at_a_checkpoint_step_are_never_saved(
+    tmp_path, data, monkeypatch, capsys
+):
     """NaN injected into the updated parameters of step 2N - 1, whose result is
     the step-2N checkpoint (the loss of that step is finite): the run stops
     naming the step and the parameters, and the step-N checkpoint stays the
@@ -246,7 +253,9 @@ def test_nonfinite_parameters_at_a_checkpoint_step_are_never_saved(tmp_path, dat
             model, opt_state, m = step(model, opt_state, tokens, **kw)
             calls["n"] += 1
             if calls["n"] == 2 * N:  # the step with index 2N - 1
-                model = eqx.tree_at(lambda m: m.embed, model, replace_fn=lambda x: x.at[0, 0].set(jnp.nan))
+                model = eqx.tree_at(
+                    lambda m: m.embed, model, replace_fn=lambda x: x.at[0, 0].set(jnp.nan)
+                )
             return model, opt_state, m
 
         return wrapped
@@ -261,8 +270,18 @@ def test_nonfinite_parameters_at_a_checkpoint_step_are_never_saved(tmp_path, dat
 
 
 def test_cli_data_pointing_nowhere_is_one_line(tmp_path, capsys):
-    rc = train_cli.main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--no-progress",
-                         "--no-plots", "--data", str(tmp_path / "nowhere.txt")])
+    rc = train_cli.main(
+        [
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--no-plots",
+            "--data",
+            str(tmp_path / "nowhere.txt"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -279,9 +298,27 @@ def test_cli_train_then_eval(tmp_path, capsys, data_file, monkeypatch):
     _, s0 = _forward(model0, batch0)
     tau = _tau_splitting(s0)
     out = tmp_path / "run"
-    rc = train_cli.main(["--preset", "tiny", "--steps", "6", "--eval-every", "3", "--ckpt-every", "1",
-                         "--keep", "6", "--out", str(out), "--no-progress", "--tau", repr(tau),
-                         "--data", str(data_file)])
+    rc = train_cli.main(
+        [
+            "--preset",
+            "tiny",
+            "--steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--ckpt-every",
+            "1",
+            "--keep",
+            "6",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--tau",
+            repr(tau),
+            "--data",
+            str(data_file),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert f"tau = {tau!r}" in text and "layer" in text
@@ -293,7 +330,9 @@ def test_cli_train_then_eval(tmp_path, capsys, data_file, monkeypatch):
     # model after it must be the clip of the initial model.
     cfg = preset("tiny", tau=tau, data=str(data_file))
     assert records[0]["lr"] == 0.0
-    np.testing.assert_allclose(records[0]["max_logits"], s0, rtol=1e-6)  # the log is that forward's S
+    np.testing.assert_allclose(
+        records[0]["max_logits"], s0, rtol=1e-6
+    )  # the log is that forward's S
     (model1, _), meta = load_checkpoint(out / "ckpt_00000001", _like(cfg, data.vocab_size))
     assert meta["step"] == 1
     _, s_after = _assert_clip_acted(model0, model1, batch0, cfg.tau, cfg.alpha, np.asarray(s0))
@@ -349,8 +388,12 @@ def test_run_on_a_mesh_matches_one_device(data, straight, sharded):
     ref, got = _records(straight.out), _records(sharded.out)
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(2 * N))
     for key in ("loss", "grad_norm"):
-        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in ref], rtol=1e-5, err_msg=key)
-    np.testing.assert_allclose([r["max_logits"] for r in got], [r["max_logits"] for r in ref], rtol=1e-5)
+        np.testing.assert_allclose(
+            [r[key] for r in got], [r[key] for r in ref], rtol=1e-5, err_msg=key
+        )
+    np.testing.assert_allclose(
+        [r["max_logits"] for r in got], [r["max_logits"] for r in ref], rtol=1e-5
+    )
     assert [r["heads_clipped"] for r in got] == [r["heads_clipped"] for r in ref]
     # evaluation on the mesh (the sharded loss) gives the one-device validation loss
     val = [(r["step"], r["val_loss"]) for r in got if "val_loss" in r]
@@ -369,7 +412,9 @@ def test_mesh_checkpoint_restores_on_one_device(tmp_path, data, straight, sharde
     like = _like(cfg, data.vocab_size)
     (model, state), meta = _load(sharded.out / f"ckpt_{2 * N:08d}", like)
     assert meta["step"] == 2 * N
-    assert all(len(x.devices()) == 1 for x in jax.tree.leaves(eqx.filter((model, state), eqx.is_array)))
+    assert all(
+        len(x.devices()) == 1 for x in jax.tree.leaves(eqx.filter((model, state), eqx.is_array))
+    )
     mesh_final = leaves_by_path(sharded.model)
     for k, v in leaves_by_path(model).items():
         np.testing.assert_array_equal(v, mesh_final[k], err_msg=k)
@@ -412,7 +457,9 @@ def test_one_device_checkpoint_restores_on_a_mesh(tmp_path, data, straight):
     ref, got = _records(straight.out)[N:], _records(tmp_path)
     assert [r["step"] for r in got] == list(range(N, 2 * N))
     for key in ("loss", "grad_norm"):
-        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in ref], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            [r[key] for r in got], [r[key] for r in ref], rtol=1e-5, err_msg=key
+        )
     _assert_states_close(straight.model, resumed.model, what="resumed on the mesh")
 
 
@@ -429,8 +476,15 @@ def test_adamw_can_clip_and_muon_cannot(tmp_path, data):
     with pytest.raises(ValueError, match="muonclip"):
         preset("tiny", optimizer="muon", mode="clip")
     assert preset("tiny", optimizer="adamw").mode == "monitor"
-    cfg = preset("tiny", optimizer="adamw", mode="clip", alpha=0.3, steps=1,
-                 schedule="constant", out=str(tmp_path))
+    cfg = preset(
+        "tiny",
+        optimizer="adamw",
+        mode="clip",
+        alpha=0.3,
+        steps=1,
+        schedule="constant",
+        out=str(tmp_path),
+    )
     model0 = _initial_model(cfg, data.vocab_size)
     batch0 = _first_batch(cfg, data)
     _, s0 = _forward(model0, batch0)
@@ -441,12 +495,14 @@ def test_adamw_can_clip_and_muon_cannot(tmp_path, data):
     adamw = optax.adamw(cfg.lr, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay)
     updated = unclipped_update(model0, adamw, adamw.init(eqx.filter(model0, eqx.is_array)), batch0)
     assert not np.allclose(leaves_by_path(updated)[".embed"], leaves_by_path(model0)[".embed"])
-    s_upd, s_after = _assert_clip_acted(updated, result.model, batch0, cfg.tau, cfg.alpha,
-                                        np.asarray(s0))
+    s_upd, s_after = _assert_clip_acted(
+        updated, result.model, batch0, cfg.tau, cfg.alpha, np.asarray(s0)
+    )
     # the clipped heads end one AdamW update's growth from tau
     over = np.asarray(s0) > cfg.tau
-    np.testing.assert_allclose(s_after[over], cfg.tau * s_upd[over] / np.asarray(s0)[over],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        s_after[over], cfg.tau * s_upd[over] / np.asarray(s0)[over], rtol=1e-5
+    )
 
 
 def test_sigint_writes_a_checkpoint_then_resume_finishes(tmp_path, data_file):
@@ -455,9 +511,22 @@ def test_sigint_writes_a_checkpoint_then_resume_finishes(tmp_path, data_file):
     writes a marker file and waits for a signal. The run must finish that step,
     write the step-3 checkpoint, exit with 130, and resume from it."""
     out, marker = tmp_path / "run", tmp_path / "at_step"
-    args = [sys.executable, str(TESTS / "_sigint_worker.py"), str(marker), "3",
-            "--preset", "tiny", "--steps", "100000", "--out", str(out), "--no-progress",
-            "--no-plots", "--data", str(data_file)]
+    args = [
+        sys.executable,
+        str(TESTS / "_sigint_worker.py"),
+        str(marker),
+        "3",
+        "--preset",
+        "tiny",
+        "--steps",
+        "100000",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-plots",
+        "--data",
+        str(data_file),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         while not marker.exists():  # the worker writes it once, at step 3
@@ -473,10 +542,27 @@ def test_sigint_writes_a_checkpoint_then_resume_finishes(tmp_path, data_file):
     assert proc.returncode == 130, log
     assert "interrupted: checkpoint for step 3" in log
     assert latest_checkpoint(out).name == "ckpt_00000003"
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [
+        0,
+        1,
+        2,
+    ]
     # and the run resumes from it
-    rc = train_cli.main(["--preset", "tiny", "--steps", "5", "--out", str(out), "--resume",
-                         "--no-progress", "--no-plots", "--data", str(data_file)])
+    rc = train_cli.main(
+        [
+            "--preset",
+            "tiny",
+            "--steps",
+            "5",
+            "--out",
+            str(out),
+            "--resume",
+            "--no-progress",
+            "--no-plots",
+            "--data",
+            str(data_file),
+        ]
+    )
     assert rc == 0
     assert [r["step"] for r in _records(out)] == list(range(5))
 
@@ -488,16 +574,37 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_exact(tmp_path, da
     checkpoint is intact and the newest, the half-written one is never taken
     for a checkpoint, and the resumed run ends bit for bit where an
     uninterrupted run ends."""
-    flags = ["--preset", "tiny", "--steps", "4", "--ckpt-every", "2", "--eval-every", "2",
-             "--data", str(data_file)]
+    flags = [
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--ckpt-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--data",
+        str(data_file),
+    ]
     out, marker = tmp_path / "run", tmp_path / "at_step"
-    args = [sys.executable, str(TESTS / "_sigkill_worker.py"), str(marker), "4", *flags,
-            "--out", str(out), "--no-progress", "--no-plots"]
+    args = [
+        sys.executable,
+        str(TESTS / "_sigkill_worker.py"),
+        str(marker),
+        "4",
+        *flags,
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-plots",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         while not marker.exists():
             if proc.poll() is not None:
-                pytest.fail("the training process exited before its step-4 save:\n" + proc.communicate()[0])
+                pytest.fail(
+                    "the training process exited before its step-4 save:\n" + proc.communicate()[0]
+                )
             time.sleep(0.05)
         assert any(p.name.startswith("ckpt_00000004.") for p in out.iterdir())  # mid-write
         proc.send_signal(signal.SIGKILL)
@@ -510,7 +617,9 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_exact(tmp_path, da
     cfg = preset("tiny", steps=4, ckpt_every=2, eval_every=2, data=str(data_file), out=str(out))
     data = load_data(data_file, max_bytes=cfg.max_bytes)
     resumed = train(cfg, resume=True, progress=False, data=data)
-    straight = train(dataclasses.replace(cfg, out=str(tmp_path / "straight")), progress=False, data=data)
+    straight = train(
+        dataclasses.replace(cfg, out=str(tmp_path / "straight")), progress=False, data=data
+    )
     assert resumed.step == straight.step == 4
     for a, b in zip(_leaves(straight.model), _leaves(resumed.model), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -43,7 +43,7 @@ def spikes(m: RunMetrics, window: int = 20, factor: float = 1.5) -> list[dict[st
     previous ``window`` steps (only once ``window`` steps exist)."""
     out = []
     for i in range(window, len(m.loss)):
-        med = float(np.median(m.loss[i - window:i]))
+        med = float(np.median(m.loss[i - window : i]))
         if m.loss[i] > factor * med:
             out.append({"step": int(m.steps[i]), "loss": float(m.loss[i]), "median": med})
     return out
@@ -51,7 +51,7 @@ def spikes(m: RunMetrics, window: int = 20, factor: float = 1.5) -> list[dict[st
 
 def max_loss_ratio(m: RunMetrics, window: int = 20) -> float:
     """Largest loss / (median of the previous ``window`` losses): how close to a spike."""
-    r = [m.loss[i] / np.median(m.loss[i - window:i]) for i in range(window, len(m.loss))]
+    r = [m.loss[i] / np.median(m.loss[i - window : i]) for i in range(window, len(m.loss))]
     return float(max(r)) if r else math.nan
 
 
@@ -99,10 +99,19 @@ def clip_summary(m: RunMetrics, tau: float, total_steps: int) -> dict[str, Any]:
     n_layers, n_heads = over.shape[1], over.shape[2]
     out: dict[str, Any] = {"tau": tau, "n_heads_total": int(n_layers * n_heads)}
     if not any_t.any():
-        out.update(first_clip_step=-1, last_clip_step=-1, clip_off_after=0, clip_off_fraction=0.0,
-                   steps_clipping=0, max_heads_clipped=0,
-                   ever_clipped_by_layer=[0.0] * n_layers, ever_clipped=0.0,
-                   ever_clipped_heads=[], overshoot=math.nan, overshoot_step=-1)
+        out.update(
+            first_clip_step=-1,
+            last_clip_step=-1,
+            clip_off_after=0,
+            clip_off_fraction=0.0,
+            steps_clipping=0,
+            max_heads_clipped=0,
+            ever_clipped_by_layer=[0.0] * n_layers,
+            ever_clipped=0.0,
+            ever_clipped_heads=[],
+            overshoot=math.nan,
+            overshoot_step=-1,
+        )
         return out
     idx = np.nonzero(any_t)[0]
     first, last = int(m.steps[idx[0]]), int(m.steps[idx[-1]])
@@ -115,14 +124,17 @@ def clip_summary(m: RunMetrics, tau: float, total_steps: int) -> dict[str, Any]:
     else:
         overshoot, o_step = math.nan, -1
     out.update(
-        first_clip_step=first, last_clip_step=last, clip_off_after=last + 1,
+        first_clip_step=first,
+        last_clip_step=last,
+        clip_off_after=last + 1,
         clip_off_fraction=(last + 1) / total_steps,
         steps_clipping=int(any_t.sum()),
         max_heads_clipped=int(over.reshape(len(m.steps), -1).sum(axis=1).max()),
         ever_clipped_by_layer=[float(x) for x in ever.mean(axis=1)],
         ever_clipped=float(ever.mean()),
         ever_clipped_heads=[[int(a), int(b)] for a, b in zip(*np.nonzero(ever))],
-        overshoot=overshoot, overshoot_step=o_step,
+        overshoot=overshoot,
+        overshoot_step=o_step,
     )
     return out
 
@@ -144,9 +156,15 @@ def prefix(m: RunMetrics, n: int) -> RunMetrics:
 
     keep = m.steps < n
     vkeep = m.val_steps < n
-    return dataclasses.replace(m, steps=m.steps[keep], loss=m.loss[keep], max_logits=m.max_logits[keep],
-                               heads_clipped=m.heads_clipped[keep], val_steps=m.val_steps[vkeep],
-                               val_loss=m.val_loss[vkeep])
+    return dataclasses.replace(
+        m,
+        steps=m.steps[keep],
+        loss=m.loss[keep],
+        max_logits=m.max_logits[keep],
+        heads_clipped=m.heads_clipped[keep],
+        val_steps=m.val_steps[vkeep],
+        val_loss=m.val_loss[vkeep],
+    )
 
 
 def loss_regression(m: RunMetrics, window: int = 20) -> tuple[float, int]:

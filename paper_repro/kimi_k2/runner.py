@@ -53,7 +53,9 @@ def run(cfg: RunConfig, data: TokenData, until: int | None = None, log=print) ->
     target = cfg.steps if until is None else min(until, cfg.steps)
     status = read_status(out)
     if status is not None and status.get("config") != config_dict(cfg):
-        raise RuntimeError(f"{out} holds a run with another config; delete it (or use another --out)")
+        raise RuntimeError(
+            f"{out} holds a run with another config; delete it (or use another --out)"
+        )
     if finished(status, target):
         return status
     partial = latest_checkpoint(out) is not None
@@ -63,8 +65,10 @@ def run(cfg: RunConfig, data: TokenData, until: int | None = None, log=print) ->
 
     def on_step(step: int, host: dict[str, Any]) -> None:
         if step % 100 == 0:
-            log(f"    {out.name} step {step} loss {host['loss']:.3f} S {host.get('max_logit', float('nan')):.1f} "
-                f"clipped {host.get('heads_clipped', 0)} ({time.perf_counter() - t0:.0f}s)")
+            log(
+                f"    {out.name} step {step} loss {host['loss']:.3f} S {host.get('max_logit', float('nan')):.1f} "
+                f"clipped {host.get('heads_clipped', 0)} ({time.perf_counter() - t0:.0f}s)"
+            )
         if step == target < cfg.steps:
             stopped_here.append(step)
             raise KeyboardInterrupt  # train() writes a checkpoint at this step and returns
@@ -78,8 +82,12 @@ def run(cfg: RunConfig, data: TokenData, until: int | None = None, log=print) ->
     else:
         stopped = result.stopped
     prev_wall = status["wall_s"] if status is not None else 0.0
-    status = {"stopped": stopped, "step": result.step, "wall_s": round(prev_wall + wall, 1),
-              "config": config_dict(cfg)}
+    status = {
+        "stopped": stopped,
+        "step": result.step,
+        "wall_s": round(prev_wall + wall, 1),
+        "config": config_dict(cfg),
+    }
     (out / STATUS).write_text(json.dumps(status, indent=1))
     log(f"  {stopped:<6} {out.name} at step {result.step} ({wall:.0f}s)")
     return status

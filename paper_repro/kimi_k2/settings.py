@@ -40,16 +40,40 @@ from typing import Any
 # The model of qkclip_eqx's ``small`` preset (the RunConfig defaults), written
 # out so that this file states it.
 SMALL_MODEL: dict[str, Any] = dict(
-    attention="mla", n_layers=4, dim=128, n_heads=4, q_lora_rank=None, kv_lora_rank=64,
-    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, mlp_hidden=384,
+    attention="mla",
+    n_layers=4,
+    dim=128,
+    n_heads=4,
+    q_lora_rank=None,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    mlp_hidden=384,
 )
 TINY_MODEL: dict[str, Any] = dict(
-    attention="mla", n_layers=2, dim=32, n_heads=2, q_lora_rank=None, kv_lora_rank=16,
-    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, mlp_hidden=64,
+    attention="mla",
+    n_layers=2,
+    dim=32,
+    n_heads=2,
+    q_lora_rank=None,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    mlp_hidden=64,
 )
 GPU_MODEL: dict[str, Any] = dict(
-    attention="mla", n_layers=8, dim=512, n_heads=8, q_lora_rank=256, kv_lora_rank=128,
-    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, mlp_hidden=1536,
+    attention="mla",
+    n_layers=8,
+    dim=512,
+    n_heads=8,
+    q_lora_rank=256,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    mlp_hidden=1536,
 )
 
 
@@ -60,53 +84,94 @@ class Settings:
     batch_size: int
     seq_len: int
     max_bytes: int
-    steps: int                 # main runs (Fig. 2, App. D, Fig. 12)
+    steps: int  # main runs (Fig. 2, App. D, Fig. 12)
     warmup_steps: int
-    decay_fraction: float      # WSD decay phase, K2: 5.5T of 15.5T tokens
+    decay_fraction: float  # WSD decay phase, K2: 5.5T of 15.5T tokens
     weight_decay: float
-    sweep_steps: int           # lr sweep (App. E), constant lr after warmup
+    sweep_steps: int  # lr sweep (App. E), constant lr after warmup
     sweep_lrs: tuple[float, ...]
-    seeds: tuple[int, ...]     # Fig. 12
+    seeds: tuple[int, ...]  # Fig. 12
     tau_k2: float = 100.0
     tau_ablation: float = 30.0
     eval_every: int = 100
     eval_batches: int = 16
     ckpt_every: int = 100
-    spike_window: int = 20     # loss spike: loss > spike_factor x median of the previous 20 steps
+    spike_window: int = 20  # loss spike: loss > spike_factor x median of the previous 20 steps
     spike_factor: float = 1.5
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def run_fields(self) -> dict[str, Any]:
         """RunConfig fields shared by every run of this mode."""
-        return dict(**self.model, batch_size=self.batch_size, seq_len=self.seq_len,
-                    max_bytes=self.max_bytes, weight_decay=self.weight_decay,
-                    eval_batches=self.eval_batches, keep=1, **self.extra)
+        return dict(
+            **self.model,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            max_bytes=self.max_bytes,
+            weight_decay=self.weight_decay,
+            eval_batches=self.eval_batches,
+            keep=1,
+            **self.extra,
+        )
 
 
 FULL = Settings(
-    name="full", model=SMALL_MODEL, batch_size=8, seq_len=128, max_bytes=8_000_000,
-    steps=500, warmup_steps=20, decay_fraction=0.35, weight_decay=0.1,
-    sweep_steps=150, sweep_lrs=(3e-3, 1e-2, 3e-2, 1e-1), seeds=(0, 1, 2),
-    eval_every=100, eval_batches=16, ckpt_every=100,
+    name="full",
+    model=SMALL_MODEL,
+    batch_size=8,
+    seq_len=128,
+    max_bytes=8_000_000,
+    steps=500,
+    warmup_steps=20,
+    decay_fraction=0.35,
+    weight_decay=0.1,
+    sweep_steps=150,
+    sweep_lrs=(3e-3, 1e-2, 3e-2, 1e-1),
+    seeds=(0, 1, 2),
+    eval_every=100,
+    eval_batches=16,
+    ckpt_every=100,
 )
 
 # The same pipeline at test size: every stage runs, on qkclip_eqx's ``tiny``
 # model, with a few dozen steps; its numbers mean nothing.
 QUICK = Settings(
-    name="quick", model=TINY_MODEL, batch_size=4, seq_len=32, max_bytes=400_000,
-    steps=48, warmup_steps=4, decay_fraction=0.35, weight_decay=0.1,
-    sweep_steps=24, sweep_lrs=(1e-2, 1e-1), seeds=(0, 1),
-    eval_every=24, eval_batches=2, ckpt_every=24, spike_window=8,
+    name="quick",
+    model=TINY_MODEL,
+    batch_size=4,
+    seq_len=32,
+    max_bytes=400_000,
+    steps=48,
+    warmup_steps=4,
+    decay_fraction=0.35,
+    weight_decay=0.1,
+    sweep_steps=24,
+    sweep_lrs=(1e-2, 1e-1),
+    seeds=(0, 1),
+    eval_every=24,
+    eval_batches=2,
+    ckpt_every=24,
+    spike_window=8,
 )
 
 # For an accelerator (not run on the CPU machine): ~25M parameters, 10x the
 # steps, 4x the sequence; same proportions. The lr grid moves down because a
 # wider model is stable at a lower lr.
 GPU = Settings(
-    name="gpu", model=GPU_MODEL, batch_size=32, seq_len=512, max_bytes=64_000_000,
-    steps=5000, warmup_steps=100, decay_fraction=0.35, weight_decay=0.1,
-    sweep_steps=1000, sweep_lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1), seeds=(0, 1, 2),
-    eval_every=250, eval_batches=32, ckpt_every=250,
+    name="gpu",
+    model=GPU_MODEL,
+    batch_size=32,
+    seq_len=512,
+    max_bytes=64_000_000,
+    steps=5000,
+    warmup_steps=100,
+    decay_fraction=0.35,
+    weight_decay=0.1,
+    sweep_steps=1000,
+    sweep_lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    seeds=(0, 1, 2),
+    eval_every=250,
+    eval_batches=32,
+    ckpt_every=250,
     extra=dict(kernel="blockwise", block_size=128, compute_dtype="bfloat16"),
 )
 

@@ -56,8 +56,11 @@ def val_curve(recs: Records) -> tuple[np.ndarray, np.ndarray]:
 def spikes(recs: Records, window: int, factor: float) -> list[int]:
     """Steps with a loss spike (``settings.is_spike`` over the previous ``window`` losses)."""
     x = losses(recs)
-    return [int(recs[i]["step"]) for i in range(window, len(x))
-            if S.is_spike(float(x[i]), list(x[i - window:i]), factor)]
+    return [
+        int(recs[i]["step"])
+        for i in range(window, len(x))
+        if S.is_spike(float(x[i]), list(x[i - window : i]), factor)
+    ]
 
 
 def diverged(recs: Records, status: dict[str, Any] | None = None) -> bool:
@@ -78,9 +81,18 @@ def clip_summary(recs: Records, tau: float) -> dict[str, Any]:
     steps = np.array([r["step"] for r in recs])
     out: dict[str, Any] = {"tau": tau, "n_heads": int(over.shape[1] * over.shape[2])}
     if not any_t.any():
-        return {**out, "clipped": False, "first": -1, "last": -1, "steps_clipping": 0,
-                "fraction": 0.0, "fraction_by_layer": [0.0] * over.shape[1], "overshoot": math.nan,
-                "overshoot_step": -1, "overshoot_train": math.nan}
+        return {
+            **out,
+            "clipped": False,
+            "first": -1,
+            "last": -1,
+            "steps_clipping": 0,
+            "fraction": 0.0,
+            "fraction_by_layer": [0.0] * over.shape[1],
+            "overshoot": math.nan,
+            "overshoot_step": -1,
+            "overshoot_train": math.nan,
+        }
     idx = np.nonzero(any_t)[0]
     first, last = int(steps[idx[0]]), int(steps[idx[-1]])
     ever = over.any(axis=0)
@@ -91,10 +103,18 @@ def clip_summary(recs: Records, tau: float) -> dict[str, Any]:
         ov, ov_step = float(pmax[j] / tau), int(pst[j])
     else:
         ov, ov_step = math.nan, -1
-    return {**out, "clipped": True, "first": first, "last": last, "steps_clipping": int(any_t.sum()),
-            "fraction": float(ever.mean()), "fraction_by_layer": [float(x) for x in ever.mean(axis=1)],
-            "overshoot": ov, "overshoot_step": ov_step,
-            "overshoot_train": float(s.reshape(len(s), -1)[steps > first].max(initial=-np.inf) / tau)}
+    return {
+        **out,
+        "clipped": True,
+        "first": first,
+        "last": last,
+        "steps_clipping": int(any_t.sum()),
+        "fraction": float(ever.mean()),
+        "fraction_by_layer": [float(x) for x in ever.mean(axis=1)],
+        "overshoot": ov,
+        "overshoot_step": ov_step,
+        "overshoot_train": float(s.reshape(len(s), -1)[steps > first].max(initial=-np.inf) / tau),
+    }
 
 
 def update_growth(recs: Records, tau: float) -> float:
@@ -145,14 +165,23 @@ def norm_products(recs: Records) -> tuple[np.ndarray, np.ndarray]:
 def run_row(recs: Records, status: dict[str, Any], s: S.Settings) -> dict[str, Any]:
     """Every per-run number the report uses."""
     spec = status["spec"]
-    row = {"run": spec["name"], "optimizer": spec["optimizer"], "lr": spec["lr"],
-           "weight_decay": spec["weight_decay"], "seed": spec["seed"], "tau": spec["tau"],
-           "steps_run": status["steps_run"], "stopped": status["stopped"], "wall_s": status["wall_s"],
-           "peak_probe_s": peak_probe_s(recs), "final_val": final_val(recs),
-           "final_train": float(np.mean(losses(recs)[-20:])),
-           "diverged": diverged(recs, status),
-           "spikes": spikes(recs, s.spike_window, s.spike_factor),
-           "stable_rank": mean_stable_rank(recs)}
+    row = {
+        "run": spec["name"],
+        "optimizer": spec["optimizer"],
+        "lr": spec["lr"],
+        "weight_decay": spec["weight_decay"],
+        "seed": spec["seed"],
+        "tau": spec["tau"],
+        "steps_run": status["steps_run"],
+        "stopped": status["stopped"],
+        "wall_s": status["wall_s"],
+        "peak_probe_s": peak_probe_s(recs),
+        "final_val": final_val(recs),
+        "final_train": float(np.mean(losses(recs)[-20:])),
+        "diverged": diverged(recs, status),
+        "spikes": spikes(recs, s.spike_window, s.spike_factor),
+        "stable_rank": mean_stable_rank(recs),
+    }
     if spec["optimizer"] == "muonclip":
         row["clip"] = clip_summary(recs, spec["tau"])
         row["clip"]["update_growth"] = update_growth(recs, spec["tau"])

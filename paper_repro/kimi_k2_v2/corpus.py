@@ -61,9 +61,13 @@ def build_manifest(roots: list[pathlib.Path], path: pathlib.Path = MANIFEST) -> 
     present and byte-identical under every root, sorted by path. Returns the
     corpus hash. Run once, by hand, with the standard-library roots of the
     interpreters the corpus must be identical on."""
+
     def files(root: pathlib.Path) -> set[str]:
-        return {p.relative_to(root).as_posix() for p in root.rglob("*.py")
-                if "site-packages" not in p.relative_to(root).parts and p.is_file()}
+        return {
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*.py")
+            if "site-packages" not in p.relative_to(root).parts and p.is_file()
+        }
 
     common = sorted(set.intersection(*(files(r) for r in roots)))
     rows, entries = [], []
@@ -73,16 +77,22 @@ def build_manifest(roots: list[pathlib.Path], path: pathlib.Path = MANIFEST) -> 
             rows.append(f"{hashlib.sha256(blobs[0]).hexdigest()} {len(blobs[0])} {rel}")
             entries.append((rel, blobs[0]))
     h = corpus_hash(entries)
-    header = ["# kimi_k2_v2 corpus: *.py files byte-identical in the standard libraries of",
-              *(f"#   {r.name} (stdlib directory name)" for r in roots),
-              f"# files: {len(rows)}, bytes: {sum(len(b) for _, b in entries)}",
-              f"# corpus-sha256: {h}"]
+    header = [
+        "# kimi_k2_v2 corpus: *.py files byte-identical in the standard libraries of",
+        *(f"#   {r.name} (stdlib directory name)" for r in roots),
+        f"# files: {len(rows)}, bytes: {sum(len(b) for _, b in entries)}",
+        f"# corpus-sha256: {h}",
+    ]
     path.write_text("\n".join(header + rows) + "\n")
     return h
 
 
-def load_corpus(root: str | pathlib.Path | None = None, *, max_bytes: int | None = None,
-                manifest: pathlib.Path = MANIFEST) -> tuple[qc.TokenData, dict]:
+def load_corpus(
+    root: str | pathlib.Path | None = None,
+    *,
+    max_bytes: int | None = None,
+    manifest: pathlib.Path = MANIFEST,
+) -> tuple[qc.TokenData, dict]:
     """The manifest's files, read from ``root`` (default: the running
     interpreter's standard library), as a :class:`qkclip_eqx.TokenData` of
     byte tokens; and a record ``{"sha256", "expected_sha256", "matches",
@@ -102,16 +112,25 @@ def load_corpus(root: str | pathlib.Path | None = None, *, max_bytes: int | None
             continue
         entries.append((rel, data))
     h = corpus_hash(entries)
-    record = {"sha256": h, "expected_sha256": expected, "matches": h == expected,
-              "files": len(entries), "bytes": sum(len(b) for _, b in entries),
-              "missing": missing, "differing": differing, "root": str(root),
-              "python": sys.version.split()[0]}
+    record = {
+        "sha256": h,
+        "expected_sha256": expected,
+        "matches": h == expected,
+        "files": len(entries),
+        "bytes": sum(len(b) for _, b in entries),
+        "missing": missing,
+        "differing": differing,
+        "root": str(root),
+        "python": sys.version.split()[0],
+    }
     if not record["matches"]:
         warnings.warn(
             f"CORPUS MISMATCH: the corpus read from {root} has sha256 {h[:16]}..., not the "
             f"pre-registered {expected[:16]}... ({len(missing)} file(s) missing, {len(differing)} "
             "differing); results from it are not comparable with the committed ones.",
-            CorpusMismatchWarning, stacklevel=2)
+            CorpusMismatchWarning,
+            stacklevel=2,
+        )
     train, val = bytearray(), bytearray()
     for rel, data in entries:
         if zlib.crc32(rel.encode()) % 10_000 < VAL_PER_10000:
@@ -123,8 +142,10 @@ def load_corpus(root: str | pathlib.Path | None = None, *, max_bytes: int | None
     if not train or not val:
         raise ValueError(f"{root}: the corpus has an empty train or val split")
     as_tokens = lambda b: np.frombuffer(bytes(b), np.uint8).astype(np.uint16)  # noqa: E731
-    desc = (f"kimi_k2_v2 corpus ({len(entries)} stdlib files, sha256 {h[:16]}...): "
-            f"{len(train):,} train bytes, {len(val):,} val bytes; byte tokens, vocab 256")
+    desc = (
+        f"kimi_k2_v2 corpus ({len(entries)} stdlib files, sha256 {h[:16]}...): "
+        f"{len(train):,} train bytes, {len(val):,} val bytes; byte tokens, vocab 256"
+    )
     return qc.TokenData(as_tokens(train), as_tokens(val), 256, desc), record
 
 

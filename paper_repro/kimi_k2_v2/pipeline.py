@@ -35,24 +35,66 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 class Experiment:
-    def __init__(self, s: S.Settings, runs_dir: pathlib.Path, data, corpus: dict, train: bool = True, log=print):
-        self.s, self.runs_dir, self.data, self.corpus, self.train, self.log = s, runs_dir, data, corpus, train, log
+    def __init__(
+        self,
+        s: S.Settings,
+        runs_dir: pathlib.Path,
+        data,
+        corpus: dict,
+        train: bool = True,
+        log=print,
+    ):
+        self.s, self.runs_dir, self.data, self.corpus, self.train, self.log = (
+            s,
+            runs_dir,
+            data,
+            corpus,
+            train,
+            log,
+        )
         self.probe = runner.spread_windows(data.val, s.probe_windows, s.seq_len)
         self.val = runner.spread_windows(data.val, s.val_windows, s.seq_len)
         self.logs: dict[str, list] = {}
         self.rows: dict[str, dict] = {}
         self.trained: list[str] = []
 
-    def spec(self, optimizer: str, lr: float, seed: int, *, steps: int, decay: float | None,
-             tau: float = 1e9, wd: float | None = None, tag: str = "") -> runner.RunSpec:
+    def spec(
+        self,
+        optimizer: str,
+        lr: float,
+        seed: int,
+        *,
+        steps: int,
+        decay: float | None,
+        tau: float = 1e9,
+        wd: float | None = None,
+        tag: str = "",
+    ) -> runner.RunSpec:
         s = self.s
         wd = s.weight_decay if wd is None else wd
-        name = f"{tag}{optimizer}_lr{lr:.4g}_wd{wd:g}" + (f"_tau{tau:g}" if optimizer == "muonclip" else "") + f"_seed{seed}"
-        return runner.RunSpec(name=name, optimizer=optimizer, lr=float(lr), weight_decay=wd, seed=seed,
-                              steps=steps, warmup_steps=s.warmup_steps, decay_fraction=decay, tau=float(tau),
-                              model=s.model, batch_size=s.batch_size, seq_len=s.seq_len,
-                              probe_every=s.probe_every, norms_every=s.norms_every, val_every=s.val_every,
-                              corpus_sha256=self.corpus["sha256"])
+        name = (
+            f"{tag}{optimizer}_lr{lr:.4g}_wd{wd:g}"
+            + (f"_tau{tau:g}" if optimizer == "muonclip" else "")
+            + f"_seed{seed}"
+        )
+        return runner.RunSpec(
+            name=name,
+            optimizer=optimizer,
+            lr=float(lr),
+            weight_decay=wd,
+            seed=seed,
+            steps=steps,
+            warmup_steps=s.warmup_steps,
+            decay_fraction=decay,
+            tau=float(tau),
+            model=s.model,
+            batch_size=s.batch_size,
+            seq_len=s.seq_len,
+            probe_every=s.probe_every,
+            norms_every=s.norms_every,
+            val_every=s.val_every,
+            corpus_sha256=self.corpus["sha256"],
+        )
 
     def get(self, spec: runner.RunSpec) -> dict[str, Any]:
         d = self.runs_dir / spec.name
@@ -73,7 +115,10 @@ class Experiment:
         s = self.s
         grid = list(s.sweep_grid[opt])
         for k in range(S.MAX_EXTENSIONS + 1):
-            rows = [self.get(self.spec(opt, lr, 0, steps=s.sweep_steps, decay=None, tag="sweep_")) for lr in grid]
+            rows = [
+                self.get(self.spec(opt, lr, 0, steps=s.sweep_steps, decay=None, tag="sweep_"))
+                for lr in grid
+            ]
             pick = S.best_lr(grid, [r["final_val"] for r in rows], [r["diverged"] for r in rows])
             nxt = S.extension(grid, pick["edge"])
             if nxt is None or k == S.MAX_EXTENSIONS:
@@ -95,7 +140,9 @@ class Experiment:
         # the fraction that makes qkclip_eqx's wsd decay over exactly total - decay_start steps
         dec = sch["decay"] / sch["total"]
         kw = dict(steps=sch["total"], decay=dec)
-        log(f"    lr* Muon {lr_m:.4g}, AdamW {lr_a:.4g}; main runs {sch['total']} steps (flat {sch['flat']})")
+        log(
+            f"    lr* Muon {lr_m:.4g}, AdamW {lr_a:.4g}; main runs {sch['total']} steps (flat {sch['flat']})"
+        )
 
         main: dict[str, Any] = {"multipliers": {}}
         for mult in s.lr_multipliers:
@@ -104,12 +151,19 @@ class Experiment:
             muon = [self.get(self.spec("muon", lr, sd, **kw)) for sd in s.seeds]
             tau = S.choose_tau([r["peak_probe_s"] for r in muon], s)
             clip = [self.get(self.spec("muonclip", lr, sd, tau=tau, **kw)) for sd in s.seeds]
-            main["multipliers"][f"{mult:g}"] = {"lr": lr, "tau": tau, "muon": muon, "clip": clip,
-                                                 "wd_time": S.wd_time(lr, s.weight_decay, sch["flat"])}
+            main["multipliers"][f"{mult:g}"] = {
+                "lr": lr,
+                "tau": tau,
+                "muon": muon,
+                "clip": clip,
+                "wd_time": S.wd_time(lr, s.weight_decay, sch["flat"]),
+            }
         one = main["multipliers"]["1"]
         log(f"[3] MuonClip at 1x lr*, wd {s.weight_decay_large:g}")
-        main["wd_large"] = [self.get(self.spec("muonclip", lr_m, sd, tau=one["tau"], wd=s.weight_decay_large, **kw))
-                            for sd in s.seeds]
+        main["wd_large"] = [
+            self.get(self.spec("muonclip", lr_m, sd, tau=one["tau"], wd=s.weight_decay_large, **kw))
+            for sd in s.seeds
+        ]
         log(f"[4] AdamW at 1x its lr* = {lr_a:.4g}")
         main["adamw"] = [self.get(self.spec("adamw", lr_a, sd, **kw)) for sd in s.seeds]
         summ["main"] = main
@@ -132,26 +186,43 @@ def verdicts(summ: dict[str, Any], s: S.Settings) -> dict[str, Any]:
         clipped = [r["clip"]["clipped"] for r in m["clip"]]
         v = {}
         v["fig2_left_explosion"] = S.verdict_explosion([r["peak_probe_s"] for r in m["muon"]], br_m)
-        v["fig2_left_spikes"] = S.verdict_spikes([len(r["spikes"]) for r in m["muon"]],
-                                                 [len(r["spikes"]) for r in m["clip"]], br_m)
+        v["fig2_left_spikes"] = S.verdict_spikes(
+            [len(r["spikes"]) for r in m["muon"]], [len(r["spikes"]) for r in m["clip"]], br_m
+        )
         v["fig2_right_cap"] = S.verdict_cap([r["clip"]["overshoot"] for r in m["clip"]], clipped)
-        v["fig2_right_switch_off"] = S.verdict_switch_off([r["clip"]["last"] for r in m["clip"]],
-                                                          sch["decay_start"], sch["flat"], m["wd_time"], s.wd_time)
-        v["appD_head_fraction"] = S.verdict_head_fraction([r["clip"]["fraction"] for r in m["clip"]], clipped)
+        v["fig2_right_switch_off"] = S.verdict_switch_off(
+            [r["clip"]["last"] for r in m["clip"]],
+            sch["decay_start"],
+            sch["flat"],
+            m["wd_time"],
+            s.wd_time,
+        )
+        v["appD_head_fraction"] = S.verdict_head_fraction(
+            [r["clip"]["fraction"] for r in m["clip"]], clipped
+        )
         diffs = [c["final_val"] - u["final_val"] for u, c in zip(m["muon"], m["clip"])]
         base = float(np.mean([u["final_val"] for u in m["muon"]]))
         v["fig12_negligible"] = S.verdict_negligible(diffs, base, s.equivalence_margin, clipped)
         out[tag] = {k: {"word": w, "why": y} for k, (w, y) in v.items()}
     one = main["multipliers"]["1"]
     limit = sch["decay_start"] - S.OFF_MARGIN * sch["flat"]
-    w, y = S.verdict_wd_hypothesis([r["clip"]["last"] for r in one["clip"]],
-                                   [r["clip"]["last"] for r in main["wd_large"]], s.warmup_steps,
-                                   s.weight_decay_large / s.weight_decay, limit)
+    w, y = S.verdict_wd_hypothesis(
+        [r["clip"]["last"] for r in one["clip"]],
+        [r["clip"]["last"] for r in main["wd_large"]],
+        s.warmup_steps,
+        s.weight_decay_large / s.weight_decay,
+        limit,
+    )
     out["wd_hypothesis"] = {"word": w, "why": y}
-    lr_ratios = [math.log(u["peak_probe_s"] / a["peak_probe_s"]) for u, a in zip(one["muon"], main["adamw"])]
+    lr_ratios = [
+        math.log(u["peak_probe_s"] / a["peak_probe_s"]) for u, a in zip(one["muon"], main["adamw"])
+    ]
     w, y = S.verdict_muon_faster(lr_ratios, br_both)
     out["appE_muon_faster"] = {"word": w, "why": y}
-    rd = [u["stable_rank"]["all"] - a["stable_rank"]["all"] for u, a in zip(one["muon"], main["adamw"])]
+    rd = [
+        u["stable_rank"]["all"] - a["stable_rank"]["all"]
+        for u, a in zip(one["muon"], main["adamw"])
+    ]
     w, y = S.verdict_update_rank(rd)
     out["appE_update_rank"] = {"word": w, "why": y}
     return out
@@ -164,9 +235,16 @@ def versions() -> dict[str, str]:
 
     import qkclip_eqx
 
-    return {"python": sys.version.split()[0], "jax": jax.__version__, "equinox": equinox.__version__,
-            "optax": optax.__version__, "numpy": np.__version__, "platform": platform.platform(),
-            "backend": jax.default_backend(), "qkclip_eqx": _lib_rev(qkclip_eqx.__file__)}
+    return {
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "equinox": equinox.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "backend": jax.default_backend(),
+        "qkclip_eqx": _lib_rev(qkclip_eqx.__file__),
+    }
 
 
 def _lib_rev(path: str) -> str:
@@ -175,25 +253,47 @@ def _lib_rev(path: str) -> str:
 
     src = pathlib.Path(path).parent
     try:
-        rev = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return f"git {rev}" + (" + uncommitted changes" if dirty else "")
     except Exception:
         return str(src)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m paper_repro.kimi_k2_v2", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m paper_repro.kimi_k2_v2",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="the same pipeline at test size")
-    p.add_argument("--preset", choices=sorted(S.MODES), default="full",
-                   help="full (default; CPU), quick, or gpu (for an accelerator; not run)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(S.MODES),
+        default="full",
+        help="full (default; CPU), quick, or gpu (for an accelerator; not run)",
+    )
     p.add_argument("--out", default=None, help="results folder; runs go to OUT/runs unless --runs")
     p.add_argument("--runs", default=None, help="folder for the run directories")
-    p.add_argument("--no-train", action="store_true", help="only rebuild results from complete runs")
-    p.add_argument("--stdlib", default=None, help="read the corpus files from this directory (default: this Python's)")
+    p.add_argument(
+        "--no-train", action="store_true", help="only rebuild results from complete runs"
+    )
+    p.add_argument(
+        "--stdlib",
+        default=None,
+        help="read the corpus files from this directory (default: this Python's)",
+    )
     return p.parse_args(argv)
 
 
@@ -204,15 +304,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = pathlib.Path(args.out)
     else:
         out = HERE / "results" if s.name == "full" else HERE / "runs" / s.name / "results"
-    runs_dir = pathlib.Path(args.runs) if args.runs else (out / "runs" if args.out else HERE / "runs" / s.name)
+    runs_dir = (
+        pathlib.Path(args.runs)
+        if args.runs
+        else (out / "runs" if args.out else HERE / "runs" / s.name)
+    )
     out.mkdir(parents=True, exist_ok=True)
     print(f"kimi_k2_v2, mode {s.name}: runs in {runs_dir}, results in {out}", flush=True)
     t0 = time.perf_counter()
     data, corpus = load_corpus(args.stdlib)
     if not corpus["matches"]:
-        print("!" * 72 + f"\nCORPUS MISMATCH: sha256 {corpus['sha256']}\n  expected {corpus['expected_sha256']}\n"
-              + "!" * 72, file=sys.stderr, flush=True)
-    exp = Experiment(s, runs_dir, data, corpus, train=not args.no_train, log=lambda m: print(m, flush=True))
+        print(
+            "!" * 72
+            + f"\nCORPUS MISMATCH: sha256 {corpus['sha256']}\n  expected {corpus['expected_sha256']}\n"
+            + "!" * 72,
+            file=sys.stderr,
+            flush=True,
+        )
+    exp = Experiment(
+        s, runs_dir, data, corpus, train=not args.no_train, log=lambda m: print(m, flush=True)
+    )
     summ = exp.run_all()
     summ["versions"] = versions()
     summ["settings"] = {k: v for k, v in vars(s).items()}

@@ -53,7 +53,13 @@ def fig_presweep(summ, logs, out) -> str:
         a.plot(lrs, v, "o-", color=col, label=f"{opt}: lr* = {sw['lr']}")
         for r in sw["runs"]:
             if r["diverged"]:
-                a.plot([r["lr"]], [r["final_val"] if math.isfinite(r["final_val"]) else max(v)], "x", color="k", ms=9)
+                a.plot(
+                    [r["lr"]],
+                    [r["final_val"] if math.isfinite(r["final_val"]) else max(v)],
+                    "x",
+                    color="k",
+                    ms=9,
+                )
     a.plot([], [], "x", color="k", label="diverged (rule of settings.diverged)")
     a.set_xscale("log")
     a.set_xlabel("lr")
@@ -73,7 +79,9 @@ def fig2_left(summ, logs, out) -> str:
             a.plot(st, pm, lw=1, color=f"C{k}", label=f"Muon seed {r['seed']}")
         a.axhline(S.K2_LOGIT_EXPLOSION, color="r", ls="--", lw=1, label="1000 (K2 Fig. 2 left)")
         a.axhline(m["tau"], color="k", ls=":", lw=1, label=f"tau = {m['tau']:g} (MuonClip)")
-        a.axvline(summ["schedule"]["decay_start"], color="grey", ls="-.", lw=1, label="lr decay starts")
+        a.axvline(
+            summ["schedule"]["decay_start"], color="grey", ls="-.", lw=1, label="lr decay starts"
+        )
         a.set_yscale("log")
         a.set_xlabel("step")
         a.set_title(f"vanilla Muon, {mult}x lr* = {m['lr']:.3g}")
@@ -93,7 +101,9 @@ def fig2_right(summ, logs, out) -> str:
             if r["clip"]["last"] >= 0:
                 a.axvline(r["clip"]["last"], color=f"C{k}", ls=":", lw=1)
         a.axhline(1.0, color="k", ls="--", lw=1, label="tau")
-        a.axvline(summ["schedule"]["decay_start"], color="grey", ls="-.", lw=1, label="lr decay starts")
+        a.axvline(
+            summ["schedule"]["decay_start"], color="grey", ls="-.", lw=1, label="lr decay starts"
+        )
         a.set_xlabel("step (dotted: each seed's last clip)")
         a.set_ylabel("probe S / tau")
         a.set_title(f"MuonClip, {mult}x lr*, tau = {m['tau']:g}")
@@ -118,7 +128,9 @@ def fig_appd(summ, logs, out) -> str:
     a.set_ylim(0, 1.02)
     a.set_xlabel("lr (MuonClip, wd 0.1)")
     a.set_ylabel("fraction of heads ever clipped")
-    a.set_title(f"App. D: heads that triggered QK-Clip ({mults['1']['clip'][0]['clip']['n_heads']} heads)")
+    a.set_title(
+        f"App. D: heads that triggered QK-Clip ({mults['1']['clip'][0]['clip']['n_heads']} heads)"
+    )
     _legend(a)
     return _save(fig, out / "appD_head_fraction.png")
 
@@ -130,13 +142,28 @@ def fig12(summ, logs, out) -> str:
     for i, (mult, m) in enumerate(mults.items()):
         d = [c["final_val"] - u["final_val"] for u, c in zip(m["muon"], m["clip"])]
         ci = S.paired_ci(d)
-        marg = summ["settings"]["equivalence_margin"] * float(np.mean([u["final_val"] for u in m["muon"]]))
+        marg = summ["settings"]["equivalence_margin"] * float(
+            np.mean([u["final_val"] for u in m["muon"]])
+        )
         a.plot([i] * len(d), d, "o", color="C0", alpha=0.6, label="seeds" if i == 0 else None)
         if math.isfinite(ci["lo"]):
-            a.errorbar([i + 0.15], [ci["mean"]], yerr=[[ci["mean"] - ci["lo"]], [ci["hi"] - ci["mean"]]],
-                       fmt="s", color="k", capsize=4, label="mean, paired 95% CI" if i == 0 else None)
-        a.fill_between([i - 0.3, i + 0.45], -marg, marg, color="C2", alpha=0.2,
-                       label="equivalence margin (+-1%)" if i == 0 else None)
+            a.errorbar(
+                [i + 0.15],
+                [ci["mean"]],
+                yerr=[[ci["mean"] - ci["lo"]], [ci["hi"] - ci["mean"]]],
+                fmt="s",
+                color="k",
+                capsize=4,
+                label="mean, paired 95% CI" if i == 0 else None,
+            )
+        a.fill_between(
+            [i - 0.3, i + 0.45],
+            -marg,
+            marg,
+            color="C2",
+            alpha=0.2,
+            label="equivalence margin (+-1%)" if i == 0 else None,
+        )
     a.axhline(0, color="k", lw=1)
     a.set_xticks(range(len(mults)), [f"{k}x lr*\ntau {m['tau']:g}" for k, m in mults.items()])
     a.set_ylabel("MuonClip - Muon final val loss")
@@ -153,7 +180,9 @@ def fig_appe(summ, logs, out) -> str:
         ax[0, 0].plot([0, 1], [u["peak_probe_s"], w["peak_probe_s"]], "o-", color="0.4")
         ax[0, 1].plot([0, 1], [u["stable_rank"]["all"], w["stable_rank"]["all"]], "o-", color="0.4")
     for a, lab in ((ax[0, 0], "peak probe S"), (ax[0, 1], "mean stable rank of attention updates")):
-        a.set_xticks([0, 1], [f"Muon\nlr {one['lr']:.3g}", f"AdamW\nlr {main['adamw'][0]['lr']:.3g}"])
+        a.set_xticks(
+            [0, 1], [f"Muon\nlr {one['lr']:.3g}", f"AdamW\nlr {main['adamw'][0]['lr']:.3g}"]
+        )
         a.set_ylabel(lab)
         a.set_xlim(-0.4, 1.4)
     ax[0, 0].set_title("App. E: max logit, each at its own lr* (lines: seeds)")
@@ -175,15 +204,36 @@ def fig_overshoot(summ, logs, out) -> str:
     fig, ax = _fig(6, 4)
     a = ax[0, 0]
     groups = [(f"{k}x lr*", m["clip"]) for k, m in summ["main"]["multipliers"].items()]
-    groups.append((f"1x lr*, wd {summ['settings']['weight_decay_large']:g}", summ["main"]["wd_large"]))
+    groups.append(
+        (f"1x lr*, wd {summ['settings']['weight_decay_large']:g}", summ["main"]["wd_large"])
+    )
     for i, (lab, rows) in enumerate(groups):
         ov = [r["clip"]["overshoot"] for r in rows if math.isfinite(r["clip"]["overshoot"])]
         g = [r["clip"]["update_growth"] for r in rows if math.isfinite(r["clip"]["update_growth"])]
-        a.plot([i - 0.1] * len(ov), ov, "o", color="C3", alpha=0.7, label="probe S / tau" if i == 0 else None)
-        a.plot([i + 0.1] * len(g), g, "s", color="C0", alpha=0.7,
-               label="one update's growth of S (fixed data)" if i == 0 else None)
+        a.plot(
+            [i - 0.1] * len(ov),
+            ov,
+            "o",
+            color="C3",
+            alpha=0.7,
+            label="probe S / tau" if i == 0 else None,
+        )
+        a.plot(
+            [i + 0.1] * len(g),
+            g,
+            "s",
+            color="C0",
+            alpha=0.7,
+            label="one update's growth of S (fixed data)" if i == 0 else None,
+        )
     a.axhline(1.0, color="k", lw=1, label="tau")
-    a.axhline(S.CAP_TOLERANCE, color="k", ls="--", lw=1, label=f"pre-registered tolerance {S.CAP_TOLERANCE}")
+    a.axhline(
+        S.CAP_TOLERANCE,
+        color="k",
+        ls="--",
+        lw=1,
+        label=f"pre-registered tolerance {S.CAP_TOLERANCE}",
+    )
     a.set_xticks(range(len(groups)), [g[0] for g in groups])
     a.set_ylabel("largest value after the first clip")
     a.set_title("Overshoot of the cap, by lr (dots: seeds)")
@@ -200,7 +250,13 @@ def fig_wd(summ, logs, out) -> str:
         a.plot([w0, w1], [r0["clip"]["last"], r1["clip"]["last"]], "o-", color="0.4")
     warm = summ["settings"]["warmup_steps"]
     t0 = np.median([r["clip"]["last"] for r in one]) - warm
-    a.plot([w0, w1], [warm + t0, warm + t0 * w0 / w1], "--", color="C2", label="hypothesis: t_off - warmup ~ 1/wd")
+    a.plot(
+        [w0, w1],
+        [warm + t0, warm + t0 * w0 / w1],
+        "--",
+        color="C2",
+        label="hypothesis: t_off - warmup ~ 1/wd",
+    )
     a.axhline(summ["schedule"]["decay_start"], color="grey", ls="-.", label="lr decay starts")
     a.set_xlabel("weight decay")
     a.set_ylabel("last clip step")
@@ -224,53 +280,84 @@ def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
     c, s, sch, v = summ["corpus"], summ["settings"], summ["schedule"], summ["verdicts"]
     L = [f"# Kimi K2 stability claims, small scale, v2: results ({summ['mode']} mode)", ""]
     if not c["matches"]:
-        L += ["> **CORPUS MISMATCH.** These runs read a corpus with sha256 "
-              f"`{c['sha256']}`, not the pre-registered `{c['expected_sha256']}` "
-              f"({len(c['missing'])} file(s) missing, {len(c['differing'])} differing). "
-              "The numbers below are not comparable with results of the pre-registered corpus.", ""]
+        L += [
+            "> **CORPUS MISMATCH.** These runs read a corpus with sha256 "
+            f"`{c['sha256']}`, not the pre-registered `{c['expected_sha256']}` "
+            f"({len(c['missing'])} file(s) missing, {len(c['differing'])} differing). "
+            "The numbers below are not comparable with results of the pre-registered corpus.",
+            "",
+        ]
     ver = summ["versions"]
-    L += ["Generated by `python -m paper_repro.kimi_k2_v2` from the runs' `metrics.jsonl`; every verdict is "
-          "the return value of a rule in `settings.py`, fixed before the runs.", "",
-          f"- Corpus: {c['files']} stdlib files, {c['bytes']:,} bytes, sha256 `{c['sha256']}` "
-          f"({'the pre-registered corpus' if c['matches'] else 'NOT the pre-registered corpus'}); read on Python {c['python']}.",
-          f"- Model: {s['model']}; batch {s['batch_size']} x {s['seq_len']}.",
-          f"- Main runs: {sch['total']} steps: warmup {sch['warmup']}, flat {sch['flat']}, decay from step "
-          f"{sch['decay_start']}; wd {s['weight_decay']:g} (and {s['weight_decay_large']:g}); seeds {list(s['seeds'])}.",
-          f"- Runs: {summ['n_runs']}, {summ['n_steps']:,} steps, {summ['train_wall_s'] / 60:.1f} min of training "
-          f"(sum of run wall times); this invocation trained {len(summ['trained_this_invocation'])} of them "
-          f"and took {summ['wall_s_this_invocation'] / 60:.1f} min.",
-          f"- Software: Python {ver['python']}, jax {ver['jax']}, equinox {ver['equinox']}, optax {ver['optax']}, "
-          f"numpy {ver['numpy']}; backend {ver['backend']}; {ver['platform']}; qkclip_eqx {ver['qkclip_eqx']}.", "",
-          "## Verdicts", "", "| claim | " + " | ".join(f"{k}x lr*" for k in summ["main"]["multipliers"]) + " |",
-          "|---|" + "---|" * len(summ["main"]["multipliers"])]
+    L += [
+        "Generated by `python -m paper_repro.kimi_k2_v2` from the runs' `metrics.jsonl`; every verdict is "
+        "the return value of a rule in `settings.py`, fixed before the runs.",
+        "",
+        f"- Corpus: {c['files']} stdlib files, {c['bytes']:,} bytes, sha256 `{c['sha256']}` "
+        f"({'the pre-registered corpus' if c['matches'] else 'NOT the pre-registered corpus'}); read on Python {c['python']}.",
+        f"- Model: {s['model']}; batch {s['batch_size']} x {s['seq_len']}.",
+        f"- Main runs: {sch['total']} steps: warmup {sch['warmup']}, flat {sch['flat']}, decay from step "
+        f"{sch['decay_start']}; wd {s['weight_decay']:g} (and {s['weight_decay_large']:g}); seeds {list(s['seeds'])}.",
+        f"- Runs: {summ['n_runs']}, {summ['n_steps']:,} steps, {summ['train_wall_s'] / 60:.1f} min of training "
+        f"(sum of run wall times); this invocation trained {len(summ['trained_this_invocation'])} of them "
+        f"and took {summ['wall_s_this_invocation'] / 60:.1f} min.",
+        f"- Software: Python {ver['python']}, jax {ver['jax']}, equinox {ver['equinox']}, optax {ver['optax']}, "
+        f"numpy {ver['numpy']}; backend {ver['backend']}; {ver['platform']}; qkclip_eqx {ver['qkclip_eqx']}.",
+        "",
+        "## Verdicts",
+        "",
+        "| claim | " + " | ".join(f"{k}x lr*" for k in summ["main"]["multipliers"]) + " |",
+        "|---|" + "---|" * len(summ["main"]["multipliers"]),
+    ]
     for key, text in CLAIMS:
         cells = [f"**{v[m][key]['word']}**: {v[m][key]['why']}" for m in v if m.endswith("x")]
         L.append(f"| {text} | " + " | ".join(cells) + " |")
-    L += ["", f"- App. E: Muon grows max logits more than AdamW (each at its own lr*): "
-          f"**{v['appE_muon_faster']['word']}**: {v['appE_muon_faster']['why']}.",
-          f"- App. E mechanism: Muon's updates have a higher stable rank: "
-          f"**{v['appE_update_rank']['word']}**: {v['appE_update_rank']['why']}.",
-          f"- Hypothesis (ours, not the paper's), switch-off time ~ 1/(lr x wd): "
-          f"**{v['wd_hypothesis']['word']}**: {v['wd_hypothesis']['why']}.", ""]
+    L += [
+        "",
+        f"- App. E: Muon grows max logits more than AdamW (each at its own lr*): "
+        f"**{v['appE_muon_faster']['word']}**: {v['appE_muon_faster']['why']}.",
+        f"- App. E mechanism: Muon's updates have a higher stable rank: "
+        f"**{v['appE_update_rank']['word']}**: {v['appE_update_rank']['why']}.",
+        f"- Hypothesis (ours, not the paper's), switch-off time ~ 1/(lr x wd): "
+        f"**{v['wd_hypothesis']['word']}**: {v['wd_hypothesis']['why']}.",
+        "",
+    ]
     L += ["## Pre-sweep", ""]
     for opt in ("muon", "adamw"):
         sw = summ["sweep"][opt]
-        L += [f"{opt}: lr* = **{sw['lr']}** ({sw['why']}; bracketed: {'yes' if sw['bracketed'] else 'NO, ' + str(sw['edge']) + ' end'}).", "",
-              "| lr | final val loss | diverged | peak probe S | spikes |", "|---|---|---|---|---|"]
-        L += [f"| {r['lr']:.4g} | {_f(r['final_val'])} | {'yes' if r['diverged'] else 'no'} | "
-              f"{_f(r['peak_probe_s'], 1)} | {len(r['spikes'])} |" for r in sw["runs"]]
+        L += [
+            f"{opt}: lr* = **{sw['lr']}** ({sw['why']}; bracketed: {'yes' if sw['bracketed'] else 'NO, ' + str(sw['edge']) + ' end'}).",
+            "",
+            "| lr | final val loss | diverged | peak probe S | spikes |",
+            "|---|---|---|---|---|",
+        ]
+        L += [
+            f"| {r['lr']:.4g} | {_f(r['final_val'])} | {'yes' if r['diverged'] else 'no'} | "
+            f"{_f(r['peak_probe_s'], 1)} | {len(r['spikes'])} |"
+            for r in sw["runs"]
+        ]
         L.append("")
-    L += [f"![]({figs['presweep']})", "", "## Main runs", "",
-          "| run | peak probe S | final val | spikes | first clip | last clip | heads ever clipped | overshoot (probe) | overshoot (train batches) | one update's growth of S | stable rank |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    L += [
+        f"![]({figs['presweep']})",
+        "",
+        "## Main runs",
+        "",
+        "| run | peak probe S | final val | spikes | first clip | last clip | heads ever clipped | overshoot (probe) | overshoot (train batches) | one update's growth of S | stable rank |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     rows = [r for m in summ["main"]["multipliers"].values() for r in m["muon"] + m["clip"]]
     rows += summ["main"]["wd_large"] + summ["main"]["adamw"]
     for r in rows:
         cl = r.get("clip")
-        L.append(f"| {r['run']} | {_f(r['peak_probe_s'], 1)} | {_f(r['final_val'], 4)} | {len(r['spikes'])} | "
-                 + (f"{cl['first']} | {cl['last']} | {_f(cl['fraction'])} | {_f(cl['overshoot'])} | "
-                    f"{_f(cl['overshoot_train'])} | {_f(cl['update_growth'])} | " if cl else "- | - | - | - | - | - | ")
-                 + f"{_f(r['stable_rank']['all'], 2)} |")
+        L.append(
+            f"| {r['run']} | {_f(r['peak_probe_s'], 1)} | {_f(r['final_val'], 4)} | {len(r['spikes'])} | "
+            + (
+                f"{cl['first']} | {cl['last']} | {_f(cl['fraction'])} | {_f(cl['overshoot'])} | "
+                f"{_f(cl['overshoot_train'])} | {_f(cl['update_growth'])} | "
+                if cl
+                else "- | - | - | - | - | - | "
+            )
+            + f"{_f(r['stable_rank']['all'], 2)} |"
+        )
     L.append("")
     for key in ("fig2_left", "fig2_right", "appd", "fig12", "appe", "overshoot", "wd"):
         L += [f"![]({figs[key]})", ""]
@@ -279,9 +366,15 @@ def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
 
 def write(summ: dict[str, Any], logs: dict[str, list], out: pathlib.Path) -> None:
     out = pathlib.Path(out)
-    figs = {"presweep": fig_presweep(summ, logs, out), "fig2_left": fig2_left(summ, logs, out),
-            "fig2_right": fig2_right(summ, logs, out), "appd": fig_appd(summ, logs, out),
-            "fig12": fig12(summ, logs, out), "appe": fig_appe(summ, logs, out),
-            "overshoot": fig_overshoot(summ, logs, out), "wd": fig_wd(summ, logs, out)}
+    figs = {
+        "presweep": fig_presweep(summ, logs, out),
+        "fig2_left": fig2_left(summ, logs, out),
+        "fig2_right": fig2_right(summ, logs, out),
+        "appd": fig_appd(summ, logs, out),
+        "fig12": fig12(summ, logs, out),
+        "appe": fig_appe(summ, logs, out),
+        "overshoot": fig_overshoot(summ, logs, out),
+        "wd": fig_wd(summ, logs, out),
+    }
     (out / "summary.json").write_text(json.dumps(summ, indent=1, default=float))
     (out / "results.md").write_text(results_md(summ, figs))

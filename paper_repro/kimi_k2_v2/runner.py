@@ -75,7 +75,9 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("muon", "muonclip", "adamw"):
-            raise ValueError(f"RunSpec.optimizer must be muon, muonclip or adamw, got {self.optimizer!r}")
+            raise ValueError(
+                f"RunSpec.optimizer must be muon, muonclip or adamw, got {self.optimizer!r}"
+            )
         for f in ("lr", "tau", "steps", "probe_every", "norms_every", "val_every"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"RunSpec.{f} must be > 0, got {getattr(self, f)}")
@@ -87,10 +89,18 @@ class RunSpec:
     def schedule(self) -> optax.Schedule:
         if self.decay_fraction is None:
             return optax.join_schedules(
-                [optax.linear_schedule(0.0, self.lr, max(self.warmup_steps, 1)),
-                 optax.constant_schedule(self.lr)], [self.warmup_steps])
-        return qc.wsd(self.lr, warmup_steps=self.warmup_steps, total_steps=self.steps,
-                      decay_fraction=self.decay_fraction)
+                [
+                    optax.linear_schedule(0.0, self.lr, max(self.warmup_steps, 1)),
+                    optax.constant_schedule(self.lr),
+                ],
+                [self.warmup_steps],
+            )
+        return qc.wsd(
+            self.lr,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.steps,
+            decay_fraction=self.decay_fraction,
+        )
 
 
 def spread_windows(tokens: np.ndarray, n: int, seq_len: int) -> np.ndarray:
@@ -99,7 +109,7 @@ def spread_windows(tokens: np.ndarray, n: int, seq_len: int) -> np.ndarray:
     if len(tokens) < seq_len + 1:
         raise ValueError(f"spread_windows: {len(tokens)} tokens, need {seq_len + 1}")
     starts = np.linspace(0, len(tokens) - seq_len - 1, n).round().astype(np.int64)
-    return np.stack([np.asarray(tokens[s:s + seq_len + 1]) for s in starts]).astype(np.int32)
+    return np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts]).astype(np.int32)
 
 
 _forward = eqx.filter_jit(qc.next_token_loss)
@@ -112,8 +122,10 @@ def probe_s(model: qc.Transformer, probe: np.ndarray) -> np.ndarray:
 
 def val_loss(model: qc.Transformer, windows: np.ndarray, batch_size: int) -> float:
     """Mean next-token loss over ``windows`` (equal-size chunks)."""
-    losses = [float(_forward(model, jnp.asarray(windows[i:i + batch_size]))[0])
-              for i in range(0, len(windows) - batch_size + 1, batch_size)]
+    losses = [
+        float(_forward(model, jnp.asarray(windows[i : i + batch_size]))[0])
+        for i in range(0, len(windows) - batch_size + 1, batch_size)
+    ]
     return float(np.mean(losses))
 
 
@@ -122,8 +134,11 @@ def head_norms(model: qc.Transformer, nope: int) -> dict[str, jax.Array]:
     """Spectral norms ``[layers, heads]`` of q_C, k_C and q_R."""
     attn = model.blocks.attn
     top = lambda w: jnp.linalg.svd(w, compute_uv=False)[..., 0]  # noqa: E731
-    return {"norm_qc": top(attn.wq[:, :, :nope]), "norm_kc": top(attn.wkv_b[:, :, :nope]),
-            "norm_qr": top(attn.wq[:, :, nope:])}
+    return {
+        "norm_qc": top(attn.wq[:, :, :nope]),
+        "norm_kc": top(attn.wkv_b[:, :, :nope]),
+        "norm_qr": top(attn.wq[:, :, nope:]),
+    }
 
 
 def _attn_mats(model: qc.Transformer) -> dict[str, jax.Array]:
@@ -137,7 +152,7 @@ def _stable_ranks(before: dict, after: dict, lr_wd: jax.Array) -> dict[str, jax.
     for k in before:
         u = (after[k] - before[k] + lr_wd * before[k]).astype(jnp.float32)
         sv = jnp.linalg.svd(u, compute_uv=False)
-        out[k] = jnp.mean(jnp.sum(sv ** 2, -1) / jnp.maximum(sv[..., 0] ** 2, 1e-30))
+        out[k] = jnp.mean(jnp.sum(sv**2, -1) / jnp.maximum(sv[..., 0] ** 2, 1e-30))
     return out
 
 
@@ -153,7 +168,9 @@ _STEPS: dict[tuple, tuple] = {}
 def _compiled(spec: RunSpec) -> tuple[optax.GradientTransformation, Any]:
     """The optimizer and train step of ``spec``, shared by runs that differ
     only in seed and name (so seeds compile once per process)."""
-    key = tuple((k, repr(v)) for k, v in dataclasses.asdict(spec).items() if k not in ("seed", "name"))
+    key = tuple(
+        (k, repr(v)) for k, v in dataclasses.asdict(spec).items() if k not in ("seed", "name")
+    )
     if key not in _STEPS:
         opt = optimizer(spec)
         _STEPS[key] = (opt, qc.make_train_step(opt, mode=spec.mode, tau=spec.tau))
@@ -168,15 +185,23 @@ def read_status(run_dir: pathlib.Path) -> dict[str, Any] | None:
         return None
 
 
-def run(spec: RunSpec, data: qc.TokenData, probe: np.ndarray, val_windows: np.ndarray,
-        run_dir: pathlib.Path, log=print) -> dict[str, Any]:
+def run(
+    spec: RunSpec,
+    data: qc.TokenData,
+    probe: np.ndarray,
+    val_windows: np.ndarray,
+    run_dir: pathlib.Path,
+    log=print,
+) -> dict[str, Any]:
     """Train ``spec`` unless ``run_dir`` holds it complete; return its status."""
     run_dir = pathlib.Path(run_dir)
     spec_d = dataclasses.asdict(spec)
     st = read_status(run_dir)
     if st is not None and (run_dir / "metrics.jsonl").is_file():
         if st["spec"] != spec_d:
-            raise RuntimeError(f"{run_dir} holds a run with another spec; delete it or use another --runs")
+            raise RuntimeError(
+                f"{run_dir} holds a run with another spec; delete it or use another --runs"
+            )
         return st
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = qc.RunConfig(**spec.model, batch_size=spec.batch_size, seq_len=spec.seq_len)
@@ -201,13 +226,24 @@ def run(spec: RunSpec, data: qc.TokenData, probe: np.ndarray, val_windows: np.nd
             if measure and spec.mode == "monitor":
                 before = {k: jnp.array(v, copy=True) for k, v in _attn_mats(model).items()}
             lr_t = float(sched(t))
-            batch = jnp.asarray(qc.get_batch(data.train, batch_size=spec.batch_size, seq_len=spec.seq_len,
-                                             seed=spec.seed, step=t))
+            batch = jnp.asarray(
+                qc.get_batch(
+                    data.train,
+                    batch_size=spec.batch_size,
+                    seq_len=spec.seq_len,
+                    seed=spec.seed,
+                    step=t,
+                )
+            )
             model, state, m = step_fn(model, state, batch)
             loss = float(m["loss"])
             s = np.asarray(m["max_logits"], dtype=np.float64)
-            rec.update(loss=loss, lr=lr_t, s=np.where(np.isfinite(s), s, -1.0).tolist(),
-                       clipped=int(np.sum(s > spec.tau)) if spec.mode == "clip" else 0)
+            rec.update(
+                loss=loss,
+                lr=lr_t,
+                s=np.where(np.isfinite(s), s, -1.0).tolist(),
+                clipped=int(np.sum(s > spec.tau)) if spec.mode == "clip" else 0,
+            )
             if before is not None:
                 sr = _stable_ranks(before, _attn_mats(model), jnp.float32(lr_t * spec.weight_decay))
                 rec["rank"] = {k: float(v) for k, v in sr.items()}
@@ -219,7 +255,9 @@ def run(spec: RunSpec, data: qc.TokenData, probe: np.ndarray, val_windows: np.nd
             if stopped == "nan":
                 break
             if (t + 1) % 500 == 0:
-                log(f"    {spec.name} step {t + 1} loss {loss:.3f} ({time.perf_counter() - t0:.0f}s)")
+                log(
+                    f"    {spec.name} step {t + 1} loss {loss:.3f} ({time.perf_counter() - t0:.0f}s)"
+                )
     wall = time.perf_counter() - t0
     part.replace(run_dir / "metrics.jsonl")
     st = {"stopped": stopped, "steps_run": t + 1, "wall_s": round(wall, 1), "spec": spec_d}
@@ -230,4 +268,8 @@ def run(spec: RunSpec, data: qc.TokenData, probe: np.ndarray, val_windows: np.nd
 
 def read_log(run_dir: pathlib.Path) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl``."""
-    return [json.loads(x) for x in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [
+        json.loads(x)
+        for x in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        if x.strip()
+    ]

@@ -88,21 +88,47 @@ from typing import Any
 # ---------------------------------------------------------------------------
 
 MODEL_FULL: dict[str, Any] = dict(
-    attention="mla", n_layers=4, dim=64, n_heads=8, q_lora_rank=None, kv_lora_rank=32,
-    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, mlp_hidden=192,
+    attention="mla",
+    n_layers=4,
+    dim=64,
+    n_heads=8,
+    q_lora_rank=None,
+    kv_lora_rank=32,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    mlp_hidden=192,
 )
 MODEL_QUICK: dict[str, Any] = dict(
-    attention="mla", n_layers=2, dim=32, n_heads=4, q_lora_rank=None, kv_lora_rank=16,
-    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, mlp_hidden=64,
+    attention="mla",
+    n_layers=2,
+    dim=32,
+    n_heads=4,
+    q_lora_rank=None,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    mlp_hidden=64,
 )
 MODEL_GPU: dict[str, Any] = dict(
-    attention="mla", n_layers=8, dim=512, n_heads=8, q_lora_rank=256, kv_lora_rank=128,
-    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, mlp_hidden=1536,
-    kernel="blockwise", block_size=128, compute_dtype="bfloat16",
+    attention="mla",
+    n_layers=8,
+    dim=512,
+    n_heads=8,
+    q_lora_rank=256,
+    kv_lora_rank=128,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    mlp_hidden=1536,
+    kernel="blockwise",
+    block_size=128,
+    compute_dtype="bfloat16",
 )
 
 HALF_DECADE = math.sqrt(10.0)
-MAX_EXTENSIONS = 2          # grid extensions per optimizer when lr* is at an end
+MAX_EXTENSIONS = 2  # grid extensions per optimizer when lr* is at an end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,40 +140,57 @@ class Settings:
     batch_size: int
     seq_len: int
     warmup_steps: int
-    sweep_steps: int                      # pre-sweep length (constant lr after warmup)
+    sweep_steps: int  # pre-sweep length (constant lr after warmup)
     sweep_grid: dict[str, tuple[float, ...]]  # "muon" / "adamw" -> lrs
-    lr_multipliers: tuple[float, ...]     # main runs at these multiples of lr*
+    lr_multipliers: tuple[float, ...]  # main runs at these multiples of lr*
     weight_decay: float
-    weight_decay_large: float             # the wd-hypothesis runs (1x lr*)
-    wd_time: float                        # required lr x wd x flat steps at 1x lr*
+    weight_decay_large: float  # the wd-hypothesis runs (1x lr*)
+    wd_time: float  # required lr x wd x flat steps at 1x lr*
     flat_min: int
     flat_max: int
-    decay_fraction: float                 # of the whole run
+    decay_fraction: float  # of the whole run
     seeds: tuple[int, ...]
     probe_every: int
     probe_windows: int
     norms_every: int
     val_every: int
     val_windows: int
-    tau_fraction: float = 0.5             # tau = tau_fraction x min over seeds of Muon's peak probe S
-    equivalence_margin: float = 0.01      # "negligible": |paired diff| CI within +-1% of Muon's val loss
+    tau_fraction: float = 0.5  # tau = tau_fraction x min over seeds of Muon's peak probe S
+    equivalence_margin: float = (
+        0.01  # "negligible": |paired diff| CI within +-1% of Muon's val loss
+    )
     spike_window: int = 20
     spike_factor: float = 1.5
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for f in ("batch_size", "seq_len", "warmup_steps", "sweep_steps", "flat_min", "flat_max",
-                  "probe_every", "probe_windows", "norms_every", "val_every", "val_windows"):
+        for f in (
+            "batch_size",
+            "seq_len",
+            "warmup_steps",
+            "sweep_steps",
+            "flat_min",
+            "flat_max",
+            "probe_every",
+            "probe_windows",
+            "norms_every",
+            "val_every",
+            "val_windows",
+        ):
             if getattr(self, f) <= 0:
                 raise ValueError(f"Settings.{f} must be > 0, got {getattr(self, f)}")
         if self.flat_min > self.flat_max:
             raise ValueError(f"Settings.flat_min ({self.flat_min}) > flat_max ({self.flat_max})")
         if not 0 < self.decay_fraction < 1:
-            raise ValueError(f"Settings.decay_fraction must be in (0, 1), got {self.decay_fraction}")
+            raise ValueError(
+                f"Settings.decay_fraction must be in (0, 1), got {self.decay_fraction}"
+            )
         if not 0 < self.tau_fraction < 1:
             raise ValueError(f"Settings.tau_fraction must be in (0, 1), got {self.tau_fraction}")
         if sorted(self.sweep_grid) != ["adamw", "muon"]:
-            raise ValueError(f"Settings.sweep_grid needs keys 'muon' and 'adamw', got {sorted(self.sweep_grid)}")
+            raise ValueError(
+                f"Settings.sweep_grid needs keys 'muon' and 'adamw', got {sorted(self.sweep_grid)}"
+            )
         for k, g in self.sweep_grid.items():
             if len(g) < 3 or list(g) != sorted(g):
                 raise ValueError(f"Settings.sweep_grid[{k!r}] must be >= 3 increasing lrs, got {g}")
@@ -160,36 +203,80 @@ class Settings:
 
 
 FULL = Settings(
-    name="full", model=MODEL_FULL, batch_size=8, seq_len=64, warmup_steps=20,
+    name="full",
+    model=MODEL_FULL,
+    batch_size=8,
+    seq_len=64,
+    warmup_steps=20,
     sweep_steps=300,
-    sweep_grid={"muon": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
-                "adamw": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},
-    lr_multipliers=(1.0, 3.0), weight_decay=0.1, weight_decay_large=0.3, wd_time=2.0,
-    flat_min=600, flat_max=3000, decay_fraction=0.35, seeds=(0, 1, 2),
-    probe_every=5, probe_windows=8, norms_every=50, val_every=250, val_windows=32,
+    sweep_grid={
+        "muon": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+        "adamw": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    },
+    lr_multipliers=(1.0, 3.0),
+    weight_decay=0.1,
+    weight_decay_large=0.3,
+    wd_time=2.0,
+    flat_min=600,
+    flat_max=3000,
+    decay_fraction=0.35,
+    seeds=(0, 1, 2),
+    probe_every=5,
+    probe_windows=8,
+    norms_every=50,
+    val_every=250,
+    val_windows=32,
 )
 
 # The same pipeline at test size: every stage and every rule runs; the
 # numbers mean nothing (8 heads, 2 seeds, a few dozen steps).
 QUICK = Settings(
-    name="quick", model=MODEL_QUICK, batch_size=4, seq_len=32, warmup_steps=4,
+    name="quick",
+    model=MODEL_QUICK,
+    batch_size=4,
+    seq_len=32,
+    warmup_steps=4,
     sweep_steps=16,
     sweep_grid={"muon": (3e-3, 3e-2, 3e-1), "adamw": (1e-3, 1e-2, 1e-1)},
-    lr_multipliers=(1.0, 3.0), weight_decay=0.1, weight_decay_large=0.3, wd_time=2.0,
-    flat_min=20, flat_max=20, decay_fraction=0.35, seeds=(0, 1),
-    probe_every=2, probe_windows=4, norms_every=10, val_every=20, val_windows=4,
+    lr_multipliers=(1.0, 3.0),
+    weight_decay=0.1,
+    weight_decay_large=0.3,
+    wd_time=2.0,
+    flat_min=20,
+    flat_max=20,
+    decay_fraction=0.35,
+    seeds=(0, 1),
+    probe_every=2,
+    probe_windows=4,
+    norms_every=10,
+    val_every=20,
+    val_windows=4,
     spike_window=8,
 )
 
 # For one H200, ~8-10 minutes on assumed speeds (not run here). bfloat16 matmuls, float32 master
 # weights and optimizer state (RunConfig's param_dtype stays float32).
 GPU = Settings(
-    name="gpu", model=MODEL_GPU, batch_size=32, seq_len=512, warmup_steps=50,
+    name="gpu",
+    model=MODEL_GPU,
+    batch_size=32,
+    seq_len=512,
+    warmup_steps=50,
     sweep_steps=150,
     sweep_grid={"muon": (1e-3, 3e-3, 1e-2), "adamw": (3e-4, 1e-3, 3e-3)},
-    lr_multipliers=(1.0, 3.0), weight_decay=0.1, weight_decay_large=0.3, wd_time=2.0,
-    flat_min=500, flat_max=500, decay_fraction=0.35, seeds=(0, 1, 2),
-    probe_every=10, probe_windows=16, norms_every=100, val_every=250, val_windows=64,
+    lr_multipliers=(1.0, 3.0),
+    weight_decay=0.1,
+    weight_decay_large=0.3,
+    wd_time=2.0,
+    flat_min=500,
+    flat_max=500,
+    decay_fraction=0.35,
+    seeds=(0, 1, 2),
+    probe_every=10,
+    probe_windows=16,
+    norms_every=100,
+    val_every=250,
+    val_windows=64,
 )
 
 MODES = {"full": FULL, "quick": QUICK, "gpu": GPU}
@@ -198,7 +285,7 @@ MODES = {"full": FULL, "quick": QUICK, "gpu": GPU}
 # Rules that choose (applied in this order by the pipeline)
 # ---------------------------------------------------------------------------
 
-DIVERGED_REGRESSION = 0.5   # nats: final 20-step mean above the run's best 20-step mean
+DIVERGED_REGRESSION = 0.5  # nats: final 20-step mean above the run's best 20-step mean
 DIVERGED_MIN_LEARNING = 0.5  # nats: final 20-step mean must be this far below the first 10 steps'
 
 
@@ -211,12 +298,16 @@ def diverged(losses: Sequence[float], window: int = 20) -> bool:
     if not x or not all(math.isfinite(v) for v in x):
         return True
     w = max(1, min(window, len(x)))
-    means = [sum(x[i:i + w]) / w for i in range(len(x) - w + 1)]
+    means = [sum(x[i : i + w]) / w for i in range(len(x) - w + 1)]
     first = sum(x[:10]) / len(x[:10])
-    return means[-1] >= min(means) + DIVERGED_REGRESSION or means[-1] > first - DIVERGED_MIN_LEARNING
+    return (
+        means[-1] >= min(means) + DIVERGED_REGRESSION or means[-1] > first - DIVERGED_MIN_LEARNING
+    )
 
 
-def best_lr(lrs: Sequence[float], val_losses: Sequence[float], diverged_flags: Sequence[bool]) -> dict[str, Any]:
+def best_lr(
+    lrs: Sequence[float], val_losses: Sequence[float], diverged_flags: Sequence[bool]
+) -> dict[str, Any]:
     """lr* = the lr with the lowest final validation loss among runs that did
     not diverge. ``edge``: "low" / "high" when lr* is the smallest / largest
     lr of the grid (the optimum is not bracketed on that side), else None.
@@ -227,8 +318,11 @@ def best_lr(lrs: Sequence[float], val_losses: Sequence[float], diverged_flags: S
         return {"lr": None, "edge": "low", "why": "every pre-sweep run diverged"}
     i = min(ok, key=lambda j: val_losses[j])
     edge = "low" if i == order[0] else "high" if i == order[-1] else None
-    return {"lr": float(lrs[i]), "edge": edge,
-            "why": "lowest final val loss among the runs that did not diverge"}
+    return {
+        "lr": float(lrs[i]),
+        "edge": edge,
+        "why": "lowest final val loss among the runs that did not diverge",
+    }
 
 
 def extension(lrs: Sequence[float], edge: str | None) -> float | None:
@@ -255,8 +349,13 @@ def schedule(lr_1x: float, s: Settings) -> dict[str, int]:
     flat = flat_steps(lr_1x, s.weight_decay, s)
     body = s.warmup_steps + flat
     total = math.ceil(body / (1 - s.decay_fraction))
-    return {"warmup": s.warmup_steps, "flat": flat, "decay": total - body, "total": total,
-            "decay_start": body}
+    return {
+        "warmup": s.warmup_steps,
+        "flat": flat,
+        "decay": total - body,
+        "total": total,
+        "decay_start": body,
+    }
 
 
 def wd_time(lr: float, weight_decay: float, flat: int) -> float:
@@ -288,8 +387,18 @@ def is_spike(loss: float, previous: Sequence[float], factor: float = 1.5) -> boo
 # ---------------------------------------------------------------------------
 
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..10.
-T975 = (12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836,
-        2.446911851, 2.364624252, 2.306004135, 2.262157163, 2.228138852)
+T975 = (
+    12.706204736,
+    4.302652730,
+    3.182446305,
+    2.776445105,
+    2.570581836,
+    2.446911851,
+    2.364624252,
+    2.306004135,
+    2.262157163,
+    2.228138852,
+)
 
 
 def paired_ci(diffs: Sequence[float]) -> dict[str, float]:
@@ -320,12 +429,12 @@ NOT_TESTED = "not tested at this scale"
 SUPPORTED = "supported"
 NOT_SUPPORTED = "not supported"
 
-K2_LOGIT_EXPLOSION = 1000.0   # Fig. 2 left: max logits "rapidly exceed 1000"
-K2_HEAD_FRACTION = 0.127      # App. D: 12.7% of heads triggered the clip
-HEAD_FRACTION_LIMIT = 2 * K2_HEAD_FRACTION   # "a minority like K2's": <= 25.4%
-CAP_TOLERANCE = 1.25          # the cap holds: probe S <= 1.25 tau after the first clip
-OFF_MARGIN = 0.1              # switch-off: last clip >= 10% of the flat phase before the decay
-WD_RATIO_TOLERANCE = 1.5      # hypothesis: observed ratio within [pred / 1.5, pred x 1.5]
+K2_LOGIT_EXPLOSION = 1000.0  # Fig. 2 left: max logits "rapidly exceed 1000"
+K2_HEAD_FRACTION = 0.127  # App. D: 12.7% of heads triggered the clip
+HEAD_FRACTION_LIMIT = 2 * K2_HEAD_FRACTION  # "a minority like K2's": <= 25.4%
+CAP_TOLERANCE = 1.25  # the cap holds: probe S <= 1.25 tau after the first clip
+OFF_MARGIN = 0.1  # switch-off: last clip >= 10% of the flat phase before the decay
+WD_RATIO_TOLERANCE = 1.5  # hypothesis: observed ratio within [pred / 1.5, pred x 1.5]
 SPEED_EQUIVALENCE = math.log(1.25)  # App. E: |log S ratio| CI within +-log 1.25: "no faster"
 
 
@@ -344,7 +453,9 @@ def verdict_explosion(peaks_1x: Sequence[float], bracketed: bool) -> tuple[str, 
     return NOT_REPRODUCED, f"median peak S {med:.1f} < {K2_LOGIT_EXPLOSION:g}"
 
 
-def verdict_spikes(spikes_muon: Sequence[int], spikes_clip: Sequence[int], bracketed: bool) -> tuple[str, str]:
+def verdict_spikes(
+    spikes_muon: Sequence[int], spikes_clip: Sequence[int], bracketed: bool
+) -> tuple[str, str]:
     """Fig. 2 left: vanilla Muon has loss spikes that MuonClip removes, at 1x
     lr*. Reproduced if a majority of seeds has >= 1 spike in the Muon run and
     fewer in its MuonClip partner; else not reproduced."""
@@ -363,12 +474,19 @@ def verdict_cap(ratios: Sequence[float], clipped: Sequence[bool]) -> tuple[str, 
         return NOT_TESTED, f"the clip never acted in {sum(not c for c in clipped)} seed(s)"
     worst = max(ratios)
     if worst <= CAP_TOLERANCE:
-        return REPRODUCED, f"largest probe S / tau after the first clip {worst:.3f} <= {CAP_TOLERANCE}"
-    return NOT_REPRODUCED, f"largest probe S / tau after the first clip {worst:.3f} > {CAP_TOLERANCE}"
+        return (
+            REPRODUCED,
+            f"largest probe S / tau after the first clip {worst:.3f} <= {CAP_TOLERANCE}",
+        )
+    return (
+        NOT_REPRODUCED,
+        f"largest probe S / tau after the first clip {worst:.3f} > {CAP_TOLERANCE}",
+    )
 
 
-def verdict_switch_off(last_clip: Sequence[int], decay_start: int, flat: int, wdt: float,
-                       required_wd_time: float) -> tuple[str, str]:
+def verdict_switch_off(
+    last_clip: Sequence[int], decay_start: int, flat: int, wdt: float, required_wd_time: float
+) -> tuple[str, str]:
     """Fig. 2 right: the clip switches off on its own while the lr is still at
     its peak. Not tested if the flat phase is shorter than ``required_wd_time``
     weight-decay time constants. Reproduced if in a majority of seeds the last
@@ -379,11 +497,19 @@ def verdict_switch_off(last_clip: Sequence[int], decay_start: int, flat: int, wd
     limit = decay_start - OFF_MARGIN * flat
     flags = [0 <= t < limit for t in last_clip]
     word = REPRODUCED if _majority(flags) else NOT_REPRODUCED
-    return word, f"{sum(flags)} of {len(flags)} seeds' last clip before step {limit:.0f} (decay from {decay_start})"
+    return (
+        word,
+        f"{sum(flags)} of {len(flags)} seeds' last clip before step {limit:.0f} (decay from {decay_start})",
+    )
 
 
-def verdict_wd_hypothesis(off_small_wd: Sequence[int], off_large_wd: Sequence[int], warmup: int,
-                          predicted_ratio: float, limit: float) -> tuple[str, str]:
+def verdict_wd_hypothesis(
+    off_small_wd: Sequence[int],
+    off_large_wd: Sequence[int],
+    warmup: int,
+    predicted_ratio: float,
+    limit: float,
+) -> tuple[str, str]:
     """Hypothesis (ours, not the paper's): the clip's switch-off time after
     warmup scales with 1 / (lr x wd). ``off_*``: per seed, the last clip step
     of the runs at the base and the larger wd; each must switch off before
@@ -397,10 +523,15 @@ def verdict_wd_hypothesis(off_small_wd: Sequence[int], off_large_wd: Sequence[in
     g = math.exp(sum(logs) / len(logs))
     lo, hi = predicted_ratio / WD_RATIO_TOLERANCE, predicted_ratio * WD_RATIO_TOLERANCE
     word = SUPPORTED if lo <= g <= hi else NOT_SUPPORTED
-    return word, f"switch-off time ratio {g:.2f} (predicted {predicted_ratio:g}, accepted [{lo:.2f}, {hi:.2f}])"
+    return (
+        word,
+        f"switch-off time ratio {g:.2f} (predicted {predicted_ratio:g}, accepted [{lo:.2f}, {hi:.2f}])",
+    )
 
 
-def verdict_head_fraction(fractions_1x: Sequence[float], clipped: Sequence[bool]) -> tuple[str, str]:
+def verdict_head_fraction(
+    fractions_1x: Sequence[float], clipped: Sequence[bool]
+) -> tuple[str, str]:
     """App. D: a minority of heads (12.7% in K2) ever trigger the clip.
     Reproduced if the median over seeds of the fraction of heads ever clipped
     at 1x lr* is <= 2 x 12.7%."""
@@ -408,11 +539,15 @@ def verdict_head_fraction(fractions_1x: Sequence[float], clipped: Sequence[bool]
         return NOT_TESTED, "the clip never acted"
     med = _median(fractions_1x)
     word = REPRODUCED if med <= HEAD_FRACTION_LIMIT else NOT_REPRODUCED
-    return word, f"median fraction of heads ever clipped {med:.3f} (limit {HEAD_FRACTION_LIMIT:.3f})"
+    return (
+        word,
+        f"median fraction of heads ever clipped {med:.3f} (limit {HEAD_FRACTION_LIMIT:.3f})",
+    )
 
 
-def verdict_negligible(diffs: Sequence[float], baseline: float, margin: float,
-                       clipped: Sequence[bool]) -> tuple[str, str]:
+def verdict_negligible(
+    diffs: Sequence[float], baseline: float, margin: float, clipped: Sequence[bool]
+) -> tuple[str, str]:
     """Fig. 12: QK-Clip has negligible impact on the loss. ``diffs``: per
     seed, MuonClip - Muon final val loss; the equivalence margin is
     ``margin`` x ``baseline`` (Muon's mean val loss). Reproduced if the

@@ -17,11 +17,13 @@ from ._config import ParallelAxes as ParallelAxes
 from ._config import TransformerConfig as TransformerConfig
 from ._config import YaRN as YaRN
 from ._data import TokenData as TokenData
-from ._decode import MLACache as MLACache
 from ._data import eval_batches as eval_batches
 from ._data import get_batch as get_batch
 from ._data import load_data as load_data
 from ._data import stdlib_corpus as stdlib_corpus
+from ._decode import MLACache as MLACache
+from ._generate import generate as generate
+from ._generate import sample_token as sample_token
 from ._kernels import attend as attend
 from ._metrics import RunMetrics as RunMetrics
 from ._metrics import read_metrics as read_metrics
@@ -38,8 +40,6 @@ from ._parallel import shard_loss as shard_loss
 from ._parallel import shard_train_state as shard_train_state
 from ._step import make_train_step as make_train_step
 from ._step import next_token_loss as next_token_loss
-from ._generate import generate as generate
-from ._generate import sample_token as sample_token
 from ._train import PRESETS as PRESETS
 from ._train import RunConfig as RunConfig
 from ._train import RunResult as RunResult

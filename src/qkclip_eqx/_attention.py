@@ -76,7 +76,9 @@ class AbstractQKClippable(eqx.Module):
 
 def _positions_and_segments(seq: int, positions, segment_ids, segment_length: int | None):
     if segment_length is not None and (segment_length <= 0 or seq % segment_length):
-        raise ValueError(f"segment_length={segment_length} does not divide the sequence length {seq}")
+        raise ValueError(
+            f"segment_length={segment_length} does not divide the sequence length {seq}"
+        )
     n, length = (1, seq) if segment_length is None else (seq // segment_length, segment_length)
     if positions is None:
         positions = jnp.tile(jnp.arange(length, dtype=jnp.int32), n)
@@ -115,15 +117,30 @@ def _attend_and_project(
     With `segment_length` the sequence is a packing of equal, independent
     segments, and the kernel runs on them as a batch (no work on the pairs the
     segment mask would empty)."""
+
     def kernel(q, k, v, q_pos, k_pos, q_seg, k_seg):
-        return attend(q, k, v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, causal=c.causal,
-                      scale=scale, kernel=c.kernel, block_size=c.block_size, max_logit=c.max_logit)
+        return attend(
+            q,
+            k,
+            v,
+            q_pos=q_pos,
+            k_pos=k_pos,
+            q_seg=q_seg,
+            k_seg=k_seg,
+            causal=c.causal,
+            scale=scale,
+            kernel=c.kernel,
+            block_size=c.block_size,
+            max_logit=c.max_logit,
+        )
 
     if segment_length is None:
         out, max_logits = kernel(q, k, v, q_pos, k_pos, q_seg, k_seg)
     else:
         if k.shape[0] != q.shape[0]:
-            raise ValueError("segment_length cannot be used with a sequence sharded over a mesh axis")
+            raise ValueError(
+                "segment_length cannot be used with a sequence sharded over a mesh axis"
+            )
         n = q.shape[0] // segment_length
 
         def split(x):
@@ -191,8 +208,9 @@ class MLAttention(AbstractQKClippable):
     wo: Float[Array, "dim heads_v"]
     compute_dtype: str | None = eqx.field(static=True)
 
-    def __init__(self, config: MLAConfig, *, dtype=jnp.float32, compute_dtype=None,
-                 key: PRNGKeyArray):
+    def __init__(
+        self, config: MLAConfig, *, dtype=jnp.float32, compute_dtype=None, key: PRNGKeyArray
+    ):
         c = config
         kqa, kq, kkva, kkvb, ko = jax.random.split(key, 5)
         self.config = c
@@ -232,7 +250,9 @@ class MLAttention(AbstractQKClippable):
         c = self.config
         self, x = cast_arrays((self, x), self.compute_dtype)
         seq, heads = x.shape[0], self.wq.shape[0]
-        positions, segment_ids = _positions_and_segments(seq, positions, segment_ids, segment_length)
+        positions, segment_ids = _positions_and_segments(
+            seq, positions, segment_ids, segment_length
+        )
         q_in = x if self.wq_a is None else self.q_norm(linear(x, self.wq_a))
         q = linear(q_in, self.wq)
         q_c, q_r = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
@@ -246,11 +266,22 @@ class MLAttention(AbstractQKClippable):
         kv = linear(self.kv_norm(c_kv), self.wkv_b)
         k_c, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
         q = jnp.concatenate([q_c, q_r], axis=-1)
-        k = jnp.concatenate([k_c, jnp.broadcast_to(k_r, (k_r.shape[0], heads, k_r.shape[-1]))], axis=-1)
+        k = jnp.concatenate(
+            [k_c, jnp.broadcast_to(k_r, (k_r.shape[0], heads, k_r.shape[-1]))], axis=-1
+        )
         return _attend_and_project(
-            c, q, k, v, q_pos=positions, q_seg=segment_ids, k_pos=k_pos, k_seg=k_seg,
-            scale=softmax_scale(c.qk_head_dim) * _mla_softmax_factor(c), wo=self.wo,
-            parallel=parallel, segment_length=segment_length,
+            c,
+            q,
+            k,
+            v,
+            q_pos=positions,
+            q_seg=segment_ids,
+            k_pos=k_pos,
+            k_seg=k_seg,
+            scale=softmax_scale(c.qk_head_dim) * _mla_softmax_factor(c),
+            wo=self.wo,
+            parallel=parallel,
+            segment_length=segment_length,
         )
 
     def head_axes(self):
@@ -309,8 +340,14 @@ class MLAttention(AbstractQKClippable):
         cache = write_cache(cache, c_kv, k_r)
         scale = softmax_scale(c.qk_head_dim) * _mla_softmax_factor(c)
         out, max_logits = absorbed_attention(
-            q_c, q_r, cache.c_kv, cache.k_r, positions,
-            self.wkv_b[:, :nope], self.wkv_b[:, nope:], scale,
+            q_c,
+            q_r,
+            cache.c_kv,
+            cache.k_r,
+            positions,
+            self.wkv_b[:, :nope],
+            self.wkv_b[:, nope:],
+            scale,
         )
         y = linear(out.reshape(t, -1), self.wo, out_dtype=jnp.float32)
         return y.astype(x.dtype), max_logits, cache
@@ -340,8 +377,9 @@ class GQAttention(AbstractQKClippable):
     wo: Float[Array, "dim heads_head_dim"]
     compute_dtype: str | None = eqx.field(static=True)
 
-    def __init__(self, config: GQAConfig, *, dtype=jnp.float32, compute_dtype=None,
-                 key: PRNGKeyArray):
+    def __init__(
+        self, config: GQAConfig, *, dtype=jnp.float32, compute_dtype=None, key: PRNGKeyArray
+    ):
         c = config
         kq, kk, kv, ko = jax.random.split(key, 4)
         self.config = c
@@ -368,15 +406,26 @@ class GQAttention(AbstractQKClippable):
         c = self.config
         self, x = cast_arrays((self, x), self.compute_dtype)
         seq = x.shape[0]
-        positions, segment_ids = _positions_and_segments(seq, positions, segment_ids, segment_length)
+        positions, segment_ids = _positions_and_segments(
+            seq, positions, segment_ids, segment_length
+        )
         rope: dict = dict(theta=c.rope_theta, layout=c.rope_layout)
         q = apply_rope(linear(x, self.wq), positions, **rope)
         k = apply_rope(linear(x, self.wk), positions, **rope)
         v = linear(x, self.wv)
         k, v, k_pos, k_seg = _gather_seq(parallel, k, v, positions, segment_ids)
         return _attend_and_project(
-            c, q, k, v, q_pos=positions, q_seg=segment_ids, k_pos=k_pos, k_seg=k_seg,
-            scale=softmax_scale(c.head_dim), wo=self.wo, parallel=parallel,
+            c,
+            q,
+            k,
+            v,
+            q_pos=positions,
+            q_seg=segment_ids,
+            k_pos=k_pos,
+            k_seg=k_seg,
+            scale=softmax_scale(c.head_dim),
+            wo=self.wo,
+            parallel=parallel,
             segment_length=segment_length,
         )
 

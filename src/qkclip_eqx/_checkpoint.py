@@ -275,16 +275,22 @@ def _format_record(record: dict[str, Any]) -> str:
 
 def _structure_diffs(stored: list[Any], wanted: list[dict[str, Any]]) -> list[str]:
     if len(stored) != len(wanted):
-        diffs = [f"different number of stored leaves: checkpoint has {len(stored)}, `like` has {len(wanted)}"]
+        diffs = [
+            f"different number of stored leaves: checkpoint has {len(stored)}, `like` has {len(wanted)}"
+        ]
         for i, (s, w) in enumerate(zip(stored, wanted)):
             if not isinstance(s, dict) or s.get("path") != w["path"]:
                 have = s.get("path") if isinstance(s, dict) else s
-                diffs.append(f"first differing leaf is #{i}: checkpoint {have!r}, `like` {w['path']!r}")
+                diffs.append(
+                    f"first differing leaf is #{i}: checkpoint {have!r}, `like` {w['path']!r}"
+                )
                 break
         else:
             if len(stored) > len(wanted):
                 extra = stored[len(wanted)]
-                diffs.append(f"first extra leaf (in the checkpoint) is {extra.get('path') if isinstance(extra, dict) else extra!r}")
+                diffs.append(
+                    f"first extra leaf (in the checkpoint) is {extra.get('path') if isinstance(extra, dict) else extra!r}"
+                )
             else:
                 diffs.append(f"first extra leaf (in `like`) is {wanted[len(stored)]['path']!r}")
         return diffs
@@ -293,9 +299,13 @@ def _structure_diffs(stored: list[Any], wanted: list[dict[str, Any]]) -> list[st
         if not isinstance(s, dict):
             diffs.append(f"leaf #{i}: malformed record {s!r}")
         elif s.get("path") != w["path"]:
-            diffs.append(f"leaf #{i}: key path differs: checkpoint {s.get('path')!r}, `like` {w['path']!r}")
+            diffs.append(
+                f"leaf #{i}: key path differs: checkpoint {s.get('path')!r}, `like` {w['path']!r}"
+            )
         elif _format_record(s) != _format_record(w):
-            diffs.append(f"leaf {w['path']}: checkpoint has {_format_record(s)}, `like` has {_format_record(w)}")
+            diffs.append(
+                f"leaf {w['path']}: checkpoint has {_format_record(s)}, `like` has {_format_record(w)}"
+            )
     return diffs
 
 
@@ -331,7 +341,10 @@ def latest_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
 def _manager_options(keep: int, async_save: bool) -> Any:
     ocp = _ocp()
     return ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, step_prefix="ckpt", step_format_fixed_length=8,
+        max_to_keep=keep,
+        create=True,
+        step_prefix="ckpt",
+        step_format_fixed_length=8,
         enable_async_checkpointing=async_save,
     )
 
@@ -382,8 +395,13 @@ class Checkpointer:
         }
         items = {f"leaf_{i:05d}": a for i, a in enumerate(arrays)}
         path = self.directory / f"ckpt_{step:08d}"
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(header)), force=True)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(header)
+            ),
+            force=True,
+        )
         return path
 
     def wait(self) -> None:
@@ -487,7 +505,9 @@ def _read_header(path: pathlib.Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata: {_short(e)}") from e
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
         found = header.get("format") if isinstance(header, dict) else type(header).__name__
-        raise CheckpointError(f"{path}: not a qkclip checkpoint (format {found!r}, expected {_FORMAT!r}).")
+        raise CheckpointError(
+            f"{path}: not a qkclip checkpoint (format {found!r}, expected {_FORMAT!r})."
+        )
     for name, type_ in {"step": int, "meta": dict, "leaves": list, "fingerprints": list}.items():
         if not isinstance(header.get(name), type_) or isinstance(header.get(name), bool):
             raise CheckpointError(
@@ -540,14 +560,18 @@ def load_checkpoint(
         diffs = meta_diffs(_to_json_value(expect_meta), header["meta"])
         if diffs:
             raise CheckpointMismatchError(
-                f"{path}: checkpoint is from a different run/config; meta mismatch:\n  " + "\n  ".join(diffs))
+                f"{path}: checkpoint is from a different run/config; meta mismatch:\n  "
+                + "\n  ".join(diffs)
+            )
     stored = _stored(like)
     diffs = _structure_diffs(header["leaves"], [_record(*s) for s in stored])
     if diffs:
         shown = diffs[:_MAX_REPORTED_MISMATCHES]
         if len(diffs) > len(shown):
             shown.append(f"... and {len(diffs) - len(shown)} more")
-        raise CheckpointMismatchError(f"{path}: checkpoint structure does not match `like`:\n  " + "\n  ".join(shown))
+        raise CheckpointMismatchError(
+            f"{path}: checkpoint structure does not match `like`:\n  " + "\n  ".join(shown)
+        )
     ocp = _ocp()
     targets = {f"leaf_{i:05d}": _target_of(kind, leaf) for i, (_, kind, leaf) in enumerate(stored)}
     try:
@@ -560,10 +584,13 @@ def load_checkpoint(
         if have != want:
             raise CheckpointError(
                 f"{path}: corrupt checkpoint: leaf {leaf_path} does not match its saved "
-                f"fingerprint ({have}, saved {want}).")
+                f"fingerprint ({have}, saved {want})."
+            )
     values = iter(_from_array(kind, leaf, a) for (_, kind, leaf), a in zip(stored, arrays))
     leaves, treedef = jtu.tree_flatten(like)
-    state = jtu.tree_unflatten(treedef, [next(values) if _leaf_kind(x) is not None else x for x in leaves])
+    state = jtu.tree_unflatten(
+        treedef, [next(values) if _leaf_kind(x) is not None else x for x in leaves]
+    )
     return state, header["meta"]
 
 
@@ -603,7 +630,11 @@ def load_latest_checkpoint(
             raise
         except CheckpointError as e:
             failures.append(str(e))
-            nxt = f"trying the older {found[i + 1].name}" if i + 1 < len(found) else "no older checkpoint is left"
+            nxt = (
+                f"trying the older {found[i + 1].name}"
+                if i + 1 < len(found)
+                else "no older checkpoint is left"
+            )
             warn(f"checkpoint {path.name} failed to restore ({e}); {nxt}")
             continue
         return state, meta, path

@@ -23,9 +23,7 @@ def _positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(
-                f"{type(obj).__name__}.{name} must be a positive int, got {value!r}"
-            )
+            raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
 
 
 def _choice(obj: object, name: str, options: tuple[str, ...]) -> None:
@@ -115,11 +113,13 @@ class YaRN:
         _positive_number(self, "beta_slow")
         for name in ("mscale", "mscale_all_dim"):
             value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            )
             if value is not None and not (ok and value >= 0):
-                raise ValueError(
-                    f"YaRN.{name} must be None or a finite number >= 0, got {value!r}"
-                )
+                raise ValueError(f"YaRN.{name} must be None or a finite number >= 0, got {value!r}")
         _bool(self, "truncate")
 
     def _m(self, a: float) -> float:
@@ -177,8 +177,15 @@ class MLAConfig:
     max_logit: MaxLogit = "exact"
 
     def __post_init__(self) -> None:
-        _positive(self, "dim", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
-                  "qk_rope_head_dim", "v_head_dim")
+        _positive(
+            self,
+            "dim",
+            "n_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        )
         if self.q_lora_rank is not None:
             _positive(self, "q_lora_rank")
         _even(self, "qk_rope_head_dim")

@@ -14,7 +14,6 @@ import zlib
 import numpy as np
 from jaxtyping import Int32, UInt16
 
-
 __all__ = ["TokenData", "stdlib_corpus", "load_data", "get_batch", "eval_batches"]
 
 _BYTE_VOCAB = 256
@@ -71,9 +70,7 @@ def _list_files(root: pathlib.Path, *, suffix: str | None) -> list[str]:
     """
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [
-            d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")
-        ]
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
         for name in filenames:
             hidden = name.startswith(".")
             if hidden or (suffix is not None and not name.endswith(suffix)):
@@ -162,9 +159,7 @@ def _vocab_size(*arrays: UInt16[np.ndarray, " _"]) -> int:
 
 def _tail_split_size(n: int, val_fraction: float, path: pathlib.Path) -> int:
     if n < 2:
-        raise ValueError(
-            f"{path}: only {n} token(s); need at least 2 to make a train/val split."
-        )
+        raise ValueError(f"{path}: only {n} token(s); need at least 2 to make a train/val split.")
     return min(max(round(n * val_fraction), 1), n - 1)
 
 
@@ -179,9 +174,7 @@ def _require_nonempty(train: np.ndarray, val: np.ndarray, what: str) -> None:
 #
 
 
-def stdlib_corpus(
-    *, max_bytes: int | None = 8_000_000, val_fraction: float = 0.05
-) -> TokenData:
+def stdlib_corpus(*, max_bytes: int | None = 8_000_000, val_fraction: float = 0.05) -> TokenData:
     """The running Python's standard-library sources as byte tokens (vocab 256).
 
     All `*.py` files below `sysconfig.get_paths()["stdlib"]` (skipping
@@ -280,9 +273,7 @@ def load_data(
             f"{n_val} val files ({len(val):,} bytes), {n_skipped} binary files "
             "skipped; byte tokens, vocab 256"
         )
-        return TokenData(
-            _bytes_to_tokens(train), _bytes_to_tokens(val), _BYTE_VOCAB, description
-        )
+        return TokenData(_bytes_to_tokens(train), _bytes_to_tokens(val), _BYTE_VOCAB, description)
 
     if path.suffix.lower() == ".bin":
         tokens = _bin_tokens(path)
@@ -301,8 +292,7 @@ def load_data(
     tokens = _bytes_to_tokens(data)
     n_val = _tail_split_size(len(tokens), val_fraction, path)
     description = (
-        f"raw bytes of {path}: {len(tokens) - n_val:,} train + {n_val:,} val byte "
-        "tokens, vocab 256"
+        f"raw bytes of {path}: {len(tokens) - n_val:,} train + {n_val:,} val byte tokens, vocab 256"
     )
     return TokenData(tokens[:-n_val], tokens[-n_val:], _BYTE_VOCAB, description)
 

@@ -98,7 +98,8 @@ def write_cache(
     if t > cache.max_len:
         raise ValueError(f"{t} new tokens do not fit a cache of max_len {cache.max_len}")
     length = eqx.error_if(
-        cache.length, cache.length + t > cache.max_len,
+        cache.length,
+        cache.length + t > cache.max_len,
         "MLACache overflow: length + new tokens > max_len",
     )
     c_all = jax.lax.dynamic_update_slice(cache.c_kv, c_kv.astype(cache.c_kv.dtype), (length, 0))

@@ -41,12 +41,18 @@ def sample_token(
 def _check(temperature, top_k, key, max_new_tokens, prompt_len) -> None:
     ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
     if not (ok and temperature >= 0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}"
+        )
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
     if temperature > 0 and key is None:
         raise ValueError("sampling with temperature > 0 needs an explicit key")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+    if (
+        not isinstance(max_new_tokens, int)
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens <= 0
+    ):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if prompt_len == 0:
         raise ValueError("the prompt must hold at least one token")
@@ -95,7 +101,9 @@ def generate(
         keys = jax.random.split(key, max_new_tokens)
 
     def draw(logits, k):
-        return sample_token(logits, None if key is None else k, temperature=temperature, top_k=top_k)
+        return sample_token(
+            logits, None if key is None else k, temperature=temperature, top_k=top_k
+        )
 
     logits, s_max, cache = model.decode(prompt, cache)
     first = draw(logits[-1], keys[0])

@@ -153,10 +153,15 @@ def _forward(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: flo
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                 p = jnp.exp(s - m_safe[..., None])
                 corr = jnp.exp(m - m_safe)
-                pv = jnp.einsum("krs,ksd->krd", p.astype(vb.dtype), vb,
-                                preferred_element_type=jnp.float32)
-                return (m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv,
-                        jnp.maximum(s_max, tile_max))
+                pv = jnp.einsum(
+                    "krs,ksd->krd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32
+                )
+                return (
+                    m_new,
+                    l * corr + jnp.sum(p, axis=-1),
+                    acc * corr[..., None] + pv,
+                    jnp.maximum(s_max, tile_max),
+                )
 
             carry = _maybe(allowed, compute, lambda: carry, skippable)
             return carry, None
@@ -164,8 +169,12 @@ def _forward(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: flo
         # Built from qb (not jnp.zeros) so that inside shard_map the carry varies
         # over the same mesh axes as the values the scan writes into it.
         zero = jnp.zeros_like(qb[..., 0], jnp.float32)
-        init = (zero - jnp.inf, zero, jnp.zeros_like(qb[..., :1], jnp.float32) * jnp.zeros((dv,)),
-                zero - jnp.inf)
+        init = (
+            zero - jnp.inf,
+            zero,
+            jnp.zeros_like(qb[..., :1], jnp.float32) * jnp.zeros((dv,)),
+            zero - jnp.inf,
+        )
         (m, l, acc, s_max), _ = jax.lax.scan(key_tile, init, (kt, vt, _side_tiles(ks, t.nk)))
         has = l > 0  # rows with no allowed key give zeros, not NaN
         out = acc / jnp.where(has, l, 1.0)[..., None]
@@ -177,8 +186,9 @@ def _forward(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: flo
     return _q_untile(out, t), _q_untile(lse, t), s_max
 
 
-def _backward(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: float, out, lse,
-              d_out):
+def _backward(
+    q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: float, out, lse, d_out
+):
     """FlashAttention-2's backward pass (Dao 2023, Algorithm 2), tile by tile."""
     qt, kt, vt = _q_tiles(q, t), _k_tiles(k, t), _k_tiles(v, t)
     dot_, lset = _q_tiles(d_out, t), _q_tiles(lse, t)
@@ -199,28 +209,40 @@ def _backward(q, k, v, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: fl
                 p = jnp.exp(s - lseb[..., None])  # 0 where not allowed
                 # dV^T = dO^T P and dK^T = Q^T dS: contraction over the rows, which
                 # come second, so the only transposes are of [rows, d] tiles.
-                dv_t = jnp.einsum("krd,krs->kds", dob, p.astype(dob.dtype), preferred_element_type=f32)
+                dv_t = jnp.einsum(
+                    "krd,krs->kds", dob, p.astype(dob.dtype), preferred_element_type=f32
+                )
                 dp = jnp.einsum("krd,ksd->krs", dob, vb, preferred_element_type=f32)
                 ds = p * (dp - deltab[..., None]) * f32(scale)
-                dq_new = dq + jnp.einsum("krs,ksd->krd", ds.astype(kb.dtype), kb,
-                                         preferred_element_type=f32)
-                dk_t = jnp.einsum("krd,krs->kds", qb, ds.astype(qb.dtype), preferred_element_type=f32)
+                dq_new = dq + jnp.einsum(
+                    "krs,ksd->krd", ds.astype(kb.dtype), kb, preferred_element_type=f32
+                )
+                dk_t = jnp.einsum(
+                    "krd,krs->kds", qb, ds.astype(qb.dtype), preferred_element_type=f32
+                )
                 return dq_new, dk_t, dv_t  # dK and dV transposed, [kv, d, bk]
 
             def skip():
-                return (dq, jnp.zeros_like(jnp.swapaxes(kb, 1, 2), f32),
-                        jnp.zeros_like(jnp.swapaxes(vb, 1, 2), f32))
+                return (
+                    dq,
+                    jnp.zeros_like(jnp.swapaxes(kb, 1, 2), f32),
+                    jnp.zeros_like(jnp.swapaxes(vb, 1, 2), f32),
+                )
 
             dq, dkb, dvb = _maybe(allowed, compute, skip, skippable)
             return dq, (dkb, dvb)
 
-        dq, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros_like(qb, f32),
-                                    (kt, vt, _side_tiles(ks, t.nk)))
+        dq, (dk, dv) = jax.lax.scan(
+            key_tile, jnp.zeros_like(qb, f32), (kt, vt, _side_tiles(ks, t.nk))
+        )
         return (dk_all + dk, dv_all + dv), dq
 
     # dK, dV are accumulated transposed and turned once at the end: transposing each
     # tile's dot output would be folded by XLA into a dot that contracts a t x t tile's rows.
-    init = (jnp.zeros_like(jnp.swapaxes(kt, 2, 3), f32), jnp.zeros_like(jnp.swapaxes(vt, 2, 3), f32))
+    init = (
+        jnp.zeros_like(jnp.swapaxes(kt, 2, 3), f32),
+        jnp.zeros_like(jnp.swapaxes(vt, 2, 3), f32),
+    )
     (dk, dv), dq = jax.lax.scan(query_tile, init, (qt, dot_, lset, delta, _side_tiles(qs, t.nq)))
     dk, dv = jnp.swapaxes(dk, 2, 3), jnp.swapaxes(dv, 2, 3)
     return _q_untile(dq, t), _k_untile(dk, t), _k_untile(dv, t)
@@ -278,23 +300,30 @@ def _exact_max_logits(q, k, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scal
     return s_max
 
 
-def _attend_dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, causal: bool,
-                                  scale: float, block_size: int, max_logit: str):
+def _attend_dot_product_attention(
+    q, k, v, q_pos, k_pos, q_seg, k_seg, causal: bool, scale: float, block_size: int, max_logit: str
+):
     """`jax.nn.dot_product_attention` for the output; S exact or bounded."""
     tq, heads, dk = q.shape
     tk, kv_heads, dv = v.shape
     group = heads // kv_heads
     true_q = jnp.ones((tq,), bool)
     qs = _Side(q_pos.astype(jnp.int32), q_seg.astype(jnp.int32), true_q)
-    allowed = _allowed(qs, _Side(k_pos.astype(jnp.int32), k_seg.astype(jnp.int32),
-                                 jnp.ones((tk,), bool)), causal)
+    allowed = _allowed(
+        qs, _Side(k_pos.astype(jnp.int32), k_seg.astype(jnp.int32), jnp.ones((tk,), bool)), causal
+    )
     has_any = jnp.any(allowed, axis=1)  # rows with no allowed key give zeros, as the other kernels
     # It needs one head size for q, k and v: pad the smaller with zeros (the
     # scale is explicit, so the padding changes neither logits nor output).
     d = max(dk, dv)
     res = jax.nn.dot_product_attention(
-        _pad_to(q, d, 2), _pad_to(k, d, 2), _pad_to(v, d, 2), mask=allowed[None, None],
-        scale=scale, return_residual=max_logit == "lse_bound", implementation=None,
+        _pad_to(q, d, 2),
+        _pad_to(k, d, 2),
+        _pad_to(v, d, 2),
+        mask=allowed[None, None],
+        scale=scale,
+        return_residual=max_logit == "lse_bound",
+        implementation=None,
     )
     out, lse = res if isinstance(res, tuple) else (res, None)
     out = (out[..., :dv] * has_any[:, None, None].astype(out.dtype)).astype(v.dtype)
@@ -307,8 +336,11 @@ def _attend_dot_product_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, causal: b
         return out, s_max
     bk = min(block_size, tk)
     t = _Tiling(group=group, tq=tq, tk=-(-tk // bk) * bk, bq=tq, bk=bk)
-    ks = _Side(_pad_to(k_pos.astype(jnp.int32), t.tk, 0), _pad_to(k_seg.astype(jnp.int32), t.tk, 0),
-               jnp.arange(t.tk) < tk)
+    ks = _Side(
+        _pad_to(k_pos.astype(jnp.int32), t.tk, 0),
+        _pad_to(k_seg.astype(jnp.int32), t.tk, 0),
+        jnp.arange(t.tk) < tk,
+    )
     qh = q.reshape(tq, kv_heads, group, dk).transpose(1, 2, 0, 3).reshape(kv_heads, group * tq, dk)
     kh = _pad_to(k, t.tk, 0).transpose(1, 0, 2)
     s_max = _exact_max_logits(qh, kh, qs, ks, t, causal, float(scale))
@@ -357,7 +389,9 @@ def attend(
     if max_logit not in ("exact", "lse_bound"):
         raise ValueError(f"max_logit must be 'exact' or 'lse_bound', got {max_logit!r}")
     if max_logit == "lse_bound" and kernel != "dot_product_attention":
-        raise ValueError(f"max_logit='lse_bound' needs kernel='dot_product_attention', got {kernel!r}")
+        raise ValueError(
+            f"max_logit='lse_bound' needs kernel='dot_product_attention', got {kernel!r}"
+        )
     if kernel == "dot_product_attention":
         out, s_max = _attend_dot_product_attention(
             q, k, v, q_pos, k_pos, q_seg, k_seg, causal, float(scale), block_size, max_logit
@@ -369,10 +403,16 @@ def attend(
     else:
         bq, bk = min(block_size, tq), min(block_size, tk)
     t = _Tiling(group=group, tq=-(-tq // bq) * bq, tk=-(-tk // bk) * bk, bq=bq, bk=bk)
-    qs = _Side(_pad_to(q_pos.astype(jnp.int32), t.tq, 0), _pad_to(q_seg.astype(jnp.int32), t.tq, 0),
-               jnp.arange(t.tq) < tq)
-    ks = _Side(_pad_to(k_pos.astype(jnp.int32), t.tk, 0), _pad_to(k_seg.astype(jnp.int32), t.tk, 0),
-               jnp.arange(t.tk) < tk)
+    qs = _Side(
+        _pad_to(q_pos.astype(jnp.int32), t.tq, 0),
+        _pad_to(q_seg.astype(jnp.int32), t.tq, 0),
+        jnp.arange(t.tq) < tq,
+    )
+    ks = _Side(
+        _pad_to(k_pos.astype(jnp.int32), t.tk, 0),
+        _pad_to(k_seg.astype(jnp.int32), t.tk, 0),
+        jnp.arange(t.tk) < tk,
+    )
     # [t, kv*group, d] -> [kv, group*t, d]: the query heads of a group stacked along rows.
     qh = _pad_to(q, t.tq, 0).reshape(t.tq, kv_heads, group, dk).transpose(1, 2, 0, 3)
     qh = qh.reshape(kv_heads, group * t.tq, dk)

@@ -72,8 +72,9 @@ class SwiGLU(eqx.Module):
     w_down: Float[Array, "dim hidden"]
     compute_dtype: str | None = eqx.field(static=True)
 
-    def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, compute_dtype=None,
-                 key: PRNGKeyArray):
+    def __init__(
+        self, dim: int, hidden: int, *, dtype=jnp.float32, compute_dtype=None, key: PRNGKeyArray
+    ):
         k1, k2, k3 = jax.random.split(key, 3)
         self.w_gate = init_weight(k1, (hidden, dim), dtype)
         self.w_up = init_weight(k2, (hidden, dim), dtype)

@@ -107,9 +107,7 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
             obj = json.loads(line)
         except json.JSONDecodeError:
             where = "truncated last line" if i == last else "malformed line"
-            warnings.warn(
-                f"{path}:{i + 1}: skipping {where} ({line[:60]!r}...)", stacklevel=3
-            )
+            warnings.warn(f"{path}:{i + 1}: skipping {where} ({line[:60]!r}...)", stacklevel=3)
             continue
         if not isinstance(obj, dict):
             warnings.warn(f"{path}:{i + 1}: skipping non-object line", stacklevel=3)

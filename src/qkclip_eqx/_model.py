@@ -13,7 +13,6 @@ from ._decode import MLACache
 from ._layers import RMSNorm, SwiGLU, init_weight, linear
 from ._optim import matrix_dimension_numbers
 
-
 # What a scanned layer keeps for its backward pass: the projections' matmul
 # outputs and the attention kernel's output and log-sum-exp; the elementwise
 # work (norms, RoPE, SiLU) is recomputed. XLA:CPU spends more on stacking a
@@ -53,8 +52,11 @@ class Block(eqx.Module):
         parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
         h, max_logits = self.attn(
-            self.attn_norm(x), positions=positions, segment_ids=segment_ids,
-            segment_length=segment_length, parallel=parallel,
+            self.attn_norm(x),
+            positions=positions,
+            segment_ids=segment_ids,
+            segment_length=segment_length,
+            parallel=parallel,
         )
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), max_logits
@@ -92,7 +94,9 @@ class Transformer(eqx.Module):
         ke, kb, kh = jax.random.split(key, 3)
         dtype = jnp.dtype(config.param_dtype)
         self.config = config
-        self.embed = jax.random.normal(ke, (config.vocab_size, config.dim), jnp.float32).astype(dtype)
+        self.embed = jax.random.normal(ke, (config.vocab_size, config.dim), jnp.float32).astype(
+            dtype
+        )
         block_keys = jax.random.split(kb, config.n_layers)
         self.blocks = eqx.filter_vmap(lambda k: Block(config, key=k))(block_keys)
         self.final_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
@@ -117,8 +121,13 @@ class Transformer(eqx.Module):
 
         def layer(x, block_params):
             block = eqx.combine(block_params, static)
-            return block(x, positions=positions, segment_ids=segment_ids,
-                         segment_length=segment_length, parallel=parallel)
+            return block(
+                x,
+                positions=positions,
+                segment_ids=segment_ids,
+                segment_length=segment_length,
+                parallel=parallel,
+            )
 
         layer = jax.checkpoint(layer, policy=_SAVE_MATMULS_AND_ATTENTION)
         compute = jnp.dtype(self.config.compute_dtype)
@@ -132,7 +141,9 @@ class Transformer(eqx.Module):
         batch axis); the embedding, the LM head and every norm gain to AdamW
         (`None`). Works on a masked copy of the params, as optax passes them."""
         adamw = jax.tree.map(lambda _: None, self)
-        return eqx.tree_at(lambda t: t.blocks, adamw, matrix_dimension_numbers(self.blocks, stacked_axes=1))
+        return eqx.tree_at(
+            lambda t: t.blocks, adamw, matrix_dimension_numbers(self.blocks, stacked_axes=1)
+        )
 
     def init_cache(self, max_len: int) -> MLACache:
         """An empty latent cache for `decode`: `c_kv` [layers, max_len,

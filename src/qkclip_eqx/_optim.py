@@ -62,7 +62,9 @@ def matrix_dimension_numbers(params: PyTree, *, stacked_axes: int = 0) -> PyTree
     def dims(x):
         if x.ndim - stacked_axes < 2:
             return None
-        return MuonDimensionNumbers(reduction_axis=x.ndim - 1, output_axis=tuple(range(stacked_axes, x.ndim - 1)))
+        return MuonDimensionNumbers(
+            reduction_axis=x.ndim - 1, output_axis=tuple(range(stacked_axes, x.ndim - 1))
+        )
 
     return jax.tree.map(dims, params)
 
@@ -141,7 +143,10 @@ def muon_adamw(
 
     muon = optax.chain(
         optax.contrib.scale_by_muon(
-            ns_steps=ns_steps, beta=momentum, eps=eps, nesterov=nesterov,
+            ns_steps=ns_steps,
+            beta=momentum,
+            eps=eps,
+            nesterov=nesterov,
             weight_dimension_numbers=dims_fn,
         ),
         _scale_by_rms_match(dims_fn, rms),
@@ -162,7 +167,11 @@ def warmup_cosine(
 
 
 def wsd(
-    peak: float, *, warmup_steps: int, total_steps: int, decay_fraction: float = 0.2,
+    peak: float,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    decay_fraction: float = 0.2,
     final_fraction: float = 0.0,
 ) -> optax.Schedule:
     """Warmup-stable-decay: linear warmup, constant `peak`, then a linear

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._attention import AbstractQKClippable
@@ -48,8 +49,7 @@ def make_mesh(data: int = 1, model: int = 1, seq: int = 1, *, devices=None) -> M
             f"mesh data={data} x model={model} x seq={seq} = {data * model * seq} "
             f"does not match the {len(devices)} devices"
         )
-    return jax.make_mesh((data, model, seq), AXES, axis_types=(AxisType.Auto,) * 3,
-                         devices=devices)
+    return jax.make_mesh((data, model, seq), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def _is_clippable(x) -> bool:
@@ -85,6 +85,7 @@ def partition_specs(model: PyTree) -> PyTree:
     (embedding, norms, MLP, LM head) is replicated. The optimizer state follows
     the params, and the batch is sharded over `data` and `seq`.
     """
+
     def spec(x):
         if _is_clippable(x):
             return _module_specs(x)
@@ -93,14 +94,20 @@ def partition_specs(model: PyTree) -> PyTree:
     return jax.tree.map(spec, model, is_leaf=_is_clippable)
 
 
-def state_specs(optimizer: optax.GradientTransformation, opt_state: PyTree, specs: PyTree) -> PyTree:
+def state_specs(
+    optimizer: optax.GradientTransformation, opt_state: PyTree, specs: PyTree
+) -> PyTree:
     """Optimizer-state specs: a leaf that mirrors a parameter gets its spec."""
+
     def spec_of(leaf, spec):
         # optax.partition masks the other branch's leaves: keep those masked.
         return leaf if isinstance(leaf, optax.MaskedNode) else spec
 
     return optax.tree_map_params(
-        optimizer, spec_of, opt_state, specs,
+        optimizer,
+        spec_of,
+        opt_state,
+        specs,
         transform_non_params=lambda _: P(),
         is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode)),
     )
@@ -116,7 +123,9 @@ def check_mesh(mesh: Mesh, model: PyTree, batch_size: int, seq_len: int) -> None
     for module in clippable_modules(model):
         name = type(module).__name__
         if module.n_heads % n:
-            raise ValueError(f"{name}: n_heads={module.n_heads} is not divisible by the mesh's model axis ({n})")
+            raise ValueError(
+                f"{name}: n_heads={module.n_heads} is not divisible by the mesh's model axis ({n})"
+            )
         where, axes = module.head_axes()
         for path, (leaf, axis) in zip(_where_paths(module, where), zip(where(module), axes)):
             if leaf.shape[axis] % n:
@@ -125,9 +134,13 @@ def check_mesh(mesh: Mesh, model: PyTree, batch_size: int, seq_len: int) -> None
                     f"not divisible by the mesh's model axis ({n})"
                 )
     if batch_size % sizes["data"]:
-        raise ValueError(f"batch size {batch_size} is not divisible by the mesh's data axis ({sizes['data']})")
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the mesh's data axis ({sizes['data']})"
+        )
     if seq_len % sizes["seq"]:
-        raise ValueError(f"sequence length {seq_len} is not divisible by the mesh's seq axis ({sizes['seq']})")
+        raise ValueError(
+            f"sequence length {seq_len} is not divisible by the mesh's seq axis ({sizes['seq']})"
+        )
 
 
 def _where_paths(module: PyTree, where: Callable) -> list[str]:
@@ -163,12 +176,16 @@ def shard_batch(tokens: np.ndarray, mesh: Mesh) -> Int[Array, "batch seq_plus_on
     return jax.make_array_from_callback(tokens.shape, sharding, lambda index: tokens[index])
 
 
-def _token_windows(tokens: Int[Array, "batch seq_plus_one"], n: int) -> Int[Array, "batch n t_plus_one"]:
+def _token_windows(
+    tokens: Int[Array, "batch seq_plus_one"], n: int
+) -> Int[Array, "batch n t_plus_one"]:
     """`[batch, n * t + 1]` -> `[batch, n, t + 1]`: shard `i` of the sequence
     gets its `t` inputs and the one token after them (its last target)."""
     t = (tokens.shape[1] - 1) // n
     starts = np.arange(n) * t
-    return jnp.stack([jax.lax.dynamic_slice_in_dim(tokens, s, t + 1, axis=1) for s in starts], axis=1)
+    return jnp.stack(
+        [jax.lax.dynamic_slice_in_dim(tokens, s, t + 1, axis=1) for s in starts], axis=1
+    )
 
 
 def accepts_parallel(loss_fn: Callable) -> bool:
@@ -207,7 +224,8 @@ def shard_loss(loss_fn: LossFn, mesh: Mesh, specs: PyTree | None = None) -> Call
             return loss_fn(eqx.combine(params, static), windows[:, 0], parallel=PARALLEL)
 
         sharded = jax.shard_map(
-            local, mesh=mesh,
+            local,
+            mesh=mesh,
             in_specs=(partition_specs(model) if specs is None else specs, P("data", "seq")),
             out_specs=P(),
         )
@@ -221,11 +239,16 @@ def shard_train_state(
 ) -> tuple[PyTree, PyTree]:
     """Place a model and its optimizer state on `mesh` by [`partition_specs`][qkclip_eqx.partition_specs]."""
     specs = partition_specs(model)
-    return shard(model, specs, mesh), shard(opt_state, state_specs(optimizer, opt_state, specs), mesh)
+    return shard(model, specs, mesh), shard(
+        opt_state, state_specs(optimizer, opt_state, specs), mesh
+    )
 
 
 def constrain_train_state(
-    model: PyTree, opt_state: PyTree, optimizer: optax.GradientTransformation, mesh: Mesh,
+    model: PyTree,
+    opt_state: PyTree,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
     specs: PyTree,
 ) -> tuple[PyTree, PyTree]:
     """Inside jit: `with_sharding_constraint` of model and state to their specs."""

@@ -42,8 +42,11 @@ def rope_inv_freq(d: int, theta: float, yarn: YaRN | None = None) -> Float[np.nd
     interpolation = (1.0 / (np.float32(yarn.factor) * pos_freqs)).astype(np.float32)
 
     def correction_dim(rotations: float) -> float:
-        return (d * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi))
-                / (2 * math.log(theta)))
+        return (
+            d
+            * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(theta))
+        )
 
     low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
     if yarn.truncate:
@@ -51,7 +54,9 @@ def rope_inv_freq(d: int, theta: float, yarn: YaRN | None = None) -> Float[np.nd
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001  # as the reference: no division by zero
-    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    ramp = np.clip(
+        (np.arange(d // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1
+    )
     keep = (1 - ramp).astype(np.float32)  # 1: the original frequency, 0: interpolated
     return (interpolation * (1 - keep) + extrapolation * keep).astype(np.float32)
 

@@ -21,7 +21,13 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from ._clip import check_tau_alpha, clip_factors, clippable_modules, clipped_heads, qk_clip
 from ._config import ParallelAxes
-from ._parallel import accepts_parallel, check_mesh, constrain_train_state, partition_specs, shard_loss
+from ._parallel import (
+    accepts_parallel,
+    check_mesh,
+    constrain_train_state,
+    partition_specs,
+    shard_loss,
+)
 
 Mode = Literal["clip", "monitor", "off"]
 LossFn = Callable[[PyTree, Int[Array, "batch seq_plus_one"]], tuple[Float[Array, ""], PyTree]]
@@ -73,8 +79,9 @@ def next_token_loss(
     offset = 0 if seq_axis is None or seq_shards == 1 else jax.lax.axis_index(seq_axis) * t
     positions = offset + jnp.arange(t, dtype=jnp.int32)
     if seq_shards == 1 and _takes_keyword(model, "segment_length"):
-        logits, s = model(inputs.reshape(-1), positions=jnp.tile(positions, batch),
-                          segment_length=t, **kw)
+        logits, s = model(
+            inputs.reshape(-1), positions=jnp.tile(positions, batch), segment_length=t, **kw
+        )
         logits = logits.reshape(batch, t, -1)
     else:
         if parallel is None:
@@ -193,7 +200,9 @@ def make_train_step(
     if not (isinstance(accum_steps, int) and accum_steps >= 1):
         raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
     if clip_until is not None:
-        if not (isinstance(clip_until, int) and not isinstance(clip_until, bool) and clip_until >= 0):
+        if not (
+            isinstance(clip_until, int) and not isinstance(clip_until, bool) and clip_until >= 0
+        ):
             raise ValueError(f"clip_until must be a non-negative int or None, got {clip_until!r}")
         if mode != "clip":
             raise ValueError(f"clip_until={clip_until} needs mode='clip', got mode={mode!r}")
@@ -230,7 +239,9 @@ def make_train_step(
             return *keep_sharding(model, opt_state), metrics
         if mode == "clip":
             # after clip_until, tau = inf: every gamma is exactly 1 (a bit-exact no-op)
-            clip_tau = tau if clip_until is None else jnp.where(step_index < clip_until, tau, jnp.inf)
+            clip_tau = (
+                tau if clip_until is None else jnp.where(step_index < clip_until, tau, jnp.inf)
+            )
             scaled = sum(jnp.sum(x) for x in clipped_heads(model, s, clip_tau))
             model = qk_clip(model, s, clip_tau, alpha=alpha)
             if clip_until is not None:
@@ -240,13 +251,17 @@ def make_train_step(
         model, opt_state = keep_sharding(model, opt_state)
         leaves = jax.tree.leaves(s)
         over = [jnp.sum(clip_factors(x, tau) < 1) for x in leaves]
-        bound = any(getattr(getattr(m, "config", None), "max_logit", "exact") == "lse_bound"
-                    for m in clippable_modules(model))
+        bound = any(
+            getattr(getattr(m, "config", None), "max_logit", "exact") == "lse_bound"
+            for m in clippable_modules(model)
+        )
         suffix = "_lse_bound" if bound else ""  # the name says when it is not S
-        metrics.update({
-            "max_logits" + suffix: s,
-            "max_logit" + suffix: jnp.max(jnp.stack([jnp.max(x) for x in leaves])),
-        })
+        metrics.update(
+            {
+                "max_logits" + suffix: s,
+                "max_logit" + suffix: jnp.max(jnp.stack([jnp.max(x) for x in leaves])),
+            }
+        )
         metrics.update(
             heads_over_tau=sum(over),
             heads_clipped=scaled,
@@ -256,8 +271,12 @@ def make_train_step(
 
     jitted_step = step  # train_step's argument `step` is the step index
 
-    def train_step(model: PyTree, opt_state: PyTree, tokens: Int[Array, "batch seq_plus_one"],
-                   step: int | np.integer | Int[Array, ""] | None = None):
+    def train_step(
+        model: PyTree,
+        opt_state: PyTree,
+        tokens: Int[Array, "batch seq_plus_one"],
+        step: int | np.integer | Int[Array, ""] | None = None,
+    ):
         if clip_until is not None and step is None:
             raise ValueError(
                 f"clip_until={clip_until}: pass the index of this step, train_step(..., step=i)"

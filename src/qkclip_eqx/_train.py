@@ -27,8 +27,13 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array
 
-from ._checkpoint import (Checkpointer, latest_checkpoint, list_checkpoints, load_latest_checkpoint,
-                          set_aside)
+from ._checkpoint import (
+    Checkpointer,
+    latest_checkpoint,
+    list_checkpoints,
+    load_latest_checkpoint,
+    set_aside,
+)
 from ._clip import check_tau_alpha
 from ._config import GQAConfig, MLAConfig, TransformerConfig
 from ._data import TokenData, eval_batches, get_batch, load_data
@@ -97,8 +102,17 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.mesh_shape()  # validates the mesh string
-        for name in ("steps", "batch_size", "seq_len", "accum_steps", "eval_every",
-                     "eval_batches", "ckpt_every", "keep", "max_bytes"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "accum_steps",
+            "eval_every",
+            "eval_batches",
+            "ckpt_every",
+            "keep",
+            "max_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RunConfig.{name} must be > 0, got {getattr(self, name)}")
         try:
@@ -106,17 +120,23 @@ class RunConfig:
         except ValueError as e:
             raise ValueError(f"RunConfig.{e}") from None
         if not 0.0 <= self.final_lr_fraction <= 1.0:
-            raise ValueError(f"RunConfig.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+            raise ValueError(
+                f"RunConfig.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}"
+            )
         if not self.lr > 0:
             raise ValueError(f"RunConfig.lr must be > 0, got {self.lr}")
         if self.optimizer not in ("muonclip", "muon", "adamw"):
-            raise ValueError(f"RunConfig.optimizer must be muonclip, muon or adamw, got {self.optimizer!r}")
+            raise ValueError(
+                f"RunConfig.optimizer must be muonclip, muon or adamw, got {self.optimizer!r}"
+            )
         if self.mode is None:
             object.__setattr__(self, "mode", "clip" if self.optimizer == "muonclip" else "monitor")
         if self.mode not in ("clip", "monitor", "off"):
             raise ValueError(f"RunConfig.mode must be clip, monitor or off, got {self.mode!r}")
         if self.optimizer == "muon" and self.mode == "clip":
-            raise ValueError("RunConfig.mode='clip' with optimizer='muon': that is optimizer='muonclip'")
+            raise ValueError(
+                "RunConfig.mode='clip' with optimizer='muon': that is optimizer='muonclip'"
+            )
         if self.batch_size % self.accum_steps:
             raise ValueError(
                 f"RunConfig.batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}"
@@ -145,29 +165,56 @@ class RunConfig:
     def model_config(self, vocab_size: int = 256) -> TransformerConfig:
         if self.attention == "mla":
             attn = MLAConfig(
-                dim=self.dim, n_heads=self.n_heads, q_lora_rank=self.q_lora_rank,
-                kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
-                qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
-                kernel=self.kernel, block_size=self.block_size,
+                dim=self.dim,
+                n_heads=self.n_heads,
+                q_lora_rank=self.q_lora_rank,
+                kv_lora_rank=self.kv_lora_rank,
+                qk_nope_head_dim=self.qk_nope_head_dim,
+                qk_rope_head_dim=self.qk_rope_head_dim,
+                v_head_dim=self.v_head_dim,
+                kernel=self.kernel,
+                block_size=self.block_size,
             )
         else:
             attn = GQAConfig(
-                dim=self.dim, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-                head_dim=self.head_dim, kernel=self.kernel, block_size=self.block_size,
+                dim=self.dim,
+                n_heads=self.n_heads,
+                n_kv_heads=self.n_kv_heads,
+                head_dim=self.head_dim,
+                kernel=self.kernel,
+                block_size=self.block_size,
             )
         return TransformerConfig(
-            vocab_size=vocab_size, n_layers=self.n_layers, mlp_hidden=self.mlp_hidden,
+            vocab_size=vocab_size,
+            n_layers=self.n_layers,
+            mlp_hidden=self.mlp_hidden,
             attention=attn,
-            param_dtype=self.param_dtype, compute_dtype=self.compute_dtype,
+            param_dtype=self.param_dtype,
+            compute_dtype=self.compute_dtype,
         )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a few seconds: the tests
-    "tiny": dict(n_layers=2, dim=32, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
-                 qk_rope_head_dim=8, v_head_dim=8, head_dim=8, mlp_hidden=64, steps=20,
-                 batch_size=4, seq_len=32, warmup_steps=4, eval_every=10, eval_batches=2,
-                 ckpt_every=10, max_bytes=400_000),
+    "tiny": dict(
+        n_layers=2,
+        dim=32,
+        n_heads=2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        head_dim=8,
+        mlp_hidden=64,
+        steps=20,
+        batch_size=4,
+        seq_len=32,
+        warmup_steps=4,
+        eval_every=10,
+        eval_batches=2,
+        ckpt_every=10,
+        max_bytes=400_000,
+    ),
     # the default run: ~5 minutes on 2 CPU cores. A model this small, trained
     # this briefly, does not reach K2's tau = 100 at a stable lr; lr 2e-2 grows
     # S to ~60 within 150 steps, so the cap is shown at tau = 30, the threshold
@@ -175,11 +222,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(lr=2e-2, tau=30.0),
     # about 100M parameters (100.4M with byte tokens), for an accelerator:
     # float32 master weights and optimizer state, bfloat16 matmuls
-    "gpu-100m": dict(n_layers=15, dim=768, n_heads=12, q_lora_rank=384, kv_lora_rank=256,
-                     qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, head_dim=64,
-                     mlp_hidden=2048, steps=5000, batch_size=64, seq_len=1024,
-                     kernel="blockwise", compute_dtype="bfloat16", lr=2e-3, warmup_steps=250,
-                     eval_every=250, ckpt_every=500, max_bytes=64_000_000),
+    "gpu-100m": dict(
+        n_layers=15,
+        dim=768,
+        n_heads=12,
+        q_lora_rank=384,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        head_dim=64,
+        mlp_hidden=2048,
+        steps=5000,
+        batch_size=64,
+        seq_len=1024,
+        kernel="blockwise",
+        compute_dtype="bfloat16",
+        lr=2e-3,
+        warmup_steps=250,
+        eval_every=250,
+        ckpt_every=500,
+        max_bytes=64_000_000,
+    ),
 }
 
 
@@ -191,11 +255,20 @@ def preset(name: str, **overrides: Any) -> RunConfig:
 
 def schedule(cfg: RunConfig) -> optax.Schedule:
     if cfg.schedule == "wsd":
-        return wsd(cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-                   decay_fraction=cfg.decay_fraction, final_fraction=cfg.final_lr_fraction)
+        return wsd(
+            cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            total_steps=cfg.steps,
+            decay_fraction=cfg.decay_fraction,
+            final_fraction=cfg.final_lr_fraction,
+        )
     if cfg.schedule == "cosine":
-        return warmup_cosine(cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-                             final_fraction=cfg.final_lr_fraction)
+        return warmup_cosine(
+            cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            total_steps=cfg.steps,
+            final_fraction=cfg.final_lr_fraction,
+        )
     return optax.constant_schedule(cfg.lr)
 
 
@@ -212,27 +285,52 @@ def optimizer(cfg: RunConfig) -> optax.GradientTransformation:
 # with the effect stated here (and printed when a resume changes it).
 MUST_MATCH = (
     # architecture (and the dtype of the stored parameters)
-    "attention", "n_layers", "dim", "n_heads", "q_lora_rank", "kv_lora_rank",
-    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_kv_heads", "head_dim",
-    "mlp_hidden", "param_dtype",
+    "attention",
+    "n_layers",
+    "dim",
+    "n_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_kv_heads",
+    "head_dim",
+    "mlp_hidden",
+    "param_dtype",
     # data: which bytes, and the batches drawn from them at each step
-    "data", "max_bytes", "batch_size", "seq_len", "seed",
+    "data",
+    "max_bytes",
+    "batch_size",
+    "seq_len",
+    "seed",
     # optimizer kind: the layout and meaning of the optimizer state
     "optimizer",
 )
 MAY_CHANGE = {
     "lr": "the lr schedule is recomputed; from the resume step on, the lr is the new schedule's value at that step",
-    "schedule": "as lr", "warmup_steps": "as lr", "decay_fraction": "as lr", "final_lr_fraction": "as lr",
+    "schedule": "as lr",
+    "warmup_steps": "as lr",
+    "decay_fraction": "as lr",
+    "final_lr_fraction": "as lr",
     "steps": "the run ends at the new step count, and the warmup/decay schedule is recomputed for it "
-             "(from the resume step on, the lr is the new schedule's value at that step)",
+    "(from the resume step on, the lr is the new schedule's value at that step)",
     "weight_decay": "applies from the resume step on",
     "tau": "QK-Clip uses the new threshold from the resume step on",
-    "alpha": "as tau", "mode": "as tau", "clip_until": "as tau",
+    "alpha": "as tau",
+    "mode": "as tau",
+    "clip_until": "as tau",
     "mesh": "the same maths in another arithmetic order: results agree to rounding, not bit for bit",
-    "kernel": "as mesh", "block_size": "as mesh", "compute_dtype": "as mesh", "accum_steps": "as mesh",
-    "eval_every": "no effect on training", "eval_batches": "no effect on training",
-    "ckpt_every": "no effect on training", "keep": "no effect on training",
-    "label": "no effect on training", "out": "no effect on training",
+    "kernel": "as mesh",
+    "block_size": "as mesh",
+    "compute_dtype": "as mesh",
+    "accum_steps": "as mesh",
+    "eval_every": "no effect on training",
+    "eval_batches": "no effect on training",
+    "ckpt_every": "no effect on training",
+    "keep": "no effect on training",
+    "label": "no effect on training",
+    "out": "no effect on training",
 }
 
 
@@ -336,12 +434,15 @@ def evaluate(
 ) -> tuple[float, np.ndarray]:
     """Mean validation loss and S (max over the validation batches) per layer and
     head; on a mesh, by the same sharded loss as training."""
-    batches = eval_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                           max_batches=cfg.eval_batches)
+    batches = eval_batches(
+        data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches
+    )
     results = []
     for b in batches:  # dispatch every batch, then fetch: one host sync
         tokens = _place_batch(b, mesh)
-        results.append(_eval_loss(model, tokens) if mesh is None else _sharded_eval_loss(model, tokens, mesh))
+        results.append(
+            _eval_loss(model, tokens) if mesh is None else _sharded_eval_loss(model, tokens, mesh)
+        )
     losses, s = [], None
     for loss, s_b in _to_host(results):
         losses.append(float(loss))
@@ -378,8 +479,10 @@ def _deferred_sigint():
         if flag.is_set():
             raise SystemExit(130)
         flag.set()
-        print("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again: quit now)",
-              flush=True)
+        print(
+            "\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again: quit now)",
+            flush=True,
+        )
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -433,27 +536,41 @@ def train(
         model, opt_state = shard_train_state(model, opt_state, opt, mesh)
     start = 0
     if resume:
-        found = load_latest_checkpoint(out, (model, opt_state), expect_meta=meta,
-                                       warn=lambda msg: print(msg, flush=True) if lead else None)
+        found = load_latest_checkpoint(
+            out,
+            (model, opt_state),
+            expect_meta=meta,
+            warn=lambda msg: print(msg, flush=True) if lead else None,
+        )
         if found is not None:
             (model, opt_state), stored, path = found
             start = stored["step"]
             if lead:
                 found_paths = list_checkpoints(out)  # oldest first: those after `path` failed
-                for unusable in found_paths[found_paths.index(path) + 1:]:
+                for unusable in found_paths[found_paths.index(path) + 1 :]:
                     print(f"set aside {unusable.name} as {set_aside(unusable).name}", flush=True)
                 for line in resume_changes(stored, cfg):
                     print(f"resume changes {line}", flush=True)
             _barrier("qkclip-resume")
     out.mkdir(parents=True, exist_ok=True)
     if lead:
-        (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "data_description": data.description}, indent=1))
-    metrics_path = out / ("metrics.jsonl" if lead else f"metrics.process{jax.process_index()}.jsonl")
+        (out / "config.json").write_text(
+            json.dumps({**dataclasses.asdict(cfg), "data_description": data.description}, indent=1)
+        )
+    metrics_path = out / (
+        "metrics.jsonl" if lead else f"metrics.process{jax.process_index()}.jsonl"
+    )
     _trim_metrics(metrics_path, start)
 
-    step_fn = make_train_step(opt, mode=cfg.mode,  # pyright: ignore[reportArgumentType]  # None becomes a mode in __post_init__
-                              tau=cfg.tau, alpha=cfg.alpha, accum_steps=cfg.accum_steps, mesh=mesh,
-                              clip_until=cfg.clip_until)
+    step_fn = make_train_step(
+        opt,
+        mode=cfg.mode,  # pyright: ignore[reportArgumentType]  # None becomes a mode in __post_init__
+        tau=cfg.tau,
+        alpha=cfg.alpha,
+        accum_steps=cfg.accum_steps,
+        mesh=mesh,
+        clip_until=cfg.clip_until,
+    )
     lr_at = schedule(cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     checkpoints = Checkpointer(out, keep=cfg.keep, async_save=True)
@@ -461,7 +578,9 @@ def train(
     def save(step: int) -> None:
         # Every process writes its own shards; the device-to-host copy happens
         # here, the file writes overlap the next steps.
-        checkpoints.save(step, (model, opt_state), meta={**meta, "step": step, "run": dataclasses.asdict(cfg)})
+        checkpoints.save(
+            step, (model, opt_state), meta={**meta, "step": step, "run": dataclasses.asdict(cfg)}
+        )
 
     bar = None
     if progress and lead:
@@ -482,16 +601,22 @@ def train(
         pending = None
         host, bad = _host_metrics(metrics), int(_to_host(bad))
         now = time.perf_counter()
-        host.update(step=index, lr=float(lr_at(index)),  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
-                    tokens_per_s=tokens_per_step / (now - t_last))
+        host.update(
+            step=index,
+            lr=float(lr_at(index)),  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
+            tokens_per_s=tokens_per_step / (now - t_last),
+        )
         t_last = now
         if bad:
             stopped = "nan"
             if lead:
-                print(f"\nstep {index}: {_NONFINITE[bad - 1]} is not finite (loss {host['loss']}, grad norm "
-                      f"{host['grad_norm']}): stopping without saving it; the last good checkpoint in {out} "
-                      "is kept. Rerun with --resume and a lower --lr (a resume may change lr, the schedule "
-                      "and tau; see README, 'Resuming').", flush=True)
+                print(
+                    f"\nstep {index}: {_NONFINITE[bad - 1]} is not finite (loss {host['loss']}, grad norm "
+                    f"{host['grad_norm']}): stopping without saving it; the last good checkpoint in {out} "
+                    "is kept. Rerun with --resume and a lower --lr (a resume may change lr, the schedule "
+                    "and tau; see README, 'Resuming').",
+                    flush=True,
+                )
             return False
         if (index + 1) % cfg.eval_every == 0 or index + 1 == cfg.steps:
             host["val_loss"], _ = evaluate(model, data, cfg, mesh)
@@ -514,8 +639,16 @@ def train(
                 while step < cfg.steps:
                     if sigint.is_set():  # between steps: model, state, step and log agree
                         raise KeyboardInterrupt
-                    batch = _place_batch(get_batch(data.train, batch_size=cfg.batch_size,
-                                                   seq_len=cfg.seq_len, seed=cfg.seed, step=step), mesh)
+                    batch = _place_batch(
+                        get_batch(
+                            data.train,
+                            batch_size=cfg.batch_size,
+                            seq_len=cfg.seq_len,
+                            seed=cfg.seed,
+                            step=step,
+                        ),
+                        mesh,
+                    )
                     model, opt_state, metrics = step_fn(model, opt_state, batch, step=step)
                     bad = _first_nonfinite(metrics["loss"], metrics["grad_norm"], model)
                     if not finish(log):  # the previous step, read while this one runs
@@ -524,11 +657,17 @@ def train(
                     step += 1
                     # Eval and checkpoint steps (and every step for on_step) are read
                     # at once, so that they see the model of that very step.
-                    boundary = step % cfg.eval_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps
+                    boundary = (
+                        step % cfg.eval_every == 0
+                        or step % cfg.ckpt_every == 0
+                        or step == cfg.steps
+                    )
                     if (boundary or on_step is not None) and not finish(log):
                         break
                     if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                        save(step)  # `finish` has checked this step: a non-finite one is never saved
+                        save(
+                            step
+                        )  # `finish` has checked this step: a non-finite one is never saved
                 else:
                     finish(log)
             except KeyboardInterrupt:

@@ -20,8 +20,20 @@ import numpy as np
 from ._attention import MLAttention
 from ._config import MLAConfig, YaRN
 
-_YARN_KEYS = frozenset({"type", "rope_type", "rope_theta", "factor", "original_max_position_embeddings",
-                        "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"})
+_YARN_KEYS = frozenset(
+    {
+        "type",
+        "rope_type",
+        "rope_theta",
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    }
+)
 
 
 def _yarn_from_hf(rope: Mapping[str, Any], hf_config: Mapping[str, Any]) -> YaRN:
@@ -43,7 +55,9 @@ def _yarn_from_hf(rope: Mapping[str, Any], hf_config: Mapping[str, Any]) -> YaRN
         beta_fast=float(rope.get("beta_fast") or 32),
         beta_slow=float(rope.get("beta_slow") or 1),
         mscale=None if rope.get("mscale") is None else float(rope["mscale"]),
-        mscale_all_dim=None if rope.get("mscale_all_dim") is None else float(rope["mscale_all_dim"]),
+        mscale_all_dim=None
+        if rope.get("mscale_all_dim") is None
+        else float(rope["mscale_all_dim"]),
         truncate=bool(rope.get("truncate", True)),
     )
 
@@ -113,7 +127,9 @@ def mla_from_hf(
     missing = sorted(set(expected) - set(params))
     unexpected = sorted(set(params) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"state dict does not match the config: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"state dict does not match the config: missing {missing}, unexpected {unexpected}"
+        )
     w = {}
     for name, shape in expected.items():
         array = np.asarray(params[name])

@@ -22,14 +22,23 @@ def _parser_for(tp):
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="small", choices=sorted(PRESETS),
-                        help="starting values; any flag below overrides them (default: small)")
+    parser.add_argument(
+        "--preset",
+        default="small",
+        choices=sorted(PRESETS),
+        help="starting values; any flag below overrides them (default: small)",
+    )
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         tp, choices = _parser_for(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=tp, choices=choices, default=None,
-                            help=f"default: {field.default!r} (before the preset)")
+        parser.add_argument(
+            flag,
+            type=tp,
+            choices=choices,
+            default=None,
+            help=f"default: {field.default!r} (before the preset)",
+        )
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:

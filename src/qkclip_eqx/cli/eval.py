@@ -1,7 +1,7 @@
 """qkclip-eval: validation loss and per-head max logits of a checkpoint.
 
-    qkclip-eval runs/default/ckpt_00000600
-    qkclip-eval runs/default            # the newest checkpoint that restores
+qkclip-eval runs/default/ckpt_00000600
+qkclip-eval runs/default            # the newest checkpoint that restores
 """
 
 from __future__ import annotations
@@ -14,21 +14,34 @@ import sys
 import equinox as eqx
 import jax
 
-from .._checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest_checkpoint, read_meta
+from .._checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_checkpoint,
+    read_meta,
+)
 from .._model import Transformer
 from .._train import RunConfig, RunError, evaluate, format_table, load_run_data, optimizer
 
 
 def _like(cfg: RunConfig, vocab_size: int):
     """The shape of a run's (model, optimizer state), without computing it."""
-    like_model = eqx.filter_eval_shape(Transformer, cfg.model_config(vocab_size), key=jax.random.key(0))
-    like_state = eqx.filter_eval_shape(lambda m: optimizer(cfg).init(eqx.filter(m, eqx.is_array)), like_model)
+    like_model = eqx.filter_eval_shape(
+        Transformer, cfg.model_config(vocab_size), key=jax.random.key(0)
+    )
+    like_state = eqx.filter_eval_shape(
+        lambda m: optimizer(cfg).init(eqx.filter(m, eqx.is_array)), like_model
+    )
     return like_model, like_state
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qkclip-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="qkclip-eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory")
     parser.add_argument("--data", default=None, help="evaluate on other data (default: the run's)")
     parser.add_argument("--eval-batches", type=int, default=None)
@@ -49,21 +62,30 @@ def main(argv: list[str] | None = None) -> int:
                 except CheckpointError:
                     continue
             if meta is None:
-                raise CheckpointError(f"{path}: no checkpoint in this directory has readable metadata")
+                raise CheckpointError(
+                    f"{path}: no checkpoint in this directory has readable metadata"
+                )
         else:
             meta = read_meta(path)
-        overrides = {k: v for k, v in (("data", args.data), ("eval_batches", args.eval_batches)) if v is not None}
+        overrides = {
+            k: v
+            for k, v in (("data", args.data), ("eval_batches", args.eval_batches))
+            if v is not None
+        }
         try:
             cfg = dataclasses.replace(RunConfig(**meta["run"]), **overrides)
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: the checkpoint's run config is not usable here: {e}") from e
+            raise CheckpointError(
+                f"{path}: the checkpoint's run config is not usable here: {e}"
+            ) from e
         data = load_run_data(cfg)
         if data.vocab_size > meta["vocab_size"]:
             raise RunError(f"data vocab {data.vocab_size} exceeds the model's {meta['vocab_size']}")
         like = _like(cfg, meta["vocab_size"])
         if is_run:  # the newest one that restores; each that does not is reported
             loaded = load_latest_checkpoint(
-                path, like, warn=lambda msg: print(f"qkclip-eval: {msg}", file=sys.stderr))
+                path, like, warn=lambda msg: print(f"qkclip-eval: {msg}", file=sys.stderr)
+            )
             if loaded is None:
                 raise CheckpointError(f"{path}: no checkpoint")
             (model, _), meta, path = loaded

@@ -33,10 +33,15 @@ def load_trained_model(path: pathlib.Path) -> tuple[Transformer, RunConfig, dict
     """The model of a checkpoint file, or of the latest checkpoint in a run
     directory, with its run config and meta. The only use of the checkpoint
     API in this command."""
+
     def like(meta):
         cfg = RunConfig(**meta["run"])
-        model = eqx.filter_eval_shape(Transformer, cfg.model_config(meta["vocab_size"]), key=jax.random.key(0))
-        state = eqx.filter_eval_shape(lambda m: optimizer(cfg).init(eqx.filter(m, eqx.is_array)), model)
+        model = eqx.filter_eval_shape(
+            Transformer, cfg.model_config(meta["vocab_size"]), key=jax.random.key(0)
+        )
+        state = eqx.filter_eval_shape(
+            lambda m: optimizer(cfg).init(eqx.filter(m, eqx.is_array)), model
+        )
         return cfg, (model, state)
 
     if path.is_dir():  # the newest checkpoint that restores (older ones if it does not)
@@ -59,22 +64,31 @@ def _prompt(args: argparse.Namespace, vocab_size: int) -> np.ndarray:
         raise ValueError("give exactly one of --prompt and --prompt-tokens")
     if args.prompt is not None:
         if vocab_size != 256:
-            raise ValueError(f"--prompt is UTF-8 bytes for a byte-level model (vocab 256); this "
-                             f"model's vocab is {vocab_size}: use --prompt-tokens")
+            raise ValueError(
+                f"--prompt is UTF-8 bytes for a byte-level model (vocab 256); this "
+                f"model's vocab is {vocab_size}: use --prompt-tokens"
+            )
         tokens = np.frombuffer(args.prompt.encode("utf-8"), np.uint8).astype(np.int32)
     else:
         tokens = np.array([int(t) for t in args.prompt_tokens.split(",") if t.strip()], np.int32)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-            raise ValueError(f"--prompt-tokens must lie in [0, {vocab_size}), got {args.prompt_tokens!r}")
+            raise ValueError(
+                f"--prompt-tokens must lie in [0, {vocab_size}), got {args.prompt_tokens!r}"
+            )
     if tokens.size == 0:
         raise ValueError("the prompt is empty")
     return tokens
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qkclip-generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a run directory (its latest checkpoint), or a checkpoint file")
+    parser = argparse.ArgumentParser(
+        prog="qkclip-generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "checkpoint", help="a run directory (its latest checkpoint), or a checkpoint file"
+    )
     parser.add_argument("--prompt", default=None, help="text (byte-level models)")
     parser.add_argument("--prompt-tokens", default=None, help="comma-separated token ids")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -91,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--top-k must be > 0, got {args.top_k}")
         model, cfg, meta = load_trained_model(pathlib.Path(args.checkpoint))
         if cfg.attention != "mla":
-            raise ValueError(f"decoding with a latent cache needs an MLA model; this run is {cfg.attention!r}")
+            raise ValueError(
+                f"decoding with a latent cache needs an MLA model; this run is {cfg.attention!r}"
+            )
         prompt = _prompt(args, meta["vocab_size"])
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"qkclip-generate: error: {args.checkpoint}: {e}", file=sys.stderr)
@@ -99,18 +115,28 @@ def main(argv: list[str] | None = None) -> int:
     key = jax.random.key(args.seed) if args.temperature > 0 else None
     start = time.perf_counter()
     tokens, s = eqx.filter_jit(generate)(
-        model, jnp.asarray(prompt), args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, key=key,
+        model,
+        jnp.asarray(prompt),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        key=key,
     )
     tokens = np.asarray(tokens)
     seconds = time.perf_counter() - start
     print(f"checkpoint {meta['path']} (step {meta['step']})")
     if meta["vocab_size"] == 256:
-        print((prompt.astype(np.uint8).tobytes() + tokens.astype(np.uint8).tobytes()).decode("utf-8", "replace"))
+        print(
+            (prompt.astype(np.uint8).tobytes() + tokens.astype(np.uint8).tobytes()).decode(
+                "utf-8", "replace"
+            )
+        )
     else:
         print(",".join(str(t) for t in np.concatenate([prompt, tokens])))
     print(f"{len(tokens)} tokens in {seconds:.2f} s (compile included)", file=sys.stderr)
-    print("max logit S per layer and head over the prompt and the generated tokens:", file=sys.stderr)
+    print(
+        "max logit S per layer and head over the prompt and the generated tokens:", file=sys.stderr
+    )
     print(format_table(np.asarray(s), cfg.tau if cfg.mode == "clip" else None), file=sys.stderr)
     return 0
 

@@ -86,11 +86,25 @@ def plot_loss(runs: Sequence[RunMetrics], path: Path) -> Path:
     ax = fig.add_subplot()
     for i, m in enumerate(runs):
         c = _colour(i)
-        ax.plot(m.steps, m.loss, "-", color=c, lw=1.2, label=f"{m.label} (train)",
-                **_line_kw(len(m.steps)))
+        ax.plot(
+            m.steps,
+            m.loss,
+            "-",
+            color=c,
+            lw=1.2,
+            label=f"{m.label} (train)",
+            **_line_kw(len(m.steps)),
+        )
         if len(m.val_steps):
-            ax.plot(m.val_steps, m.val_loss, "--o", color=c, lw=1.0, markersize=4,
-                    label=f"{m.label} (val)")
+            ax.plot(
+                m.val_steps,
+                m.val_loss,
+                "--o",
+                color=c,
+                lw=1.0,
+                markersize=4,
+                label=f"{m.label} (val)",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("Loss (solid: train, dashed + markers: validation)")
@@ -116,29 +130,45 @@ def plot_max_logit(runs: Sequence[RunMetrics], path: Path) -> Path:
             title += f", {n_bad} non-finite/missing entries left as gaps"
         ax.set_title(title + ")", fontsize=9)
         if n_layers == 0:
-            ax.text(0.5, 0.5, "no max_logits recorded", ha="center", va="center",
-                    transform=ax.transAxes, color="0.4")
+            ax.text(
+                0.5,
+                0.5,
+                "no max_logits recorded",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="0.4",
+            )
             ax.set_yticks([])
             continue
         cmap = matplotlib.colormaps["viridis"]
         for layer in range(n_layers):
             colour = cmap(layer / max(n_layers - 1, 1) * 0.9)
             y = np.maximum(lm[:, layer], LOG_FLOOR)  # NaN stays NaN -> gap
-            ax.plot(m.steps, y, "-", color=colour, lw=1.0, label=f"layer {layer}",
-                    **_line_kw(len(m.steps)))
+            ax.plot(
+                m.steps,
+                y,
+                "-",
+                color=colour,
+                lw=1.0,
+                label=f"layer {layer}",
+                **_line_kw(len(m.steps)),
+            )
         if m.mode == "clip" and m.tau is not None:
-            ax.axhline(max(m.tau, LOG_FLOOR), color="red", ls="--", lw=1.2,
-                       label=f"tau = {m.tau:g}")
+            ax.axhline(
+                max(m.tau, LOG_FLOOR), color="red", ls="--", lw=1.2, label=f"tau = {m.tau:g}"
+            )
         ax.set_yscale("log")
         ax.set_ylabel(f"max S (heads)\nlog, floor {LOG_FLOOR:g}", fontsize=8)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7, ncol=min(n_layers + 1, 5), loc="best")
     if not runs:
-        axes[0].text(0.5, 0.5, "no runs", ha="center", va="center",
-                     transform=axes[0].transAxes)
+        axes[0].text(0.5, 0.5, "no runs", ha="center", va="center", transform=axes[0].transAxes)
     axes[-1].set_xlabel("step")
-    fig.suptitle(f"Max attention logit per layer (values < {LOG_FLOOR:g} "
-                 f"drawn at {LOG_FLOOR:g})", fontsize=10)
+    fig.suptitle(
+        f"Max attention logit per layer (values < {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})",
+        fontsize=10,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -171,8 +201,7 @@ def _pool_columns(
     padded = np.concatenate([img, np.full((img.shape[0], pad), np.nan)], axis=1)
     blocks = padded.reshape(img.shape[0], len(starts), k)
     any_finite = np.any(~np.isnan(blocks), axis=2)
-    pooled = np.where(any_finite, np.where(np.isnan(blocks), -np.inf, blocks).max(2),
-                      np.nan)
+    pooled = np.where(any_finite, np.where(np.isnan(blocks), -np.inf, blocks).max(2), np.nan)
     if increasing:
         x = np.concatenate([steps[starts].astype(np.float64), [steps[-1] + 1.0]])
     else:
@@ -209,7 +238,12 @@ def plot_heatmap(m: RunMetrics, path: Path, max_cols: int = 400) -> Path:
     ax.set_ylabel(f"layer (rows: {n_heads} heads each)")
     cb = fig.colorbar(mesh, ax=ax)
     cb.set_label(f"S (max logit, {scale} scale; grey = non-finite)")
-    if m.tau is not None and norm.vmin is not None and norm.vmax is not None and norm.vmin <= m.tau <= norm.vmax:
+    if (
+        m.tau is not None
+        and norm.vmin is not None
+        and norm.vmax is not None
+        and norm.vmin <= m.tau <= norm.vmax
+    ):
         cb.ax.axhline(m.tau, color="cyan", lw=1.5)
     title = f"{m.label}: per-head max logit S"
     notes = []
@@ -230,8 +264,7 @@ def plot_clipped_fraction(runs: Sequence[RunMetrics], path: Path) -> Path:
     for i, m in enumerate(runs):
         frac = clipped_fraction(m)
         lab = m.label if m.n_heads_total else f"{m.label} (head count unknown)"
-        ax.plot(m.steps, frac, "-", color=_colour(i), lw=1.2, label=lab,
-                **_line_kw(len(m.steps)))
+        ax.plot(m.steps, frac, "-", color=_colour(i), lw=1.2, label=lab, **_line_kw(len(m.steps)))
     ax.set_xlabel("step")
     ax.set_ylabel("heads clipped / (layers x heads)")
     ax.set_title("Fraction of heads clipped per step")
@@ -258,12 +291,25 @@ def _parser() -> argparse.ArgumentParser:
         prog="qkclip-plot",
         description="Plot loss, max attention logits and clipping of training runs.",
     )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run directory holding metrics.jsonl (and config.json)")
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="output directory (default: RUN_DIR for one run, ./plots otherwise)")
-    p.add_argument("--labels", nargs="+", metavar="LABEL", default=None,
-                   help="one label per RUN_DIR (default: config 'label', else dir name)")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directory holding metrics.jsonl (and config.json)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="output directory (default: RUN_DIR for one run, ./plots otherwise)",
+    )
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        metavar="LABEL",
+        default=None,
+        help="one label per RUN_DIR (default: config 'label', else dir name)",
+    )
     return p
 
 
@@ -272,16 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.run_dirs):
-        parser.error(
-            f"--labels got {len(args.labels)} labels for {len(args.run_dirs)} RUN_DIRs"
-        )
+        parser.error(f"--labels got {len(args.labels)} labels for {len(args.run_dirs)} RUN_DIRs")
 
     runs: list[RunMetrics] = []
     for i, rd in enumerate(args.run_dirs):
         metrics_path = Path(rd) / "metrics.jsonl"
         if not metrics_path.is_file():
-            print(f"qkclip-plot: error: {metrics_path} not found "
-                  f"(is {rd!r} a run directory?)", file=sys.stderr)
+            print(
+                f"qkclip-plot: error: {metrics_path} not found (is {rd!r} a run directory?)",
+                file=sys.stderr,
+            )
             return 2
         try:
             m = read_metrics(rd)
@@ -307,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     used: set[str] = set()
     for m in runs:
         if not m.has_max_logits:
-            print(f"qkclip-plot: note: {m.label}: no max_logits recorded, "
-                  "no heatmap", file=sys.stderr)
+            print(
+                f"qkclip-plot: note: {m.label}: no max_logits recorded, no heatmap", file=sys.stderr
+            )
             continue
         name = _safe_name(m.label)
         base, k = name, 2

@@ -35,16 +35,24 @@ def _env_int(name: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qkclip-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="qkclip-train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_run_flags(parser)
     dist = parser.add_argument_group("multi-process (jax.distributed)")
-    dist.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() (implied by the flags below)")
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() (implied by the flags below)",
+    )
     dist.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
     dist.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
     dist.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNGs at the end")
     args = parser.parse_args(argv)
@@ -64,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {f.name} = {getattr(cfg, f.name)!r}")
     try:
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (RunError, CheckpointError) as e:  # expected problems: one message; bugs keep their traceback
+    except (
+        RunError,
+        CheckpointError,
+    ) as e:  # expected problems: one message; bugs keep their traceback
         print(f"qkclip-train: error: {e}", file=sys.stderr)
         return 2
 
@@ -72,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     if not lead:
         return code
     m = result.last_metrics
-    print(f"\nstopped at step {result.step} ({result.stopped}); last loss {m.get('loss', float('nan')):.4f}"
-          + (f", val loss {m['val_loss']:.4f}" if "val_loss" in m else ""))
+    print(
+        f"\nstopped at step {result.step} ({result.stopped}); last loss {m.get('loss', float('nan')):.4f}"
+        + (f", val loss {m['val_loss']:.4f}" if "val_loss" in m else "")
+    )
     if "max_logits" in m:
         s = np.array([[np.nan if x is None else x for x in row] for row in m["max_logits"]])
-        print(f"max logit S per layer and head at the last step (tau = {cfg.tau}, '*' = above tau):")
+        print(
+            f"max logit S per layer and head at the last step (tau = {cfg.tau}, '*' = above tau):"
+        )
         print(format_table(s, cfg.tau if cfg.mode == "clip" else None))
     if not args.no_plots:
         plot.main([str(result.out)])
