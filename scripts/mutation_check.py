@@ -383,48 +383,33 @@ MUTANTS: list[Mutant] = [
         "parallel_s_not_reduced_over_seq",
         "S reduced over data only, not over the sequence shards",
         Edit(
-            P,
-            lit('jax.lax.pmax(jnp.max(s, axis=0), ("data", "seq"))'),
-            'jax.lax.pmax(jnp.max(s, axis=0), ("data",))',
+            S,
+            lit("x = jax.lax.pmax(x, over)"),
+            "x = jax.lax.pmax(x, tuple(a for a in over if a != parallel.seq))",
         ),
         ["tests/test_parallel.py::test_mesh_matches_single_device_mla[data2-seq4]"],
     ),
     M(
         "parallel_positions_no_offset",
         "context parallelism: each sequence shard's positions start at 0",
-        Edit(
-            P,
-            lit('jax.lax.axis_index("seq") * t + jnp.arange(t, dtype=jnp.int32)'),
-            "jnp.arange(t, dtype=jnp.int32)",
-        ),
+        Edit(S, lit("jax.lax.axis_index(seq_axis) * t"), "0 * t"),
         ["tests/test_parallel.py::test_mesh_matches_single_device_mla[data2-seq4]"],
     ),
     # ---- checkpoints of mesh runs -------------------------------------------------------------
-    M(
-        "ckpt_first_shard_only",
-        "a sharded array is written as its first shard (mesh checkpoint wrong)",
-        Edit(
-            CK,
-            lit("np.save(f, np.asarray(x), allow_pickle=False)"),
-            "np.save(f, np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) "
-            "else np.asarray(x), allow_pickle=False)",
-        ),
-        ["tests/test_train.py::test_mesh_checkpoint_restores_on_one_device"],
-    ),
     M(
         "ckpt_mesh_fresh_optimizer_state",
         "a mesh run checkpoints a fresh optimizer state",
         Edit(
             T,
-            lit("state = (model, opt_state)"),
-            "state = (model, opt_state if mesh is None else opt.init(eqx.filter(model, eqx.is_array)))",
+            lit("step, (model, opt_state), meta="),
+            "step, (model, opt_state if mesh is None else opt.init(eqx.filter(model, eqx.is_array))), meta=",
         ),
         ["tests/test_train.py::test_mesh_checkpoint_restores_on_one_device"],
     ),
     M(
         "ckpt_load_ignores_sharding",
         "a loaded checkpoint is not placed on the mesh",
-        Edit(CK, lit('if getattr(like, "committed", False):'), "if False:"),
+        Edit(CK, lit('sharding = getattr(data, "sharding", None)'), "sharding = None"),
         ["tests/test_train.py::test_one_device_checkpoint_restores_on_a_mesh"],
     ),
     # ---- the train loop ---------------------------------------------------------------------------
@@ -432,7 +417,7 @@ MUTANTS: list[Mutant] = [
         "loop_no_checkpoint_on_interrupt",
         "Ctrl-C stops without writing a checkpoint",
         Edit(
-            T, r"(except KeyboardInterrupt:\s*stopped = \"interrupted\"\s*)save\(step\)", r"\1pass"
+            T, r"(stopped = \"interrupted\"\s*)save\(step\)", r"\1pass"
         ),
         ["tests/test_train.py::test_resume_after_interrupt_is_bit_exact"],
     ),
@@ -453,8 +438,8 @@ MUTANTS: list[Mutant] = [
         "optimizer adamw with mode clip only monitors",
         Edit(
             T,
-            lit("make_train_step(opt, mode=cfg.mode,"),
-            'make_train_step(opt, mode="monitor" if cfg.optimizer == "adamw" else cfg.mode,',
+            r"(make_train_step\(\s*opt,\s*)mode=cfg\.mode,",
+            r'\1mode="monitor" if cfg.optimizer == "adamw" else cfg.mode,',
         ),
         ["tests/test_train.py::test_adamw_can_clip_and_muon_cannot"],
     ),

@@ -116,7 +116,7 @@ def fig_appd(summ, logs, out) -> str:
     a = ax[0, 0]
     mults = summ["main"]["multipliers"]
     xs, med = [], []
-    for mult, m in mults.items():
+    for m in mults.values():
         fr = [r["clip"]["fraction"] for r in m["clip"]]
         a.plot([m["lr"]] * len(fr), fr, "o", color="C3", alpha=0.7)
         xs.append(m["lr"])
@@ -139,7 +139,7 @@ def fig12(summ, logs, out) -> str:
     fig, ax = _fig(6, 4)
     a = ax[0, 0]
     mults = summ["main"]["multipliers"]
-    for i, (mult, m) in enumerate(mults.items()):
+    for i, m in enumerate(mults.values()):
         d = [c["final_val"] - u["final_val"] for u, c in zip(m["muon"], m["clip"])]
         ci = S.paired_ci(d)
         marg = summ["settings"]["equivalence_margin"] * float(
@@ -207,7 +207,7 @@ def fig_overshoot(summ, logs, out) -> str:
     groups.append(
         (f"1x lr*, wd {summ['settings']['weight_decay_large']:g}", summ["main"]["wd_large"])
     )
-    for i, (lab, rows) in enumerate(groups):
+    for i, (_, rows) in enumerate(groups):
         ov = [r["clip"]["overshoot"] for r in rows if math.isfinite(r["clip"]["overshoot"])]
         g = [r["clip"]["update_growth"] for r in rows if math.isfinite(r["clip"]["update_growth"])]
         a.plot(
