@@ -416,9 +416,7 @@ MUTANTS: list[Mutant] = [
     M(
         "loop_no_checkpoint_on_interrupt",
         "Ctrl-C stops without writing a checkpoint",
-        Edit(
-            T, r"(stopped = \"interrupted\"\s*)save\(step\)", r"\1pass"
-        ),
+        Edit(T, r"(stopped = \"interrupted\"\s*)save\(step\)", r"\1pass"),
         ["tests/test_train.py::test_resume_after_interrupt_is_bit_exact"],
     ),
     M(
