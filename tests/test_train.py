@@ -236,6 +236,39 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypat
     assert [r["step"] for r in _records(tmp_path)] == list(range(N + 1))
 
 
+def test_metrics_are_read_one_step_behind(tmp_path, data, monkeypatch):
+    """No host sync per step: a step's metrics are read only after the next step
+    has been dispatched, except at eval and checkpoint steps (here: the last)."""
+    events = []
+    real_step, real_read = train_mod.make_train_step, train_mod._host_metrics
+
+    def recording(*args, **kwargs):
+        step = real_step(*args, **kwargs)
+
+        def wrapped(model, opt_state, tokens, **kw):
+            events.append("dispatch")
+            return step(model, opt_state, tokens, **kw)
+
+        return wrapped
+
+    def read(metrics):
+        events.append("read")
+        return real_read(metrics)
+
+    monkeypatch.setattr(train_mod, "make_train_step", recording)
+    monkeypatch.setattr(train_mod, "_host_metrics", read)
+    steps = 6
+    cfg = preset("tiny", out=str(tmp_path), steps=steps, ckpt_every=steps, eval_every=steps)
+    result = train(cfg, progress=False, data=data)
+    assert result.step == steps
+    # step i's metrics are read after step i + 1 is dispatched; the last at once
+    assert events == ["dispatch", "dispatch"] + ["read", "dispatch"] * (steps - 2) + [
+        "read",
+        "read",
+    ]
+    assert [r["step"] for r in _records(tmp_path)] == list(range(steps))
+
+
 def test_nonfinite_parameters_at_a_checkpoint_step_are_never_saved(
     tmp_path, data, monkeypatch, capsys
 ):
