@@ -54,6 +54,10 @@ class AbstractQKClippable(eqx.Module):
         - `alpha`: the share of the factor given to the query side
           (`gamma^alpha` on q, `gamma^(1-alpha)` on k), where the module has a
           free choice.
+
+        **Returns:**
+
+        A module of the same type and structure, with the q/k weights scaled.
         """
 
     @abc.abstractmethod
@@ -231,6 +235,7 @@ class MLAttention(AbstractQKClippable):
 
     @property
     def n_heads(self) -> int:
+        """The number of query heads, `config.n_heads`."""
         return self.config.n_heads
 
     def __call__(
@@ -242,11 +247,30 @@ class MLAttention(AbstractQKClippable):
         segment_length: int | None = None,
         parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
-        """`positions` default to `0..seq-1` (pass the global positions of a
-        sequence shard); `segment_ids` mark packed sequences. `segment_length`
-        says that `x` packs independent sequences of exactly that length
-        (positions then restart at each), and lets the kernel batch them. Under
-        `parallel` the heads are this device's shard of the heads."""
+        """Multi-head latent attention over one sequence.
+
+        **Arguments:**
+
+        - `x`: the inputs, `[seq, dim]`.
+        - `positions`: the RoPE positions; default `0..seq-1` (pass the global
+          positions of a sequence shard).
+        - `segment_ids`: mark packed sequences; a query attends only to keys of
+          its own segment.
+        - `segment_length`: says that `x` packs independent sequences of exactly
+          that length (positions then restart at each), and lets the kernel
+          batch them.
+        - `parallel`: only inside `jax.shard_map`; the heads are then this
+          device's shard of the heads.
+
+        **Returns:**
+
+        `(out, S)`: the outputs `[seq, dim]`, and S per head, the max of the
+        logit entering the softmax (Kimi K2 report, sec. 2.1).
+
+        **Raises:**
+
+        `ValueError` when `segment_length` does not divide `seq`.
+        """
         c = self.config
         self, x = cast_arrays((self, x), self.compute_dtype)
         seq, heads = x.shape[0], self.wq.shape[0]
@@ -290,7 +314,10 @@ class MLAttention(AbstractQKClippable):
 
     def init_cache(self, max_len: int) -> MLACache:
         """An empty latent cache of `max_len` slots for `decode`, in the
-        compute dtype (the weights' dtype when that is None)."""
+        compute dtype (the weights' dtype when that is None).
+
+        Raises `ValueError` when `max_len` is not a positive int.
+        """
         if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
             raise ValueError(f"max_len must be a positive int, got {max_len!r}")
         c = self.config
@@ -323,6 +350,10 @@ class MLAttention(AbstractQKClippable):
         `(out, S, cache)`: the new tokens' outputs, S per head (the max of the
         logit entering the softmax over the new queries), and the cache with
         the new tokens written.
+
+        **Raises:**
+
+        `ValueError` when the config is not causal.
         """
         c = self.config
         if not c.causal:
@@ -354,7 +385,18 @@ class MLAttention(AbstractQKClippable):
 
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "MLAttention":
         """q_C by gamma^alpha, k_C by gamma^(1-alpha), q_R by gamma; k_R untouched
-        (it is shared by all heads). Kimi K2 report, sec. 2.1."""
+        (it is shared by all heads). Kimi K2 report, sec. 2.1.
+
+        **Arguments:**
+
+        - `gamma`: one factor per head, `[heads]`.
+        - `alpha`: the share of the factor given to the query side.
+
+        **Returns:**
+
+        A copy with `wq` and `wkv_b` scaled; every head-`h` logit is multiplied
+        by `gamma[h]`.
+        """
         nope = self.config.qk_nope_head_dim
         wq = _scale_rows(self.wq, gamma**alpha, slice(0, nope))
         wq = _scale_rows(wq, gamma, slice(nope, None))
@@ -391,6 +433,7 @@ class GQAttention(AbstractQKClippable):
 
     @property
     def n_heads(self) -> int:
+        """The number of query heads, `config.n_heads`."""
         return self.config.n_heads
 
     def __call__(
@@ -402,7 +445,20 @@ class GQAttention(AbstractQKClippable):
         segment_length: int | None = None,
         parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
-        """As `MLAttention.__call__`."""
+        """Grouped-query attention over one sequence.
+
+        **Arguments:**
+
+        As `MLAttention.__call__`.
+
+        **Returns:**
+
+        `(out, S)`: the outputs `[seq, dim]`, and S per query head.
+
+        **Raises:**
+
+        `ValueError` when `segment_length` does not divide `seq`.
+        """
         c = self.config
         self, x = cast_arrays((self, x), self.compute_dtype)
         seq = x.shape[0]
@@ -454,6 +510,16 @@ class GQAttention(AbstractQKClippable):
         - `"group"` (Megatron-Core's experimental rule): its queries by
           eta^alpha, the shared key by eta^(1-alpha). Every head of the group is
           scaled by eta, so heads below tau are clipped too.
+
+        **Arguments:**
+
+        - `gamma`: one factor per query head, `[heads]`.
+        - `alpha`: the share of the factor given to the query side.
+
+        **Returns:**
+
+        A copy with `wq` scaled, and `wk` too except in `"query"` mode with
+        group > 1.
         """
         c = self.config
         group = c.n_heads // c.n_kv_heads  # pyright: ignore[reportOperatorIssue]  # n_kv_heads: None becomes n_heads in __post_init__

@@ -25,7 +25,20 @@ from ._attention import AbstractQKClippable
 def clip_factors(
     max_logits: Float[Array, "*layers heads"], tau: float | Float[Array, ""]
 ) -> Float[Array, "*layers heads"]:
-    """gamma = tau / S where S > tau (and S finite), else exactly 1."""
+    """The per-head QK-Clip factors: gamma = tau / S where S > tau (and S
+    finite), else exactly 1: `gamma_h = min(1, tau / S_max^h)` (Kimi K2 report,
+    sec. 2.1).
+
+    **Arguments:**
+
+    - `max_logits`: S, the max attention logit per head, with any leading
+      (layer) axes.
+    - `tau`: the threshold.
+
+    **Returns:**
+
+    gamma in float32, with the shape of `max_logits`.
+    """
     s = max_logits.astype(jnp.float32)
     over = jnp.isfinite(s) & (s > tau)
     return jnp.where(over, tau / jnp.where(over, s, 1.0), 1.0)
@@ -109,6 +122,25 @@ def qk_clip(
     is one). For a module whose array leaves are stacked along leading axes
     (the Transformer's scanned layers), its S carries the same leading axes,
     `[layers, heads]`, and every layer gets its own gamma.
+
+    **Arguments:**
+
+    - `model`: the PyTree to clip.
+    - `max_logits`: S per head, one array per clippable module.
+    - `tau`: the threshold; heads with S > tau get gamma = tau / S (see
+      [`qkclip_eqx.clip_factors`][]).
+    - `alpha`: the share of gamma given to the query side (`gamma^alpha` on q,
+      `gamma^(1-alpha)` on k; 0.5 in the Kimi K2 report, sec. 2.1).
+
+    **Returns:**
+
+    `model`, with every clippable module replaced by its `scale_heads` copy.
+
+    **Raises:**
+
+    `ValueError` when `tau <= 0`, `alpha` is outside `[0, 1]`, `model` holds no
+    clippable module, or `max_logits` does not match the modules in number,
+    heads or leading axes.
     """
     check_tau_alpha(tau, alpha)
     modules, s_list = _modules_and_s(model, max_logits, "qk_clip")
@@ -134,7 +166,22 @@ def clipped_heads(
     shapes as `max_logits`): the heads with S > tau, plus any other head
     whose module's rule scales it with them (GQA `"group"` mode scales every
     head of a group that has a head over tau; see
-    `AbstractQKClippable.heads_scaled`)."""
+    [`qkclip_eqx.AbstractQKClippable.heads_scaled`][]).
+
+    **Arguments:**
+
+    - `model`: as for [`qkclip_eqx.qk_clip`][].
+    - `max_logits`: as for [`qkclip_eqx.qk_clip`][].
+    - `tau`: the threshold.
+
+    **Returns:**
+
+    One boolean array per clippable module, with the shape of its S.
+
+    **Raises:**
+
+    `ValueError` as [`qkclip_eqx.qk_clip`][] does (but for `alpha`).
+    """
     _check_tau(tau)
     modules, s_list = _modules_and_s(model, max_logits, "clipped_heads")
     return [_heads_scaled(m, clip_factors(s, tau)) for m, s in zip(modules, s_list)]

@@ -196,6 +196,7 @@ class MLAConfig:
 
     @property
     def qk_head_dim(self) -> int:
+        """The query/key head dimension, `qk_nope_head_dim + qk_rope_head_dim`."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
@@ -280,10 +281,12 @@ class TransformerConfig:
 
     @property
     def dim(self) -> int:
+        """The model dimension, the attention config's `dim`."""
         return self.attention.dim
 
     @property
     def n_heads(self) -> int:
+        """The number of query heads per layer, the attention config's `n_heads`."""
         return self.attention.n_heads
 
 

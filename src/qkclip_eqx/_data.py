@@ -181,8 +181,22 @@ def stdlib_corpus(*, max_bytes: int | None = 8_000_000, val_fraction: float = 0.
     `site-packages`), sorted by relative path and split by file: a file is in
     validation iff `zlib.crc32(relative_path.encode()) % 10_000` is below
     `val_fraction * 10_000`.
-    The train split is capped at `max_bytes` bytes, the validation split at
-    `max(max_bytes * val_fraction, 64 KiB)`; `None` means no cap. Needs no download.
+    Needs no download.
+
+    **Arguments:**
+
+    - `max_bytes`: caps the train split at `max_bytes` bytes, the validation
+      split at `max(max_bytes * val_fraction, 64 KiB)`; `None` means no cap.
+    - `val_fraction`: about the share of files in validation.
+
+    **Returns:**
+
+    A [`qkclip_eqx.TokenData`][].
+
+    **Raises:**
+
+    `ValueError` when `val_fraction` or `max_bytes` is out of range, or a split
+    is empty; `FileNotFoundError` when the standard library is not found.
     """
     _check_val_fraction(val_fraction)
     _check_max_bytes(max_bytes)
@@ -213,17 +227,34 @@ def load_data(
 ) -> TokenData:
     """Load token data from `path`.
 
-    - `None`: [`qkclip_eqx.stdlib_corpus`][].
-    - A `.bin` file: nanoGPT tokens (raw little-endian uint16, memory-mapped); the last
-      `val_fraction` of the tokens is validation. `vocab_size` is `max token + 1`
-      rounded up to a multiple of 64.
-    - A directory holding `train.bin` and `val.bin`: those two (nanoGPT layout).
-    - Any other file: its raw bytes (vocab 256); the last `val_fraction` is validation.
-    - Any other directory: all regular, non-hidden files below it that have no NUL
-      byte in their first 8 KiB, as bytes, split by file as in `stdlib_corpus`.
+    **Arguments:**
 
-    `max_bytes` caps the by-file corpora (`None` and directories of text) as in
-    `stdlib_corpus`; `.bin` files and single files are used whole.
+    - `path`: one of
+        - `None`: [`qkclip_eqx.stdlib_corpus`][].
+        - A `.bin` file: nanoGPT tokens (raw little-endian uint16,
+          memory-mapped); the last `val_fraction` of the tokens is validation.
+          `vocab_size` is `max token + 1` rounded up to a multiple of 64.
+        - A directory holding `train.bin` and `val.bin`: those two (nanoGPT
+          layout).
+        - Any other file: its raw bytes (vocab 256); the last `val_fraction` is
+          validation.
+        - Any other directory: all regular, non-hidden files below it that have
+          no NUL byte in their first 8 KiB, as bytes, split by file as in
+          [`qkclip_eqx.stdlib_corpus`][].
+    - `max_bytes`: caps the by-file corpora (`None` and directories of text) as
+      in [`qkclip_eqx.stdlib_corpus`][]; `.bin` files and single files are used
+      whole.
+    - `val_fraction`: the share of the data in validation.
+
+    **Returns:**
+
+    A [`qkclip_eqx.TokenData`][].
+
+    **Raises:**
+
+    `FileNotFoundError` when `path` does not exist; `ValueError` when
+    `val_fraction` or `max_bytes` is out of range, a directory has only one of
+    `train.bin`/`val.bin`, or the data or a split is empty.
     """
     _check_val_fraction(val_fraction)
     _check_max_bytes(max_bytes)
@@ -327,6 +358,22 @@ def get_batch(
     Start offsets are uniform on `[0, n - seq_len - 1]` and drawn from
     `np.random.default_rng([seed, step])`, so the batch depends on `(seed, step)`
     only. Inputs are `batch[:, :-1]` and targets `batch[:, 1:]`.
+
+    **Arguments:**
+
+    - `tokens`: a split, e.g. `TokenData.train`.
+    - `batch_size`: the number of windows.
+    - `seq_len`: the inputs' length; each window holds `seq_len + 1` tokens.
+    - `seed`, `step`: select the batch.
+
+    **Returns:**
+
+    An int32 array `[batch_size, seq_len + 1]`.
+
+    **Raises:**
+
+    `ValueError` when `batch_size` or `seq_len` is not positive, `seed` or
+    `step` is negative, or `tokens` holds fewer than `seq_len + 1` tokens.
     """
     n = len(tokens)
     _check_batch_args(n, batch_size, seq_len)
@@ -348,8 +395,24 @@ def eval_batches(
 
     Window `i` is `tokens[i * seq_len : (i + 1) * seq_len + 1]`: consecutive windows
     share one boundary token, so inputs (and targets) never overlap and every token
-    after the first is a target exactly once. Returns
+    after the first is a target exactly once.
+
+    **Arguments:**
+
+    - `tokens`: a split, e.g. `TokenData.val`.
+    - `batch_size`: windows per batch.
+    - `seq_len`: the inputs' length; each window holds `seq_len + 1` tokens.
+    - `max_batches`: the most batches returned.
+
+    **Returns:**
+
+    An int32 array `[n_batches, batch_size, seq_len + 1]` of
     `min(max_batches, (n - 1) // seq_len // batch_size)` batches; at least one.
+
+    **Raises:**
+
+    `ValueError` when `batch_size`, `seq_len` or `max_batches` is not positive,
+    or `tokens` is too short for one batch.
     """
     n = len(tokens)
     _check_batch_args(n, batch_size, seq_len)

@@ -43,6 +43,7 @@ class MLACache(eqx.Module):
 
     @property
     def max_len(self) -> int:
+        """The number of slots, written or not."""
         return self.c_kv.shape[-2]
 
 

@@ -26,6 +26,14 @@ def sample_token(
     - `key`: the draw's key (unused when greedy).
     - `temperature`: 0 for greedy, else > 0.
     - `top_k`: how many of the largest logits may be drawn, or None.
+
+    **Returns:**
+
+    The token, an int32 scalar.
+
+    **Raises:**
+
+    `ValueError` when `temperature > 0` and `key` is None.
     """
     if temperature == 0:
         return jnp.argmax(logits).astype(jnp.int32)
@@ -92,6 +100,12 @@ def generate(
     `(tokens, S)`: the generated tokens, and S per layer and head, the max
     over the prompt and every generated position but the last (whose logits
     are not needed).
+
+    **Raises:**
+
+    `ValueError` when `temperature` is negative or not finite, `top_k` or
+    `max_new_tokens` is not a positive int, `temperature > 0` without a `key`,
+    or `prompt` is empty.
     """
     _check(temperature, top_k, key, max_new_tokens, prompt.shape[0])
     cache = model.init_cache(prompt.shape[0] + max_new_tokens)

@@ -365,20 +365,42 @@ def attend(
     """Softmax attention (logits, softmax and S in float32) returning `(out, S)`.
 
     `kv_heads` must divide `heads`; query head h uses key head
-    `h // (heads // kv_heads)`. `S` has no gradient. Kernels:
+    `h // (heads // kv_heads)`. `S` has no gradient.
 
-    - `"dense"`: each head's whole `tq x tk` logit matrix at once;
-    - `"blockwise"`: `block_size` tiles (memory linear in the sequence
-      length), skipping tiles that the mask leaves empty;
-    - `"dot_product_attention"`: the output from
-      `jax.nn.dot_product_attention` (`implementation=None`; with a
-      boolean mask built from positions and segment ids), and S by a max-only
-      pass over `block_size` key tiles (`max_logit="exact"`) or as the
-      log-sum-exp bound `S <= max_i LSE_i <= S + log n` (`"lse_bound"`,
-      n the most keys a query may attend to), which costs nothing extra.
+    **Arguments:**
 
-    `max_logit="lse_bound"` is only offered by `"dot_product_attention"`;
-    the other kernels' S is exact at no cost.
+    - `q`, `k`, `v`: the queries, keys and values, heads second.
+    - `q_pos`, `k_pos`: the positions; with `causal`, a query attends only to
+      keys at positions `<=` its own.
+    - `q_seg`, `k_seg`: segment ids; a query attends only to keys of its own
+      segment.
+    - `causal`: whether to apply the causal mask.
+    - `scale`: the factor on `q . k` (the logit).
+    - `kernel`: one of
+        - `"dense"`: each head's whole `tq x tk` logit matrix at once;
+        - `"blockwise"`: `block_size` tiles (memory linear in the sequence
+          length), skipping tiles that the mask leaves empty;
+        - `"dot_product_attention"`: the output from
+          `jax.nn.dot_product_attention` (`implementation=None`; with a
+          boolean mask built from positions and segment ids), and S by a
+          max-only pass over `block_size` key tiles (`max_logit="exact"`) or as
+          the log-sum-exp bound `S <= max_i LSE_i <= S + log n`
+          (`"lse_bound"`, n the most keys a query may attend to), which costs
+          nothing extra.
+    - `block_size`: the tile size of `"blockwise"`, and of the S pass of
+      `"dot_product_attention"`.
+    - `max_logit`: `"exact"` or `"lse_bound"`. `"lse_bound"` is only offered
+      by `"dot_product_attention"`; the other kernels' S is exact at no cost.
+
+    **Returns:**
+
+    `(out, S)`: the outputs `[tq, heads, dv]`, and S per head, the max logit
+    over the unmasked pairs.
+
+    **Raises:**
+
+    `ValueError` when `kv_heads` does not divide `heads`, `kernel` or
+    `max_logit` is unknown, or `"lse_bound"` is asked of another kernel.
     """
     tq, heads, dk = q.shape
     tk, kv_heads, dv = v.shape

@@ -54,14 +54,17 @@ class RunMetrics:
 
     @property
     def n_layers(self) -> int:
+        """The layers of `max_logits` (0 when no line recorded S)."""
         return int(self.max_logits.shape[1])
 
     @property
     def n_heads(self) -> int:
+        """The heads per layer of `max_logits` (0 when no line recorded S)."""
         return int(self.max_logits.shape[2])
 
     @property
     def has_max_logits(self) -> bool:
+        """Whether any line recorded S."""
         return self.max_logits.shape[1] > 0 and self.max_logits.shape[2] > 0
 
 

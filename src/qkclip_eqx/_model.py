@@ -51,6 +51,16 @@ class Block(eqx.Module):
         segment_length: int | None = None,
         parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
+        """The block on one sequence.
+
+        **Arguments:**
+
+        As `MLAttention.__call__`, with `x` the residual stream.
+
+        **Returns:**
+
+        `(x, S)`: the new residual stream, and the attention's S per head.
+        """
         h, max_logits = self.attn(
             self.attn_norm(x),
             positions=positions,
@@ -65,7 +75,22 @@ class Block(eqx.Module):
         self, x: Float[Array, "t dim"], cache: MLACache
     ) -> tuple[Float[Array, "t dim"], Float[Array, " heads"], MLACache]:
         """As `__call__` for `t` new tokens, with absorbed MLA over `cache`
-        (`MLAttention.decode`); returns the updated cache."""
+        ([`qkclip_eqx.MLAttention.decode`][]).
+
+        **Arguments:**
+
+        - `x`: the new tokens' residual stream.
+        - `cache`: this layer's cache holding the earlier tokens.
+
+        **Returns:**
+
+        `(x, S, cache)`: the new residual stream, S per head, and the updated
+        cache.
+
+        **Raises:**
+
+        `TypeError` when the attention is not MLA.
+        """
         if not isinstance(self.attn, MLAttention):
             raise TypeError(f"decode needs MLA attention, got {type(self.attn).__name__}")
         h, max_logits, cache = self.attn.decode(self.attn_norm(x), cache)
@@ -111,12 +136,23 @@ class Transformer(eqx.Module):
         segment_length: int | None = None,
         parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers heads"]]:
-        """Returns float32 logits and S per layer and head for this example.
+        """The model on one example.
 
-        `segment_length`: `tokens` packs independent sequences of exactly
-        this length (see [`qkclip_eqx.next_token_loss`][], which packs a batch
-        so that every matmul sees one flat `[batch * seq, dim]` operand).
-        `parallel` is for use inside `jax.shard_map` (see `_parallel.py`)."""
+        **Arguments:**
+
+        - `tokens`: the input tokens.
+        - `positions`, `segment_ids`: as for `MLAttention.__call__`.
+        - `segment_length`: `tokens` packs independent sequences of exactly
+          this length (see [`qkclip_eqx.next_token_loss`][], which packs a batch
+          so that every matmul sees one flat `[batch * seq, dim]` operand).
+        - `parallel`: for use inside `jax.shard_map` (see
+          [`qkclip_eqx.shard_loss`][]).
+
+        **Returns:**
+
+        `(logits, S)`: float32 logits `[seq, vocab]`, and S per layer and head
+        `[layers, heads]` for this example.
+        """
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
         def layer(x, block_params):
@@ -148,7 +184,11 @@ class Transformer(eqx.Module):
     def init_cache(self, max_len: int) -> MLACache:
         """An empty latent cache for `decode`: `c_kv` [layers, max_len,
         kv_lora_rank] and `k_r` [layers, max_len, qk_rope_head_dim] in the
-        compute dtype, `length` 0. MLA models only."""
+        compute dtype, `length` 0. MLA models only.
+
+        Raises `TypeError` for a model without MLA attention, and `ValueError`
+        when `max_len` is not a positive int.
+        """
         c = self.config.attention
         if not isinstance(c, MLAConfig):
             raise TypeError(
@@ -184,6 +224,12 @@ class Transformer(eqx.Module):
 
         `(logits, S, cache)`: float32 logits of the new positions, S
         [layers, heads], and the cache with the new tokens written.
+
+        **Raises:**
+
+        `ValueError` when `cache` is not one of this model's (see
+        [`qkclip_eqx.Transformer.init_cache`][]); `TypeError` for a model without
+        MLA attention.
         """
         if cache.c_kv.ndim != 3 or cache.c_kv.shape[0] != self.config.n_layers:
             raise ValueError(

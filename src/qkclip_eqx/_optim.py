@@ -55,6 +55,21 @@ def matrix_dimension_numbers(params: PyTree, *, stacked_axes: int = 0) -> PyTree
 
     An embedding table is a matrix too, and belongs to AdamW: route it yourself
     (see [`qkclip_eqx.Transformer.muon_dimension_numbers`][] for an example).
+
+    **Arguments:**
+
+    - `params`: the parameters (or any PyTree of arrays of their shapes).
+    - `stacked_axes`: how many leading axes of every leaf stack layers.
+
+    **Returns:**
+
+    A PyTree of the structure of `params`: an `optax.contrib.MuonDimensionNumbers`
+    or `None` per leaf, for `weight_dimension_numbers` of
+    [`qkclip_eqx.muon_adamw`][].
+
+    **Raises:**
+
+    `ValueError` when `stacked_axes` is not an int >= 0.
     """
     if not (isinstance(stacked_axes, int) and stacked_axes >= 0):
         raise ValueError(f"stacked_axes must be an int >= 0, got {stacked_axes!r}")
@@ -132,6 +147,16 @@ def muon_adamw(
       in `optax.contrib.muon`. Default: the params' own
       `muon_dimension_numbers()` ([`qkclip_eqx.Transformer`][] has one); any
       other model must pass it (see [`qkclip_eqx.matrix_dimension_numbers`][]).
+
+    **Returns:**
+
+    An `optax.GradientTransformation`.
+
+    **Raises:**
+
+    `ValueError` when `weight_decay < 0`; `TypeError` (at `init`) when
+    `weight_dimension_numbers` is not given and the params have no
+    `muon_dimension_numbers()`.
     """
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -160,7 +185,19 @@ def muon_adamw(
 def warmup_cosine(
     peak: float, *, warmup_steps: int, total_steps: int, final_fraction: float = 0.1
 ) -> optax.Schedule:
-    """Linear warmup from 0 to `peak`, then cosine decay to `final_fraction * peak`."""
+    """Linear warmup from 0 to `peak`, then cosine decay to `final_fraction * peak`.
+
+    **Arguments:**
+
+    - `peak`: the learning rate after warmup.
+    - `warmup_steps`: the length of the warmup.
+    - `total_steps`: the step at which the decay ends.
+    - `final_fraction`: the final learning rate, as a fraction of `peak`.
+
+    **Returns:**
+
+    An `optax.Schedule`.
+    """
     return optax.warmup_cosine_decay_schedule(
         0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1), peak * final_fraction
     )
@@ -175,7 +212,21 @@ def wsd(
     final_fraction: float = 0.0,
 ) -> optax.Schedule:
     """Warmup-stable-decay: linear warmup, constant `peak`, then a linear
-    decay over the last `decay_fraction` of training (K2 uses WSD)."""
+    decay over the last `decay_fraction` of training (K2 uses WSD).
+
+    **Arguments:**
+
+    - `peak`: the learning rate of the stable phase.
+    - `warmup_steps`: the length of the linear warmup from 0.
+    - `total_steps`: the step at which the decay ends.
+    - `decay_fraction`: the share of `total_steps` spent decaying (at most the
+      steps after warmup, at least 1).
+    - `final_fraction`: the final learning rate, as a fraction of `peak`.
+
+    **Returns:**
+
+    An `optax.Schedule`.
+    """
     # the decay ends at total_steps even when warmup + decay would not fit
     decay_steps = max(1, min(int(round(total_steps * decay_fraction)), total_steps - warmup_steps))
     stable_steps = max(0, total_steps - warmup_steps - decay_steps)

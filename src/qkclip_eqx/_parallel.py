@@ -42,7 +42,23 @@ LossFn = Callable[..., tuple[Float[Array, ""], PyTree]]
 
 
 def make_mesh(data: int = 1, model: int = 1, seq: int = 1, *, devices=None) -> Mesh:
-    """A `(data, model, seq)` mesh over `devices` (default: all of them)."""
+    """A `(data, model, seq)` mesh over `devices`.
+
+    **Arguments:**
+
+    - `data`: the data-parallel size (the batch is split over it).
+    - `model`: the tensor-parallel size (the heads are split over it).
+    - `seq`: the context-parallel size (the sequence is split over it).
+    - `devices`: the devices; default all of them.
+
+    **Returns:**
+
+    A `jax.sharding.Mesh` with axes `("data", "model", "seq")`.
+
+    **Raises:**
+
+    `ValueError` when `data * model * seq` is not the number of devices.
+    """
     devices = jax.devices() if devices is None else devices
     if data * model * seq != len(devices):
         raise ValueError(
@@ -170,7 +186,17 @@ def shard_batch(tokens: np.ndarray, mesh: Mesh) -> Int[Array, "batch seq_plus_on
     `tokens` is the whole global batch, the same on every process (each
     builds it from `(seed, step)`); each device takes its rows by
     `jax.make_array_from_callback`, which is right for every mesh and
-    process layout, including one where `model` or `seq` spans processes."""
+    process layout, including one where `model` or `seq` spans processes.
+
+    **Arguments:**
+
+    - `tokens`: the global host batch, `[batch, seq + 1]`.
+    - `mesh`: e.g. from [`qkclip_eqx.make_mesh`][].
+
+    **Returns:**
+
+    A global `jax.Array` sharded over `data`.
+    """
     tokens = np.asarray(tokens)
     sharding = NamedSharding(mesh, P("data"))
     return jax.make_array_from_callback(tokens.shape, sharding, lambda index: tokens[index])
@@ -206,7 +232,22 @@ def shard_loss(loss_fn: LossFn, mesh: Mesh, specs: PyTree | None = None) -> Call
     `parallel=ParallelAxes(data="data", model="model", seq="seq")`; `loss_fn`
     must reduce its loss over `data` and `seq` and return S for all heads
     (replicated), as [`qkclip_eqx.next_token_loss`][] does. Differentiable in
-    the model's arrays. `specs` defaults to [`partition_specs`][qkclip_eqx.partition_specs] of the model.
+    the model's arrays.
+
+    **Arguments:**
+
+    - `loss_fn`: e.g. [`qkclip_eqx.next_token_loss`][]; it must take a
+      `parallel` keyword.
+    - `mesh`: e.g. from [`qkclip_eqx.make_mesh`][].
+    - `specs`: the model's specs; default [`partition_specs`][qkclip_eqx.partition_specs] of the model.
+
+    **Returns:**
+
+    `fn(model, tokens) -> (loss, S)`.
+
+    **Raises:**
+
+    `TypeError` when `loss_fn` takes no `parallel` keyword.
     """
     if not accepts_parallel(loss_fn):
         raise TypeError(
@@ -237,7 +278,20 @@ def shard_loss(loss_fn: LossFn, mesh: Mesh, specs: PyTree | None = None) -> Call
 def shard_train_state(
     model: PyTree, opt_state: PyTree, optimizer: optax.GradientTransformation, mesh: Mesh
 ) -> tuple[PyTree, PyTree]:
-    """Place a model and its optimizer state on `mesh` by [`partition_specs`][qkclip_eqx.partition_specs]."""
+    """Place a model and its optimizer state on `mesh` by [`partition_specs`][qkclip_eqx.partition_specs].
+
+    **Arguments:**
+
+    - `model`: the model.
+    - `opt_state`: `optimizer`'s state for the model's arrays; a leaf that
+      mirrors a parameter gets that parameter's spec.
+    - `optimizer`: the optimizer that made `opt_state`.
+    - `mesh`: e.g. from [`qkclip_eqx.make_mesh`][].
+
+    **Returns:**
+
+    `(model, opt_state)`, each array leaf placed with its spec.
+    """
     specs = partition_specs(model)
     return shard(model, specs, mesh), shard(
         opt_state, state_specs(optimizer, opt_state, specs), mesh

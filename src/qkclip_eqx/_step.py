@@ -162,37 +162,55 @@ def make_train_step(
 ) -> Callable:
     """Build `step(model, opt_state, tokens, step=None) -> (model, opt_state, metrics)`.
 
-    One `eqx.filter_jit` with the model and optimizer state donated. Modes:
+    One `eqx.filter_jit` with the model and optimizer state donated.
+    `tokens` is `[batch, seq + 1]`.
 
-    - `"clip"`: QK-Clip at `tau` after every update (MuonClip).
-    - `"monitor"`: S is reported but the weights are never clipped.
-    - `"off"`: S is neither reduced nor reported (the speed baseline).
+    **Arguments:**
 
-    `clip_until` (clip mode only): the clip acts on the updates of steps
-    `0 .. clip_until - 1` and not after; S is still computed and reported.
-    In K2 the max logit decays below tau after about 30% of training, and the
-    clip then no longer acts (Kimi K2 report, arXiv 2507.20534, sec. 2.1). The step index is then required: pass
-    `step=i`, the index of the update being taken (the train loop's step,
-    restored from the checkpoint on resume); it is traced, so changing it does
-    not recompile. `metrics` then also holds `clip_active` (1 or 0).
+    - `optimizer`: e.g. [`qkclip_eqx.muon_adamw`][].
+    - `mode`: one of
+        - `"clip"`: QK-Clip at `tau` after every update (MuonClip).
+        - `"monitor"`: S is reported but the weights are never clipped.
+        - `"off"`: S is neither reduced nor reported (the speed baseline).
+    - `tau`, `alpha`: QK-Clip's threshold and query share (see
+      [`qkclip_eqx.qk_clip`][]).
+    - `accum_steps`: with `accum_steps > 1` the batch is cut into that many
+      micro-batches.
+    - `loss_fn`: `loss_fn(model, tokens) -> (loss, S)`, as
+      [`qkclip_eqx.next_token_loss`][] (the default).
+    - `mesh`: with a mesh ([`qkclip_eqx.make_mesh`][]; the model and optimizer
+      state placed by [`qkclip_eqx.shard_train_state`][]) the loss, gradients
+      and S are computed inside one `shard_map` with S reduced by `lax.pmax`
+      over `data` and `seq` (see [`qkclip_eqx.shard_loss`][]); the mesh must
+      divide the heads, the micro-batch and the sequence, checked before
+      compiling.
+    - `clip_until` (clip mode only): the clip acts on the updates of steps
+      `0 .. clip_until - 1` and not after; S is still computed and reported.
+      In K2 the max logit decays below tau after about 30% of training, and
+      the clip then no longer acts (Kimi K2 report, arXiv 2507.20534, sec.
+      2.1). The step index is then required: pass `step=i`, the index of the
+      update being taken (the train loop's step, restored from the checkpoint
+      on resume); it is traced, so changing it does not recompile. `metrics`
+      then also holds `clip_active` (1 or 0).
 
-    `tokens` is `[batch, seq + 1]`; with `accum_steps > 1` the batch is cut
-    into that many micro-batches. `metrics`: `loss`, `grad_norm`,
-    `max_logits` (S per layer and head), `max_logit` (global max),
-    `heads_over_tau` (the (layer, head) pairs with S > tau),
-    `heads_clipped` (the pairs whose logits the clip scaled: those over tau
-    and, in GQA `"group"` mode, their group-mates; 0 unless mode is clip)
-    and `n_nonfinite` (heads with non-finite S, never clipped). When the
-    model's attention reports the log-sum-exp bound instead of S
-    (`max_logit="lse_bound"`), the two S metrics are named
-    `max_logits_lse_bound` and `max_logit_lse_bound`, and the clip acts on
-    the bound (it then clips at least as hard as on S).
+    **Returns:**
 
-    With a `mesh` (`qkclip_eqx.make_mesh`; the model and optimizer state
-    placed by `qkclip_eqx.shard_train_state`) the loss, gradients and S are
-    computed inside one `shard_map` with S reduced by `lax.pmax` over
-    `data` and `seq` (see `_parallel.py`); the mesh must divide the heads,
-    the micro-batch and the sequence, checked before compiling.
+    The `step` function. Its `metrics`: `loss`, `grad_norm`, `max_logits` (S
+    per layer and head), `max_logit` (global max), `heads_over_tau` (the
+    (layer, head) pairs with S > tau), `heads_clipped` (the pairs whose
+    logits the clip scaled: those over tau and, in GQA `"group"` mode, their
+    group-mates; 0 unless mode is clip) and `n_nonfinite` (heads with
+    non-finite S, never clipped). When the model's attention reports the
+    log-sum-exp bound instead of S (`max_logit="lse_bound"`), the two S
+    metrics are named `max_logits_lse_bound` and `max_logit_lse_bound`, and
+    the clip acts on the bound (it then clips at least as hard as on S).
+
+    **Raises:**
+
+    `ValueError` when `mode` is unknown, `tau <= 0`, `alpha` is outside
+    `[0, 1]`, `accum_steps` is not a positive int, or `clip_until` is not a
+    non-negative int or is given outside clip mode; `TypeError` when a `mesh`
+    is given and `loss_fn` takes no `parallel` keyword.
     """
     if mode not in ("clip", "monitor", "off"):
         raise ValueError(f"mode must be 'clip', 'monitor' or 'off', got {mode!r}")

@@ -144,12 +144,16 @@ class RunConfig:
         self.model_config()  # validates the model fields, naming the bad one
 
     def make_optimizer(self) -> optax.GradientTransformation:
-        """The run's optimizer: `muon_adamw` (Muon and MuonClip) or AdamW, on the
-        run's lr schedule and weight decay."""
+        """The run's optimizer: [`qkclip_eqx.muon_adamw`][] (Muon and MuonClip) or
+        AdamW, on the run's lr schedule and weight decay."""
         return optimizer(self)
 
     def mesh_shape(self) -> dict[str, int] | None:
-        """`mesh` parsed: `{"data": d, "model": m, "seq": s}`, or None."""
+        """`mesh` parsed: `{"data": d, "model": m, "seq": s}`, or None.
+
+        Raises `ValueError` when `mesh` does not look like
+        `"data=4,model=2,seq=1"`.
+        """
         if self.mesh is None:
             return None
         shape = {"data": 1, "model": 1, "seq": 1}
@@ -163,6 +167,8 @@ class RunConfig:
         return shape
 
     def model_config(self, vocab_size: int = 256) -> TransformerConfig:
+        """The [`qkclip_eqx.TransformerConfig`][] of the run's model (MLA or GQA
+        by `attention`), for a vocabulary of `vocab_size` tokens."""
         if self.attention == "mla":
             attn = MLAConfig(
                 dim=self.dim,
@@ -248,6 +254,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str, **overrides: Any) -> RunConfig:
+    """A [`qkclip_eqx.RunConfig`][] from a named preset.
+
+    **Arguments:**
+
+    - `name`: a key of [`qkclip_eqx.PRESETS`][].
+    - `**overrides`: fields of [`qkclip_eqx.RunConfig`][] that replace the
+      preset's.
+
+    **Returns:**
+
+    The [`qkclip_eqx.RunConfig`][].
+
+    **Raises:**
+
+    `ValueError` when `name` is not a preset, or the config is invalid.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return RunConfig(**{**PRESETS[name], **overrides})
@@ -367,6 +389,19 @@ class RunError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
+    """What [`qkclip_eqx.train`][] returns.
+
+    **Fields:**
+
+    - `model`: the trained model.
+    - `step`: the steps done; for `"nan"`, the index of the step that was not
+      finite.
+    - `last_metrics`: the last step's metrics, read to the host.
+    - `out`: the run directory.
+    - `stopped`: `"done"`, `"nan"` (a non-finite step) or `"interrupted"`
+      (Ctrl-C; a checkpoint was written).
+    """
+
     model: Transformer
     step: int
     last_metrics: dict[str, Any]
@@ -433,7 +468,19 @@ def evaluate(
     model: Transformer, data: TokenData, cfg: RunConfig, mesh: Mesh | None = None
 ) -> tuple[float, np.ndarray]:
     """Mean validation loss and S (max over the validation batches) per layer and
-    head; on a mesh, by the same sharded loss as training."""
+    head; on a mesh, by the same sharded loss as training.
+
+    **Arguments:**
+
+    - `model`: the [`qkclip_eqx.Transformer`][].
+    - `data`: its `val` split is read by [`qkclip_eqx.eval_batches`][].
+    - `cfg`: gives `batch_size`, `seq_len` and `eval_batches`.
+    - `mesh`: the mesh the model is placed on, or None.
+
+    **Returns:**
+
+    `(loss, S)`: a float, and S `[layers, heads]`.
+    """
     batches = eval_batches(
         data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches
     )
@@ -512,6 +559,26 @@ def train(
     for a step it has just dispatched; `on_step(steps_done, metrics)` (if
     given) is called before the next step is dispatched, so it sees the model
     of that step, at the cost of a host sync per step.
+
+    **Arguments:**
+
+    - `cfg`: the run.
+    - `resume`: continue from the latest usable checkpoint in `cfg.out` (its
+      meta must match `cfg`); without it, `cfg.out` must hold no checkpoint.
+    - `progress`: show a progress bar.
+    - `data`: the token data; default `cfg.data` read by
+      [`qkclip_eqx.load_data`][].
+    - `on_step`: called as `on_step(steps_done, metrics)` after each step.
+
+    **Returns:**
+
+    A [`qkclip_eqx.RunResult`][].
+
+    **Raises:**
+
+    `RunError` when `cfg.out` already holds checkpoints and `resume` is not
+    set, the data cannot be read, or the mesh does not fit the devices, heads,
+    batch or sequence.
     """
     out = pathlib.Path(cfg.out)
     if not resume and latest_checkpoint(out) is not None:

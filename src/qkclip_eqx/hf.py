@@ -70,6 +70,23 @@ def mla_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MLACon
     YaRN becomes [`qkclip_eqx.YaRN`][], which sets the interpolated
     frequencies, the cos/sin factor and the softmax scale as transformers'
     `DeepseekV3Attention` does. Other RoPE types are refused.
+
+    **Arguments:**
+
+    - `hf_config`: the `DeepseekV3Config` as a dict.
+    - `**overrides`: fields of [`qkclip_eqx.MLAConfig`][] that replace those
+      read from `hf_config` (e.g. `kernel`).
+
+    **Returns:**
+
+    The [`qkclip_eqx.MLAConfig`][], with `rope_layout="interleaved"` unless
+    `rope_interleave` is false.
+
+    **Raises:**
+
+    `ValueError` for a RoPE type other than default and YaRN, a YaRN block with
+    unknown keys or without `original_max_position_embeddings`, or an invalid
+    config; `KeyError` when a required key (e.g. `hidden_size`) is missing.
     """
     rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -115,10 +132,22 @@ def mla_from_hf(
 ) -> MLAttention:
     """Build an [`qkclip_eqx.MLAttention`][] holding the weights of a `DeepseekV3Attention`.
 
-    `state_dict` maps that module's parameter names (`q_a_proj.weight`, ...;
-    a layer prefix such as `model.layers.0.self_attn.` must be stripped) to
-    arrays. Missing, unexpected or mis-shaped `*.weight`/`*.bias` entries
-    raise `ValueError`; buffers such as `rotary_emb.inv_freq` are ignored.
+    **Arguments:**
+
+    - `state_dict`: maps that module's parameter names (`q_a_proj.weight`,
+      ...; a layer prefix such as `model.layers.0.self_attn.` must be
+      stripped) to arrays. Buffers such as `rotary_emb.inv_freq` are ignored.
+    - `config`: e.g. from [`qkclip_eqx.hf.mla_config_from_hf`][].
+    - `dtype`: the dtype the weights are stored in.
+
+    **Returns:**
+
+    The [`qkclip_eqx.MLAttention`][].
+
+    **Raises:**
+
+    `ValueError` for missing, unexpected or mis-shaped `*.weight`/`*.bias`
+    entries, or a `config` whose `rope_layout` is not `"interleaved"`.
     """
     if config.rope_layout != "interleaved":
         raise ValueError("DeepSeek-V3 checkpoints need rope_layout='interleaved'")
