@@ -214,13 +214,26 @@ def _token_windows(
     )
 
 
-def accepts_parallel(loss_fn: Callable) -> bool:
-    """Whether `loss_fn` takes a `parallel` keyword (needed to run on a mesh)."""
+def takes_keyword(fn: Callable, name: str, *, or_var_keyword: bool = False) -> bool:
+    """Whether `fn` takes the keyword `name` (or any keyword, with `or_var_keyword`)."""
     try:
-        params = inspect.signature(loss_fn).parameters
+        params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return "parallel" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return name in params or (
+        or_var_keyword and any(p.kind is p.VAR_KEYWORD for p in params.values())
+    )
+
+
+def check_mesh_loss_fn(loss_fn: Callable) -> None:
+    """A loss runs on a mesh only if it takes `parallel`: a clear error otherwise."""
+    if not takes_keyword(loss_fn, "parallel", or_var_keyword=True):
+        raise TypeError(
+            f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} cannot run on a mesh: it must take "
+            "a `parallel` keyword (it is called inside shard_map with "
+            "parallel=ParallelAxes(data='data', model='model', seq='seq') and must reduce its "
+            "loss and S over those axes, as qkclip_eqx.next_token_loss does)"
+        )
 
 
 def shard_loss(loss_fn: LossFn, mesh: Mesh, specs: PyTree | None = None) -> Callable:
@@ -249,13 +262,7 @@ def shard_loss(loss_fn: LossFn, mesh: Mesh, specs: PyTree | None = None) -> Call
 
     `TypeError` when `loss_fn` takes no `parallel` keyword.
     """
-    if not accepts_parallel(loss_fn):
-        raise TypeError(
-            f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} takes no `parallel` keyword, so it "
-            "cannot run on a mesh: it is called inside shard_map on each device's shard with "
-            "parallel=ParallelAxes(data=..., model=..., seq=...) and must reduce its loss and S "
-            "over those axes (see qkclip_eqx.next_token_loss)"
-        )
+    check_mesh_loss_fn(loss_fn)
     n_seq = dict(mesh.shape)["seq"]
 
     def fn(model, tokens):

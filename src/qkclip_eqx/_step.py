@@ -7,7 +7,6 @@ and the clip scales the *updated* weights. The optimizer state is not touched.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Literal
 
@@ -22,23 +21,16 @@ from jaxtyping import Array, Float, Int, PyTree
 from ._clip import check_tau_alpha, clip_factors, clippable_modules, clipped_heads, qk_clip
 from ._config import ParallelAxes
 from ._parallel import (
-    accepts_parallel,
     check_mesh,
+    check_mesh_loss_fn,
     constrain_train_state,
     partition_specs,
     shard_loss,
+    takes_keyword,
 )
 
 Mode = Literal["clip", "monitor", "off"]
 LossFn = Callable[[PyTree, Int[Array, "batch seq_plus_one"]], tuple[Float[Array, ""], PyTree]]
-
-
-def _takes_keyword(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
 
 
 def next_token_loss(
@@ -78,7 +70,7 @@ def next_token_loss(
     seq_shards = 1 if seq_axis is None else jax.lax.axis_size(seq_axis)
     offset = 0 if seq_axis is None or seq_shards == 1 else jax.lax.axis_index(seq_axis) * t
     positions = offset + jnp.arange(t, dtype=jnp.int32)
-    if seq_shards == 1 and _takes_keyword(model, "segment_length"):
+    if seq_shards == 1 and takes_keyword(model, "segment_length"):
         logits, s = model(
             inputs.reshape(-1), positions=jnp.tile(positions, batch), segment_length=t, **kw
         )
@@ -224,13 +216,8 @@ def make_train_step(
             raise ValueError(f"clip_until must be a non-negative int or None, got {clip_until!r}")
         if mode != "clip":
             raise ValueError(f"clip_until={clip_until} needs mode='clip', got mode={mode!r}")
-    if mesh is not None and not accepts_parallel(loss_fn):
-        raise TypeError(
-            f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} cannot run on a mesh: it must take "
-            "a `parallel` keyword (it is called inside shard_map with "
-            "parallel=ParallelAxes(data='data', model='model', seq='seq') and must reduce its "
-            "loss and S over those axes, as qkclip_eqx.next_token_loss does)"
-        )
+    if mesh is not None:
+        check_mesh_loss_fn(loss_fn)
 
     @eqx.filter_jit(donate="all-except-first")
     def step(not_donated, model, opt_state):
