@@ -72,9 +72,9 @@ def diverged(recs: Records, status: dict[str, Any] | None = None) -> bool:
 def clip_summary(recs: Records, tau: float) -> dict[str, Any]:
     """First / last step with a head over tau (-1: none), the fraction of
     heads ever over tau, per layer and in all, and the largest probe S / tau
-    after the first clip (``overshoot``; the cap verdict's number) and the
-    same on the training batches (``overshoot_train``: one update's growth
-    plus the variation between batches, as K2's Fig. 2 plots it)."""
+    after the first clip (``overshoot``) and the same on the training
+    batches (``overshoot_train``, the cap verdict's number: one update's
+    growth plus the variation between batches, as K2's Fig. 2 plots it)."""
     s = train_s(recs)
     over = s > tau
     any_t = over.reshape(len(s), -1).any(axis=1)

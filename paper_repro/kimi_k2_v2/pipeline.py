@@ -189,7 +189,9 @@ def verdicts(summ: dict[str, Any], s: S.Settings) -> dict[str, Any]:
         v["fig2_left_spikes"] = S.verdict_spikes(
             [len(r["spikes"]) for r in m["muon"]], [len(r["spikes"]) for r in m["clip"]], br_m
         )
-        v["fig2_right_cap"] = S.verdict_cap([r["clip"]["overshoot"] for r in m["clip"]], clipped)
+        v["fig2_right_cap"] = S.verdict_cap(
+            [r["clip"]["overshoot_train"] for r in m["clip"]], clipped
+        )
         v["fig2_right_switch_off"] = S.verdict_switch_off(
             [r["clip"]["last"] for r in m["clip"]],
             sch["decay_start"],

@@ -208,10 +208,23 @@ def fig_overshoot(summ, logs, out) -> str:
         (f"1x lr*, wd {summ['settings']['weight_decay_large']:g}", summ["main"]["wd_large"])
     )
     for i, (_, rows) in enumerate(groups):
+        tr = [
+            r["clip"]["overshoot_train"]
+            for r in rows
+            if math.isfinite(r["clip"]["overshoot_train"])
+        ]
         ov = [r["clip"]["overshoot"] for r in rows if math.isfinite(r["clip"]["overshoot"])]
         g = [r["clip"]["update_growth"] for r in rows if math.isfinite(r["clip"]["update_growth"])]
         a.plot(
-            [i - 0.1] * len(ov),
+            [i - 0.2] * len(tr),
+            tr,
+            "D",
+            color="k",
+            alpha=0.7,
+            label="training-batch S / tau (the verdict's number)" if i == 0 else None,
+        )
+        a.plot(
+            [i] * len(ov),
             ov,
             "o",
             color="C3",
@@ -219,7 +232,7 @@ def fig_overshoot(summ, logs, out) -> str:
             label="probe S / tau" if i == 0 else None,
         )
         a.plot(
-            [i + 0.1] * len(g),
+            [i + 0.2] * len(g),
             g,
             "s",
             color="C0",

@@ -37,6 +37,17 @@ mechanically; a verdict in ``results.md`` is the return value of one of them.
   50 steps (monitor runs only); validation loss on 32 windows spread evenly
   across the whole validation split, every 250 steps and at the end.
 
+## Amendment before the full run (2026-12-02)
+
+The cap verdict (:func:`verdict_cap`) first used the largest S on the fixed
+*probe* batch after the first clip. The clip acts on each step's *training*
+batch, so a probe batch's S above tau says as much about the difference
+between the two batches as about the cap. The rule now uses the largest
+training-batch S / tau after the first clip (the number K2's Fig. 2 right
+plots), with the same 1.25 tolerance; the probe ratio and one update's
+growth of S on the probe stay in ``results.md`` as descriptions. No run of
+this design had been made when this was changed.
+
 ## Budget (full mode, 2 CPU cores)
 
 Measured on this machine under load (load average 8-10 on 2 cores, shared
@@ -432,7 +443,7 @@ NOT_SUPPORTED = "not supported"
 K2_LOGIT_EXPLOSION = 1000.0  # Fig. 2 left: max logits "rapidly exceed 1000"
 K2_HEAD_FRACTION = 0.127  # App. D: 12.7% of heads triggered the clip
 HEAD_FRACTION_LIMIT = 2 * K2_HEAD_FRACTION  # "a minority like K2's": <= 25.4%
-CAP_TOLERANCE = 1.25  # the cap holds: probe S <= 1.25 tau after the first clip
+CAP_TOLERANCE = 1.25  # the cap holds: training-batch S <= 1.25 tau after the first clip
 OFF_MARGIN = 0.1  # switch-off: last clip >= 10% of the flat phase before the decay
 WD_RATIO_TOLERANCE = 1.5  # hypothesis: observed ratio within [pred / 1.5, pred x 1.5]
 SPEED_EQUIVALENCE = math.log(1.25)  # App. E: |log S ratio| CI within +-log 1.25: "no faster"
@@ -468,19 +479,21 @@ def verdict_spikes(
 
 def verdict_cap(ratios: Sequence[float], clipped: Sequence[bool]) -> tuple[str, str]:
     """Fig. 2 right: MuonClip holds S at tau. ``ratios``: per seed, the
-    largest probe S / tau after the first clip. Reproduced if the clip acted
-    in every seed and every ratio <= 1.25."""
+    largest S / tau on the training batches after the first clip (the S the
+    clip acts on, and the one K2's Fig. 2 plots; amended before the full run,
+    see the module docstring). Reproduced if the clip acted in every seed and
+    every ratio <= 1.25."""
     if not all(clipped):
         return NOT_TESTED, f"the clip never acted in {sum(not c for c in clipped)} seed(s)"
     worst = max(ratios)
     if worst <= CAP_TOLERANCE:
         return (
             REPRODUCED,
-            f"largest probe S / tau after the first clip {worst:.3f} <= {CAP_TOLERANCE}",
+            f"largest training-batch S / tau after the first clip {worst:.3f} <= {CAP_TOLERANCE}",
         )
     return (
         NOT_REPRODUCED,
-        f"largest probe S / tau after the first clip {worst:.3f} > {CAP_TOLERANCE}",
+        f"largest training-batch S / tau after the first clip {worst:.3f} > {CAP_TOLERANCE}",
     )
 
 
