@@ -710,6 +710,71 @@ def test_lse_bound_only_with_dot_product_attention():
     assert GQAConfig(dim=16, n_heads=4, head_dim=4, kernel=DPA, max_logit="lse_bound").kernel == DPA
 
 
+def test_implementation_option_reaches_jax_and_is_checked(monkeypatch):
+    """`implementation` is handed to jax.nn.dot_product_attention as given; in a
+    bf16 Transformer the kernel receives bf16 q, k, v, as cuDNN needs. CI has no
+    GPU, so "cudnn" itself is replaced by the XLA path here and its call recorded;
+    every misuse fails with a ValueError that names it, before tracing where the
+    config can tell."""
+    import dataclasses
+
+    import equinox as eqx
+
+    from qkclip_eqx import GQAConfig, MLAConfig, Transformer, TransformerConfig
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kwargs):
+        calls.append((implementation, tuple(a.dtype for a in args[:3])))
+        return real(*args, implementation=None, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    attn = MLAConfig(
+        dim=16,
+        n_heads=2,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=4,
+        kernel=DPA,
+        block_size=8,
+        implementation="cudnn",
+    )
+    cfg = TransformerConfig(
+        vocab_size=32, n_layers=2, mlp_hidden=16, attention=attn, compute_dtype="bfloat16"
+    )
+    model = Transformer(cfg, key=jax.random.key(0))
+    reference = Transformer(
+        dataclasses.replace(cfg, attention=dataclasses.replace(attn, implementation=None)),
+        key=jax.random.key(0),
+    )
+    tokens = jnp.arange(12, dtype=jnp.int32) % 32
+    logits, s = eqx.filter_jit(model)(tokens)
+    assert calls and all(c == ("cudnn", (jnp.bfloat16,) * 3) for c in calls)
+    logits_r, s_r = eqx.filter_jit(reference)(tokens)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(logits_r))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s_r))
+
+    with pytest.raises(ValueError, match="compute_dtype='bfloat16'"):
+        TransformerConfig(vocab_size=32, n_layers=1, mlp_hidden=16, attention=attn)
+    with pytest.raises(ValueError, match="implementation='xla' needs kernel"):
+        GQAConfig(dim=16, n_heads=4, head_dim=4, implementation="xla")
+    with pytest.raises(ValueError, match="implementation"):
+        GQAConfig(dim=16, n_heads=4, head_dim=4, kernel=DPA, implementation="pallas")
+    q, k, v = (jnp.asarray(x) for x in make_qkv(31, 5, 5, HEADS, 2))
+    pos, seg = (jnp.asarray(a) for a in plain(5))
+    kw = dict(q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True, scale=SCALE)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        attend(q, k, v, **kw, kernel=DPA, implementation="cudnn")
+    with pytest.raises(ValueError, match="needs kernel='dot_product_attention'"):
+        attend(q, k, v, **kw, kernel="dense", implementation="xla")
+    out_x, s_x = attend(q, k, v, **kw, kernel=DPA, implementation="xla")
+    out_n, s_n = attend(q, k, v, **kw, kernel=DPA)
+    np.testing.assert_array_equal(np.asarray(out_x), np.asarray(out_n))
+    np.testing.assert_array_equal(np.asarray(s_x), np.asarray(s_n))
+
+
 @pytest.mark.parametrize("which", ["mla", "gqa"])
 def test_modules_with_dot_product_attention_equal_dense(which):
     """The same weights under kernel="dense" and "dot_product_attention" (exact

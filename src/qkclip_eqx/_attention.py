@@ -136,6 +136,7 @@ def _attend_and_project(
             kernel=c.kernel,
             block_size=c.block_size,
             max_logit=c.max_logit,
+            implementation=c.implementation,
         )
 
     if segment_length is None:

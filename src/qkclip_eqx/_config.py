@@ -13,6 +13,7 @@ from typing import Any, Literal, no_type_check
 
 Kernel = Literal["dense", "blockwise", "dot_product_attention"]
 MaxLogit = Literal["exact", "lse_bound"]
+Implementation = Literal["xla", "cudnn"]
 RopeLayout = Literal["interleaved", "half"]
 GQAClipMode = Literal["query", "query_key", "group"]
 KERNELS: tuple[str, ...] = ("dense", "blockwise", "dot_product_attention")
@@ -61,6 +62,13 @@ def _check_common(obj: Any) -> None:
             f"{type(obj).__name__}.max_logit='lse_bound' needs kernel='dot_product_attention' "
             f"(kernel {obj.kernel!r} computes the exact S at no extra cost)"
         )
+    if obj.implementation is not None:
+        _choice(obj, "implementation", ("xla", "cudnn"))
+        if obj.kernel != "dot_product_attention":
+            raise ValueError(
+                f"{type(obj).__name__}.implementation={obj.implementation!r} needs "
+                f"kernel='dot_product_attention' (kernel {obj.kernel!r} is plain JAX)"
+            )
     _choice(obj, "rope_layout", ("interleaved", "half"))
     _positive(obj, "block_size")
     _positive_number(obj, "rope_theta")
@@ -154,10 +162,12 @@ class MLAConfig:
     RoPE key of `qk_rope_head_dim` shared by all heads (k_R). `yarn`: YaRN
     RoPE scaling (frequencies and softmax scale), None for plain RoPE.
 
-    `kernel` and `max_logit` choose the attention kernel and what it
-    reports as S; see [`qkclip_eqx.attend`][]. `max_logit="lse_bound"`
-    (only with `kernel="dot_product_attention"`) reports an upper bound of S,
-    not S, and the train step names its metrics accordingly.
+    `kernel`, `max_logit` and `implementation` choose the attention kernel,
+    what it reports as S, and (for `kernel="dot_product_attention"` only)
+    the backend of `jax.nn.dot_product_attention`; see
+    [`qkclip_eqx.attend`][]. `max_logit="lse_bound"` (only with
+    `kernel="dot_product_attention"`) reports an upper bound of S, not S, and
+    the train step names its metrics accordingly.
     """
 
     dim: int
@@ -175,6 +185,7 @@ class MLAConfig:
     block_size: int = 128
     yarn: YaRN | None = None
     max_logit: MaxLogit = "exact"
+    implementation: Implementation | None = None
 
     def __post_init__(self) -> None:
         _positive(
@@ -207,8 +218,8 @@ class GQAConfig:
 
     `clip_mode` chooses how QK-Clip treats a key head shared by several query
     heads (`"query"`, `"query_key"` or `"group"`); see
-    [`qkclip_eqx.GQAttention.scale_heads`][]. `kernel` and `max_logit`
-    as in [`qkclip_eqx.MLAConfig`][].
+    [`qkclip_eqx.GQAttention.scale_heads`][]. `kernel`, `max_logit` and
+    `implementation` as in [`qkclip_eqx.MLAConfig`][].
     """
 
     dim: int
@@ -221,6 +232,7 @@ class GQAConfig:
     kernel: Kernel = "dense"
     block_size: int = 128
     max_logit: MaxLogit = "exact"
+    implementation: Implementation | None = None
     clip_mode: GQAClipMode = "query"
 
     def __post_init__(self) -> None:
@@ -278,6 +290,12 @@ class TransformerConfig:
         _choice(self, "param_dtype", ("float32", "bfloat16"))
         _choice(self, "compute_dtype", ("float32", "bfloat16"))
         _positive_number(self, "norm_eps")
+        if self.attention.implementation == "cudnn" and self.compute_dtype != "bfloat16":
+            raise ValueError(
+                "TransformerConfig: attention implementation='cudnn' needs "
+                f"compute_dtype='bfloat16' (cuDNN's fused attention takes no float32), "
+                f"got {self.compute_dtype!r}"
+            )
 
     @property
     def dim(self) -> int:

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
-from ._config import KERNELS, Kernel, MaxLogit
+from ._config import KERNELS, Implementation, Kernel, MaxLogit
 
 
 class _Side(NamedTuple):
@@ -301,7 +301,18 @@ def _exact_max_logits(q, k, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scal
 
 
 def _attend_dot_product_attention(
-    q, k, v, q_pos, k_pos, q_seg, k_seg, causal: bool, scale: float, block_size: int, max_logit: str
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    q_seg,
+    k_seg,
+    causal: bool,
+    scale: float,
+    block_size: int,
+    max_logit: MaxLogit,
+    implementation: Implementation | None,
 ):
     """`jax.nn.dot_product_attention` for the output; S exact or bounded."""
     tq, heads, dk = q.shape
@@ -323,7 +334,7 @@ def _attend_dot_product_attention(
         mask=allowed[None, None],
         scale=scale,
         return_residual=max_logit == "lse_bound",
-        implementation=None,
+        implementation=implementation,
     )
     out, lse = res if isinstance(res, tuple) else (res, None)
     out = (out[..., :dv] * has_any[:, None, None].astype(out.dtype)).astype(v.dtype)
@@ -361,6 +372,7 @@ def attend(
     kernel: Kernel = "dense",
     block_size: int = 128,
     max_logit: MaxLogit = "exact",
+    implementation: Implementation | None = None,
 ) -> tuple[Float[Array, "tq heads dv"], Float[Array, " heads"]]:
     """Softmax attention (logits, softmax and S in float32) returning `(out, S)`.
 
@@ -381,8 +393,8 @@ def attend(
         - `"blockwise"`: `block_size` tiles (memory linear in the sequence
           length), skipping tiles that the mask leaves empty;
         - `"dot_product_attention"`: the output from
-          `jax.nn.dot_product_attention` (`implementation=None`; with a
-          boolean mask built from positions and segment ids), and S by a
+          `jax.nn.dot_product_attention` (with a boolean mask built from
+          positions and segment ids), and S by a
           max-only pass over `block_size` key tiles (`max_logit="exact"`) or as
           the log-sum-exp bound `S <= max_i LSE_i <= S + log n`
           (`"lse_bound"`, n the most keys a query may attend to), which costs
@@ -391,6 +403,12 @@ def attend(
       `"dot_product_attention"`.
     - `max_logit`: `"exact"` or `"lse_bound"`. `"lse_bound"` is only offered
       by `"dot_product_attention"`; the other kernels' S is exact at no cost.
+    - `implementation`: for `"dot_product_attention"` only, its backend:
+      `None` (JAX's choice: XLA in jax <= 0.12), `"xla"`, or `"cudnn"`
+      (cuDNN's fused flash attention; NVIDIA GPUs, bfloat16 or float16
+      inputs; it accumulates logits and softmax in float32 internally, and
+      its log-sum-exp comes back rounded to the inputs' dtype, which the
+      `"lse_bound"` path rounds up so that the bound still holds).
 
     **Returns:**
 
@@ -399,8 +417,10 @@ def attend(
 
     **Raises:**
 
-    `ValueError` when `kv_heads` does not divide `heads`, `kernel` or
-    `max_logit` is unknown, or `"lse_bound"` is asked of another kernel.
+    `ValueError` when `kv_heads` does not divide `heads`, `kernel`,
+    `max_logit` or `implementation` is unknown, `"lse_bound"` or an
+    `implementation` is asked of another kernel, or `"cudnn"` gets float32
+    inputs.
     """
     tq, heads, dk = q.shape
     tk, kv_heads, dv = v.shape
@@ -414,9 +434,35 @@ def attend(
         raise ValueError(
             f"max_logit='lse_bound' needs kernel='dot_product_attention', got {kernel!r}"
         )
+    if implementation not in (None, "xla", "cudnn"):
+        raise ValueError(f"implementation must be None, 'xla' or 'cudnn', got {implementation!r}")
+    if implementation is not None and kernel != "dot_product_attention":
+        raise ValueError(
+            f"implementation={implementation!r} needs kernel='dot_product_attention', "
+            f"got {kernel!r}"
+        )
+    if implementation == "cudnn" and not all(
+        x.dtype in (jnp.bfloat16, jnp.float16) for x in (q, k, v)
+    ):
+        raise ValueError(
+            "implementation='cudnn' needs bfloat16 or float16 q, k and v (cuDNN's fused "
+            f"attention takes no float32), got {q.dtype}, {k.dtype}, {v.dtype}; use "
+            "compute_dtype='bfloat16'"
+        )
     if kernel == "dot_product_attention":
         out, s_max = _attend_dot_product_attention(
-            q, k, v, q_pos, k_pos, q_seg, k_seg, causal, float(scale), block_size, max_logit
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            q_seg,
+            k_seg,
+            causal,
+            float(scale),
+            block_size,
+            max_logit,
+            implementation,
         )
         return out, jax.lax.stop_gradient(s_max)
     group = heads // kv_heads

@@ -67,6 +67,9 @@ class RunConfig:
     mlp_hidden: int = 384
     kernel: Literal["dense", "blockwise", "dot_product_attention"] = "dense"
     block_size: int = 128
+    # kernel="dot_product_attention" only: S exact or the LSE bound, and the backend
+    max_logit: Literal["exact", "lse_bound"] = "exact"
+    attention_implementation: Literal["xla", "cudnn"] | None = None
     # parameters and optimizer state (keep float32), and the matmuls' dtype:
     # see TransformerConfig
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -180,6 +183,8 @@ class RunConfig:
                 v_head_dim=self.v_head_dim,
                 kernel=self.kernel,
                 block_size=self.block_size,
+                max_logit=self.max_logit,
+                implementation=self.attention_implementation,
             )
         else:
             attn = GQAConfig(
@@ -189,6 +194,8 @@ class RunConfig:
                 head_dim=self.head_dim,
                 kernel=self.kernel,
                 block_size=self.block_size,
+                max_logit=self.max_logit,
+                implementation=self.attention_implementation,
             )
         return TransformerConfig(
             vocab_size=vocab_size,
@@ -345,6 +352,9 @@ MAY_CHANGE = {
     "mesh": "the same maths in another arithmetic order: results agree to rounding, not bit for bit",
     "kernel": "as mesh",
     "block_size": "as mesh",
+    "attention_implementation": "as mesh",
+    "max_logit": "from the resume step on, QK-Clip acts on (and the metrics report) the new "
+    "choice: S, or its log-sum-exp upper bound",
     "compute_dtype": "as mesh",
     "accum_steps": "as mesh",
     "eval_every": "no effect on training",
