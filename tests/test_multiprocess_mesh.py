@@ -5,14 +5,14 @@ devices hold. Step by step the run matches one process on one device."""
 
 import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from launch import run_processes
 from parallel_scenario import run_scenario
-from test_parallel import _assert_same_run, _reserved_port
+from test_parallel import _assert_same_run
 
 
 @pytest.fixture(scope="module")
@@ -26,31 +26,10 @@ def test_axis_spanning_processes_matches_one_process(reference, tmp_path, layout
     out = tmp_path / "mp.npz"
     env = {**os.environ, "PYTHONPATH": str(tests) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("XLA_FLAGS", None)
-    with _reserved_port() as port:
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(tests / "_multiprocess_worker.py"),
-                    f"127.0.0.1:{port}",
-                    str(i),
-                    str(out),
-                    layout,
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for i in range(2)
-        ]
-        try:
-            logs = [p.communicate(timeout=300)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    worker = str(tests / "_multiprocess_worker.py")
+    run_processes(
+        lambda address, i: [sys.executable, worker, address, str(i), str(out), layout], env=env
+    )
     got = np.load(out)
     ref_params, ref_m = reference
     params = [got[f"arr_{i}"] for i in range(len(ref_params))]

@@ -5,7 +5,6 @@ restored on one device, is the one-device run's."""
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import equinox as eqx
@@ -13,11 +12,11 @@ import jax
 import numpy as np
 
 from builders import synthetic_text
+from launch import run_processes
 from qkclip_eqx._checkpoint import load_checkpoint
 from qkclip_eqx._model import Transformer
 from qkclip_eqx._train import load_run_data, optimizer, preset, train
 from reference import leaves_by_path
-from test_parallel import _reserved_port
 
 FLAGS = dict(steps=4, ckpt_every=2, eval_every=2)
 
@@ -32,45 +31,31 @@ def test_two_process_run_checkpoints_restore_on_one_device(tmp_path):
         "JAX_PLATFORMS": "cpu",
     }
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
-    with _reserved_port() as port:
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "qkclip_eqx.cli.train",
-                    "--preset",
-                    "tiny",
-                    *flags,
-                    "--mesh",
-                    "data=4,model=2",
-                    "--data",
-                    str(corpus),
-                    "--out",
-                    str(out),
-                    "--no-progress",
-                    "--no-plots",
-                    "--coordinator-address",
-                    f"127.0.0.1:{port}",
-                    "--num-processes",
-                    "2",
-                    "--process-id",
-                    str(i),
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for i in range(2)
-        ]
-        try:
-            logs = [p.communicate(timeout=300)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    run_processes(
+        lambda address, i: [
+            sys.executable,
+            "-m",
+            "qkclip_eqx.cli.train",
+            "--preset",
+            "tiny",
+            *flags,
+            "--mesh",
+            "data=4,model=2",
+            "--data",
+            str(corpus),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plots",
+            "--coordinator-address",
+            address,
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+        ],
+        env=env,
+    )
     # each process wrote its own shards
     assert {p.name for p in (out / "ckpt_00000004" / "state").glob("ocdbt.process_*")} == {
         "ocdbt.process_0",

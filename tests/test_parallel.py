@@ -1,11 +1,8 @@
 """Multi-device: every mesh reproduces the single-device run, the clip needs no
 all-gather, bad meshes fail before compiling, and two processes agree with one."""
 
-import contextlib
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 
 import equinox as eqx
@@ -17,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import qkclip_eqx as qc
+from launch import run_processes
 from parallel_scenario import TAU, config, run_scenario
 from qkclip_eqx._parallel import partition_specs, shard
 
@@ -107,47 +105,13 @@ def test_mesh_must_match_devices():
         qc.make_mesh(data=3)
 
 
-@contextlib.contextmanager
-def _reserved_port():
-    """A free port, held for as long as the block runs. The socket is bound
-    (not listening) with SO_REUSEPORT, which the JAX coordinator's gRPC server
-    sets too: the coordinator can bind the port while we hold it, and no other
-    process can take it between our choosing it and the coordinator binding it."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
-
-
 def test_two_processes_match_one(reference, tmp_path):
     tests = pathlib.Path(__file__).parent
     out = tmp_path / "mp.npz"
     env = {**os.environ, "PYTHONPATH": str(tests) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("XLA_FLAGS", None)
-    with _reserved_port() as port:
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(tests / "_multiprocess_worker.py"),
-                    f"127.0.0.1:{port}",
-                    str(i),
-                    str(out),
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for i in range(2)
-        ]
-        try:
-            logs = [p.communicate(timeout=300)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    worker = str(tests / "_multiprocess_worker.py")
+    run_processes(lambda address, i: [sys.executable, worker, address, str(i), str(out)], env=env)
     got = np.load(out)
     ref_params, ref_m = reference["mla"]
     params = [got[f"arr_{i}"] for i in range(len(ref_params))]
