@@ -324,7 +324,7 @@ MUTANTS: list[Mutant] = [
         "step_tau_1e9[test_repro]",
         "QK-Clip switched off inside the step: the K2 reproduction",
         STEP_TAU,
-        ["tests/test_repro.py"],
+        ["tests/test_repro.py::test_overshoot_bounded_by_the_unclipped_update"],
     ),
     M(
         "clip_until_ignored",

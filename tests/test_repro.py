@@ -1,21 +1,24 @@
-"""paper_repro.kimi_k2: the quick pipeline, checked against its own logs and
-against computations the training loop does not make.
+"""paper_repro.kimi_k2: the pre-registered rules on synthetic inputs with
+known answers, the corpus hash check, and the quick pipeline end to end.
 
-The quick pipeline runs ONCE (module fixture, ~1-2 min on 2 CPU cores), on
-fixed synthetic text (not the interpreter's standard library, whose size
-varies). Each reported number is recomputed here straight from the runs'
-metrics.jsonl, without the package's analysis code. Two clipping runs (MuonClip
-of Fig. 2 right, AdamW + QK-Clip of App. E) are then replayed step by step:
-each step's model must be NumPy's QK-Clip (K2 sec. 2.1) of the unclipped update
-of the step before, and the S logged after a clip must be the unclipped model's
-one-step growth scaled by gamma, which bounds the overshoot independently of
-the logged maximum.
+The quick pipeline runs ONCE (module fixture). Its reported numbers are
+recomputed here from the runs' metrics.jsonl with plain json/NumPy, and one
+MuonClip run is replayed step by step: after each clip, the probe S of the
+first layer must equal gamma x the probe S of the UNCLIPPED update
+(gamma = min(1, tau / S_t)), so the overshoot S(probe, t+1) is bounded by
+tau x (the unclipped update's growth of S), a bound computed from the update
+rather than from the logged maximum. (Layer 0 only: its inputs are the
+embeddings, which the clip does not touch; later layers' inputs change with
+the clip of the layers before them.)
 """
 
 import dataclasses
+import hashlib
 import json
+import math
 import pathlib
 import sys
+import warnings
 
 import equinox as eqx
 import jax
@@ -27,318 +30,396 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from builders import attention_s, layer_inputs, synthetic_corpus, unclipped_update  # noqa: E402
-from paper_repro.kimi_k2 import pipeline  # noqa: E402
-from paper_repro.kimi_k2.settings import QUICK  # noqa: E402
-from qkclip_eqx._data import get_batch  # noqa: E402
-from qkclip_eqx._model import Transformer  # noqa: E402
-from qkclip_eqx._step import make_train_step, next_token_loss  # noqa: E402
-from qkclip_eqx._train import RunConfig, optimizer, preset, train  # noqa: E402
-from reference import leaves_by_path, np_clip_factors, np_qk_clip  # noqa: E402
+import qkclip_eqx as qc  # noqa: E402
+from builders import unclipped_update  # noqa: E402
+from paper_repro.kimi_k2 import corpus as C  # noqa: E402
+from paper_repro.kimi_k2 import pipeline, report, runner  # noqa: E402
+from paper_repro.kimi_k2 import settings as S  # noqa: E402
+
+WORDS = {S.REPRODUCED, S.NOT_REPRODUCED, S.NOT_TESTED}
+
+
+# --------------------------------------------------------------------------
+# rules on synthetic inputs
+# --------------------------------------------------------------------------
+
+
+def test_diverged_rule_fires():
+    down = list(np.linspace(5.5, 2.0, 100))
+    assert not S.diverged(down)
+    assert S.diverged(down[:50] + [float("nan")])
+    assert S.diverged(down + [3.0] * 40)  # blew up from ~2.1 to 3.0: >= 0.5 above its best mean
+    assert not S.diverged(down + [2.4] * 40)
+    assert S.diverged([5.5] * 100)  # never learned
+    assert S.diverged(list(np.linspace(5.5, 5.2, 100)))  # learned < 0.5 nats
+
+
+def test_best_lr_and_extension():
+    lrs = [1e-3, 1e-2, 1e-1]
+    assert S.best_lr(lrs, [3.0, 2.0, 2.5], [False] * 3) == {
+        "lr": 1e-2,
+        "edge": None,
+        "why": "lowest final val loss among the runs that did not diverge",
+    }
+    assert S.best_lr(lrs, [3.0, 2.0, 1.0], [False] * 3)["edge"] == "high"
+    assert S.best_lr(lrs, [1.0, 2.0, 1.5], [False] * 3)["edge"] == "low"
+    # the best loss belongs to a diverged run: it is not chosen
+    assert S.best_lr(lrs, [3.0, 2.0, 1.0], [False, False, True])["lr"] == 1e-2
+    assert S.best_lr(lrs, [3.0, 2.0, 1.0], [True] * 3)["lr"] is None
+    assert S.extension(lrs, "high") == pytest.approx(0.1 * math.sqrt(10))
+    assert S.extension(lrs, "low") == pytest.approx(1e-3 / math.sqrt(10))
+    assert S.extension(lrs, None) is None
+
+
+def test_schedule_reaches_two_weight_decay_times_and_matches_wsd():
+    for lr in (3e-3, 1e-2, 3e-2):
+        sch = S.schedule(lr, S.FULL)
+        assert sch["warmup"] + sch["flat"] + sch["decay"] == sch["total"]
+        wdt = S.wd_time(lr, S.FULL.weight_decay, sch["flat"])
+        assert wdt >= 2.0 or sch["flat"] == S.FULL.flat_max
+        spec = runner.RunSpec(
+            name="x",
+            optimizer="muon",
+            lr=lr,
+            weight_decay=0.1,
+            seed=0,
+            steps=sch["total"],
+            warmup_steps=sch["warmup"],
+            decay_fraction=sch["decay"] / sch["total"],
+            tau=1.0,
+            model=S.MODEL_QUICK,
+            batch_size=2,
+            seq_len=8,
+            probe_every=1,
+            norms_every=1,
+            val_every=1,
+            corpus_sha256="",
+        )
+        f = spec.schedule()
+        d = sch["decay_start"]
+        assert float(f(d - 1)) == pytest.approx(lr) and float(f(d)) == pytest.approx(lr)
+        assert float(f(d + 1)) < lr and float(f(sch["total"])) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_choose_tau():
+    assert S.choose_tau([40.3, 100.0, 61.0], S.FULL) == 20.0
+    assert S.choose_tau([41.0], S.FULL) == 20.5
+    assert S.choose_tau([0.2], S.FULL) == 0.25
+    with pytest.raises(ValueError, match="non-finite"):
+        S.choose_tau([float("nan")], S.FULL)
+
+
+def test_t_quantiles_are_student_t():
+    # independent: integrate Student's t density from 0 to the tabulated quantile
+    for df, q in enumerate(S.T975, start=1):
+        x = np.linspace(0.0, q, 400_001)
+        c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+        pdf = c * (1 + x**2 / df) ** (-(df + 1) / 2)
+        assert np.trapezoid(pdf, x) == pytest.approx(0.475, abs=1e-7)
+
+
+def test_paired_ci():
+    ci = S.paired_ci([1.0, 2.0, 3.0])
+    assert ci["mean"] == 2.0
+    assert ci["hi"] - 2.0 == pytest.approx(4.302652730 * 1.0 / math.sqrt(3))
+    assert math.isnan(S.paired_ci([1.0])["lo"])
+
+
+def test_every_verdict_word_is_reachable():
+    R, N, T = S.REPRODUCED, S.NOT_REPRODUCED, S.NOT_TESTED
+    assert S.verdict_explosion([1500, 900, 1200], True)[0] == R
+    assert S.verdict_explosion([1500, 900, 200], True)[0] == N
+    assert S.verdict_explosion([1500, 1500, 1500], False)[0] == T
+    assert S.verdict_spikes([2, 1, 0], [0, 0, 0], True)[0] == R
+    assert S.verdict_spikes([2, 0, 0], [0, 0, 0], True)[0] == N
+    assert S.verdict_spikes([2, 2, 2], [2, 2, 2], True)[0] == N  # the clip removes none
+    assert S.verdict_spikes([2, 2, 2], [0, 0, 0], False)[0] == T
+    assert S.verdict_cap([1.1, 1.2, 1.0], [True] * 3)[0] == R
+    assert S.verdict_cap([1.1, 1.3, 1.0], [True] * 3)[0] == N
+    assert S.verdict_cap([1.1, 1.1, 1.1], [True, False, True])[0] == T
+    # decay from step 2020, flat 2000: switched off iff last clip < 1820
+    assert S.verdict_switch_off([500, 1000, 2019], 2020, 2000, 2.0, 2.0)[0] == R
+    assert S.verdict_switch_off([500, 1900, 2019], 2020, 2000, 2.0, 2.0)[0] == N
+    assert S.verdict_switch_off([-1, -1, 100], 2020, 2000, 2.0, 2.0)[0] == N
+    assert S.verdict_switch_off([500, 500, 500], 2020, 2000, 1.5, 2.0)[0] == T
+    assert S.verdict_head_fraction([0.1, 0.2, 0.9], [True] * 3)[0] == R
+    assert S.verdict_head_fraction([0.1, 0.3, 0.9], [True] * 3)[0] == N
+    assert S.verdict_head_fraction([0.0] * 3, [False] * 3)[0] == T
+    # margin 1% of 2.0 = 0.02
+    assert S.verdict_negligible([0.001, -0.002, 0.0005], 2.0, 0.01, [True] * 3)[0] == R
+    assert S.verdict_negligible([0.10, 0.11, 0.12], 2.0, 0.01, [True] * 3)[0] == N
+    assert S.verdict_negligible([-0.10, -0.11, -0.12], 2.0, 0.01, [True] * 3)[0] == N
+    assert S.verdict_negligible([0.0, 0.05, -0.05], 2.0, 0.01, [True] * 3)[0] == T
+    assert S.verdict_negligible([0.0] * 3, 2.0, 0.01, [True, True, False])[0] == T
+    assert S.verdict_muon_faster([1.0, 1.1, 0.9], True)[0] == R
+    assert S.verdict_muon_faster([-1.0, -1.1, -0.9], True)[0] == N
+    assert S.verdict_muon_faster([0.01, -0.01, 0.0], True)[0] == N  # within +-log 1.25
+    assert S.verdict_muon_faster([1.0, -1.0, 0.5], True)[0] == T
+    assert S.verdict_muon_faster([1.0, 1.1, 0.9], False)[0] == T
+    assert S.verdict_update_rank([3.0, 3.5, 2.5])[0] == R
+    assert S.verdict_update_rank([-3.0, -3.5, -2.5])[0] == N
+    assert S.verdict_update_rank([3.0, -3.5, 0.5])[0] == T
+    # the hypothesis: warmup 20, predicted ratio 3
+    assert S.verdict_wd_hypothesis([620, 920], [220, 320], 20, 3.0, 1820)[0] == S.SUPPORTED
+    assert S.verdict_wd_hypothesis([620, 920], [520, 820], 20, 3.0, 1820)[0] == S.NOT_SUPPORTED
+    assert S.verdict_wd_hypothesis([1900, 920], [220, 320], 20, 3.0, 1820)[0] == S.NOT_TESTED
+
+
+def test_update_growth_on_synthetic_records():
+    from paper_repro.kimi_k2 import analysis as A
+
+    # one layer, two heads, tau 10: at step 0 head 0 has S 20 (gamma 0.5), head 1 is not clipped
+    recs = [
+        {"step": 0, "s": [[20.0, 5.0]], "probe_s": [[18.0, 4.0]]},
+        {"step": 1, "s": [[11.0, 5.0]], "probe_s": [[10.8, 100.0]]},
+        {"step": 2, "s": [[9.0, 5.0]]},
+    ]
+    assert A.update_growth(recs, 10.0) == pytest.approx(10.8 / (0.5 * 18.0))
+    assert math.isnan(A.update_growth(recs, 30.0))
+
+
+def test_settings_validate():
+    with pytest.raises(ValueError, match="Settings.flat_min"):
+        dataclasses.replace(S.QUICK, flat_min=30, flat_max=20)
+    with pytest.raises(ValueError, match="Settings.lr_multipliers"):
+        dataclasses.replace(S.QUICK, lr_multipliers=(3.0,))
+    with pytest.raises(ValueError, match="Settings.seeds"):
+        dataclasses.replace(S.QUICK, seeds=(0,))
+
+
+# --------------------------------------------------------------------------
+# corpus
+# --------------------------------------------------------------------------
+
+
+def _fake_stdlib(root: pathlib.Path) -> None:
+    for i in range(40):
+        p = root / ("pkg" if i % 3 else "") / f"m{i:02d}.py"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"# module {i}\n" + "x = 1\n" * (50 + i))
+    (root / "site-packages").mkdir()
+    (root / "site-packages" / "skip.py").write_text("skipped\n")
+
+
+def test_corpus_hash_and_mismatch(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _fake_stdlib(a)
+    _fake_stdlib(b)
+    (b / "only_b.py").write_text("not in a\n")
+    (b / "m00.py").write_text("differs\n")
+    manifest = tmp_path / "manifest.txt"
+    h = C.build_manifest([a, b], manifest)
+    expected, rows = C.read_manifest(manifest)
+    assert expected == h
+    names = [r[2] for r in rows]
+    assert (
+        "m00.py" not in names
+        and "only_b.py" not in names
+        and not any("site-packages" in n for n in names)
+    )
+    assert len(names) == 39 and names == sorted(names)
+    # independent hash of the listed files
+    ref = hashlib.sha256()
+    for n in names:
+        data = (a / n).read_bytes()
+        ref.update(n.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    assert ref.hexdigest() == h
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data, rec = C.load_corpus(a, manifest=manifest)
+    assert rec["matches"] and rec["sha256"] == h and rec["files"] == 39
+    assert len(data.train) + len(data.val) == sum((a / n).stat().st_size for n in names)
+    # one byte changed, one file removed: the hash differs, loudly
+    (a / names[0]).write_text((a / names[0]).read_text() + "#\n")
+    (a / names[1]).unlink()
+    with pytest.warns(C.CorpusMismatchWarning, match="CORPUS MISMATCH"):
+        _, rec = C.load_corpus(a, manifest=manifest)
+    assert not rec["matches"] and rec["differing"] == [names[0]] and rec["missing"] == [names[1]]
+
+
+def test_committed_manifest_on_this_python():
+    expected, rows = C.read_manifest()
+    assert len(rows) == 642
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", C.CorpusMismatchWarning)
+        _, rec = C.load_corpus()
+    # the listed versions have these files byte for byte; elsewhere the
+    # mismatch must be reported, file by file
+    assert rec["matches"] == (not rec["missing"] and not rec["differing"])
+    if sys.version_info[:3] in ((3, 11, 7), (3, 12, 1), (3, 13, 0)):
+        assert rec["matches"] and rec["sha256"] == expected
+
+
+# --------------------------------------------------------------------------
+# the quick pipeline, end to end
+# --------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def corpus():
-    return synthetic_corpus(QUICK.max_bytes, 65_536)
-
-
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory, corpus):
+def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("kimi_k2_quick")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "load_data", lambda path, max_bytes: corpus)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", C.CorpusMismatchWarning)
         summ = pipeline.main(["--quick", "--out", str(out)])
     return out, summ
 
 
-def _records(run_dir):
-    lines = [
-        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
-    ]
-    cfg = json.loads((run_dir / "config.json").read_text())
-    steps = np.array([r["step"] for r in lines])
-    s = np.array(
-        [[[np.nan if v is None else v for v in row] for row in r["max_logits"]] for r in lines]
+def _log(out, name):
+    return [json.loads(x) for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_quick_writes_results(quick):
+    out, summ = quick
+    md = (out / "results.md").read_text()
+    assert summ["corpus"]["sha256"] in md
+    for f in (
+        "presweep.png",
+        "fig2_left_muon.png",
+        "fig2_right_muonclip.png",
+        "appD_head_fraction.png",
+        "fig12_paired.png",
+        "appE_muon_vs_adamw.png",
+        "overshoot.png",
+        "wd_hypothesis.png",
+    ):
+        assert (out / f).stat().st_size > 10_000 and f in md
+    for tag in ("1x", "3x"):
+        for v in summ["verdicts"][tag].values():
+            assert v["word"] in WORDS and f"**{v['word']}**: {v['why']}" in md
+    assert summ["verdicts"]["wd_hypothesis"]["word"] in {S.SUPPORTED, S.NOT_SUPPORTED, S.NOT_TESTED}
+    assert json.loads((out / "summary.json").read_text())["n_runs"] == summ["n_runs"] == 18
+    assert ("CORPUS MISMATCH" in md) == (not summ["corpus"]["matches"])
+    other = {**summ, "corpus": {**summ["corpus"], "matches": False, "sha256": "0" * 64}}
+    figs = dict.fromkeys(
+        ("presweep", "fig2_left", "fig2_right", "appd", "fig12", "appe", "overshoot", "wd"), "x.png"
     )
-    clipped = np.array([r["heads_clipped"] for r in lines])
-    return cfg, steps, s, clipped
+    assert report.results_md(other, figs).count("CORPUS MISMATCH") == 1
 
 
-def _clip_runs(out):
-    for d in sorted((out / "runs").iterdir()):
-        if (d / "config.json").is_file():
-            cfg = json.loads((d / "config.json").read_text())
-            if cfg["optimizer"] == "muonclip":
-                yield d
+def test_quick_numbers_recomputed_from_logs(quick):
+    out, summ = quick
+    s = S.QUICK
+    for mult, m in summ["main"]["multipliers"].items():
+        peaks = []
+        for r in m["muon"]:
+            recs = _log(out, r["run"])
+            peak = max(max(max(row) for row in x["probe_s"]) for x in recs if "probe_s" in x)
+            assert r["peak_probe_s"] == peak
+            assert r["final_val"] == [x["val_loss"] for x in recs if "val_loss" in x][-1]
+            peaks.append(peak)
+        assert m["tau"] == max(0.25, math.floor(0.5 * min(peaks) * 4) / 4)
+        diffs = []
+        for u, c in zip(m["muon"], m["clip"]):
+            recs = _log(out, c["run"])
+            over = np.array([x["s"] for x in recs]) > m["tau"]
+            steps = [x["step"] for x in recs if (np.array(x["s"]) > m["tau"]).any()]
+            assert c["clip"]["first"] == steps[0] and c["clip"]["last"] == steps[-1]
+            assert c["clip"]["fraction"] == over.any(axis=0).mean()
+            assert [x["clipped"] for x in recs] == list(over.reshape(len(recs), -1).sum(axis=1))
+            diffs.append(c["final_val"] - u["final_val"])
+        base = float(np.mean([u["final_val"] for u in m["muon"]]))
+        want = S.verdict_negligible(diffs, base, s.equivalence_margin, [True] * len(diffs))
+        assert summ["verdicts"][f"{mult}x"]["fig12_negligible"] == {"word": want[0], "why": want[1]}
+    # the pre-sweep's lr* by the rule, from the logs
+    for opt in ("muon", "adamw"):
+        sw = summ["sweep"][opt]
+        vals = [_log(out, r["run"])[-1]["val_loss"] for r in sw["runs"]]
+        assert S.best_lr(sw["grid"], vals, [r["diverged"] for r in sw["runs"]])["lr"] == sw["lr"]
 
 
-# --------------------------------------------------------------------------
-# replaying a clipping run, step by step
-# --------------------------------------------------------------------------
-
-_forward = eqx.filter_jit(next_token_loss)
-
-
-def _copy(tree):
-    return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, tree)
+def test_quick_second_invocation_trains_nothing(quick):
+    out, summ = quick
+    again = pipeline.main(["--quick", "--out", str(out), "--no-train"])
+    assert again["trained_this_invocation"] == [] and again["verdicts"] == summ["verdicts"]
 
 
-@dataclasses.dataclass
-class Replay:
-    tau: float
-    s: np.ndarray  # [t, layers, heads]: S of each step's model on its batch (a plain forward)
-    logged_s: np.ndarray  # the same, from metrics.jsonl
-    logged_loss: np.ndarray
-    loss: np.ndarray
-    clip_err: np.ndarray  # [t]: max |model_{t+1} - NumPy clip of the unclipped update| / max |.|
-    clip_size: (
-        np.ndarray
-    )  # [t]: max |NumPy clip - unclipped update| / max |.|: what the clip changed
-    # [t-1, layers, heads]: S of each layer of step k's UNCLIPPED update, on
-    # batch k + 1, each layer fed the inputs it gets in the clipped model
-    s_next_unclipped: np.ndarray
+_fwd = eqx.filter_jit(qc.next_token_loss)
 
 
-def _replay(run_dir, data) -> Replay:
-    """Re-run a logged run with the library's step, and at every step compute,
-    outside the step, the unclipped update and its NumPy QK-Clip."""
-    conf = json.loads((run_dir / "config.json").read_text())
-    cfg = RunConfig(**{f.name: conf[f.name] for f in dataclasses.fields(RunConfig)})
-    _, _, logged, _ = _records(run_dir)
-    logged_loss = np.array(
-        [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    )
-    n = len(logged)
-    model = Transformer(cfg.model_config(data.vocab_size), key=jax.random.key(cfg.seed))
-    opt = optimizer(cfg)
+def test_overshoot_bounded_by_the_unclipped_update(quick):
+    out, summ = quick
+    m = summ["main"]["multipliers"]["3"]
+    name = m["clip"][0]["run"]
+    st = json.loads((out / "runs" / name / "status.json").read_text())
+    spec = runner.RunSpec(**st["spec"])
+    recs = _log(out, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", C.CorpusMismatchWarning)
+        data, _ = C.load_corpus()
+    probe = jnp.asarray(runner.spread_windows(data.val, S.QUICK.probe_windows, S.QUICK.seq_len))
+    cfg = qc.RunConfig(**spec.model, batch_size=spec.batch_size, seq_len=spec.seq_len)
+    model = qc.Transformer(cfg.model_config(256), key=jax.random.key(spec.seed))
+    opt = runner.optimizer(spec)
     state = opt.init(eqx.filter(model, eqx.is_array))
-    step = make_train_step(
-        opt, mode=cfg.mode, tau=cfg.tau, alpha=cfg.alpha, accum_steps=cfg.accum_steps
-    )
-    batches = [
-        jnp.asarray(
-            get_batch(
-                data.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, step=k
+    step = qc.make_train_step(opt, mode="clip", tau=spec.tau)
+    copy = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, t)  # noqa: E731
+    n_checked = 0
+    for t in range(spec.steps - 1):
+        batch = jnp.asarray(
+            qc.get_batch(
+                data.train, batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.seed, step=t
             )
         )
-        for k in range(n)
-    ]
-    s_all, loss_all, clip_err, clip_size, s0_next = [], [], [], [], []
-    for k in range(n):
-        loss, s = map(np.asarray, _forward(model, batches[k]))
-        unclipped = unclipped_update(model, opt, state, batches[k])
-        expected = np_qk_clip(unclipped, s, cfg.tau, cfg.alpha)
-        model, state, _ = step(_copy(model), _copy(state), batches[k])
-        got, plain = leaves_by_path(model), leaves_by_path(unclipped)
-        clip_err.append(
-            max(np.max(np.abs(got[p] - e)) / np.max(np.abs(e)) for p, e in expected.items())
-        )
-        clip_size.append(
-            max(np.max(np.abs(plain[p] - e)) / np.max(np.abs(e)) for p, e in expected.items())
-        )
-        if k + 1 < n:
-            xs = layer_inputs(
-                model, batches[k + 1][:, :-1]
-            )  # the inputs; the last token is a target
-            s0_next.append(np.asarray(attention_s(unclipped, xs)))
-        s_all.append(s)
-        loss_all.append(float(loss))
-    return Replay(
-        cfg.tau,
-        np.stack(s_all),
-        logged,
-        logged_loss,
-        np.array(loss_all),
-        np.array(clip_err),
-        np.array(clip_size),
-        np.stack(s0_next),
-    )
-
-
-@pytest.fixture(scope="module")
-def replays(quick, corpus):
-    """The MuonClip run of Fig. 2 right at tau_low, and one AdamW + QK-Clip
-    sweep run that clipped (App. E)."""
-    out, summ = quick
-    fig2 = summ["fig2_right"][f"{summ['tau_low']:g}"]
-    assert not fig2.get("identical_to_monitor_run"), "tau_low must be reached"
-    adamw = [
-        r for r in summ["sweep"]["runs"]["adamw_clip"].values() if r["clip"]["first_clip_step"] >= 0
-    ]
-    assert adamw, "an AdamW + QK-Clip sweep run must clip"
-    return {
-        "muonclip": _replay(out / "runs" / fig2["run"], corpus),
-        "adamw_clip": _replay(out / "runs" / adamw[0]["run"], corpus),
-    }
-
-
-@pytest.mark.parametrize("run", ["muonclip", "adamw_clip"])
-def test_replayed_run_is_the_logged_run(replays, run):
-    r = replays[run]
-    np.testing.assert_allclose(r.s, r.logged_s, rtol=1e-5)
-    np.testing.assert_allclose(r.loss, r.logged_loss, rtol=1e-5)
-
-
-@pytest.mark.parametrize("run", ["muonclip", "adamw_clip"])
-def test_every_step_is_numpys_clip_of_the_unclipped_update(replays, run):
-    """The clip acts: at every step the model is NumPy's QK-Clip, with this
-    step's S, of the update without clip; on the steps with a head over tau
-    that clip really changed the weights (a clip switched off fails here)."""
-    r = replays[run]
-    over = (r.s > r.tau).any(axis=(1, 2))
-    assert over.any() and not over.all()
-    assert np.all(r.clip_err < 1e-5), r.clip_err
-    assert np.all(r.clip_size[over] > 1e-3) and np.all(r.clip_size[~over] == 0)
-
-
-@pytest.mark.parametrize("run", ["muonclip", "adamw_clip"])
-def test_overshoot_is_one_unclipped_step_of_growth(replays, run):
-    """The bound on the overshoot, computed without the clip. The clip scales
-    every logit of head h of layer l by gamma_k, so S at step k + 1 is gamma_k
-    times the S that the UNCLIPPED update W_k' of step k gives on batch k + 1
-    (each layer fed the inputs it gets in the run):
-
-        S_{k+1} / tau = S(W_k', B_{k+1}) / max(S_k, tau)      (every layer and head).
-
-    A clipped head therefore sits at tau times one unclipped update's growth
-    of S. The logged S must equal this; a run whose clip does nothing logs
-    S(W_k', B_{k+1}) itself, above it by 1 / gamma."""
-    r = replays[run]
-    gamma = np_clip_factors(r.s[:-1], r.tau)
-    np.testing.assert_allclose(r.logged_s[1:], gamma * r.s_next_unclipped, rtol=2e-5)
-    clipped = gamma < 1
-    assert clipped.any()
-    growth = r.s_next_unclipped[clipped] / r.s[:-1][clipped]
-    np.testing.assert_allclose(r.logged_s[1:][clipped] / r.tau, growth, rtol=2e-5)
-    # without the clip, S would be larger by 1 / gamma (a clip that does nothing fails above)
-    assert np.max(np.abs(r.s_next_unclipped[clipped] / r.logged_s[1:][clipped])) > 1.01
-    # the run's overshoot over these steps is the largest such growth
-    after = r.logged_s[1:][clipped] / r.tau
-    assert np.max(after) == pytest.approx(np.max(growth), rel=2e-5)
-
-
-def test_overshoot_is_the_max_after_the_first_clip(quick):
-    """The reported overshoot is recomputed from the logs (the analysis code is
-    not used); each run's logged clip count is its count of S > tau (MLA: the
-    heads over tau are the heads scaled)."""
-    out, summ = quick
-    reported = summ["overshoot"]["max"]
-    per_run = {r["run"]: r["overshoot"] for r in summ["overshoot"]["runs"]}
-    assert per_run, "the quick pipeline must clip somewhere"
-    seen = []
-    for d in _clip_runs(out):
-        cfg, steps, s, clipped = _records(d)
-        tau = cfg["tau"]
-        over = np.nan_to_num(s, nan=-np.inf) > tau
-        np.testing.assert_array_equal(over.sum(axis=(1, 2)), clipped)  # the logged count agrees
-        hit = np.nonzero(over.any(axis=(1, 2)))[0]
-        if len(hit) == 0:
-            assert d.name not in per_run
+        s_t = np.asarray(_fwd(model, batch)[1])
+        assert np.allclose(s_t, recs[t]["s"], rtol=1e-5)  # the log is this run
+        unclipped = unclipped_update(model, opt, state, batch)
+        p_t = np.asarray(_fwd(model, probe)[1])[0]
+        model, state, _ = step(copy(model), copy(state), batch)
+        if not (s_t > spec.tau).any():
             continue
-        after = np.nanmax(s[hit[0] + 1 :].reshape(len(steps) - hit[0] - 1, -1), axis=1) / tau
-        assert per_run[d.name] == pytest.approx(float(after.max()), rel=1e-12)
-        seen.append(float(after.max()))
-    assert reported == pytest.approx(max(seen), rel=1e-12)
+        s_next = np.asarray(_fwd(model, probe)[1])[0]
+        s_unc = np.asarray(_fwd(unclipped, probe)[1])[0]
+        gamma = np.minimum(1.0, spec.tau / s_t[0])
+        np.testing.assert_allclose(s_next, gamma * s_unc, rtol=2e-4)
+        # the overshoot bound, from the update: S(probe, t+1) <= tau x S_unclipped(probe) / S_t
+        clipped = s_t[0] > spec.tau
+        assert (s_next[clipped] <= spec.tau * s_unc[clipped] / s_t[0][clipped] * (1 + 2e-4)).all()
+        if "probe_s" in recs[t + 1]:
+            np.testing.assert_allclose(recs[t + 1]["probe_s"][0], s_next, rtol=1e-5)
+            # the logged pair's growth (analysis.update_growth) is the unclipped update's, in layer 0
+            logged = np.array(recs[t + 1]["probe_s"][0]) / (gamma * np.array(recs[t]["probe_s"][0]))
+            np.testing.assert_allclose(logged[clipped], (s_unc / p_t)[clipped], rtol=2e-4)
+        n_checked += int(clipped.sum())
+    assert n_checked > 0
 
 
-def test_clipped_fraction_per_layer(quick):
-    out, summ = quick
-    n_clipping = 0
-    for tau_key, row in summ["fig2_right"].items():
-        cfg, steps, s, clipped = _records(out / "runs" / row["run"])
-        tau = float(tau_key)
-        ever = (np.nan_to_num(s, nan=-np.inf) > tau).any(axis=0)  # [layers, heads]
-        c = row["clip"]
-        assert c["ever_clipped_by_layer"] == pytest.approx(ever.mean(axis=1).tolist())
-        assert c["ever_clipped"] == pytest.approx(ever.mean())
-        any_t = (np.nan_to_num(s, nan=-np.inf) > tau).any(axis=(1, 2))
-        last = int(steps[any_t][-1]) if any_t.any() else -1
-        assert c["last_clip_step"] == last
-        if last >= 0:
-            n_clipping += 1
-            assert c["clip_off_fraction"] == pytest.approx((last + 1) / cfg["steps"])
-    assert n_clipping >= 1
+# --------------------------------------------------------------------------
+# the committed full run: its verdicts follow from its numbers by the rules
+# --------------------------------------------------------------------------
+
+RESULTS = ROOT / "paper_repro" / "kimi_k2" / "results"
 
 
-def test_results_md_holds_the_numbers(quick):
-    out, summ = quick
-    md = (out / "results.md").read_text()
-    assert f"{summ['overshoot']['max']:.3f}" in md
-    assert f"lr* = **{summ['lr_star']:g}**" in md
-    for t, row in summ["fig2_right"].items():
-        c = row["clip"]
-        assert (
-            f"| {t} | **{c['ever_clipped']:.1%}** | "
-            + " | ".join(f"{x:.0%}" for x in c["ever_clipped_by_layer"])
-            in md
+def test_committed_full_results_follow_from_the_rules():
+    """The committed results of the full run (``results/summary.json``, the
+    per-run numbers the analysis took from the logs) run through the
+    pre-registered rules again: lr* of each optimizer, the run length, tau at
+    each lr and every verdict come out as committed, and results.md states
+    each verdict with its reason. The per-run logs are not committed (59 MB);
+    the quick-mode tests above check the numbers against logs."""
+    summ = json.loads((RESULTS / "summary.json").read_text())
+    s = S.FULL
+    assert summ["mode"] == "full" and summ["settings"]["name"] == "full"
+    assert summ["corpus"]["matches"]
+    assert summ["corpus"]["sha256"] == summ["corpus"]["expected_sha256"] == C.read_manifest()[0]
+    for opt in ("muon", "adamw"):
+        sw = summ["sweep"][opt]
+        runs = sorted(sw["runs"], key=lambda r: r["lr"])
+        best = S.best_lr(
+            [r["lr"] for r in runs], [r["final_val"] for r in runs], [r["diverged"] for r in runs]
         )
-    for f in summ["fig12"]:
-        assert f"lr {f['lr']:g}: MuonClip - Muon = {f['diff_mean']:+.4f}" in md
-        for r in f["seeds"]:
-            assert f"| {r['seed']} | {r['val_muon']:.4f} | {r['val_clip']:.4f} |" in md
-    left = summ["fig2_left"]
-    assert f"S = {left['peak_s']:.1f} at step {left['peak_step']}" in md
-    for v in ("python", "jax", "equinox", "optax"):
-        assert summ["versions"][v] in md
-    for png in (
-        "fig2_left_muon",
-        "fig2_right_muonclip",
-        "appD_heads_clipped",
-        "fig12_loss",
-        "appE_lr_sweep",
-        "overshoot",
-    ):
-        assert (out / f"{png}.png").stat().st_size < 150_000
-        assert f"({png}.png)" in md
-    json.loads((out / "summary.json").read_text())
-
-
-def test_app_e_has_adamw_with_qk_clip(quick):
-    """App. E's AdamW + QK-Clip column: one run per swept lr, AdamW with mode clip
-    at the sweep's tau, and its logged clip count is the count of heads with S > tau."""
-    out, summ = quick
-    sw = summ["sweep"]
-    md = (out / "results.md").read_text()
-    assert "| AdamW+clip S |" in md and "not run" not in md
-    assert set(sw["runs"]["adamw_clip"]) == {f"{lr:g}" for lr in sw["lrs"]}
-    for lr in sw["lrs"]:
-        row = sw["runs"]["adamw_clip"][f"{lr:g}"]
-        cfg, steps, s, clipped = _records(out / "runs" / row["run"])
-        assert (cfg["optimizer"], cfg["mode"], cfg["tau"]) == ("adamw", "clip", sw["tau"])
-        np.testing.assert_array_equal(
-            (np.nan_to_num(s, nan=-np.inf) > cfg["tau"]).sum(axis=(1, 2)), clipped
+        assert best["lr"] == sw["lr"] and best["edge"] is None and sw["bracketed"]
+    assert S.schedule(summ["sweep"]["muon"]["lr"], s) == summ["schedule"]
+    for m in summ["main"]["multipliers"].values():
+        assert S.choose_tau([r["peak_probe_s"] for r in m["muon"]], s) == m["tau"]
+        assert all(
+            r["tau"] == m["tau"] and r["steps_run"] == summ["schedule"]["total"] for r in m["clip"]
         )
-        v = row["s_fixed"]
-        line = [x for x in md.splitlines() if x.startswith(f"| {lr:g} | ") and x.count("|") == 11]
-        assert len(line) == 1  # the App. E table's row for this lr
-        assert line[0].split(" | ")[5].startswith(f"{v:.1f}" if np.isfinite(v) else "n/a")
-    assert any(r["clip"]["first_clip_step"] >= 0 for r in sw["runs"]["adamw_clip"].values())
-
-
-def _leaves(model):
-    return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))]
-
-
-def test_monitor_and_unreached_clip_leave_the_weights_of_the_unclipped_run(tmp_path, corpus):
-    """What lets the pipeline stand the monitor run in for MuonClip at a tau
-    that S never reaches: Muon + monitor, Muon with S not even reduced
-    (mode off), and MuonClip with an unreachable tau give bit-identical weights."""
-    data = corpus
-    kw = dict(steps=4, eval_every=4, ckpt_every=4, lr=5e-2, seed=3)
-    runs = {
-        "monitor": preset("tiny", optimizer="muon", mode="monitor", out=str(tmp_path / "a"), **kw),
-        "off": preset("tiny", optimizer="muon", mode="off", out=str(tmp_path / "b"), **kw),
-        "clip_unreached": preset(
-            "tiny", optimizer="muonclip", tau=1e9, out=str(tmp_path / "c"), **kw
-        ),
-    }
-    models = {k: train(cfg, progress=False, data=data).model for k, cfg in runs.items()}
-    ref = _leaves(models["monitor"])
-    for k in ("off", "clip_unreached"):
-        for a, b in zip(ref, _leaves(models[k]), strict=True):
-            np.testing.assert_array_equal(a, b, err_msg=k)
-    s = [
-        json.loads(x)["max_logit"]
-        for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert 0 < max(s) < 1e9
+    again = pipeline.verdicts(summ, s)
+    assert again == summ["verdicts"]
+    text = (RESULTS / "results.md").read_text()
+    for v in [*again["1x"].values(), *again["3x"].values()] + [
+        again[k] for k in ("appE_muon_faster", "appE_update_rank", "wd_hypothesis")
+    ]:
+        assert v["word"] in WORDS | {S.SUPPORTED, S.NOT_SUPPORTED}
+        assert f"**{v['word']}**: {v['why']}" in text

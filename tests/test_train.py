@@ -658,3 +658,28 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_exact(tmp_path, da
         np.testing.assert_array_equal(a, b)
     assert [r["loss"] for r in _records(out)] == [r["loss"] for r in _records(straight.out)]
     assert latest_checkpoint(out).name == "ckpt_00000004"
+
+
+def test_monitor_and_unreached_clip_leave_the_weights_of_the_unclipped_run(tmp_path, data):
+    """A clip that never acts changes nothing: Muon + monitor, Muon with S not
+    even reduced (mode off), and MuonClip with an unreachable tau give
+    bit-identical weights (what lets a monitor run stand in for MuonClip at a
+    tau that S never reaches)."""
+    kw = dict(steps=4, eval_every=4, ckpt_every=4, lr=5e-2, seed=3)
+    runs = {
+        "monitor": preset("tiny", optimizer="muon", mode="monitor", out=str(tmp_path / "a"), **kw),
+        "off": preset("tiny", optimizer="muon", mode="off", out=str(tmp_path / "b"), **kw),
+        "clip_unreached": preset(
+            "tiny", optimizer="muonclip", tau=1e9, out=str(tmp_path / "c"), **kw
+        ),
+    }
+    models = {k: train(cfg, progress=False, data=data).model for k, cfg in runs.items()}
+    ref = _leaves(models["monitor"])
+    for k in ("off", "clip_unreached"):
+        for a, b in zip(ref, _leaves(models[k]), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=k)
+    s = [
+        json.loads(x)["max_logit"]
+        for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert 0 < max(s) < 1e9

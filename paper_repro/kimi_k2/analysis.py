@@ -1,186 +1,188 @@
-"""The reported numbers, as pure functions of a run's ``metrics.jsonl``.
-
-Everything here reads `qkclip_eqx.RunMetrics` (from `qkclip_eqx.read_metrics`).
-S is the per-(layer, head) max logit of a step's forward pass, recorded before
-that step's update and clip. A head is clipped at step t when S_t > tau (the
-same float32 comparison the clip makes; tau values are exact in float32).
+"""Numbers of one run, as pure functions of its ``metrics.jsonl`` records
+(``runner.read_log``). S is a head's max logit; ``s`` is on the step's
+training batch before the update and clip, ``probe_s`` on the fixed probe
+batch. A clip run clips head h at step t when its ``s`` exceeds tau.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from qkclip_eqx import RunMetrics
+from . import settings as S
+
+Records = Sequence[dict[str, Any]]
 
 
-def global_s(m: RunMetrics) -> np.ndarray:
-    """Max over layers and heads of S, per step (NaN where none is finite)."""
-    ml = m.max_logits.reshape(len(m.steps), -1)
-    finite = ~np.isnan(ml)
-    return np.where(finite.any(axis=1), np.where(finite, ml, -np.inf).max(axis=1), np.nan)
+def losses(recs: Records) -> np.ndarray:
+    return np.array([r["loss"] for r in recs], dtype=float)
 
 
-def peak_s(m: RunMetrics) -> tuple[float, int]:
-    """Largest S of the run and its step."""
-    g = global_s(m)
-    if not np.isfinite(g).any():
-        return math.nan, -1
-    i = int(np.nanargmax(g))
-    return float(g[i]), int(m.steps[i])
+def train_s(recs: Records) -> np.ndarray:
+    """``[steps, layers, heads]`` (non-finite S is recorded as -1)."""
+    return np.array([r["s"] for r in recs], dtype=float)
 
 
-def s_at(m: RunMetrics, step: int) -> float:
-    """Global S at ``step`` (NaN if the run did not reach it)."""
-    idx = np.nonzero(m.steps == step)[0]
-    return float(global_s(m)[idx[0]]) if len(idx) else math.nan
+def probe(recs: Records) -> tuple[np.ndarray, np.ndarray]:
+    """Probe steps and S ``[points, layers, heads]``."""
+    rows = [r for r in recs if "probe_s" in r]
+    return np.array([r["step"] for r in rows]), np.array([r["probe_s"] for r in rows], dtype=float)
 
 
-def spikes(m: RunMetrics, window: int = 20, factor: float = 1.5) -> list[dict[str, float]]:
-    """Loss spikes: steps where loss > ``factor`` x the median loss of the
-    previous ``window`` steps (only once ``window`` steps exist)."""
-    out = []
-    for i in range(window, len(m.loss)):
-        med = float(np.median(m.loss[i - window : i]))
-        if m.loss[i] > factor * med:
-            out.append({"step": int(m.steps[i]), "loss": float(m.loss[i]), "median": med})
-    return out
+def probe_max(recs: Records) -> tuple[np.ndarray, np.ndarray]:
+    """Probe steps and the max over heads of probe S."""
+    st, ps = probe(recs)
+    return st, ps.reshape(len(st), -1).max(axis=1) if len(st) else np.zeros(0)
 
 
-def max_loss_ratio(m: RunMetrics, window: int = 20) -> float:
-    """Largest loss / (median of the previous ``window`` losses): how close to a spike."""
-    r = [m.loss[i] / np.median(m.loss[i - window : i]) for i in range(window, len(m.loss))]
-    return float(max(r)) if r else math.nan
+def peak_probe_s(recs: Records) -> float:
+    _, m = probe_max(recs)
+    return float(m.max()) if len(m) else math.nan
 
 
-def diverged(m: RunMetrics, status: dict[str, Any] | None) -> bool:
-    """Non-finite loss (the run stopped), or no learning: mean of the last 10
-    training losses at or above the mean of the first 10."""
+def final_val(recs: Records) -> float:
+    v = [r["val_loss"] for r in recs if "val_loss" in r]
+    return float(v[-1]) if v else math.nan
+
+
+def val_curve(recs: Records) -> tuple[np.ndarray, np.ndarray]:
+    rows = [r for r in recs if "val_loss" in r]
+    return np.array([r["step"] for r in rows]), np.array([r["val_loss"] for r in rows], dtype=float)
+
+
+def spikes(recs: Records, window: int, factor: float) -> list[int]:
+    """Steps with a loss spike (``settings.is_spike`` over the previous ``window`` losses)."""
+    x = losses(recs)
+    return [
+        int(recs[i]["step"])
+        for i in range(window, len(x))
+        if S.is_spike(float(x[i]), list(x[i - window : i]), factor)
+    ]
+
+
+def diverged(recs: Records, status: dict[str, Any] | None = None) -> bool:
     if status is not None and status.get("stopped") == "nan":
         return True
-    if len(m.loss) < 20 or not np.isfinite(m.loss).all():
-        return not np.isfinite(m.loss).all()
-    return bool(np.mean(m.loss[-10:]) >= np.mean(m.loss[:10]))
+    return S.diverged(losses(recs))
 
 
-def final_val_loss(m: RunMetrics) -> float:
-    return float(m.val_loss[-1]) if len(m.val_loss) else math.nan
-
-
-def final_train_loss(m: RunMetrics, n: int = 20) -> float:
-    """Mean training loss of the last ``n`` steps."""
-    return float(np.mean(m.loss[-n:])) if len(m.loss) else math.nan
-
-
-def over_tau(m: RunMetrics, tau: float) -> np.ndarray:
-    """[t, layers, heads] bool: head clipped at that step (S > tau, NaN never)."""
-    ml = m.max_logits
-    return np.where(np.isnan(ml), False, ml > tau)
-
-
-def clip_summary(m: RunMetrics, tau: float, total_steps: int) -> dict[str, Any]:
-    """What a MuonClip run did with its clip.
-
-    - ``first_clip_step``, ``last_clip_step`` (-1 when nothing clipped);
-      ``clip_off_after`` = last_clip_step + 1, the step after which no head
-      triggers, and ``clip_off_fraction`` = that / total_steps (K2: ~30%).
-    - ``steps_clipping``: steps with at least one head clipped;
-      ``max_heads_clipped``: most heads clipped at one step.
-    - ``ever_clipped_by_layer``: fraction of each layer's heads clipped at
-      least once; ``ever_clipped``: the same over all heads (K2 App. D: 12.7%).
-    - ``overshoot``: the largest S / tau at any step after the first clip (a
-      clip acts on the weights that produced this step's S, so the next step's
-      S can exceed tau by one update); ``overshoot_step`` where it occurred.
-    """
-    over = over_tau(m, tau)
-    any_t = over.reshape(len(m.steps), -1).any(axis=1)
-    n_layers, n_heads = over.shape[1], over.shape[2]
-    out: dict[str, Any] = {"tau": tau, "n_heads_total": int(n_layers * n_heads)}
+def clip_summary(recs: Records, tau: float) -> dict[str, Any]:
+    """First / last step with a head over tau (-1: none), the fraction of
+    heads ever over tau, per layer and in all, and the largest probe S / tau
+    after the first clip (``overshoot``) and the same on the training
+    batches (``overshoot_train``, the cap verdict's number: one update's
+    growth plus the variation between batches, as K2's Fig. 2 plots it)."""
+    s = train_s(recs)
+    over = s > tau
+    any_t = over.reshape(len(s), -1).any(axis=1)
+    steps = np.array([r["step"] for r in recs])
+    out: dict[str, Any] = {"tau": tau, "n_heads": int(over.shape[1] * over.shape[2])}
     if not any_t.any():
-        out.update(
-            first_clip_step=-1,
-            last_clip_step=-1,
-            clip_off_after=0,
-            clip_off_fraction=0.0,
-            steps_clipping=0,
-            max_heads_clipped=0,
-            ever_clipped_by_layer=[0.0] * n_layers,
-            ever_clipped=0.0,
-            ever_clipped_heads=[],
-            overshoot=math.nan,
-            overshoot_step=-1,
-        )
-        return out
+        return {
+            **out,
+            "clipped": False,
+            "first": -1,
+            "last": -1,
+            "steps_clipping": 0,
+            "fraction": 0.0,
+            "fraction_by_layer": [0.0] * over.shape[1],
+            "overshoot": math.nan,
+            "overshoot_step": -1,
+            "overshoot_train": math.nan,
+        }
     idx = np.nonzero(any_t)[0]
-    first, last = int(m.steps[idx[0]]), int(m.steps[idx[-1]])
-    ever = over.any(axis=0)  # [layers, heads]
-    g = global_s(m)
-    after = m.steps > first
-    if after.any() and np.isfinite(g[after]).any():
-        j = int(np.nanargmax(np.where(after, g, np.nan)))
-        overshoot, o_step = float(g[j] / tau), int(m.steps[j])
+    first, last = int(steps[idx[0]]), int(steps[idx[-1]])
+    ever = over.any(axis=0)
+    pst, pmax = probe_max(recs)
+    after = pst > first
+    if after.any():
+        j = int(np.argmax(np.where(after, pmax, -np.inf)))
+        ov, ov_step = float(pmax[j] / tau), int(pst[j])
     else:
-        overshoot, o_step = math.nan, -1
-    out.update(
-        first_clip_step=first,
-        last_clip_step=last,
-        clip_off_after=last + 1,
-        clip_off_fraction=(last + 1) / total_steps,
-        steps_clipping=int(any_t.sum()),
-        max_heads_clipped=int(over.reshape(len(m.steps), -1).sum(axis=1).max()),
-        ever_clipped_by_layer=[float(x) for x in ever.mean(axis=1)],
-        ever_clipped=float(ever.mean()),
-        ever_clipped_heads=[[int(a), int(b)] for a, b in zip(*np.nonzero(ever))],
-        overshoot=overshoot,
-        overshoot_step=o_step,
-    )
+        ov, ov_step = math.nan, -1
+    return {
+        **out,
+        "clipped": True,
+        "first": first,
+        "last": last,
+        "steps_clipping": int(any_t.sum()),
+        "fraction": float(ever.mean()),
+        "fraction_by_layer": [float(x) for x in ever.mean(axis=1)],
+        "overshoot": ov,
+        "overshoot_step": ov_step,
+        "overshoot_train": float(s.reshape(len(s), -1)[steps > first].max(initial=-np.inf) / tau),
+    }
+
+
+def update_growth(recs: Records, tau: float) -> float:
+    """One update's growth of S on fixed data, for the heads a clip acted on:
+    the largest ``probe_s[t + 1] / (gamma_t probe_s[t])`` over consecutive
+    probe pairs and heads with ``s[t] > tau``, ``gamma_t = tau / s[t]``. In
+    layer 0 this is exactly S_probe(unclipped update) / S_probe(W_t) (the
+    clip scales every logit of a head by gamma); later layers' inputs also
+    move with the clip of the layers before. NaN when no pair qualifies."""
+    by_step = {r["step"]: r for r in recs}
+    best = -np.inf
+    for t, r in by_step.items():
+        n = by_step.get(t + 1)
+        if "probe_s" not in r or n is None or "probe_s" not in n:
+            continue
+        s_t = np.asarray(r["s"], dtype=float)
+        hit = s_t > tau
+        if hit.any():
+            g = np.asarray(n["probe_s"])[hit] / ((tau / s_t[hit]) * np.asarray(r["probe_s"])[hit])
+            best = max(best, float(g.max()))
+    return best if np.isfinite(best) else math.nan
+
+
+def ever_clipped_curve(recs: Records, tau: float) -> np.ndarray:
+    """Fraction of heads clipped at least once up to each step."""
+    over = (train_s(recs) > tau).reshape(len(recs), -1)
+    return np.logical_or.accumulate(over, axis=0).mean(axis=1)
+
+
+def mean_stable_rank(recs: Records) -> dict[str, float]:
+    """Mean over the measured steps with lr > 0 of each matrix type's stable
+    rank, and ``all``: the mean of those means."""
+    rows = [r["rank"] for r in recs if "rank" in r and r["lr"] > 0]
+    if not rows:
+        return {"all": math.nan}
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    out["all"] = float(np.mean(list(out.values())))
     return out
 
 
-def ever_clipped_curve(m: RunMetrics, tau: float) -> np.ndarray:
-    """[t]: fraction of all heads clipped at least once up to each step."""
-    over = over_tau(m, tau).reshape(len(m.steps), -1)
-    return np.logical_or.accumulate(over, axis=0).mean(axis=1) if len(over) else np.zeros(0)
+def norm_products(recs: Records) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and the max over heads of ||q_C|| ||k_C|| (the no-RoPE logit's bound factor)."""
+    rows = [r for r in recs if "norm_qc" in r]
+    p = np.array([np.max(np.array(r["norm_qc"]) * np.array(r["norm_kc"])) for r in rows])
+    return np.array([r["step"] for r in rows]), p
 
 
-def mean_std(x: list[float]) -> tuple[float, float]:
-    a = np.asarray(x, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else math.nan
-
-
-def prefix(m: RunMetrics, n: int) -> RunMetrics:
-    """The run's records for steps < n (the lr sweep reads the first n steps)."""
-    import dataclasses
-
-    keep = m.steps < n
-    vkeep = m.val_steps < n
-    return dataclasses.replace(
-        m,
-        steps=m.steps[keep],
-        loss=m.loss[keep],
-        max_logits=m.max_logits[keep],
-        heads_clipped=m.heads_clipped[keep],
-        val_steps=m.val_steps[vkeep],
-        val_loss=m.val_loss[vkeep],
-    )
-
-
-def loss_regression(m: RunMetrics, window: int = 20) -> tuple[float, int]:
-    """Largest rise of the ``window``-step running mean of the training loss
-    above its lowest earlier value, and the step where it peaks: a slow
-    instability that the spike test (a single-step jump) does not see."""
-    if len(m.loss) < window + 1:
-        return 0.0, -1
-    c = np.cumsum(np.insert(m.loss, 0, 0.0))
-    sm = (c[window:] - c[:-window]) / window
-    rise = sm - np.minimum.accumulate(sm)
-    i = int(np.argmax(rise))
-    return float(rise[i]), int(m.steps[i + window - 1])
-
-
-def first_step_over(m: RunMetrics, level: float) -> int:
-    """First step whose global S exceeds ``level`` (-1: never)."""
-    g = np.nan_to_num(global_s(m), nan=-np.inf) > level
-    return int(m.steps[np.argmax(g)]) if g.any() else -1
+def run_row(recs: Records, status: dict[str, Any], s: S.Settings) -> dict[str, Any]:
+    """Every per-run number the report uses."""
+    spec = status["spec"]
+    row = {
+        "run": spec["name"],
+        "optimizer": spec["optimizer"],
+        "lr": spec["lr"],
+        "weight_decay": spec["weight_decay"],
+        "seed": spec["seed"],
+        "tau": spec["tau"],
+        "steps_run": status["steps_run"],
+        "stopped": status["stopped"],
+        "wall_s": status["wall_s"],
+        "peak_probe_s": peak_probe_s(recs),
+        "final_val": final_val(recs),
+        "final_train": float(np.mean(losses(recs)[-20:])),
+        "diverged": diverged(recs, status),
+        "spikes": spikes(recs, s.spike_window, s.spike_factor),
+        "stable_rank": mean_stable_rank(recs),
+    }
+    if spec["optimizer"] == "muonclip":
+        row["clip"] = clip_summary(recs, spec["tau"])
+        row["clip"]["update_growth"] = update_growth(recs, spec["tau"])
+    return row

@@ -1,19 +1,17 @@
-"""The experiments, in order; each later choice is made from earlier run logs.
+"""The experiments in order, each later choice made by a rule of
+``settings.py`` from earlier logs.
 
-1. lr sweep (Muon and AdamW, monitor only) -> lr* = the lr with the largest
-   max logit among the Muon runs that did not diverge (App. E, Fig. 2 left).
-2. Fig. 2 left: vanilla Muon (monitor) at lr*, a full-length run.
-3. Fig. 2 right: MuonClip at lr*, tau = 100 and tau_low (``settings.choose_tau_low``
-   applied to step 2's largest S).
-4. App. D: heads that ever clipped, by layer, from step 3's runs.
-5. Fig. 12: Muon vs MuonClip (tau_low, i.e. 30 when S allows), every seed, at
-   every stable swept lr where Muon's S exceeded tau.
-6. App. E: MuonClip and AdamW + QK-Clip (both tau_low) added to the sweep.
-7. Overshoot: the largest S / tau after the first clip, over every MuonClip run
-   (the AdamW + QK-Clip sweep runs report theirs in App. E).
+1. Pre-sweep, Muon and AdamW (monitor, seed 0, constant lr after warmup):
+   lr* per optimizer (``settings.best_lr``), the grid extended by a half
+   decade while lr* is at an end (``settings.extension``).
+2. Schedule of every main run from Muon's lr* (``settings.schedule``).
+3. Muon (monitor) at each multiple of lr*, every seed.
+4. tau per multiple (``settings.choose_tau`` of step 3's peak probe S).
+5. MuonClip at each multiple, every seed; MuonClip at 1x with the larger wd.
+6. AdamW (monitor) at 1x its own lr*, every seed.
+7. Verdicts (``settings.verdict_*``), figures and ``results.md``.
 
-A run whose directory is complete is skipped, a partial one resumed; so the
-pipeline can be stopped and restarted at any point.
+A complete run directory is reused; an incomplete one is rerun.
 """
 
 from __future__ import annotations
@@ -28,399 +26,234 @@ from typing import Any
 
 import numpy as np
 
-from qkclip_eqx import RunConfig, load_data, read_metrics
-
 from . import analysis as A
 from . import report, runner
-from .settings import MODES, QUICK, Settings, choose_tau_low
+from . import settings as S
+from .corpus import load_corpus
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _arm(optimizer: str, tau: float, mode: str | None = None) -> str:
-    """The run-name prefix: ``muon``, ``adamw`` (monitor), ``muonclip_tau30``,
-    ``adamwclip_tau30`` (AdamW with QK-Clip)."""
-    if optimizer == "muonclip":
-        return f"muonclip_tau{tau:g}"
-    if optimizer == "adamw" and mode == "clip":
-        return f"adamwclip_tau{tau:g}"
-    return optimizer
-
-
 class Experiment:
-    def __init__(self, s: Settings, runs_dir: pathlib.Path, train: bool = True, log=print):
-        self.s, self.runs_dir, self.train, self.log = s, runs_dir, train, log
-        self.data = None
-        self.metrics: dict[str, Any] = {}  # run name -> RunMetrics
-        self.status: dict[str, Any] = {}  # run name -> status.json
-        self.configs: dict[str, Any] = {}
-        self.trained: list[str] = []  # runs trained (or continued) by this invocation
-
-    def config(
-        self, optimizer: str, lr: float, seed: int = 0, tau: float = 100.0, mode: str | None = None
-    ) -> tuple[str, RunConfig]:
-        """Every run has the main schedule; the sweep is the first sweep_steps of it.
-        ``mode`` None is RunConfig's default (clip for muonclip, else monitor)."""
-        s = self.s
-        name = f"{_arm(optimizer, tau, mode)}_lr{lr:g}_seed{seed}"
-        cfg = RunConfig(
-            **s.run_fields(),
-            optimizer=optimizer,
-            mode=mode,
-            lr=lr,
-            seed=seed,
-            tau=tau,
-            schedule="wsd",
-            warmup_steps=s.warmup_steps,
-            decay_fraction=s.decay_fraction,
-            steps=s.steps,
-            eval_every=s.eval_every,
-            ckpt_every=s.ckpt_every,
-            out=str(self.runs_dir / name),
-            label=name,
+    def __init__(
+        self,
+        s: S.Settings,
+        runs_dir: pathlib.Path,
+        data,
+        corpus: dict,
+        train: bool = True,
+        log=print,
+    ):
+        self.s, self.runs_dir, self.data, self.corpus, self.train, self.log = (
+            s,
+            runs_dir,
+            data,
+            corpus,
+            train,
+            log,
         )
-        return name, cfg
+        self.probe = runner.spread_windows(data.val, s.probe_windows, s.seq_len)
+        self.val = runner.spread_windows(data.val, s.val_windows, s.seq_len)
+        self.logs: dict[str, list] = {}
+        self.rows: dict[str, dict] = {}
+        self.trained: list[str] = []
 
-    def get(
+    def spec(
         self,
         optimizer: str,
         lr: float,
-        seed: int = 0,
-        tau: float = 100.0,
-        until: int | None = None,
-        mode: str | None = None,
-    ) -> str:
-        """Run (or skip, or continue) one run to ``until`` (default: the end); load its metrics."""
-        name, cfg = self.config(optimizer, lr, seed, tau, mode)
-        target = cfg.steps if until is None else until
-        status = runner.read_status(cfg.out)
-        if not runner.finished(status, target):
+        seed: int,
+        *,
+        steps: int,
+        decay: float | None,
+        tau: float = 1e9,
+        wd: float | None = None,
+        tag: str = "",
+    ) -> runner.RunSpec:
+        s = self.s
+        wd = s.weight_decay if wd is None else wd
+        name = (
+            f"{tag}{optimizer}_lr{lr:.4g}_wd{wd:g}"
+            + (f"_tau{tau:g}" if optimizer == "muonclip" else "")
+            + f"_seed{seed}"
+        )
+        return runner.RunSpec(
+            name=name,
+            optimizer=optimizer,
+            lr=float(lr),
+            weight_decay=wd,
+            seed=seed,
+            steps=steps,
+            warmup_steps=s.warmup_steps,
+            decay_fraction=decay,
+            tau=float(tau),
+            model=s.model,
+            batch_size=s.batch_size,
+            seq_len=s.seq_len,
+            probe_every=s.probe_every,
+            norms_every=s.norms_every,
+            val_every=s.val_every,
+            corpus_sha256=self.corpus["sha256"],
+        )
+
+    def get(self, spec: runner.RunSpec) -> dict[str, Any]:
+        d = self.runs_dir / spec.name
+        st = runner.read_status(d)
+        if st is None or not (d / "metrics.jsonl").is_file():
             if not self.train:
-                raise FileNotFoundError(f"{cfg.out}: run not at step {target} (drop --no-train)")
-            if self.data is None:
-                self.data = load_data(None, max_bytes=self.s.max_bytes)
-            status = runner.run(cfg, self.data, until=until, log=self.log)
-            self.trained.append(name)
-        self.status[name] = status
-        self.metrics[name] = read_metrics(cfg.out)
-        self.configs[name] = status["config"]
-        return name
+                raise FileNotFoundError(f"{d}: run missing (drop --no-train)")
+            self.log(f"  run  {spec.name}")
+            self.trained.append(spec.name)
+        st = runner.run(spec, self.data, self.probe, self.val, d, log=self.log)
+        recs = runner.read_log(d)
+        self.logs[spec.name] = recs
+        self.rows[spec.name] = A.run_row(recs, st, self.s)
+        return self.rows[spec.name]
 
     # ------------------------------------------------------------------
+    def presweep(self, opt: str) -> dict[str, Any]:
+        s = self.s
+        grid = list(s.sweep_grid[opt])
+        for k in range(S.MAX_EXTENSIONS + 1):
+            rows = [
+                self.get(self.spec(opt, lr, 0, steps=s.sweep_steps, decay=None, tag="sweep_"))
+                for lr in grid
+            ]
+            pick = S.best_lr(grid, [r["final_val"] for r in rows], [r["diverged"] for r in rows])
+            nxt = S.extension(grid, pick["edge"])
+            if nxt is None or k == S.MAX_EXTENSIONS:
+                break
+            self.log(f"    {opt}: lr* at the {pick['edge']} end of the grid; adding {nxt:.4g}")
+            grid = sorted(grid + [nxt])
+        return {"grid": grid, "runs": rows, **pick, "bracketed": pick["edge"] is None}
+
     def run_all(self) -> dict[str, Any]:
         s, log = self.s, self.log
-        t_start = time.perf_counter()
-        summ: dict[str, Any] = {"mode": s.name}
-
-        # 1. lr sweep, Muon and AdamW (monitor) -----------------------------
-        log("[1] lr sweep: Muon and AdamW, monitor")
-        sweep: dict[str, dict[str, Any]] = {"muon": {}, "adamw": {}}
-        for lr in s.sweep_lrs:
-            for opt in ("muon", "adamw"):
-                n = self.get(opt, lr, until=s.sweep_steps)
-                sweep[opt][f"{lr:g}"] = self._sweep_row(n)
-        ok = [lr for lr in s.sweep_lrs if not sweep["muon"][f"{lr:g}"]["diverged"]]
-        if ok:
-            lr_star = max(ok, key=lambda lr: sweep["muon"][f"{lr:g}"]["peak_s"])
-            why = "largest max logit among the Muon sweep runs that did not diverge"
-        else:
-            lr_star = min(s.sweep_lrs)
-            why = "every Muon sweep run diverged; the smallest lr"
-        summ["lr_star"], summ["lr_star_why"] = lr_star, why
-        log(f"    lr* = {lr_star:g} ({why})")
-
-        # 2. Fig. 2 left: vanilla Muon at lr* --------------------------------
-        log("[2] Fig. 2 left: vanilla Muon at lr*")
-        mon = self.get("muon", lr_star)
-        summ["fig2_left"] = self._main_row(mon)
-        peak = summ["fig2_left"]["peak_s"]
-        tau_low = choose_tau_low(peak, s.tau_ablation) if math.isfinite(peak) else s.tau_ablation
-        summ["tau_low"] = tau_low
-
-        # 3. App. E: MuonClip and AdamW + QK-Clip in the sweep ----------------
-        log(f"[3] App. E: MuonClip and AdamW + QK-Clip (tau = {tau_low:g}) in the lr sweep")
-        sweep["muonclip"], sweep["adamw_clip"] = {}, {}
-        for lr in s.sweep_lrs:
-            for arm, opt, mode in (("muonclip", "muonclip", None), ("adamw_clip", "adamw", "clip")):
-                n = self.get(opt, lr, tau=tau_low, until=s.sweep_steps, mode=mode)
-                row = self._sweep_row(n)
-                row["clip"] = A.clip_summary(
-                    A.prefix(self.metrics[n], s.sweep_steps), tau_low, s.sweep_steps
-                )
-                sweep[arm][f"{lr:g}"] = row
-        both = [
-            lr
-            for lr in s.sweep_lrs
-            if not sweep["muon"][f"{lr:g}"]["diverged"]
-            and not sweep["adamw"][f"{lr:g}"]["diverged"]
-        ]
-        faster = [
-            lr
-            for lr in both
-            if sweep["muon"][f"{lr:g}"]["s_fixed"] > sweep["adamw"][f"{lr:g}"]["s_fixed"]
-        ]
-        summ["sweep"] = {
-            "lrs": list(s.sweep_lrs),
-            "fixed_step": s.sweep_steps - 1,
-            "tau": tau_low,
-            "runs": sweep,
-            "lrs_both_ok": both,
-            "lrs_muon_above_adamw": faster,
-        }
-
-        # 4. Fig. 2 right: MuonClip at lr*, tau = 100 and tau_low ------------
-        log(f"[4] Fig. 2 right: MuonClip at lr*, tau = {s.tau_k2:g} and {tau_low:g}")
-        summ["fig2_right"] = {}
-        for tau in dict.fromkeys((s.tau_k2, tau_low)):
-            if tau > peak:
-                # Nothing would ever clip: MuonClip is then bit-identical to the
-                # monitor run (tests/test_repro.py checks this identity), so the
-                # monitor run stands for it rather than a second, identical run.
-                n = mon
-                row = self._main_row(n)
-                row["identical_to_monitor_run"] = True
-            else:
-                n = self.get("muonclip", lr_star, tau=tau)
-                row = self._main_row(n)
-            row["clip"] = A.clip_summary(self.metrics[n], tau, s.steps)
-            summ["fig2_right"][f"{tau:g}"] = row
-
-        # 5. Fig. 12: Muon vs MuonClip(tau4), every seed, at every stable swept
-        # lr where the clip acts (the Muon sweep run's S exceeded tau), from
-        # the largest down. (The first full run compared at the largest such
-        # lr only; that was lr*, where vanilla Muon's S is ~1000 and its loss
-        # is already degraded, not the regime of K2's ablation, so the lower
-        # lrs were added, by this rule, rather than by picking one.)
-        tau4 = tau_low
-        acting = [
-            lr
-            for lr in s.sweep_lrs
-            if self._stable(sweep, lr, lr_star, summ["fig2_left"])
-            and sweep["muon"][f"{lr:g}"]["peak_s"] > tau4
-        ]
-        if acting:
-            lrs4 = [
-                (
-                    lr,
-                    f"a stable lr (no divergence, no loss spike) whose Muon max logit exceeded "
-                    f"tau = {tau4:g} in the sweep",
-                )
-                for lr in sorted(acting, reverse=True)
-            ]
-        else:
-            lrs4 = [self._stable_lr(sweep, lr_star, summ["fig2_left"], tau4)]
-        summ["fig12"] = []
-        for lr4, why4 in lrs4:
-            log(
-                f"[5] Fig. 12: Muon vs MuonClip tau = {tau4:g} at lr {lr4:g}, seeds {list(s.seeds)}"
-            )
-            summ["fig12"].append(self._fig12(lr4, why4, tau4))
-
-        # 6. overshoot over every clip run -----------------------------------
-        ov = []
-        for name, m in self.metrics.items():
-            cfg = self.configs[name]
-            if cfg["optimizer"] != "muonclip":
-                continue
-            c = A.clip_summary(m, cfg["tau"], cfg["steps"])
-            if c["first_clip_step"] >= 0:
-                ov.append(
-                    {
-                        "run": name,
-                        "tau": cfg["tau"],
-                        "first_clip_step": c["first_clip_step"],
-                        "overshoot": c["overshoot"],
-                        "overshoot_step": c["overshoot_step"],
-                    }
-                )
-        summ["overshoot"] = {"runs": ov, "max": max((r["overshoot"] for r in ov), default=math.nan)}
-
-        summ["wall_s_this_invocation"] = round(time.perf_counter() - t_start, 1)
-        summ["train_wall_s_total"] = round(
-            sum(st.get("wall_s", 0.0) for st in self.status.values()), 1
+        summ: dict[str, Any] = {"mode": s.name, "corpus": self.corpus}
+        log("[1] pre-sweep")
+        sweep = {opt: self.presweep(opt) for opt in ("muon", "adamw")}
+        summ["sweep"] = sweep
+        lr_m = sweep["muon"]["lr"] or min(sweep["muon"]["grid"])
+        lr_a = sweep["adamw"]["lr"] or min(sweep["adamw"]["grid"])
+        sch = S.schedule(lr_m, s)
+        summ["schedule"] = sch
+        # the fraction that makes qkclip_eqx's wsd decay over exactly total - decay_start steps
+        dec = sch["decay"] / sch["total"]
+        kw = dict(steps=sch["total"], decay=dec)
+        log(
+            f"    lr* Muon {lr_m:.4g}, AdamW {lr_a:.4g}; main runs {sch['total']} steps (flat {sch['flat']})"
         )
-        summ["n_runs"] = len(self.metrics)
-        summ["runs_trained_this_invocation"] = list(self.trained)
-        summ["n_steps_total"] = int(sum(len(m.steps) for m in self.metrics.values()))
+
+        main: dict[str, Any] = {"multipliers": {}}
+        for mult in s.lr_multipliers:
+            lr = lr_m * mult
+            log(f"[2] Muon and MuonClip at {mult:g}x lr* = {lr:.4g}")
+            muon = [self.get(self.spec("muon", lr, sd, **kw)) for sd in s.seeds]
+            tau = S.choose_tau([r["peak_probe_s"] for r in muon], s)
+            clip = [self.get(self.spec("muonclip", lr, sd, tau=tau, **kw)) for sd in s.seeds]
+            main["multipliers"][f"{mult:g}"] = {
+                "lr": lr,
+                "tau": tau,
+                "muon": muon,
+                "clip": clip,
+                "wd_time": S.wd_time(lr, s.weight_decay, sch["flat"]),
+            }
+        one = main["multipliers"]["1"]
+        log(f"[3] MuonClip at 1x lr*, wd {s.weight_decay_large:g}")
+        main["wd_large"] = [
+            self.get(self.spec("muonclip", lr_m, sd, tau=one["tau"], wd=s.weight_decay_large, **kw))
+            for sd in s.seeds
+        ]
+        log(f"[4] AdamW at 1x its lr* = {lr_a:.4g}")
+        main["adamw"] = [self.get(self.spec("adamw", lr_a, sd, **kw)) for sd in s.seeds]
+        summ["main"] = main
+        summ["verdicts"] = verdicts(summ, s)
+        summ["n_runs"] = len(self.rows)
+        summ["train_wall_s"] = round(sum(r["wall_s"] for r in self.rows.values()), 1)
+        summ["n_steps"] = int(sum(r["steps_run"] for r in self.rows.values()))
+        summ["trained_this_invocation"] = list(self.trained)
         return summ
 
-    # ------------------------------------------------------------------
-    def _sweep_row(self, n: str) -> dict[str, Any]:
-        """Numbers of the first sweep_steps steps (the run may go on further)."""
-        m, st = A.prefix(self.metrics[n], self.s.sweep_steps), dict(self.status[n])
-        if st["stopped"] == "nan" and st["step"] >= self.s.sweep_steps:
-            st["stopped"] = "partial"
-        pk, pk_step = A.peak_s(m)
-        return {
-            "run": n,
-            "peak_s": pk,
-            "peak_step": pk_step,
-            "s_fixed": A.s_at(m, self.s.sweep_steps - 1),
-            "diverged": A.diverged(m, st),
-            "stopped": st["stopped"],
-            "steps_run": min(st["step"], self.s.sweep_steps),
-            "final_train_loss": A.final_train_loss(m),
-            "spikes": len(A.spikes(m, self.s.spike_window, self.s.spike_factor)),
-        }
 
-    def _main_row(self, n: str) -> dict[str, Any]:
-        m, st = self.metrics[n], self.status[n]
-        pk, pk_step = A.peak_s(m)
-        sp = A.spikes(m, self.s.spike_window, self.s.spike_factor)
-        return {
-            "run": n,
-            "peak_s": pk,
-            "peak_step": pk_step,
-            "stopped": st["stopped"],
-            "steps_run": st["step"],
-            "diverged": A.diverged(m, st),
-            "spikes": sp,
-            "max_loss_ratio": A.max_loss_ratio(m, self.s.spike_window),
-            "loss_regression": A.loss_regression(m, self.s.spike_window),
-            "peak_s_by_layer": [float(x) for x in np.nanmax(m.max_logits, axis=(0, 2))],
-            "first_step_over": {
-                f"{t:g}": A.first_step_over(m, t)
-                for t in (self.s.tau_ablation, self.s.tau_k2, 1000.0)
-            },
-            "final_val_loss": A.final_val_loss(m),
-            "final_train_loss": A.final_train_loss(m),
-            "s_final": float(A.global_s(m)[-1]) if len(m.steps) else math.nan,
-        }
-
-    def _fig12(self, lr4: float, why4: str, tau4: float) -> dict[str, Any]:
-        s = self.s
-        rows = []
-        for seed in s.seeds:
-            a = self.get("muon", lr4, seed=seed)
-            b = self.get("muonclip", lr4, seed=seed, tau=tau4)
-            ma, mb = self.metrics[a], self.metrics[b]
-            va, vb = A.final_val_loss(ma), A.final_val_loss(mb)
-            cb = A.clip_summary(mb, tau4, s.steps)
-            rows.append(
-                {
-                    "seed": seed,
-                    "muon_run": a,
-                    "clip_run": b,
-                    "val_muon": va,
-                    "val_clip": vb,
-                    "diff": vb - va,
-                    "clip_ever": cb["ever_clipped"],
-                    "clip_steps": cb["steps_clipping"],
-                    "clip_last": cb["last_clip_step"],
-                    "clip_off_fraction": cb["clip_off_fraction"],
-                    "clip_by_layer": cb["ever_clipped_by_layer"],
-                    "overshoot": cb["overshoot"],
-                    "peak_s_muon": A.peak_s(ma)[0],
-                    "peak_s_clip": A.peak_s(mb)[0],
-                    "spikes_muon": len(A.spikes(ma, s.spike_window, s.spike_factor)),
-                    "spikes_clip": len(A.spikes(mb, s.spike_window, s.spike_factor)),
-                    "diverged_muon": A.diverged(ma, self.status[a]),
-                    "diverged_clip": A.diverged(mb, self.status[b]),
-                }
-            )
-        dm, ds = A.mean_std([r["diff"] for r in rows])
-        mm, ms = A.mean_std([r["val_muon"] for r in rows])
-        cm, cs = A.mean_std([r["val_clip"] for r in rows])
-        return {
-            "lr": lr4,
-            "lr_why": why4,
-            "tau": tau4,
-            "seeds": rows,
-            "diff_mean": dm,
-            "diff_std": ds,
-            "muon_mean": mm,
-            "muon_std": ms,
-            "clip_mean": cm,
-            "clip_std": cs,
-            "negligible": bool(math.isfinite(ms) and abs(dm) <= ms),
-        }
-
-    def _stable(self, sweep, lr, lr_star, mon_row) -> bool:
-        r = sweep["muon"][f"{lr:g}"]
-        ok = not r["diverged"] and r["spikes"] == 0
-        if lr == lr_star:
-            ok = ok and not mon_row["diverged"] and not mon_row["spikes"]
-        return ok
-
-    def _stable_lr(self, sweep, lr_star, mon_row, tau) -> tuple[float, str]:
-        """The largest swept lr whose Muon sweep run neither diverged nor
-        spiked (and, for lr*, whose full-length monitor run did neither) and
-        whose max logit exceeded tau, so that the clip acts; failing that the
-        largest stable lr; failing that the smallest lr."""
-        cands = [lr for lr in self.s.sweep_lrs if self._stable(sweep, lr, lr_star, mon_row)]
-        active = [lr for lr in cands if sweep["muon"][f"{lr:g}"]["peak_s"] > tau]
-        if active:
-            return (
-                max(active),
-                f"largest stable lr (no divergence, no loss spike) whose Muon max logit exceeded tau = {tau:g}",
-            )
-        if cands:
-            return max(
-                cands
-            ), f"largest stable lr; no stable lr's Muon max logit exceeded tau = {tau:g}"
-        return min(self.s.sweep_lrs), "no swept lr was stable; the smallest lr"
-
-
-def _use_compile_cache(path: pathlib.Path):
-    """JAX's persistent compilation cache: runs that differ only in the seed,
-    and every continued run, reuse the compiled train step (a few seconds to
-    a minute each on 2 CPU cores). The lr and tau are constants in the
-    compiled step, so other runs still compile."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    if jax.config.jax_compilation_cache_dir:
-        return lambda: None  # the caller chose a cache
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
+def verdicts(summ: dict[str, Any], s: S.Settings) -> dict[str, Any]:
+    """Apply every pre-registered rule to the summary; ``{claim: {word, why, ...}}``."""
+    sw, sch, main = summ["sweep"], summ["schedule"], summ["main"]
+    br_m = sw["muon"]["bracketed"]
+    br_both = br_m and sw["adamw"]["bracketed"]
+    out: dict[str, Any] = {}
+    for mult, m in main["multipliers"].items():
+        tag = f"{mult}x"
+        clipped = [r["clip"]["clipped"] for r in m["clip"]]
+        v = {}
+        v["fig2_left_explosion"] = S.verdict_explosion([r["peak_probe_s"] for r in m["muon"]], br_m)
+        v["fig2_left_spikes"] = S.verdict_spikes(
+            [len(r["spikes"]) for r in m["muon"]], [len(r["spikes"]) for r in m["clip"]], br_m
+        )
+        v["fig2_right_cap"] = S.verdict_cap(
+            [r["clip"]["overshoot_train"] for r in m["clip"]], clipped
+        )
+        v["fig2_right_switch_off"] = S.verdict_switch_off(
+            [r["clip"]["last"] for r in m["clip"]],
+            sch["decay_start"],
+            sch["flat"],
+            m["wd_time"],
+            s.wd_time,
+        )
+        v["appD_head_fraction"] = S.verdict_head_fraction(
+            [r["clip"]["fraction"] for r in m["clip"]], clipped
+        )
+        diffs = [c["final_val"] - u["final_val"] for u, c in zip(m["muon"], m["clip"])]
+        base = float(np.mean([u["final_val"] for u in m["muon"]]))
+        v["fig12_negligible"] = S.verdict_negligible(diffs, base, s.equivalence_margin, clipped)
+        out[tag] = {k: {"word": w, "why": y} for k, (w, y) in v.items()}
+    one = main["multipliers"]["1"]
+    limit = sch["decay_start"] - S.OFF_MARGIN * sch["flat"]
+    w, y = S.verdict_wd_hypothesis(
+        [r["clip"]["last"] for r in one["clip"]],
+        [r["clip"]["last"] for r in main["wd_large"]],
+        s.warmup_steps,
+        s.weight_decay_large / s.weight_decay,
+        limit,
     )
-    before = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (str(path), 0.0, -1)):
-        jax.config.update(n, v)
-
-    def restore() -> None:  # leave the process as it was (e.g. under pytest)
-        for n, v in before.items():
-            jax.config.update(n, v)
-        cc.reset_cache()
-
-    return restore
+    out["wd_hypothesis"] = {"word": w, "why": y}
+    lr_ratios = [
+        math.log(u["peak_probe_s"] / a["peak_probe_s"]) for u, a in zip(one["muon"], main["adamw"])
+    ]
+    w, y = S.verdict_muon_faster(lr_ratios, br_both)
+    out["appE_muon_faster"] = {"word": w, "why": y}
+    rd = [
+        u["stable_rank"]["all"] - a["stable_rank"]["all"]
+        for u, a in zip(one["muon"], main["adamw"])
+    ]
+    w, y = S.verdict_update_rank(rd)
+    out["appE_update_rank"] = {"word": w, "why": y}
+    return out
 
 
 def versions() -> dict[str, str]:
     import equinox
     import jax
-    import matplotlib
-    import numpy
     import optax
+
+    import qkclip_eqx
 
     return {
         "python": sys.version.split()[0],
         "jax": jax.__version__,
-        "jaxlib": _jaxlib(),
         "equinox": equinox.__version__,
         "optax": optax.__version__,
-        "numpy": numpy.__version__,
-        "matplotlib": matplotlib.__version__,
+        "numpy": np.__version__,
         "platform": platform.platform(),
-        "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
-        "qkclip_eqx": _lib_rev(),
+        "qkclip_eqx": _lib_rev(qkclip_eqx.__file__),
     }
 
 
-def _lib_rev() -> str:
-    """Which qkclip_eqx ran: $QKCLIP_EQX_REV if set, else its git commit (+ "dirty"
-    when its sources differ from it)."""
-    import os
+def _lib_rev(path: str) -> str:
+    """The git commit of the qkclip_eqx sources that ran (+ "uncommitted changes")."""
     import subprocess
 
-    import qkclip_eqx
-
-    if os.environ.get("QKCLIP_EQX_REV"):
-        return os.environ["QKCLIP_EQX_REV"]
-    src = pathlib.Path(qkclip_eqx.__file__).parent
+    src = pathlib.Path(path).parent
     try:
         rev = subprocess.run(
             ["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
@@ -440,76 +273,63 @@ def _lib_rev() -> str:
         return str(src)
 
 
-def _jaxlib() -> str:
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except Exception:  # pragma: no cover
-        return "?"
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m paper_repro.kimi_k2",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="the same pipeline at test size (~1-2 min)")
+    p.add_argument("--quick", action="store_true", help="the same pipeline at test size")
     p.add_argument(
         "--preset",
-        choices=sorted(MODES),
+        choices=sorted(S.MODES),
         default="full",
-        help="full (default, ~43 min on 2 CPU cores), quick, or gpu (for an accelerator)",
+        help="full (default; CPU), quick, or gpu (for an accelerator; not run)",
+    )
+    p.add_argument("--out", default=None, help="results folder; runs go to OUT/runs unless --runs")
+    p.add_argument("--runs", default=None, help="folder for the run directories")
+    p.add_argument(
+        "--no-train", action="store_true", help="only rebuild results from complete runs"
     )
     p.add_argument(
-        "--out",
+        "--stdlib",
         default=None,
-        help="results folder (results.md, PNGs, summary.json); runs go to OUT/runs. "
-        "Default: paper_repro/kimi_k2/results for full, paper_repro/kimi_k2/runs/<mode>/results otherwise",
-    )
-    p.add_argument(
-        "--runs", default=None, help="folder for the run directories (overrides OUT/runs)"
-    )
-    p.add_argument(
-        "--no-train",
-        action="store_true",
-        help="only rebuild results.md and figures from complete runs",
+        help="read the corpus files from this directory (default: this Python's)",
     )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    s = QUICK if args.quick else MODES[args.preset]
+    s = S.QUICK if args.quick else S.MODES[args.preset]
     if args.out is not None:
         out = pathlib.Path(args.out)
-        runs_dir = pathlib.Path(args.runs) if args.runs else out / "runs"
     else:
         out = HERE / "results" if s.name == "full" else HERE / "runs" / s.name / "results"
-        runs_dir = pathlib.Path(args.runs) if args.runs else HERE / "runs" / s.name
+    runs_dir = (
+        pathlib.Path(args.runs)
+        if args.runs
+        else (out / "runs" if args.out else HERE / "runs" / s.name)
+    )
     out.mkdir(parents=True, exist_ok=True)
-    print(f"kimi_k2 reproduction, mode {s.name}: runs in {runs_dir}, results in {out}", flush=True)
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
+    print(f"kimi_k2, mode {s.name}: runs in {runs_dir}, results in {out}", flush=True)
     t0 = time.perf_counter()
-    # Before any training: the qkclip_eqx revision that this process imported
-    # (the sources may change while the runs train).
-    vers = versions()
-    restore = _use_compile_cache(runs_dir / ".jax_cache")
-    try:
-        exp = Experiment(s, runs_dir, train=not args.no_train, log=log)
-        summ = exp.run_all()
-    finally:
-        restore()
-    summ["versions"] = vers
+    data, corpus = load_corpus(args.stdlib)
+    if not corpus["matches"]:
+        print(
+            "!" * 72
+            + f"\nCORPUS MISMATCH: sha256 {corpus['sha256']}\n  expected {corpus['expected_sha256']}\n"
+            + "!" * 72,
+            file=sys.stderr,
+            flush=True,
+        )
+    exp = Experiment(
+        s, runs_dir, data, corpus, train=not args.no_train, log=lambda m: print(m, flush=True)
+    )
+    summ = exp.run_all()
+    summ["versions"] = versions()
     summ["settings"] = {k: v for k, v in vars(s).items()}
-    summ["run_configs"] = exp.configs
-    summ["run_status"] = {
-        n: {k: v for k, v in st.items() if k != "config"} for n, st in exp.status.items()
-    }
-    report.write(summ, exp.metrics, out)
+    summ["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
+    report.write(summ, exp.logs, out)
     print(f"results: {out / 'results.md'} ({time.perf_counter() - t0:.0f}s)", flush=True)
     return summ

@@ -1,8 +1,6 @@
-"""Figures and ``results.md``, generated from the run logs and the summary.
-
-Every number in ``results.md`` is formatted from ``summary.json`` (which the
-pipeline computes from the runs' ``metrics.jsonl``); nothing is typed in.
-Figures use matplotlib's object-oriented API (no pyplot), at 80 dpi.
+"""Figures (one claim each, 130 dpi) and ``results.md``, from the summary and
+the run logs. Every number is formatted from ``summary.json``; every verdict
+is the word a rule of ``settings.py`` returned.
 """
 
 from __future__ import annotations
@@ -17,15 +15,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from . import analysis as A
+from . import settings as S
 
-DPI = 80
+DPI = 130
 
 
 def _fig(w: float, h: float, ncols: int = 1, nrows: int = 1, **kw):
     fig = Figure(figsize=(w, h), dpi=DPI)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
-    return fig, axes
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
 
 
 def _save(fig: Figure, path: pathlib.Path) -> str:
@@ -34,471 +32,362 @@ def _save(fig: Figure, path: pathlib.Path) -> str:
     return path.name
 
 
-def _f(x: Any, nd: int = 2) -> str:
+def _f(x: Any, nd: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}"
-    return str(x)
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
-def _smooth(y: np.ndarray, k: int) -> np.ndarray:
-    if len(y) < k or k <= 1:
-        return y
-    c = np.cumsum(np.insert(y, 0, 0.0))
-    out = np.empty_like(y)
-    out[k - 1 :] = (c[k:] - c[:-k]) / k
-    out[: k - 1] = c[1:k] / np.arange(1, k)
-    return out
-
-
-def _decay_start(settings: dict[str, Any]) -> float:
-    return settings["steps"] - round(settings["steps"] * settings["decay_fraction"])
+def _legend(ax) -> None:
+    ax.legend(fontsize=8, loc="best", framealpha=0.8)
 
 
 # ---------------------------------------------------------------------------
-def fig2_left(summ, metrics, out) -> str:
-    row = summ["fig2_left"]
-    m = metrics[row["run"]]
-    fig, ax = _fig(7, 5, nrows=2, sharex=True)
-    lay = m.max_logits.max(axis=2)
-    for i in range(lay.shape[1]):
-        ax[0, 0].plot(m.steps, lay[:, i], lw=1, label=f"layer {i}")
-    ax[0, 0].plot(m.steps, A.global_s(m), color="k", lw=1.5, label="max")
-    ax[0, 0].axhline(100, color="r", ls="--", lw=1, label="tau = 100 (K2)")
-    ax[0, 0].set_yscale("log")
-    ax[0, 0].set_ylabel("max logit S")
-    ax[0, 0].set_title(f"Fig. 2 left: vanilla Muon, lr {summ['lr_star']:g} (no clip)")
-    ax[0, 0].legend(fontsize=7, ncol=3)
-    ax[1, 0].plot(m.steps, m.loss, lw=0.8, color="C0", label="train loss")
-    if len(m.val_steps):
-        ax[1, 0].plot(m.val_steps, m.val_loss, "o--", ms=3, color="C1", label="val loss")
-    sp = row["spikes"]
-    if sp:
-        ax[1, 0].plot([p["step"] for p in sp], [p["loss"] for p in sp], "rv", ms=6, label="spike")
-    ax[1, 0].set_ylabel("loss (nats/byte)")
-    ax[1, 0].set_xlabel("step")
-    ax[1, 0].legend(fontsize=7)
-    for a in ax[:, 0]:
-        a.axvline(_decay_start(summ["settings"]), color="grey", ls=":", lw=1)
+def fig_presweep(summ, logs, out) -> str:
+    fig, ax = _fig(6.5, 4)
+    a = ax[0, 0]
+    for opt, col in (("muon", "C0"), ("adamw", "C1")):
+        sw = summ["sweep"][opt]
+        lrs = [r["lr"] for r in sw["runs"]]
+        v = [r["final_val"] for r in sw["runs"]]
+        a.plot(lrs, v, "o-", color=col, label=f"{opt}: lr* = {sw['lr']}")
+        for r in sw["runs"]:
+            if r["diverged"]:
+                a.plot(
+                    [r["lr"]],
+                    [r["final_val"] if math.isfinite(r["final_val"]) else max(v)],
+                    "x",
+                    color="k",
+                    ms=9,
+                )
+    a.plot([], [], "x", color="k", label="diverged (rule of settings.diverged)")
+    a.set_xscale("log")
+    a.set_xlabel("lr")
+    a.set_ylabel("final val loss (nats/byte)")
+    a.set_title("Pre-sweep: each optimizer's best lr must be bracketed")
+    _legend(a)
+    return _save(fig, out / "presweep.png")
+
+
+def fig2_left(summ, logs, out) -> str:
+    mults = summ["main"]["multipliers"]
+    fig, ax = _fig(5 * len(mults), 4, ncols=len(mults), sharey=True)
+    for j, (mult, m) in enumerate(mults.items()):
+        a = ax[0, j]
+        for k, r in enumerate(m["muon"]):
+            st, pm = A.probe_max(logs[r["run"]])
+            a.plot(st, pm, lw=1, color=f"C{k}", label=f"Muon seed {r['seed']}")
+        a.axhline(S.K2_LOGIT_EXPLOSION, color="r", ls="--", lw=1, label="1000 (K2 Fig. 2 left)")
+        a.axhline(m["tau"], color="k", ls=":", lw=1, label=f"tau = {m['tau']:g} (MuonClip)")
+        a.axvline(
+            summ["schedule"]["decay_start"], color="grey", ls="-.", lw=1, label="lr decay starts"
+        )
+        a.set_yscale("log")
+        a.set_xlabel("step")
+        a.set_title(f"vanilla Muon, {mult}x lr* = {m['lr']:.3g}")
+        _legend(a)
+    ax[0, 0].set_ylabel("max logit S on the probe batch")
     return _save(fig, out / "fig2_left_muon.png")
 
 
-def fig2_right(summ, metrics, out) -> str:
-    taus = list(summ["fig2_right"])
-    mon = metrics[summ["fig2_left"]["run"]]
-    fig, ax = _fig(4 * len(taus), 5, ncols=len(taus), nrows=2, sharex=True)
-    for j, t in enumerate(taus):
-        row = summ["fig2_right"][t]
-        m = metrics[row["run"]]
-        tau = float(t)
+def fig2_right(summ, logs, out) -> str:
+    mults = summ["main"]["multipliers"]
+    fig, ax = _fig(5 * len(mults), 4, ncols=len(mults))
+    for j, (mult, m) in enumerate(mults.items()):
         a = ax[0, j]
-        a.plot(mon.steps, A.global_s(mon), color="0.7", lw=1, label="Muon (no clip)")
-        a.plot(m.steps, A.global_s(m), color="C3", lw=1.2, label="MuonClip")
-        a.axhline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
-        c = row["clip"]
-        if c["last_clip_step"] >= 0:
-            a.axvline(c["last_clip_step"], color="C2", lw=1, label="last clip")
-        a.set_yscale("log")
-        a.set_title(f"MuonClip tau = {tau:g}, lr {summ['lr_star']:g}", fontsize=9)
-        a.set_ylabel("max logit S")
-        a.legend(fontsize=7)
-        b = ax[1, j]
-        b.plot(m.steps, m.heads_clipped, color="C3", lw=0.8)
-        b.set_ylabel("heads clipped")
-        b.set_xlabel("step")
-        for x in (a, b):
-            x.axvline(_decay_start(summ["settings"]), color="grey", ls=":", lw=1)
+        for k, r in enumerate(m["clip"]):
+            st, pm = A.probe_max(logs[r["run"]])
+            a.plot(st, pm / m["tau"], lw=1, color=f"C{k}", label=f"MuonClip seed {r['seed']}")
+            if r["clip"]["last"] >= 0:
+                a.axvline(r["clip"]["last"], color=f"C{k}", ls=":", lw=1)
+        a.axhline(1.0, color="k", ls="--", lw=1, label="tau")
+        a.axvline(
+            summ["schedule"]["decay_start"], color="grey", ls="-.", lw=1, label="lr decay starts"
+        )
+        a.set_xlabel("step (dotted: each seed's last clip)")
+        a.set_ylabel("probe S / tau")
+        a.set_title(f"MuonClip, {mult}x lr*, tau = {m['tau']:g}")
+        _legend(a)
     return _save(fig, out / "fig2_right_muonclip.png")
 
 
-def appd(summ, metrics, out) -> str:
-    taus = list(summ["fig2_right"])
-    fig, ax = _fig(8, 3.2, ncols=2)
-    width = 0.8 / max(1, len(taus))
-    for j, t in enumerate(taus):
-        c = summ["fig2_right"][t]["clip"]
-        by = c["ever_clipped_by_layer"]
-        ax[0, 0].bar(np.arange(len(by)) + j * width, by, width, label=f"tau = {t}")
-        m = metrics[summ["fig2_right"][t]["run"]]
-        ax[0, 1].plot(m.steps, A.ever_clipped_curve(m, float(t)), label=f"tau = {t}")
-    ax[0, 0].set_xlabel("layer")
-    ax[0, 0].set_ylabel("fraction of heads ever clipped")
-    ax[0, 0].set_ylim(0, 1.05)
-    ax[0, 0].legend(fontsize=7)
-    ax[0, 1].set_xlabel("step")
-    ax[0, 1].set_ylabel("heads clipped so far (fraction)")
-    ax[0, 1].set_ylim(0, 1.05)
-    ax[0, 1].axhline(0.127, color="grey", ls=":", lw=1, label="K2: 12.7%")
-    ax[0, 1].legend(fontsize=7)
-    fig.suptitle(f"App. D: heads that triggered QK-Clip (lr {summ['lr_star']:g})", fontsize=9)
-    return _save(fig, out / "appD_heads_clipped.png")
-
-
-def fig12(summ, metrics, out) -> str:
-    comps = summ["fig12"]
-    fig, ax = _fig(7.5, 2.4 * len(comps), ncols=2, nrows=len(comps))
-    k = max(1, summ["settings"]["steps"] // 25)
-    for i, f in enumerate(comps):
-        for r in f["seeds"]:
-            for key, col, lab in (
-                ("muon_run", "C0", "Muon"),
-                ("clip_run", "C3", f"MuonClip tau={f['tau']:g}"),
-            ):
-                m = metrics[r[key]]
-                ax[i, 0].plot(
-                    m.steps,
-                    _smooth(m.loss, k),
-                    color=col,
-                    lw=0.8,
-                    label=lab if r is f["seeds"][0] else None,
-                )
-        ax[i, 0].set_xlabel("step")
-        ax[i, 0].set_ylabel(f"train loss (mean of {k})")
-        ax[i, 0].legend(fontsize=7)
-        ax[i, 0].set_title(f"lr {f['lr']:g}", fontsize=9)
-        lo = min(min(r["val_muon"], r["val_clip"]) for r in f["seeds"])
-        ax[i, 0].set_ylim(lo - 0.1, lo + 1.5)
-        seeds = [r["seed"] for r in f["seeds"]]
-        ax[i, 1].plot(seeds, [r["val_muon"] for r in f["seeds"]], "o", color="C0", label="Muon")
-        ax[i, 1].plot(seeds, [r["val_clip"] for r in f["seeds"]], "s", color="C3", label="MuonClip")
-        ax[i, 1].set_xlabel("seed")
-        ax[i, 1].set_ylabel("final val loss")
-        ax[i, 1].set_xticks(seeds)
-        ax[i, 1].legend(fontsize=7)
-        ax[i, 1].set_title(
-            f"lr {f['lr']:g}: MuonClip - Muon = {f['diff_mean']:+.3f} ± {_f(f['diff_std'], 3)}",
-            fontsize=9,
-        )
-    fig.suptitle(f"Fig. 12: Muon vs MuonClip tau = {comps[0]['tau']:g}", fontsize=9)
-    return _save(fig, out / "fig12_loss.png")
-
-
-def appe(summ, metrics, out) -> str:
-    sw = summ["sweep"]
-    lrs = sw["lrs"]
-    fig, ax = _fig(8, 3.2, ncols=2)
-    arms = (
-        ("muon", "C0", "o", "Muon", "-"),
-        ("adamw", "C2", "^", "AdamW", "-"),
-        ("muonclip", "C3", "s", f"MuonClip tau={sw['tau']:g}", "--"),
-        ("adamw_clip", "C1", "v", f"AdamW + QK-Clip tau={sw['tau']:g}", "--"),
+def fig_appd(summ, logs, out) -> str:
+    fig, ax = _fig(6, 4)
+    a = ax[0, 0]
+    mults = summ["main"]["multipliers"]
+    xs, med = [], []
+    for m in mults.values():
+        fr = [r["clip"]["fraction"] for r in m["clip"]]
+        a.plot([m["lr"]] * len(fr), fr, "o", color="C3", alpha=0.7)
+        xs.append(m["lr"])
+        med.append(float(np.median(fr)))
+    a.plot(xs, med, "-", color="C3", label="median over seeds (dots: seeds)")
+    a.axhline(S.K2_HEAD_FRACTION, color="grey", ls=":", label="K2 App. D: 12.7%")
+    a.axhline(S.HEAD_FRACTION_LIMIT, color="k", ls="--", lw=1, label="pre-registered limit 25.4%")
+    a.set_xscale("log")
+    a.set_ylim(0, 1.02)
+    a.set_xlabel("lr (MuonClip, wd 0.1)")
+    a.set_ylabel("fraction of heads ever clipped")
+    a.set_title(
+        f"App. D: heads that triggered QK-Clip ({mults['1']['clip'][0]['clip']['n_heads']} heads)"
     )
-    for arm, col, mk, lab, ls in arms:
-        if arm not in sw["runs"]:
-            continue
-        rows = [sw["runs"][arm][f"{lr:g}"] for lr in lrs]
-        y = [r["s_fixed"] for r in rows]
-        kw = dict(color=col, label=lab, ls=ls, marker=mk, mfc="none" if ls == "--" else col)
-        ax[0, 0].plot(lrs, y, **kw)
-        ax[0, 1].plot(lrs, [r["final_train_loss"] for r in rows], **kw)
-        for lr, r in zip(lrs, rows):
-            if r["diverged"]:
-                yy = r["s_fixed"] if math.isfinite(r["s_fixed"]) else r["peak_s"]
-                ax[0, 0].plot([lr], [yy], "x", color="k", ms=9)
-    ax[0, 0].axhline(sw["tau"], color="k", ls="--", lw=1)
-    for a in ax[0]:
-        a.set_xscale("log")
-        a.set_xlabel("peak lr")
-    ax[0, 0].set_yscale("log")
-    ax[0, 0].set_ylabel(f"max logit S at step {sw['fixed_step']}")
-    ax[0, 1].set_ylabel("train loss, last 20 steps")
-    ax[0, 0].legend(fontsize=7)
-    fig.suptitle("App. E: max logit vs lr (x: diverged)", fontsize=9)
-    return _save(fig, out / "appE_lr_sweep.png")
+    _legend(a)
+    return _save(fig, out / "appD_head_fraction.png")
 
 
-def overshoot(summ, metrics, out) -> str:
-    fig, ax = _fig(7, 3)
-    for i, r in enumerate(summ["overshoot"]["runs"]):
-        m = metrics[r["run"]]
-        ax[0, 0].plot(
-            m.steps,
-            A.global_s(m) / r["tau"],
-            lw=0.8,
-            color=f"C{i % 10}",
-            label=r["run"].split("/")[-1],
+def fig12(summ, logs, out) -> str:
+    fig, ax = _fig(6, 4)
+    a = ax[0, 0]
+    mults = summ["main"]["multipliers"]
+    for i, m in enumerate(mults.values()):
+        d = [c["final_val"] - u["final_val"] for u, c in zip(m["muon"], m["clip"])]
+        ci = S.paired_ci(d)
+        marg = summ["settings"]["equivalence_margin"] * float(
+            np.mean([u["final_val"] for u in m["muon"]])
         )
-    ax[0, 0].axhline(1.0, color="k", ls="--", lw=1)
-    ax[0, 0].set_xlabel("step")
-    ax[0, 0].set_ylabel("max S / tau")
-    ax[0, 0].set_yscale("log")
-    ax[0, 0].legend(fontsize=5, ncol=2)
-    ax[0, 0].set_title(
-        f"Overshoot: max S/tau after the first clip = {_f(summ['overshoot']['max'], 3)}", fontsize=9
+        a.plot([i] * len(d), d, "o", color="C0", alpha=0.6, label="seeds" if i == 0 else None)
+        if math.isfinite(ci["lo"]):
+            a.errorbar(
+                [i + 0.15],
+                [ci["mean"]],
+                yerr=[[ci["mean"] - ci["lo"]], [ci["hi"] - ci["mean"]]],
+                fmt="s",
+                color="k",
+                capsize=4,
+                label="mean, paired 95% CI" if i == 0 else None,
+            )
+        a.fill_between(
+            [i - 0.3, i + 0.45],
+            -marg,
+            marg,
+            color="C2",
+            alpha=0.2,
+            label="equivalence margin (+-1%)" if i == 0 else None,
+        )
+    a.axhline(0, color="k", lw=1)
+    a.set_xticks(range(len(mults)), [f"{k}x lr*\ntau {m['tau']:g}" for k, m in mults.items()])
+    a.set_ylabel("MuonClip - Muon final val loss")
+    a.set_title("Fig. 12: does QK-Clip change the loss?")
+    _legend(a)
+    return _save(fig, out / "fig12_paired.png")
+
+
+def fig_appe(summ, logs, out) -> str:
+    main = summ["main"]
+    one = main["multipliers"]["1"]
+    fig, ax = _fig(13, 4, ncols=3)
+    for u, w in zip(one["muon"], main["adamw"]):
+        ax[0, 0].plot([0, 1], [u["peak_probe_s"], w["peak_probe_s"]], "o-", color="0.4")
+        ax[0, 1].plot([0, 1], [u["stable_rank"]["all"], w["stable_rank"]["all"]], "o-", color="0.4")
+    for a, lab in ((ax[0, 0], "peak probe S"), (ax[0, 1], "mean stable rank of attention updates")):
+        a.set_xticks(
+            [0, 1], [f"Muon\nlr {one['lr']:.3g}", f"AdamW\nlr {main['adamw'][0]['lr']:.3g}"]
+        )
+        a.set_ylabel(lab)
+        a.set_xlim(-0.4, 1.4)
+    ax[0, 0].set_title("App. E: max logit, each at its own lr* (lines: seeds)")
+    ax[0, 1].set_title("App. E mechanism: update stable rank")
+    b = ax[0, 2]
+    for rows, col, lab in ((one["muon"], "C0", "Muon"), (main["adamw"], "C1", "AdamW")):
+        for k, r in enumerate(rows):
+            st, p = A.norm_products(logs[r["run"]])
+            b.plot(st, p, color=col, lw=1, label=lab if k == 0 else None)
+    b.set_yscale("log")
+    b.set_xlabel("step")
+    b.set_ylabel("max over heads of ||q_C|| ||k_C||")
+    b.set_title("spectral norms over training")
+    _legend(b)
+    return _save(fig, out / "appE_muon_vs_adamw.png")
+
+
+def fig_overshoot(summ, logs, out) -> str:
+    fig, ax = _fig(6, 4)
+    a = ax[0, 0]
+    groups = [(f"{k}x lr*", m["clip"]) for k, m in summ["main"]["multipliers"].items()]
+    groups.append(
+        (f"1x lr*, wd {summ['settings']['weight_decay_large']:g}", summ["main"]["wd_large"])
     )
+    for i, (_, rows) in enumerate(groups):
+        tr = [
+            r["clip"]["overshoot_train"]
+            for r in rows
+            if math.isfinite(r["clip"]["overshoot_train"])
+        ]
+        ov = [r["clip"]["overshoot"] for r in rows if math.isfinite(r["clip"]["overshoot"])]
+        g = [r["clip"]["update_growth"] for r in rows if math.isfinite(r["clip"]["update_growth"])]
+        a.plot(
+            [i - 0.2] * len(tr),
+            tr,
+            "D",
+            color="k",
+            alpha=0.7,
+            label="training-batch S / tau (the verdict's number)" if i == 0 else None,
+        )
+        a.plot(
+            [i] * len(ov),
+            ov,
+            "o",
+            color="C3",
+            alpha=0.7,
+            label="probe S / tau" if i == 0 else None,
+        )
+        a.plot(
+            [i + 0.2] * len(g),
+            g,
+            "s",
+            color="C0",
+            alpha=0.7,
+            label="one update's growth of S (fixed data)" if i == 0 else None,
+        )
+    a.axhline(1.0, color="k", lw=1, label="tau")
+    a.axhline(
+        S.CAP_TOLERANCE,
+        color="k",
+        ls="--",
+        lw=1,
+        label=f"pre-registered tolerance {S.CAP_TOLERANCE}",
+    )
+    a.set_xticks(range(len(groups)), [g[0] for g in groups])
+    a.set_ylabel("largest value after the first clip")
+    a.set_title("Overshoot of the cap, by lr (dots: seeds)")
+    _legend(a)
     return _save(fig, out / "overshoot.png")
 
 
+def fig_wd(summ, logs, out) -> str:
+    fig, ax = _fig(6, 4)
+    a = ax[0, 0]
+    one, big = summ["main"]["multipliers"]["1"]["clip"], summ["main"]["wd_large"]
+    w0, w1 = summ["settings"]["weight_decay"], summ["settings"]["weight_decay_large"]
+    for r0, r1 in zip(one, big):
+        a.plot([w0, w1], [r0["clip"]["last"], r1["clip"]["last"]], "o-", color="0.4")
+    warm = summ["settings"]["warmup_steps"]
+    t0 = np.median([r["clip"]["last"] for r in one]) - warm
+    a.plot(
+        [w0, w1],
+        [warm + t0, warm + t0 * w0 / w1],
+        "--",
+        color="C2",
+        label="hypothesis: t_off - warmup ~ 1/wd",
+    )
+    a.axhline(summ["schedule"]["decay_start"], color="grey", ls="-.", label="lr decay starts")
+    a.set_xlabel("weight decay")
+    a.set_ylabel("last clip step")
+    a.set_title("Hypothesis (not the paper's): switch-off ~ 1/(lr x wd)")
+    _legend(a)
+    return _save(fig, out / "wd_hypothesis.png")
+
+
 # ---------------------------------------------------------------------------
-def results_md(summ, figs) -> str:
-    s = summ["settings"]
-    L: list[str] = []
-    w = L.append
-    w(f"# Kimi K2 stability experiments, small scale: results ({summ['mode']} mode)\n")
-    w(
-        "Generated by `python -m paper_repro.kimi_k2"
-        + ("" if summ["mode"] == "full" else f" --preset {summ['mode']}")
-        + "` from the runs' "
-        "`metrics.jsonl`; every number below is computed from those logs.\n"
-    )
-    mdl = s["model"]
-    w(
-        f"- Model: MLA Transformer, {mdl['n_layers']} layers, width {mdl['dim']}, {mdl['n_heads']} heads "
-        f"({mdl['n_layers'] * mdl['n_heads']} heads in all), q/k head dim {mdl['qk_nope_head_dim']}+"
-        f"{mdl['qk_rope_head_dim']} (RoPE), kv latent {mdl['kv_lora_rank']}, MLP {mdl['mlp_hidden']}; "
-        f"byte tokens (vocab 256) of the Python standard library ({s['max_bytes']:,} train bytes max)."
-    )
-    w(
-        f"- Batch {s['batch_size']} x {s['seq_len']} tokens. Main runs {s['steps']} steps: WSD, warmup "
-        f"{s['warmup_steps']}, linear decay over the last {s['decay_fraction']:.0%} (from step "
-        f"{_decay_start(s):g}), weight decay {s['weight_decay']}. Sweep runs {s['sweep_steps']} steps, "
-        f"constant lr after the warmup."
-    )
-    w(
-        f"- Seeds: {list(s['seeds'])} (Fig. 12); seed 0 elsewhere. A loss spike: loss > "
-        f"{s['spike_factor']} x the median of the previous {s['spike_window']} steps. Diverged: a "
-        "non-finite loss, or the mean of the last 10 losses not below that of the first 10."
-    )
-    v = summ["versions"]
-    w(
-        f"- Software: Python {v['python']}, jax {v['jax']} (jaxlib {v['jaxlib']}), equinox "
-        f"{v['equinox']}, optax {v['optax']}, numpy {v['numpy']}, matplotlib {v['matplotlib']}; "
-        f"backend {v['backend']} ({v['device']}), {v['platform']}; qkclip_eqx {v['qkclip_eqx']}."
-    )
-    trained = summ.get("runs_trained_this_invocation", [])
-    reused = summ["n_runs"] - len(trained)
-    w(
-        f"- Runs: {summ['n_runs']}, {summ['n_steps_total']:,} training steps, "
-        f"{summ['train_wall_s_total'] / 60:.1f} min of training (sum of the runs' wall times). "
-        f"This invocation trained {len(trained)} of them"
-        + (
-            f"; the other {reused} were complete and reused as they were (trained by earlier "
-            "invocations, possibly with an earlier qkclip_eqx)"
-            if reused
-            else ""
-        )
-        + ".\n"
-    )
+CLAIMS = [
+    ("fig2_left_explosion", "Fig. 2 left: vanilla Muon's max logit exceeds 1000"),
+    ("fig2_left_spikes", "Fig. 2 left: loss spikes with vanilla Muon, removed by MuonClip"),
+    ("fig2_right_cap", "Fig. 2 right: MuonClip holds S at tau"),
+    ("fig2_right_switch_off", "Fig. 2 right: the clip switches off while the lr is at its peak"),
+    ("appD_head_fraction", "App. D: a minority of heads (12.7%) trigger the clip"),
+    ("fig12_negligible", "Fig. 12: QK-Clip has negligible impact on the loss"),
+]
 
-    # 1 --------------------------------------------------------------------
-    sw = summ["sweep"]
-    w("## 1. Fig. 2 left: vanilla Muon (max logit monitored, never clipped)\n")
-    w(f"lr sweep ({s['sweep_steps']} steps each), Muon:\n")
-    w("| lr | max S | at step | S at last step | final train loss | spikes | diverged |")
-    w("|---|---|---|---|---|---|---|")
-    for lr in sw["lrs"]:
-        r = sw["runs"]["muon"][f"{lr:g}"]
-        w(
-            f"| {lr:g} | {_f(r['peak_s'], 1)} | {r['peak_step']} | {_f(r['s_fixed'], 1)} | "
-            f"{_f(r['final_train_loss'], 3)} | {r['spikes']} | {'yes' if r['diverged'] else 'no'} |"
-        )
-    r = summ["fig2_left"]
-    w(f"\nChosen lr* = **{summ['lr_star']:g}** ({summ['lr_star_why']}).\n")
-    w(
-        f"Full-length run at lr*, {s['steps']} steps: **largest max logit S = {_f(r['peak_s'], 1)} at "
-        f"step {r['peak_step']}**; S at the last step {_f(r['s_final'], 1)}; "
-        f"**loss spikes: {len(r['spikes'])}** (largest loss / running median: {_f(r['max_loss_ratio'], 3)}); "
-        f"largest rise of the {s['spike_window']}-step mean loss above its earlier minimum: "
-        f"{_f(r['loss_regression'][0], 3)} (at step {r['loss_regression'][1]}); "
-        "first step with S above "
-        + ", ".join(f"{k}: {v}" for k, v in r["first_step_over"].items())
-        + "; "
-        "largest S per layer: " + ", ".join(f"{x:.1f}" for x in r["peak_s_by_layer"]) + "; "
-        f"diverged: {'yes' if r['diverged'] else 'no'} (stopped: {r['stopped']} at step {r['steps_run']}); "
-        f"final val loss {_f(r['final_val_loss'], 4)}."
-    )
-    if r["spikes"]:
-        w("Spikes at steps: " + ", ".join(str(p["step"]) for p in r["spikes"]) + ".")
-    w(f"\n![Fig. 2 left]({figs['fig2_left']})\n")
 
-    # 2 --------------------------------------------------------------------
-    w("## 2. Fig. 2 right: MuonClip at lr*\n")
-    w(
-        f"tau_low = {summ['tau_low']:g}, chosen from the monitor run's largest S "
-        f"({_f(r['peak_s'], 1)}): 30 (K2's ablation value) when that S is at least 45, else half of it.\n"
-    )
-    w(
-        "| tau | max S (step) | first clip | last clip | clipping switched off after | steps clipping | "
-        "most heads at once | spikes | largest rise of mean loss | final val loss |"
-    )
-    w("|---|---|---|---|---|---|---|---|---|---|")
-    for t, row in summ["fig2_right"].items():
-        c = row["clip"]
-        off = (
-            f"step {c['clip_off_after']} = **{c['clip_off_fraction']:.1%}** of training"
-            if c["last_clip_step"] >= 0
-            else "never clipped"
-        )
-        if row.get("identical_to_monitor_run"):
-            off += " (S never exceeded tau, so MuonClip is the monitor run itself)"
-        w(
-            f"| {t} | {_f(row['peak_s'], 1)} ({row['peak_step']}) | {c['first_clip_step']} | "
-            f"{c['last_clip_step']} | {off} | {c['steps_clipping']} | {c['max_heads_clipped']} | "
-            f"{len(row['spikes'])} | {_f(row['loss_regression'][0], 3)} | {_f(row['final_val_loss'], 4)} |"
-        )
-    w(f"\nVanilla Muon at the same lr: final val loss {_f(r['final_val_loss'], 4)}.")
-    w(
-        f"\nK2: the max logit reaches 100 and decays to a stable range after about 30% of training. "
-        f"Here the lr decay starts at step {_decay_start(s):g} "
-        f"({_decay_start(s) / s['steps']:.0%} of training)."
-    )
-    w(f"\n![Fig. 2 right]({figs['fig2_right']})\n")
-
-    # 3 --------------------------------------------------------------------
-    w("## 3. App. D: heads that ever triggered QK-Clip\n")
-    w(
-        "| tau | all heads | "
-        + " | ".join(f"layer {i}" for i in range(s["model"]["n_layers"]))
-        + " | no head triggers after step |"
-    )
-    w("|---|---|" + "---|" * s["model"]["n_layers"] + "---|")
-    for t, row in summ["fig2_right"].items():
-        c = row["clip"]
-        w(
-            f"| {t} | **{c['ever_clipped']:.1%}** | "
-            + " | ".join(f"{x:.0%}" for x in c["ever_clipped_by_layer"])
-            + f" | {c['clip_off_after'] if c['last_clip_step'] >= 0 else 'never clipped'} |"
-        )
-    w("\nThe same for every MuonClip run of Fig. 12 (section 4):\n")
-    w(
-        "| lr | seed | all heads | "
-        + " | ".join(f"layer {i}" for i in range(s["model"]["n_layers"]))
-        + " | no head triggers after step |"
-    )
-    w("|---|---|---|" + "---|" * s["model"]["n_layers"] + "---|")
-    for f in summ["fig12"]:
-        for r in f["seeds"]:
-            off = (
-                f"{r['clip_last'] + 1} ({r['clip_off_fraction']:.0%})"
-                if r["clip_last"] >= 0
-                else "never clipped"
-            )
-            w(
-                f"| {f['lr']:g} | {r['seed']} | {r['clip_ever']:.1%} | "
-                + " | ".join(f"{x:.0%}" for x in r["clip_by_layer"])
-                + f" | {off} |"
-            )
-    w("\nK2: 12.7% of heads triggered QK-Clip in the first 70k steps; none after 70k (of ~220k).")
-    w(f"\n![App. D]({figs['appd']})\n")
-
-    # 4 --------------------------------------------------------------------
-    comps = summ["fig12"]
-    w(f"## 4. Fig. 12: Muon vs MuonClip tau = {comps[0]['tau']:g}\n")
-    for f in comps:
-        w(f"### lr {f['lr']:g}\n")
-        w(f"lr {f['lr']:g}: {f['lr_why']}.\n")
-        w(
-            "| seed | val loss Muon | val loss MuonClip | MuonClip - Muon | max S Muon | heads ever clipped | "
-            "last clip | spikes Muon / MuonClip |"
-        )
-        w("|---|---|---|---|---|---|---|---|")
-        for r in f["seeds"]:
-            w(
-                f"| {r['seed']} | {r['val_muon']:.4f} | {r['val_clip']:.4f} | {r['diff']:+.4f} | "
-                f"{_f(r['peak_s_muon'], 1)} | {r['clip_ever']:.0%} | {r['clip_last']} | "
-                f"{r['spikes_muon']} / {r['spikes_clip']} |"
-            )
-        w(
-            f"\nMuon {f['muon_mean']:.4f} ± {_f(f['muon_std'], 4)}, MuonClip {f['clip_mean']:.4f} ± "
-            f"{_f(f['clip_std'], 4)} (mean ± std over {len(f['seeds'])} seeds). **lr {f['lr']:g}: MuonClip - Muon = "
-            f"{f['diff_mean']:+.4f} ± {_f(f['diff_std'], 4)}** (paired by seed; "
-            f"{f['diff_mean'] / f['muon_mean']:+.2%} of the loss). "
+def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
+    c, s, sch, v = summ["corpus"], summ["settings"], summ["schedule"], summ["verdicts"]
+    L = [f"# Kimi K2 stability claims at small scale: results ({summ['mode']} mode)", ""]
+    if not c["matches"]:
+        L += [
+            "> **CORPUS MISMATCH.** These runs read a corpus with sha256 "
+            f"`{c['sha256']}`, not the pre-registered `{c['expected_sha256']}` "
+            f"({len(c['missing'])} file(s) missing, {len(c['differing'])} differing). "
+            "The numbers below are not comparable with results of the pre-registered corpus.",
+            "",
+        ]
+    ver = summ["versions"]
+    L += [
+        "Generated by `python -m paper_repro.kimi_k2` from the runs' `metrics.jsonl`; every verdict is "
+        "the return value of a rule in `settings.py`, fixed before the runs.",
+        "",
+        f"- Corpus: {c['files']} stdlib files, {c['bytes']:,} bytes, sha256 `{c['sha256']}` "
+        f"({'the pre-registered corpus' if c['matches'] else 'NOT the pre-registered corpus'}); read on Python {c['python']}.",
+        f"- Model: {s['model']}; batch {s['batch_size']} x {s['seq_len']}.",
+        f"- Main runs: {sch['total']} steps: warmup {sch['warmup']}, flat {sch['flat']}, decay from step "
+        f"{sch['decay_start']}; wd {s['weight_decay']:g} (and {s['weight_decay_large']:g}); seeds {list(s['seeds'])}.",
+        f"- Runs: {summ['n_runs']}, {summ['n_steps']:,} steps, {summ['train_wall_s'] / 60:.1f} min of training "
+        f"(sum of run wall times); this invocation trained {len(summ['trained_this_invocation'])} of them "
+        f"and took {summ['wall_s_this_invocation'] / 60:.1f} min.",
+        f"- Software: Python {ver['python']}, jax {ver['jax']}, equinox {ver['equinox']}, optax {ver['optax']}, "
+        f"numpy {ver['numpy']}; backend {ver['backend']}; {ver['platform']}; qkclip_eqx {ver['qkclip_eqx']}.",
+        "",
+        "## Verdicts",
+        "",
+        "| claim | " + " | ".join(f"{k}x lr*" for k in summ["main"]["multipliers"]) + " |",
+        "|---|" + "---|" * len(summ["main"]["multipliers"]),
+    ]
+    for key, text in CLAIMS:
+        cells = [f"**{v[m][key]['word']}**: {v[m][key]['why']}" for m in v if m.endswith("x")]
+        L.append(f"| {text} | " + " | ".join(cells) + " |")
+    L += [
+        "",
+        f"- App. E: Muon grows max logits more than AdamW (each at its own lr*): "
+        f"**{v['appE_muon_faster']['word']}**: {v['appE_muon_faster']['why']}.",
+        f"- App. E mechanism: Muon's updates have a higher stable rank: "
+        f"**{v['appE_update_rank']['word']}**: {v['appE_update_rank']['why']}.",
+        f"- Hypothesis (ours, not the paper's), switch-off time ~ 1/(lr x wd): "
+        f"**{v['wd_hypothesis']['word']}**: {v['wd_hypothesis']['why']}.",
+        "",
+    ]
+    L += ["## Pre-sweep", ""]
+    for opt in ("muon", "adamw"):
+        sw = summ["sweep"][opt]
+        L += [
+            f"{opt}: lr* = **{sw['lr']}** ({sw['why']}; bracketed: {'yes' if sw['bracketed'] else 'NO, ' + str(sw['edge']) + ' end'}).",
+            "",
+            "| lr | final val loss | diverged | peak probe S | spikes |",
+            "|---|---|---|---|---|",
+        ]
+        L += [
+            f"| {r['lr']:.4g} | {_f(r['final_val'])} | {'yes' if r['diverged'] else 'no'} | "
+            f"{_f(r['peak_probe_s'], 1)} | {len(r['spikes'])} |"
+            for r in sw["runs"]
+        ]
+        L.append("")
+    L += [
+        f"![]({figs['presweep']})",
+        "",
+        "## Main runs",
+        "",
+        "| run | peak probe S | final val | spikes | first clip | last clip | heads ever clipped | overshoot (probe) | overshoot (train batches) | one update's growth of S | stable rank |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [r for m in summ["main"]["multipliers"].values() for r in m["muon"] + m["clip"]]
+    rows += summ["main"]["wd_large"] + summ["main"]["adamw"]
+    for r in rows:
+        cl = r.get("clip")
+        L.append(
+            f"| {r['run']} | {_f(r['peak_probe_s'], 1)} | {_f(r['final_val'], 4)} | {len(r['spikes'])} | "
             + (
-                "Within Muon's seed-to-seed std: negligible."
-                if f["negligible"]
-                else "Larger than Muon's seed-to-seed std: not negligible."
+                f"{cl['first']} | {cl['last']} | {_f(cl['fraction'])} | {_f(cl['overshoot'])} | "
+                f"{_f(cl['overshoot_train'])} | {_f(cl['update_growth'])} | "
+                if cl
+                else "- | - | - | - | - | - | "
             )
-            + "\n"
+            + f"{_f(r['stable_rank']['all'], 2)} |"
         )
-    w("K2: tau = 30 'has negligible impact on loss'.")
-    w(f"\n![Fig. 12]({figs['fig12']})\n")
-
-    # 5 --------------------------------------------------------------------
-    w(
-        f"## 5. App. E: max logit vs lr, Muon vs AdamW, with and without QK-Clip ({s['sweep_steps']} steps, "
-        f"S at step {sw['fixed_step']})\n"
-    )
-    w(
-        "| lr | Muon S | AdamW S | Muon / AdamW | MuonClip S | AdamW+clip S | Muon loss | AdamW loss | "
-        "MuonClip loss | AdamW+clip loss |"
-    )
-    w("|---|---|---|---|---|---|---|---|---|---|")
-    for lr in sw["lrs"]:
-        a, b, c, d = (sw["runs"][k][f"{lr:g}"] for k in ("muon", "adamw", "muonclip", "adamw_clip"))
-
-        def cell(r, key="s_fixed", nd=1):
-            return _f(r[key], nd) + (" (diverged)" if r["diverged"] else "")
-
-        ratio = (
-            a["s_fixed"] / b["s_fixed"]
-            if b["s_fixed"] and math.isfinite(b["s_fixed"])
-            else math.nan
-        )
-        w(
-            f"| {lr:g} | {cell(a)} | {cell(b)} | {_f(ratio, 2)} | {cell(c)} | {cell(d)} | "
-            f"{_f(a['final_train_loss'], 3)} | {_f(b['final_train_loss'], 3)} | {_f(c['final_train_loss'], 3)} | "
-            f"{_f(d['final_train_loss'], 3)} |"
-        )
-    n_ok, n_fast = len(sw["lrs_both_ok"]), len(sw["lrs_muon_above_adamw"])
-    w(
-        f"\nMuon's S above AdamW's at **{n_fast} of {n_ok}** lrs where neither diverged "
-        f"({', '.join(f'{x:g}' for x in sw['lrs_muon_above_adamw']) or 'none'}). MuonClip is Muon with "
-        f'QK-Clip and AdamW+clip is AdamW with the same QK-Clip (qkclip_eqx `optimizer="adamw", '
-        f'mode="clip"`), both at tau = {sw["tau"]:g}, from the same seed and batches as the unclipped runs.\n'
-    )
-    w(
-        "The clip in the sweep runs (first clip; steps with a head clipped; fraction of heads ever clipped; "
-        "largest S / tau after the first clip):\n"
-    )
-    w("| lr | MuonClip | AdamW+clip |")
-    w("|---|---|---|")
-
-    def clip_cell(c):
-        if c["first_clip_step"] < 0:
-            return "never clipped"
-        return (
-            f"step {c['first_clip_step']}; {c['steps_clipping']} steps; {c['ever_clipped']:.0%} of heads; "
-            f"overshoot {_f(c['overshoot'], 3)}"
-        )
-
-    for lr in sw["lrs"]:
-        w(
-            f"| {lr:g} | {clip_cell(sw['runs']['muonclip'][f'{lr:g}']['clip'])} | "
-            f"{clip_cell(sw['runs']['adamw_clip'][f'{lr:g}']['clip'])} |"
-        )
-    w(f"\n![App. E]({figs['appe']})\n")
-
-    # 6 --------------------------------------------------------------------
-    o = summ["overshoot"]
-    w("## 6. Overshoot after the first clip (MuonClip runs)\n")
-    w(
-        "The clip scales the updated weights by tau / S of this step's forward, so the next step's S can "
-        "exceed tau by one update.\n"
-    )
-    w("| run | tau | first clip | max S / tau after it | at step |")
-    w("|---|---|---|---|---|")
-    for r in o["runs"]:
-        w(
-            f"| {r['run']} | {r['tau']:g} | {r['first_clip_step']} | {_f(r['overshoot'], 3)} | {r['overshoot_step']} |"
-        )
-    w(
-        f"\n**Largest S / tau after the first clip, over all MuonClip runs: {_f(o['max'], 3)}**. "
-        "(The AdamW + QK-Clip sweep runs' overshoot is in section 5.)"
-    )
-    w(f"\n![Overshoot]({figs['overshoot']})\n")
+    L.append("")
+    for key in ("fig2_left", "fig2_right", "appd", "fig12", "appe", "overshoot", "wd"):
+        L += [f"![]({figs[key]})", ""]
     return "\n".join(L) + "\n"
 
 
-def write(summ: dict[str, Any], metrics: dict[str, Any], out: pathlib.Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write(summ: dict[str, Any], logs: dict[str, list], out: pathlib.Path) -> None:
+    out = pathlib.Path(out)
     figs = {
-        "fig2_left": fig2_left(summ, metrics, out),
-        "fig2_right": fig2_right(summ, metrics, out),
-        "appd": appd(summ, metrics, out),
-        "fig12": fig12(summ, metrics, out),
-        "appe": appe(summ, metrics, out),
-        "overshoot": overshoot(summ, metrics, out),
+        "presweep": fig_presweep(summ, logs, out),
+        "fig2_left": fig2_left(summ, logs, out),
+        "fig2_right": fig2_right(summ, logs, out),
+        "appd": fig_appd(summ, logs, out),
+        "fig12": fig12(summ, logs, out),
+        "appe": fig_appe(summ, logs, out),
+        "overshoot": fig_overshoot(summ, logs, out),
+        "wd": fig_wd(summ, logs, out),
     }
-    (out / "summary.json").write_text(json.dumps(summ, indent=1, default=str, allow_nan=True))
+    (out / "summary.json").write_text(json.dumps(summ, indent=1, default=float))
     (out / "results.md").write_text(results_md(summ, figs))

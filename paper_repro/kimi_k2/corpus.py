@@ -78,7 +78,7 @@ def build_manifest(roots: list[pathlib.Path], path: pathlib.Path = MANIFEST) -> 
             entries.append((rel, blobs[0]))
     h = corpus_hash(entries)
     header = [
-        "# kimi_k2_v2 corpus: *.py files byte-identical in the standard libraries of",
+        "# kimi_k2 corpus: *.py files byte-identical in the standard libraries of",
         *(f"#   {r.name} (stdlib directory name)" for r in roots),
         f"# files: {len(rows)}, bytes: {sum(len(b) for _, b in entries)}",
         f"# corpus-sha256: {h}",
@@ -143,11 +143,11 @@ def load_corpus(
         raise ValueError(f"{root}: the corpus has an empty train or val split")
     as_tokens = lambda b: np.frombuffer(bytes(b), np.uint8).astype(np.uint16)  # noqa: E731
     desc = (
-        f"kimi_k2_v2 corpus ({len(entries)} stdlib files, sha256 {h[:16]}...): "
+        f"kimi_k2 corpus ({len(entries)} stdlib files, sha256 {h[:16]}...): "
         f"{len(train):,} train bytes, {len(val):,} val bytes; byte tokens, vocab 256"
     )
     return qc.TokenData(as_tokens(train), as_tokens(val), 256, desc), record
 
 
-if __name__ == "__main__":  # python -m paper_repro.kimi_k2_v2.corpus ROOT ROOT ...
+if __name__ == "__main__":  # python -m paper_repro.kimi_k2.corpus ROOT ROOT ...
     print(build_manifest([pathlib.Path(a) for a in sys.argv[1:]]))
