@@ -487,6 +487,8 @@ def run_tests(copy: Path, tests, timeout: float) -> tuple[int | str, float, str]
         "-m",
         "pytest",
         "-x",
+        "-n",
+        "0",  # one process: a mutant's few named tests gain nothing from workers
         "-q",
         "--no-header",
         "-p",
