@@ -17,6 +17,7 @@ Implementation = Literal["xla", "cudnn"]
 RopeLayout = Literal["interleaved", "half"]
 GQAClipMode = Literal["query", "query_key", "group"]
 KERNELS: tuple[str, ...] = ("dense", "blockwise", "dot_product_attention")
+IMPLEMENTATIONS: tuple[str, ...] = ("xla", "cudnn")  # of kernel="dot_product_attention"
 Dtype = Literal["float32", "bfloat16"]
 
 
@@ -63,7 +64,7 @@ def _check_common(obj: Any) -> None:
             f"(kernel {obj.kernel!r} computes the exact S at no extra cost)"
         )
     if obj.implementation is not None:
-        _choice(obj, "implementation", ("xla", "cudnn"))
+        _choice(obj, "implementation", IMPLEMENTATIONS)
         if obj.kernel != "dot_product_attention":
             raise ValueError(
                 f"{type(obj).__name__}.implementation={obj.implementation!r} needs "

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
-from ._config import KERNELS, Implementation, Kernel, MaxLogit
+from ._config import IMPLEMENTATIONS, KERNELS, Implementation, Kernel, MaxLogit
 
 
 class _Side(NamedTuple):
@@ -434,8 +434,10 @@ def attend(
         raise ValueError(
             f"max_logit='lse_bound' needs kernel='dot_product_attention', got {kernel!r}"
         )
-    if implementation not in (None, "xla", "cudnn"):
-        raise ValueError(f"implementation must be None, 'xla' or 'cudnn', got {implementation!r}")
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}"
+        )
     if implementation is not None and kernel != "dot_product_attention":
         raise ValueError(
             f"implementation={implementation!r} needs kernel='dot_product_attention', "
