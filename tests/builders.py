@@ -1,6 +1,8 @@
 """Shared test helper: build modules fast."""
 
+import importlib.util
 import math
+import pathlib
 
 import equinox as eqx
 import jax
@@ -8,6 +10,15 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import optax
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def init_from_numpy(make, seed: int):

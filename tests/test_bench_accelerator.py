@@ -1,13 +1,11 @@
 """scripts/bench_accelerator.py runs on the CPU at a tiny shape, trains the
 preset's precision (f32 state, bf16 compute), and counts the model's FLOPs."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_accelerator.py"
+from builders import load_script
 
 TINY = dict(
     n_layers=1,
@@ -26,10 +24,7 @@ BATCH, SEQ, VOCAB = 2, 16, 256
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_accelerator", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_accelerator")
 
 
 def test_runs_tiny_and_reports(bench, tmp_path):

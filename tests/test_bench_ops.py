@@ -1,22 +1,17 @@
 """scripts/bench_ops.py: each op computes what its name says, and the script runs."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_ops.py"
+from builders import load_script
+
 TINY = ["--tokens", "12", "--dim", "8", "--hidden", "20", "--tiles", "3", "--seq", "6"]
 TINY += ["--dqk", "5", "--dv", "4", "--peak-n", "16"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_ops", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_ops")
 
 
 def _numpy(name, *xs):

@@ -1,22 +1,15 @@
 """scripts/bench_speed.py: its FLOP count matches the model it times, and it runs."""
 
-import importlib.util
-import pathlib
-
 import equinox as eqx
 import jax
 import numpy as np
 
 import qkclip_eqx as qc
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
+from builders import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_speed")
 
 
 TINY = [

@@ -826,13 +826,9 @@ def test_bench_fused_attention_runs_and_removes_the_unused_s_pass(capsys):
     """scripts/bench_fused_attention.py on a tiny shape: its ``no_s`` baseline
     really lacks the S pass (fewer loops in the compiled program than ``exact``,
     which the script also checks), and it prints both overhead ratios."""
-    import importlib.util
-    import pathlib
+    from builders import load_script
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_fused_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_fused_attention", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_fused_attention")
     out = bench.main(
         [
             "--batch",
