@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import equinox as eqx
 import jax
@@ -267,6 +268,34 @@ def test_metrics_are_read_one_step_behind(tmp_path, data, monkeypatch):
         "read",
     ]
     assert [r["step"] for r in _records(tmp_path)] == list(range(steps))
+
+
+def test_tokens_per_second_counts_one_step_each_also_at_eval_and_checkpoint_steps(
+    tmp_path, data, monkeypatch
+):
+    """With a clock that advances 1 s per dispatched step and not otherwise,
+    every step logs exactly tokens_per_step / 1 s: the eval and checkpoint
+    steps, whose metrics are read right after the previous step's, too (timing
+    the reads gave the second one 0 s)."""
+    clock = [0.0]
+    real_step = train_mod.make_train_step
+
+    def ticking(*args, **kwargs):
+        step = real_step(*args, **kwargs)
+
+        def wrapped(model, opt_state, tokens, **kw):
+            clock[0] += 1.0
+            return step(model, opt_state, tokens, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(train_mod, "make_train_step", ticking)
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    cfg = preset("tiny", out=str(tmp_path), steps=6, ckpt_every=3, eval_every=2)
+    train(cfg, progress=False, data=data)
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == list(range(6))
+    assert [r["tokens_per_s"] for r in records] == [float(cfg.batch_size * cfg.seq_len)] * 6
 
 
 def test_nonfinite_parameters_at_a_checkpoint_step_are_never_saved(

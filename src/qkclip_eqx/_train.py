@@ -666,24 +666,25 @@ def train(
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
     stopped, host = "done", {}
     step = start  # steps applied to `model`
-    t_last = time.perf_counter()
-    pending = None  # (step index, device metrics, device non-finite code) not yet read
+    # A step's tokens/s is over one turn of the loop: from just after the previous
+    # step's dispatch to just after its own. Timing the metric reads instead gives
+    # ~0 s to the second of the two reads at an eval or checkpoint step.
+    t_dispatched = time.perf_counter()
+    pending = None  # (step index, device metrics, device non-finite code, seconds) not yet read
 
     def finish(log) -> bool:
         """Reads, checks and logs the pending step; False if it was not finite."""
-        nonlocal pending, host, t_last, stopped
+        nonlocal pending, host, stopped
         if pending is None:
             return True
-        index, metrics, bad = pending
+        index, metrics, bad, seconds = pending
         pending = None
         host, bad = _host_metrics(metrics), int(_to_host(bad))
-        now = time.perf_counter()
         host.update(
             step=index,
             lr=float(lr_at(index)),  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
-            tokens_per_s=tokens_per_step / (now - t_last),
+            tokens_per_s=tokens_per_step / seconds,
         )
-        t_last = now
         if bad:
             stopped = "nan"
             if lead:
@@ -728,9 +729,11 @@ def train(
                     )
                     model, opt_state, metrics = step_fn(model, opt_state, batch, step=step)
                     bad = _first_nonfinite(metrics["loss"], metrics["grad_norm"], model)
+                    now = time.perf_counter()
+                    seconds, t_dispatched = now - t_dispatched, now
                     if not finish(log):  # the previous step, read while this one runs
                         break
-                    pending = (step, metrics, bad)
+                    pending = (step, metrics, bad, seconds)
                     step += 1
                     # Eval and checkpoint steps (and every step for on_step) are read
                     # at once, so that they see the model of that very step.
