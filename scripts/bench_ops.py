@@ -42,19 +42,6 @@ import subprocess
 import sys
 import time
 
-OPS = (
-    "mlp x @ W^T",
-    "mlp dX = dH @ W",
-    "mlp dW = dH^T @ X",
-    "attn Q K^T (batched)",
-    "attn P V (batched)",
-    "attn dS^T Q (batched)",
-    "exp (attn tiles)",
-    "silu (mlp hidden)",
-    "softmax (attn tiles)",
-    "matmul n^3",
-)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -79,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def shapes(a) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """The operands of each op."""
+    """The operands of each op, in the order the table prints them (the one list of op names)."""
     t, d, h = a.tokens, a.dim, a.hidden
     b, s = a.tiles, a.seq
     return {
@@ -165,9 +152,16 @@ def torch_ops(a):
     }
 
 
+def _cores() -> list[int]:
+    """The CPUs this process may run on (all of them where the OS cannot pin)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def run_worker(a) -> None:
     """Time every op in this process; print one JSON line {op: median seconds}."""
-    cores = sorted(os.sched_getaffinity(0))
+    cores = _cores()
     if a.one_core:
         os.sched_setaffinity(0, {cores[0]})
         cores = cores[:1]
@@ -183,7 +177,7 @@ def run_worker(a) -> None:
         ops, sync = torch_ops(a), lambda x: x
         version = f"torch {torch.__version__}"
     times = {}
-    for name in OPS:
+    for name in shapes(a):
         fn, args = ops[name]
         for _ in range(3):
             sync(fn(*args))
@@ -218,7 +212,7 @@ def main(argv=None) -> dict:
         for one in ((False, True) if pinning else (False,))
     }
     print(
-        f"{platform.node()}: {len(os.sched_getaffinity(0)) if pinning else os.cpu_count()} cores "
+        f"{platform.node()}: {len(_cores())} cores "
         f"available, Python {platform.python_version()}, load {os.getloadavg()}"
     )
     if not a.torch_python:
@@ -234,7 +228,7 @@ def main(argv=None) -> dict:
             result = json.loads(out.strip().splitlines()[-1])
             versions[w] = f"{result['version']}, {result['cores']} core(s)"
             runs[w].append(result["times"])
-    med = {w: {op: statistics.median(r[op] for r in runs[w]) for op in OPS} for w in workers}
+    med = {w: {op: statistics.median(r[op] for r in runs[w]) for op in shapes(a)} for w in workers}
     for w in names:
         print(f"{w[0]} on {'one core' if w[1] else 'all cores'}: {versions[w]}")
 
@@ -250,7 +244,7 @@ def main(argv=None) -> dict:
         f"\n{'op':24s} {'work':>12s} {'XLA ms':>8s} {'1 core':>8s} {'torch ms':>8s} {'1 core':>8s} "
         f"{'XLA/torch':>9s} {'XLA 1->all':>10s} {'torch 1->all':>12s}"
     )
-    for op in OPS:
+    for op in shapes(a):
         print(
             f"{op:24s} {jobs[op]:>12s} {ms(xla, op)} {ms(xla1, op)} {ms(torch, op)} {ms(torch1, op)} "
             f"{ratio(xla, torch, op):>9s} {ratio(xla1, xla, op):>10s} {ratio(torch1, torch, op):>12s}"
