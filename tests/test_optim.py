@@ -332,9 +332,12 @@ def test_adamw_leaves_get_exact_optax_adamw_updates(mla_params):
             )
         params = optax.apply_updates(params, updates)
         ref_params = optax.apply_updates(ref_params, ref_updates)
-    # after three steps the AdamW leaves match a standalone AdamW run
+    # after three steps the AdamW leaves match a standalone AdamW run, to the
+    # three steps' last-bit differences allowed above
     for k, get in leaves.items():
-        np.testing.assert_allclose(get(params), ref_params[k], rtol=1e-6, err_msg=k)
+        np.testing.assert_allclose(
+            get(params), ref_params[k], rtol=1e-6, atol=3 * 1e-7 * LR, err_msg=k
+        )
         assert not np.array_equal(get(params), get(mla_params))
 
 
