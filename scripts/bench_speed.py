@@ -21,7 +21,13 @@ INTERLEAVED, one call of each per round, so that a change in the machine's load
 hits all of them alike. It prints, per implementation, the median ms/step and
 tokens/s, the ratios ours / PyTorch, the times of the forward (loss), forward +
 backward and optimizer update, and the model FLOPs per step with the MFU
-against the float32 matmul peak measured in the same run (a 2048^3 matmul).
+against the float32 matmul peak measured in the same run (a 2048^3 matmul),
+and each process's minor page faults and system CPU time per step: XLA:CPU
+allocates a step's scratch memory (146 MiB here) afresh at every call, and
+glibc maps blocks that large from the kernel each time (README, "Measured on a
+2-core CPU machine"). Allocator settings in the environment (``LD_PRELOAD``,
+``GLIBC_TUNABLES``) apply to both implementations, since the PyTorch workers
+inherit them.
 
 Model FLOPs per step: 6 x (parameters in matmuls) x tokens, plus the attention
 matmuls (4 x T^2 x (d_qk + d_v) / 2 per head and sequence forward, causal half,
@@ -36,6 +42,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -142,6 +149,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _timed_with_faults(fn) -> tuple[float, int, float]:
+    """Seconds, minor page faults and system CPU seconds of one call of ``fn``
+    (the faults and system time of the whole process, all its threads)."""
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    dt = _timed(fn)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return dt, r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime
+
+
 class Ours:
     """The public API as a user calls it, one jitted piece per timing."""
 
@@ -228,24 +244,26 @@ class TorchWorker:
         if not self.version.startswith("ready"):
             raise RuntimeError(f"the torch worker did not start: {self.version!r}")
 
-    def __call__(self, piece: str) -> float:
+    def __call__(self, piece: str) -> tuple[float, int, float]:
         self.proc.stdin.write(piece + "\n")
         self.proc.stdin.flush()
-        return float(self.proc.stdout.readline())
+        seconds, faults, system = self.proc.stdout.readline().split()
+        return float(seconds), int(faults), float(system)
 
     def close(self):
         self.proc.stdin.close()
         self.proc.wait()
 
 
-def interleave(impls: dict, piece: str, rounds: int) -> dict[str, list[float]]:
-    """``rounds`` rounds of one call of ``piece`` per implementation, order rotating."""
+def interleave(impls: dict, piece: str, rounds: int) -> dict[str, list[tuple[float, int, float]]]:
+    """``rounds`` rounds of one call of ``piece`` per implementation, order
+    rotating; each call gives (seconds, minor page faults, system seconds)."""
     names = list(impls)
-    times = {n: [] for n in names}
+    calls = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names) :] + names[: r % len(names)]:
-            times[n].append(impls[n](piece))
-    return times
+            calls[n].append(impls[n](piece))
+    return calls
 
 
 def main(argv=None) -> None:
@@ -254,11 +272,13 @@ def main(argv=None) -> None:
         f"{platform.node()}: {os.cpu_count()} CPUs, {jax.default_backend()}, jax {jax.__version__}, "
         f"Python {platform.python_version()}, load {os.getloadavg()}"
     )
+    allocator = {k: os.environ[k] for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if k in os.environ}
+    print(f"allocator settings (the torch workers inherit them): {allocator or 'none (glibc)'}")
     ours = Ours(a)
     for piece in ("step", "fwd", "fwdbwd", "update"):  # compile and warm up
         for _ in range(3):
             getattr(ours, piece)()
-    impls = {"qkclip_eqx": lambda piece: _timed(getattr(ours, piece))}
+    impls = {"qkclip_eqx": lambda piece: _timed_with_faults(getattr(ours, piece))}
     workers = []
     if a.torch_python:
         workers.append(("pytorch eager", TorchWorker(a.torch_python, a, compile=False)))
@@ -273,15 +293,16 @@ def main(argv=None) -> None:
         print("no --torch-python: timing qkclip_eqx alone")
 
     peak_before = matmul_peak(a.peak_n)
-    results = {"step": interleave(impls, "step", a.rounds)}
+    calls = {"step": interleave(impls, "step", a.rounds)}
     for piece in ("fwd", "fwdbwd", "update"):
-        results[piece] = interleave(impls, piece, a.piece_rounds)
+        calls[piece] = interleave(impls, piece, a.piece_rounds)
     peak = max(peak_before, matmul_peak(a.peak_n))
     for _, w in workers:
         w.close()
 
     tokens = a.batch * a.seq
     flops = model_flops(a)
+    results = {p: {n: [c[0] for c in cs] for n, cs in r.items()} for p, r in calls.items()}
     med = {p: {n: statistics.median(t) for n, t in r.items()} for p, r in results.items()}
     print(
         f"\nbenchmark model: MLA dim {a.dim}, {a.layers} layers, {a.heads} heads, seq {a.seq}, "
@@ -292,15 +313,25 @@ def main(argv=None) -> None:
         f"attention {flops['attention'] / 1e9:.1f}, Newton-Schulz {flops['newton_schulz'] / 1e9:.1f}); "
         f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s ({a.peak_n}^3, this run)"
     )
-    head = f"{'':16s} {'ms/step':>8s} {'tokens/s':>9s} {'MFU':>6s} {'fwd ms':>7s} {'fwd+bwd':>8s} {'bwd/fwd':>8s} {'update':>7s}"
+    head = (
+        f"{'':16s} {'ms/step':>8s} {'tokens/s':>9s} {'MFU':>6s} {'fwd ms':>7s} {'fwd+bwd':>8s} "
+        f"{'bwd/fwd':>8s} {'update':>7s} {'faults':>7s} {'sys ms':>7s}"
+    )
     print(head)
     for n in impls:
         st = med["step"][n]
+        faults = statistics.median(c[1] for c in calls["step"][n])
+        system = statistics.median(c[2] for c in calls["step"][n])
         print(
             f"{n:16s} {st * 1e3:8.1f} {tokens / st:9.0f} {flops['total'] / st / peak:6.1%} "
             f"{med['fwd'][n] * 1e3:7.1f} {med['fwdbwd'][n] * 1e3:8.1f} "
-            f"{med['fwdbwd'][n] / med['fwd'][n]:8.2f} {med['update'][n] * 1e3:7.1f}"
+            f"{med['fwdbwd'][n] / med['fwd'][n]:8.2f} {med['update'][n] * 1e3:7.1f} "
+            f"{faults:7.0f} {system * 1e3:7.1f}"
         )
+    print(
+        "faults, sys ms: minor page faults and system CPU time of one step (median), the "
+        "process's own; see README on XLA:CPU's scratch memory and the allocator"
+    )
     for n in impls:
         if n != "qkclip_eqx":
             paired = statistics.median(
@@ -314,7 +345,15 @@ def main(argv=None) -> None:
     if a.json:
         pathlib.Path(a.json).write_text(
             json.dumps(
-                {"args": vars(a), "flops": flops, "peak": peak, "times_s": results}, indent=1
+                {
+                    "args": vars(a),
+                    "flops": flops,
+                    "peak": peak,
+                    "times_s": results,
+                    "step_page_faults": {n: [c[1] for c in cs] for n, cs in calls["step"].items()},
+                    "step_system_s": {n: [c[2] for c in cs] for n, cs in calls["step"].items()},
+                },
+                indent=1,
             )
         )
 

@@ -17,7 +17,7 @@ eager PyTorch, float32:
 
 With ``--serve`` it reads commands from stdin, one per line: ``step``, ``fwd``,
 ``fwdbwd``, ``update``; it runs one of that piece, and prints the seconds it
-took. The benchmark interleaves these with its own timings. Without
+took, the process's minor page faults and its system CPU seconds meanwhile. The benchmark interleaves these with its own timings. Without
 ``--serve`` it times ``--steps`` steps and prints ms/step.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import resource
 import sys
 import time
 
@@ -253,12 +254,15 @@ def main(argv=None) -> None:
     pieces = {"step": twin.step, "fwd": twin.fwd, "fwdbwd": twin.fwdbwd}
     for line in sys.stdin:
         cmd = line.strip()
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         if cmd == "update":
-            print(twin.update_only(), flush=True)
-            continue
-        t0 = time.perf_counter()
-        pieces[cmd]()
-        print(time.perf_counter() - t0, flush=True)
+            dt = twin.update_only()
+        else:
+            t0 = time.perf_counter()
+            pieces[cmd]()
+            dt = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        print(dt, r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """scripts/bench_speed.py: its FLOP count matches the model it times, and it runs."""
 
+import mmap
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -71,3 +73,20 @@ def test_runs_without_torch(capsys):
     _load().main([*TINY, "--torch-python", ""])
     out = capsys.readouterr().out
     assert "no --torch-python" in out and "qkclip_eqx" in out and "MFU" in out
+    assert "faults" in out and "sys ms" in out
+
+
+def test_counts_the_page_faults_of_the_call():
+    """Touching a fresh 64 MiB anonymous mapping page by page faults at least
+    once per 2 MiB (once per 4 KiB page without transparent huge pages)."""
+    bench = _load()
+    size = 64 << 20
+
+    def touch():
+        with mmap.mmap(-1, size) as m:
+            for i in range(0, size, mmap.PAGESIZE):
+                m[i] = 1
+
+    seconds, faults, system = bench._timed_with_faults(touch)
+    assert faults >= size // (2 << 20)
+    assert seconds > 0 and system >= 0
