@@ -17,8 +17,9 @@ eager PyTorch, float32:
 
 With ``--serve`` it reads commands from stdin, one per line: ``step``, ``fwd``,
 ``fwdbwd``, ``update``; it runs one of that piece, and prints the seconds it
-took, the process's minor page faults and its system CPU seconds meanwhile. The benchmark interleaves these with its own timings. Without
-``--serve`` it times ``--steps`` steps and prints ms/step.
+took, and the process's minor page faults and system CPU seconds meanwhile.
+The benchmark interleaves these with its own timings. Without ``--serve`` it
+times ``--steps`` steps and prints ms/step.
 """
 
 from __future__ import annotations
@@ -228,12 +229,6 @@ class Twin:
         for o in self.opts:
             o.zero_grad()
 
-    def update_only(self):
-        self.fwd_bwd(self._batch())  # grads to update with, not timed
-        t0 = time.perf_counter()
-        self.update()
-        return time.perf_counter() - t0
-
 
 def main(argv=None) -> None:
     a = parse_args(argv)
@@ -251,16 +246,15 @@ def main(argv=None) -> None:
         )
         return
     print(f"ready torch {torch.__version__} threads={torch.get_num_threads()}", flush=True)
-    pieces = {"step": twin.step, "fwd": twin.fwd, "fwdbwd": twin.fwdbwd}
+    pieces = {"step": twin.step, "fwd": twin.fwd, "fwdbwd": twin.fwdbwd, "update": twin.update}
     for line in sys.stdin:
         cmd = line.strip()
-        r0 = resource.getrusage(resource.RUSAGE_SELF)
         if cmd == "update":
-            dt = twin.update_only()
-        else:
-            t0 = time.perf_counter()
-            pieces[cmd]()
-            dt = time.perf_counter() - t0
+            twin.fwd_bwd(twin._batch())  # grads to update with, not timed
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        pieces[cmd]()
+        dt = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         print(dt, r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime, flush=True)
 
