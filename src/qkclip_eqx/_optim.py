@@ -36,7 +36,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import PyTree
+from jaxtyping import Array, Float, PyTree
 from optax.contrib import MuonDimensionNumbers
 
 DimensionNumbers = Callable[[PyTree], PyTree]
@@ -118,7 +118,7 @@ def _scale_by_rms_match(dims_fn: DimensionNumbers, rms: float) -> optax.Gradient
 def muon_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    weight_decay: float = 0.1,
+    weight_decay: float | Float[Array, ""] = 0.1,
     momentum: float = 0.95,
     nesterov: bool = True,
     ns_steps: int = 5,
@@ -138,7 +138,9 @@ def muon_adamw(
     **Arguments:**
 
     - `learning_rate`: a float or an optax schedule.
-    - `weight_decay`: decoupled, multiplied by the learning rate.
+    - `weight_decay`: decoupled, multiplied by the learning rate. It may be
+      traced, so that `optax.inject_hyperparams(muon_adamw, static_args=...)`
+      can change it (and the learning rate) between steps without a recompile.
     - `momentum`, `nesterov`, `ns_steps`: Muon's momentum and Newton-Schulz steps.
     - `adam_b1`, `adam_b2`, `eps`: AdamW's.
     - `rms`: the update RMS Muon is matched to (0.2, Moonlight sec. 2.2).
@@ -158,7 +160,7 @@ def muon_adamw(
     `weight_dimension_numbers` is not given and the params have no
     `muon_dimension_numbers()`.
     """
-    if not weight_decay >= 0:
+    if not isinstance(weight_decay, jax.core.Tracer) and not weight_decay >= 0:  # pyright: ignore[reportAttributeAccessIssue]  # `import jax` imports jax.core
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     dims_fn = _default_dims if weight_dimension_numbers is None else weight_dimension_numbers
 
