@@ -1,15 +1,15 @@
 """The experiments in order, each later choice made by a rule of
 ``settings.py`` from earlier logs.
 
-1. Pre-sweep, Muon and AdamW (monitor, seed 0, constant lr after warmup):
-   lr* per optimizer (``settings.best_lr``), the grid extended by a half
-   decade while lr* is at an end (``settings.extension``).
-2. Schedule of every main run from Muon's lr* (``settings.schedule``).
-3. Muon (monitor) at each multiple of lr*, every seed.
-4. tau per multiple (``settings.choose_tau`` of step 3's peak probe S).
-5. MuonClip at each multiple, every seed; MuonClip at 1x with the larger wd.
-6. AdamW (monitor) at 1x its own lr*, every seed.
-7. Verdicts (``settings.verdict_*``), figures and ``results.md``.
+1. Sweep, seed 0: per width (smallest first), Muon, MuonClip (tau = 100)
+   and AdamW over their lr grids.
+2. From the sweep: per width, lr_1000 (Muon's lowest lr with S >= 1000) and
+   Muon's best lr; lr_fit (the largest lr at which no width's Muon diverged).
+3. The cure: Muon and MuonClip at each lr_1000, the other seeds.
+4. Fig. 12: Muon and MuonClip (tau = 30) at the middle width's best Muon lr,
+   six seeds.
+5. Weight decay: Muon at the middle width and lr_fit, the other wds.
+6. The summary, the verdicts, the figures and ``results.md``.
 
 A complete run directory is reused; an incomplete one is rerun.
 """
@@ -20,6 +20,7 @@ import argparse
 import math
 import pathlib
 import platform
+import subprocess
 import sys
 import time
 from typing import Any
@@ -32,202 +33,287 @@ from . import settings as S
 from .corpus import load_corpus
 
 HERE = pathlib.Path(__file__).resolve().parent
+K2_WIDTH = 7168  # Kimi K2's hidden size (arXiv 2507.20534, Table 2)
+
+
+def run_name(width: int, optimizer: str, lr: float, wd: float, tau: float | None, seed: int) -> str:
+    t = "" if tau is None else f"_tau{tau:g}"
+    return f"w{width}_{optimizer}_lr{lr:.3g}_wd{wd:g}{t}_s{seed}"
 
 
 class Experiment:
+    """The runs of one mode, trained on demand (or only read, ``train=False``)."""
+
     def __init__(
         self,
         s: S.Settings,
         runs_dir: pathlib.Path,
         data,
         corpus: dict,
+        pilot: dict,
+        *,
         train: bool = True,
         log=print,
     ):
-        self.s, self.runs_dir, self.data, self.corpus, self.train, self.log = (
-            s,
-            runs_dir,
-            data,
-            corpus,
-            train,
-            log,
-        )
+        self.s, self.runs_dir, self.data, self.corpus, self.pilot = s, runs_dir, data, corpus, pilot
+        self.train, self.log = train, log
         self.probe = runner.spread_windows(data.val, s.probe_windows, s.seq_len)
         self.val = runner.spread_windows(data.val, s.val_windows, s.seq_len)
-        self.logs: dict[str, list] = {}
         self.rows: dict[str, dict] = {}
-        self.trained: list[str] = []
+        self.logs: dict[str, A.Log] = {}
+        self.trained = 0
 
-    def spec(
+    def run(
         self,
+        width: int,
         optimizer: str,
         lr: float,
-        seed: int,
         *,
-        steps: int,
-        decay: float | None,
-        tau: float = 1e9,
+        seed: int = 0,
         wd: float | None = None,
-        tag: str = "",
-    ) -> runner.RunSpec:
+        tau: float | None = None,
+    ) -> dict[str, Any]:
         s = self.s
         wd = s.weight_decay if wd is None else wd
-        name = (
-            f"{tag}{optimizer}_lr{lr:.4g}_wd{wd:g}"
-            + (f"_tau{tau:g}" if optimizer == "muonclip" else "")
-            + f"_seed{seed}"
-        )
-        return runner.RunSpec(
+        if optimizer == "muonclip" and tau is None:
+            tau = s.tau
+        name = run_name(width, optimizer, lr, wd, tau, seed)
+        if name in self.rows:
+            return self.rows[name]
+        spec = runner.RunSpec(
             name=name,
             optimizer=optimizer,
-            lr=float(lr),
+            width=width,
+            lr=lr,
             weight_decay=wd,
+            tau=tau,
             seed=seed,
-            steps=steps,
+            steps=s.steps,
             warmup_steps=s.warmup_steps,
-            decay_fraction=decay,
-            tau=float(tau),
-            model=s.model,
+            decay_fraction=s.decay_fraction,
+            model=s.model(width),
             batch_size=s.batch_size,
             seq_len=s.seq_len,
             probe_every=s.probe_every,
-            norms_every=s.norms_every,
-            val_every=s.val_every,
+            probe_pairs=False,
+            stop_loss=S.STOP_LOSS,
             corpus_sha256=self.corpus["sha256"],
         )
-
-    def get(self, spec: runner.RunSpec) -> dict[str, Any]:
-        d = self.runs_dir / spec.name
-        st = runner.read_status(d)
-        if st is None or not (d / "metrics.jsonl").is_file():
-            if not self.train:
-                raise FileNotFoundError(f"{d}: run missing (drop --no-train)")
-            self.log(f"  run  {spec.name}")
-            self.trained.append(spec.name)
-        st = runner.run(spec, self.data, self.probe, self.val, d, log=self.log)
-        recs = runner.read_log(d)
-        self.logs[spec.name] = recs
-        self.rows[spec.name] = A.run_row(recs, st, self.s)
-        return self.rows[spec.name]
-
-    # ------------------------------------------------------------------
-    def presweep(self, opt: str) -> dict[str, Any]:
-        s = self.s
-        grid = list(s.sweep_grid[opt])
-        for k in range(S.MAX_EXTENSIONS + 1):
-            rows = [
-                self.get(self.spec(opt, lr, 0, steps=s.sweep_steps, decay=None, tag="sweep_"))
-                for lr in grid
-            ]
-            pick = S.best_lr(grid, [r["final_val"] for r in rows], [r["diverged"] for r in rows])
-            nxt = S.extension(grid, pick["edge"])
-            if nxt is None or k == S.MAX_EXTENSIONS:
-                break
-            self.log(f"    {opt}: lr* at the {pick['edge']} end of the grid; adding {nxt:.4g}")
-            grid = sorted(grid + [nxt])
-        return {"grid": grid, "runs": rows, **pick, "bracketed": pick["edge"] is None}
+        d = self.runs_dir / name
+        if self.train:
+            before = runner.read_status(d)
+            st = runner.run(spec, self.data, self.probe, self.val, d, log=self.log)
+            self.trained += before is None
+        else:
+            st = runner.read_status(d)
+            if st is None:
+                raise FileNotFoundError(f"--no-train: {d} holds no complete run")
+        self.logs[name] = runner.read_log(d)
+        self.rows[name] = A.run_row(self.logs[name], st)
+        return self.rows[name]
 
     def run_all(self) -> dict[str, Any]:
-        s, log = self.s, self.log
-        summ: dict[str, Any] = {"mode": s.name, "corpus": self.corpus}
-        log("[1] pre-sweep")
-        sweep = {opt: self.presweep(opt) for opt in ("muon", "adamw")}
-        summ["sweep"] = sweep
-        lr_m = sweep["muon"]["lr"] or min(sweep["muon"]["grid"])
-        lr_a = sweep["adamw"]["lr"] or min(sweep["adamw"]["grid"])
-        sch = S.schedule(lr_m, s)
-        summ["schedule"] = sch
-        # the fraction that makes qkclip_eqx's wsd decay over exactly total - decay_start steps
-        dec = sch["decay"] / sch["total"]
-        kw = dict(steps=sch["total"], decay=dec)
-        log(
-            f"    lr* Muon {lr_m:.4g}, AdamW {lr_a:.4g}; main runs {sch['total']} steps (flat {sch['flat']})"
-        )
-
-        main: dict[str, Any] = {"multipliers": {}}
-        for mult in s.lr_multipliers:
-            lr = lr_m * mult
-            log(f"[2] Muon and MuonClip at {mult:g}x lr* = {lr:.4g}")
-            muon = [self.get(self.spec("muon", lr, sd, **kw)) for sd in s.seeds]
-            tau = S.choose_tau([r["peak_probe_s"] for r in muon], s)
-            clip = [self.get(self.spec("muonclip", lr, sd, tau=tau, **kw)) for sd in s.seeds]
-            main["multipliers"][f"{mult:g}"] = {
-                "lr": lr,
-                "tau": tau,
-                "muon": muon,
-                "clip": clip,
-                "wd_time": S.wd_time(lr, s.weight_decay, sch["flat"]),
+        s = self.s
+        sweep: dict[int, dict[str, list[str]]] = {}
+        for w in s.widths:
+            self.log(f"sweep, width {w}")
+            sweep[w] = {
+                opt: [
+                    self.run(w, opt, lr)["name"]
+                    for lr in s.grid["adamw" if opt == "adamw" else "muon"]
+                ]
+                for opt in ("muon", "muonclip", "adamw")
             }
-        one = main["multipliers"]["1"]
-        log(f"[3] MuonClip at 1x lr*, wd {s.weight_decay_large:g}")
-        main["wd_large"] = [
-            self.get(self.spec("muonclip", lr_m, sd, tau=one["tau"], wd=s.weight_decay_large, **kw))
-            for sd in s.seeds
+        best = {
+            w: {f: self._best(sweep[w], f) for f in ("muon", "muonclip", "adamw")} for w in s.widths
+        }
+        for w in s.widths:
+            fam_best = min(best[w]["muon"]["val_loss"], best[w]["muonclip"]["val_loss"])
+            for opt in ("muon", "muonclip", "adamw"):
+                b = fam_best if opt != "adamw" else best[w]["adamw"]["val_loss"]
+                for n in sweep[w][opt]:
+                    self.rows[n]["diverged"] = S.diverged(self.rows[n]["val_loss"], b)
+        lr_1000 = {}
+        for w in s.widths:
+            hit = [
+                self.rows[n]["lr"]
+                for n in sweep[w]["muon"]
+                if self.rows[n]["peak_s"] >= s.explosion
+            ]
+            lr_1000[w] = min(hit) if hit else None
+        healthy_lrs = [
+            lr
+            for lr in s.grid["muon"]
+            if all(
+                not self.rows[run_name(w, "muon", lr, s.weight_decay, None, 0)]["diverged"]
+                for w in s.widths
+            )
         ]
-        log(f"[4] AdamW at 1x its lr* = {lr_a:.4g}")
-        main["adamw"] = [self.get(self.spec("adamw", lr_a, sd, **kw)) for sd in s.seeds]
-        summ["main"] = main
-        summ["verdicts"] = verdicts(summ, s)
-        summ["n_runs"] = len(self.rows)
-        summ["train_wall_s"] = round(sum(r["wall_s"] for r in self.rows.values()), 1)
-        summ["n_steps"] = int(sum(r["steps_run"] for r in self.rows.values()))
-        summ["trained_this_invocation"] = list(self.trained)
-        return summ
+        lr_fit = max(healthy_lrs) if healthy_lrs else None
 
+        self.log("the cure: Muon and MuonClip at each lr_1000")
+        cure = {}
+        for w in s.widths:
+            if lr_1000[w] is None:
+                continue
+            pairs = [
+                (
+                    self.run(w, "muon", lr_1000[w], seed=k),
+                    self.run(w, "muonclip", lr_1000[w], seed=k),
+                )
+                for k in s.cure_seeds
+            ]
+            cure[w] = {
+                "lr": lr_1000[w],
+                "muon": [p[0]["name"] for p in pairs],
+                "muonclip": [p[1]["name"] for p in pairs],
+                "diffs": [A.capped_val(c) - A.capped_val(m) for m, c in pairs],
+                "muon_stopped": sum(m["stopped"] != "done" for m, _ in pairs),
+                "muonclip_stopped": sum(c["stopped"] != "done" for _, c in pairs),
+            }
 
-def verdicts(summ: dict[str, Any], s: S.Settings) -> dict[str, Any]:
-    """Apply every pre-registered rule to the summary; ``{claim: {word, why, ...}}``."""
-    sw, sch, main = summ["sweep"], summ["schedule"], summ["main"]
-    br_m = sw["muon"]["bracketed"]
-    br_both = br_m and sw["adamw"]["bracketed"]
-    out: dict[str, Any] = {}
-    for mult, m in main["multipliers"].items():
-        tag = f"{mult}x"
-        clipped = [r["clip"]["clipped"] for r in m["clip"]]
-        v = {}
-        v["fig2_left_explosion"] = S.verdict_explosion([r["peak_probe_s"] for r in m["muon"]], br_m)
-        v["fig2_left_spikes"] = S.verdict_spikes(
-            [len(r["spikes"]) for r in m["muon"]], [len(r["spikes"]) for r in m["clip"]], br_m
+        self.log(f"Fig. 12: MuonClip at tau = {s.tau_fig12:g}, {len(s.fig12_seeds)} seeds")
+        w12 = s.fig12_width
+        lr12 = best[w12]["muon"]["lr"]
+        f12 = [
+            (
+                self.run(w12, "muon", lr12, seed=k),
+                self.run(w12, "muonclip", lr12, seed=k, tau=s.tau_fig12),
+            )
+            for k in s.fig12_seeds
+        ]
+        fig12 = {
+            "width": w12,
+            "lr": lr12,
+            "tau": s.tau_fig12,
+            "muon": [m["name"] for m, _ in f12],
+            "muonclip": [c["name"] for _, c in f12],
+            "diffs": [c["val_loss"] - m["val_loss"] for m, c in f12],
+            "base": float(np.mean([m["val_loss"] for m, _ in f12])),
+            "acted": [c["clip"]["acted"] for _, c in f12],
+            "clip_fraction_steps": [
+                float(
+                    np.mean(
+                        np.any(self.logs[c["name"]]["s"].reshape(s.steps, -1) > s.tau_fig12, axis=1)
+                    )
+                )
+                if c["steps_run"] == s.steps
+                else math.nan
+                for _, c in f12
+            ],
+        }
+
+        wd_runs = {}
+        if lr_fit is not None:
+            self.log(f"weight decay at lr_fit = {lr_fit:.3g}")
+            for wd in sorted((*s.wd_axis, s.weight_decay)):
+                wd_runs[wd] = self.run(w12, "muon", lr_fit, wd=wd)["name"]
+        return self.summarise(sweep, best, lr_1000, lr_fit, cure, fig12, wd_runs)
+
+    def _best(self, names: dict[str, list[str]], opt: str) -> dict[str, Any]:
+        rows = [self.rows[n] for n in names[opt] if math.isfinite(self.rows[n]["val_loss"])]
+        if not rows:
+            return {"name": None, "lr": None, "val_loss": math.nan}
+        b = min(rows, key=lambda r: r["val_loss"])
+        return {"name": b["name"], "lr": b["lr"], "val_loss": b["val_loss"]}
+
+    def summarise(self, sweep, best, lr_1000, lr_fit, cure, fig12, wd_runs) -> dict[str, Any]:
+        s, pilot = self.s, self.pilot
+        tol = {
+            "cap_tolerance": S.cap_tolerance(pilot),
+            "spike_delta": S.spike_delta(pilot),
+            "sensitivity_margin": S.sensitivity_margin(pilot),
+        }
+        R = self.rows
+        sens, spikes, slopes_s, slopes_w = {}, [], {}, {}
+        for w in s.widths:
+            ref = min(best[w]["muon"]["val_loss"], best[w]["muonclip"]["val_loss"])
+            sens[w] = {
+                opt: S.sensitivity([R[n]["val_loss"] for n in sweep[w][opt]], ref)
+                for opt in ("muon", "muonclip")
+            }
+            for nm, nc in zip(sweep[w]["muon"], sweep[w]["muonclip"]):
+                if R[nm]["peak_s"] >= s.explosion:
+                    c = A.spike_counts(self.logs[nm], self.logs[nc], tol["spike_delta"])
+                    spikes.append({"width": w, "lr": R[nm]["lr"], **c})
+            slopes_s[w], slopes_w[w] = {}, {}
+            for opt in ("muon", "adamw"):
+                star = best[w][opt]["lr"]
+                pts = [
+                    R[n]
+                    for n in sweep[w][opt]
+                    if star is not None and R[n]["lr"] >= star and R[n]["stopped"] == "done"
+                ]
+                x = [math.log(r["lr"] / star) for r in pts]
+                slopes_s[w][opt] = S.slope(x, [math.log(r["peak_s"]) for r in pts])
+                slopes_w[w][opt] = S.slope(x, [math.log(r["peak_norm_product"]) for r in pts])
+        clip_rows = [
+            R[n]
+            for w in s.widths
+            for n in sweep[w]["muonclip"]
+            if not R[n]["diverged"] and R[n]["clip"]["acted"]
+        ]
+        settled_w = (
+            {
+                w: R[run_name(w, "muon", lr_fit, s.weight_decay, None, 0)]["settled_s"]
+                for w in s.widths
+            }
+            if lr_fit
+            else {}
         )
-        v["fig2_right_cap"] = S.verdict_cap(
-            [r["clip"]["overshoot_train"] for r in m["clip"]], clipped
+        settled_wd = {wd: R[n]["settled_s"] for wd, n in wd_runs.items()}
+        fit_w = (
+            S.power_fit(list(settled_w), list(settled_w.values()))
+            if len(settled_w) >= 2 and all(v > 0 for v in settled_w.values())
+            else None
         )
-        v["fig2_right_switch_off"] = S.verdict_switch_off(
-            [r["clip"]["last"] for r in m["clip"]],
-            sch["decay_start"],
-            sch["flat"],
-            m["wd_time"],
-            s.wd_time,
+        fit_wd = (
+            S.power_fit(list(settled_wd), list(settled_wd.values()))
+            if len(settled_wd) >= 2 and all(v > 0 for v in settled_wd.values())
+            else None
         )
-        v["appD_head_fraction"] = S.verdict_head_fraction(
-            [r["clip"]["fraction"] for r in m["clip"]], clipped
-        )
-        diffs = [c["final_val"] - u["final_val"] for u, c in zip(m["muon"], m["clip"])]
-        base = float(np.mean([u["final_val"] for u in m["muon"]]))
-        v["fig12_negligible"] = S.verdict_negligible(diffs, base, s.equivalence_margin, clipped)
-        out[tag] = {k: {"word": w, "why": y} for k, (w, y) in v.items()}
-    one = main["multipliers"]["1"]
-    limit = sch["decay_start"] - S.OFF_MARGIN * sch["flat"]
-    w, y = S.verdict_wd_hypothesis(
-        [r["clip"]["last"] for r in one["clip"]],
-        [r["clip"]["last"] for r in main["wd_large"]],
-        s.warmup_steps,
-        s.weight_decay_large / s.weight_decay,
-        limit,
-    )
-    out["wd_hypothesis"] = {"word": w, "why": y}
-    lr_ratios = [
-        math.log(u["peak_probe_s"] / a["peak_probe_s"]) for u, a in zip(one["muon"], main["adamw"])
-    ]
-    w, y = S.verdict_muon_faster(lr_ratios, br_both)
-    out["appE_muon_faster"] = {"word": w, "why": y}
-    rd = [
-        u["stable_rank"]["all"] - a["stable_rank"]["all"]
-        for u, a in zip(one["muon"], main["adamw"])
-    ]
-    w, y = S.verdict_update_rank(rd)
-    out["appE_update_rank"] = {"word": w, "why": y}
-    return out
+        v = {
+            "fig2_left_explosion": S.verdict_explosion(lr_1000, s.explosion),
+            "fig2_left_spikes": S.verdict_spikes(spikes),
+            "cure": S.verdict_cure({w: c["diffs"] for w, c in cure.items()}),
+            "stable_range": S.verdict_stable_range(sens, tol["sensitivity_margin"]),
+            "fig2_right_cap": S.verdict_cap(
+                [r["clip"]["q99_ratio"] for r in clip_rows], tol["cap_tolerance"]
+            ),
+            "fig2_right_switch_off": S.verdict_switch_off(
+                [r["clip"]["window_rate"] for r in clip_rows]
+            ),
+            "appD_head_fraction": S.verdict_head_fraction(
+                [r["clip"]["fraction"] for r in clip_rows]
+            ),
+            "fig12_negligible": S.verdict_negligible(fig12["diffs"], fig12["base"], fig12["acted"]),
+            "appE_muon_faster": S.verdict_muon_faster(slopes_s),
+            "appE_weight_growth": S.verdict_weight_growth(slopes_w),
+        }
+        return {
+            "mode": s.name,
+            "explosion": s.explosion,
+            "tau": s.tau,
+            "tolerances": tol,
+            "sweep": {str(w): sweep[w] for w in s.widths},
+            "best": {str(w): best[w] for w in s.widths},
+            "lr_1000": {str(w): lr_1000[w] for w in s.widths},
+            "lr_fit": lr_fit,
+            "sensitivity": {str(w): sens[w] for w in s.widths},
+            "spikes": spikes,
+            "slopes_s": {str(w): slopes_s[w] for w in s.widths},
+            "slopes_norm": {str(w): slopes_w[w] for w in s.widths},
+            "clip_runs": [r["name"] for r in clip_rows],
+            "cure": {str(w): c for w, c in cure.items()},
+            "fig12": fig12,
+            "settled_vs_width": {str(w): x for w, x in settled_w.items()},
+            "settled_vs_wd": {str(k): x for k, x in settled_wd.items()},
+            "fit_width": fit_w,
+            "fit_wd": fit_wd,
+            "prediction_k2_width": None if fit_w is None else fit_w["c"] * K2_WIDTH ** fit_w["p"],
+            "verdicts": {k: {"word": a, "why": b} for k, (a, b) in v.items()},
+            "runs": self.rows,
+        }
 
 
 def versions() -> dict[str, str]:
@@ -237,23 +323,7 @@ def versions() -> dict[str, str]:
 
     import qkclip_eqx
 
-    return {
-        "python": sys.version.split()[0],
-        "jax": jax.__version__,
-        "equinox": equinox.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "backend": jax.default_backend(),
-        "qkclip_eqx": _lib_rev(qkclip_eqx.__file__),
-    }
-
-
-def _lib_rev(path: str) -> str:
-    """The git commit of the qkclip_eqx sources that ran (+ "uncommitted changes")."""
-    import subprocess
-
-    src = pathlib.Path(path).parent
+    src = pathlib.Path(qkclip_eqx.__file__).parent
     try:
         rev = subprocess.run(
             ["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
@@ -268,9 +338,22 @@ def _lib_rev(path: str) -> str:
             text=True,
             timeout=10,
         ).stdout.strip()
-        return f"git {rev}" + (" + uncommitted changes" if dirty else "")
+        lib = f"git {rev}" + (" + uncommitted changes" if dirty else "")
     except Exception:
-        return str(src)
+        lib = str(src)
+    return {
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "equinox": equinox.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpus": str(len(__import__("os").sched_getaffinity(0)))
+        if hasattr(__import__("os"), "sched_getaffinity")
+        else "?",
+        "backend": jax.default_backend(),
+        "qkclip_eqx": lib,
+    }
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -284,18 +367,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--preset",
         choices=sorted(S.MODES),
         default="full",
-        help="full (default; CPU), quick, or gpu (for an accelerator; not run)",
+        help="full (default; 2 CPU cores), quick, or gpu (one accelerator; not run)",
     )
     p.add_argument("--out", default=None, help="results folder; runs go to OUT/runs unless --runs")
     p.add_argument("--runs", default=None, help="folder for the run directories")
     p.add_argument(
-        "--no-train", action="store_true", help="only rebuild results from complete runs"
+        "--no-train", action="store_true", help="only rebuild the results from complete runs"
     )
-    p.add_argument(
-        "--stdlib",
-        default=None,
-        help="read the corpus files from this directory (default: this Python's)",
-    )
+    p.add_argument("--stdlib", default=None, help="read the corpus files from this directory")
     return p.parse_args(argv)
 
 
@@ -306,30 +385,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = pathlib.Path(args.out)
     else:
         out = HERE / "results" if s.name == "full" else HERE / "runs" / s.name / "results"
-    runs_dir = (
-        pathlib.Path(args.runs)
-        if args.runs
-        else (out / "runs" if args.out else HERE / "runs" / s.name)
-    )
+    if args.runs:
+        runs_dir = pathlib.Path(args.runs)
+    elif s.name == "full" and args.out is None:
+        runs_dir = out / "logs"  # the full run's logs are committed beside its results
+    else:
+        runs_dir = out / "runs" if args.out else HERE / "runs" / s.name
     out.mkdir(parents=True, exist_ok=True)
     print(f"kimi_k2, mode {s.name}: runs in {runs_dir}, results in {out}", flush=True)
     t0 = time.perf_counter()
+    c0, cs0 = runner.COMPILED.compiles, runner.COMPILED.compile_s
     data, corpus = load_corpus(args.stdlib)
     if not corpus["matches"]:
         print(
-            "!" * 72
-            + f"\nCORPUS MISMATCH: sha256 {corpus['sha256']}\n  expected {corpus['expected_sha256']}\n"
-            + "!" * 72,
+            "!" * 72 + f"\nCORPUS MISMATCH: sha256 {corpus['sha256']}\n" + "!" * 72,
             file=sys.stderr,
             flush=True,
         )
     exp = Experiment(
-        s, runs_dir, data, corpus, train=not args.no_train, log=lambda m: print(m, flush=True)
+        s,
+        runs_dir,
+        data,
+        corpus,
+        S.load_pilot(),
+        train=not args.no_train,
+        log=lambda m: print(m, flush=True),
     )
     summ = exp.run_all()
+    wall = time.perf_counter() - t0
+    steps = sum(r["steps_run"] for r in exp.rows.values())
+    summ["timing"] = {
+        "wall_s": round(wall, 1),
+        "runs": len(exp.rows),
+        "trained": exp.trained,
+        "steps": steps,
+        "train_s": round(sum(r["wall_s"] for r in exp.rows.values()), 1),
+        "compiles": runner.COMPILED.compiles - c0,
+        "compile_s": round(runner.COMPILED.compile_s - cs0, 1),
+    }
     summ["versions"] = versions()
-    summ["settings"] = {k: v for k, v in vars(s).items()}
-    summ["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
-    report.write(summ, exp.logs, out)
-    print(f"results: {out / 'results.md'} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    summ["corpus"] = {
+        k: corpus[k] for k in ("sha256", "expected_sha256", "matches", "files", "bytes")
+    }
+    summ["settings"] = {
+        "widths": list(s.widths),
+        "steps": s.steps,
+        "grid": s.grid,
+        "batch": [s.batch_size, s.seq_len],
+        "cure_seeds": len(s.cure_seeds),
+    }
+    report.write(summ, exp.logs, out, s)
+    print(f"done in {wall / 60:.1f} min ({exp.trained} runs trained); results in {out}", flush=True)
     return summ

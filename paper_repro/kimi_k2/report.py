@@ -18,6 +18,8 @@ from . import analysis as A
 from . import settings as S
 
 DPI = 130
+COLORS = {"muon": "tab:red", "muonclip": "tab:blue", "adamw": "tab:green"}
+LABELS = {"muon": "Muon", "muonclip": "MuonClip", "adamw": "AdamW"}
 
 
 def _fig(w: float, h: float, ncols: int = 1, nrows: int = 1, **kw):
@@ -38,356 +40,424 @@ def _f(x: Any, nd: int = 3) -> str:
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
-def _legend(ax) -> None:
-    ax.legend(fontsize=8, loc="best", framealpha=0.8)
+def _g(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.3g}"
 
 
-# ---------------------------------------------------------------------------
-def fig_presweep(summ, logs, out) -> str:
-    fig, ax = _fig(6.5, 4)
-    a = ax[0, 0]
-    for opt, col in (("muon", "C0"), ("adamw", "C1")):
-        sw = summ["sweep"][opt]
-        lrs = [r["lr"] for r in sw["runs"]]
-        v = [r["final_val"] for r in sw["runs"]]
-        a.plot(lrs, v, "o-", color=col, label=f"{opt}: lr* = {sw['lr']}")
-        for r in sw["runs"]:
-            if r["diverged"]:
-                a.plot(
-                    [r["lr"]],
-                    [r["final_val"] if math.isfinite(r["final_val"]) else max(v)],
-                    "x",
-                    color="k",
-                    ms=9,
-                )
-    a.plot([], [], "x", color="k", label="diverged (rule of settings.diverged)")
-    a.set_xscale("log")
-    a.set_xlabel("lr")
-    a.set_ylabel("final val loss (nats/byte)")
-    a.set_title("Pre-sweep: each optimizer's best lr must be bracketed")
-    _legend(a)
-    return _save(fig, out / "presweep.png")
+def _rows(summ, w, opt):
+    return [summ["runs"][n] for n in summ["sweep"][str(w)][opt]]
 
 
-def fig2_left(summ, logs, out) -> str:
-    mults = summ["main"]["multipliers"]
-    fig, ax = _fig(5 * len(mults), 4, ncols=len(mults), sharey=True)
-    for j, (mult, m) in enumerate(mults.items()):
-        a = ax[0, j]
-        for k, r in enumerate(m["muon"]):
-            st, pm = A.probe_max(logs[r["run"]])
-            a.plot(st, pm, lw=1, color=f"C{k}", label=f"Muon seed {r['seed']}")
-        a.axhline(S.K2_LOGIT_EXPLOSION, color="r", ls="--", lw=1, label="1000 (K2 Fig. 2 left)")
-        a.axhline(m["tau"], color="k", ls=":", lw=1, label=f"tau = {m['tau']:g} (MuonClip)")
-        a.axvline(
-            summ["schedule"]["decay_start"], color="grey", ls="-.", lw=1, label="lr decay starts"
+def fig_loss_vs_lr(summ, logs, out) -> str:
+    ws = summ["settings"]["widths"]
+    fig, ax = _fig(4.0 * len(ws), 3.6, ncols=len(ws), sharey=True)
+    for i, w in enumerate(ws):
+        a = ax[0, i]
+        for opt in ("muon", "muonclip", "adamw"):
+            rows = _rows(summ, w, opt)
+            lr = [r["lr"] for r in rows]
+            v = [A.capped_val(r) for r in rows]
+            a.plot(
+                lr,
+                v,
+                "o-" if opt != "muonclip" else "s--",
+                color=COLORS[opt],
+                label=LABELS[opt],
+                ms=4,
+            )
+            for r in rows:
+                if r["stopped"] != "done":
+                    a.plot(r["lr"], S.LN_VOCAB, "x", color=COLORS[opt], ms=9, mew=2)
+        a.axhline(S.LN_VOCAB, color="gray", lw=0.8, ls=":")
+        a.set_xscale("log")
+        a.set_title(f"width {w}")
+        a.set_xlabel("peak learning rate")
+        a.grid(alpha=0.3)
+    ax[0, 0].set_ylabel("final val loss (capped at ln 256; x: stopped)")
+    ax[0, 0].legend(fontsize=8)
+    fig.suptitle("Final validation loss against lr (Wortsman et al. 2023, Fig. 1 style)")
+    return _save(fig, out / "loss_vs_lr.png")
+
+
+def fig_peak_s_vs_lr(summ, logs, out) -> str:
+    ws = summ["settings"]["widths"]
+    fig, ax = _fig(4.0 * len(ws), 3.6, ncols=len(ws), sharey=True)
+    for i, w in enumerate(ws):
+        a = ax[0, i]
+        for opt in ("muon", "muonclip", "adamw"):
+            rows = _rows(summ, w, opt)
+            a.plot(
+                [r["lr"] for r in rows],
+                [r["peak_s"] for r in rows],
+                "o-" if opt != "muonclip" else "s--",
+                color=COLORS[opt],
+                label=LABELS[opt],
+                ms=4,
+            )
+        a.axhline(
+            summ["explosion"],
+            color="black",
+            lw=0.8,
+            ls="--",
+            label="lr_1000 threshold (K2 Fig. 2 left: 1000)",
         )
+        a.axhline(summ["tau"], color="tab:blue", lw=0.8, ls=":", label=f"tau = {summ['tau']:g}")
+        a.set_xscale("log")
         a.set_yscale("log")
-        a.set_xlabel("step")
-        a.set_title(f"vanilla Muon, {mult}x lr* = {m['lr']:.3g}")
-        _legend(a)
-    ax[0, 0].set_ylabel("max logit S on the probe batch")
-    return _save(fig, out / "fig2_left_muon.png")
+        a.set_title(f"width {w}")
+        a.set_xlabel("peak learning rate")
+        a.grid(alpha=0.3)
+    ax[0, 0].set_ylabel("peak training-batch S")
+    ax[0, 0].legend(fontsize=7)
+    fig.suptitle("Peak max logit S against lr, per width")
+    return _save(fig, out / "peak_s_vs_lr.png")
 
 
-def fig2_right(summ, logs, out) -> str:
-    mults = summ["main"]["multipliers"]
-    fig, ax = _fig(5 * len(mults), 4, ncols=len(mults))
-    for j, (mult, m) in enumerate(mults.items()):
-        a = ax[0, j]
-        for k, r in enumerate(m["clip"]):
-            st, pm = A.probe_max(logs[r["run"]])
-            a.plot(st, pm / m["tau"], lw=1, color=f"C{k}", label=f"MuonClip seed {r['seed']}")
-            if r["clip"]["last"] >= 0:
-                a.axvline(r["clip"]["last"], color=f"C{k}", ls=":", lw=1)
-        a.axhline(1.0, color="k", ls="--", lw=1, label="tau")
-        a.axvline(
-            summ["schedule"]["decay_start"], color="grey", ls="-.", lw=1, label="lr decay starts"
+def fig_scale(summ, logs, out) -> str:
+    fig, ax = _fig(10, 3.8, ncols=2)
+    a = ax[0, 0]
+    sw = {int(k): v for k, v in summ["settled_vs_width"].items()}
+    if sw:
+        a.plot(
+            list(sw),
+            list(sw.values()),
+            "o",
+            color="tab:red",
+            label=f"Muon, lr {_g(summ['lr_fit'])}, wd 0.1",
         )
-        a.set_xlabel("step (dotted: each seed's last clip)")
-        a.set_ylabel("probe S / tau")
-        a.set_title(f"MuonClip, {mult}x lr*, tau = {m['tau']:g}")
-        _legend(a)
-    return _save(fig, out / "fig2_right_muonclip.png")
+        fit = summ["fit_width"]
+        if fit:
+            x = np.geomspace(min(sw), 7168, 50)
+            a.plot(
+                x,
+                fit["c"] * x ** fit["p"],
+                "--",
+                color="gray",
+                label=f"fit S = {fit['c']:.3g} d^{fit['p']:.2f} (extrapolated)",
+            )
+            a.plot(
+                [7168],
+                [summ["prediction_k2_width"]],
+                "*",
+                color="black",
+                ms=12,
+                label=f"K2 width 7168: {summ['prediction_k2_width']:.3g} (extrapolation)",
+            )
+    a.axhline(summ["explosion"], color="black", lw=0.8, ls=":")
+    a.set_xscale("log")
+    a.set_yscale("log")
+    a.set_xlabel("width (dim)")
+    a.set_ylabel("settled S (last quarter of the flat phase)")
+    a.set_title("Settled S against width")
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3)
+    b = ax[0, 1]
+    sd = {float(k): v for k, v in summ["settled_vs_wd"].items()}
+    if sd:
+        b.plot(list(sd), list(sd.values()), "o-", color="tab:red")
+        fit = summ["fit_wd"]
+        if fit:
+            b.set_title(
+                f"Settled S against weight decay (width {summ['fig12']['width']}): S ~ wd^{fit['p']:.2f}"
+            )
+    b.set_xscale("log")
+    b.set_yscale("log")
+    b.set_xlabel("weight decay")
+    b.grid(alpha=0.3)
+    return _save(fig, out / "settled_s_vs_scale.png")
+
+
+def exploding_pair(summ) -> tuple[str, str] | None:
+    """The largest width's lr_1000 pair (seed 0), Muon and MuonClip."""
+    for w in reversed(summ["settings"]["widths"]):
+        lr = summ["lr_1000"][str(w)]
+        if lr is not None:
+            i = [summ["runs"][n]["lr"] for n in summ["sweep"][str(w)]["muon"]].index(lr)
+            return summ["sweep"][str(w)]["muon"][i], summ["sweep"][str(w)]["muonclip"][i]
+    return None
+
+
+def fig_traces(summ, logs, out) -> str:
+    fig, ax = _fig(10, 5.5, ncols=1, nrows=2, sharex=True)
+    pair = exploding_pair(summ)
+    if pair:
+        for n, opt in zip(pair, ("muon", "muonclip")):
+            lg = logs[n]
+            ax[0, 0].plot(A.step_max(lg), color=COLORS[opt], lw=1, label=LABELS[opt])
+            ax[1, 0].plot(lg["loss"], color=COLORS[opt], lw=0.8, label=LABELS[opt])
+        r = summ["runs"][pair[0]]
+        ax[0, 0].set_title(f"Width {r['width']}, lr {_g(r['lr'])}, seed 0: the same batches")
+    ax[0, 0].axhline(summ["tau"], color="tab:blue", lw=0.8, ls=":", label=f"tau = {summ['tau']:g}")
+    ax[0, 0].axhline(summ["explosion"], color="black", lw=0.8, ls="--")
+    ax[0, 0].set_yscale("log")
+    ax[0, 0].set_ylabel("largest training-batch S")
+    ax[1, 0].set_ylabel("training loss")
+    ax[1, 0].set_xlabel("step")
+    for a in ax[:, 0]:
+        a.legend(fontsize=8)
+        a.grid(alpha=0.3)
+    return _save(fig, out / "explosion_traces.png")
 
 
 def fig_appd(summ, logs, out) -> str:
-    fig, ax = _fig(6, 4)
+    fig, ax = _fig(6.5, 3.8)
     a = ax[0, 0]
-    mults = summ["main"]["multipliers"]
-    xs, med = [], []
-    for m in mults.values():
-        fr = [r["clip"]["fraction"] for r in m["clip"]]
-        a.plot([m["lr"]] * len(fr), fr, "o", color="C3", alpha=0.7)
-        xs.append(m["lr"])
-        med.append(float(np.median(fr)))
-    a.plot(xs, med, "-", color="C3", label="median over seeds (dots: seeds)")
-    a.axhline(S.K2_HEAD_FRACTION, color="grey", ls=":", label="K2 App. D: 12.7%")
-    a.axhline(S.HEAD_FRACTION_LIMIT, color="k", ls="--", lw=1, label="pre-registered limit 25.4%")
+    taus = np.geomspace(5, 5000, 60)
+    for w in summ["settings"]["widths"]:
+        rows = [r for r in _rows(summ, w, "muon") if not r["diverged"]]
+        if rows:
+            a.plot(
+                taus,
+                A.heads_over_curve([r["head_peaks"] for r in rows], taus),
+                label=f"width {w} ({len(rows)} healthy Muon runs)",
+            )
+    fr = [summ["runs"][n]["clip"]["fraction"] for n in summ["clip_runs"]]
+    if fr:
+        a.plot([summ["tau"]] * len(fr), fr, "k.", label=f"MuonClip runs at tau {summ['tau']:g}")
+    a.axhline(S.K2_HEAD_FRACTION, color="gray", ls="--", lw=0.8, label="K2: 12.7%")
     a.set_xscale("log")
-    a.set_ylim(0, 1.02)
-    a.set_xlabel("lr (MuonClip, wd 0.1)")
-    a.set_ylabel("fraction of heads ever clipped")
-    a.set_title(
-        f"App. D: heads that triggered QK-Clip ({mults['1']['clip'][0]['clip']['n_heads']} heads)"
-    )
-    _legend(a)
+    a.set_xlabel("tau")
+    a.set_ylabel("fraction of heads ever over tau")
+    a.set_title("App. D: heads that a clip at tau would touch")
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3)
     return _save(fig, out / "appD_head_fraction.png")
 
 
-def fig12(summ, logs, out) -> str:
-    fig, ax = _fig(6, 4)
+def fig_intervals(summ, logs, out) -> str:
+    fig, ax = _fig(10, 3.6, ncols=2)
+    f12 = summ["fig12"]
     a = ax[0, 0]
-    mults = summ["main"]["multipliers"]
-    for i, m in enumerate(mults.values()):
-        d = [c["final_val"] - u["final_val"] for u, c in zip(m["muon"], m["clip"])]
-        ci = S.paired_ci(d)
-        marg = summ["settings"]["equivalence_margin"] * float(
-            np.mean([u["final_val"] for u in m["muon"]])
-        )
-        a.plot([i] * len(d), d, "o", color="C0", alpha=0.6, label="seeds" if i == 0 else None)
+    d = np.asarray(f12["diffs"], float)
+    a.plot(range(len(d)), d, "o", color="tab:blue")
+    ci = S.paired_ci90(d)
+    m = S.EQUIVALENCE_MARGIN * f12["base"]
+    a.axhspan(-m, m, color="gray", alpha=0.2, label="+-1% of Muon's loss")
+    if math.isfinite(ci["lo"]):
+        a.axhspan(ci["lo"], ci["hi"], color="tab:blue", alpha=0.2, label="90% CI")
+    a.axhline(0, color="black", lw=0.8)
+    a.set_xlabel("seed")
+    a.set_ylabel("val loss, MuonClip - Muon")
+    a.set_title(f"Fig. 12: tau {f12['tau']:g}, width {f12['width']}, lr {_g(f12['lr'])}")
+    a.legend(fontsize=7)
+    b = ax[0, 1]
+    for i, w in enumerate(sorted(summ["cure"], key=int)):
+        c = summ["cure"][w]
+        ci = S.paired_ci90(c["diffs"])
+        b.plot([i] * len(c["diffs"]), c["diffs"], ".", color="gray")
         if math.isfinite(ci["lo"]):
-            a.errorbar(
-                [i + 0.15],
+            b.errorbar(
+                [i],
                 [ci["mean"]],
                 yerr=[[ci["mean"] - ci["lo"]], [ci["hi"] - ci["mean"]]],
-                fmt="s",
-                color="k",
+                fmt="o",
+                color="tab:blue",
                 capsize=4,
-                label="mean, paired 95% CI" if i == 0 else None,
             )
-        a.fill_between(
-            [i - 0.3, i + 0.45],
-            -marg,
-            marg,
-            color="C2",
-            alpha=0.2,
-            label="equivalence margin (+-1%)" if i == 0 else None,
+        b.text(
+            i,
+            b.get_ylim()[1] if False else ci["mean"],
+            f"  lr {_g(c['lr'])}",
+            fontsize=7,
+            va="center",
         )
-    a.axhline(0, color="k", lw=1)
-    a.set_xticks(range(len(mults)), [f"{k}x lr*\ntau {m['tau']:g}" for k, m in mults.items()])
-    a.set_ylabel("MuonClip - Muon final val loss")
-    a.set_title("Fig. 12: does QK-Clip change the loss?")
-    _legend(a)
-    return _save(fig, out / "fig12_paired.png")
+    b.axhline(0, color="black", lw=0.8)
+    b.set_xticks(range(len(summ["cure"])), [f"width {w}" for w in sorted(summ["cure"], key=int)])
+    b.set_ylabel("capped val loss, MuonClip - Muon")
+    b.set_title("At lr_1000: MuonClip - Muon, 90% CI")
+    return _save(fig, out / "intervals.png")
 
 
 def fig_appe(summ, logs, out) -> str:
-    main = summ["main"]
-    one = main["multipliers"]["1"]
-    fig, ax = _fig(13, 4, ncols=3)
-    for u, w in zip(one["muon"], main["adamw"]):
-        ax[0, 0].plot([0, 1], [u["peak_probe_s"], w["peak_probe_s"]], "o-", color="0.4")
-        ax[0, 1].plot([0, 1], [u["stable_rank"]["all"], w["stable_rank"]["all"]], "o-", color="0.4")
-    for a, lab in ((ax[0, 0], "peak probe S"), (ax[0, 1], "mean stable rank of attention updates")):
-        a.set_xticks(
-            [0, 1], [f"Muon\nlr {one['lr']:.3g}", f"AdamW\nlr {main['adamw'][0]['lr']:.3g}"]
-        )
-        a.set_ylabel(lab)
-        a.set_xlim(-0.4, 1.4)
-    ax[0, 0].set_title("App. E: max logit, each at its own lr* (lines: seeds)")
-    ax[0, 1].set_title("App. E mechanism: update stable rank")
-    b = ax[0, 2]
-    for rows, col, lab in ((one["muon"], "C0", "Muon"), (main["adamw"], "C1", "AdamW")):
-        for k, r in enumerate(rows):
-            st, p = A.norm_products(logs[r["run"]])
-            b.plot(st, p, color=col, lw=1, label=lab if k == 0 else None)
-    b.set_yscale("log")
-    b.set_xlabel("step")
-    b.set_ylabel("max over heads of ||q_C|| ||k_C||")
-    b.set_title("spectral norms over training")
-    _legend(b)
+    ws = summ["settings"]["widths"]
+    fig, ax = _fig(4.0 * len(ws), 6.4, ncols=len(ws), nrows=2)
+    for i, w in enumerate(ws):
+        for opt in ("muon", "adamw"):
+            star = summ["best"][str(w)][opt]["lr"]
+            rows = [r for r in _rows(summ, w, opt) if r["stopped"] == "done"]
+            if star is None:
+                continue
+            x = [r["lr"] / star for r in rows]
+            ax[0, i].plot(
+                x,
+                [r["peak_s"] for r in rows],
+                "o-",
+                color=COLORS[opt],
+                label=f"{LABELS[opt]} slope {summ['slopes_s'][str(w)][opt]:.2f}",
+                ms=4,
+            )
+            ax[1, i].plot(
+                x,
+                [r["peak_norm_product"] for r in rows],
+                "o-",
+                color=COLORS[opt],
+                label=f"{LABELS[opt]} slope {summ['slopes_norm'][str(w)][opt]:.2f}",
+                ms=4,
+            )
+        for a in ax[:, i]:
+            a.axvline(1, color="gray", lw=0.8)
+            a.set_xscale("log")
+            a.set_yscale("log")
+            a.grid(alpha=0.3)
+            a.legend(fontsize=7)
+        ax[0, i].set_title(f"width {w}")
+        ax[1, i].set_xlabel("lr / lr* (each optimizer's own best)")
+    ax[0, 0].set_ylabel("peak S")
+    ax[1, 0].set_ylabel("peak max over heads of\nsigma(W_qC) sigma(W_kC)")
+    fig.suptitle("App. E: growth of S and of the q/k weights with lr (slopes over lr >= lr*)")
     return _save(fig, out / "appE_muon_vs_adamw.png")
 
 
-def fig_overshoot(summ, logs, out) -> str:
-    fig, ax = _fig(6, 4)
-    a = ax[0, 0]
-    groups = [(f"{k}x lr*", m["clip"]) for k, m in summ["main"]["multipliers"].items()]
-    groups.append(
-        (f"1x lr*, wd {summ['settings']['weight_decay_large']:g}", summ["main"]["wd_large"])
-    )
-    for i, (_, rows) in enumerate(groups):
-        tr = [
-            r["clip"]["overshoot_train"]
-            for r in rows
-            if math.isfinite(r["clip"]["overshoot_train"])
-        ]
-        ov = [r["clip"]["overshoot"] for r in rows if math.isfinite(r["clip"]["overshoot"])]
-        g = [r["clip"]["update_growth"] for r in rows if math.isfinite(r["clip"]["update_growth"])]
-        a.plot(
-            [i - 0.2] * len(tr),
-            tr,
-            "D",
-            color="k",
-            alpha=0.7,
-            label="training-batch S / tau (the verdict's number)" if i == 0 else None,
-        )
-        a.plot(
-            [i] * len(ov),
-            ov,
-            "o",
-            color="C3",
-            alpha=0.7,
-            label="probe S / tau" if i == 0 else None,
-        )
-        a.plot(
-            [i + 0.2] * len(g),
-            g,
-            "s",
-            color="C0",
-            alpha=0.7,
-            label="one update's growth of S (fixed data)" if i == 0 else None,
-        )
-    a.axhline(1.0, color="k", lw=1, label="tau")
-    a.axhline(
-        S.CAP_TOLERANCE,
-        color="k",
-        ls="--",
-        lw=1,
-        label=f"pre-registered tolerance {S.CAP_TOLERANCE}",
-    )
-    a.set_xticks(range(len(groups)), [g[0] for g in groups])
-    a.set_ylabel("largest value after the first clip")
-    a.set_title("Overshoot of the cap, by lr (dots: seeds)")
-    _legend(a)
-    return _save(fig, out / "overshoot.png")
-
-
-def fig_wd(summ, logs, out) -> str:
-    fig, ax = _fig(6, 4)
-    a = ax[0, 0]
-    one, big = summ["main"]["multipliers"]["1"]["clip"], summ["main"]["wd_large"]
-    w0, w1 = summ["settings"]["weight_decay"], summ["settings"]["weight_decay_large"]
-    for r0, r1 in zip(one, big):
-        a.plot([w0, w1], [r0["clip"]["last"], r1["clip"]["last"]], "o-", color="0.4")
-    warm = summ["settings"]["warmup_steps"]
-    t0 = np.median([r["clip"]["last"] for r in one]) - warm
-    a.plot(
-        [w0, w1],
-        [warm + t0, warm + t0 * w0 / w1],
-        "--",
-        color="C2",
-        label="hypothesis: t_off - warmup ~ 1/wd",
-    )
-    a.axhline(summ["schedule"]["decay_start"], color="grey", ls="-.", label="lr decay starts")
-    a.set_xlabel("weight decay")
-    a.set_ylabel("last clip step")
-    a.set_title("Hypothesis (not the paper's): switch-off ~ 1/(lr x wd)")
-    _legend(a)
-    return _save(fig, out / "wd_hypothesis.png")
-
-
-# ---------------------------------------------------------------------------
-CLAIMS = [
-    ("fig2_left_explosion", "Fig. 2 left: vanilla Muon's max logit exceeds 1000"),
-    ("fig2_left_spikes", "Fig. 2 left: loss spikes with vanilla Muon, removed by MuonClip"),
-    ("fig2_right_cap", "Fig. 2 right: MuonClip holds S at tau"),
-    ("fig2_right_switch_off", "Fig. 2 right: the clip switches off while the lr is at its peak"),
-    ("appD_head_fraction", "App. D: a minority of heads (12.7%) trigger the clip"),
-    ("fig12_negligible", "Fig. 12: QK-Clip has negligible impact on the loss"),
-]
-
-
 def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
-    c, s, sch, v = summ["corpus"], summ["settings"], summ["schedule"], summ["verdicts"]
-    L = [f"# Kimi K2 stability claims at small scale: results ({summ['mode']} mode)", ""]
-    if not c["matches"]:
-        L += [
-            "> **CORPUS MISMATCH.** These runs read a corpus with sha256 "
-            f"`{c['sha256']}`, not the pre-registered `{c['expected_sha256']}` "
-            f"({len(c['missing'])} file(s) missing, {len(c['differing'])} differing). "
-            "The numbers below are not comparable with results of the pre-registered corpus.",
-            "",
-        ]
-    ver = summ["versions"]
-    L += [
-        "Generated by `python -m paper_repro.kimi_k2` from the runs' `metrics.jsonl`; every verdict is "
-        "the return value of a rule in `settings.py`, fixed before the runs.",
-        "",
-        f"- Corpus: {c['files']} stdlib files, {c['bytes']:,} bytes, sha256 `{c['sha256']}` "
-        f"({'the pre-registered corpus' if c['matches'] else 'NOT the pre-registered corpus'}); read on Python {c['python']}.",
-        f"- Model: {s['model']}; batch {s['batch_size']} x {s['seq_len']}.",
-        f"- Main runs: {sch['total']} steps: warmup {sch['warmup']}, flat {sch['flat']}, decay from step "
-        f"{sch['decay_start']}; wd {s['weight_decay']:g} (and {s['weight_decay_large']:g}); seeds {list(s['seeds'])}.",
-        f"- Runs: {summ['n_runs']}, {summ['n_steps']:,} steps, {summ['train_wall_s'] / 60:.1f} min of training "
-        f"(sum of run wall times); this invocation trained {len(summ['trained_this_invocation'])} of them "
-        f"and took {summ['wall_s_this_invocation'] / 60:.1f} min.",
-        f"- Software: Python {ver['python']}, jax {ver['jax']}, equinox {ver['equinox']}, optax {ver['optax']}, "
-        f"numpy {ver['numpy']}; backend {ver['backend']}; {ver['platform']}; qkclip_eqx {ver['qkclip_eqx']}.",
-        "",
-        "## Verdicts",
-        "",
-        "| claim | " + " | ".join(f"{k}x lr*" for k in summ["main"]["multipliers"]) + " |",
-        "|---|" + "---|" * len(summ["main"]["multipliers"]),
+    v, tm, ver, tol = summ["verdicts"], summ["timing"], summ["versions"], summ["tolerances"]
+    ws = summ["settings"]["widths"]
+    claims = [
+        (
+            'Fig. 2 left: vanilla Muon\'s max logits "rapidly exceed 1000"',
+            "fig2_left_explosion",
+            "loss_vs_lr",
+        ),
+        (
+            'Fig. 2 left: "significant loss spikes" (paired with MuonClip)',
+            "fig2_left_spikes",
+            "explosion_traces",
+        ),
+        (
+            f"MuonClip prevents the damage where Muon explodes ({summ['settings']['cure_seeds']} seeds)",
+            "cure",
+            "intervals",
+        ),
+        (
+            "MuonClip widens the stable lr range (Wortsman's lr sensitivity)",
+            "stable_range",
+            "loss_vs_lr",
+        ),
+        (
+            "Fig. 2 right: S rises to the cap and is held there (paraphrase)",
+            "fig2_right_cap",
+            "explosion_traces",
+        ),
+        (
+            "Fig. 2 right: the clip stops acting during training (paraphrase)",
+            "fig2_right_switch_off",
+            "explosion_traces",
+        ),
+        (
+            "App. D: 12.7% of heads triggered QK-Clip (paraphrase)",
+            "appD_head_fraction",
+            "appD_head_fraction",
+        ),
+        ('Fig. 12: tau = 30 "has negligible impact on loss"', "fig12_negligible", "intervals"),
+        (
+            "App. E: Muon grows max logits faster than Adam (paraphrase)",
+            "appE_muon_faster",
+            "appE_muon_vs_adamw",
+        ),
+        (
+            "App. E, mechanism: through the q/k weights' spectral norms (paraphrase)",
+            "appE_weight_growth",
+            "appE_muon_vs_adamw",
+        ),
     ]
-    for key, text in CLAIMS:
-        cells = [f"**{v[m][key]['word']}**: {v[m][key]['why']}" for m in v if m.endswith("x")]
-        L.append(f"| {text} | " + " | ".join(cells) + " |")
+    n_rep = sum(v[k]["word"] == S.REPRODUCED for _, k, _ in claims)
+    L = [
+        "# Kimi K2's stability claims at small scale: results (v3)",
+        "",
+        f"Mode `{summ['mode']}`. Generated by `python -m paper_repro.kimi_k2` from the run logs (full mode: `logs/`); every verdict is the return value of a rule in `settings.py`, with the tolerances from `pilot.json`.",
+        "",
+        f"**{n_rep} of {len(claims)} claims reproduced.**",
+        "",
+        "| claim (Kimi K2 report, arXiv 2507.20534) | verdict | measurement | figure |",
+        "|---|---|---|---|",
+    ]
+    for claim, k, fig in claims:
+        L.append(f"| {claim} | **{v[k]['word']}** | {v[k]['why']} | [{figs[fig]}]({figs[fig]}) |")
     L += [
         "",
-        f"- App. E: Muon grows max logits more than AdamW (each at its own lr*): "
-        f"**{v['appE_muon_faster']['word']}**: {v['appE_muon_faster']['why']}.",
-        f"- App. E mechanism: Muon's updates have a higher stable rank: "
-        f"**{v['appE_update_rank']['word']}**: {v['appE_update_rank']['why']}.",
-        f"- Hypothesis (ours, not the paper's), switch-off time ~ 1/(lr x wd): "
-        f"**{v['wd_hypothesis']['word']}**: {v['wd_hypothesis']['why']}.",
+        "## The sweep",
         "",
+        "| width | best lr Muon / MuonClip / AdamW | best val loss | lr_1000 (Muon) | lr sensitivity Muon / MuonClip |",
+        "|---|---|---|---|---|",
     ]
-    L += ["## Pre-sweep", ""]
-    for opt in ("muon", "adamw"):
-        sw = summ["sweep"][opt]
-        L += [
-            f"{opt}: lr* = **{sw['lr']}** ({sw['why']}; bracketed: {'yes' if sw['bracketed'] else 'NO, ' + str(sw['edge']) + ' end'}).",
-            "",
-            "| lr | final val loss | diverged | peak probe S | spikes |",
-            "|---|---|---|---|---|",
-        ]
-        L += [
-            f"| {r['lr']:.4g} | {_f(r['final_val'])} | {'yes' if r['diverged'] else 'no'} | "
-            f"{_f(r['peak_probe_s'], 1)} | {len(r['spikes'])} |"
-            for r in sw["runs"]
-        ]
-        L.append("")
-    L += [
-        f"![]({figs['presweep']})",
-        "",
-        "## Main runs",
-        "",
-        "| run | peak probe S | final val | spikes | first clip | last clip | heads ever clipped | overshoot (probe) | overshoot (train batches) | one update's growth of S | stable rank |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    rows = [r for m in summ["main"]["multipliers"].values() for r in m["muon"] + m["clip"]]
-    rows += summ["main"]["wd_large"] + summ["main"]["adamw"]
-    for r in rows:
-        cl = r.get("clip")
+    for w in ws:
+        b = summ["best"][str(w)]
+        sens = summ["sensitivity"][str(w)]
         L.append(
-            f"| {r['run']} | {_f(r['peak_probe_s'], 1)} | {_f(r['final_val'], 4)} | {len(r['spikes'])} | "
-            + (
-                f"{cl['first']} | {cl['last']} | {_f(cl['fraction'])} | {_f(cl['overshoot'])} | "
-                f"{_f(cl['overshoot_train'])} | {_f(cl['update_growth'])} | "
-                if cl
-                else "- | - | - | - | - | - | "
-            )
-            + f"{_f(r['stable_rank']['all'], 2)} |"
+            f"| {w} | {_g(b['muon']['lr'])} / {_g(b['muonclip']['lr'])} / {_g(b['adamw']['lr'])} "
+            f"| {_f(b['muon']['val_loss'])} / {_f(b['muonclip']['val_loss'])} / {_f(b['adamw']['val_loss'])} "
+            f"| {_g(summ['lr_1000'][str(w)])} | {_f(sens['muon'])} / {_f(sens['muonclip'])} |"
         )
-    L.append("")
-    for key in ("fig2_left", "fig2_right", "appd", "fig12", "appe", "overshoot", "wd"):
-        L += [f"![]({figs[key]})", ""]
-    return "\n".join(L) + "\n"
+    L += [
+        "",
+        "Per run (seed 0): peak S, final val loss (n/a: stopped), smallest attention entropy (nats).",
+        "",
+    ]
+    L += [
+        "| width | optimizer | "
+        + " | ".join(_g(x) for x in summ["settings"]["grid"]["muon"])
+        + " |",
+        "|---|---|" + "---|" * len(summ["settings"]["grid"]["muon"]),
+    ]
+    for w in ws:
+        for opt in ("muon", "muonclip", "adamw"):
+            cells = [
+                f"{_g(r['peak_s'])}, {_f(r['val_loss'])}, {_f(r['min_entropy'], 2)}"
+                for r in _rows(summ, w, opt)
+            ]
+            head = (
+                "AdamW (lrs " + ", ".join(_g(x) for x in summ["settings"]["grid"]["adamw"]) + ")"
+                if opt == "adamw"
+                else LABELS[opt]
+            )
+            L.append(f"| {w} | {head} | " + " | ".join(cells) + " |")
+    f12 = summ["fig12"]
+    L += [
+        "",
+        "## Scale",
+        "",
+        f"Settled S at lr_fit = {_g(summ['lr_fit'])}, wd 0.1, by width: "
+        + ", ".join(f"{w}: {_f(x, 1)}" for w, x in summ["settled_vs_width"].items())
+        + (
+            f"; fit S = {summ['fit_width']['c']:.3g} d^{summ['fit_width']['p']:.2f}. **Extrapolation** to K2's width 7168: S = {summ['prediction_k2_width']:.3g} (a prediction from three small widths, not a measurement)."
+            if summ["fit_width"]
+            else "."
+        ),
+        f"By weight decay at width {f12['width']}: "
+        + ", ".join(f"{k}: {_f(x, 1)}" for k, x in summ["settled_vs_wd"].items())
+        + (f"; S ~ wd^{summ['fit_wd']['p']:.2f}." if summ["fit_wd"] else "."),
+        "",
+        f"Fig. 12 runs: the clip acted on {', '.join(f'{x:.0%}' for x in f12['clip_fraction_steps'])} of the steps (seeds {', '.join(str(i) for i in range(len(f12['diffs'])))}).",
+        "",
+        "## Tolerances (from the pilot, `pilot.json`)",
+        "",
+        f"cap {tol['cap_tolerance']:.3f} x tau; spike delta {tol['spike_delta']:.4f} nats; lr-sensitivity margin {tol['sensitivity_margin']:.4f} nats.",
+        "",
+        "## Run",
+        "",
+        f"{tm['runs']} runs, {tm['steps']} steps, {tm['wall_s'] / 60:.1f} min of wall time ({tm['trained']} runs trained in this invocation); "
+        f"{tm['compiles']} XLA compilations took {tm['compile_s']:.0f} s. Python {ver['python']}, jax {ver['jax']}, equinox {ver['equinox']}, optax {ver['optax']}, {ver['platform']}, {ver['cpus']} CPUs; qkclip_eqx {ver['qkclip_eqx']}.",
+        f"Corpus sha256 `{summ['corpus']['sha256']}`"
+        + ("" if summ["corpus"]["matches"] else " (**CORPUS MISMATCH**)")
+        + ".",
+        "",
+    ]
+    return "\n".join(L)
 
 
-def write(summ: dict[str, Any], logs: dict[str, list], out: pathlib.Path) -> None:
+def write(summ: dict[str, Any], logs: dict[str, A.Log], out: pathlib.Path, s: S.Settings) -> None:
     out = pathlib.Path(out)
     figs = {
-        "presweep": fig_presweep(summ, logs, out),
-        "fig2_left": fig2_left(summ, logs, out),
-        "fig2_right": fig2_right(summ, logs, out),
-        "appd": fig_appd(summ, logs, out),
-        "fig12": fig12(summ, logs, out),
-        "appe": fig_appe(summ, logs, out),
-        "overshoot": fig_overshoot(summ, logs, out),
-        "wd": fig_wd(summ, logs, out),
+        "loss_vs_lr": fig_loss_vs_lr(summ, logs, out),
+        "peak_s_vs_lr": fig_peak_s_vs_lr(summ, logs, out),
+        "settled_s_vs_scale": fig_scale(summ, logs, out),
+        "explosion_traces": fig_traces(summ, logs, out),
+        "appD_head_fraction": fig_appd(summ, logs, out),
+        "intervals": fig_intervals(summ, logs, out),
+        "appE_muon_vs_adamw": fig_appe(summ, logs, out),
     }
-    (out / "summary.json").write_text(json.dumps(summ, indent=1, default=float))
+    (out / "summary.json").write_text(
+        json.dumps(summ, indent=1, default=float, sort_keys=True) + "\n"
+    )
     (out / "results.md").write_text(results_md(summ, figs))

@@ -1,145 +1,174 @@
-"""Pre-registration: every size, grid, step count and decision rule of the
-second reproduction, fixed before its full run.
+"""Pre-registration of the third reproduction: every size, grid, step count
+and decision rule, fixed before its full run.
 
-This file was committed on its own, before any pipeline code and before any
-run of this design. The analysis applies the functions below to the run logs
-mechanically; a verdict in ``results.md`` is the return value of one of them.
+The second design derived tau from the unclipped peak, used tolerances that
+were never calibrated and had no scale axis, so most of its negatives came
+from the design (its code and results: git history, commit ``98163c4``).
+This one follows Wortsman et al. 2023 ("Small-scale proxies for large-scale
+Transformer training instabilities", arXiv 2309.14322, sec. 3): attention
+logit growth is a property of width and learning rate, so it sweeps both,
+and it sets tau as Kimi K2 does, in absolute terms.
 
 ## Design (full mode)
 
-- **Model**: MLA, 4 layers x 8 heads = **32 heads** (one head = 3.1%), width
-  64, q/k head dims 8 (no RoPE, q_C/k_C) + 8 (RoPE), v 8, kv latent 32, no q
-  latent, SwiGLU 192, byte vocabulary 256: 0.26M parameters.
-- **Data**: the fixed file list ``corpus_manifest.txt`` (Python stdlib
-  sources byte-identical in CPython 3.11.7, 3.12.1 and 3.13.0), its content
-  hash checked at load (``corpus.py``). Batch 8 x 64 tokens.
-- **Pre-sweep** (per optimizer, seed 0, 300 steps: 20 warmup, then constant
-  lr): Muon lr in 1e-3 ... 3e-1, AdamW 3e-4 ... 1e-1 (half decades). lr* = the
-  lowest final validation loss among runs that did not diverge
-  (:func:`best_lr`). When lr* is at an end of the grid, the grid is extended
-  by one half decade on that side (at most :data:`MAX_EXTENSIONS` times);
-  still at the end: every verdict that rests on lr* is "not tested at this
-  scale".
-- **Main runs** (3 seeds each), WSD schedule: warmup 20, a constant-lr flat
-  phase of :func:`flat_steps` steps (lr x wd x flat >= 2 at 1x lr*, i.e. two
-  weight-decay time constants; clamped to [600, 3000]), then linear decay to 0
-  over 35% of the run (K2: 5.5T of 15.5T tokens).
-  - Muon (monitor) and MuonClip at 1x and 3x Muon's lr*, wd 0.1
-    (12 runs). tau per lr from the Muon runs' peak probe S (:func:`choose_tau`).
-  - MuonClip at 1x lr* with wd 0.3, same tau and length (3 runs): the
-    weight-decay hypothesis (:func:`verdict_wd_hypothesis`).
-  - AdamW (monitor) at 1x its own lr*, same length (3 runs): App. E.
-  18 main runs in all.
-- **Measurements**: S on a fixed probe batch (8 windows spread evenly across
-  the validation split) at steps t and t + 1 for every fifth t; per-head spectral norms of q_C, k_C
-  and q_R every 50 steps; the stable rank ||U||_F^2 / ||U||_2^2 of each
-  optimizer's update U (weight decay removed) of the attention matrices every
-  50 steps (monitor runs only); validation loss on 32 windows spread evenly
-  across the whole validation split, every 250 steps and at the end.
+- **Models**: MLA, 2 layers, widths 64 / 128 / 256 (4x), q/k head dims 16
+  (q_C, k_C) + 8 (RoPE), v 16, heads = width / 16 (4 / 8 / 16 per layer: 8 /
+  16 / 32 heads), kv latent width / 2, no q latent, SwiGLU 3 x width, byte
+  vocabulary: 0.14M / 0.49M / 1.84M parameters.
+- **Data**: the fixed corpus of ``corpus_manifest.txt`` (hash checked at
+  load); batch 8 x 64 tokens; the batches depend on the seed and step only,
+  so every optimizer and lr of one seed sees the same batches (paired).
+- **Sweep** (seed 0, per width): Muon (no clip), MuonClip (QK-Clip at
+  tau = 100, K2's production value) and AdamW (betas 0.9, 0.95), wd 0.1, at
+  lrs in half decades: Muon and MuonClip 1e-3 ... 1, AdamW 3.16e-4 ...
+  0.316. 400 steps, WSD: warmup 20, constant to step 320, linear decay to 0
+  over the last 20%.
+- **The cure**: at each width's lr_1000 (below), Muon and MuonClip with
+  seeds 1-4 besides the sweep's seed 0.
+- **Fig. 12**: at the middle width and Muon's best lr there (lowest final
+  validation loss of the sweep), Muon and MuonClip at tau = 30, seeds 0-5.
+- **Weight-decay axis**: at the middle width and lr_fit (the largest grid lr
+  at which no width's Muon run diverged), Muon with wd 0.05 and 0.2 (0.1 is
+  in the sweep).
+- **Measurements** (``runner.py``): S per layer and head on every training
+  batch; S, loss and the spectral norms of q_C, k_C and q_R per head on a
+  fixed probe set of 128 x 64 = 8,192 validation tokens every 100 steps and
+  after the last, with the attention entropy per head; the final validation loss on 512 x 64 = 32,768 tokens.
+  The logs are committed (``results/logs``).
 
-## Amendment before the full run (2026-12-02)
+## Rules
 
-The cap verdict (:func:`verdict_cap`) first used the largest S on the fixed
-*probe* batch after the first clip. The clip acts on each step's *training*
-batch, so a probe batch's S above tau says as much about the difference
-between the two batches as about the cap. The rule now uses the largest
-training-batch S / tau after the first clip (the number K2's Fig. 2 right
-plots), with the same 1.25 tolerance; the probe ratio and one update's
-growth of S on the probe stay in ``results.md`` as descriptions. No run of
-this design had been made when this was changed.
+Every verdict is one of *reproduced*, *not reproduced*, *not tested at this
+scale*, from the functions below. A run **diverged** when its loss became
+non-finite, it was stopped (a 25-step mean loss above ln(256) + 1), or its
+final validation loss is more than ``DIVERGED_MARGIN`` nats above the best
+run of its width and optimizer family (:func:`diverged`); the other runs are
+**healthy**. Tolerances marked *pilot* are computed by the functions below
+from ``results/pilot.json``, committed with this file before the full run.
 
-## Budget (full mode, 2 CPU cores)
+- **Fig. 2 left, explosion**: per width, lr_1000 = the lowest lr at which
+  Muon's peak training-batch S reaches 1000. Reproduced if some width has
+  one and lr_1000 does not rise with width (a width without one counts as
+  infinite) (:func:`verdict_explosion`).
+- **Fig. 2 left, spikes**: for each width and lr at which Muon's S reaches
+  1000, the paired per-step loss difference Muon - MuonClip on the same
+  batches; a Muon spike is a step where it exceeds delta (pilot: three times
+  the 99th percentile of |difference| between two healthy runs that differ
+  by a clip), or Muon diverged where MuonClip did not. Reproduced if there
+  is such a pair and in most of them Muon has more spikes than MuonClip has
+  the other way (:func:`verdict_spikes`).
+- **MuonClip's cure, with an interval**: at each width's lr_1000, Muon and
+  MuonClip (tau = 100) with seeds 0-4; the paired difference of min(final
+  val loss, ln 256). Reproduced if its 90% t interval lies below 0 at every
+  width that has an lr_1000 (:func:`verdict_cure`).
+- **Stable lr range**: Wortsman's lr sensitivity, the mean over the grid of
+  min(loss, ln 256) - the best loss of Muon and MuonClip at that width
+  (diverged runs count ln 256). Reproduced if MuonClip's is lower than
+  Muon's by more than a margin (pilot: twice the seed-to-seed standard
+  deviation of the final validation loss) at every width
+  (:func:`verdict_stable_range`).
+- **Fig. 2 right, cap**: in each healthy MuonClip run whose clip acted, the
+  99th percentile over steps after the first clip of the largest
+  training-batch S / tau. Reproduced if that is within the cap tolerance
+  (pilot: the 99th percentile of S's step-to-step ratio, a new batch and
+  one update, in unclipped Muon at lr 0.1; one update's growth on fixed
+  data is reported beside it) in every such run (:func:`verdict_cap`).
+- **Fig. 2 right, switch-off**: the clip rate (share of steps with a head
+  over tau) in the last quarter of the constant-lr phase. Reproduced if it
+  is at most 5% in most healthy MuonClip runs whose clip acted
+  (:func:`verdict_switch_off`).
+- **App. D**: the fraction of heads ever clipped at tau = 100. Reproduced if
+  its median over the healthy MuonClip runs whose clip acted is at most
+  25.4% (twice K2's 12.7%) (:func:`verdict_head_fraction`). The fraction
+  against tau, from the Muon runs' per-head peaks, is reported beside it.
+- **Fig. 12**: the paired difference of final validation loss, MuonClip
+  (tau = 30) - Muon, 6 seeds, two one-sided tests at 5% each (a 90% t
+  interval). Reproduced if the interval lies within +-1% of Muon's mean
+  validation loss; not reproduced if it lies outside; else not tested. Not
+  tested either if the clip did not act in every seed
+  (:func:`verdict_negligible`).
+- **App. E, growth**: per width and optimizer, the least-squares slope of
+  log(peak S) against log(lr / lr*) over the runs with lr >= lr* that did
+  not stop early (lr* = the optimizer's best lr at that width). Reproduced
+  if Muon's slope is larger than AdamW's at every width
+  (:func:`verdict_muon_faster`).
+- **App. E, mechanism** (weights, not updates): the same slope for
+  log(max over heads of ||W_qC|| ||W_kC||) at its peak over the probes.
+  Reproduced if Muon's is larger at every width
+  (:func:`verdict_weight_growth`).
+- **Scale** (a prediction, no verdict): settled S (the median over the last
+  quarter of the constant phase of the largest training-batch S) at lr_fit
+  against width, and against wd at the middle width, each with a power-law
+  fit; the width fit extrapolated to K2's 7168 and labelled as an
+  extrapolation.
 
-Measured on this machine under load (load average 8-10 on 2 cores, shared
-with other jobs; 2026-11-30): one train step of this model at batch 8 x 64
-takes 0.063-0.065 s, and the compile 12-13 s. The same measurement gave
-0.35-0.38 s/step for v1's 4 x 128 MLA at batch 8 x 128, which v1's full run
-measured at ~0.24 s/step on its machine: a load factor of ~1.5. Estimate on a
-quiet machine: ~0.045 s/step, +15% for the probe, norm and rank
-measurements: **0.052 s/step**; compile ~9 s per distinct run config.
+## The pilot (``pilot.py``; ``results/pilot.json`` and its logs)
 
-- pre-sweep: 12 runs x 300 = 3,600 steps (+ up to 4 extensions x 300);
-- main: 18 runs x (20 + flat + decay) steps. At an lr* of 1e-2: flat =
-  2,000, total = ceil(2,020 / 0.65) = 3,108: 55,944 steps. Worst case (flat
-  clamped at 3,000, lr* <= 6.7e-3): 4,647 steps per run, 83,646 steps.
-- expected: (3,600 + 55,944) x 0.052 s + 30 x 9 s = 56 min; worst case
-  (4,800 + 83,646) x 0.052 s + 34 x 9 s = 82 min. Both within the 90-minute
-  target; the estimate rests on a loaded-machine timing scaled by ~1.5, so
-  the first full run reports its measured wall time in ``results.md``.
-- a second timing, after the runner was written (load average 3.4-4.3): 200
-  steps of this model through ``runner.run`` with every measurement took
-  7.1-7.7 s (0.036-0.039 s/step), without the measurements 6.8-9.3 s; the
-  measurements' cost is within that noise. (Budget note only; no rule
-  changed.)
+Run once, before this file was committed, on the 2-vCPU machine the full run
+uses (Python 3.11.7, jax 0.10.2, nothing else running):
 
-## GPU configuration (not run: no accelerator was lent to this task)
+- bare compiled step, Muon / AdamW: 15.9 / 15.8 ms (width 64), 42.2 / 25.9
+  ms (128), 164.8 / 124.7 ms (256); the run loop with its probes every 50
+  steps and the final validation: 1.17x, 1.53x and 1.21x the bare Muon step
+  (a rerun at width 128 gave 1.23x, of which about 0.1 is the probes and
+  the validation: the full run probes every 100 steps instead);
+- unclipped Muon at lr 0.1 reaches S = 149 / 523 / 1280 in 150 steps at
+  widths 64 / 128 / 256; one update's growth of S on fixed data, 99th
+  percentile 1.16 / 1.19 / 1.27; S's step-to-step ratio (a new batch and one
+  update) 1.50 / 1.47 / 1.62: **cap tolerance 1.621**;
+- width 64, lr 0.01, seeds 0-2: final val loss 1.900 / 1.944 / 1.907, sd
+  0.0236: **lr-sensitivity margin 0.0472**; with a clip at tau = 15 the
+  per-step |loss difference| has a 99th percentile of 0.0223: **spike delta
+  0.0668**; the paired val difference has sd 0.0030, so 6 seeds give a 90%
+  interval of about +-0.0025 against the Fig. 12 margin of about +-0.019.
 
-:data:`GPU`: 23.1M parameters, MLA, 8 layers x 8 heads = 64 heads, bfloat16
-compute with float32 parameters and optimizer state, batch 32 x 512, the same
-corpus and rules. Sizing, on ASSUMED speeds (nothing was timed on a GPU):
-~20 ms per step (6 x 23M x 16k tokens = 2.3 TFLOP at ~30% of an H200's bf16
-peak) and ~20 s per compile. Pre-sweep 6 runs x 150 = 900 steps; main 18 runs
-x ceil(550 / 0.65) = 847 steps = 15,246; (900 + 15,246) x 20 ms + 12 compiles x
-20 s = 9.4 min, a little over the ~8 minutes aimed at. The flat phase is
-clamped at 500 steps, so lr x wd x flat >= 2 needs lr* >= 0.04: at a 25M
-model's usual lr* (~3e-3) the switch-off verdict will be "not tested at this scale".
-One vmapped program per pre-sweep (lr as a traced input; see the README)
-would cut the compiles.
+## Budget
+
+At most 88 runs of 400 steps: 3 widths x 21 sweep runs, at most 3 x 8 cure
+runs, 11 Fig. 12 runs, 2 weight-decay runs. From the pilot's loop times:
+about 57 minutes of training and 1.5 of compiling (one compiled step per
+width and optimizer family, and one probe and one validation program per
+width), inside the 100 minutes the issue allows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import pathlib
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+PILOT = HERE / "results" / "pilot.json"
 
 # ---------------------------------------------------------------------------
 # Sizes
 # ---------------------------------------------------------------------------
 
-MODEL_FULL: dict[str, Any] = dict(
-    attention="mla",
-    n_layers=4,
-    dim=64,
-    n_heads=8,
-    q_lora_rank=None,
-    kv_lora_rank=32,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    mlp_hidden=192,
-)
-MODEL_QUICK: dict[str, Any] = dict(
-    attention="mla",
-    n_layers=2,
-    dim=32,
-    n_heads=4,
-    q_lora_rank=None,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
-    mlp_hidden=64,
-)
-MODEL_GPU: dict[str, Any] = dict(
-    attention="mla",
-    n_layers=8,
-    dim=512,
-    n_heads=8,
-    q_lora_rank=256,
-    kv_lora_rank=128,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=16,
-    v_head_dim=32,
-    mlp_hidden=1536,
-    kernel="blockwise",
-    block_size=128,
-    compute_dtype="bfloat16",
-)
 
-HALF_DECADE = math.sqrt(10.0)
-MAX_EXTENSIONS = 2  # grid extensions per optimizer when lr* is at an end
+def model(width: int, *, layers: int = 2, head: int = 16, rope: int = 8) -> dict[str, Any]:
+    """The MLA model of one width: heads = width / head, kv latent width / 2."""
+    return dict(
+        attention="mla",
+        n_layers=layers,
+        dim=width,
+        n_heads=width // head,
+        q_lora_rank=None,
+        kv_lora_rank=width // 2,
+        qk_nope_head_dim=head,
+        qk_rope_head_dim=rope,
+        v_head_dim=head,
+        mlp_hidden=3 * width,
+    )
+
+
+def half_decades(lo_exp2: int, hi_exp2: int) -> tuple[float, ...]:
+    """10^(k/2) for k = lo_exp2 .. hi_exp2."""
+    return tuple(float(10 ** (k / 2)) for k in range(lo_exp2, hi_exp2 + 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,476 +176,347 @@ class Settings:
     """One mode of the reproduction. Every field is pre-registered."""
 
     name: str
-    model: dict[str, Any]
+    widths: tuple[int, ...]
+    model_kw: dict[str, Any]
     batch_size: int
     seq_len: int
+    steps: int
     warmup_steps: int
-    sweep_steps: int  # pre-sweep length (constant lr after warmup)
-    sweep_grid: dict[str, tuple[float, ...]]  # "muon" / "adamw" -> lrs
-    lr_multipliers: tuple[float, ...]  # main runs at these multiples of lr*
+    decay_fraction: float
+    grid: dict[str, tuple[float, ...]]  # "muon" (also MuonClip) / "adamw" -> lrs
     weight_decay: float
-    weight_decay_large: float  # the wd-hypothesis runs (1x lr*)
-    wd_time: float  # required lr x wd x flat steps at 1x lr*
-    flat_min: int
-    flat_max: int
-    decay_fraction: float  # of the whole run
-    seeds: tuple[int, ...]
+    wd_axis: tuple[float, ...]  # extra Muon runs at the middle width and lr_fit
+    tau: float  # the sweep's MuonClip (K2's production value)
+    tau_fig12: float
+    fig12_seeds: tuple[int, ...]
+    cure_seeds: tuple[int, ...]  # Muon and MuonClip at each width's lr_1000
     probe_every: int
     probe_windows: int
-    norms_every: int
-    val_every: int
     val_windows: int
-    tau_fraction: float = 0.5  # tau = tau_fraction x min over seeds of Muon's peak probe S
-    equivalence_margin: float = (
-        0.01  # "negligible": |paired diff| CI within +-1% of Muon's val loss
-    )
-    spike_window: int = 20
-    spike_factor: float = 1.5
+    explosion: float = 1000.0  # Fig. 2 left's threshold (lowered only in the quick mode)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for f in (
-            "batch_size",
-            "seq_len",
-            "warmup_steps",
-            "sweep_steps",
-            "flat_min",
-            "flat_max",
-            "probe_every",
-            "probe_windows",
-            "norms_every",
-            "val_every",
-            "val_windows",
-        ):
+        for f in ("batch_size", "seq_len", "steps", "probe_every", "probe_windows"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"Settings.{f} must be > 0, got {getattr(self, f)}")
-        if self.flat_min > self.flat_max:
-            raise ValueError(f"Settings.flat_min ({self.flat_min}) > flat_max ({self.flat_max})")
+        if self.val_windows % self.probe_windows:
+            raise ValueError("Settings.val_windows must be a multiple of probe_windows")
         if not 0 < self.decay_fraction < 1:
             raise ValueError(
                 f"Settings.decay_fraction must be in (0, 1), got {self.decay_fraction}"
             )
-        if not 0 < self.tau_fraction < 1:
-            raise ValueError(f"Settings.tau_fraction must be in (0, 1), got {self.tau_fraction}")
-        if sorted(self.sweep_grid) != ["adamw", "muon"]:
-            raise ValueError(
-                f"Settings.sweep_grid needs keys 'muon' and 'adamw', got {sorted(self.sweep_grid)}"
-            )
-        for k, g in self.sweep_grid.items():
-            if len(g) < 3 or list(g) != sorted(g):
-                raise ValueError(f"Settings.sweep_grid[{k!r}] must be >= 3 increasing lrs, got {g}")
-        if 1.0 not in self.lr_multipliers:
-            raise ValueError(f"Settings.lr_multipliers must contain 1.0, got {self.lr_multipliers}")
-        if self.weight_decay_large <= self.weight_decay:
-            raise ValueError("Settings.weight_decay_large must exceed weight_decay")
-        if len(self.seeds) < 2:
-            raise ValueError(f"Settings.seeds needs >= 2 seeds for a paired CI, got {self.seeds}")
+        if len(self.widths) < 3 or sorted(self.widths) != list(self.widths):
+            raise ValueError(f"Settings.widths: at least 3, increasing; got {self.widths}")
+        if len(self.fig12_seeds) < 2 or len(self.cure_seeds) < 2:
+            raise ValueError("Settings.fig12_seeds and cure_seeds: at least 2 each")
+
+    @property
+    def fig12_width(self) -> int:
+        return self.widths[len(self.widths) // 2]
+
+    def model(self, width: int) -> dict[str, Any]:
+        return {**model(width, **self.model_kw), **self.extra}
 
 
 FULL = Settings(
     name="full",
-    model=MODEL_FULL,
+    widths=(64, 128, 256),
+    model_kw={},
     batch_size=8,
     seq_len=64,
+    steps=400,
     warmup_steps=20,
-    sweep_steps=300,
-    sweep_grid={
-        "muon": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
-        "adamw": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-    },
-    lr_multipliers=(1.0, 3.0),
+    decay_fraction=0.2,
+    grid={"muon": half_decades(-6, 0), "adamw": half_decades(-7, -1)},
     weight_decay=0.1,
-    weight_decay_large=0.3,
-    wd_time=2.0,
-    flat_min=600,
-    flat_max=3000,
-    decay_fraction=0.35,
-    seeds=(0, 1, 2),
-    probe_every=5,
-    probe_windows=8,
-    norms_every=50,
-    val_every=250,
-    val_windows=32,
+    wd_axis=(0.05, 0.2),
+    tau=100.0,
+    tau_fig12=30.0,
+    fig12_seeds=(0, 1, 2, 3, 4, 5),
+    cure_seeds=(0, 1, 2, 3, 4),
+    probe_every=100,  # 50 in the pilot; 100 keeps the probes under 10% of the step time
+    probe_windows=128,
+    val_windows=512,
 )
-
-# The same pipeline at test size: every stage and every rule runs; the
-# numbers mean nothing (8 heads, 2 seeds, a few dozen steps).
 QUICK = Settings(
     name="quick",
-    model=MODEL_QUICK,
+    widths=(32, 48, 64),
+    model_kw=dict(head=16, rope=4),
     batch_size=4,
     seq_len=32,
+    steps=40,
     warmup_steps=4,
-    sweep_steps=16,
-    sweep_grid={"muon": (3e-3, 3e-2, 3e-1), "adamw": (1e-3, 1e-2, 1e-1)},
-    lr_multipliers=(1.0, 3.0),
+    decay_fraction=0.2,
+    grid={"muon": half_decades(-4, -1), "adamw": half_decades(-5, -3)},
     weight_decay=0.1,
-    weight_decay_large=0.3,
-    wd_time=2.0,
-    flat_min=20,
-    flat_max=20,
-    decay_fraction=0.35,
-    seeds=(0, 1),
-    probe_every=2,
-    probe_windows=4,
-    norms_every=10,
-    val_every=20,
-    val_windows=4,
-    spike_window=8,
-)
-
-# For one H200, ~8-10 minutes on assumed speeds (not run here). bfloat16 matmuls, float32 master
-# weights and optimizer state (RunConfig's param_dtype stays float32).
-GPU = Settings(
-    name="gpu",
-    model=MODEL_GPU,
-    batch_size=32,
-    seq_len=512,
-    warmup_steps=50,
-    sweep_steps=150,
-    sweep_grid={"muon": (1e-3, 3e-3, 1e-2), "adamw": (3e-4, 1e-3, 3e-3)},
-    lr_multipliers=(1.0, 3.0),
-    weight_decay=0.1,
-    weight_decay_large=0.3,
-    wd_time=2.0,
-    flat_min=500,
-    flat_max=500,
-    decay_fraction=0.35,
-    seeds=(0, 1, 2),
+    wd_axis=(0.3,),
+    tau=10.0,
+    tau_fig12=3.0,
+    fig12_seeds=(0, 1, 2),
+    cure_seeds=(0, 1),
     probe_every=10,
     probe_windows=16,
-    norms_every=100,
-    val_every=250,
-    val_windows=64,
+    val_windows=32,
+    explosion=20.0,  # so that the quick mode exercises the lr_1000 branches
 )
-
+# For one accelerator (designed, not run: no accelerator was lent to the task
+# that wrote it): widths 256-1024 (4x), 4 layers, batch 32 x 256; bfloat16
+# compute, float32 parameters and optimizer state.
+GPU = Settings(
+    name="gpu",
+    widths=(256, 512, 1024),
+    model_kw=dict(layers=4, head=32, rope=16),
+    batch_size=32,
+    seq_len=256,
+    steps=1000,
+    warmup_steps=50,
+    decay_fraction=0.2,
+    grid={"muon": half_decades(-7, 0), "adamw": half_decades(-8, -1)},
+    weight_decay=0.1,
+    wd_axis=(0.05, 0.2),
+    tau=100.0,
+    tau_fig12=30.0,
+    fig12_seeds=(0, 1, 2, 3, 4, 5),
+    cure_seeds=(0, 1, 2, 3, 4),
+    probe_every=50,
+    probe_windows=128,
+    val_windows=1024,
+    extra=dict(compute_dtype="bfloat16"),
+)
 MODES = {"full": FULL, "quick": QUICK, "gpu": GPU}
 
 # ---------------------------------------------------------------------------
-# Rules that choose (applied in this order by the pipeline)
+# Constants of the rules
 # ---------------------------------------------------------------------------
 
-DIVERGED_REGRESSION = 0.5  # nats: final 20-step mean above the run's best 20-step mean
-DIVERGED_MIN_LEARNING = 0.5  # nats: final 20-step mean must be this far below the first 10 steps'
+LN_VOCAB = math.log(256)  # the loss of a uniform guess over bytes (Wortsman's l_0)
+STOP_LOSS = LN_VOCAB + 1.0  # a run whose 25-step mean loss passes this is stopped
+DIVERGED_MARGIN = 0.5  # nats above the best run of the width and family
+K2_LOGIT_EXPLOSION = 1000.0  # Fig. 2 left: max logits "rapidly exceed 1000"
+K2_HEAD_FRACTION = 0.127  # App. D: 12.7% of heads triggered the clip
+HEAD_FRACTION_LIMIT = 2 * K2_HEAD_FRACTION
+OFF_RATE = 0.05  # switch-off: at most 5% of steps clip in the window
+EQUIVALENCE_MARGIN = 0.01  # Fig. 12: "negligible" = within +-1% of Muon's val loss
+
+REPRODUCED = "reproduced"
+NOT_REPRODUCED = "not reproduced"
+NOT_TESTED = "not tested at this scale"
+
+# ---------------------------------------------------------------------------
+# Tolerances from the pilot
+# ---------------------------------------------------------------------------
 
 
-def diverged(losses: Sequence[float], window: int = 20) -> bool:
-    """A run diverged when its loss went non-finite, or its last ``window``-step
-    mean is (a) at least 0.5 nats above its lowest ``window``-step mean (it
-    blew up and did not recover), or (b) less than 0.5 nats below the mean of
-    its first 10 steps (it never learned)."""
-    x = [float(v) for v in losses]
-    if not x or not all(math.isfinite(v) for v in x):
-        return True
-    w = max(1, min(window, len(x)))
-    means = [sum(x[i : i + w]) / w for i in range(len(x) - w + 1)]
-    first = sum(x[:10]) / len(x[:10])
-    return (
-        means[-1] >= min(means) + DIVERGED_REGRESSION or means[-1] > first - DIVERGED_MIN_LEARNING
-    )
+def load_pilot(path: pathlib.Path = PILOT) -> dict[str, Any]:
+    return json.loads(pathlib.Path(path).read_text())
 
 
-def best_lr(
-    lrs: Sequence[float], val_losses: Sequence[float], diverged_flags: Sequence[bool]
-) -> dict[str, Any]:
-    """lr* = the lr with the lowest final validation loss among runs that did
-    not diverge. ``edge``: "low" / "high" when lr* is the smallest / largest
-    lr of the grid (the optimum is not bracketed on that side), else None.
-    ``lr`` is None when every run diverged."""
-    order = sorted(range(len(lrs)), key=lambda i: lrs[i])
-    ok = [i for i in order if not diverged_flags[i] and math.isfinite(val_losses[i])]
-    if not ok:
-        return {"lr": None, "edge": "low", "why": "every pre-sweep run diverged"}
-    i = min(ok, key=lambda j: val_losses[j])
-    edge = "low" if i == order[0] else "high" if i == order[-1] else None
-    return {
-        "lr": float(lrs[i]),
-        "edge": edge,
-        "why": "lowest final val loss among the runs that did not diverge",
-    }
+def cap_tolerance(pilot: dict[str, Any]) -> float:
+    """The largest S / tau one step after a clip that the cap allows: the
+    99th percentile, over heads and constant-lr steps of the pilot's
+    unclipped Muon runs at lr 0.1, of S(batch t+1, W_{t+1}) / S(batch t, W_t):
+    a new batch and one update, the two things that move S after a clip (the
+    largest over the widths)."""
+    return max(w["step_ratio_q99"] for w in pilot["widths"].values())
 
 
-def extension(lrs: Sequence[float], edge: str | None) -> float | None:
-    """The next lr to add when lr* is at an end of the grid: one half decade
-    beyond it."""
-    if edge == "high":
-        return float(max(lrs) * HALF_DECADE)
-    if edge == "low":
-        return float(min(lrs) / HALF_DECADE)
-    return None
+def spike_delta(pilot: dict[str, Any]) -> float:
+    """A loss spike: Muon - MuonClip above 3 x the 99th percentile of
+    |difference| between the pilot's two healthy trajectories that differ by
+    a clip."""
+    return 3.0 * pilot["paired_abs_diff_q99"]
 
 
-def flat_steps(lr: float, weight_decay: float, s: Settings) -> int:
-    """Constant-lr steps so that lr x wd x flat >= ``s.wd_time`` at 1x lr*,
-    clamped to [flat_min, flat_max]."""
-    need = math.ceil(s.wd_time / (lr * weight_decay) - 1e-9)
-    return int(min(max(need, s.flat_min), s.flat_max))
-
-
-def schedule(lr_1x: float, s: Settings) -> dict[str, int]:
-    """Length of every main run (one length for all, set by Muon's lr* and
-    the base wd): warmup, flat, decay (``decay_fraction`` of the run), total,
-    and ``decay_start``, the first step of the decay."""
-    flat = flat_steps(lr_1x, s.weight_decay, s)
-    body = s.warmup_steps + flat
-    total = math.ceil(body / (1 - s.decay_fraction))
-    return {
-        "warmup": s.warmup_steps,
-        "flat": flat,
-        "decay": total - body,
-        "total": total,
-        "decay_start": body,
-    }
-
-
-def wd_time(lr: float, weight_decay: float, flat: int) -> float:
-    """lr x wd x flat: the flat phase in weight-decay time constants."""
-    return lr * weight_decay * flat
-
-
-def choose_tau(unclipped_peaks: Sequence[float], s: Settings) -> float:
-    """tau for the MuonClip runs at one lr: ``tau_fraction`` x the smallest
-    (over seeds) peak probe S of the unclipped Muon runs at that lr, rounded
-    down to a multiple of 0.25 (exact in float32), at least 0.25. So the
-    clip acts in every seed, and caps S at half of where it would go."""
-    peak = min(float(p) for p in unclipped_peaks)
-    if not math.isfinite(peak):
-        raise ValueError(f"choose_tau: a non-finite peak S in {list(unclipped_peaks)}")
-    return max(0.25, math.floor(s.tau_fraction * peak * 4) / 4)
-
-
-def is_spike(loss: float, previous: Sequence[float], factor: float = 1.5) -> bool:
-    """A loss spike: loss > ``factor`` x the median of the previous window."""
-    p = sorted(previous)
-    n = len(p)
-    med = p[n // 2] if n % 2 else 0.5 * (p[n // 2 - 1] + p[n // 2])
-    return loss > factor * med
+def sensitivity_margin(pilot: dict[str, Any]) -> float:
+    """Twice the seed-to-seed standard deviation of the final val loss."""
+    return 2.0 * pilot["seed_val_sd"]
 
 
 # ---------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------
 
-# Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..10.
-T975 = (
-    12.706204736,
-    4.302652730,
-    3.182446305,
-    2.776445105,
-    2.570581836,
-    2.446911851,
-    2.364624252,
-    2.306004135,
-    2.262157163,
-    2.228138852,
+# One-sided 95% Student t quantiles t_{0.95, df}, df = 1..10 (the two one-sided
+# tests at 5% each: a 90% two-sided interval).
+T95 = (
+    6.313751515,
+    2.919985580,
+    2.353363435,
+    2.131846786,
+    2.015048373,
+    1.943180281,
+    1.894578605,
+    1.859548038,
+    1.833112933,
+    1.812461123,
 )
 
 
-def paired_ci(diffs: Sequence[float]) -> dict[str, float]:
-    """Mean of paired differences (one per seed) and its two-sided 95% t
-    interval, df = n - 1. n < 2 or a non-finite difference gives NaNs."""
+def paired_ci90(diffs: Sequence[float]) -> dict[str, float]:
+    """Mean of paired differences and its two-sided 90% t interval
+    (df = n - 1); NaNs for n < 2 or a non-finite difference."""
     d = [float(x) for x in diffs]
     n = len(d)
     if n < 2 or not all(math.isfinite(x) for x in d):
-        m = sum(d) / n if n and all(math.isfinite(x) for x in d) else math.nan
-        return {"mean": m, "lo": math.nan, "hi": math.nan, "n": n}
-    if n - 1 > len(T975):
-        raise ValueError(f"paired_ci: at most {len(T975) + 1} seeds, got {n}")
+        return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": n}
+    if n - 1 > len(T95):
+        raise ValueError(f"paired_ci90: at most {len(T95) + 1} seeds, got {n}")
     m = sum(d) / n
     sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
-    h = T975[n - 2] * sd / math.sqrt(n)
+    h = T95[n - 2] * sd / math.sqrt(n)
     return {"mean": m, "lo": m - h, "hi": m + h, "n": n}
 
 
-# ---------------------------------------------------------------------------
-# Verdicts: each returns (word, reason). Words: REPRODUCED, NOT_REPRODUCED,
-# NOT_TESTED; the weight-decay hypothesis (ours, not the paper's) uses
-# SUPPORTED / NOT_SUPPORTED / NOT_TESTED.
-# ---------------------------------------------------------------------------
+def slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of y on x; NaN with fewer than 2 distinct x."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return math.nan
+    return float(np.polyfit(x, y, 1)[0])
 
-REPRODUCED = "reproduced"
-NOT_REPRODUCED = "not reproduced"
-NOT_TESTED = "not tested at this scale"
-SUPPORTED = "supported"
-NOT_SUPPORTED = "not supported"
 
-K2_LOGIT_EXPLOSION = 1000.0  # Fig. 2 left: max logits "rapidly exceed 1000"
-K2_HEAD_FRACTION = 0.127  # App. D: 12.7% of heads triggered the clip
-HEAD_FRACTION_LIMIT = 2 * K2_HEAD_FRACTION  # "a minority like K2's": <= 25.4%
-CAP_TOLERANCE = 1.25  # the cap holds: training-batch S <= 1.25 tau after the first clip
-OFF_MARGIN = 0.1  # switch-off: last clip >= 10% of the flat phase before the decay
-WD_RATIO_TOLERANCE = 1.5  # hypothesis: observed ratio within [pred / 1.5, pred x 1.5]
-SPEED_EQUIVALENCE = math.log(1.25)  # App. E: |log S ratio| CI within +-log 1.25: "no faster"
+def power_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+    """y = c x^p by least squares in log-log: ``{"p", "c"}``."""
+    p, logc = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
+    return {"p": float(p), "c": float(math.exp(logc))}
+
+
+def sensitivity(losses: Sequence[float], best: float) -> float:
+    """Wortsman et al. 2023's lr sensitivity: the mean over the grid of
+    min(loss, ln 256) - best; a NaN loss (diverged) counts as ln 256."""
+    capped = [LN_VOCAB if not math.isfinite(x) else min(x, LN_VOCAB) for x in losses]
+    return float(np.mean(capped) - best)
+
+
+def diverged(val: float, best: float) -> bool:
+    """Non-finite (stopped), or more than DIVERGED_MARGIN above ``best``."""
+    return not math.isfinite(val) or val > best + DIVERGED_MARGIN
+
+
+# ---------------------------------------------------------------------------
+# Verdicts: each returns (word, reason)
+# ---------------------------------------------------------------------------
 
 
 def _majority(flags: Sequence[bool]) -> bool:
     return sum(bool(f) for f in flags) * 2 > len(flags)
 
 
-def verdict_explosion(peaks_1x: Sequence[float], bracketed: bool) -> tuple[str, str]:
-    """Fig. 2 left: vanilla Muon's max logit exceeds 1000, at 1x lr*.
-    Reproduced if the median over seeds of the peak probe S is >= 1000."""
-    if not bracketed:
-        return NOT_TESTED, "the pre-sweep did not bracket Muon's best lr"
-    med = _median(peaks_1x)
-    if med >= K2_LOGIT_EXPLOSION:
-        return REPRODUCED, f"median peak S {med:.1f} >= {K2_LOGIT_EXPLOSION:g}"
-    return NOT_REPRODUCED, f"median peak S {med:.1f} < {K2_LOGIT_EXPLOSION:g}"
+def _median(x: Sequence[float]) -> float:
+    return float(np.median(np.asarray(x, float)))
 
 
-def verdict_spikes(
-    spikes_muon: Sequence[int], spikes_clip: Sequence[int], bracketed: bool
+def verdict_explosion(
+    lr_1000: dict[int, float | None], threshold: float = K2_LOGIT_EXPLOSION
 ) -> tuple[str, str]:
-    """Fig. 2 left: vanilla Muon has loss spikes that MuonClip removes, at 1x
-    lr*. Reproduced if a majority of seeds has >= 1 spike in the Muon run and
-    fewer in its MuonClip partner; else not reproduced."""
-    if not bracketed:
-        return NOT_TESTED, "the pre-sweep did not bracket Muon's best lr"
-    flags = [m >= 1 and c < m for m, c in zip(spikes_muon, spikes_clip)]
-    word = REPRODUCED if _majority(flags) else NOT_REPRODUCED
-    return word, f"{sum(flags)} of {len(flags)} seeds with Muon spikes that MuonClip removes"
+    """``lr_1000``: width -> lowest lr at which Muon's peak S >= ``threshold``
+    (1000 in the full mode; None: none)."""
+    ws = sorted(lr_1000)
+    vals = [math.inf if lr_1000[w] is None else float(lr_1000[w]) for w in ws]
+    txt = ", ".join(f"{w}: {'none' if math.isinf(v) else f'{v:.3g}'}" for w, v in zip(ws, vals))
+    if all(math.isinf(v) for v in vals):
+        return NOT_REPRODUCED, f"no Muon run reaches S = {threshold:g} (lr_1000 by width {txt})"
+    rises = any(b > a for a, b in zip(vals, vals[1:]))
+    if rises:
+        return NOT_REPRODUCED, f"lr_1000 rises with width ({txt})"
+    return REPRODUCED, f"S passes {threshold:g} and lr_1000 does not rise with width ({txt})"
 
 
-def verdict_cap(ratios: Sequence[float], clipped: Sequence[bool]) -> tuple[str, str]:
-    """Fig. 2 right: MuonClip holds S at tau. ``ratios``: per seed, the
-    largest S / tau on the training batches after the first clip (the S the
-    clip acts on, and the one K2's Fig. 2 plots; amended before the full run,
-    see the module docstring). Reproduced if the clip acted in every seed and
-    every ratio <= 1.25."""
-    if not all(clipped):
-        return NOT_TESTED, f"the clip never acted in {sum(not c for c in clipped)} seed(s)"
-    worst = max(ratios)
-    if worst <= CAP_TOLERANCE:
-        return (
-            REPRODUCED,
-            f"largest training-batch S / tau after the first clip {worst:.3f} <= {CAP_TOLERANCE}",
-        )
-    return (
-        NOT_REPRODUCED,
-        f"largest training-batch S / tau after the first clip {worst:.3f} > {CAP_TOLERANCE}",
+def verdict_spikes(pairs: Sequence[dict[str, int]]) -> tuple[str, str]:
+    """``pairs``: one per exploding (width, lr): ``{"muon": n, "clip": n}``
+    spike counts (Muon above MuonClip by delta, and the reverse)."""
+    if not pairs:
+        return NOT_TESTED, "no Muon run reaches S = 1000, so no pair to compare"
+    more = [p["muon"] > p["clip"] for p in pairs]
+    txt = f"{sum(more)} of {len(pairs)} exploding pairs with more Muon spikes than MuonClip ones"
+    return (REPRODUCED if _majority(more) else NOT_REPRODUCED), txt
+
+
+def verdict_stable_range(sens: dict[int, dict[str, float]], margin: float) -> tuple[str, str]:
+    """``sens``: width -> {"muon": s, "muonclip": s} lr sensitivities."""
+    ok = {w: v["muonclip"] < v["muon"] - margin for w, v in sens.items()}
+    txt = "; ".join(
+        f"{w}: Muon {v['muon']:.3f}, MuonClip {v['muonclip']:.3f}" for w, v in sorted(sens.items())
     )
+    word = REPRODUCED if all(ok.values()) else NOT_REPRODUCED
+    return word, f"{txt} (margin {margin:.3f})"
 
 
-def verdict_switch_off(
-    last_clip: Sequence[int], decay_start: int, flat: int, wdt: float, required_wd_time: float
-) -> tuple[str, str]:
-    """Fig. 2 right: the clip switches off on its own while the lr is still at
-    its peak. Not tested if the flat phase is shorter than ``required_wd_time``
-    weight-decay time constants. Reproduced if in a majority of seeds the last
-    clip comes at least 10% of the flat phase before the decay starts (-1:
-    never clipped counts as not switched off)."""
-    if wdt < required_wd_time - 1e-9:
-        return NOT_TESTED, f"lr x wd x flat = {wdt:.2f} < {required_wd_time:g}"
-    limit = decay_start - OFF_MARGIN * flat
-    flags = [0 <= t < limit for t in last_clip]
-    word = REPRODUCED if _majority(flags) else NOT_REPRODUCED
-    return (
-        word,
-        f"{sum(flags)} of {len(flags)} seeds' last clip before step {limit:.0f} (decay from {decay_start})",
+def verdict_cure(diffs: dict[int, Sequence[float]]) -> tuple[str, str]:
+    """``diffs``: width -> paired differences, per seed, of min(final val
+    loss, ln 256) (a diverged run counts ln 256), MuonClip - Muon, at the
+    width's lr_1000. Reproduced if the 90% interval lies below 0 at every
+    such width; not reproduced if it lies above 0 or contains 0 at one."""
+    if not diffs:
+        return NOT_TESTED, "no Muon run reaches S = 1000, so there is no lr_1000"
+    cis = {w: paired_ci90(d) for w, d in sorted(diffs.items())}
+    txt = "; ".join(
+        f"{w}: {c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" for w, c in cis.items()
     )
+    ok = all(c["hi"] < 0 for c in cis.values())
+    return (REPRODUCED if ok else NOT_REPRODUCED), f"MuonClip - Muon, 90% CI: {txt}"
 
 
-def verdict_wd_hypothesis(
-    off_small_wd: Sequence[int],
-    off_large_wd: Sequence[int],
-    warmup: int,
-    predicted_ratio: float,
-    limit: float,
-) -> tuple[str, str]:
-    """Hypothesis (ours, not the paper's): the clip's switch-off time after
-    warmup scales with 1 / (lr x wd). ``off_*``: per seed, the last clip step
-    of the runs at the base and the larger wd; each must switch off before
-    ``limit`` (the switch-off test's step), else not tested. Supported if the
-    geometric mean of (t_small - warmup) / (t_large - warmup) lies within
-    [pred / 1.5, pred x 1.5]."""
-    pairs = list(zip(off_small_wd, off_large_wd))
-    if not pairs or any(not (warmup < a < limit and warmup < b < limit) for a, b in pairs):
-        return NOT_TESTED, "a run of the pair did not switch off during the flat phase"
-    logs = [math.log((a - warmup) / (b - warmup)) for a, b in pairs]
-    g = math.exp(sum(logs) / len(logs))
-    lo, hi = predicted_ratio / WD_RATIO_TOLERANCE, predicted_ratio * WD_RATIO_TOLERANCE
-    word = SUPPORTED if lo <= g <= hi else NOT_SUPPORTED
-    return (
-        word,
-        f"switch-off time ratio {g:.2f} (predicted {predicted_ratio:g}, accepted [{lo:.2f}, {hi:.2f}])",
-    )
+def verdict_cap(q99_ratios: Sequence[float], tolerance: float) -> tuple[str, str]:
+    """``q99_ratios``: per healthy MuonClip run whose clip acted."""
+    if not q99_ratios:
+        return NOT_TESTED, "the clip did not act in any healthy MuonClip run"
+    hi = max(q99_ratios)
+    txt = f"99th-percentile S / tau after the first clip {min(q99_ratios):.3f}-{hi:.3f}, tolerance {tolerance:.3f}"
+    return (REPRODUCED if hi <= tolerance else NOT_REPRODUCED), txt
 
 
-def verdict_head_fraction(
-    fractions_1x: Sequence[float], clipped: Sequence[bool]
-) -> tuple[str, str]:
-    """App. D: a minority of heads (12.7% in K2) ever trigger the clip.
-    Reproduced if the median over seeds of the fraction of heads ever clipped
-    at 1x lr* is <= 2 x 12.7%."""
-    if not any(clipped):
-        return NOT_TESTED, "the clip never acted"
-    med = _median(fractions_1x)
-    word = REPRODUCED if med <= HEAD_FRACTION_LIMIT else NOT_REPRODUCED
-    return (
-        word,
-        f"median fraction of heads ever clipped {med:.3f} (limit {HEAD_FRACTION_LIMIT:.3f})",
-    )
+def verdict_switch_off(rates: Sequence[float]) -> tuple[str, str]:
+    """``rates``: clip rate in the last quarter of the flat phase, per healthy
+    MuonClip run whose clip acted."""
+    if not rates:
+        return NOT_TESTED, "the clip did not act in any healthy MuonClip run"
+    off = [r <= OFF_RATE for r in rates]
+    txt = f"{sum(off)} of {len(rates)} runs clip on <= {OFF_RATE:.0%} of the window's steps (rates {', '.join(f'{r:.2f}' for r in rates)})"
+    return (REPRODUCED if _majority(off) else NOT_REPRODUCED), txt
+
+
+def verdict_head_fraction(fractions: Sequence[float]) -> tuple[str, str]:
+    if not fractions:
+        return NOT_TESTED, "the clip did not act in any healthy MuonClip run"
+    med = _median(fractions)
+    txt = f"median fraction of heads ever clipped {med:.1%} (runs: {', '.join(f'{f:.0%}' for f in fractions)})"
+    return (REPRODUCED if med <= HEAD_FRACTION_LIMIT else NOT_REPRODUCED), txt
 
 
 def verdict_negligible(
-    diffs: Sequence[float], baseline: float, margin: float, clipped: Sequence[bool]
+    diffs: Sequence[float], base: float, clip_acted: Sequence[bool]
 ) -> tuple[str, str]:
-    """Fig. 12: QK-Clip has negligible impact on the loss. ``diffs``: per
-    seed, MuonClip - Muon final val loss; the equivalence margin is
-    ``margin`` x ``baseline`` (Muon's mean val loss). Reproduced if the
-    paired 95% CI lies inside [-m, m]; not reproduced if it lies entirely
-    outside; otherwise not tested (the CI is wider than the margin)."""
-    if not all(clipped):
-        return NOT_TESTED, "the clip did not act in every seed"
-    ci = paired_ci(diffs)
-    m = margin * baseline
-    txt = f"paired diff {ci['mean']:+.4f}, 95% CI [{ci['lo']:+.4f}, {ci['hi']:+.4f}], margin +-{m:.4f}"
-    if not math.isfinite(ci["lo"]):
-        return NOT_TESTED, txt + " (no CI)"
-    if -m <= ci["lo"] and ci["hi"] <= m:
+    """Two one-sided tests: the 90% interval of the paired differences
+    within +-EQUIVALENCE_MARGIN x ``base``."""
+    if not all(clip_acted):
+        return NOT_TESTED, f"the clip acted in {sum(clip_acted)} of {len(clip_acted)} seeds"
+    ci = paired_ci90(diffs)
+    m = EQUIVALENCE_MARGIN * base
+    txt = (
+        f"difference {ci['mean']:+.4f}, 90% CI [{ci['lo']:+.4f}, {ci['hi']:+.4f}], margin +-{m:.4f}"
+    )
+    if -m < ci["lo"] and ci["hi"] < m:
         return REPRODUCED, txt
-    if ci["lo"] > m or ci["hi"] < -m:
-        return NOT_REPRODUCED, txt
-    return NOT_TESTED, txt + " (inconclusive: the CI crosses the margin)"
-
-
-def verdict_muon_faster(log_ratios: Sequence[float], bracketed: bool) -> tuple[str, str]:
-    """App. E: Muon grows max logits more than AdamW. ``log_ratios``: per
-    seed, log(peak probe S of Muon / that of AdamW), each at its own 1x lr*.
-    Reproduced if the paired 95% CI is > 0; not reproduced if it is < 0 or
-    lies inside +-log 1.25 (no meaningful difference); else not tested."""
-    if not bracketed:
-        return NOT_TESTED, "the pre-sweep did not bracket both optimizers' best lr"
-    ci = paired_ci(log_ratios)
-    txt = f"mean log(S_Muon / S_AdamW) {ci['mean']:+.3f}, 95% CI [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
-    if not math.isfinite(ci["lo"]):
-        return NOT_TESTED, txt + " (no CI)"
-    if ci["lo"] > 0:
-        return REPRODUCED, txt
-    if ci["hi"] < 0 or (-SPEED_EQUIVALENCE <= ci["lo"] and ci["hi"] <= SPEED_EQUIVALENCE):
+    if ci["lo"] >= m or ci["hi"] <= -m:
         return NOT_REPRODUCED, txt
     return NOT_TESTED, txt + " (inconclusive)"
 
 
-def verdict_update_rank(diffs: Sequence[float]) -> tuple[str, str]:
-    """App. E's mechanism: Muon's updates have a higher (stable) rank than
-    AdamW's. ``diffs``: per seed, mean stable rank of Muon's attention
-    updates minus AdamW's. Reproduced if the paired 95% CI is > 0; not
-    reproduced if it is < 0; else not tested."""
-    ci = paired_ci(diffs)
-    txt = f"stable rank Muon - AdamW {ci['mean']:+.2f}, 95% CI [{ci['lo']:+.2f}, {ci['hi']:+.2f}]"
-    if not math.isfinite(ci["lo"]):
-        return NOT_TESTED, txt + " (no CI)"
-    if ci["lo"] > 0:
-        return REPRODUCED, txt
-    if ci["hi"] < 0:
-        return NOT_REPRODUCED, txt
-    return NOT_TESTED, txt + " (inconclusive)"
+def _compare_slopes(slopes: dict[int, dict[str, float]], what: str) -> tuple[str, str]:
+    txt = "; ".join(
+        f"{w}: Muon {v['muon']:.2f}, AdamW {v['adamw']:.2f}" for w, v in sorted(slopes.items())
+    )
+    if any(not math.isfinite(v) for s in slopes.values() for v in s.values()):
+        return NOT_TESTED, f"a slope of {what} could not be fitted ({txt})"
+    ok = all(v["muon"] > v["adamw"] for v in slopes.values())
+    return (REPRODUCED if ok else NOT_REPRODUCED), f"slopes of {what}: {txt}"
 
 
-def _median(x: Sequence[float]) -> float:
-    p = sorted(float(v) for v in x)
-    n = len(p)
-    if n == 0:
-        return math.nan
-    return p[n // 2] if n % 2 else 0.5 * (p[n // 2 - 1] + p[n // 2])
+def verdict_muon_faster(slopes: dict[int, dict[str, float]]) -> tuple[str, str]:
+    return _compare_slopes(slopes, "log peak S vs log(lr / lr*)")
+
+
+def verdict_weight_growth(slopes: dict[int, dict[str, float]]) -> tuple[str, str]:
+    return _compare_slopes(slopes, "log max over heads of sigma(W_qC) sigma(W_kC) vs log(lr / lr*)")
