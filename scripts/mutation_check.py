@@ -322,9 +322,28 @@ MUTANTS: list[Mutant] = [
     ),
     M(
         "step_tau_1e9[test_repro]",
-        "QK-Clip switched off inside the step: the K2 reproduction",
+        "QK-Clip switched off inside the step: the K2 reproduction's traced step no longer equals it",
         STEP_TAU,
-        ["tests/test_repro.py::test_overshoot_bounded_by_the_unclipped_update"],
+        ["tests/test_repro.py::test_traced_step_is_the_library_step_and_compiles_once"],
+    ),
+    M(
+        "repro_step_no_clip",
+        "the reproduction's traced step skips QK-Clip",
+        Edit(
+            "paper_repro/kimi_k2/runner.py",
+            lit('model = qc.qk_clip(model, s, hp["tau"])'),
+            "model = model",
+        ),
+        [
+            "tests/test_repro.py::test_traced_step_is_the_library_step_and_compiles_once",
+            "tests/test_repro.py::test_overshoot_bounded_by_the_unclipped_update",
+        ],
+    ),
+    M(
+        "repro_clip_counts_s_at_tau",
+        "the reproduction counts a head with S exactly at tau as clipped",
+        Edit("paper_repro/kimi_k2/analysis.py", lit("(s > tau)"), "(s >= tau)"),
+        ["tests/test_repro.py::test_clip_numbers_on_a_synthetic_log"],
     ),
     M(
         "clip_until_ignored",

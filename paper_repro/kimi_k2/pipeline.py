@@ -17,6 +17,7 @@ A complete run directory is reused; an incomplete one is rerun.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import pathlib
 import platform
@@ -413,17 +414,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     summ = exp.run_all()
     wall = time.perf_counter() - t0
-    steps = sum(r["steps_run"] for r in exp.rows.values())
-    summ["timing"] = {
+    pilot = exp.pilot["widths"]
+    train_s = sum(r["wall_s"] for r in exp.rows.values())
+    bare_s = None  # the same steps at the pilot's bare-step times (the full mode's widths)
+    if all(str(w) in pilot for w in s.widths):
+        bare_s = sum(
+            r["steps_run"]
+            * pilot[str(r["width"])][f"bare_ms_{'adamw' if r['optimizer'] == 'adamw' else 'muon'}"]
+            / 1000
+            for r in exp.rows.values()
+        )
+    timing = {
         "wall_s": round(wall, 1),
         "runs": len(exp.rows),
-        "trained": exp.trained,
-        "steps": steps,
-        "train_s": round(sum(r["wall_s"] for r in exp.rows.values()), 1),
+        "steps": sum(r["steps_run"] for r in exp.rows.values()),
+        "train_s": round(train_s, 1),
+        "loop_over_bare": None if bare_s is None else round(train_s / bare_s, 3),
         "compiles": runner.COMPILED.compiles - c0,
         "compile_s": round(runner.COMPILED.compile_s - cs0, 1),
     }
-    summ["versions"] = versions()
+    # the invocation that trained is the one whose wall time and compiles count
+    record = runs_dir / "timing.json"
+    if exp.trained:
+        timing.update(trained=exp.trained, versions=versions())
+        record.write_text(json.dumps(timing, indent=1) + "\n")
+    elif record.is_file():
+        timing = json.loads(record.read_text())
+    summ["versions"] = timing.pop("versions", None) or versions()  # those that trained
+    summ["timing"] = {**timing, "trained_now": exp.trained}
     summ["corpus"] = {
         k: corpus[k] for k in ("sha256", "expected_sha256", "matches", "files", "bytes")
     }

@@ -160,7 +160,7 @@ def fig_scale(summ, logs, out) -> str:
         fit = summ["fit_wd"]
         if fit:
             b.set_title(
-                f"Settled S against weight decay (width {summ['fig12']['width']}): S ~ wd^{fit['p']:.2f}"
+                f"Settled S against wd (width {summ['fig12']['width']}): S ~ wd^{fit['p']:.2f}"
             )
     b.set_xscale("log")
     b.set_yscale("log")
@@ -317,7 +317,7 @@ def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
         (
             'Fig. 2 left: vanilla Muon\'s max logits "rapidly exceed 1000"',
             "fig2_left_explosion",
-            "loss_vs_lr",
+            "peak_s_vs_lr",
         ),
         (
             'Fig. 2 left: "significant loss spikes" (paired with MuonClip)',
@@ -391,7 +391,8 @@ def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
         )
     L += [
         "",
-        "Per run (seed 0): peak S, final val loss (n/a: stopped), smallest attention entropy (nats).",
+        "Per run (seed 0): peak training-batch S, final val loss, and the smallest attention "
+        "entropy of a head on the probe set (nats); n/a: the run was stopped.",
         "",
     ]
     L += [
@@ -403,7 +404,8 @@ def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
     for w in ws:
         for opt in ("muon", "muonclip", "adamw"):
             cells = [
-                f"{_g(r['peak_s'])}, {_f(r['val_loss'])}, {_f(r['min_entropy'], 2)}"
+                f"{_g(r['peak_s'])}, {_f(r['val_loss'])}, "
+                + (_f(r["min_entropy"], 2) if r["stopped"] == "done" else "n/a")
                 for r in _rows(summ, w, opt)
             ]
             head = (
@@ -416,6 +418,8 @@ def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
     L += [
         "",
         "## Scale",
+        "",
+        f"[{figs['settled_s_vs_scale']}]({figs['settled_s_vs_scale']})",
         "",
         f"Settled S at lr_fit = {_g(summ['lr_fit'])}, wd 0.1, by width: "
         + ", ".join(f"{w}: {_f(x, 1)}" for w, x in summ["settled_vs_width"].items())
@@ -436,8 +440,10 @@ def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
         "",
         "## Run",
         "",
-        f"{tm['runs']} runs, {tm['steps']} steps, {tm['wall_s'] / 60:.1f} min of wall time ({tm['trained']} runs trained in this invocation); "
-        f"{tm['compiles']} XLA compilations took {tm['compile_s']:.0f} s. Python {ver['python']}, jax {ver['jax']}, equinox {ver['equinox']}, optax {ver['optax']}, {ver['platform']}, {ver['cpus']} CPUs; qkclip_eqx {ver['qkclip_eqx']}.",
+        f"{tm['runs']} runs, {tm['steps']} steps, {tm['wall_s'] / 60:.1f} min of wall time in the invocation that trained them "
+        f"({tm['trained']} runs). {tm['compiles']} XLA compilations took {tm['compile_s']:.0f} s ({tm['compile_s'] / tm['wall_s']:.1%} of the wall time; "
+        f"every distinct jitted function and shape counts, eager operations included; the train step is compiled once per width and optimizer family). The loop took {_f(tm['loop_over_bare'], 2)}x the time of the pilot's bare "
+        f"steps for the same steps (probes and final validation included). Python {ver['python']}, jax {ver['jax']}, equinox {ver['equinox']}, optax {ver['optax']}, {ver['platform']}, {ver['cpus']} CPUs; qkclip_eqx {ver['qkclip_eqx']}.",
         f"Corpus sha256 `{summ['corpus']['sha256']}`"
         + ("" if summ["corpus"]["matches"] else " (**CORPUS MISMATCH**)")
         + ".",
