@@ -299,6 +299,13 @@ class Experiment:
             "sweep": {str(w): sweep[w] for w in s.widths},
             "best": {str(w): best[w] for w in s.widths},
             "lr_1000": {str(w): lr_1000[w] for w in s.widths},
+            "lr_diverged": {  # the lowest lr of each optimizer that diverged (the rule of diverged)
+                str(w): {
+                    opt: min((R[n]["lr"] for n in sweep[w][opt] if R[n]["diverged"]), default=None)
+                    for opt in ("muon", "muonclip", "adamw")
+                }
+                for w in s.widths
+            },
             "lr_fit": lr_fit,
             "sensitivity": {str(w): sens[w] for w in s.widths},
             "spikes": spikes,

@@ -378,8 +378,8 @@ def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
         "",
         "## The sweep",
         "",
-        "| width | best lr Muon / MuonClip / AdamW | best val loss | lr_1000 (Muon) | lr sensitivity Muon / MuonClip |",
-        "|---|---|---|---|---|",
+        "| width | best lr Muon / MuonClip / AdamW | best val loss | lr_1000 (Muon) | lowest diverged lr Muon / MuonClip / AdamW | lr sensitivity Muon / MuonClip |",
+        "|---|---|---|---|---|---|",
     ]
     for w in ws:
         b = summ["best"][str(w)]
@@ -387,7 +387,9 @@ def results_md(summ: dict[str, Any], figs: dict[str, str]) -> str:
         L.append(
             f"| {w} | {_g(b['muon']['lr'])} / {_g(b['muonclip']['lr'])} / {_g(b['adamw']['lr'])} "
             f"| {_f(b['muon']['val_loss'])} / {_f(b['muonclip']['val_loss'])} / {_f(b['adamw']['val_loss'])} "
-            f"| {_g(summ['lr_1000'][str(w)])} | {_f(sens['muon'])} / {_f(sens['muonclip'])} |"
+            f"| {_g(summ['lr_1000'][str(w)])} "
+            f"| {' / '.join(_g(summ['lr_diverged'][str(w)][o]) for o in ('muon', 'muonclip', 'adamw'))} "
+            f"| {_f(sens['muon'])} / {_f(sens['muonclip'])} |"
         )
     L += [
         "",
