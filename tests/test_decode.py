@@ -210,9 +210,11 @@ def test_attention_decode_s_with_every_logit_negative(attention):
     _, s_steps, cache = decode_in_steps(negative, x)  # two slots stay unwritten
     assert cache.max_len - int(cache.length) == 2
     expected = np.concatenate([rows[:PREFILL].max(0, keepdims=True), rows[PREFILL:]])
-    np.testing.assert_allclose(np.asarray(s_steps), expected, rtol=1e-5, atol=1e-6)
+    # float32 against float64: measured 0.02 of rtol 1e-5 + atol 1e-6 (a few
+    # float32 roundings); 1e-6 + 1e-7 allowed
+    np.testing.assert_allclose(np.asarray(s_steps), expected, rtol=1e-6, atol=1e-7)
     _, s_full = full(negative, x)
-    np.testing.assert_allclose(np.asarray(s_full), rows.max(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(s_full), rows.max(0), rtol=1e-6, atol=1e-7)
 
 
 def test_attention_decode_with_yarn_and_clip(attention):

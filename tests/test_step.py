@@ -409,7 +409,8 @@ def test_heads_at_tau_are_neither_over_tau_nor_clipped(kind, tokens):
         if mode == "monitor":
             _assert_trees_bit_equal(new, model, "monitor-mode model")
             continue
-        assert_leaves_close(new, np_qk_clip(model, s, tau, alpha=0.3), rtol=2e-6)
+        # measured: one float32 rounding (1.2e-7 relative) at most
+        assert_leaves_close(new, np_qk_clip(model, s, tau, alpha=0.3), rtol=5e-7)
         # the q rows the clip may not move (no head over tau in their group, or
         # alone) are bit-identical; those of layer 1's clipped group moved
         group = 1 if kind in ("mla", "mha", "gqa_query") else 2
