@@ -7,8 +7,9 @@ a kind that once survived a review or that the paper's algorithm invites
 
 1. restores a pristine temporary copy of the repository (never this checkout),
 2. applies the mutant's replacements to the copy; a replacement whose target
-   text does not occur exactly the expected number of times is an ERROR (the
-   list has gone stale: fix the pattern), never silently skipped,
+   text does not occur exactly the expected number of times, or that changes
+   only comments or docstrings, is an ERROR (the list has gone stale: fix the
+   pattern), never silently skipped,
 3. runs only the tests named for that mutant, ``pytest -x``, with the copy's
    ``src`` first on ``PYTHONPATH`` (and the copy as the working directory),
 4. records KILLED (a test failed or errored) or SURVIVED (all passed).
@@ -17,7 +18,8 @@ Before the mutants, a baseline runs every named test on the unmutated copy:
 they must pass, or a "kill" would mean nothing. Exit status 0 only if every
 mutant is killed and nothing errored.
 
-    python scripts/mutation_check.py                 # everything (~20-30 min on 2 CPU cores)
+    python scripts/mutation_check.py                 # everything, one mutant at a time
+    python scripts/mutation_check.py --jobs 2        # two at a time, each in its own copy (CI)
     python scripts/mutation_check.py --list          # the mutants and their tests
     python scripts/mutation_check.py -k optim -k clip   # mutants whose name contains a word
     python scripts/mutation_check.py --no-baseline   # skip the baseline run
@@ -25,15 +27,19 @@ mutant is killed and nothing errored.
 
 Patterns are regular expressions; :func:`lit` turns a literal into one that
 allows any whitespace between its tokens, so that reformatting the target file
-does not make the list go stale. Not run in CI: it takes tens of minutes.
+does not make the list go stale. ``.ci/run`` runs the whole list (``--jobs 2``)
+after the two suites and fails when a mutant survives or a target is stale.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import concurrent.futures
 import dataclasses
 import os
 import py_compile
+import queue
 import re
 import shutil
 import subprocess
@@ -45,8 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = "src/qkclip_eqx/"
 COPY_IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", "venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache", "build", "dist"
-)
+    ".git", ".venv*", "venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache", "build", "dist"
+)  # .venv* also skips CI's second venv, .venv-newest
 
 
 def lit(text: str) -> str:
@@ -89,6 +95,7 @@ S, P, CK, T, D = (
     SRC + "_train.py",
     SRC + "_data.py",
 )
+DEC = SRC + "_decode.py"
 
 STEP_TAU = Edit(
     S,
@@ -251,7 +258,8 @@ MUTANTS: list[Mutant] = [
     M(
         "muon_no_nesterov",
         "Muon without Nesterov's look-ahead",
-        Edit(O, r"nesterov\s*=\s*True", "nesterov=False"),
+        # the signature's default (the module docstring also says `nesterov=True`)
+        Edit(O, lit("nesterov: bool = True,"), "nesterov: bool = False,"),
         ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"],
     ),
     M(
@@ -294,6 +302,18 @@ MUTANTS: list[Mutant] = [
         "RMSNorm divides by the root of the SUM of squares",
         Edit(L, r"jnp\.mean\(\s*xf\s*\*\s*xf", "jnp.sum(xf * xf"),
         ["tests/test_layers.py::test_rms_norm_matches_numpy"],
+    ),
+    # ---- the whole model ------------------------------------------------------------------------
+    M(
+        "model_no_final_norm",
+        "the LM head reads the residual stream without the final RMSNorm",
+        Edit(
+            SRC + "_model.py",
+            lit("logits = linear(self.final_norm(x), self.lm_head.astype(compute)"),
+            "logits = linear(x, self.lm_head.astype(compute)",
+            count=2,
+        ),
+        ["tests/test_reference_model.py::test_transformer_logits_and_s_match_the_reference"],
     ),
     # ---- the train step -------------------------------------------------------------------------
     M(
@@ -460,6 +480,85 @@ MUTANTS: list[Mutant] = [
         ),
         ["tests/test_train.py::test_adamw_can_clip_and_muon_cannot"],
     ),
+    M(
+        "eval_reads_train",
+        "evaluation reads the training split: the logged val_loss is a training loss",
+        Edit(
+            T,
+            lit("data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len"),
+            "data.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len",
+        ),
+        ["tests/test_train.py::test_validation_loss_reads_the_val_split_only"],
+    ),
+    # ---- the resume rule (MUST_MATCH) ---------------------------------------------------------
+    M(
+        "resume_seed_dropped",
+        "the data seed left out of MUST_MATCH: a resume may change it silently",
+        Edit(T, r'\n\s*"seed",\n', "\n"),
+        [
+            "tests/test_train.py::"
+            "test_resume_rule_covers_every_field_and_may_change_fields_keep_the_stream"
+        ],
+    ),
+    M(
+        "resume_seed_may_change",
+        "the data seed moved from MUST_MATCH to MAY_CHANGE",
+        [
+            Edit(T, r'\n\s*"seed",\n', "\n"),
+            Edit(
+                T,
+                lit('"keep": "no effect on training",'),
+                '"keep": "no effect on training", "seed": "no effect on training",',
+            ),
+        ],
+        [
+            "tests/test_train.py::"
+            "test_resume_rule_covers_every_field_and_may_change_fields_keep_the_stream"
+        ],
+    ),
+    M(
+        "resume_meta_skips_seed",
+        "the checkpoint's meta leaves the seed out, so its check never sees it",
+        Edit(
+            T,
+            lit("{name: config[name] for name in MUST_MATCH}"),
+            '{name: config[name] for name in MUST_MATCH if name != "seed"}',
+        ),
+        ["tests/test_train.py::test_resume_refuses_every_must_match_field"],
+    ),
+    # ---- decoding ------------------------------------------------------------------------------
+    M(
+        "decode_s_over_unwritten_slots",
+        "decode's S also over the unwritten cache slots (logit 0 there)",
+        Edit(
+            DEC,
+            lit("s_max = jax.lax.stop_gradient(jnp.max(logits, axis=(1, 2)))"),
+            "s_max = jax.lax.stop_gradient(jnp.max(jnp.where("
+            "jnp.arange(c_kv.shape[0]) > q_pos[-1], 0.0, logits), axis=(1, 2)))",
+        ),
+        ["tests/test_decode.py::test_attention_decode_s_with_every_logit_negative"],
+    ),
+    # ---- the clip metrics at the boundary S = tau -----------------------------------------------
+    M(
+        "metric_over_tau_counts_s_at_tau",
+        "heads_over_tau counts S >= tau",
+        Edit(
+            S,
+            lit("over = [jnp.sum(clip_factors(x, tau) < 1) for x in leaves]"),
+            "over = [jnp.sum(jnp.isfinite(x) & (x >= tau)) for x in leaves]",
+        ),
+        ["tests/test_step.py::test_heads_at_tau_are_neither_over_tau_nor_clipped"],
+    ),
+    M(
+        "metric_clipped_counts_s_at_tau",
+        "heads_clipped counts the heads with S >= tau",
+        Edit(
+            S,
+            lit("scaled = sum(jnp.sum(x) for x in clipped_heads(model, s, clip_tau))"),
+            "scaled = sum(jnp.sum(jnp.isfinite(x) & (x >= clip_tau)) for x in jax.tree.leaves(s))",
+        ),
+        ["tests/test_step.py::test_heads_at_tau_are_neither_over_tau_nor_clipped"],
+    ),
     # ---- data ----------------------------------------------------------------------------------------
     M(
         "data_batches_ignore_seed",
@@ -475,6 +574,22 @@ MUTANTS: list[Mutant] = [
 # --------------------------------------------------------------------------------------------
 
 
+def _code(source: str) -> str:
+    """The module's AST without docstrings: equal for two sources whose code is."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]  # pyright: ignore[reportAttributeAccessIssue]
+    return ast.dump(tree)
+
+
 def apply(copy: Path, mutant: Mutant) -> str | None:
     """Apply the mutant's edits in ``copy``; an error message if a target is stale."""
     for e in mutant.edits:
@@ -486,6 +601,11 @@ def apply(copy: Path, mutant: Mutant) -> str | None:
         new = re.sub(e.pattern, e.replacement, text)
         if new == text:
             return f"{e.file}: replacing {e.pattern!r} changed nothing"
+        try:
+            if _code(new) == _code(text):
+                return f"{e.file}: replacing {e.pattern!r} changes only comments or docstrings"
+        except SyntaxError as err:
+            return f"{e.file}: the mutated file does not parse: {err}"
         path.write_text(new)
         try:
             py_compile.compile(str(path), doraise=True)
@@ -494,7 +614,7 @@ def apply(copy: Path, mutant: Mutant) -> str | None:
     return None
 
 
-def run_tests(copy: Path, tests, timeout: float) -> tuple[int | str, float, str]:
+def run_tests(copy: Path, tests, timeout: float, workers: int = 0) -> tuple[int | str, float, str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
@@ -507,7 +627,7 @@ def run_tests(copy: Path, tests, timeout: float) -> tuple[int | str, float, str]
         "pytest",
         "-x",
         "-n",
-        "0",  # one process: a mutant's few named tests gain nothing from workers
+        str(workers),  # 0: one process; a mutant's few named tests gain nothing from workers
         "-q",
         "--no-header",
         "-p",
@@ -537,6 +657,28 @@ def verdict(rc) -> str:
     return "ERROR"
 
 
+def _restore(copy: Path, pristine: dict[str, str]) -> None:
+    for f, text in pristine.items():
+        (copy / f).write_text(text)
+
+
+def _run_mutant(copy: Path, m: Mutant, pristine: dict[str, str], timeout: float):
+    """Apply ``m`` to a pristine ``copy``, run its tests: (verdict, seconds, detail)."""
+    _restore(copy, pristine)
+    msg = apply(copy, m)
+    if msg:
+        return "ERROR", 0.0, msg
+    rc, secs, out = run_tests(copy, m.tests, timeout)
+    v = verdict(rc)
+    detail = ""
+    if v.startswith("KILLED"):
+        failed = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
+        detail = failed[0] if failed else out.strip().splitlines()[-1] if out.strip() else ""
+    elif v == "ERROR":
+        detail = f"pytest exit code {rc}: " + out.strip()[-500:]
+    return v, secs, detail
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -549,7 +691,13 @@ def main(argv=None) -> int:
         "--no-baseline", action="store_true", help="skip the unmutated baseline run"
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per test run")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="mutants tested at once, each in its own copy (and baseline workers)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copies")
     parser.add_argument(
         "--targets",
         action="store_true",
@@ -565,32 +713,36 @@ def main(argv=None) -> int:
         return 0
     names = [m.name for m in MUTANTS]
     assert len(set(names)) == len(names), "mutant names must be unique"
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
 
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="qkclip_mutation_"))
-    copy = tmp / "repo"
-    shutil.copytree(ROOT, copy, ignore=COPY_IGNORE)
+    copies = [tmp / f"repo{i}" for i in range(args.jobs)]
+    for c in copies:
+        shutil.copytree(ROOT, c, ignore=COPY_IGNORE)
+    copy = copies[0]
     pristine = {e.file: (copy / e.file).read_text() for m in mutants for e in m.edits}
-    print(f"copy of {ROOT} in {copy}")
-    probe = subprocess.run(
-        [sys.executable, "-c", "import qkclip_eqx; print(qkclip_eqx.__file__)"],
-        cwd=copy,
-        env={**os.environ, "PYTHONPATH": str(copy / "src")},
-        capture_output=True,
-        text=True,
-    )
-    if not probe.stdout.strip().startswith(str(copy)):
-        print(f"the copy's qkclip_eqx is not the one imported: {probe.stdout}{probe.stderr}")
-        return 2
+    print(f"{len(copies)} copies of {ROOT} in {tmp}")
+    for c in copies:
+        probe = subprocess.run(
+            [sys.executable, "-c", "import qkclip_eqx; print(qkclip_eqx.__file__)"],
+            cwd=c,
+            env={**os.environ, "PYTHONPATH": str(c / "src")},
+            capture_output=True,
+            text=True,
+        )
+        if not probe.stdout.strip().startswith(str(c)):
+            print(f"the copy's qkclip_eqx is not the one imported: {probe.stdout}{probe.stderr}")
+            return 2
 
-    results = []
+    results = {}
     try:
         # stale targets are reported before anything runs
         stale = {}
         for m in mutants:
             msg = apply(copy, m)
-            for f, text in pristine.items():
-                (copy / f).write_text(text)
+            _restore(copy, pristine)
             if msg:
                 stale[m.name] = msg
         if args.targets:
@@ -600,7 +752,8 @@ def main(argv=None) -> int:
             return 1 if stale else 0
         if not args.no_baseline:
             tests = sorted({t for m in mutants for t in m.tests})
-            rc, secs, out = run_tests(copy, tests, args.timeout * 3)
+            workers = 0 if args.jobs == 1 else args.jobs
+            rc, secs, out = run_tests(copy, tests, args.timeout * 3, workers=workers)
             print(
                 f"baseline (unmutated, {len(tests)} test selections): rc={rc} in {secs:.0f}s",
                 flush=True,
@@ -610,44 +763,47 @@ def main(argv=None) -> int:
                 print("the baseline must pass: fix the tests (or the copy) first")
                 return 2
         for m in mutants:
-            for f, text in pristine.items():
-                (copy / f).write_text(text)
             if m.name in stale:
-                results.append((m, "ERROR", 0.0, stale[m.name]))
+                results[m.name] = ("ERROR", 0.0, stale[m.name])
                 print(f"ERROR     {m.name}: {stale[m.name]}", flush=True)
-                continue
-            assert apply(copy, m) is None
-            rc, secs, out = run_tests(copy, m.tests, args.timeout)
-            v = verdict(rc)
-            detail = ""
-            if v.startswith("KILLED"):
-                failed = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
-                detail = (
-                    failed[0] if failed else out.strip().splitlines()[-1] if out.strip() else ""
-                )
-            elif v == "ERROR":
-                detail = f"pytest exit code {rc}: " + out.strip()[-500:]
-            results.append((m, v, secs, detail))
-            print(f"{v:9s} {m.name} ({secs:.0f}s) {detail[:150]}", flush=True)
+        free: queue.Queue[Path] = queue.Queue()
+        for c in copies:
+            free.put(c)
+
+        def work(m: Mutant):
+            c = free.get()
+            try:
+                return m, _run_mutant(c, m, pristine, args.timeout)
+            finally:
+                _restore(c, pristine)
+                free.put(c)
+
+        todo = [m for m in mutants if m.name not in stale]
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(work, m) for m in todo]):
+                m, (v, secs, detail) = future.result()
+                results[m.name] = (v, secs, detail)
+                print(f"{v:9s} {m.name} ({secs:.0f}s) {detail[:150]}", flush=True)
     finally:
-        for f, text in pristine.items():
-            (copy / f).write_text(text)
+        for c in copies:
+            _restore(c, pristine)
         if args.keep:
-            print(f"kept {copy}")
+            print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
     total = time.perf_counter() - t_start
-    killed = [r for r in results if r[1].startswith("KILLED")]
-    survived = [r for r in results if r[1] == "SURVIVED"]
-    errors = [r for r in results if r[1] == "ERROR"]
+    ordered = [(m, *results[m.name]) for m in mutants if m.name in results]
+    killed = [r for r in ordered if r[1].startswith("KILLED")]
+    survived = [r for r in ordered if r[1] == "SURVIVED"]
+    errors = [r for r in ordered if r[1] == "ERROR"]
     print(
         f"\n{len(killed)} killed, {len(survived)} survived, {len(errors)} errors, "
-        f"of {len(results)} mutants, in {total:.0f}s"
+        f"of {len(mutants)} mutants, in {total:.0f}s ({args.jobs} at a time)"
     )
     for m, v, _, detail in survived + errors:
         print(f"  {v}: {m.name}: {m.what} {detail}")
-    return 0 if not survived and not errors else 1
+    return 0 if len(killed) == len(mutants) else 1
 
 
 if __name__ == "__main__":

@@ -376,9 +376,11 @@ def test_bf16_params(modules, name):
     out16, s16 = np.asarray(out16, np.float32), np.asarray(s16)
     assert np.all(np.isfinite(out16)) and np.all(np.isfinite(s16))
     out32, s32 = call(m32, x, pos, seg)
-    np.testing.assert_allclose(s16, s32, rtol=5e-2, atol=5e-2)
+    # measured (jax 0.10.2, CPU): S 0.42% relative, outputs 0.46% of their
+    # largest magnitude (mla_qlora; mqa 0.35%, 0.35%)
+    np.testing.assert_allclose(s16, s32, rtol=2e-2)
     scale = np.abs(out32).max()
-    np.testing.assert_allclose(out16, out32, atol=5e-2 * scale)
+    np.testing.assert_allclose(out16, out32, atol=2e-2 * scale)
 
     # The constructor's dtype argument gives bf16 weights too.
     built = eqx.filter_eval_shape(cls, config, dtype=jnp.bfloat16, key=jax.random.key(0))

@@ -178,6 +178,45 @@ def test_attention_decode_after_qk_clip_is_min_s_tau(attention):
     )
 
 
+def test_attention_decode_s_with_every_logit_negative(attention):
+    """S when every real logit is negative: the max over the cache slots
+    written so far, never over the unwritten (zero) slots, whose logit would
+    be 0. Positive inputs, latent and key weights, and negative q_C weights
+    make every q_C.k_C negative; small q_R weights keep q_R.k_R below it. S of
+    each call against the float64 reference, which has no cache."""
+    _, module, x = attention
+    nope = module.config.qk_nope_head_dim
+    wq = np.asarray(module.wq)
+    wq = np.concatenate([-np.abs(wq[:, :nope]), 0.01 * wq[:, nope:]], axis=1)
+    pos = {
+        "wkv_a": jnp.abs(module.wkv_a),
+        "kv_norm": jnp.abs(module.kv_norm.weight),
+        "wkv_b": module.wkv_b.at[:, :nope].set(jnp.abs(module.wkv_b[:, :nope])),
+    }
+    negative = eqx.tree_at(
+        lambda m: (m.wq, m.wkv_a, m.kv_norm.weight, m.wkv_b),
+        module,
+        (jnp.asarray(wq), pos["wkv_a"], pos["kv_norm"], pos["wkv_b"]),
+    )
+    if module.wq_a is not None:
+        negative = eqx.tree_at(
+            lambda m: (m.wq_a, m.q_norm.weight),
+            negative,
+            (jnp.abs(module.wq_a), jnp.abs(module.q_norm.weight)),
+        )
+    x = jnp.abs(x)
+    rows = np_row_max_logits(negative, x)
+    assert rows.max() < -0.1  # every allowed logit is negative, by a margin
+    _, s_steps, cache = decode_in_steps(negative, x)  # two slots stay unwritten
+    assert cache.max_len - int(cache.length) == 2
+    expected = np.concatenate([rows[:PREFILL].max(0, keepdims=True), rows[PREFILL:]])
+    # float32 against float64: measured 0.02 of rtol 1e-5 + atol 1e-6 (a few
+    # float32 roundings); 1e-6 + 1e-7 allowed
+    np.testing.assert_allclose(np.asarray(s_steps), expected, rtol=1e-6, atol=1e-7)
+    _, s_full = full(negative, x)
+    np.testing.assert_allclose(np.asarray(s_full), rows.max(0), rtol=1e-6, atol=1e-7)
+
+
 def test_attention_decode_with_yarn_and_clip(attention):
     """YaRN (the DeepSeek-V3 block, with a tiny original context so that the
     ramp bites) changes frequencies and the softmax scale; decode still equals
@@ -342,6 +381,7 @@ def test_bf16_compute_decode_is_close():
         and logits.dtype == jnp.float32
         and s_steps.dtype == jnp.float32
     )
+    # measured (jax 0.10.2, CPU): logits 0.71% of their largest magnitude, S 1.1%
     scale = float(jnp.abs(logits_full).max())
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_full), atol=5e-2 * scale)
-    np.testing.assert_allclose(np.asarray(s_steps.max(0)), np.asarray(s_full), rtol=5e-2, atol=5e-2)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_full), atol=3e-2 * scale)
+    np.testing.assert_allclose(np.asarray(s_steps.max(0)), np.asarray(s_full), rtol=3e-2)

@@ -99,9 +99,11 @@ def test_bf16_load(golden):
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(module))
     out, max_logits = run(module, jnp.asarray(arrays["hidden_states"], jnp.bfloat16))
     assert max_logits.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(max_logits), arrays["max_logits"], rtol=5e-2, atol=5e-2)
+    # measured (jax 0.10.2, CPU): S 0.58% relative, outputs 0.74% of their
+    # largest magnitude (qlora; noqlora 0.47%, 0.55%)
+    np.testing.assert_allclose(np.asarray(max_logits), arrays["max_logits"], rtol=2.5e-2)
     np.testing.assert_allclose(
-        np.asarray(out, np.float32), arrays["output"], atol=5e-2 * np.abs(arrays["output"]).max()
+        np.asarray(out, np.float32), arrays["output"], atol=3e-2 * np.abs(arrays["output"]).max()
     )
 
 

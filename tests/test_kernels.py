@@ -346,7 +346,8 @@ def test_bf16_inputs_give_float32_s(kernel):
     q32, k32, v32 = (x.astype(np.float32) for x in (q, k, v))
     out32, s32 = run(q32, k32, v32, pos, pos, seg, seg, causal=True, kernel="dense")
     np.testing.assert_allclose(np.asarray(s), np.asarray(s32), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(out32), atol=3e-2, rtol=3e-2)
+    # measured (jax 0.10.2, CPU): 0.0064 at most, for outputs up to ~2
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(out32), atol=3e-2)
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
 
 
@@ -636,8 +637,9 @@ def test_dot_product_attention_bf16(max_logit):
     out_d, s_d = run(q, k, v, pos, pos, seg, seg, causal=True, kernel="dense")
     out, s = run_dpa(q, k, v, pos, pos, seg, seg, causal=True, max_logit=max_logit)
     assert out.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+    # two bf16 results: measured one bf16 ulp (0.0156) apart at most; 2 ulps allowed
     np.testing.assert_allclose(
-        np.asarray(out, np.float32), np.asarray(out_d, np.float32), atol=3e-2, rtol=3e-2
+        np.asarray(out, np.float32), np.asarray(out_d, np.float32), atol=3e-2
     )
     if max_logit == "exact":
         np.testing.assert_allclose(np.asarray(s), np.asarray(s_d), rtol=S_RTOL)
@@ -752,6 +754,10 @@ def test_implementation_option_reaches_jax_and_is_checked(monkeypatch):
     tokens = jnp.arange(12, dtype=jnp.int32) % 32
     logits, s = eqx.filter_jit(model)(tokens)
     assert calls and all(c == ("cudnn", (jnp.bfloat16,) * 3) for c in calls)
+    # This comparison cannot fail for a wrong cuDNN kernel: the spy above hands
+    # "cudnn" to the XLA path, so both models run the same XLA program. It only
+    # shows that the option changes nothing else (no other code path, no other
+    # dtype); what this test checks about "cudnn" is the spy's record of the call.
     logits_r, s_r = eqx.filter_jit(reference)(tokens)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(logits_r))
     np.testing.assert_array_equal(np.asarray(s), np.asarray(s_r))

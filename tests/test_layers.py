@@ -47,7 +47,8 @@ def test_rms_norm_in_bf16_is_computed_in_float32(x):
     got = eqx.filter_jit(lambda n, x: n(x))(norm, xb)
     assert got.dtype == jnp.bfloat16
     ref = np_rms_norm(np.asarray(xb, np.float64), 1.0, norm.eps)
-    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=1e-2, atol=1e-2)
+    # the bf16 result's rounding (2^-9 relative at most): measured 0.32%
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=1e-2)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,19 @@
-"""The README's Python examples run as written, and do what they say: the
-library example's train step clips at tau = 100 (checked against NumPy's
-QK-Clip of the weights it was given, and by re-measuring S), and the own-attention
-example is found and clipped by ``qk_clip``."""
+"""Every Python block of the README and of the documentation pages runs as
+written, unpatched: each page's blocks in order in one namespace, as a reader
+pastes them (a later block uses the imports of an earlier one). The only names
+given to a block are those its page says the reader brings: ``docs/hf.md``
+loads "a Hugging Face checkpoint's" ``state_dict`` and ``config``, here one of
+the golden files of ``tests/test_hf.py``.
 
+Blocks are found by what they contain, not by position, and every block is
+claimed by a test below. They also do what they say: the library example's
+train step clips at tau = 100 (checked against NumPy's QK-Clip of the weights
+it was given, and by re-measuring S), the own-attention example is found and
+clipped by ``qk_clip``, the decoding example gives the shapes it states, and
+the loader example loads the golden weights."""
+
+import functools
+import json
 import pathlib
 import re
 
@@ -15,23 +26,72 @@ from jax.sharding import PartitionSpec as P
 from qkclip_eqx import next_token_loss
 from reference import assert_leaves_close, np_qk_clip
 
-README = pathlib.Path(__file__).parent.parent / "README.md"
+ROOT = pathlib.Path(__file__).parent.parent
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))]
 TAU = 100.0  # the README's make_train_step(opt, mode="clip", tau=100.0)
+# Which block each test runs, by a text only that block holds.
+CLAIMED = {
+    ("README.md", "qc.make_train_step("): "test_library_example_runs",
+    ("README.md", "class MyAttention("): "test_own_clippable_attention_example",
+    ("README.md", "qc.generate"): "test_readme_decoding_example_runs",
+    ("docs/index.md", "qc.qk_clip("): "test_docs_index_example_runs",
+    ("docs/hf.md", "qc.hf.mla_from_hf("): "test_docs_hf_example_loads_the_golden_weights",
+}
 
 
-def _blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def _blocks(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)
+
+
+def _hf_checkpoint() -> dict:
+    """A Hugging Face DeepseekV3Attention's state_dict and config (golden file)."""
+    with np.load(ROOT / "tests" / "data" / "hf_dsv3_attn_qlora.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    config = json.loads(str(arrays.pop("config_json")))
+    for k in ("hidden_states", "output", "max_logits", "versions", "position_ids"):
+        arrays.pop(k, None)
+    return {"state_dict": arrays, "config": config}
+
+
+GIVEN = {"docs/hf.md": _hf_checkpoint}
+
+
+@functools.cache
+def _run_page(page: str) -> tuple[dict, ...]:
+    """Run the page's blocks in order in one namespace; the namespace after each."""
+    scope = GIVEN[page]() if page in GIVEN else {}
+    after = []
+    for i, block in enumerate(_blocks(page)):
+        exec(compile(block, f"{page}, python block {i}", "exec"), scope)
+        after.append(dict(scope))
+    return tuple(after)
+
+
+def _namespace(page: str, marker: str) -> tuple[dict, str]:
+    """The namespace after the page's one block holding ``marker``, and the block."""
+    found = [i for i, b in enumerate(_blocks(page)) if marker in b]
+    assert len(found) == 1, (page, marker, found)
+    return _run_page(page)[found[0]], _blocks(page)[found[0]]
+
+
+def test_every_python_block_is_claimed_by_a_test():
+    """A block added to any page without a test fails here."""
+    blocks = {(page, i): b for page in PAGES for i, b in enumerate(_blocks(page))}
+    assert len(blocks) >= len(CLAIMED)
+    for (page, i), block in blocks.items():
+        claims = [name for (p, marker), name in CLAIMED.items() if p == page and marker in block]
+        assert len(claims) == 1, f"{page}, python block {i}: claimed by {claims}"
+    assert all(name in globals() for name in CLAIMED.values())
 
 
 _forward = eqx.filter_jit(next_token_loss)
 
 
 def test_library_example_runs():
-    scope: dict = {}
-    exec(_blocks()[0], scope)
+    scope, block = _namespace("README.md", "qc.make_train_step(")
     assert scope["metrics"]["max_logits"].shape == (4, 8)
     assert np.isfinite(float(scope["metrics"]["loss"]))
-    assert "tau=100.0" in _blocks()[0].replace(" ", "")
+    assert "tau=100.0" in block.replace(" ", "")
 
     # The example's step, on its model with every even head's q weights scaled
     # so that layer 0's S is 300 (odd heads: 30): those heads are over tau.
@@ -60,9 +120,8 @@ def test_library_example_runs():
 
 
 def test_own_clippable_attention_example():
-    scope: dict = {}
-    exec("import equinox as eqx, jax\nimport qkclip_eqx as qc\n" + _blocks()[1], scope)
-    import qkclip_eqx as qc
+    scope, _ = _namespace("README.md", "class MyAttention(")
+    qc = scope["qc"]
 
     ones = jnp.ones((2, 4, 8))
     attn = scope["MyAttention"](wq=ones, wk=ones, wv=ones, wo=jnp.ones((8, 8)), n_heads=2)
@@ -74,3 +133,29 @@ def test_own_clippable_attention_example():
     np.testing.assert_allclose(clipped.wq[0], 0.5, rtol=1e-6)
     np.testing.assert_allclose(clipped.wk[0], 0.5, rtol=1e-6)
     assert np.array_equal(clipped.wq[1], attn.wq[1]) and np.array_equal(clipped.wk[1], attn.wk[1])
+
+
+def test_readme_decoding_example_runs():
+    """The decoding block gives the shapes it states."""
+    scope, _ = _namespace("README.md", "qc.generate")
+    assert scope["logits"].shape == (1, 256) and scope["S"].shape == (2, 2)
+    assert int(scope["cache"].length) == 4 and scope["cache"].c_kv.shape == (2, 16, 16)
+    assert scope["tokens"].shape == (8,)
+
+
+def test_docs_index_example_runs():
+    """docs/index.md: S per example and head, and the clip of the heads over tau."""
+    scope, _ = _namespace("docs/index.md", "qc.qk_clip(")
+    s = np.asarray(scope["S"])
+    assert s.shape == (4, 8) and isinstance(scope["attn"], scope["qc"].MLAttention)
+    before = scope["qc"].MLAttention(scope["cfg"], key=jax.random.key(0))
+    assert_leaves_close(scope["attn"], np_qk_clip(before, s.max(axis=0), TAU, prefix=""))
+
+
+def test_docs_hf_example_loads_the_golden_weights():
+    """docs/hf.md: the module holds the state_dict's weights, reshaped per head."""
+    scope, _ = _namespace("docs/hf.md", "qc.hf.mla_from_hf(")
+    attn, state = scope["attn"], scope["state_dict"]
+    (key,) = [k for k in state if k.endswith("kv_a_proj_with_mqa.weight")]
+    np.testing.assert_array_equal(np.asarray(attn.wkv_a), state[key])
+    assert attn.wq_a is not None and attn.wq.shape[0] == scope["config"]["num_attention_heads"]

@@ -25,6 +25,7 @@ from qkclip_eqx import (
     MLAConfig,
     Transformer,
     TransformerConfig,
+    clipped_heads,
     make_train_step,
     muon_adamw,
     next_token_loss,
@@ -349,6 +350,80 @@ def test_group_mode_counts_the_heads_it_scales(gqa_group_model, tokens):
 
 
 # --------------------------------------------------------------------------
+# the metrics at the boundary: S exactly at tau is not over tau and not clipped
+# --------------------------------------------------------------------------
+
+BOUNDARY_TAU = 3.0  # exact in float32
+_AT = np.float32(BOUNDARY_TAU)
+_BELOW, _ABOVE = np.nextafter(_AT, np.float32(-np.inf)), np.nextafter(_AT, np.float32(np.inf))
+# [layers, heads]; heads (0, 1) and (2, 3) share a key head in the GQA models.
+# Layer 0: group (at, 1 ulp below) has no head over tau; group (1 ulp above, at)
+# does. Layer 1: group (below, 1.25 tau) does; group (at, at) does not. (One
+# ulp over tau gives gamma = 1 - 2^-24, whose powers may round to 1: only the
+# head at 1.25 tau is sure to move its weights.)
+BOUNDARY_S = np.array([[_AT, _BELOW, _ABOVE, _AT], [_BELOW, 1.25 * _AT, _AT, _AT]], np.float32)
+BOUNDARY_ATTENTION = {
+    "mla": MLAConfig(
+        dim=16, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4
+    ),
+    "mha": GQAConfig(dim=16, n_heads=4, head_dim=4),
+    **{
+        f"gqa_{mode}": GQAConfig(dim=16, n_heads=4, head_dim=4, n_kv_heads=2, clip_mode=mode)
+        for mode in ("query", "query_key", "group")
+    },
+}
+
+
+def _loss_with_boundary_s(model, tokens):
+    """A zero loss (zero gradients) of the params, and the fixed S above."""
+    return 0.0 * jnp.mean(model.lm_head), jnp.asarray(BOUNDARY_S)
+
+
+@pytest.mark.parametrize("kind", list(BOUNDARY_ATTENTION))
+def test_heads_at_tau_are_neither_over_tau_nor_clipped(kind, tokens):
+    """S exactly at tau, one float32 ulp below and one above, in every clip
+    mode: ``heads_over_tau`` counts S > tau only, ``heads_clipped`` and
+    ``clipped_heads`` name the heads NumPy's rule scales (S > tau; in GQA
+    "group" mode with their group-mates), and the weights are NumPy's clip, a
+    head at tau whose group has no head over tau bit-identical. Monitor mode
+    counts the same heads over tau and clips none. (SGD with lr 0: the update
+    leaves the weights as they were, so the step's model is the clip alone.)"""
+    cfg = TransformerConfig(
+        vocab_size=VOCAB, n_layers=2, mlp_hidden=16, attention=BOUNDARY_ATTENTION[kind]
+    )
+    model = _init(lambda k: Transformer(cfg, key=k), 6)
+    s, tau = BOUNDARY_S, BOUNDARY_TAU
+    assert (s == tau).sum() == 4 and (s > tau).sum() == 2 and (s < tau).sum() == 2
+    want = heads_scaled(model, s, tau)  # NumPy's rule
+    n_want = 4 if kind == "gqa_group" else 2
+    assert int(want.sum()) == n_want
+    np.testing.assert_array_equal(np.asarray(clipped_heads(model, jnp.asarray(s), tau)[0]), want)
+    opt = optax.sgd(0.0)
+    state = opt.init(eqx.filter(model, eqx.is_array))
+    for mode in ("clip", "monitor"):
+        step = make_train_step(opt, mode=mode, tau=tau, alpha=0.3, loss_fn=_loss_with_boundary_s)
+        new, _, metrics = step(_copy(model), _copy(state), tokens)
+        np.testing.assert_array_equal(metrics["max_logits"], s)
+        assert int(metrics["heads_over_tau"]) == 2, mode
+        assert int(metrics["heads_clipped"]) == (n_want if mode == "clip" else 0), mode
+        if mode == "monitor":
+            _assert_trees_bit_equal(new, model, "monitor-mode model")
+            continue
+        # measured: one float32 rounding (1.2e-7 relative) at most
+        assert_leaves_close(new, np_qk_clip(model, s, tau, alpha=0.3), rtol=5e-7)
+        # the q rows the clip may not move (no head over tau in their group, or
+        # alone) are bit-identical; those of layer 1's clipped group moved
+        group = 1 if kind in ("mla", "mha", "gqa_query") else 2
+        quiet = ~np.repeat((s > tau).reshape(2, -1, group).any(-1), group, axis=-1)
+        q_new, q_old = np.asarray(new.blocks.attn.wq), np.asarray(model.blocks.attn.wq)
+        assert np.array_equal(q_new[quiet], q_old[quiet]) and quiet.sum() >= 4
+        moved = ~quiet & (np.arange(2) == 1)[:, None] & (np.arange(4) < 2)[None, :]
+        assert moved.sum() == group and not np.any(
+            np.all(q_new[moved] == q_old[moved], axis=(-2, -1))
+        )
+
+
+# --------------------------------------------------------------------------
 # bfloat16
 # --------------------------------------------------------------------------
 
@@ -398,8 +473,9 @@ def test_bf16_step_trains_and_clips(tokens, param_dtype):
     assert np.isfinite(float(metrics["loss"]))
     # the step's forward is compiled with its backward: in bf16 compute its
     # activations may round differently from a forward-only program's (by a
-    # bf16 ulp, 2^-8), so S agrees to bf16 precision, not bit for bit
-    np.testing.assert_allclose(metrics["max_logits"], s, rtol=1e-2)
+    # bf16 ulp, 2^-8), so S agrees to bf16 precision, not bit for bit (measured
+    # 0.13% relative, jax 0.10.2, CPU)
+    np.testing.assert_allclose(metrics["max_logits"], s, rtol=5e-3)
     s = np.asarray(metrics["max_logits"])  # the S the clip acted on
     assert int(metrics["heads_clipped"]) == int(np.sum(s > tau)) == 4
     assert all(x.dtype == dtype for x in jax.tree.leaves(eqx.filter(clipped, eqx.is_array)))
@@ -407,8 +483,11 @@ def test_bf16_step_trains_and_clips(tokens, param_dtype):
     got = leaves_by_path(clipped)
     for k, want in expected.items():
         want = want.astype(np.float32)
-        # bf16 storage: a few roundings of 2^-8 relative to the leaf's values
-        atol = 1e-7 if param_dtype == "float32" else 1e-2 * np.max(np.abs(want))
+        # bf16 storage: the two sides round W - lr g to bf16 from different
+        # arithmetic, so an element may differ by a bf16 ulp of the leaf's
+        # largest value (2^-8 of it), whatever its own size; measured (jax
+        # 0.10.2, CPU) at most 0.44 of that, in most leaves 0 to 0.05 of it
+        atol = 1e-7 if param_dtype == "float32" else 2**-8 * np.max(np.abs(want))
         rtol = 2e-6 if param_dtype == "float32" else 1e-2
         np.testing.assert_allclose(got[k].astype(np.float32), want, rtol=rtol, atol=atol, err_msg=k)
     # the clip moved the q weights of the heads over tau by more than bf16 rounding

@@ -7,12 +7,14 @@ on a mesh (and its checkpoints, both ways) matches one device."""
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import types
+import typing
 
 import equinox as eqx
 import jax
@@ -28,7 +30,15 @@ from qkclip_eqx._data import get_batch, load_data
 from qkclip_eqx._model import Transformer
 from qkclip_eqx._parallel import make_mesh, partition_specs, shard_train_state
 from qkclip_eqx._step import next_token_loss
-from qkclip_eqx._train import RunError, optimizer, preset, train
+from qkclip_eqx._train import (
+    MAY_CHANGE,
+    MUST_MATCH,
+    RunConfig,
+    RunError,
+    optimizer,
+    preset,
+    train,
+)
 from qkclip_eqx.cli import eval as eval_cli
 from qkclip_eqx.cli import train as train_cli
 from reference import assert_leaves_close, leaves_by_path, np_clip_factors, np_qk_clip
@@ -107,8 +117,25 @@ def _leaves(tree):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, data):
+    """The uninterrupted run. It also records which token arrays the loop drew
+    its training batches from, and which evaluation read (by identity)."""
     out = tmp_path_factory.mktemp("straight")
-    return train(_cfg(out), progress=False, data=data)
+    read = STRAIGHT_READ
+
+    def spy(kind, real):
+        def wrapped(tokens, **kw):
+            read[kind].append(tokens)
+            return real(tokens, **kw)
+
+        return wrapped
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "get_batch", spy("train", train_mod.get_batch))
+        mp.setattr(train_mod, "eval_batches", spy("eval", train_mod.eval_batches))
+        return train(_cfg(out), progress=False, data=data)
+
+
+STRAIGHT_READ: dict[str, list] = {"train": [], "eval": []}  # filled by `straight`
 
 
 def test_resume_after_interrupt_is_bit_exact(tmp_path, data, straight):
@@ -141,6 +168,113 @@ def test_existing_run_needs_resume(tmp_path, data, straight):
 def test_resume_with_other_config_names_the_field(data, straight):
     with pytest.raises(CheckpointError, match="dim"):
         train(_cfg(straight.out, dim=48), resume=True, progress=False, data=data)
+
+
+def test_validation_loss_reads_the_val_split_only(data, straight):
+    """Evaluation reads only the validation split, disjoint from the training
+    stream: the loop drew every training batch from ``data.train`` and every
+    evaluation from ``data.val`` (two arrays sharing no memory), and the logged
+    final val_loss is the final model's mean loss over consecutive windows of
+    ``data.val`` cut here (as ``eval_batches`` documents), which the same
+    windows of ``data.train`` would not give."""
+    cfg = _cfg(straight.out)
+    assert not np.shares_memory(data.train, data.val)
+    assert len(STRAIGHT_READ["train"]) == 2 * N and len(STRAIGHT_READ["eval"]) == 2
+    assert all(tokens is data.train for tokens in STRAIGHT_READ["train"])
+    assert all(tokens is data.val for tokens in STRAIGHT_READ["eval"])
+
+    def mean_loss(tokens):
+        n, t = cfg.eval_batches * cfg.batch_size, cfg.seq_len
+        windows = np.stack([tokens[i * t : (i + 1) * t + 1] for i in range(n)]).astype(np.int32)
+        batches = windows.reshape(cfg.eval_batches, cfg.batch_size, t + 1)
+        return np.mean([float(_forward(straight.model, jnp.asarray(b))[0]) for b in batches])
+
+    logged = _records(straight.out)[-1]
+    assert logged["step"] == 2 * N - 1
+    val, train_split = mean_loss(data.val), mean_loss(data.train)
+    # the same program on the same batches: measured equal; 1e-6 allows a
+    # last-bit difference of the two compilations
+    assert logged["val_loss"] == pytest.approx(val, rel=1e-6, abs=0)
+    assert abs(train_split - val) > 1e-3 * val  # the check can tell the splits apart
+
+
+def _other_values(cfg: RunConfig, name: str) -> list:
+    """Every value of RunConfig field ``name`` that differs from ``cfg``'s and
+    makes a valid config, from the field's type: each choice of a Literal,
+    None, two other ints or floats, another string."""
+    value, hint = getattr(cfg, name), typing.get_type_hints(RunConfig)[name]
+    parts, out = [hint], []
+    while parts:
+        part = parts.pop(0)
+        if typing.get_origin(part) is typing.Literal:
+            out += list(typing.get_args(part))
+        elif part is type(None):
+            out.append(None)
+        elif part is int:
+            out += [2 * value, value + 1] if isinstance(value, int) else [8, 2]
+        elif part is float:
+            out += [2 * value, value / 2, 0.5]
+        elif part is str:
+            out.append("data=2" if name == "mesh" else f"{value or name}-other")
+        else:  # a union
+            parts += list(typing.get_args(part))
+    valid = []
+    for other in out:
+        try:
+            changed = getattr(dataclasses.replace(cfg, **{name: other}), name)
+        except ValueError:
+            continue
+        if changed != value and changed not in valid:
+            valid.append(changed)
+    return valid
+
+
+@pytest.mark.parametrize("name", MUST_MATCH)
+def test_resume_refuses_every_must_match_field(data, straight, name):
+    """The resume rule, table-driven from MUST_MATCH itself: each field, set to
+    another valid value, is refused on resume, naming the field and both
+    values, before any step runs."""
+    cfg = _cfg(straight.out)
+    other = _other_values(cfg, name)[0]
+    changed = dataclasses.replace(cfg, **{name: other})
+    pattern = rf"config\.{name}: checkpoint has {re.escape(repr(getattr(cfg, name)))}, expected"
+    with pytest.raises(CheckpointError, match=pattern):
+        train(changed, resume=True, progress=False, data=data)
+
+
+def test_resume_rule_covers_every_field_and_may_change_fields_keep_the_stream(data):
+    """Every RunConfig field is either MUST_MATCH or MAY_CHANGE, and no
+    may-change field, set to any other valid value, changes what a checkpoint
+    holds (the structure, shapes and dtypes of the model and optimizer state),
+    the data source, or the batches the loop draws at a step."""
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    assert set(MUST_MATCH).isdisjoint(MAY_CHANGE)
+    assert sorted([*MUST_MATCH, *MAY_CHANGE]) == sorted(names)
+    cfg = _cfg("unused")
+
+    def held(c):
+        flat = jax.tree_util.tree_flatten_with_path(_like(c, data.vocab_size))[0]
+        leaves = [(jax.tree_util.keystr(p), x.shape, x.dtype) for p, x in flat]
+        return leaves, (c.data, c.max_bytes)
+
+    def batches(c):
+        kw = dict(batch_size=c.batch_size, seq_len=c.seq_len, seed=c.seed)
+        return [get_batch(data.train, step=s, **kw) for s in (0, 5)]
+
+    # max_logit and attention_implementation have other valid values only with
+    # the dot_product_attention kernel (and cuDNN with bf16 compute)
+    dpa = dataclasses.replace(cfg, kernel="dot_product_attention", compute_dtype="bfloat16")
+    changed = set()
+    for base in (cfg, dpa):
+        base_held, base_batches = held(base), batches(base)
+        for name in MAY_CHANGE:
+            for value in _other_values(base, name):
+                other = dataclasses.replace(base, **{name: value})
+                assert held(other) == base_held, (name, value)
+                for a, b in zip(batches(other), base_batches, strict=True):
+                    assert np.array_equal(a, b), (name, value)
+                changed.add(name)
+    assert changed == set(MAY_CHANGE)
 
 
 def _copy_checkpoints(src, dst, steps):
