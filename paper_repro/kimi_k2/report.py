@@ -50,52 +50,54 @@ def _rows(summ, w, opt):
     return [summ["runs"][n] for n in summ["sweep"][str(w)][opt]]
 
 
-def fig_loss_vs_lr(summ, logs, out) -> str:
+def _against_lr(summ, y, *, ylabel: str, title: str, path: pathlib.Path, panel, logy: bool) -> str:
+    """One panel per width: ``y(row)`` against the lr for each optimizer, then
+    ``panel(ax)`` for the panel's reference lines."""
     ws = summ["settings"]["widths"]
     fig, ax = _fig(4.0 * len(ws), 3.6, ncols=len(ws), sharey=True)
     for i, w in enumerate(ws):
         a = ax[0, i]
         for opt in ("muon", "muonclip", "adamw"):
             rows = _rows(summ, w, opt)
-            lr = [r["lr"] for r in rows]
-            v = [A.capped_val(r) for r in rows]
+            style = "o-" if opt != "muonclip" else "s--"
             a.plot(
-                lr,
-                v,
-                "o-" if opt != "muonclip" else "s--",
+                [r["lr"] for r in rows],
+                [y(r) for r in rows],
+                style,
                 color=COLORS[opt],
                 label=LABELS[opt],
                 ms=4,
             )
             for r in rows:
-                if r["stopped"] != "done":
+                if r["stopped"] != "done" and not logy:
                     a.plot(r["lr"], S.LN_VOCAB, "x", color=COLORS[opt], ms=9, mew=2)
-        a.axhline(S.LN_VOCAB, color="gray", lw=0.8, ls=":")
+        panel(a)
         a.set_xscale("log")
+        if logy:
+            a.set_yscale("log")
         a.set_title(f"width {w}")
         a.set_xlabel("peak learning rate")
         a.grid(alpha=0.3)
-    ax[0, 0].set_ylabel("final val loss (capped at ln 256; x: stopped)")
-    ax[0, 0].legend(fontsize=8)
-    fig.suptitle("Final validation loss against lr (Wortsman et al. 2023, Fig. 1 style)")
-    return _save(fig, out / "loss_vs_lr.png")
+    ax[0, 0].set_ylabel(ylabel)
+    ax[0, 0].legend(fontsize=8 if not logy else 7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def fig_loss_vs_lr(summ, logs, out) -> str:
+    return _against_lr(
+        summ,
+        A.capped_val,
+        ylabel="final val loss (capped at ln 256; x: stopped)",
+        title="Final validation loss against lr (Wortsman et al. 2023, Fig. 1 style)",
+        path=out / "loss_vs_lr.png",
+        panel=lambda a: a.axhline(S.LN_VOCAB, color="gray", lw=0.8, ls=":"),
+        logy=False,
+    )
 
 
 def fig_peak_s_vs_lr(summ, logs, out) -> str:
-    ws = summ["settings"]["widths"]
-    fig, ax = _fig(4.0 * len(ws), 3.6, ncols=len(ws), sharey=True)
-    for i, w in enumerate(ws):
-        a = ax[0, i]
-        for opt in ("muon", "muonclip", "adamw"):
-            rows = _rows(summ, w, opt)
-            a.plot(
-                [r["lr"] for r in rows],
-                [r["peak_s"] for r in rows],
-                "o-" if opt != "muonclip" else "s--",
-                color=COLORS[opt],
-                label=LABELS[opt],
-                ms=4,
-            )
+    def panel(a) -> None:
         a.axhline(
             summ["explosion"],
             color="black",
@@ -104,15 +106,16 @@ def fig_peak_s_vs_lr(summ, logs, out) -> str:
             label="lr_1000 threshold (K2 Fig. 2 left: 1000)",
         )
         a.axhline(summ["tau"], color="tab:blue", lw=0.8, ls=":", label=f"tau = {summ['tau']:g}")
-        a.set_xscale("log")
-        a.set_yscale("log")
-        a.set_title(f"width {w}")
-        a.set_xlabel("peak learning rate")
-        a.grid(alpha=0.3)
-    ax[0, 0].set_ylabel("peak training-batch S")
-    ax[0, 0].legend(fontsize=7)
-    fig.suptitle("Peak max logit S against lr, per width")
-    return _save(fig, out / "peak_s_vs_lr.png")
+
+    return _against_lr(
+        summ,
+        lambda r: r["peak_s"],
+        ylabel="peak training-batch S",
+        title="Peak max logit S against lr, per width",
+        path=out / "peak_s_vs_lr.png",
+        panel=panel,
+        logy=True,
+    )
 
 
 def fig_scale(summ, logs, out) -> str:
