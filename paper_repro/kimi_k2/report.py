@@ -283,22 +283,15 @@ def fig_appe(summ, logs, out) -> str:
             if star is None:
                 continue
             x = [r["lr"] / star for r in rows]
-            ax[0, i].plot(
-                x,
-                [r["peak_s"] for r in rows],
-                "o-",
-                color=COLORS[opt],
-                label=f"{LABELS[opt]} slope {summ['slopes_s'][str(w)][opt]:.2f}",
-                ms=4,
-            )
-            ax[1, i].plot(
-                x,
-                [r["peak_norm_product"] for r in rows],
-                "o-",
-                color=COLORS[opt],
-                label=f"{LABELS[opt]} slope {summ['slopes_norm'][str(w)][opt]:.2f}",
-                ms=4,
-            )
+            for row, key, slopes in (
+                (0, "peak_s", "slopes_s"),
+                (1, "peak_norm_product", "slopes_norm"),
+            ):
+                slope = summ[slopes][str(w)][opt]
+                label = f"{LABELS[opt]} slope {slope:.2f}"
+                ax[row, i].plot(
+                    x, [r[key] for r in rows], "o-", color=COLORS[opt], label=label, ms=4
+                )
         for a in ax[:, i]:
             a.axvline(1, color="gray", lw=0.8)
             a.set_xscale("log")
