@@ -119,8 +119,8 @@ MUTANTS: list[Mutant] = [
     ),
     M(
         "kernels_padding_keys_valid",
-        "padded keys count as valid (attended with logit 0)",
-        Edit(K, r"jnp\.arange\(t\.tk\)\s*<\s*tk", "jnp.arange(t.tk) >= 0", count=2),
+        "padded keys (and queries) count as valid (attended with logit 0)",
+        Edit(K, r"jnp\.arange\(n\)\s*<\s*pos\.shape\[0\]", "jnp.arange(n) >= 0"),
         ["tests/test_kernels.py::test_dense_and_blockwise_match_bruteforce"],
     ),
     M(

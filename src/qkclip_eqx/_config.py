@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, no_type_check
+from typing import Any, Literal, get_args, no_type_check
 
+# Every set of allowed values is one Literal, declared here; the tuples the
+# checks (and the CLI's choices) use are derived from it.
 Kernel = Literal["dense", "blockwise", "dot_product_attention"]
 MaxLogit = Literal["exact", "lse_bound"]
-Implementation = Literal["xla", "cudnn"]
+Implementation = Literal["xla", "cudnn"]  # of kernel="dot_product_attention"
 RopeLayout = Literal["interleaved", "half"]
 GQAClipMode = Literal["query", "query_key", "group"]
-KERNELS: tuple[str, ...] = ("dense", "blockwise", "dot_product_attention")
-IMPLEMENTATIONS: tuple[str, ...] = ("xla", "cudnn")  # of kernel="dot_product_attention"
 Dtype = Literal["float32", "bfloat16"]
+KERNELS: tuple[str, ...] = get_args(Kernel)
+MAX_LOGITS: tuple[str, ...] = get_args(MaxLogit)
+IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
+ROPE_LAYOUTS: tuple[str, ...] = get_args(RopeLayout)
+GQA_CLIP_MODES: tuple[str, ...] = get_args(GQAClipMode)
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -55,22 +61,57 @@ def _even(obj: object, name: str) -> None:
         raise ValueError(f"{type(obj).__name__}.{name} must be even for RoPE, got {value}")
 
 
-def _check_common(obj: Any) -> None:
-    _choice(obj, "kernel", KERNELS)
-    _choice(obj, "max_logit", ("exact", "lse_bound"))
-    if obj.max_logit == "lse_bound" and obj.kernel != "dot_product_attention":
+def check_kernel_options(
+    kernel: object, max_logit: object, implementation: object, *, owner: str = ""
+) -> None:
+    """THE check of the attention kernel options, shared by the configs (at
+    construction) and [`qkclip_eqx.attend`][] (for direct callers): each is
+    one of its allowed values, and `max_logit="lse_bound"` and an
+    `implementation` only go with `kernel="dot_product_attention"`. `owner`
+    (e.g. `"MLAConfig."`) prefixes the field names in the messages."""
+    for name, value, options in (("kernel", kernel, KERNELS), ("max_logit", max_logit, MAX_LOGITS)):
+        if value not in options:
+            raise ValueError(f"{owner}{name} must be one of {options}, got {value!r}")
+    if max_logit == "lse_bound" and kernel != "dot_product_attention":
         raise ValueError(
-            f"{type(obj).__name__}.max_logit='lse_bound' needs kernel='dot_product_attention' "
-            f"(kernel {obj.kernel!r} computes the exact S at no extra cost)"
+            f"{owner}max_logit='lse_bound' needs kernel='dot_product_attention' "
+            f"(kernel {kernel!r} computes the exact S at no extra cost)"
         )
-    if obj.implementation is not None:
-        _choice(obj, "implementation", IMPLEMENTATIONS)
-        if obj.kernel != "dot_product_attention":
-            raise ValueError(
-                f"{type(obj).__name__}.implementation={obj.implementation!r} needs "
-                f"kernel='dot_product_attention' (kernel {obj.kernel!r} is plain JAX)"
-            )
-    _choice(obj, "rope_layout", ("interleaved", "half"))
+    if implementation is None:
+        return
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"{owner}implementation must be None or one of {IMPLEMENTATIONS}, "
+            f"got {implementation!r}"
+        )
+    if kernel != "dot_product_attention":
+        raise ValueError(
+            f"{owner}implementation={implementation!r} needs kernel='dot_product_attention' "
+            f"(kernel {kernel!r} is plain JAX)"
+        )
+
+
+CUDNN_DTYPES: tuple[str, ...] = ("bfloat16", "float16")
+
+
+def check_cudnn_dtypes(implementation: object, *dtypes: Any, owner: str = "") -> None:
+    """THE check of cuDNN's input dtypes: with `implementation="cudnn"`, every
+    one of `dtypes` (of q, k and v, or the compute dtype) is bfloat16 or
+    float16."""
+    names = [str(d) for d in dtypes]
+    if implementation == "cudnn" and not all(n in CUDNN_DTYPES for n in names):
+        raise ValueError(
+            f"{owner}implementation='cudnn' needs bfloat16 or float16 q, k and v (cuDNN's "
+            f"fused attention takes no float32), got {', '.join(names)}; use "
+            "compute_dtype='bfloat16'"
+        )
+
+
+def _check_common(obj: Any) -> None:
+    check_kernel_options(
+        obj.kernel, obj.max_logit, obj.implementation, owner=f"{type(obj).__name__}."
+    )
+    _choice(obj, "rope_layout", ROPE_LAYOUTS)
     _positive(obj, "block_size")
     _positive_number(obj, "rope_theta")
     _bool(obj, "causal")
@@ -240,13 +281,25 @@ class GQAConfig:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         _positive(self, "dim", "n_heads", "head_dim", "n_kv_heads")
-        if self.n_heads % self.n_kv_heads:  # type: ignore[operator]
+        if self.n_heads % self.kv_heads:
             raise ValueError(
                 f"GQAConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
             )
         _even(self, "head_dim")
-        _choice(self, "clip_mode", ("query", "query_key", "group"))
+        _choice(self, "clip_mode", GQA_CLIP_MODES)
         _check_common(self)
+
+    @property
+    def kv_heads(self) -> int:
+        """`n_kv_heads` as an `int`: the field is never None once constructed
+        (None becomes `n_heads`), which this tells the type checker."""
+        n = self.n_kv_heads
+        return self.n_heads if n is None else n
+
+    @property
+    def group(self) -> int:
+        """The query heads per key head, `n_heads // n_kv_heads`."""
+        return self.n_heads // self.kv_heads
 
 
 AttentionConfig = MLAConfig | GQAConfig
@@ -288,15 +341,12 @@ class TransformerConfig:
                 "TransformerConfig.attention must be an MLAConfig or GQAConfig, "
                 f"got {type(self.attention).__name__}"
             )
-        _choice(self, "param_dtype", ("float32", "bfloat16"))
-        _choice(self, "compute_dtype", ("float32", "bfloat16"))
+        _choice(self, "param_dtype", DTYPES)
+        _choice(self, "compute_dtype", DTYPES)
         _positive_number(self, "norm_eps")
-        if self.attention.implementation == "cudnn" and self.compute_dtype != "bfloat16":
-            raise ValueError(
-                "TransformerConfig: attention implementation='cudnn' needs "
-                f"compute_dtype='bfloat16' (cuDNN's fused attention takes no float32), "
-                f"got {self.compute_dtype!r}"
-            )
+        check_cudnn_dtypes(
+            self.attention.implementation, self.compute_dtype, owner="TransformerConfig: attention "
+        )
 
     @property
     def dim(self) -> int:

@@ -52,7 +52,13 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
-from ._config import IMPLEMENTATIONS, KERNELS, Implementation, Kernel, MaxLogit
+from ._config import (
+    Implementation,
+    Kernel,
+    MaxLogit,
+    check_cudnn_dtypes,
+    check_kernel_options,
+)
 
 
 class _Side(NamedTuple):
@@ -277,6 +283,28 @@ def _pad_to(x: Array, n: int, axis: int, value=0) -> Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
+def _side(pos: Array, seg: Array, n: int | None = None) -> _Side:
+    """Int32 positions and segment ids, all valid; or padded to `n` entries,
+    the padding invalid."""
+    pos, seg = pos.astype(jnp.int32), seg.astype(jnp.int32)
+    if n is None:
+        return _Side(pos, seg, jnp.ones(pos.shape, bool))
+    return _Side(_pad_to(pos, n, 0), _pad_to(seg, n, 0), jnp.arange(n) < pos.shape[0])
+
+
+def _group_major(q: Array, kv_heads: int) -> Array:
+    """`[t, kv_heads * group, d] -> [kv_heads, group * t, d]`: the query heads
+    of a KV group stacked along the rows."""
+    t, heads, d = q.shape
+    group = heads // kv_heads
+    return q.reshape(t, kv_heads, group, d).transpose(1, 2, 0, 3).reshape(kv_heads, group * t, d)
+
+
+def _heads_first(x: Array, n: int) -> Array:
+    """`[t, kv_heads, d] -> [kv_heads, n, d]`, zero-padded to `n` rows."""
+    return _pad_to(x, n, 0).transpose(1, 0, 2)
+
+
 def _exact_max_logits(q, k, qs: _Side, ks: _Side, t: _Tiling, causal: bool, scale: float):
     """S alone, by a max-only pass over key tiles: q [kv, group*tq, d] (one
     query tile), k [kv, tk, d] -> S [kv, group]. Tiles with no allowed pair are
@@ -318,11 +346,8 @@ def _attend_dot_product_attention(
     tq, heads, dk = q.shape
     tk, kv_heads, dv = v.shape
     group = heads // kv_heads
-    true_q = jnp.ones((tq,), bool)
-    qs = _Side(q_pos.astype(jnp.int32), q_seg.astype(jnp.int32), true_q)
-    allowed = _allowed(
-        qs, _Side(k_pos.astype(jnp.int32), k_seg.astype(jnp.int32), jnp.ones((tk,), bool)), causal
-    )
+    qs = _side(q_pos, q_seg)
+    allowed = _allowed(qs, _side(k_pos, k_seg), causal)
     has_any = jnp.any(allowed, axis=1)  # rows with no allowed key give zeros, as the other kernels
     # It needs one head size for q, k and v: pad the smaller with zeros (the
     # scale is explicit, so the padding changes neither logits nor output).
@@ -347,15 +372,31 @@ def _attend_dot_product_attention(
         return out, s_max
     bk = min(block_size, tk)
     t = _Tiling(group=group, tq=tq, tk=-(-tk // bk) * bk, bq=tq, bk=bk)
-    ks = _Side(
-        _pad_to(k_pos.astype(jnp.int32), t.tk, 0),
-        _pad_to(k_seg.astype(jnp.int32), t.tk, 0),
-        jnp.arange(t.tk) < tk,
-    )
-    qh = q.reshape(tq, kv_heads, group, dk).transpose(1, 2, 0, 3).reshape(kv_heads, group * tq, dk)
-    kh = _pad_to(k, t.tk, 0).transpose(1, 0, 2)
+    ks = _side(k_pos, k_seg, t.tk)
+    qh, kh = _group_major(q, kv_heads), _heads_first(k, t.tk)
     s_max = _exact_max_logits(qh, kh, qs, ks, t, causal, float(scale))
     return out, s_max.reshape(heads)
+
+
+def _attend_flash(
+    q, k, v, q_pos, k_pos, q_seg, k_seg, causal: bool, scale: float, kernel: Kernel, block_size: int
+):
+    """The `"dense"` and `"blockwise"` kernels: pad to whole tiles, lay the
+    heads out group-major, run the tiled kernel and undo the layout."""
+    tq, heads, _ = q.shape
+    tk, kv_heads, dv = v.shape
+    group = heads // kv_heads
+    if kernel == "dense":
+        bq, bk = tq, tk
+    else:
+        bq, bk = min(block_size, tq), min(block_size, tk)
+    t = _Tiling(group=group, tq=-(-tq // bq) * bq, tk=-(-tk // bk) * bk, bq=bq, bk=bk)
+    qs, ks = _side(q_pos, q_seg, t.tq), _side(k_pos, k_seg, t.tk)
+    qh = _group_major(_pad_to(q, t.tq, 0), kv_heads)
+    kh, vh = _heads_first(k, t.tk), _heads_first(v, t.tk)
+    out, s_max = _flash(qh, kh, vh, qs, ks, t, causal, scale)  # pyright: ignore[reportGeneralTypeIssues]  # partial(custom_vjp) hides the type
+    out = out.reshape(kv_heads, group, t.tq, dv)[:, :, :tq].transpose(2, 0, 1, 3)
+    return out.reshape(tq, heads, dv).astype(v.dtype), s_max.reshape(heads)
 
 
 def attend(
@@ -422,76 +463,19 @@ def attend(
     `implementation` is asked of another kernel, or `"cudnn"` gets float32
     inputs.
     """
-    tq, heads, dk = q.shape
-    tk, kv_heads, dv = v.shape
+    heads, kv_heads = q.shape[1], v.shape[1]
     if heads % kv_heads:
         raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown attention kernel {kernel!r}; choose from {KERNELS}")
-    if max_logit not in ("exact", "lse_bound"):
-        raise ValueError(f"max_logit must be 'exact' or 'lse_bound', got {max_logit!r}")
-    if max_logit == "lse_bound" and kernel != "dot_product_attention":
-        raise ValueError(
-            f"max_logit='lse_bound' needs kernel='dot_product_attention', got {kernel!r}"
-        )
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}"
-        )
-    if implementation is not None and kernel != "dot_product_attention":
-        raise ValueError(
-            f"implementation={implementation!r} needs kernel='dot_product_attention', "
-            f"got {kernel!r}"
-        )
-    if implementation == "cudnn" and not all(
-        x.dtype in (jnp.bfloat16, jnp.float16) for x in (q, k, v)
-    ):
-        raise ValueError(
-            "implementation='cudnn' needs bfloat16 or float16 q, k and v (cuDNN's fused "
-            f"attention takes no float32), got {q.dtype}, {k.dtype}, {v.dtype}; use "
-            "compute_dtype='bfloat16'"
-        )
+    check_kernel_options(kernel, max_logit, implementation)
+    check_cudnn_dtypes(implementation, q.dtype, k.dtype, v.dtype)
+    sides = (q_pos, k_pos, q_seg, k_seg)
     if kernel == "dot_product_attention":
         out, s_max = _attend_dot_product_attention(
-            q,
-            k,
-            v,
-            q_pos,
-            k_pos,
-            q_seg,
-            k_seg,
-            causal,
-            float(scale),
-            block_size,
-            max_logit,
-            implementation,
+            q, k, v, *sides, causal, float(scale), block_size, max_logit, implementation
         )
-        return out, jax.lax.stop_gradient(s_max)
-    group = heads // kv_heads
-    if kernel == "dense":
-        bq, bk = tq, tk
     else:
-        bq, bk = min(block_size, tq), min(block_size, tk)
-    t = _Tiling(group=group, tq=-(-tq // bq) * bq, tk=-(-tk // bk) * bk, bq=bq, bk=bk)
-    qs = _Side(
-        _pad_to(q_pos.astype(jnp.int32), t.tq, 0),
-        _pad_to(q_seg.astype(jnp.int32), t.tq, 0),
-        jnp.arange(t.tq) < tq,
-    )
-    ks = _Side(
-        _pad_to(k_pos.astype(jnp.int32), t.tk, 0),
-        _pad_to(k_seg.astype(jnp.int32), t.tk, 0),
-        jnp.arange(t.tk) < tk,
-    )
-    # [t, kv*group, d] -> [kv, group*t, d]: the query heads of a group stacked along rows.
-    qh = _pad_to(q, t.tq, 0).reshape(t.tq, kv_heads, group, dk).transpose(1, 2, 0, 3)
-    qh = qh.reshape(kv_heads, group * t.tq, dk)
-    kh = _pad_to(k, t.tk, 0).transpose(1, 0, 2)
-    vh = _pad_to(v, t.tk, 0).transpose(1, 0, 2)
-    out, s_max = _flash(qh, kh, vh, qs, ks, t, causal, float(scale))  # pyright: ignore[reportGeneralTypeIssues]  # partial(custom_vjp) hides the type
-    out = out.reshape(kv_heads, group, t.tq, dv)[:, :, :tq].transpose(2, 0, 1, 3)
-    out = out.reshape(tq, heads, dv).astype(v.dtype)
-    return out, jax.lax.stop_gradient(s_max.reshape(heads))
+        out, s_max = _attend_flash(q, k, v, *sides, causal, float(scale), kernel, block_size)
+    return out, jax.lax.stop_gradient(s_max)
 
 
 def softmax_scale(qk_head_dim: int) -> float:
