@@ -13,6 +13,7 @@ clip never writes NaN or inf into a model (`min(1, tau/S)` would, for S <= 0).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import equinox as eqx
 import jax
@@ -20,6 +21,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PyTree
 
 from ._attention import AbstractQKClippable
+
+# What a train step does with S: clip, only report it, or neither.
+Mode = Literal["clip", "monitor", "off"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 def clip_factors(
@@ -44,13 +49,14 @@ def clip_factors(
     return jnp.where(over, tau / jnp.where(over, s, 1.0), 1.0)
 
 
-def _is_clippable(x) -> bool:
+def is_clippable(x: object) -> bool:
+    """Whether `x` is a QK-Clip target: the `is_leaf` that stops a tree walk there."""
     return isinstance(x, AbstractQKClippable)
 
 
 def clippable_modules(model: PyTree) -> list[AbstractQKClippable]:
     """Every [`qkclip_eqx.AbstractQKClippable`][] in `model`, in tree-flattening order."""
-    return [x for x in jax.tree.leaves(model, is_leaf=_is_clippable) if _is_clippable(x)]
+    return [x for x in jax.tree.leaves(model, is_leaf=is_clippable) if is_clippable(x)]
 
 
 def _scale(module: AbstractQKClippable, gamma: Array, alpha: float) -> AbstractQKClippable:
@@ -145,9 +151,9 @@ def qk_clip(
     check_tau_alpha(tau, alpha)
     modules, s_list = _modules_and_s(model, max_logits, "qk_clip")
     clipped = [_scale(m, clip_factors(s, tau), alpha) for m, s in zip(modules, s_list)]
-    leaves, treedef = jax.tree.flatten(model, is_leaf=_is_clippable)
+    leaves, treedef = jax.tree.flatten(model, is_leaf=is_clippable)
     replacements = iter(clipped)
-    leaves = [next(replacements) if _is_clippable(x) else x for x in leaves]
+    leaves = [next(replacements) if is_clippable(x) else x for x in leaves]
     return jax.tree.unflatten(treedef, leaves)
 
 

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._attention import AbstractQKClippable
-from ._clip import clippable_modules
+from ._clip import clippable_modules, is_clippable
 from ._config import ParallelAxes
 
 AXES = ("data", "model", "seq")
@@ -68,10 +68,6 @@ def make_mesh(data: int = 1, model: int = 1, seq: int = 1, *, devices=None) -> M
     return jax.make_mesh((data, model, seq), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def _is_clippable(x) -> bool:
-    return isinstance(x, AbstractQKClippable)
-
-
 def _module_specs(module: AbstractQKClippable) -> PyTree:
     """Specs for one clippable module's arrays: its head-axis leaves over `model`."""
     specs = jax.tree.map(lambda x: P() if eqx.is_array(x) else None, module)
@@ -103,11 +99,11 @@ def partition_specs(model: PyTree) -> PyTree:
     """
 
     def spec(x):
-        if _is_clippable(x):
+        if is_clippable(x):
             return _module_specs(x)
         return P() if eqx.is_array(x) else None
 
-    return jax.tree.map(spec, model, is_leaf=_is_clippable)
+    return jax.tree.map(spec, model, is_leaf=is_clippable)
 
 
 def state_specs(
