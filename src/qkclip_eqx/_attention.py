@@ -4,6 +4,11 @@ Each module's `__call__` takes ONE example `x: [seq, dim]` and returns
 `(out: [seq, dim], max_logits: [heads])`; batch with `jax.vmap` and take the
 max over the batch. Each module also knows which of its weights are q and k of
 each head, and exposes `AbstractQKClippable.scale_heads` for QK-Clip.
+
+The module runs past 500 lines because each class keeps its clipping rule
+(`scale_heads`, with its derivation in the docstring) next to the weight layout
+the rule depends on; the kernels and the decoding maths live in `_kernels.py`
+and `_decode.py`.
 """
 
 from __future__ import annotations
@@ -278,14 +283,7 @@ class MLAttention(AbstractQKClippable):
         positions, segment_ids = _positions_and_segments(
             seq, positions, segment_ids, segment_length
         )
-        q_in = x if self.wq_a is None else self.q_norm(linear(x, self.wq_a))
-        q = linear(q_in, self.wq)
-        q_c, q_r = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
-        kv_a = linear(x, self.wkv_a)
-        c_kv, k_r = kv_a[:, : c.kv_lora_rank], kv_a[:, c.kv_lora_rank :]
-        rope: dict = dict(theta=c.rope_theta, layout=c.rope_layout, yarn=c.yarn)
-        q_r = apply_rope(q_r, positions, **rope)
-        k_r = apply_rope(k_r[:, None, :], positions, **rope)
+        q_c, q_r, c_kv, k_r = self._project(x, positions)
         # Context parallelism: only the latent and the shared RoPE key travel.
         c_kv, k_r, k_pos, k_seg = _gather_seq(parallel, c_kv, k_r, positions, segment_ids)
         kv = linear(self.kv_norm(c_kv), self.wkv_b)
@@ -308,6 +306,21 @@ class MLAttention(AbstractQKClippable):
             parallel=parallel,
             segment_length=segment_length,
         )
+
+    def _project(self, x: Array, positions: Array) -> tuple[Array, Array, Array, Array]:
+        """The projections of `__call__` and `decode`: q_C `[t, heads, nope]`,
+        the rotated q_R `[t, heads, rope]`, the latent c_KV `[t, kv_lora_rank]`
+        (before `kv_norm`) and the rotated shared key k_R `[t, 1, rope]`."""
+        c, nope = self.config, self.config.qk_nope_head_dim
+        q_in = x
+        if self.wq_a is not None and self.q_norm is not None:
+            q_in = self.q_norm(linear(x, self.wq_a))
+        q = linear(q_in, self.wq)
+        kv_a = linear(x, self.wkv_a)
+        rope: dict = dict(theta=c.rope_theta, layout=c.rope_layout, yarn=c.yarn)
+        q_r = apply_rope(q[..., nope:], positions, **rope)
+        k_r = apply_rope(kv_a[:, None, c.kv_lora_rank :], positions, **rope)
+        return q[..., :nope], q_r, kv_a[:, : c.kv_lora_rank], k_r
 
     def head_axes(self):
         """`wq` and `wkv_b` [heads, rows, in] by head; `wo`'s head-major columns."""
@@ -362,14 +375,8 @@ class MLAttention(AbstractQKClippable):
         self, x = cast_arrays((self, x), self.compute_dtype)
         t, nope = x.shape[0], c.qk_nope_head_dim
         positions = cache.length + jnp.arange(t, dtype=jnp.int32)
-        q_in = x if self.wq_a is None else self.q_norm(linear(x, self.wq_a))
-        q = linear(q_in, self.wq)
-        rope: dict = dict(theta=c.rope_theta, layout=c.rope_layout, yarn=c.yarn)
-        q_c, q_r = q[..., :nope], apply_rope(q[..., nope:], positions, **rope)
-        kv_a = linear(x, self.wkv_a)
-        c_kv = self.kv_norm(kv_a[:, : c.kv_lora_rank])
-        k_r = apply_rope(kv_a[:, None, c.kv_lora_rank :], positions, **rope)[:, 0]
-        cache = write_cache(cache, c_kv, k_r)
+        q_c, q_r, c_kv, k_r = self._project(x, positions)
+        cache = write_cache(cache, self.kv_norm(c_kv), k_r[:, 0])
         scale = softmax_scale(c.qk_head_dim) * _mla_softmax_factor(c)
         out, max_logits = absorbed_attention(
             q_c,
@@ -427,8 +434,8 @@ class GQAttention(AbstractQKClippable):
         kq, kk, kv, ko = jax.random.split(key, 4)
         self.config = c
         self.wq = init_weight(kq, (c.n_heads, c.head_dim, c.dim), dtype)
-        self.wk = init_weight(kk, (c.n_kv_heads, c.head_dim, c.dim), dtype)  # pyright: ignore[reportArgumentType]  # n_kv_heads: None becomes n_heads in __post_init__
-        self.wv = init_weight(kv, (c.n_kv_heads, c.head_dim, c.dim), dtype)  # pyright: ignore[reportArgumentType]  # n_kv_heads: None becomes n_heads in __post_init__
+        self.wk = init_weight(kk, (c.kv_heads, c.head_dim, c.dim), dtype)
+        self.wv = init_weight(kv, (c.kv_heads, c.head_dim, c.dim), dtype)
         self.wo = init_weight(ko, (c.dim, c.n_heads * c.head_dim), dtype)
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype).name
 
@@ -523,7 +530,7 @@ class GQAttention(AbstractQKClippable):
         group > 1.
         """
         c = self.config
-        group = c.n_heads // c.n_kv_heads  # pyright: ignore[reportOperatorIssue]  # n_kv_heads: None becomes n_heads in __post_init__
+        group = c.group
         everything = slice(None)
         if group == 1:
             q_factor, k_factor = gamma**alpha, gamma ** (1 - alpha)
@@ -548,7 +555,7 @@ class GQAttention(AbstractQKClippable):
         group-mates' q rows and shared key change by reciprocal factors, which
         leave their logits as they were."""
         c = self.config
-        group = c.n_heads // c.n_kv_heads  # pyright: ignore[reportOperatorIssue]  # n_kv_heads: None becomes n_heads in __post_init__
+        group = c.group
         if group == 1 or c.clip_mode != "group":
             return gamma < 1
         return jnp.repeat(jnp.any(gamma.reshape(c.n_kv_heads, group) < 1, axis=1), group)

@@ -189,18 +189,18 @@ class Transformer(eqx.Module):
         Raises `TypeError` for a model without MLA attention, and `ValueError`
         when `max_len` is not a positive int.
         """
-        c = self.config.attention
-        if not isinstance(c, MLAConfig):
+        attn = self.blocks.attn
+        if not isinstance(attn, MLAttention):
             raise TypeError(
-                f"decoding with a latent cache needs MLA attention, got {type(c).__name__}"
+                "decoding with a latent cache needs MLA attention, "
+                f"got {type(self.config.attention).__name__}"
             )
-        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
-            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-        dtype, n = jnp.dtype(self.config.compute_dtype), self.config.n_layers
+        one = attn.init_cache(max_len)  # one layer's; checks max_len
+        n = self.config.n_layers
         return MLACache(
-            jnp.zeros((n, max_len, c.kv_lora_rank), dtype),
-            jnp.zeros((n, max_len, c.qk_rope_head_dim), dtype),
-            jnp.zeros((), jnp.int32),
+            jnp.zeros((n, *one.c_kv.shape), one.c_kv.dtype),
+            jnp.zeros((n, *one.k_r.shape), one.k_r.dtype),
+            one.length,
         )
 
     def decode(
