@@ -2,9 +2,15 @@
 another sharding, retention, atomicity, fall-back to an older checkpoint and
 precise error reporting."""
 
+import asyncio
+import gc
 import json
+import logging
 import pathlib
 import re
+import sys
+import types
+import warnings
 
 import equinox as eqx
 import jax
@@ -193,6 +199,79 @@ def test_missing_array_files(tmp_path):
         load_checkpoint(path, _make_state(0))
     assert str(path) in str(info.value)
     assert not isinstance(info.value, CheckpointMismatchError)
+
+
+def _lose_a_failed_future(message):
+    """A future whose exception nobody retrieves, as a failed TensorStore read
+    leaves: asyncio logs it when it is collected."""
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    future.set_exception(ValueError(message))
+    del future
+    gc.collect()
+    loop.close()
+
+
+def _asyncio_state():
+    logger = logging.getLogger("asyncio")
+    return sys.unraisablehook, list(logger.filters), logger.level, list(logger.handlers)
+
+
+def test_failed_restore_leaves_no_global_hooks(tmp_path):
+    """Orbax's noise after a failed restore is quieted only while the restore
+    runs: afterwards `sys.unraisablehook` and the asyncio logger are as before."""
+    path = _save(tmp_path)
+    for f in _array_files(path):
+        f.unlink()
+    before = _asyncio_state()
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="unreadable or truncated"):
+            load_checkpoint(path, _make_state(0))
+        assert _asyncio_state() == before
+
+
+def test_orbax_noise_is_dropped_inside_the_scope_only(monkeypatch, caplog):
+    """Inside `_quiet_failed_reads`, "Event loop is closed" unraisables and
+    asyncio's log of failed TensorStore reads are dropped, every other one
+    passes; on exit the previous hook is back and the same log passes."""
+    from qkclip_eqx._checkpoint import _quiet_failed_reads
+
+    seen = []
+    previous = seen.append
+    monkeypatch.setattr(sys, "unraisablehook", previous)
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    with _quiet_failed_reads():
+        assert sys.unraisablehook is not previous
+        sys.unraisablehook(closed)
+        sys.unraisablehook(other)
+        _lose_a_failed_future("read failed: {'tensorstore_spec': {'driver': 'zarr'}}")
+        _lose_a_failed_future("an unrelated failure")
+    assert seen == [other]
+    assert sys.unraisablehook is previous
+    logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(logged) == 1 and "an unrelated failure" in logged[0]
+    _lose_a_failed_future("read failed: {'tensorstore_spec': {'driver': 'zarr'}}")
+    logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(logged) == 2 and "tensorstore_spec" in logged[1]
+
+
+async def _read():
+    pass
+
+
+def test_unawaited_coroutines_are_quiet_inside_the_scope_only():
+    from qkclip_eqx._checkpoint import _quiet_failed_reads
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _quiet_failed_reads():
+            _read()
+            gc.collect()
+        _read()
+        gc.collect()
+    assert [str(w.message) for w in caught] == ["coroutine '_read' was never awaited"]
 
 
 def test_corrupt_arrays(tmp_path):

@@ -21,11 +21,17 @@ Which leaves are stored: JAX arrays (new-style typed PRNG keys as their
 scalars, and Python `bool`/`int`/`float`/`complex` (as 64-bit NumPy values).
 Every other leaf (e.g. an activation function) is taken from `like` on load,
 as `eqx.tree_deserialise_leaves` does.
+
+The module runs past 500 lines because the writer and the reader share one
+format: how a leaf is stored, described and fingerprinted is defined once here
+and used by both, so that a change to it cannot reach one side only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -35,7 +41,9 @@ import pathlib
 import re
 import shutil
 import sys
-from collections.abc import Callable
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -449,45 +457,57 @@ def _short(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _ignore_closed_loop_callbacks() -> None:
-    """Drops, from then on, the "Event loop is closed" errors of callbacks that
-    arrive after Orbax closed the event loop of a failed restore, and asyncio's
-    log of its failed reads; every other unraisable exception still reaches the
-    previous `sys.unraisablehook`, and every other record the asyncio log."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_qkclip_closed_loop", False):
-        return
-
-    def hook(unraisable: Any) -> None:
-        exc = unraisable.exc_value
-        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
-            previous(unraisable)
-
-    setattr(hook, "_qkclip_closed_loop", True)  # noqa: B010  (a function attribute)
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_drop_failed_tensorstore_futures)
-
-
 def _drop_failed_tensorstore_futures(record: logging.LogRecord) -> bool:
     """asyncio's "Future exception was never retrieved" for a TensorStore read
     of a failed restore (each carries its whole spec)."""
     return "tensorstore_spec" not in record.getMessage()
 
 
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Iterator[None]:
+    """While it is open, drop the "Event loop is closed" errors of TensorStore
+    callbacks that arrive after Orbax closed the event loop of a failed
+    restore, asyncio's log of the failed reads, and the warnings about their
+    coroutines that never ran; every other unraisable exception still reaches
+    the `sys.unraisablehook` in place before, every other record the asyncio
+    log, every other warning its filters. All are as they were on exit."""
+    previous = sys.unraisablehook
+    logger = logging.getLogger("asyncio")
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logger.addFilter(_drop_failed_tensorstore_futures)
+    try:
+        with warnings.catch_warnings():  # and the reads' coroutines never started
+            warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+            yield
+    finally:
+        logger.removeFilter(_drop_failed_tensorstore_futures)
+        if sys.unraisablehook is hook:  # unless the program replaced it meanwhile
+            sys.unraisablehook = previous
+
+
 def _restore(path: pathlib.Path, **items: Any) -> Any:
     """Orbax's restore of some items of the checkpoint directory `path`."""
     ocp = _ocp()
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    try:
-        return checkpointer.restore(path.absolute(), args=ocp.args.Composite(**items))
-    except Exception:
-        # A failed read leaves one failed future per array, each logged in full
-        # by asyncio when collected, and TensorStore reads that finish after
-        # Orbax closed its event loop: the CheckpointError raised instead says it.
-        _ignore_closed_loop_callbacks()
-        raise
-    finally:
-        checkpointer.close()
+    with _quiet_failed_reads():
+        try:
+            return checkpointer.restore(path.absolute(), args=ocp.args.Composite(**items))
+        except Exception as e:
+            # A failed read leaves one failed future per array, logged in full by
+            # asyncio when collected: the traceback's frames hold them, so they are
+            # let go and collected here, inside the quiet scope (the CheckpointError
+            # raised instead says what failed).
+            traceback.clear_frames(e.__traceback__)
+            gc.collect()
+            raise
+        finally:
+            checkpointer.close()
 
 
 def _read_header(path: pathlib.Path) -> dict[str, Any]:
