@@ -41,6 +41,7 @@ import pathlib
 import re
 import shutil
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -463,28 +464,52 @@ def _drop_failed_tensorstore_futures(record: logging.LogRecord) -> bool:
     return "tensorstore_spec" not in record.getMessage()
 
 
+_STRAGGLERS_QUIET_S = 0.1  # a failed restore's late callbacks come within ms of each other
+_STRAGGLERS_MAX_S = 2.0
+
+
 @contextlib.contextmanager
 def _quiet_failed_reads() -> Iterator[None]:
-    """While it is open, drop the "Event loop is closed" errors of TensorStore
-    callbacks that arrive after Orbax closed the event loop of a failed
-    restore, asyncio's log of the failed reads, and the warnings about their
-    coroutines that never ran; every other unraisable exception still reaches
-    the `sys.unraisablehook` in place before, every other record the asyncio
-    log, every other warning its filters. All are as they were on exit."""
+    """Orbax's noise around a restore, dropped while this is open: the "Event
+    loop is closed" errors of TensorStore callbacks that arrive after Orbax
+    closed the event loop of a failed restore, asyncio's log of the failed
+    reads, and the warnings about their coroutines that never ran. Every other
+    unraisable exception still reaches the `sys.unraisablehook` in place
+    before, every other record the asyncio log, every other warning its
+    filters; all are as they were on exit.
+
+    When the body raises, the exit waits until no late callback has come for
+    `_STRAGGLERS_QUIET_S` (at most `_STRAGGLERS_MAX_S`), then lets go of the
+    failed reads and collects them, so that their noise comes while it is open."""
     previous = sys.unraisablehook
     logger = logging.getLogger("asyncio")
+    last = [0.0]  # when the latest late callback came
 
     def hook(unraisable: Any) -> None:
         exc = unraisable.exc_value
-        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            last[0] = time.monotonic()
+        else:
             previous(unraisable)
 
     sys.unraisablehook = hook
     logger.addFilter(_drop_failed_tensorstore_futures)
     try:
-        with warnings.catch_warnings():  # and the reads' coroutines never started
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
-            yield
+            try:
+                yield
+            except BaseException as e:
+                start = last[0] = time.monotonic()
+                while time.monotonic() - last[0] < _STRAGGLERS_QUIET_S:
+                    if time.monotonic() - start > _STRAGGLERS_MAX_S:
+                        break
+                    time.sleep(_STRAGGLERS_QUIET_S / 10)
+                # The traceback's frames and the late callbacks held one failed
+                # future per array, which asyncio logs when it is collected.
+                traceback.clear_frames(e.__traceback__)
+                gc.collect()
+                raise
     finally:
         logger.removeFilter(_drop_failed_tensorstore_futures)
         if sys.unraisablehook is hook:  # unless the program replaced it meanwhile
@@ -498,14 +523,6 @@ def _restore(path: pathlib.Path, **items: Any) -> Any:
     with _quiet_failed_reads():
         try:
             return checkpointer.restore(path.absolute(), args=ocp.args.Composite(**items))
-        except Exception as e:
-            # A failed read leaves one failed future per array, logged in full by
-            # asyncio when collected: the traceback's frames hold them, so they are
-            # let go and collected here, inside the quiet scope (the CheckpointError
-            # raised instead says what failed).
-            traceback.clear_frames(e.__traceback__)
-            gc.collect()
-            raise
         finally:
             checkpointer.close()
 
