@@ -96,6 +96,7 @@ S, P, CK, T, D = (
     SRC + "_data.py",
 )
 DEC = SRC + "_decode.py"
+CKF = SRC + "_checkpoint_format.py"
 
 STEP_TAU = Edit(
     S,
@@ -448,7 +449,7 @@ MUTANTS: list[Mutant] = [
     M(
         "ckpt_load_ignores_sharding",
         "a loaded checkpoint is not placed on the mesh",
-        Edit(CK, lit('sharding = getattr(data, "sharding", None)'), "sharding = None"),
+        Edit(CKF, lit('sharding = getattr(data, "sharding", None)'), "sharding = None"),
         ["tests/test_train.py::test_one_device_checkpoint_restores_on_a_mesh"],
     ),
     # ---- the train loop ---------------------------------------------------------------------------

@@ -314,7 +314,7 @@ def test_fingerprint_catches_changed_bits(tmp_path):
 def test_fingerprints_ignore_the_sharding():
     """The fingerprint of an array is the same whatever its sharding, and one
     flipped bit anywhere changes it."""
-    from qkclip_eqx._checkpoint import _fingerprint_all
+    from qkclip_eqx._checkpoint_format import fingerprint_all as _fingerprint_all
 
     x = jnp.arange(64, dtype=jnp.float32).reshape(16, 4) / 7
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
