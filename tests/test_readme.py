@@ -10,7 +10,11 @@ claimed by a test below. They also do what they say: the library example's
 train step clips at tau = 100 (checked against NumPy's QK-Clip of the weights
 it was given, and by re-measuring S), the own-attention example is found and
 clipped by ``qk_clip``, the decoding example gives the shapes it states, and
-the loader example loads the golden weights."""
+the loader example loads the golden weights.
+
+Besides the blocks: the README opens with the two commands a new user types
+(and ``.ci/run`` runs the same test command), its relative links resolve, and
+``docs/checkpoints.md`` names exactly the fields the resume rules hold."""
 
 import functools
 import json
