@@ -211,3 +211,12 @@ def test_resume_rules_documented():
     page, section = "docs/checkpoints.md", "## What a resume may change"
     assert _bullet_names(page, section, "These must match") == set(MUST_MATCH)
     assert _bullet_names(page, section, "Everything else may change") == set(MAY_CHANGE)
+
+
+def test_train_step_metrics_documented():
+    """Every metric the README's step returns is named in docs/train-step.md."""
+    scope, _ = _namespace("README.md", "qc.make_train_step(")
+    text = (ROOT / "docs" / "train-step.md").read_text()
+    section = text[text.index("## Metrics") :]
+    assert {"loss", "max_logits", "heads_clipped"} <= set(scope["metrics"])
+    assert set(scope["metrics"]) <= set(re.findall(r"`(\w+)`", section))
