@@ -1,7 +1,7 @@
 """Mutation check: does the suite catch small, plausible bugs?
 
 Each mutant below is one (or a few) text replacements in the library, a bug of
-a kind that once survived a review or that the paper's algorithm invites
+a kind that a review could miss or that the paper's algorithm invites
 (Kimi K2 report, arXiv 2507.20534, sec. 2.1 and Algorithm 1; Moonlight, arXiv
 2502.16982). For each, one at a time, the script
 
