@@ -206,7 +206,7 @@ def _bullet_names(page: str, section: str, lead: str) -> set[str]:
 
 def test_resume_rules_documented():
     """docs/checkpoints.md names exactly the fields a resume must keep and may change."""
-    from qkclip_eqx._train import MAY_CHANGE, MUST_MATCH
+    from qkclip_eqx._run_config import MAY_CHANGE, MUST_MATCH
 
     page, section = "docs/checkpoints.md", "## What a resume may change"
     assert _bullet_names(page, section, "These must match") == set(MUST_MATCH)
