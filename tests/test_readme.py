@@ -10,7 +10,11 @@ claimed by a test below. They also do what they say: the library example's
 train step clips at tau = 100 (checked against NumPy's QK-Clip of the weights
 it was given, and by re-measuring S), the own-attention example is found and
 clipped by ``qk_clip``, the decoding example gives the shapes it states, and
-the loader example loads the golden weights."""
+the loader example loads the golden weights.
+
+Besides the blocks: the README opens with the two commands a new user types
+(and ``.ci/run`` runs the same test command), its relative links resolve, and
+``docs/checkpoints.md`` names exactly the fields the resume rules hold."""
 
 import functools
 import json
@@ -32,8 +36,8 @@ TAU = 100.0  # the README's make_train_step(opt, mode="clip", tau=100.0)
 # Which block each test runs, by a text only that block holds.
 CLAIMED = {
     ("README.md", "qc.make_train_step("): "test_library_example_runs",
-    ("README.md", "class MyAttention("): "test_own_clippable_attention_example",
-    ("README.md", "qc.generate"): "test_readme_decoding_example_runs",
+    ("docs/attention.md", "class MyAttention("): "test_own_clippable_attention_example",
+    ("docs/decoding.md", "qc.generate"): "test_docs_decoding_example_runs",
     ("docs/index.md", "qc.qk_clip("): "test_docs_index_example_runs",
     ("docs/hf.md", "qc.hf.mla_from_hf("): "test_docs_hf_example_loads_the_golden_weights",
 }
@@ -120,7 +124,7 @@ def test_library_example_runs():
 
 
 def test_own_clippable_attention_example():
-    scope, _ = _namespace("README.md", "class MyAttention(")
+    scope, _ = _namespace("docs/attention.md", "class MyAttention(")
     qc = scope["qc"]
 
     ones = jnp.ones((2, 4, 8))
@@ -135,9 +139,9 @@ def test_own_clippable_attention_example():
     assert np.array_equal(clipped.wq[1], attn.wq[1]) and np.array_equal(clipped.wk[1], attn.wk[1])
 
 
-def test_readme_decoding_example_runs():
-    """The decoding block gives the shapes it states."""
-    scope, _ = _namespace("README.md", "qc.generate")
+def test_docs_decoding_example_runs():
+    """docs/decoding.md: the decoding block gives the shapes it states."""
+    scope, _ = _namespace("docs/decoding.md", "qc.generate")
     assert scope["logits"].shape == (1, 256) and scope["S"].shape == (2, 2)
     assert int(scope["cache"].length) == 4 and scope["cache"].c_kv.shape == (2, 16, 16)
     assert scope["tokens"].shape == (8,)
@@ -159,3 +163,60 @@ def test_docs_hf_example_loads_the_golden_weights():
     (key,) = [k for k in state if k.endswith("kv_a_proj_with_mqa.weight")]
     np.testing.assert_array_equal(np.asarray(attn.wkv_a), state[key])
     assert attn.wq_a is not None and attn.wq.shape[0] == scope["config"]["num_attention_heads"]
+
+
+# The README's first two blocks are what a user types on a fresh machine:
+# install and train, install and test. .ci/run runs the same test command.
+MAIN_COMMAND = "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && qkclip-train"
+TEST_COMMAND = (
+    "python3 -m venv .venv && . .venv/bin/activate"
+    ' && pip install -e ".[test]" && python -m pytest -q'
+)
+
+
+def test_readme_starts_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    first = re.findall(r"```(\w*)\n(.*?)```", text, re.S)[:2]
+    assert first == [("bash", MAIN_COMMAND + "\n"), ("bash", TEST_COMMAND + "\n")]
+    assert text.index(MAIN_COMMAND) < text.index("\n## ")  # before any section
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python -m pytest -q\n" in ci and 'pip install -q -e ".[$extras]"' in ci
+
+
+def test_readme_links_resolve():
+    """Every relative link of the README names a file or folder of the repository."""
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 10
+    assert [link for link in local if not (ROOT / link).exists()] == []
+
+
+def _bullet_names(page: str, section: str, lead: str) -> set[str]:
+    """The backticked names of the bullet list under ``section`` that follows ``lead``."""
+    text = (ROOT / page).read_text()
+    body = text[text.index(section) :]
+    body = body[body.index(lead) :]
+    bullets = body[: body.index("\n\n", body.index("\n- "))]
+    names = set()
+    for item in re.split(r"\n- ", bullets)[1:]:
+        head = item.split(":")[0] if lead.startswith("Everything else") else item
+        names |= set(re.findall(r"`(\w+)`", head))
+    return names
+
+
+def test_resume_rules_documented():
+    """docs/checkpoints.md names exactly the fields a resume must keep and may change."""
+    from qkclip_eqx._run_config import MAY_CHANGE, MUST_MATCH
+
+    page, section = "docs/checkpoints.md", "## What a resume may change"
+    assert _bullet_names(page, section, "These must match") == set(MUST_MATCH)
+    assert _bullet_names(page, section, "Everything else may change") == set(MAY_CHANGE)
+
+
+def test_train_step_metrics_documented():
+    """Every metric the README's step returns is named in docs/train-step.md."""
+    scope, _ = _namespace("README.md", "qc.make_train_step(")
+    text = (ROOT / "docs" / "train-step.md").read_text()
+    section = text[text.index("## Metrics") :]
+    assert {"loss", "max_logits", "heads_clipped"} <= set(scope["metrics"])
+    assert set(scope["metrics"]) <= set(re.findall(r"`(\w+)`", section))

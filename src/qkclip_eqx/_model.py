@@ -17,8 +17,7 @@ from ._optim import matrix_dimension_numbers
 # outputs and the attention kernel's output and log-sum-exp; the elementwise
 # work (norms, RoPE, SiLU) is recomputed. XLA:CPU spends more on stacking a
 # scan's residuals (zero-filled buffers, a dynamic-update-slice per layer) than
-# on recomputing them: fwd+bwd of the benchmark model 474 -> 400 ms, measured
-# interleaved in one process (scripts/bench_speed.py times the whole step).
+# on recomputing them (docs/benchmarks.md, "Design choices", has the timing).
 _SAVE_MATMULS_AND_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse"),
