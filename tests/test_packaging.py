@@ -2,6 +2,7 @@
 (so pyright and mypy read the package's annotations) next to the package's modules."""
 
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,11 +11,18 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 
 def test_wheel_contains_the_py_typed_marker(tmp_path):
+    # A fresh copy of the sources: setuptools reuses a checkout's stale build/ folder.
     # No build isolation: the build backend is the test environment's (the `test`
     # extra pins setuptools), so this needs no network and takes about a second.
+    src = tmp_path / "src_copy"
+    shutil.copytree(
+        ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-        + ["-w", str(tmp_path), str(ROOT)],
+        + ["-w", str(tmp_path), str(src)],
         check=True,
         capture_output=True,
     )
