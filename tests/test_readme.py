@@ -36,6 +36,7 @@ CLAIMED = {
     ("README.md", "qc.generate"): "test_readme_decoding_example_runs",
     ("docs/index.md", "qc.qk_clip("): "test_docs_index_example_runs",
     ("docs/hf.md", "qc.hf.mla_from_hf("): "test_docs_hf_example_loads_the_golden_weights",
+    ("docs/own-models.md", "qc.ClippableMultiheadAttention("): "test_docs_own_models_example",
 }
 
 
@@ -159,3 +160,26 @@ def test_docs_hf_example_loads_the_golden_weights():
     (key,) = [k for k in state if k.endswith("kv_a_proj_with_mqa.weight")]
     np.testing.assert_array_equal(np.asarray(attn.wkv_a), state[key])
     assert attn.wq_a is not None and attn.wq.shape[0] == scope["config"]["num_attention_heads"]
+
+
+def test_docs_own_models_example():
+    """docs/own-models.md: the user's eqx.nn.MultiheadAttention model trains with
+    the clip, routes embedding and head to AdamW, and after a clip at the
+    median S re-running the batch gives min(S, tau) per head."""
+    scope, block = _namespace("docs/own-models.md", "qc.ClippableMultiheadAttention(")
+    qc, model, tokens = scope["qc"], scope["model"], scope["tokens"]
+    assert scope["metrics"]["max_logits"].shape == (4,)
+    assert isinstance(scope["plain"], eqx.nn.MultiheadAttention)
+    assert "tau=100.0" in block.replace(" ", "")
+    # routing: the embedding and head are in no Muon state, the attention's matrices are
+    muon_state = scope["state"].inner_states["muon"].inner_state[0]
+    paths = {
+        jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(muon_state)[0]
+    }
+    assert any(".attn.mha.query_proj.weight" in p for p in paths)
+    assert not any(".embedding" in p or ".head" in p for p in paths)
+    _, s = map(np.asarray, _forward(model, tokens))
+    tau = float(np.median(s))
+    _, s_after = map(np.asarray, _forward(qc.qk_clip(model, jnp.asarray(s), tau), tokens))
+    np.testing.assert_allclose(s_after, np.minimum(s, tau), rtol=1e-5)
+    assert np.sum(s > tau) == 2

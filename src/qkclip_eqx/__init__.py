@@ -22,6 +22,7 @@ from ._data import get_batch as get_batch
 from ._data import load_data as load_data
 from ._data import stdlib_corpus as stdlib_corpus
 from ._decode import MLACache as MLACache
+from ._eqx_attention import ClippableMultiheadAttention as ClippableMultiheadAttention
 from ._generate import generate as generate
 from ._generate import sample_token as sample_token
 from ._kernels import attend as attend
@@ -52,6 +53,7 @@ __all__ = [
     "AbstractQKClippable",
     "Block",
     "CheckpointError",
+    "ClippableMultiheadAttention",
     "GQAConfig",
     "GQAttention",
     "MLACache",

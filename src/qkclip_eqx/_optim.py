@@ -96,7 +96,8 @@ def matrix_dimension_numbers(
             reduction_axis=x.ndim - 1, output_axis=tuple(range(stacked_axes, x.ndim - 1))
         )
 
-    if exclude is not None:
+    # a tree with no leaves (optax.tree_map_params' placeholder) has nothing to exclude
+    if exclude is not None and jax.tree.leaves(params):
         try:
             params = eqx.tree_at(
                 exclude, params, replace_fn=lambda x: jax.tree.map(lambda _: _EXCLUDED, x)
