@@ -21,6 +21,7 @@ from ._data import eval_batches as eval_batches
 from ._data import get_batch as get_batch
 from ._data import load_data as load_data
 from ._data import stdlib_corpus as stdlib_corpus
+from ._decode import KVCache as KVCache
 from ._decode import MLACache as MLACache
 from ._eqx_attention import ClippableMultiheadAttention as ClippableMultiheadAttention
 from ._generate import generate as generate
@@ -56,6 +57,7 @@ __all__ = [
     "ClippableMultiheadAttention",
     "GQAConfig",
     "GQAttention",
+    "KVCache",
     "MLACache",
     "MLAConfig",
     "MLAttention",
