@@ -7,7 +7,7 @@ import dataclasses
 import types
 import typing
 
-from .._train import PRESETS, RunConfig, preset
+from .._run_config import PRESETS, RunConfig, preset
 
 
 def _parser_for(tp):

@@ -21,8 +21,10 @@ from .._checkpoint import (
     load_latest_checkpoint,
     read_meta,
 )
+from .._evaluate import evaluate, format_table
 from .._model import Transformer
-from .._train import RunConfig, RunError, evaluate, format_table, load_run_data, optimizer
+from .._run_config import RunConfig, optimizer
+from .._train import RunError, load_run_data
 
 
 def _like(cfg: RunConfig, vocab_size: int):

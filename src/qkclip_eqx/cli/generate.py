@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._checkpoint import latest_checkpoint, load_checkpoint, load_latest_checkpoint, read_meta
+from .._evaluate import format_table
 from .._generate import generate
 from .._model import Transformer
-from .._train import RunConfig, format_table, optimizer
+from .._run_config import RunConfig, optimizer
 
 
 def load_trained_model(path: pathlib.Path) -> tuple[Transformer, RunConfig, dict]:

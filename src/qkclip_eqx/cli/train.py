@@ -24,7 +24,8 @@ import jax
 import numpy as np
 
 from .._checkpoint import CheckpointError
-from .._train import RunError, format_table, train
+from .._evaluate import format_table
+from .._train import RunError, train
 from . import plot
 from ._flags import add_run_flags, run_config_from_args
 
