@@ -573,6 +573,33 @@ MUTANTS: list[Mutant] = [
         ),
         ["tests/test_data.py::test_get_batch_deterministic_and_stateless"],
     ),
+    # ---- users' own models: eqx.nn.MultiheadAttention, routing, GQA decoding ---------------------
+    M(
+        "eqx_mha_clip_leaves_biases",
+        "QK-Clip of an eqx.nn.MultiheadAttention scales the q/k weights but not their biases",
+        Edit(
+            SRC + "_eqx_attention.py",
+            lit("if lin.bias is not None:"),
+            "if False:",
+        ),
+        ["tests/test_eqx_attention.py::test_clip_identity_per_head_with_biases_and_rope"],
+    ),
+    M(
+        "routing_exclude_ignored",
+        "matrix_dimension_numbers' exclude= leaves the embedding and head on Muon",
+        Edit(O, lit("if exclude is not None and jax.tree.leaves(params):"), "if False:"),
+        ["tests/test_routing.py"],
+    ),
+    M(
+        "kv_decode_groups_tiled",
+        "GQA decoding pairs query head h with kv head h % n_kv_heads, not h // group",
+        Edit(
+            DEC,
+            lit("k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)"),
+            "k, v = jnp.tile(k, (1, group, 1)), jnp.tile(v, (1, group, 1))",
+        ),
+        ["tests/test_decode.py::test_gqa_decode_equals_full_forward_and_s_the_float64_reference"],
+    ),
 ]
 
 

@@ -3,7 +3,9 @@ written, unpatched: each page's blocks in order in one namespace, as a reader
 pastes them (a later block uses the imports of an earlier one). The only names
 given to a block are those its page says the reader brings: ``docs/hf.md``
 loads "a Hugging Face checkpoint's" ``state_dict`` and ``config``, here one of
-the golden files of ``tests/test_hf.py``.
+the golden files of ``tests/test_hf.py``, and a whole model's ``model_state_dict``,
+``model_config``, ``model_tokens`` and ``model_positions``, the golden file of
+``tests/test_hf_model.py``.
 
 Blocks are found by what they contain, not by position, and every block is
 claimed by a test below. They also do what they say: the library example's
@@ -40,6 +42,8 @@ CLAIMED = {
     ("docs/decoding.md", "qc.generate"): "test_docs_decoding_example_runs",
     ("docs/index.md", "qc.qk_clip("): "test_docs_index_example_runs",
     ("docs/hf.md", "qc.hf.mla_from_hf("): "test_docs_hf_example_loads_the_golden_weights",
+    ("docs/own-models.md", "qc.ClippableMultiheadAttention("): "test_docs_own_models_example",
+    ("docs/hf.md", "qc.hf.transformer_from_hf("): "test_docs_hf_whole_model_example",
 }
 
 
@@ -54,10 +58,27 @@ def _hf_checkpoint() -> dict:
     config = json.loads(str(arrays.pop("config_json")))
     for k in ("hidden_states", "output", "max_logits", "versions", "position_ids"):
         arrays.pop(k, None)
-    return {"state_dict": arrays, "config": config}
+    # and a whole model's (the golden file of tests/test_hf_model.py)
+    with np.load(ROOT / "tests" / "data" / "hf_dsv3_model_yarn.npz") as f:
+        model = {k: f[k] for k in f.files}
+    given = {
+        "model_config": json.loads(str(model.pop("config_json"))),
+        "model_tokens": jnp.asarray(model.pop("input_ids")),
+        "model_positions": jnp.asarray(model.pop("position_ids")),
+        "model_logits": model.pop("logits"),
+    }
+    model.pop("max_logits"), model.pop("versions")
+    return {"state_dict": arrays, "config": config, "model_state_dict": model, **given}
 
 
 GIVEN = {"docs/hf.md": _hf_checkpoint}
+
+
+def test_docs_hf_whole_model_example():
+    """docs/hf.md: the whole model gives transformers' logits (the golden file's)."""
+    scope, _ = _namespace("docs/hf.md", "qc.hf.transformer_from_hf(")
+    np.testing.assert_allclose(scope["logits"], scope["model_logits"], rtol=0, atol=1e-5)
+    assert scope["S"].shape == (2, 4)
 
 
 @functools.cache
@@ -220,3 +241,26 @@ def test_train_step_metrics_documented():
     section = text[text.index("## Metrics") :]
     assert {"loss", "max_logits", "heads_clipped"} <= set(scope["metrics"])
     assert set(scope["metrics"]) <= set(re.findall(r"`(\w+)`", section))
+
+
+def test_docs_own_models_example():
+    """docs/own-models.md: the user's eqx.nn.MultiheadAttention model trains with
+    the clip, routes embedding and head to AdamW, and after a clip at the
+    median S re-running the batch gives min(S, tau) per head."""
+    scope, block = _namespace("docs/own-models.md", "qc.ClippableMultiheadAttention(")
+    qc, model, tokens = scope["qc"], scope["model"], scope["tokens"]
+    assert scope["metrics"]["max_logits"].shape == (4,)
+    assert isinstance(scope["plain"], eqx.nn.MultiheadAttention)
+    assert "tau=100.0" in block.replace(" ", "")
+    # routing: the embedding and head are in no Muon state, the attention's matrices are
+    muon_state = scope["state"].inner_states["muon"].inner_state[0]
+    paths = {
+        jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(muon_state)[0]
+    }
+    assert any(".attn.mha.query_proj.weight" in p for p in paths)
+    assert not any(".embedding" in p or ".head" in p for p in paths)
+    _, s = map(np.asarray, _forward(model, tokens))
+    tau = float(np.median(s))
+    _, s_after = map(np.asarray, _forward(qc.qk_clip(model, jnp.asarray(s), tau), tokens))
+    np.testing.assert_allclose(s_after, np.minimum(s, tau), rtol=1e-5)
+    assert np.sum(s > tau) == 2

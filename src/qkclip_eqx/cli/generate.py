@@ -1,4 +1,4 @@
-"""qkclip-generate: sample from a trained checkpoint with the latent KV cache.
+"""qkclip-generate: sample from a trained checkpoint with its KV cache (latent for MLA, k/v for GQA).
 
     qkclip-generate runs/default --prompt "def main(" --max-new-tokens 256
     qkclip-generate runs/default/ckpt_00000600.eqx --prompt "import " --temperature 0.8 --top-k 40 --seed 1
@@ -105,10 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.top_k is not None and args.top_k <= 0:
             raise ValueError(f"--top-k must be > 0, got {args.top_k}")
         model, cfg, meta = load_trained_model(pathlib.Path(args.checkpoint))
-        if cfg.attention != "mla":
-            raise ValueError(
-                f"decoding with a latent cache needs an MLA model; this run is {cfg.attention!r}"
-            )
         prompt = _prompt(args, meta["vocab_size"])
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"qkclip-generate: error: {args.checkpoint}: {e}", file=sys.stderr)
