@@ -8,7 +8,6 @@ and the clip scales the *updated* weights. The optimizer state is not touched.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import equinox as eqx
 import jax
@@ -19,6 +18,8 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._clip import (
+    MODES,
+    Mode,
     apply_clip_factors,
     check_tau_alpha,
     clip_factors,
@@ -36,7 +37,6 @@ from ._parallel import (
     takes_keyword,
 )
 
-Mode = Literal["clip", "monitor", "off"]
 LossFn = Callable[[PyTree, Int[Array, "batch seq_plus_one"]], tuple[Float[Array, ""], PyTree]]
 
 
@@ -247,7 +247,7 @@ def make_train_step(
     non-negative int or is given outside clip mode; `TypeError` when a `mesh`
     is given and `loss_fn` takes no `parallel` keyword.
     """
-    if mode not in ("clip", "monitor", "off"):
+    if mode not in MODES:
         raise ValueError(f"mode must be 'clip', 'monitor' or 'off', got {mode!r}")
     check_tau_alpha(tau, alpha)
     if not (isinstance(accum_steps, int) and accum_steps >= 1):
