@@ -91,22 +91,32 @@ def absorbed_attention(
     return out.astype(dtype), s_max
 
 
-def write_cache(
-    cache: MLACache, c_kv: Float[Array, "t kv_lora"], k_r: Float[Array, "t rope"]
-) -> MLACache:
-    """Write `t` new tokens at slots `length .. length + t - 1`; `length`
-    grows by `t`. Overflowing the cache is an error (at run time, also under jit)."""
-    t = c_kv.shape[0]
+def _write_slots(cache, name: str, new: tuple[Array, ...]):
+    """`cache` with `new` (one array per cache field, `t` tokens each) written
+    at slots `length .. length + t - 1`, and `length` grown by `t`.
+    Overflowing the cache is an error (at run time, also under jit)."""
+    t = new[0].shape[0]
     if t > cache.max_len:
         raise ValueError(f"{t} new tokens do not fit a cache of max_len {cache.max_len}")
     length = eqx.error_if(
         cache.length,
         cache.length + t > cache.max_len,
-        "MLACache overflow: length + new tokens > max_len",
+        f"{name} overflow: length + new tokens > max_len",
     )
-    c_all = jax.lax.dynamic_update_slice(cache.c_kv, c_kv.astype(cache.c_kv.dtype), (length, 0))
-    k_all = jax.lax.dynamic_update_slice(cache.k_r, k_r.astype(cache.k_r.dtype), (length, 0))
-    return MLACache(c_all, k_all, length + t)
+    old = (getattr(cache, f) for f in cache.__dataclass_fields__ if f != "length")
+    written = [
+        jax.lax.dynamic_update_slice_in_dim(a, x.astype(a.dtype), length, axis=0)
+        for a, x in zip(old, new, strict=True)
+    ]
+    return type(cache)(*written, length + t)
+
+
+def write_cache(
+    cache: MLACache, c_kv: Float[Array, "t kv_lora"], k_r: Float[Array, "t rope"]
+) -> MLACache:
+    """Write `t` new tokens at slots `length .. length + t - 1`; `length`
+    grows by `t`. Overflowing the cache is an error (at run time, also under jit)."""
+    return _write_slots(cache, "MLACache", (c_kv, k_r))
 
 
 class KVCache(eqx.Module):
@@ -136,17 +146,7 @@ def write_kv_cache(
     """Write `t` new tokens' keys and values at slots `length .. length + t - 1`;
     `length` grows by `t`. Overflowing the cache is an error (at run time, also
     under jit)."""
-    t = k.shape[0]
-    if t > cache.max_len:
-        raise ValueError(f"{t} new tokens do not fit a cache of max_len {cache.max_len}")
-    length = eqx.error_if(
-        cache.length,
-        cache.length + t > cache.max_len,
-        "KVCache overflow: length + new tokens > max_len",
-    )
-    k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (length, 0, 0))
-    v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (length, 0, 0))
-    return KVCache(k_all, v_all, length + t)
+    return _write_slots(cache, "KVCache", (k, v))
 
 
 def cached_attention(
