@@ -38,6 +38,10 @@ from ._parallel import partition_specs as partition_specs
 from ._parallel import shard_batch as shard_batch
 from ._parallel import shard_loss as shard_loss
 from ._parallel import shard_train_state as shard_train_state
+from ._sinks import MetricSink as MetricSink
+from ._sinks import TensorBoardSink as TensorBoardSink
+from ._sinks import WandbSink as WandbSink
+from ._sinks import on_step_for as on_step_for
 from ._step import make_train_step as make_train_step
 from ._step import next_token_loss as next_token_loss
 from ._train import PRESETS as PRESETS
@@ -57,6 +61,7 @@ __all__ = [
     "MLACache",
     "MLAConfig",
     "MLAttention",
+    "MetricSink",
     "ParallelAxes",
     "RunConfig",
     "RunMetrics",
@@ -64,6 +69,8 @@ __all__ = [
     "TokenData",
     "Transformer",
     "TransformerConfig",
+    "TensorBoardSink",
+    "WandbSink",
     "attend",
     "clip_factors",
     "clipped_heads",
@@ -81,6 +88,7 @@ __all__ = [
     "matrix_dimension_numbers",
     "muon_adamw",
     "next_token_loss",
+    "on_step_for",
     "partition_specs",
     "preset",
     "qk_clip",

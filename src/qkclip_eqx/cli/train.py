@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from .._checkpoint import CheckpointError
+from .._sinks import make_sinks, on_step_for, parse_log_to
 from .._train import RunError, format_table, train
 from . import plot
 from ._flags import add_run_flags, run_config_from_args
@@ -53,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
+    parser.add_argument(
+        "--log-to",
+        default="",
+        metavar="SINKS",
+        help="also send each step's metrics to: tensorboard (RUN/tensorboard), wandb "
+        "(RUN/wandb; offline without an API key or network), comma-separated; needs the "
+        "qkclip_eqx[tensorboard] or [wandb] extra",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNGs at the end")
     args = parser.parse_args(argv)
@@ -62,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     try:
         cfg = run_config_from_args(args)
+        log_to = parse_log_to(args.log_to)
     except ValueError as e:
         parser.error(str(e))
 
@@ -71,13 +81,25 @@ def main(argv: list[str] | None = None) -> int:
         for f in dataclasses.fields(cfg):
             print(f"  {f.name} = {getattr(cfg, f.name)!r}")
     try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        sinks = (
+            make_sinks(log_to, cfg.out, dataclasses.asdict(cfg), label=cfg.label) if lead else []
+        )
+    except ImportError as e:
+        print(f"qkclip-train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(
+            cfg, resume=args.resume, progress=not args.no_progress, on_step=on_step_for(sinks)
+        )
     except (
         RunError,
         CheckpointError,
     ) as e:  # expected problems: one message; bugs keep their traceback
         print(f"qkclip-train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for sink in sinks:
+            sink.close()
 
     code = {"done": 0, "interrupted": 130, "nan": 1}[result.stopped]
     if not lead:
