@@ -23,6 +23,7 @@ from .._checkpoint import (
 )
 from .._model import Transformer
 from .._train import RunConfig, RunError, evaluate, format_table, load_run_data, optimizer
+from ._flags import add_cache_flag, use_compilation_cache
 
 
 def _like(cfg: RunConfig, vocab_size: int):
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory")
     parser.add_argument("--data", default=None, help="evaluate on other data (default: the run's)")
     parser.add_argument("--eval-batches", type=int, default=None)
+    add_cache_flag(parser)
     args = parser.parse_args(argv)
+    use_compilation_cache(args)
 
     path = pathlib.Path(args.checkpoint)
     is_run = path.is_dir() and not (path / "meta").is_dir()

@@ -27,6 +27,7 @@ from .._checkpoint import latest_checkpoint, load_checkpoint, load_latest_checkp
 from .._generate import generate
 from .._model import Transformer
 from .._train import RunConfig, format_table, optimizer
+from ._flags import add_cache_flag, use_compilation_cache
 
 
 def load_trained_model(path: pathlib.Path) -> tuple[Transformer, RunConfig, dict]:
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="the sampling key (temperature > 0)")
+    add_cache_flag(parser)
     args = parser.parse_args(argv)
+    use_compilation_cache(args)
     try:
         if args.max_new_tokens <= 0:
             raise ValueError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")

@@ -27,7 +27,7 @@ from .._checkpoint import CheckpointError
 from .._sinks import make_sinks, on_step_for, parse_log_to
 from .._train import RunError, format_table, train
 from . import plot
-from ._flags import add_run_flags, run_config_from_args
+from ._flags import add_cache_flag, add_run_flags, run_config_from_args, use_compilation_cache
 
 
 def _env_int(name: str) -> int | None:
@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         "qkclip_eqx[tensorboard] or [wandb] extra",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cache_flag(parser)
     parser.add_argument("--no-plots", action="store_true", help="do not write PNGs at the end")
     args = parser.parse_args(argv)
+    use_compilation_cache(args)
     if args.distributed or args.coordinator_address is not None:
         # CPU processes talk through gloo; the setting does not affect GPU/TPU.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
