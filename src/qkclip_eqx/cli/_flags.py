@@ -88,8 +88,9 @@ def use_compilation_cache(args: argparse.Namespace) -> pathlib.Path | None:
     )
     if off:
         return None
-    if jax.config.jax_compilation_cache_dir:  # the user's own (JAX_COMPILATION_CACHE_DIR)
-        return pathlib.Path(jax.config.jax_compilation_cache_dir)
+    own = getattr(jax.config, "jax_compilation_cache_dir")  # noqa: B009  # untyped in jax's stubs; the user's JAX_COMPILATION_CACHE_DIR
+    if own:
+        return pathlib.Path(own)
     path = cache_dir()
     try:
         path.mkdir(parents=True, exist_ok=True)
