@@ -38,6 +38,8 @@ from ._parallel import partition_specs as partition_specs
 from ._parallel import shard_batch as shard_batch
 from ._parallel import shard_loss as shard_loss
 from ._parallel import shard_train_state as shard_train_state
+from ._run import LoadedRun as LoadedRun
+from ._run import load_run as load_run
 from ._sinks import MetricSink as MetricSink
 from ._sinks import TensorBoardSink as TensorBoardSink
 from ._sinks import WandbSink as WandbSink
@@ -58,6 +60,7 @@ __all__ = [
     "CheckpointError",
     "GQAConfig",
     "GQAttention",
+    "LoadedRun",
     "MLACache",
     "MLAConfig",
     "MLAttention",
@@ -83,6 +86,7 @@ __all__ = [
     "load_checkpoint",
     "load_latest_checkpoint",
     "load_data",
+    "load_run",
     "make_mesh",
     "make_train_step",
     "matrix_dimension_numbers",

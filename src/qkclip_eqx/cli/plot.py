@@ -496,7 +496,8 @@ def _parser() -> argparse.ArgumentParser:
         "run_dirs",
         nargs="+",
         metavar="RUN_DIR",
-        help="run directory holding metrics.jsonl (and config.json)",
+        help="run directory holding metrics.jsonl (and config.json), or a checkpoint "
+        "directory in it",
     )
     p.add_argument(
         "--out",
@@ -523,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[RunMetrics] = []
     for i, rd in enumerate(args.run_dirs):
+        if re.fullmatch(r"ckpt_\d+", Path(rd).name) and not (Path(rd) / "metrics.jsonl").exists():
+            rd = str(Path(rd).parent)  # a checkpoint directory: its run's metrics
         metrics_path = Path(rd) / "metrics.jsonl"
         if not metrics_path.is_file():
             print(
