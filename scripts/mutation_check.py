@@ -95,12 +95,12 @@ S, P, CK, T, D = (
     SRC + "_train.py",
     SRC + "_data.py",
 )
-DEC = SRC + "_decode.py"
+DEC, EV, RC = SRC + "_decode.py", SRC + "_evaluate.py", SRC + "_run_config.py"
 
 STEP_TAU = Edit(
     S,
-    lit("model = qk_clip(model, s, clip_tau, alpha=alpha)"),
-    "model = qk_clip(model, s, 1e9, alpha=alpha)",
+    lit("gammas = [clip_factors(x, tau) for x in s_list]"),
+    "gammas = [clip_factors(x, 1e9) for x in s_list]",
 )
 
 MUTANTS: list[Mutant] = [
@@ -146,7 +146,7 @@ MUTANTS: list[Mutant] = [
     M(
         "lse_bound_named_as_s",
         "the LSE bound reported under the name of S (max_logits)",
-        Edit(S, lit('suffix = "_lse_bound" if bound else ""'), 'suffix = ""'),
+        Edit(S, lit('"_lse_bound" if any(m.reports_lse_bound() for m in modules) else ""'), '""'),
         ["tests/test_step.py::test_lse_bound_metrics_say_bound"],
     ),
     M(
@@ -368,7 +368,7 @@ MUTANTS: list[Mutant] = [
     M(
         "clip_until_ignored",
         "the clip goes on after clip_until",
-        Edit(S, lit("jnp.where(step_index < clip_until, tau, jnp.inf)"), "tau"),
+        Edit(S, lit("gammas = [jnp.where(active, g, 1.0) for g in gammas]"), "pass"),
         ["tests/test_step.py::test_clip_until_clips_before_and_not_after"],
     ),
     M(
@@ -376,8 +376,8 @@ MUTANTS: list[Mutant] = [
         "the loop passes a step index that restarts at 0 on resume",
         Edit(
             T,
-            lit("step_fn(model, opt_state, batch, step=step)"),
-            "step_fn(model, opt_state, batch, step=step - start)",
+            lit("place_batch(batch, mesh), step=step"),
+            "place_batch(batch, mesh), step=step - start",
         ),
         ["tests/test_step.py::test_train_clip_until_counts_the_steps_across_a_resume"],
     ),
@@ -404,8 +404,8 @@ MUTANTS: list[Mutant] = [
         "the step ignores alpha (always 1/2)",
         Edit(
             S,
-            lit("model = qk_clip(model, s, clip_tau, alpha=alpha)"),
-            "model = qk_clip(model, s, clip_tau)",
+            lit("apply_clip_factors(model, modules, gammas, alpha)"),
+            "apply_clip_factors(model, modules, gammas, 0.5)",
         ),
         ["tests/test_step.py::test_group_mode_counts_the_heads_it_scales"],
     ),
@@ -422,7 +422,7 @@ MUTANTS: list[Mutant] = [
         "parallel_s_not_reduced_over_seq",
         "S reduced over data only, not over the sequence shards",
         Edit(
-            S,
+            P,
             lit("x = jax.lax.pmax(x, over)"),
             "x = jax.lax.pmax(x, tuple(a for a in over if a != parallel.seq))",
         ),
@@ -455,7 +455,11 @@ MUTANTS: list[Mutant] = [
     M(
         "loop_no_checkpoint_on_interrupt",
         "Ctrl-C stops without writing a checkpoint",
-        Edit(T, r"(stopped = \"interrupted\"\s*)save\(step\)", r"\1pass"),
+        Edit(
+            T,
+            lit('save(step, model, opt_state) return model, step, "interrupted"'),
+            'return model, step, "interrupted"',
+        ),
         ["tests/test_train.py::test_resume_after_interrupt_is_bit_exact"],
     ),
     M(
@@ -484,7 +488,7 @@ MUTANTS: list[Mutant] = [
         "eval_reads_train",
         "evaluation reads the training split: the logged val_loss is a training loss",
         Edit(
-            T,
+            EV,
             lit("data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len"),
             "data.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len",
         ),
@@ -494,7 +498,7 @@ MUTANTS: list[Mutant] = [
     M(
         "resume_seed_dropped",
         "the data seed left out of MUST_MATCH: a resume may change it silently",
-        Edit(T, r'\n\s*"seed",\n', "\n"),
+        Edit(RC, r'\n\s*"seed",\n', "\n"),
         [
             "tests/test_train.py::"
             "test_resume_rule_covers_every_field_and_may_change_fields_keep_the_stream"
@@ -504,9 +508,9 @@ MUTANTS: list[Mutant] = [
         "resume_seed_may_change",
         "the data seed moved from MUST_MATCH to MAY_CHANGE",
         [
-            Edit(T, r'\n\s*"seed",\n', "\n"),
+            Edit(RC, r'\n\s*"seed",\n', "\n"),
             Edit(
-                T,
+                RC,
                 lit('"keep": "no effect on training",'),
                 '"keep": "no effect on training", "seed": "no effect on training",',
             ),
@@ -520,7 +524,7 @@ MUTANTS: list[Mutant] = [
         "resume_meta_skips_seed",
         "the checkpoint's meta leaves the seed out, so its check never sees it",
         Edit(
-            T,
+            RC,
             lit("{name: config[name] for name in MUST_MATCH}"),
             '{name: config[name] for name in MUST_MATCH if name != "seed"}',
         ),
@@ -544,8 +548,8 @@ MUTANTS: list[Mutant] = [
         "heads_over_tau counts S >= tau",
         Edit(
             S,
-            lit("over = [jnp.sum(clip_factors(x, tau) < 1) for x in leaves]"),
-            "over = [jnp.sum(jnp.isfinite(x) & (x >= tau)) for x in leaves]",
+            lit('"heads_over_tau": sum(jnp.sum(g < 1) for g in gammas),'),
+            '"heads_over_tau": sum(jnp.sum(jnp.isfinite(x) & (x >= tau)) for x in s_list),',
         ),
         ["tests/test_step.py::test_heads_at_tau_are_neither_over_tau_nor_clipped"],
     ),
@@ -554,8 +558,8 @@ MUTANTS: list[Mutant] = [
         "heads_clipped counts the heads with S >= tau",
         Edit(
             S,
-            lit("scaled = sum(jnp.sum(x) for x in clipped_heads(model, s, clip_tau))"),
-            "scaled = sum(jnp.sum(jnp.isfinite(x) & (x >= clip_tau)) for x in jax.tree.leaves(s))",
+            lit("jnp.sum(heads_scaled(m, g)) for m, g in zip(modules, gammas)"),
+            "jnp.sum(jnp.isfinite(x) & (x >= tau)) for x in s_list",
         ),
         ["tests/test_step.py::test_heads_at_tau_are_neither_over_tau_nor_clipped"],
     ),

@@ -15,7 +15,7 @@ import pytest
 from builders import init_from_numpy
 from qkclip_eqx import GQAConfig, MLAConfig, Transformer, TransformerConfig, generate
 from qkclip_eqx._checkpoint import save_checkpoint
-from qkclip_eqx._train import meta_of, optimizer, preset
+from qkclip_eqx._run_config import meta_of, optimizer, preset
 from qkclip_eqx.cli import generate as cli
 
 VOCAB, PROMPT, NEW = 40, 4, 7

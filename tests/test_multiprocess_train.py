@@ -24,7 +24,8 @@ from builders import synthetic_text
 from launch import reserved_port, run_processes
 from qkclip_eqx._checkpoint import latest_checkpoint, load_checkpoint
 from qkclip_eqx._model import Transformer
-from qkclip_eqx._train import load_run_data, optimizer, preset, train
+from qkclip_eqx._run_config import optimizer, preset
+from qkclip_eqx._train import load_run_data, train
 from reference import leaves_by_path
 
 FLAGS = dict(steps=4, ckpt_every=2, eval_every=2)

@@ -17,7 +17,7 @@ import pytest
 
 from builders import init_from_numpy, synthetic_corpus
 from qkclip_eqx import Transformer, get_batch, make_train_step, muon_adamw, next_token_loss
-from qkclip_eqx._train import preset
+from qkclip_eqx._run_config import preset
 
 STEPS, BATCH, SEQ, LR = 50, 8, 32, 3e-3
 # bf16 compute vs f32 over 50 steps, relative loss difference. Measured (jax

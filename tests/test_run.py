@@ -8,7 +8,8 @@ import pytest
 
 from builders import synthetic_text
 from qkclip_eqx import CheckpointError, load_checkpoint, load_run
-from qkclip_eqx._train import preset, train
+from qkclip_eqx._run_config import preset
+from qkclip_eqx._train import train
 from qkclip_eqx.cli import eval as eval_cli
 from qkclip_eqx.cli import generate as generate_cli
 from qkclip_eqx.cli import plot as plot_cli

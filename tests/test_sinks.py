@@ -12,6 +12,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from builders import synthetic_corpus
+from qkclip_eqx._run_config import preset
 from qkclip_eqx._sinks import (
     TensorBoardSink,
     WandbSink,
@@ -19,7 +20,7 @@ from qkclip_eqx._sinks import (
     parse_log_to,
     scalars,
 )
-from qkclip_eqx._train import preset, train
+from qkclip_eqx._train import train
 from qkclip_eqx.cli import train as train_cli
 
 STEPS = 4

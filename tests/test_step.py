@@ -197,7 +197,8 @@ def test_monitor_reports_but_does_not_clip(monitor_run, by_hand, before, tau):
 
 def test_off_mode_has_no_max_logits(optimizer, model, opt_state, tokens, tau, by_hand):
     new_model, new_state, metrics = _run("off", optimizer, model, opt_state, tokens, tau)
-    assert set(metrics) == {"loss", "grad_norm"}
+    assert set(metrics) == {"loss", "grad_norm", "first_nonfinite"}
+    assert int(metrics["first_nonfinite"]) == 0  # a finite step
     updated, state, loss, *_ = by_hand
     _assert_trees_bit_equal(new_model, updated, "off-mode model")
     _assert_trees_bit_equal(new_state, state, "off-mode optimizer state")

@@ -23,22 +23,16 @@ import numpy as np
 import optax
 import pytest
 
+import qkclip_eqx._evaluate as evaluate_mod
 import qkclip_eqx._train as train_mod
 from builders import attention_s, layer_inputs, synthetic_corpus, synthetic_text, unclipped_update
 from qkclip_eqx._checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from qkclip_eqx._data import get_batch, load_data
 from qkclip_eqx._model import Transformer
 from qkclip_eqx._parallel import make_mesh, partition_specs, shard_train_state
+from qkclip_eqx._run_config import MAY_CHANGE, MUST_MATCH, RunConfig, optimizer, preset
 from qkclip_eqx._step import next_token_loss
-from qkclip_eqx._train import (
-    MAY_CHANGE,
-    MUST_MATCH,
-    RunConfig,
-    RunError,
-    optimizer,
-    preset,
-    train,
-)
+from qkclip_eqx._train import RunError, train
 from qkclip_eqx.cli import eval as eval_cli
 from qkclip_eqx.cli import train as train_cli
 from reference import assert_leaves_close, leaves_by_path, np_clip_factors, np_qk_clip
@@ -131,7 +125,7 @@ def straight(tmp_path_factory, data):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_mod, "get_batch", spy("train", train_mod.get_batch))
-        mp.setattr(train_mod, "eval_batches", spy("eval", train_mod.eval_batches))
+        mp.setattr(evaluate_mod, "eval_batches", spy("eval", evaluate_mod.eval_batches))
         return train(_cfg(out), progress=False, data=data)
 
 
@@ -354,11 +348,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypat
         calls = {"n": 0}
 
         def wrapped(model, opt_state, tokens, **kw):
-            model, opt_state, m = step(model, opt_state, tokens, **kw)
             calls["n"] += 1
-            if calls["n"] == N + 2:  # the step with index N + 1
-                m = {**m, "loss": jnp.float32(jnp.nan)}
-            return model, opt_state, m
+            if calls["n"] == N + 2:  # the step with index N + 1 gets NaN weights: NaN loss
+                model = eqx.tree_at(lambda m: m.embed, model, replace_fn=lambda x: x * jnp.nan)
+            return step(model, opt_state, tokens, **kw)
 
         return wrapped
 
@@ -439,24 +432,20 @@ def test_nonfinite_parameters_at_a_checkpoint_step_are_never_saved(
     the step-2N checkpoint (the loss of that step is finite): the run stops
     naming the step and the parameters, and the step-N checkpoint stays the
     newest on disk."""
-    real = train_mod.make_train_step
+    real = train_mod.optimizer
 
-    def poisoned(*args, **kwargs):
-        step = real(*args, **kwargs)
-        calls = {"n": 0}
+    def nan_update_at(index: int) -> optax.GradientTransformation:
+        """Adds NaN to every update of the step with this index, and nothing else."""
 
-        def wrapped(model, opt_state, tokens, **kw):
-            model, opt_state, m = step(model, opt_state, tokens, **kw)
-            calls["n"] += 1
-            if calls["n"] == 2 * N:  # the step with index 2N - 1
-                model = eqx.tree_at(
-                    lambda m: m.embed, model, replace_fn=lambda x: x.at[0, 0].set(jnp.nan)
-                )
-            return model, opt_state, m
+        def update(updates, count, params=None):
+            poison = jnp.where(count == index, jnp.nan, 0.0)
+            return jax.tree.map(lambda u: u + poison, updates), count + 1
 
-        return wrapped
+        return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
 
-    monkeypatch.setattr(train_mod, "make_train_step", poisoned)
+    monkeypatch.setattr(
+        train_mod, "optimizer", lambda cfg: optax.chain(real(cfg), nan_update_at(2 * N - 1))
+    )
     result = train(_cfg(tmp_path), progress=False, data=data)
     assert result.stopped == "nan" and result.step == 2 * N - 1
     text = capsys.readouterr().out

@@ -22,6 +22,7 @@ from ._data import get_batch as get_batch
 from ._data import load_data as load_data
 from ._data import stdlib_corpus as stdlib_corpus
 from ._decode import MLACache as MLACache
+from ._evaluate import evaluate as evaluate
 from ._generate import generate as generate
 from ._generate import sample_token as sample_token
 from ._kernels import attend as attend
@@ -40,17 +41,16 @@ from ._parallel import shard_loss as shard_loss
 from ._parallel import shard_train_state as shard_train_state
 from ._run import LoadedRun as LoadedRun
 from ._run import load_run as load_run
+from ._run_config import PRESETS as PRESETS
+from ._run_config import RunConfig as RunConfig
+from ._run_config import preset as preset
 from ._sinks import MetricSink as MetricSink
 from ._sinks import TensorBoardSink as TensorBoardSink
 from ._sinks import WandbSink as WandbSink
 from ._sinks import on_step_for as on_step_for
 from ._step import make_train_step as make_train_step
 from ._step import next_token_loss as next_token_loss
-from ._train import PRESETS as PRESETS
-from ._train import RunConfig as RunConfig
 from ._train import RunResult as RunResult
-from ._train import evaluate as evaluate
-from ._train import preset as preset
 from ._train import train as train
 
 __all__ = [

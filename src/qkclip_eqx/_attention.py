@@ -77,6 +77,12 @@ class AbstractQKClippable(eqx.Module):
         those with `gamma < 1`. Override it if your rule also changes others."""
         return gamma < 1
 
+    def reports_lse_bound(self) -> bool:
+        """Whether `__call__` returns, instead of S, an upper bound on it (the
+        log-sum-exp bound of `max_logit="lse_bound"`): the train step then names
+        its S metrics `..._lse_bound`. False; override it if your module can."""
+        return False
+
 
 def _positions_and_segments(seq: int, positions, segment_ids, segment_length: int | None):
     if segment_length is not None and (segment_length <= 0 or seq % segment_length):
@@ -313,6 +319,9 @@ class MLAttention(AbstractQKClippable):
         """`wq` and `wkv_b` [heads, rows, in] by head; `wo`'s head-major columns."""
         return (lambda m: (m.wq, m.wkv_b, m.wo)), (-3, -3, -1)
 
+    def reports_lse_bound(self) -> bool:
+        return self.config.max_logit == "lse_bound"
+
     def init_cache(self, max_len: int) -> MLACache:
         """An empty latent cache of `max_len` slots for `decode`, in the
         compute dtype (the weights' dtype when that is None).
@@ -490,6 +499,9 @@ class GQAttention(AbstractQKClippable):
         """`wq` by query head, `wk`/`wv` by key head (query head `h` reads key
         head `h // group`, so contiguous shards stay paired); `wo`'s columns."""
         return (lambda m: (m.wq, m.wk, m.wv, m.wo)), (-3, -3, -3, -1)
+
+    def reports_lse_bound(self) -> bool:
+        return self.config.max_logit == "lse_bound"
 
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "GQAttention":
         """MHA (group of one): W_q^h by gamma^alpha, W_k^h by gamma^(1-alpha).

@@ -80,7 +80,7 @@ def check_tau_alpha(tau, alpha) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
 
 
-def _modules_and_s(model: PyTree, max_logits, what: str) -> tuple[list, list]:
+def modules_and_s(model: PyTree, max_logits, what: str) -> tuple[list, list]:
     """The clippable modules of `model` and their S arrays, paired and checked."""
     modules = clippable_modules(model)
     if not modules:
@@ -143,18 +143,30 @@ def qk_clip(
     heads or leading axes.
     """
     check_tau_alpha(tau, alpha)
-    modules, s_list = _modules_and_s(model, max_logits, "qk_clip")
-    clipped = [_scale(m, clip_factors(s, tau), alpha) for m, s in zip(modules, s_list)]
+    modules, s_list = modules_and_s(model, max_logits, "qk_clip")
+    return apply_clip_factors(model, modules, [clip_factors(s, tau) for s in s_list], alpha)
+
+
+def apply_clip_factors(
+    model: PyTree, modules: list[AbstractQKClippable], gammas: list[Array], alpha: float
+) -> PyTree:
+    """`model` with each of its clippable `modules` (in tree-flattening order,
+    as [`clippable_modules`][qkclip_eqx.clippable_modules] lists them) scaled by
+    its factors: the tree surgery of [`qkclip_eqx.qk_clip`][], for factors
+    already computed (the train step computes gamma once and shares it with its
+    metrics)."""
+    clipped = [_scale(m, g, alpha) for m, g in zip(modules, gammas)]
     leaves, treedef = jax.tree.flatten(model, is_leaf=_is_clippable)
     replacements = iter(clipped)
     leaves = [next(replacements) if _is_clippable(x) else x for x in leaves]
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _heads_scaled(module: AbstractQKClippable, gamma: Array) -> Array:
+def heads_scaled(module: AbstractQKClippable, gamma: Array) -> Array:
+    """`module.heads_scaled(gamma)`; leading axes of gamma are stacked (scanned) layers."""
     if gamma.ndim == 1:
         return module.heads_scaled(gamma)
-    return eqx.filter_vmap(_heads_scaled)(module, gamma)
+    return eqx.filter_vmap(heads_scaled)(module, gamma)
 
 
 def clipped_heads(
@@ -183,5 +195,5 @@ def clipped_heads(
     `ValueError` as [`qkclip_eqx.qk_clip`][] does (but for `alpha`).
     """
     _check_tau(tau)
-    modules, s_list = _modules_and_s(model, max_logits, "clipped_heads")
-    return [_heads_scaled(m, clip_factors(s, tau)) for m, s in zip(modules, s_list)]
+    modules, s_list = modules_and_s(model, max_logits, "clipped_heads")
+    return [heads_scaled(m, clip_factors(s, tau)) for m, s in zip(modules, s_list)]

@@ -319,3 +319,45 @@ def constrain_train_state(
         opt_state, _shardings(state_specs(optimizer, opt_state, specs), mesh)
     )
     return eqx.combine(params, static), opt_state
+
+
+def reduce_max_logits(
+    s: PyTree[Float[Array, "*layers heads"]], parallel: ParallelAxes
+) -> PyTree[Float[Array, "*layers all_heads"]]:
+    """Inside `shard_map`: this device's S (its batch and sequence shard, its
+    heads) to the global S of every head, replicated on every device.
+
+    The max over the batch and the sequence is an explicit `lax.pmax` over
+    `parallel.data` and `parallel.seq`; this device's heads are then gathered
+    into all heads over `parallel.model`, by a `psum` of zero-padded shards
+    (exact: every other term is 0).
+    """
+    over = tuple(a for a in (parallel.data, parallel.seq) if a is not None)
+
+    def reduce(x):
+        x = jax.lax.pmax(x, over)
+        if parallel.model is None:
+            return x
+        n, h = jax.lax.axis_size(parallel.model), x.shape[-1]
+        full = jnp.zeros((*x.shape[:-1], n * h), x.dtype)
+        start = jax.lax.axis_index(parallel.model) * h
+        full = jax.lax.dynamic_update_slice_in_dim(full, x, start, axis=x.ndim - 1)
+        return jax.lax.psum(full, parallel.model)
+
+    return jax.tree.map(reduce, s)
+
+
+def place_batch(batch: np.ndarray, mesh: Mesh | None) -> Int[Array, "batch seq_plus_one"]:
+    """The global host batch (every process builds the same one) on the
+    devices: one device without a mesh, else sharded by [`shard_batch`][qkclip_eqx.shard_batch]."""
+    return jnp.asarray(batch) if mesh is None else shard_batch(batch, mesh)
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """Host (NumPy) copies of `tree`'s arrays, whatever their sharding; across
+    processes, gathered (every process gets the whole arrays)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)

@@ -21,7 +21,7 @@ from ._checkpoint import (
     read_meta,
 )
 from ._model import Transformer
-from ._train import RunConfig, optimizer
+from ._run_config import RunConfig, optimizer
 
 
 @dataclasses.dataclass(frozen=True)

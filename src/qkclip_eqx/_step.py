@@ -16,15 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._clip import check_tau_alpha, clip_factors, clippable_modules, clipped_heads, qk_clip
+from ._clip import (
+    apply_clip_factors,
+    check_tau_alpha,
+    clip_factors,
+    heads_scaled,
+    modules_and_s,
+)
 from ._config import ParallelAxes
 from ._parallel import (
     check_mesh,
     check_mesh_loss_fn,
     constrain_train_state,
     partition_specs,
+    reduce_max_logits,
     shard_loss,
     takes_keyword,
 )
@@ -86,20 +93,7 @@ def next_token_loss(
         return ce.mean(), s
     over = tuple(a for a in (parallel.data, parallel.seq) if a is not None)
     loss = jax.lax.psum(jnp.sum(ce), over) / jax.lax.psum(ce.size, over)
-
-    def reduce(x):
-        x = jax.lax.pmax(x, over)
-        if parallel.model is None:
-            return x
-        # gather this device's heads into all heads, replicated over `model`: a
-        # psum of zero-padded shards (exact: every other term is 0)
-        n, h = jax.lax.axis_size(parallel.model), x.shape[-1]
-        full = jnp.zeros((*x.shape[:-1], n * h), x.dtype)
-        start = jax.lax.axis_index(parallel.model) * h
-        full = jax.lax.dynamic_update_slice_in_dim(full, x, start, axis=x.ndim - 1)
-        return jax.lax.psum(full, parallel.model)
-
-    return loss, jax.tree.map(reduce, s)
+    return loss, reduce_max_logits(s, parallel)
 
 
 def _tree_max(a: PyTree, b: PyTree) -> PyTree:
@@ -139,6 +133,53 @@ def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int)
     (loss, grads, s), _ = jax.lax.scan(body, init, jnp.arange(accum_steps))
     scale = 1.0 / accum_steps
     return loss * scale, jax.tree.map(lambda g: g * scale, grads), s
+
+
+NONFINITE = ("loss", "grad_norm", "parameters")
+
+
+def _first_nonfinite(loss: Array, grad_norm: Array, model: PyTree) -> Int[Array, ""]:
+    """0 if the step is finite, else 1 + the index in `NONFINITE` of the first
+    quantity that is not: the loss, the gradient norm, the updated parameters."""
+    params = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in params]))
+    oks = jnp.stack([jnp.isfinite(loss), jnp.isfinite(grad_norm), params_ok])
+    return jnp.where(jnp.all(oks), 0, 1 + jnp.argmin(oks))
+
+
+def _clip_and_report(
+    model: PyTree,
+    s: PyTree,
+    *,
+    tau: float,
+    alpha: float,
+    clip: bool,
+    active: Bool[Array, ""] | None,
+) -> tuple[PyTree, dict[str, Array]]:
+    """QK-Clip on the updated model (when `clip`), and the S metrics.
+
+    gamma = min(1, tau / S) per head is computed once and serves both: the heads
+    over tau are those with gamma < 1, and the clip scales by gamma. With
+    `active` False (after `clip_until`) every gamma is exactly 1, a bit-exact
+    no-op, and the clip is reported inactive.
+    """
+    modules, s_list = modules_and_s(model, s, "the train step")
+    gammas = [clip_factors(x, tau) for x in s_list]
+    suffix = "_lse_bound" if any(m.reports_lse_bound() for m in modules) else ""
+    metrics = {  # the names say when the values bound S rather than are S
+        "max_logits" + suffix: s,
+        "max_logit" + suffix: jnp.max(jnp.stack([jnp.max(x) for x in s_list])),
+        "heads_over_tau": sum(jnp.sum(g < 1) for g in gammas),
+        "heads_clipped": jnp.zeros((), jnp.int32),
+        "n_nonfinite": sum(jnp.sum(~jnp.isfinite(x)) for x in s_list),
+    }
+    if not clip:
+        return model, metrics
+    if active is not None:
+        gammas = [jnp.where(active, g, 1.0) for g in gammas]
+        metrics["clip_active"] = active.astype(jnp.int32)
+    metrics["heads_clipped"] = sum(jnp.sum(heads_scaled(m, g)) for m, g in zip(modules, gammas))
+    return apply_clip_factors(model, modules, gammas, alpha), metrics
 
 
 def make_train_step(
@@ -191,9 +232,11 @@ def make_train_step(
     per layer and head), `max_logit` (global max), `heads_over_tau` (the
     (layer, head) pairs with S > tau), `heads_clipped` (the pairs whose
     logits the clip scaled: those over tau and, in GQA `"group"` mode, their
-    group-mates; 0 unless mode is clip) and `n_nonfinite` (heads with
-    non-finite S, never clipped). When the model's attention reports the
-    log-sum-exp bound instead of S (`max_logit="lse_bound"`), the two S
+    group-mates; 0 unless mode is clip), `n_nonfinite` (heads with
+    non-finite S, never clipped) and, in every mode, `first_nonfinite`: 0
+    when the step is finite, else the first quantity that is not: 1 the loss,
+    2 the gradient norm, 3 an updated parameter. When the model's attention
+    reports the log-sum-exp bound instead of S (`max_logit="lse_bound"`), the two S
     metrics are named `max_logits_lse_bound` and `max_logit_lse_bound`, and
     the clip acts on the bound (it then clips at least as hard as on S).
 
@@ -223,55 +266,21 @@ def make_train_step(
     def step(not_donated, model, opt_state):
         tokens, step_index = not_donated
         params, static = eqx.partition(model, eqx.is_array)
-        specs = None
-        if mesh is None:
-            loss_of = loss_fn
-        else:
-            specs = partition_specs(model)  # once per trace, for the loss and the constraint
-            loss_of = shard_loss(loss_fn, mesh, specs)
+        specs = None if mesh is None else partition_specs(model)  # once per trace
+        loss_of = loss_fn if mesh is None else shard_loss(loss_fn, mesh, specs)
         loss, grads, s = _loss_grads_and_s(loss_of, params, static, tokens, accum_steps)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         model = eqx.combine(optax.apply_updates(params, updates), static)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-        def keep_sharding(model, opt_state):
-            """Pin the updated state to its specs, so that no later step recompiles."""
-            if mesh is None or specs is None:
-                return model, opt_state
-            return constrain_train_state(model, opt_state, optimizer, mesh, specs)
-
-        if mode == "off":
-            return *keep_sharding(model, opt_state), metrics
-        if mode == "clip":
-            # after clip_until, tau = inf: every gamma is exactly 1 (a bit-exact no-op)
-            clip_tau = (
-                tau if clip_until is None else jnp.where(step_index < clip_until, tau, jnp.inf)
+        if mode != "off":
+            active = None if clip_until is None else step_index < clip_until
+            model, s_metrics = _clip_and_report(
+                model, s, tau=tau, alpha=alpha, clip=mode == "clip", active=active
             )
-            scaled = sum(jnp.sum(x) for x in clipped_heads(model, s, clip_tau))
-            model = qk_clip(model, s, clip_tau, alpha=alpha)
-            if clip_until is not None:
-                metrics["clip_active"] = (step_index < clip_until).astype(jnp.int32)
-        else:
-            scaled = jnp.zeros((), jnp.int32)
-        model, opt_state = keep_sharding(model, opt_state)
-        leaves = jax.tree.leaves(s)
-        over = [jnp.sum(clip_factors(x, tau) < 1) for x in leaves]
-        bound = any(
-            getattr(getattr(m, "config", None), "max_logit", "exact") == "lse_bound"
-            for m in clippable_modules(model)
-        )
-        suffix = "_lse_bound" if bound else ""  # the name says when it is not S
-        metrics.update(
-            {
-                "max_logits" + suffix: s,
-                "max_logit" + suffix: jnp.max(jnp.stack([jnp.max(x) for x in leaves])),
-            }
-        )
-        metrics.update(
-            heads_over_tau=sum(over),
-            heads_clipped=scaled,
-            n_nonfinite=sum(jnp.sum(~jnp.isfinite(x)) for x in leaves),
-        )
+            metrics.update(s_metrics)
+        metrics["first_nonfinite"] = _first_nonfinite(loss, metrics["grad_norm"], model)
+        if mesh is not None and specs is not None:  # pin the state: no later step recompiles
+            model, opt_state = constrain_train_state(model, opt_state, optimizer, mesh, specs)
         return model, opt_state, metrics
 
     jitted_step = step  # train_step's argument `step` is the step index

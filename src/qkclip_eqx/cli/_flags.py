@@ -11,7 +11,7 @@ import typing
 
 import jax
 
-from .._train import PRESETS, RunConfig, preset
+from .._run_config import PRESETS, RunConfig, preset
 
 
 def _parser_for(tp):

@@ -11,8 +11,9 @@ import dataclasses
 import pathlib
 import sys
 
+from .._evaluate import evaluate, format_table
 from .._run import load_run
-from .._train import RunError, evaluate, format_table, load_run_data
+from .._train import RunError, load_run_data
 from ._flags import add_cache_flag, use_compilation_cache
 
 

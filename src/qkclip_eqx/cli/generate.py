@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._evaluate import format_table
 from .._generate import generate
 from .._run import load_run
-from .._train import format_table
 from ._flags import add_cache_flag, use_compilation_cache
 
 

@@ -24,8 +24,9 @@ import jax
 import numpy as np
 
 from .._checkpoint import CheckpointError
+from .._evaluate import format_table
 from .._sinks import make_sinks, on_step_for, parse_log_to
-from .._train import RunError, format_table, train
+from .._train import RunError, train
 from . import plot
 from ._flags import add_cache_flag, add_run_flags, run_config_from_args, use_compilation_cache
 

@@ -1,0 +1,365 @@
+"""A training run's settings: [`qkclip_eqx.RunConfig`][], the presets, the
+optimizer and lr schedule they build, and what a resume may change.
+
+Every field of `RunConfig` is a flag of `qkclip-train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import optax
+
+from ._clip import check_tau_alpha
+from ._config import GQAConfig, MLAConfig, TransformerConfig
+from ._optim import muon_adamw, warmup_cosine, wsd
+
+Optimizer = Literal["muonclip", "muon", "adamw"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs. `optimizer="muonclip"` is Muon with
+    QK-Clip (`mode` clip by default); `"muon"` is Muon that never clips
+    (`monitor` or `off`); `"adamw"` monitors by default and clips with
+    `mode="clip"` (QK-Clip does not depend on the optimizer)."""
+
+    # model
+    attention: Literal["mla", "gqa"] = "mla"
+    n_layers: int = 4
+    dim: int = 128
+    n_heads: int = 4
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    n_kv_heads: int | None = None
+    head_dim: int = 32
+    mlp_hidden: int = 384
+    kernel: Literal["dense", "blockwise", "dot_product_attention"] = "dense"
+    block_size: int = 128
+    # kernel="dot_product_attention" only: S exact or the LSE bound, and the backend
+    max_logit: Literal["exact", "lse_bound"] = "exact"
+    attention_implementation: Literal["xla", "cudnn"] | None = None
+    # parameters and optimizer state (keep float32), and the matmuls' dtype:
+    # see TransformerConfig
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # optimisation
+    optimizer: Optimizer = "muonclip"
+    mode: Literal["clip", "monitor", "off"] | None = None  # None: clip for muonclip, else monitor
+    tau: float = 100.0
+    alpha: float = 0.5
+    clip_until: int | None = None  # clip mode: clip the updates of steps < clip_until only
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    final_lr_fraction: float = 0.0  # the lr the schedule ends at, as a fraction of lr
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 128
+    accum_steps: int = 1
+    seed: int = 0
+    # data, records
+    data: str | None = None
+    max_bytes: int = 8_000_000
+    out: str = "runs/default"
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    keep: int = 2
+    label: str | None = None
+    # devices: e.g. "data=4,model=2" (absent axes have size 1); None: one device
+    mesh: str | None = None
+
+    def __post_init__(self) -> None:
+        self.mesh_shape()  # validates the mesh string
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "accum_steps",
+            "eval_every",
+            "eval_batches",
+            "ckpt_every",
+            "keep",
+            "max_bytes",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RunConfig.{name} must be > 0, got {getattr(self, name)}")
+        try:
+            check_tau_alpha(self.tau, self.alpha)
+        except ValueError as e:
+            raise ValueError(f"RunConfig.{e}") from None
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError(
+                f"RunConfig.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"RunConfig.lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("muonclip", "muon", "adamw"):
+            raise ValueError(
+                f"RunConfig.optimizer must be muonclip, muon or adamw, got {self.optimizer!r}"
+            )
+        if self.mode is None:
+            object.__setattr__(self, "mode", "clip" if self.optimizer == "muonclip" else "monitor")
+        if self.mode not in ("clip", "monitor", "off"):
+            raise ValueError(f"RunConfig.mode must be clip, monitor or off, got {self.mode!r}")
+        if self.optimizer == "muon" and self.mode == "clip":
+            raise ValueError(
+                "RunConfig.mode='clip' with optimizer='muon': that is optimizer='muonclip'"
+            )
+        if self.batch_size % self.accum_steps:
+            raise ValueError(
+                f"RunConfig.batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}"
+            )
+        self.model_config()  # validates the model fields, naming the bad one
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        """The run's optimizer: [`qkclip_eqx.muon_adamw`][] (Muon and MuonClip) or
+        AdamW, on the run's lr schedule and weight decay."""
+        return optimizer(self)
+
+    def mesh_shape(self) -> dict[str, int] | None:
+        """`mesh` parsed: `{"data": d, "model": m, "seq": s}`, or None.
+
+        Raises `ValueError` when `mesh` does not look like
+        `"data=4,model=2,seq=1"`.
+        """
+        if self.mesh is None:
+            return None
+        shape = {"data": 1, "model": 1, "seq": 1}
+        for part in self.mesh.split(","):
+            name, _, size = part.partition("=")
+            if name.strip() not in shape or not size.strip().isdigit() or int(size) < 1:
+                raise ValueError(
+                    f"RunConfig.mesh must look like 'data=4,model=2,seq=1', got {self.mesh!r}"
+                )
+            shape[name.strip()] = int(size)
+        return shape
+
+    def model_config(self, vocab_size: int = 256) -> TransformerConfig:
+        """The [`qkclip_eqx.TransformerConfig`][] of the run's model (MLA or GQA
+        by `attention`), for a vocabulary of `vocab_size` tokens."""
+        if self.attention == "mla":
+            attn = MLAConfig(
+                dim=self.dim,
+                n_heads=self.n_heads,
+                q_lora_rank=self.q_lora_rank,
+                kv_lora_rank=self.kv_lora_rank,
+                qk_nope_head_dim=self.qk_nope_head_dim,
+                qk_rope_head_dim=self.qk_rope_head_dim,
+                v_head_dim=self.v_head_dim,
+                kernel=self.kernel,
+                block_size=self.block_size,
+                max_logit=self.max_logit,
+                implementation=self.attention_implementation,
+            )
+        else:
+            attn = GQAConfig(
+                dim=self.dim,
+                n_heads=self.n_heads,
+                n_kv_heads=self.n_kv_heads,
+                head_dim=self.head_dim,
+                kernel=self.kernel,
+                block_size=self.block_size,
+                max_logit=self.max_logit,
+                implementation=self.attention_implementation,
+            )
+        return TransformerConfig(
+            vocab_size=vocab_size,
+            n_layers=self.n_layers,
+            mlp_hidden=self.mlp_hidden,
+            attention=attn,
+            param_dtype=self.param_dtype,
+            compute_dtype=self.compute_dtype,
+        )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # a few seconds: the tests
+    "tiny": dict(
+        n_layers=2,
+        dim=32,
+        n_heads=2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        head_dim=8,
+        mlp_hidden=64,
+        steps=20,
+        batch_size=4,
+        seq_len=32,
+        warmup_steps=4,
+        eval_every=10,
+        eval_batches=2,
+        ckpt_every=10,
+        max_bytes=400_000,
+    ),
+    # the default run (its time: docs/benchmarks.md). A model this small, trained
+    # this briefly, does not reach K2's tau = 100 at a stable lr; lr 2e-2 grows
+    # S to ~60 within 150 steps, so the cap is shown at tau = 30, the threshold
+    # of the K2 ablation (Fig. 12).
+    "small": dict(lr=2e-2, tau=30.0),
+    # about 100M parameters (100.4M with byte tokens), for an accelerator:
+    # float32 master weights and optimizer state, bfloat16 matmuls
+    "gpu-100m": dict(
+        n_layers=15,
+        dim=768,
+        n_heads=12,
+        q_lora_rank=384,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        head_dim=64,
+        mlp_hidden=2048,
+        steps=5000,
+        batch_size=64,
+        seq_len=1024,
+        kernel="blockwise",
+        compute_dtype="bfloat16",
+        lr=2e-3,
+        warmup_steps=250,
+        eval_every=250,
+        ckpt_every=500,
+        max_bytes=64_000_000,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> RunConfig:
+    """A [`qkclip_eqx.RunConfig`][] from a named preset.
+
+    **Arguments:**
+
+    - `name`: a key of [`qkclip_eqx.PRESETS`][].
+    - `**overrides`: fields of [`qkclip_eqx.RunConfig`][] that replace the
+      preset's.
+
+    **Returns:**
+
+    The [`qkclip_eqx.RunConfig`][].
+
+    **Raises:**
+
+    `ValueError` when `name` is not a preset, or the config is invalid.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return RunConfig(**{**PRESETS[name], **overrides})
+
+
+def schedule(cfg: RunConfig) -> optax.Schedule:
+    if cfg.schedule == "wsd":
+        return wsd(
+            cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            total_steps=cfg.steps,
+            decay_fraction=cfg.decay_fraction,
+            final_fraction=cfg.final_lr_fraction,
+        )
+    if cfg.schedule == "cosine":
+        return warmup_cosine(
+            cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            total_steps=cfg.steps,
+            final_fraction=cfg.final_lr_fraction,
+        )
+    return optax.constant_schedule(cfg.lr)
+
+
+def optimizer(cfg: RunConfig) -> optax.GradientTransformation:
+    lr = schedule(cfg)
+    if cfg.optimizer == "adamw":
+        return optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay)
+    return muon_adamw(lr, weight_decay=cfg.weight_decay)
+
+
+# What a resume may change (docs/checkpoints.md, "What a resume may change"). MUST_MATCH: the fields that
+# shape the model, the optimizer state or the data stream; a checkpoint whose
+# values differ is refused, naming each field. Every other field may change,
+# with the effect stated here (and printed when a resume changes it).
+MUST_MATCH = (
+    # architecture (and the dtype of the stored parameters)
+    "attention",
+    "n_layers",
+    "dim",
+    "n_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_kv_heads",
+    "head_dim",
+    "mlp_hidden",
+    "param_dtype",
+    # data: which bytes, and the batches drawn from them at each step
+    "data",
+    "max_bytes",
+    "batch_size",
+    "seq_len",
+    "seed",
+    # optimizer kind: the layout and meaning of the optimizer state
+    "optimizer",
+)
+MAY_CHANGE = {
+    "lr": "the lr schedule is recomputed; from the resume step on, the lr is the new schedule's value at that step",
+    "schedule": "as lr",
+    "warmup_steps": "as lr",
+    "decay_fraction": "as lr",
+    "final_lr_fraction": "as lr",
+    "steps": "the run ends at the new step count, and the warmup/decay schedule is recomputed for it "
+    "(from the resume step on, the lr is the new schedule's value at that step)",
+    "weight_decay": "applies from the resume step on",
+    "tau": "QK-Clip uses the new threshold from the resume step on",
+    "alpha": "as tau",
+    "mode": "as tau",
+    "clip_until": "as tau",
+    "mesh": "the same maths in another arithmetic order: results agree to rounding, not bit for bit",
+    "kernel": "as mesh",
+    "block_size": "as mesh",
+    "attention_implementation": "as mesh",
+    "max_logit": "from the resume step on, QK-Clip acts on (and the metrics report) the new "
+    "choice: S, or its log-sum-exp upper bound",
+    "compute_dtype": "as mesh",
+    "accum_steps": "as mesh",
+    "eval_every": "no effect on training",
+    "eval_batches": "no effect on training",
+    "ckpt_every": "no effect on training",
+    "keep": "no effect on training",
+    "label": "no effect on training",
+    "out": "no effect on training",
+}
+
+
+def meta_of(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed (`MUST_MATCH`)."""
+    config = dataclasses.asdict(cfg)
+    return {"config": {name: config[name] for name in MUST_MATCH}, "vocab_size": vocab_size}
+
+
+def resume_changes(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """One line per may-change field that differs from the checkpoint's run,
+    with its effect (`MAY_CHANGE`); the lr at the resume step is named when
+    the schedule changes it."""
+    run, now = stored.get("run", {}), dataclasses.asdict(cfg)
+    lines = []
+    for name, effect in MAY_CHANGE.items():
+        if name in run and run[name] != now[name]:
+            lines.append(f"{name}: {run[name]!r} -> {now[name]!r}: {effect}")
+    step = stored.get("step", 0)
+    try:
+        before = float(schedule(RunConfig(**run))(step))  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
+    except (TypeError, ValueError):
+        before = None
+    after = float(schedule(cfg)(step))  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
+    if before is not None and before != after:
+        lines.append(f"lr at the resume step {step}: {before:.6g} -> {after:.6g}")
+    return lines
