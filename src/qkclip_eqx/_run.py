@@ -66,9 +66,11 @@ def run_directory_of(path: str | os.PathLike) -> pathlib.Path:
 
 def _config_of(path: pathlib.Path, meta: dict[str, Any]) -> RunConfig:
     try:
-        return RunConfig(**meta["run"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the checkpoint's run config is not usable here: {e}") from e
+        return RunConfig.from_dict(meta["run"], source=f"{path} (its run config)")
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the checkpoint's meta holds no {e}") from e
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def _like(cfg: RunConfig, vocab_size: int) -> tuple[Any, Any]:
