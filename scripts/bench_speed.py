@@ -24,8 +24,8 @@ backward and optimizer update, and the model FLOPs per step with the MFU
 against the float32 matmul peak measured in the same run (a 2048^3 matmul),
 and each process's minor page faults and system CPU time per step: XLA:CPU
 allocates a step's scratch memory (146 MiB here) afresh at every call, and
-glibc maps blocks that large from the kernel each time (README, "Measured on a
-2-core CPU machine"). Allocator settings in the environment (``LD_PRELOAD``,
+glibc maps blocks that large from the kernel each time (docs/benchmarks.md,
+"Page faults and the allocator"). Allocator settings in the environment (``LD_PRELOAD``,
 ``GLIBC_TUNABLES``) apply to both implementations, since the PyTorch workers
 inherit them.
 
@@ -330,7 +330,7 @@ def main(argv=None) -> None:
         )
     print(
         "faults, sys ms: minor page faults and system CPU time of one step (median), the "
-        "process's own; see README on XLA:CPU's scratch memory and the allocator"
+        "process's own; see docs/benchmarks.md on XLA:CPU's scratch memory and the allocator"
     )
     for n in impls:
         if n != "qkclip_eqx":

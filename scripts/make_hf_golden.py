@@ -24,6 +24,14 @@ Attention with plain RoPE, and two with YaRN RoPE scaling:
                                           block: factor 64, beta_fast = beta_slow = 1,
                                           rope_theta 50000)
 
+and one whole model (`DeepseekV3ForCausalLM`):
+
+    tests/data/hf_dsv3_model_yarn.npz    (2 dense layers, first_k_dense_replace=2,
+                                          q_lora_rank=32, DeepSeek-V3's yarn block,
+                                          vocab 97, intermediate_size 96,
+                                          rms_norm_eps 1e-5 != the attention norms'
+                                          1e-6, untied head)
+
 The YaRN cases run at positions 5000..5000+seq-1, past the original context,
 where the interpolated frequencies differ from plain RoPE's.
 
@@ -45,6 +53,12 @@ Each .npz holds:
   * "versions"       0-d str         torch / transformers / numpy versions, as JSON.
 
 The plain-RoPE inputs use position ids 0..seq-1; every case a standard causal mask.
+
+The whole-model file holds every state-dict entry of the model under its
+transformers name (with the `model.` prefix), "input_ids" [seq], "position_ids"
+[seq], "logits" [seq, vocab] (eager, float32), "max_logits" [layers, heads]
+(captured as above, one softmax per layer), "config_json" (config.to_dict())
+and "versions".
 """
 
 from __future__ import annotations
@@ -416,10 +430,79 @@ def check_file(path: pathlib.Path) -> None:
     print(f"  versions: {arrays['versions']}")
 
 
+MODEL_FILE = "hf_dsv3_model_yarn.npz"
+MODEL_VOCAB, MODEL_LAYERS, MODEL_INTERMEDIATE, MODEL_EPS = 97, 2, 96, 1e-5
+
+
+def make_model_golden(out_path: pathlib.Path) -> dict:
+    """A small random all-dense DeepseekV3ForCausalLM: its state dict, logits and S."""
+    base = dict(BASE_CONFIG, rms_norm_eps=MODEL_EPS)
+    extended = int(DSV3_YARN["factor"] * DSV3_YARN["original_max_position_embeddings"])
+    base.update(rope_scaling=dict(DSV3_YARN), max_position_embeddings=extended)
+    config = DeepseekV3Config(
+        **base,
+        q_lora_rank=32,
+        vocab_size=MODEL_VOCAB,
+        num_hidden_layers=MODEL_LAYERS,
+        intermediate_size=MODEL_INTERMEDIATE,
+        first_k_dense_replace=MODEL_LAYERS,  # every layer dense
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+        dtype="float32",
+    )
+    generator = torch.Generator().manual_seed(SEED)
+    model = transformers.DeepseekV3ForCausalLM(config).to(torch.float32).eval()
+    assert all(isinstance(layer.mlp, hf_dsv3.DeepseekV3MLP) for layer in model.model.layers), (
+        "expected dense MLPs only"
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if "norm" in name:
+                param.copy_(1.0 + NORM_STD * noise)
+            elif "embed_tokens" in name:
+                param.copy_(noise)
+            else:
+                param.copy_(LINEAR_STD * noise)
+    input_ids = torch.randint(0, MODEL_VOCAB, (1, SEQ_LEN), generator=generator)
+    position_ids = YARN_START + torch.arange(SEQ_LEN)[None, :]
+    captured: list[torch.Tensor] = []
+    with torch.no_grad(), capture_pre_softmax_logits(captured):
+        logits = model(input_ids=input_ids, position_ids=position_ids).logits
+    assert len(captured) == MODEL_LAYERS, len(captured)
+    allowed = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()
+    max_logits = torch.stack(
+        [torch.where(allowed, c, torch.tensor(-torch.inf)).amax(dim=(-1, -2))[0] for c in captured]
+    )
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
+    arrays = {
+        name: t.detach().cpu().numpy().astype(np.float32) for name, t in model.state_dict().items()
+    }
+    arrays["input_ids"] = input_ids[0].numpy().astype(np.int32)
+    arrays["position_ids"] = position_ids[0].numpy().astype(np.int32)
+    arrays["logits"] = logits[0].numpy().astype(np.float32)
+    arrays["max_logits"] = max_logits.numpy().astype(np.float32)
+    arrays["config_json"] = np.array(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    arrays["versions"] = np.array(json.dumps(versions, sort_keys=True))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out_path, **arrays)
+    shapes = {k: v.shape for k, v in arrays.items() if k.endswith(".weight")}
+    print(f"{out_path.name}: {out_path.stat().st_size} bytes; {len(shapes)} weights")
+    print(f"  max_logits: {arrays['max_logits']}")
+    print(f"  versions: {arrays['versions']}")
+    return arrays
+
+
 def main(names: list[str]) -> None:
     for name in names or list(CASES):
-        if name not in CASES:
-            raise SystemExit(f"unknown case {name!r}; choose from {sorted(CASES)}")
+        if name not in CASES and name != MODEL_FILE:
+            raise SystemExit(f"unknown case {name!r}; choose from {sorted([*CASES, MODEL_FILE])}")
+    if not names or MODEL_FILE in names:
+        make_model_golden(OUT_DIR / MODEL_FILE)
     for filename, (q_lora_rank, rope_scaling, start, rope_theta) in CASES.items():
         if names and filename not in names:
             continue

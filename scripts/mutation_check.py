@@ -1,7 +1,7 @@
 """Mutation check: does the suite catch small, plausible bugs?
 
 Each mutant below is one (or a few) text replacements in the library, a bug of
-a kind that once survived a review or that the paper's algorithm invites
+a kind that a review could miss or that the paper's algorithm invites
 (Kimi K2 report, arXiv 2507.20534, sec. 2.1 and Algorithm 1; Moonlight, arXiv
 2502.16982). For each, one at a time, the script
 
@@ -571,6 +571,33 @@ MUTANTS: list[Mutant] = [
             D, lit("rng = np.random.default_rng([seed, step])"), "rng = np.random.default_rng(step)"
         ),
         ["tests/test_data.py::test_get_batch_deterministic_and_stateless"],
+    ),
+    # ---- users' own models: eqx.nn.MultiheadAttention, routing, GQA decoding ---------------------
+    M(
+        "eqx_mha_clip_leaves_biases",
+        "QK-Clip of an eqx.nn.MultiheadAttention scales the q/k weights but not their biases",
+        Edit(
+            SRC + "_eqx_attention.py",
+            lit("if lin.bias is not None:"),
+            "if False:",
+        ),
+        ["tests/test_eqx_attention.py::test_clip_identity_per_head_with_biases_and_rope"],
+    ),
+    M(
+        "routing_exclude_ignored",
+        "matrix_dimension_numbers' exclude= leaves the embedding and head on Muon",
+        Edit(O, lit("if exclude is not None and jax.tree.leaves(params):"), "if False:"),
+        ["tests/test_routing.py"],
+    ),
+    M(
+        "kv_decode_groups_tiled",
+        "GQA decoding pairs query head h with kv head h % n_kv_heads, not h // group",
+        Edit(
+            DEC,
+            lit("k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)"),
+            "k, v = jnp.tile(k, (1, group, 1)), jnp.tile(v, (1, group, 1))",
+        ),
+        ["tests/test_decode.py::test_gqa_decode_equals_full_forward_and_s_the_float64_reference"],
     ),
 ]
 

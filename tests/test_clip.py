@@ -560,8 +560,8 @@ def test_bad_inputs_raise(mla, mla_transformer):
         qk_clip(mla, jnp.ones((3,)), 1.0)
     with pytest.raises(ValueError, match="heads"):
         qk_clip(mla_transformer, jnp.ones((3, 5)), 1.0)
-    # S without the layer axis for scanned layers: once silently scaled the wrong
-    # rows (v rows of wkv_b, q_R by sqrt(gamma)); S with the wrong layer count
+    # S without the layer axis for scanned layers would scale the wrong rows
+    # (v rows of wkv_b, q_R by sqrt(gamma)) if accepted; S with the wrong layer count
     with pytest.raises(ValueError, match="layer"):
         qk_clip(mla_transformer, jnp.full((4,), 400.0), 1.0)
     with pytest.raises(ValueError, match="layer"):

@@ -20,6 +20,8 @@ import pytest
 from builders import init_from_numpy
 from qkclip_eqx import (
     GQAConfig,
+    GQAttention,
+    KVCache,
     MLACache,
     MLAConfig,
     MLAttention,
@@ -360,9 +362,12 @@ def test_bad_inputs_are_named(model):
         mlp_hidden=8,
         attention=GQAConfig(dim=8, n_heads=2, head_dim=4),
     )
-    g = eqx.filter_eval_shape(Transformer, gqa, key=jax.random.key(0))
-    with pytest.raises(TypeError, match="MLA"):
-        g.init_cache(4)
+    g = Transformer(gqa, key=jax.random.key(0))
+    assert isinstance(g.init_cache(4), KVCache)
+    with pytest.raises(ValueError, match="expected a KVCache"):  # an MLA model's cache
+        g.decode(jnp.zeros(1, jnp.int32), m.init_cache(4))
+    with pytest.raises(ValueError, match="expected a MLACache"):
+        m.decode(jnp.zeros(1, jnp.int32), g.init_cache(4))
     bidir = dataclasses.replace(ATTN["qlora"], causal=False)
     a = build_attention(bidir)
     with pytest.raises(ValueError, match="causal"):
@@ -385,3 +390,105 @@ def test_bf16_compute_decode_is_close():
     scale = float(jnp.abs(logits_full).max())
     np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_full), atol=3e-2 * scale)
     np.testing.assert_allclose(np.asarray(s_steps.max(0)), np.asarray(s_full), rtol=3e-2)
+
+
+# --------------------------------------------------------------------------
+# GQA and MHA: the standard k/v cache
+# --------------------------------------------------------------------------
+
+GQA_ATTN = {
+    "gqa": GQAConfig(dim=32, n_heads=4, n_kv_heads=2, head_dim=8),
+    "mha": GQAConfig(dim=32, n_heads=3, head_dim=8),
+}
+
+
+def build_gqa(config, seed=0):
+    rng = np.random.default_rng(seed)
+    shape_tree = eqx.filter_eval_shape(GQAttention, config, key=jax.random.key(0))
+    return jax.tree.map(  # larger than 1/fan_in so that logits spread over several units
+        lambda a: jnp.asarray(2.0 * rng.standard_normal(a.shape) / np.sqrt(a.shape[-1]), a.dtype),
+        shape_tree,
+    )
+
+
+def np_gqa_row_max_logits(m: GQAttention, x) -> np.ndarray:
+    """[seq, heads]: per query, the max over keys j <= i of q.k / sqrt(head_dim),
+    float64, "half" RoPE (pairs (i, i + d/2)), query head h on key head h // group."""
+    c = m.config
+    x = np.asarray(x, np.float64)
+    q = np.einsum("si,hdi->shd", x, np.asarray(m.wq, np.float64))
+    k = np.einsum("si,hdi->shd", x, np.asarray(m.wk, np.float64))
+
+    def rope(a):
+        d = a.shape[-1]
+        ang = np.arange(a.shape[0])[:, None, None] * c.rope_theta ** (-np.arange(0, d, 2) / d)
+        a1, a2 = a[..., : d // 2], a[..., d // 2 :]
+        return np.concatenate(
+            [a1 * np.cos(ang) - a2 * np.sin(ang), a2 * np.cos(ang) + a1 * np.sin(ang)], -1
+        )
+
+    q, k = rope(q), np.repeat(rope(k), c.n_heads // k.shape[1], axis=1)
+    logits = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(c.head_dim)
+    causal = np.tril(np.ones((x.shape[0], x.shape[0]), bool))
+    return np.where(causal, logits, -np.inf).max(-1).T
+
+
+@pytest.fixture(scope="module", params=list(GQA_ATTN))
+def gqa_attention(request):
+    module = build_gqa(GQA_ATTN[request.param])
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((T, module.config.dim)), jnp.float32)
+    return module, x
+
+
+@pytest.mark.parametrize("clipped", [False, True], ids=["before_clip", "after_clip"])
+def test_gqa_decode_equals_full_forward_and_s_the_float64_reference(gqa_attention, clipped):
+    module, x = gqa_attention
+    if clipped:
+        _, s = full(module, x)
+        module = clip(module, s, float(np.median(np.asarray(s))))
+    out_full, s_full = full(module, x)
+    out, s_steps, cache = decode_in_steps(module, x)
+    scale = float(jnp.abs(out_full).max())
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_full), rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(np.asarray(s_steps.max(0)), np.asarray(s_full), rtol=1e-5, atol=1e-5)
+    rows = np_gqa_row_max_logits(module, x)
+    expected = np.concatenate([rows[:PREFILL].max(0, keepdims=True), rows[PREFILL:]])
+    np.testing.assert_allclose(np.asarray(s_steps), expected, rtol=1e-5, atol=1e-5)
+    assert np.ptp(expected) > 1.0
+    c = module.config
+    assert cache.k.shape == cache.v.shape == (T + 2, c.n_kv_heads, c.head_dim)
+    assert int(cache.length) == T and np.all(np.asarray(cache.k[T:]) == 0)
+
+
+@pytest.fixture(scope="module", params=list(GQA_ATTN))
+def gqa_model(request):
+    cfg = TransformerConfig(
+        vocab_size=VOCAB, n_layers=LAYERS, mlp_hidden=48, attention=GQA_ATTN[request.param]
+    )
+    m = init_from_numpy(lambda k: Transformer(cfg, key=k), seed=3)
+    m = eqx.tree_at(lambda m: m.blocks.attn.wq, m, 3.0 * m.blocks.attn.wq)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, VOCAB, T), jnp.int32)
+    return m, tokens
+
+
+def test_gqa_transformer_decode_equals_full_forward(gqa_model):
+    m, tokens = gqa_model
+    logits_full, s_full = forward(m, tokens)
+    logits, s_steps, cache = model_in_steps(m, tokens)
+    rel = (
+        np.abs(np.asarray(logits) - np.asarray(logits_full)).max(-1)
+        / np.abs(np.asarray(logits_full)).max()
+    )
+    assert rel.shape == (T,) and rel.max() <= 1e-4, rel
+    np.testing.assert_allclose(np.asarray(s_steps.max(0)), np.asarray(s_full), rtol=1e-5, atol=1e-6)
+    assert isinstance(cache, KVCache) and int(cache.length) == T
+    c = m.config.attention
+    assert cache.k.shape == (LAYERS, T, c.n_kv_heads, c.head_dim)
+    # layer 0 at every decoded position, against the float64 reference
+    attn0 = jax.tree.map(lambda a: a[0], m.blocks.attn)
+    e = np.asarray(m.embed, np.float64)[np.asarray(tokens)]
+    x0 = e / np.sqrt(np.mean(e * e, -1, keepdims=True) + m.config.norm_eps)
+    x0 = x0 * np.asarray(m.blocks.attn_norm.weight[0], np.float64)
+    rows = np_gqa_row_max_logits(attn0, x0)
+    expected = np.concatenate([rows[:PREFILL].max(0, keepdims=True), rows[PREFILL:]])
+    np.testing.assert_allclose(np.asarray(s_steps[:, 0]), expected, rtol=1e-5, atol=1e-5)

@@ -118,14 +118,41 @@ def test_bad_arguments_are_named(model):
         generate(m, prompt, 0)
     with pytest.raises(ValueError, match="prompt"):
         generate(m, prompt[:0], 3)
-    gqa = dataclasses.replace(CONFIG, attention=GQAConfig(dim=16, n_heads=2, head_dim=8))
-    with pytest.raises(TypeError, match="MLA"):
-        generate(eqx.filter_eval_shape(Transformer, gqa, key=jax.random.key(0)), prompt, 3)
 
 
 # --------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------
+
+
+def test_gqa_greedy_is_the_full_forward_argmax():
+    """A GQA model (two query heads per key head) generates over its k/v cache:
+    the tokens are the full forward's argmax and S is the full forward's."""
+    gqa = dataclasses.replace(
+        CONFIG, attention=GQAConfig(dim=16, n_heads=4, n_kv_heads=2, head_dim=8)
+    )
+    m = init_from_numpy(lambda k: Transformer(gqa, key=k), seed=5)
+    prompt = jnp.asarray(np.random.default_rng(6).integers(0, VOCAB, PROMPT), jnp.int32)
+    tokens, s = run(m, prompt, NEW)
+    logits, s_full = forward(m, jnp.concatenate([prompt, tokens])[:-1])
+    np.testing.assert_array_equal(
+        np.asarray(tokens), np.argmax(np.asarray(logits[PROMPT - 1 :]), -1)
+    )
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s_full), rtol=1e-5)
+    assert s.shape == (2, 4) and len(set(np.asarray(tokens).tolist())) > 1
+
+
+def test_cli_generates_from_a_gqa_checkpoint(tmp_path, capsys):
+    cfg = preset("tiny", out=str(tmp_path), n_layers=1, attention="gqa")
+    m = init_from_numpy(lambda k: Transformer(cfg.model_config(256), key=k), seed=9)
+    state = optimizer(cfg).init(eqx.filter(m, eqx.is_array))
+    meta = {**meta_of(cfg, 256), "step": 1, "run": dataclasses.asdict(cfg)}
+    save_checkpoint(tmp_path, 1, (m, state), meta=meta)
+    assert cli.main([str(tmp_path), "--prompt-tokens", "100,101", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    tokens, _ = run(m, jnp.array([100, 101], jnp.int32), 4)
+    text = bytes([100, 101, *np.asarray(tokens).tolist()]).decode("utf-8", "replace")
+    assert text in out
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,20 @@ written, unpatched: each page's blocks in order in one namespace, as a reader
 pastes them (a later block uses the imports of an earlier one). The only names
 given to a block are those its page says the reader brings: ``docs/hf.md``
 loads "a Hugging Face checkpoint's" ``state_dict`` and ``config``, here one of
-the golden files of ``tests/test_hf.py``.
+the golden files of ``tests/test_hf.py``, and a whole model's ``model_state_dict``,
+``model_config``, ``model_tokens`` and ``model_positions``, the golden file of
+``tests/test_hf_model.py``.
 
 Blocks are found by what they contain, not by position, and every block is
 claimed by a test below. They also do what they say: the library example's
 train step clips at tau = 100 (checked against NumPy's QK-Clip of the weights
 it was given, and by re-measuring S), the own-attention example is found and
 clipped by ``qk_clip``, the decoding example gives the shapes it states, and
-the loader example loads the golden weights."""
+the loader example loads the golden weights.
+
+Besides the blocks: the README opens with the two commands a new user types
+(and ``.ci/run`` runs the same test command), its relative links resolve, and
+``docs/checkpoints.md`` names exactly the fields the resume rules hold."""
 
 import functools
 import json
@@ -32,10 +38,12 @@ TAU = 100.0  # the README's make_train_step(opt, mode="clip", tau=100.0)
 # Which block each test runs, by a text only that block holds.
 CLAIMED = {
     ("README.md", "qc.make_train_step("): "test_library_example_runs",
-    ("README.md", "class MyAttention("): "test_own_clippable_attention_example",
-    ("README.md", "qc.generate"): "test_readme_decoding_example_runs",
+    ("docs/attention.md", "class MyAttention("): "test_own_clippable_attention_example",
+    ("docs/decoding.md", "qc.generate"): "test_docs_decoding_example_runs",
     ("docs/index.md", "qc.qk_clip("): "test_docs_index_example_runs",
     ("docs/hf.md", "qc.hf.mla_from_hf("): "test_docs_hf_example_loads_the_golden_weights",
+    ("docs/own-models.md", "qc.ClippableMultiheadAttention("): "test_docs_own_models_example",
+    ("docs/hf.md", "qc.hf.transformer_from_hf("): "test_docs_hf_whole_model_example",
 }
 
 
@@ -50,10 +58,27 @@ def _hf_checkpoint() -> dict:
     config = json.loads(str(arrays.pop("config_json")))
     for k in ("hidden_states", "output", "max_logits", "versions", "position_ids"):
         arrays.pop(k, None)
-    return {"state_dict": arrays, "config": config}
+    # and a whole model's (the golden file of tests/test_hf_model.py)
+    with np.load(ROOT / "tests" / "data" / "hf_dsv3_model_yarn.npz") as f:
+        model = {k: f[k] for k in f.files}
+    given = {
+        "model_config": json.loads(str(model.pop("config_json"))),
+        "model_tokens": jnp.asarray(model.pop("input_ids")),
+        "model_positions": jnp.asarray(model.pop("position_ids")),
+        "model_logits": model.pop("logits"),
+    }
+    model.pop("max_logits"), model.pop("versions")
+    return {"state_dict": arrays, "config": config, "model_state_dict": model, **given}
 
 
 GIVEN = {"docs/hf.md": _hf_checkpoint}
+
+
+def test_docs_hf_whole_model_example():
+    """docs/hf.md: the whole model gives transformers' logits (the golden file's)."""
+    scope, _ = _namespace("docs/hf.md", "qc.hf.transformer_from_hf(")
+    np.testing.assert_allclose(scope["logits"], scope["model_logits"], rtol=0, atol=1e-5)
+    assert scope["S"].shape == (2, 4)
 
 
 @functools.cache
@@ -120,7 +145,7 @@ def test_library_example_runs():
 
 
 def test_own_clippable_attention_example():
-    scope, _ = _namespace("README.md", "class MyAttention(")
+    scope, _ = _namespace("docs/attention.md", "class MyAttention(")
     qc = scope["qc"]
 
     ones = jnp.ones((2, 4, 8))
@@ -135,9 +160,9 @@ def test_own_clippable_attention_example():
     assert np.array_equal(clipped.wq[1], attn.wq[1]) and np.array_equal(clipped.wk[1], attn.wk[1])
 
 
-def test_readme_decoding_example_runs():
-    """The decoding block gives the shapes it states."""
-    scope, _ = _namespace("README.md", "qc.generate")
+def test_docs_decoding_example_runs():
+    """docs/decoding.md: the decoding block gives the shapes it states."""
+    scope, _ = _namespace("docs/decoding.md", "qc.generate")
     assert scope["logits"].shape == (1, 256) and scope["S"].shape == (2, 2)
     assert int(scope["cache"].length) == 4 and scope["cache"].c_kv.shape == (2, 16, 16)
     assert scope["tokens"].shape == (8,)
@@ -159,3 +184,83 @@ def test_docs_hf_example_loads_the_golden_weights():
     (key,) = [k for k in state if k.endswith("kv_a_proj_with_mqa.weight")]
     np.testing.assert_array_equal(np.asarray(attn.wkv_a), state[key])
     assert attn.wq_a is not None and attn.wq.shape[0] == scope["config"]["num_attention_heads"]
+
+
+# The README's first two blocks are what a user types on a fresh machine:
+# install and train, install and test. .ci/run runs the same test command.
+MAIN_COMMAND = "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && qkclip-train"
+TEST_COMMAND = (
+    "python3 -m venv .venv && . .venv/bin/activate"
+    ' && pip install -e ".[test]" && python -m pytest -q'
+)
+
+
+def test_readme_starts_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    first = re.findall(r"```(\w*)\n(.*?)```", text, re.S)[:2]
+    assert first == [("bash", MAIN_COMMAND + "\n"), ("bash", TEST_COMMAND + "\n")]
+    assert text.index(MAIN_COMMAND) < text.index("\n## ")  # before any section
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python -m pytest -q\n" in ci and 'pip install -q -e ".[$extras]"' in ci
+
+
+def test_readme_links_resolve():
+    """Every relative link of the README names a file or folder of the repository."""
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 10
+    assert [link for link in local if not (ROOT / link).exists()] == []
+
+
+def _bullet_names(page: str, section: str, lead: str) -> set[str]:
+    """The backticked names of the bullet list under ``section`` that follows ``lead``."""
+    text = (ROOT / page).read_text()
+    body = text[text.index(section) :]
+    body = body[body.index(lead) :]
+    bullets = body[: body.index("\n\n", body.index("\n- "))]
+    names = set()
+    for item in re.split(r"\n- ", bullets)[1:]:
+        head = item.split(":")[0] if lead.startswith("Everything else") else item
+        names |= set(re.findall(r"`(\w+)`", head))
+    return names
+
+
+def test_resume_rules_documented():
+    """docs/checkpoints.md names exactly the fields a resume must keep and may change."""
+    from qkclip_eqx._run_config import MAY_CHANGE, MUST_MATCH
+
+    page, section = "docs/checkpoints.md", "## What a resume may change"
+    assert _bullet_names(page, section, "These must match") == set(MUST_MATCH)
+    assert _bullet_names(page, section, "Everything else may change") == set(MAY_CHANGE)
+
+
+def test_train_step_metrics_documented():
+    """Every metric the README's step returns is named in docs/train-step.md."""
+    scope, _ = _namespace("README.md", "qc.make_train_step(")
+    text = (ROOT / "docs" / "train-step.md").read_text()
+    section = text[text.index("## Metrics") :]
+    assert {"loss", "max_logits", "heads_clipped"} <= set(scope["metrics"])
+    assert set(scope["metrics"]) <= set(re.findall(r"`(\w+)`", section))
+
+
+def test_docs_own_models_example():
+    """docs/own-models.md: the user's eqx.nn.MultiheadAttention model trains with
+    the clip, routes embedding and head to AdamW, and after a clip at the
+    median S re-running the batch gives min(S, tau) per head."""
+    scope, block = _namespace("docs/own-models.md", "qc.ClippableMultiheadAttention(")
+    qc, model, tokens = scope["qc"], scope["model"], scope["tokens"]
+    assert scope["metrics"]["max_logits"].shape == (4,)
+    assert isinstance(scope["plain"], eqx.nn.MultiheadAttention)
+    assert "tau=100.0" in block.replace(" ", "")
+    # routing: the embedding and head are in no Muon state, the attention's matrices are
+    muon_state = scope["state"].inner_states["muon"].inner_state[0]
+    paths = {
+        jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(muon_state)[0]
+    }
+    assert any(".attn.mha.query_proj.weight" in p for p in paths)
+    assert not any(".embedding" in p or ".head" in p for p in paths)
+    _, s = map(np.asarray, _forward(model, tokens))
+    tau = float(np.median(s))
+    _, s_after = map(np.asarray, _forward(qc.qk_clip(model, jnp.asarray(s), tau), tokens))
+    np.testing.assert_allclose(s_after, np.minimum(s, tau), rtol=1e-5)
+    assert np.sum(s > tau) == 2

@@ -317,9 +317,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_older(tmp_path, data, straight,
 
 
 def test_resume_may_change_lr_and_steps_with_stated_effect(tmp_path, data, straight, capsys):
-    """lr and steps may change on resume (README, 'Resuming'): the run continues
-    from the checkpoint, says what changed and what the lr at the resume step
-    was and is, and logs the new schedule's lr from there on."""
+    """lr and steps may change on resume (docs/checkpoints.md, 'What a resume
+    may change'): the run continues from the checkpoint, says what changed and
+    what the lr at the resume step was and is, and logs the new schedule's lr
+    from there on."""
     _copy_checkpoints(straight.out, tmp_path, [N])
     cfg = dataclasses.replace(_cfg(tmp_path), lr=1e-3, steps=N + 2)
     resumed = train(cfg, resume=True, progress=False, data=data)

@@ -21,7 +21,9 @@ from ._data import eval_batches as eval_batches
 from ._data import get_batch as get_batch
 from ._data import load_data as load_data
 from ._data import stdlib_corpus as stdlib_corpus
+from ._decode import KVCache as KVCache
 from ._decode import MLACache as MLACache
+from ._eqx_attention import ClippableMultiheadAttention as ClippableMultiheadAttention
 from ._evaluate import evaluate as evaluate
 from ._generate import generate as generate
 from ._generate import sample_token as sample_token
@@ -58,8 +60,10 @@ __all__ = [
     "AbstractQKClippable",
     "Block",
     "CheckpointError",
+    "ClippableMultiheadAttention",
     "GQAConfig",
     "GQAttention",
+    "KVCache",
     "LoadedRun",
     "MLACache",
     "MLAConfig",

@@ -18,7 +18,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import GQAConfig, MLAConfig, ParallelAxes
-from ._decode import MLACache, absorbed_attention, write_cache
+from ._decode import (
+    KVCache,
+    MLACache,
+    absorbed_attention,
+    cached_attention,
+    write_cache,
+    write_kv_cache,
+)
 from ._kernels import attend, softmax_scale
 from ._layers import RMSNorm, cast_arrays, init_weight, linear
 from ._rope import apply_rope
@@ -494,6 +501,60 @@ class GQAttention(AbstractQKClippable):
             parallel=parallel,
             segment_length=segment_length,
         )
+
+    def init_cache(self, max_len: int) -> KVCache:
+        """An empty k/v cache of `max_len` slots for `decode`, `[max_len,
+        kv_heads, head_dim]` each, in the compute dtype (the weights' dtype when
+        that is None).
+
+        Raises `ValueError` when `max_len` is not a positive int.
+        """
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        dtype = self.wk.dtype if self.compute_dtype is None else jnp.dtype(self.compute_dtype)
+        shape = (max_len, *self.wk.shape[:2])
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    def decode(
+        self, x: Float[Array, "t dim"], cache: KVCache
+    ) -> tuple[Float[Array, "t dim"], Float[Array, " heads"], KVCache]:
+        """Attention of `t` new tokens at positions `cache.length ..
+        cache.length + t - 1` over the cache and themselves (causal).
+
+        The rotated keys and the values are cached; equal to `__call__` on the
+        whole sequence, at every new position, within float32 rounding. `t` is
+        the prompt length for a prefill and 1 for a step.
+
+        **Arguments:**
+
+        - `x`: the new tokens' inputs.
+        - `cache`: the cache holding the earlier tokens.
+
+        **Returns:**
+
+        `(out, S, cache)`: the new tokens' outputs, S per query head (the max
+        of the logit entering the softmax over the new queries), and the cache
+        with the new tokens written.
+
+        **Raises:**
+
+        `ValueError` when the config is not causal.
+        """
+        c = self.config
+        if not c.causal:
+            raise ValueError("decode needs a causal GQAConfig (causal=True)")
+        self, x = cast_arrays((self, x), self.compute_dtype)
+        t = x.shape[0]
+        positions = cache.length + jnp.arange(t, dtype=jnp.int32)
+        rope: dict = dict(theta=c.rope_theta, layout=c.rope_layout)
+        q = apply_rope(linear(x, self.wq), positions, **rope)
+        k = apply_rope(linear(x, self.wk), positions, **rope)
+        cache = write_kv_cache(cache, k, linear(x, self.wv))
+        out, max_logits = cached_attention(
+            q, cache.k, cache.v, positions, softmax_scale(c.head_dim)
+        )
+        y = linear(out.reshape(t, -1), self.wo, out_dtype=jnp.float32)
+        return y.astype(x.dtype), max_logits, cache
 
     def head_axes(self):
         """`wq` by query head, `wk`/`wv` by key head (query head `h` reads key

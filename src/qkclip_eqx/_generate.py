@@ -1,4 +1,4 @@
-"""Sampling from a [`qkclip_eqx.Transformer`][] with the latent KV cache."""
+"""Sampling from a [`qkclip_eqx.Transformer`][] with its cache (latent for MLA, k/v for GQA)."""
 
 from __future__ import annotations
 
@@ -76,8 +76,9 @@ def generate(
     key: PRNGKeyArray | None = None,
 ) -> tuple[Int[Array, " new"], Float[Array, "layers heads"]]:
     """Continue `prompt` by `max_new_tokens` tokens: one prefill of the
-    prompt, then one cached step per token (`Transformer.decode`, absorbed
-    MLA over a cache of `len(prompt) + max_new_tokens` slots), in a
+    prompt, then one cached step per token (`Transformer.decode` over a cache
+    of `len(prompt) + max_new_tokens` slots: absorbed MLA over the latent
+    cache, or GQA over the k/v cache), in a
     `jax.lax.scan`. Jit it with `eqx.filter_jit` (`max_new_tokens`,
     `temperature` and `top_k` are static); vmap it over keys for several
     samples of one prompt.
@@ -88,7 +89,7 @@ def generate(
 
     **Arguments:**
 
-    - `model`: an MLA [`qkclip_eqx.Transformer`][].
+    - `model`: a [`qkclip_eqx.Transformer`][] (MLA or GQA attention).
     - `prompt`: the prompt's tokens (at least one).
     - `max_new_tokens`: how many tokens to generate.
     - `temperature`: 0 for greedy (the default), else the sampling temperature.

@@ -9,7 +9,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._attention import GQAttention, MLAttention
 from ._config import MLAConfig, ParallelAxes, TransformerConfig
-from ._decode import MLACache
+from ._decode import KVCache, MLACache
 from ._layers import RMSNorm, SwiGLU, init_weight, linear
 from ._optim import matrix_dimension_numbers
 
@@ -17,8 +17,7 @@ from ._optim import matrix_dimension_numbers
 # outputs and the attention kernel's output and log-sum-exp; the elementwise
 # work (norms, RoPE, SiLU) is recomputed. XLA:CPU spends more on stacking a
 # scan's residuals (zero-filled buffers, a dynamic-update-slice per layer) than
-# on recomputing them: fwd+bwd of the benchmark model 474 -> 400 ms, measured
-# interleaved in one process (scripts/bench_speed.py times the whole step).
+# on recomputing them (docs/benchmarks.md, "Design choices", has the timing).
 _SAVE_MATMULS_AND_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse"),
@@ -72,10 +71,11 @@ class Block(eqx.Module):
         return x + self.mlp(self.mlp_norm(x)), max_logits
 
     def decode(
-        self, x: Float[Array, "t dim"], cache: MLACache
-    ) -> tuple[Float[Array, "t dim"], Float[Array, " heads"], MLACache]:
-        """As `__call__` for `t` new tokens, with absorbed MLA over `cache`
-        ([`qkclip_eqx.MLAttention.decode`][]).
+        self, x: Float[Array, "t dim"], cache: MLACache | KVCache
+    ) -> tuple[Float[Array, "t dim"], Float[Array, " heads"], MLACache | KVCache]:
+        """As `__call__` for `t` new tokens over this layer's `cache`
+        ([`qkclip_eqx.MLAttention.decode`][], absorbed MLA over the latent cache,
+        or [`qkclip_eqx.GQAttention.decode`][] over the k/v cache).
 
         **Arguments:**
 
@@ -86,14 +86,8 @@ class Block(eqx.Module):
 
         `(x, S, cache)`: the new residual stream, S per head, and the updated
         cache.
-
-        **Raises:**
-
-        `TypeError` when the attention is not MLA.
         """
-        if not isinstance(self.attn, MLAttention):
-            raise TypeError(f"decode needs MLA attention, got {type(self.attn).__name__}")
-        h, max_logits, cache = self.attn.decode(self.attn_norm(x), cache)
+        h, max_logits, cache = self.attn.decode(self.attn_norm(x), cache)  # pyright: ignore[reportArgumentType]  # Transformer.decode pairs the cache with the attention
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), max_logits, cache
 
@@ -181,31 +175,31 @@ class Transformer(eqx.Module):
             lambda t: t.blocks, adamw, matrix_dimension_numbers(self.blocks, stacked_axes=1)
         )
 
-    def init_cache(self, max_len: int) -> MLACache:
-        """An empty latent cache for `decode`: `c_kv` [layers, max_len,
-        kv_lora_rank] and `k_r` [layers, max_len, qk_rope_head_dim] in the
-        compute dtype, `length` 0. MLA models only.
+    def init_cache(self, max_len: int) -> MLACache | KVCache:
+        """An empty cache for `decode`, in the compute dtype, `length` 0: for
+        MLA the latent cache, `c_kv` [layers, max_len, kv_lora_rank] and `k_r`
+        [layers, max_len, qk_rope_head_dim]; for GQA (and MHA) the k/v cache,
+        `k` and `v` [layers, max_len, kv_heads, head_dim].
 
-        Raises `TypeError` for a model without MLA attention, and `ValueError`
-        when `max_len` is not a positive int.
+        Raises `ValueError` when `max_len` is not a positive int.
         """
-        c = self.config.attention
-        if not isinstance(c, MLAConfig):
-            raise TypeError(
-                f"decoding with a latent cache needs MLA attention, got {type(c).__name__}"
-            )
         if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
             raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        c = self.config.attention
         dtype, n = jnp.dtype(self.config.compute_dtype), self.config.n_layers
-        return MLACache(
-            jnp.zeros((n, max_len, c.kv_lora_rank), dtype),
-            jnp.zeros((n, max_len, c.qk_rope_head_dim), dtype),
-            jnp.zeros((), jnp.int32),
-        )
+        length = jnp.zeros((), jnp.int32)
+        if isinstance(c, MLAConfig):
+            return MLACache(
+                jnp.zeros((n, max_len, c.kv_lora_rank), dtype),
+                jnp.zeros((n, max_len, c.qk_rope_head_dim), dtype),
+                length,
+            )
+        shape = (n, max_len, c.n_kv_heads, c.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), length)
 
     def decode(
-        self, tokens: Int[Array, " t"], cache: MLACache
-    ) -> tuple[Float[Array, "t vocab"], Float[Array, "layers heads"], MLACache]:
+        self, tokens: Int[Array, " t"], cache: MLACache | KVCache
+    ) -> tuple[Float[Array, "t vocab"], Float[Array, "layers heads"], MLACache | KVCache]:
         """Prefill (`t` = the prompt's length, on an empty cache) or an
         incremental step (`t = 1`): the new tokens sit at positions
         `cache.length .. cache.length + t - 1`.
@@ -228,26 +222,42 @@ class Transformer(eqx.Module):
         **Raises:**
 
         `ValueError` when `cache` is not one of this model's (see
-        [`qkclip_eqx.Transformer.init_cache`][]); `TypeError` for a model without
-        MLA attention.
+        [`qkclip_eqx.Transformer.init_cache`][]).
         """
-        if cache.c_kv.ndim != 3 or cache.c_kv.shape[0] != self.config.n_layers:
+        kind = MLACache if isinstance(self.config.attention, MLAConfig) else KVCache
+        first = cache.c_kv if isinstance(cache, MLACache) else cache.k
+        rank = 3 if kind is MLACache else 4
+        if (
+            not isinstance(cache, kind)
+            or first.ndim != rank
+            or first.shape[0] != self.config.n_layers
+        ):
             raise ValueError(
-                f"cache.c_kv has shape {cache.c_kv.shape}; expected [layers={self.config.n_layers}, "
-                "max_len, kv_lora_rank] (from Transformer.init_cache)"
+                f"expected a {kind.__name__} with a leading layer axis of {self.config.n_layers} "
+                f"(from Transformer.init_cache) for {type(self.config.attention).__name__} "
+                f"attention; got a {type(cache).__name__} of shapes "
+                f"{[a.shape for a in jax.tree.leaves(cache)]}"
             )
         params, static = eqx.partition(self.blocks, eqx.is_array)
         length = cache.length
+        # every array but `length` is per layer: scan over them, `length` shared
+        layers = eqx.tree_at(lambda c: c.length, cache, None)
 
         def layer(x, xs):
-            block_params, c_kv, k_r = xs
+            block_params, layer_cache = xs
             block = eqx.combine(block_params, static)
-            x, max_logits, new = block.decode(x, MLACache(c_kv, k_r, length))
-            return x, (max_logits, new.c_kv, new.k_r)
+            layer_cache = eqx.tree_at(
+                lambda c: c.length, layer_cache, length, is_leaf=lambda v: v is None
+            )
+            x, max_logits, new = block.decode(x, layer_cache)
+            return x, (max_logits, eqx.tree_at(lambda c: c.length, new, None))
 
         compute = jnp.dtype(self.config.compute_dtype)
-        x, (max_logits, c_kv, k_r) = jax.lax.scan(
-            layer, self.embed[tokens].astype(compute), (params, cache.c_kv, cache.k_r)
+        x, (max_logits, new) = jax.lax.scan(
+            layer, self.embed[tokens].astype(compute), (params, layers)
         )
         logits = linear(self.final_norm(x), self.lm_head.astype(compute), out_dtype=jnp.float32)
-        return logits, max_logits, MLACache(c_kv, k_r, length + tokens.shape[0])
+        new = eqx.tree_at(
+            lambda c: c.length, new, length + tokens.shape[0], is_leaf=lambda v: v is None
+        )
+        return logits, max_logits, new

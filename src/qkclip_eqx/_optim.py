@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
@@ -42,9 +44,11 @@ from optax.contrib import MuonDimensionNumbers
 DimensionNumbers = Callable[[PyTree], PyTree]
 
 
-def matrix_dimension_numbers(params: PyTree, *, stacked_axes: int = 0) -> PyTree:
+def matrix_dimension_numbers(
+    params: PyTree, *, stacked_axes: int = 0, exclude: Callable[[PyTree], Any] | None = None
+) -> PyTree:
     """Muon for every leaf that is a matrix once its `stacked_axes` leading axes
-    are set aside; `None` (AdamW) for the rest.
+    are set aside; `None` (AdamW) for the rest and for what `exclude` selects.
 
     The layout is `(out..., in)`: the last axis is the reduction (input) axis
     and every other non-stacked axis an output axis, so a per-head weight
@@ -53,13 +57,23 @@ def matrix_dimension_numbers(params: PyTree, *, stacked_axes: int = 0) -> PyTree
     give each head an update of full rank: a different optimizer). Stacked
     (scanned) layers are batch axes: each layer is orthogonalised on its own.
 
-    An embedding table is a matrix too, and belongs to AdamW: route it yourself
-    (see [`qkclip_eqx.Transformer.muon_dimension_numbers`][] for an example).
+    An embedding table or an LM head is a matrix too, and belongs to AdamW
+    (Moonlight, arXiv 2502.16982, sec. 2.2): name it in `exclude`. The routing of
+    a model of your own is then one call, which [`qkclip_eqx.muon_adamw`][]
+    makes on whatever params it is given (optax hands it masked copies):
+
+    ```
+    opt = qc.muon_adamw(1e-3, weight_dimension_numbers=lambda p: qc.matrix_dimension_numbers(
+        p, exclude=lambda m: (m.embedding, m.head)))
+    ```
 
     **Arguments:**
 
-    - `params`: the parameters (or any PyTree of arrays of their shapes).
+    - `params`: the parameters (or any PyTree of arrays of their shapes, or a
+      masked copy of them).
     - `stacked_axes`: how many leading axes of every leaf stack layers.
+    - `exclude`: a function of `params` selecting leaves or whole subtrees (as
+      `where` of `eqx.tree_at`) that go to AdamW whatever their shape.
 
     **Returns:**
 
@@ -69,19 +83,113 @@ def matrix_dimension_numbers(params: PyTree, *, stacked_axes: int = 0) -> PyTree
 
     **Raises:**
 
-    `ValueError` when `stacked_axes` is not an int >= 0.
+    `ValueError` when `stacked_axes` is not an int >= 0, or `exclude` selects
+    something that is not part of `params`.
     """
     if not (isinstance(stacked_axes, int) and stacked_axes >= 0):
         raise ValueError(f"stacked_axes must be an int >= 0, got {stacked_axes!r}")
 
     def dims(x):
-        if x.ndim - stacked_axes < 2:
+        if x is _EXCLUDED or x.ndim - stacked_axes < 2:
             return None
         return MuonDimensionNumbers(
             reduction_axis=x.ndim - 1, output_axis=tuple(range(stacked_axes, x.ndim - 1))
         )
 
+    # a tree with no leaves (optax.tree_map_params' placeholder) has nothing to exclude
+    if exclude is not None and jax.tree.leaves(params):
+        try:
+            params = eqx.tree_at(
+                exclude, params, replace_fn=lambda x: jax.tree.map(lambda _: _EXCLUDED, x)
+            )
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"exclude= must select leaves or subtrees of the params (as `where` of "
+                f"eqx.tree_at, e.g. `lambda m: (m.embedding, m.head)`); it failed on a "
+                f"{type(params).__name__}: {e}"
+            ) from e
     return jax.tree.map(dims, params)
+
+
+class _Excluded:
+    """The mark `exclude=` leaves on a leaf routed to AdamW."""
+
+    def __repr__(self) -> str:
+        return "<excluded>"
+
+
+_EXCLUDED = _Excluded()
+
+
+def _is_dims_leaf(x) -> bool:
+    return x is None or isinstance(x, (MuonDimensionNumbers, optax.MaskedNode))
+
+
+def _routing_error(path: str, problem: str) -> ValueError:
+    return ValueError(
+        f"weight_dimension_numbers: at {path or 'the root'}, {problem}. It must be a function "
+        "of the params it is given, returning for each array leaf a MuonDimensionNumbers "
+        "(Muon) or None (AdamW), in the params' own structure; optax calls it on masked copies "
+        "too (the AdamW leaves replaced by optax.MaskedNode), so build the tree inside the "
+        "function from its argument, e.g. `weight_dimension_numbers=lambda p: "
+        "qc.matrix_dimension_numbers(p, exclude=lambda m: (m.embedding, m.head))`, never "
+        "once outside it"
+    )
+
+
+def _check_routing(params: PyTree, dims: PyTree) -> None:
+    """Raise, naming the leaf, where `dims` is not a routing of `params`."""
+    p_flat = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+    )[0]
+    d_flat = jax.tree_util.tree_flatten_with_path(dims, is_leaf=_is_dims_leaf)[0]
+    d_by_path = {jax.tree_util.keystr(p): d for p, d in d_flat}
+    p_paths = [jax.tree_util.keystr(p) for p, _ in p_flat]
+    for path, (_, leaf) in zip(p_paths, p_flat):
+        if path not in d_by_path:
+            raise _routing_error(
+                path, f"the params hold {_describe(leaf)} but the routing has nothing"
+            )
+        d = d_by_path[path]
+        if isinstance(leaf, optax.MaskedNode):
+            if not isinstance(d, optax.MaskedNode):
+                raise _routing_error(
+                    path, f"the params are masked (optax.MaskedNode) but the routing has {d!r}"
+                )
+        elif not (d is None or isinstance(d, MuonDimensionNumbers)):
+            raise _routing_error(path, f"{_describe(leaf)} is routed by {d!r}")
+        elif isinstance(d, MuonDimensionNumbers):
+            axes = [
+                a
+                for group in (d.reduction_axis, d.output_axis)
+                for a in ((group,) if isinstance(group, int) else tuple(group))
+            ]
+            ndim = jnp.ndim(leaf)
+            inside = all(isinstance(a, int) and -ndim <= a < ndim for a in axes)
+            if not inside or len({a % ndim for a in axes}) != len(axes):
+                raise _routing_error(path, f"{d!r} does not fit {_describe(leaf)}")
+    # a None where the params hold no leaf (a filtered-out field) is no entry
+    extra = [path for path, d in d_by_path.items() if d is not None and path not in set(p_paths)]
+    if extra:
+        raise _routing_error(extra[0], "the routing has an entry the params do not hold")
+
+
+def _describe(leaf) -> str:
+    if isinstance(leaf, optax.MaskedNode):
+        return "a masked placeholder (optax.MaskedNode)"
+    return f"an array of shape {tuple(jnp.shape(leaf))}"
+
+
+def _checked(dims_fn: DimensionNumbers) -> DimensionNumbers:
+    """`dims_fn`, with its result checked against the params before optax sees it."""
+
+    def fn(params):
+        dims = dims_fn(params)
+        if jax.tree.leaves(params):  # not optax.tree_map_params' leafless placeholder
+            _check_routing(params, dims)
+        return dims
+
+    return fn
 
 
 def _default_dims(params: PyTree) -> PyTree:
@@ -92,10 +200,10 @@ def _default_dims(params: PyTree) -> PyTree:
         raise TypeError(
             f"muon_adamw cannot tell which leaves of a {type(params).__name__} are hidden-layer "
             "matrices: pass weight_dimension_numbers=, a function of the params returning a "
-            "MuonDimensionNumbers (Muon) or None (AdamW) per leaf, e.g. built with "
-            "qkclip_eqx.matrix_dimension_numbers(params, stacked_axes=...) for a model "
-            "whose layers are stacked along that many leading axes (embedding to AdamW); or "
-            "give the model a muon_dimension_numbers() method"
+            "MuonDimensionNumbers (Muon) or None (AdamW) per leaf, e.g. "
+            "`lambda p: qkclip_eqx.matrix_dimension_numbers(p, exclude=lambda m: (m.embedding, "
+            "m.head))` (stacked_axes=... for a model whose layers are stacked along that many "
+            "leading axes); or give the model a muon_dimension_numbers() method"
         )
     return method()
 
@@ -156,13 +264,23 @@ def muon_adamw(
 
     **Raises:**
 
-    `ValueError` when `weight_decay < 0`; `TypeError` (at `init`) when
-    `weight_dimension_numbers` is not given and the params have no
+    `ValueError` when `weight_decay < 0`, and (at `init` or `update`, before
+    optax sees it) when the routing is not one of the params it was given: the
+    message names the leaf. `TypeError` when `weight_dimension_numbers` is not
+    callable, or (at `init`) not given while the params have no
     `muon_dimension_numbers()`.
     """
     if not isinstance(weight_decay, jax.core.Tracer) and not weight_decay >= 0:  # pyright: ignore[reportAttributeAccessIssue]  # `import jax` imports jax.core
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    dims_fn = _default_dims if weight_dimension_numbers is None else weight_dimension_numbers
+    if weight_dimension_numbers is not None and not callable(weight_dimension_numbers):
+        raise TypeError(
+            "weight_dimension_numbers must be a function of the params (optax also calls it on "
+            "masked copies), e.g. `lambda p: qkclip_eqx.matrix_dimension_numbers(p, exclude=...)`; "
+            f"got a {type(weight_dimension_numbers).__name__}"
+        )
+    dims_fn = _checked(
+        _default_dims if weight_dimension_numbers is None else weight_dimension_numbers
+    )
 
     def labels(params):
         # a leaf of params meets its whole subtree of dims: None or a MuonDimensionNumbers

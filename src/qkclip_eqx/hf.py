@@ -1,5 +1,6 @@
-"""Load Hugging Face `DeepseekV3Attention` weights (DeepSeek-V3, Kimi K2) into
-[`qkclip_eqx.MLAttention`][].
+"""Load Hugging Face DeepSeek-V3-architecture weights (DeepSeek-V3, Kimi K2):
+one `DeepseekV3Attention` into [`qkclip_eqx.MLAttention`][], or a whole
+all-dense `DeepseekV3ForCausalLM` into [`qkclip_eqx.Transformer`][].
 
 HF stores `nn.Linear` weights as `(out, in)`, as this project does, with the
 per-head rows head-major; the loader only reshapes. With `rope_interleave`
@@ -9,6 +10,8 @@ per-head rows head-major; the loader only reshapes. With `rope_interleave`
 
 from __future__ import annotations
 
+import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,9 +19,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array
 
 from ._attention import MLAttention
-from ._config import MLAConfig, YaRN
+from ._config import MLAConfig, TransformerConfig, YaRN
+from ._model import Transformer
 
 _YARN_KEYS = frozenset(
     {
@@ -194,3 +199,238 @@ def mla_from_hf(
     if left:  # a new MLAttention leaf this loader does not know about
         raise RuntimeError(f"mla_from_hf left {len(left)} MLAttention weights unloaded: {left}")
     return module
+
+
+# --------------------------------------------------------------------------
+# Whole DeepSeek-V3-architecture models
+# --------------------------------------------------------------------------
+
+
+def _dense_layers_only(hf_config: Mapping[str, Any]) -> None:
+    """Refuse a config with mixture-of-experts layers, naming them."""
+    n = int(hf_config["num_hidden_layers"])
+    experts = hf_config.get("n_routed_experts", 256)  # DeepseekV3Config's default
+    first_dense = hf_config.get("first_k_dense_replace", 3)  # likewise
+    first_dense = n if first_dense is None else int(first_dense)
+    if experts and first_dense < n:
+        raise ValueError(
+            f"layers {first_dense}..{n - 1} of this config are mixture-of-experts layers "
+            f"(n_routed_experts={experts}: DeepSeek-V3 replaces the dense MLP by routed "
+            f"experts in every layer from first_k_dense_replace={first_dense} on), and "
+            "qkclip_eqx.Transformer has dense SwiGLU MLPs only: they cannot be loaded. An "
+            f"all-dense config sets first_k_dense_replace={n} (num_hidden_layers)"
+        )
+    act = hf_config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported: the MLP is SwiGLU (silu)")
+    if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
+        raise ValueError("attention_bias and mlp_bias are not supported: the model has no biases")
+
+
+def transformer_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
+    """A [`qkclip_eqx.TransformerConfig`][] from a `DeepseekV3Config` (as a dict)
+    whose layers are all dense.
+
+    The attention is [`qkclip_eqx.hf.mla_config_from_hf`][]'s (YaRN included);
+    `intermediate_size` is the SwiGLU MLP's hidden size and `rms_norm_eps` the
+    block and final norms' eps.
+
+    **Arguments:**
+
+    - `hf_config`: the `DeepseekV3Config` as a dict (config.json).
+    - `**overrides`: fields of [`qkclip_eqx.TransformerConfig`][] that replace
+      those read from `hf_config` (e.g. `compute_dtype`).
+
+    **Returns:**
+
+    The [`qkclip_eqx.TransformerConfig`][].
+
+    **Raises:**
+
+    `ValueError` when a layer is a mixture-of-experts layer (the message names
+    the layers), the activation is not silu, the config asks for biases, or as
+    [`qkclip_eqx.hf.mla_config_from_hf`][]; `KeyError` for a missing key.
+    """
+    _dense_layers_only(hf_config)
+    fields: dict[str, Any] = dict(
+        vocab_size=int(hf_config["vocab_size"]),
+        n_layers=int(hf_config["num_hidden_layers"]),
+        mlp_hidden=int(hf_config["intermediate_size"]),
+        attention=mla_config_from_hf(hf_config),
+        norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a `.safetensors` file, or of every `*.safetensors` file
+    in a directory (a sharded checkpoint), as NumPy arrays by name.
+
+    Needs the `safetensors` package (`pip install "qkclip_eqx[hf]"`); NumPy has
+    no bfloat16 or float8, so a checkpoint stored in those must be converted to
+    float32 first.
+
+    **Arguments:**
+
+    - `path`: a file, or a directory holding the shards.
+
+    **Returns:**
+
+    A dict of name to array.
+
+    **Raises:**
+
+    `FileNotFoundError` when there is no such file or no shard in the
+    directory; `ValueError` when two shards hold the same name; `ImportError`
+    without `safetensors`.
+    """
+    try:
+        from safetensors.numpy import load_file
+    except ImportError as e:  # pragma: no cover - the test environment has it
+        raise ImportError(
+            'loading .safetensors needs the safetensors package: pip install "qkclip_eqx[hf]"'
+        ) from e
+    path = pathlib.Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise FileNotFoundError(f"no .safetensors file at {path}")
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        for name, array in load_file(f).items():
+            if name in out:
+                raise ValueError(f"{name!r} is in more than one shard ({f.name} among them)")
+            out[name] = array
+    return out
+
+
+def transformer_expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """The state-dict names (without the `model.` prefix) and shapes a
+    `DeepseekV3ForCausalLM` of this config holds, as
+    [`qkclip_eqx.hf.transformer_from_hf`][] expects them."""
+    c, d = config.attention, config.dim
+    if not isinstance(c, MLAConfig):
+        raise ValueError("DeepSeek-V3 models have MLA attention")
+    shapes = {"embed_tokens.weight": (config.vocab_size, d), "norm.weight": (d,)}
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (d,)
+        shapes[p + "post_attention_layernorm.weight"] = (d,)
+        shapes[p + "mlp.gate_proj.weight"] = (config.mlp_hidden, d)
+        shapes[p + "mlp.up_proj.weight"] = (config.mlp_hidden, d)
+        shapes[p + "mlp.down_proj.weight"] = (d, config.mlp_hidden)
+        shapes.update({p + "self_attn." + k: s for k, s in _expected_shapes(c).items()})
+    shapes["lm_head.weight"] = (config.vocab_size, d)
+    return shapes
+
+
+def transformer_from_hf(
+    state_dict: Mapping[str, Any] | str | os.PathLike,
+    hf_config: Mapping[str, Any],
+    **overrides: Any,
+) -> Transformer:
+    """Build a [`qkclip_eqx.Transformer`][] holding a whole all-dense
+    `DeepseekV3ForCausalLM`: the embedding, every layer's norms, attention
+    (YaRN included) and dense MLP, the final norm and the LM head.
+
+    The names are those of transformers' `DeepseekV3ForCausalLM` state dict,
+    with or without the `model.` prefix (listed in the documentation's Hugging
+    Face page, and by [`qkclip_eqx.hf.transformer_expected_shapes`][]). A
+    checkpoint without `lm_head.weight` and with `tie_word_embeddings` gets the
+    embedding as its head (the model stores its own copy: training unties them).
+    Buffers (`rotary_emb.inv_freq`) are ignored.
+
+    **Arguments:**
+
+    - `state_dict`: name to array (NumPy, or anything `np.asarray` takes), or
+      the path of a `.safetensors` file or a directory of shards (see
+      [`qkclip_eqx.hf.load_safetensors`][]).
+    - `hf_config`: the `DeepseekV3Config` as a dict (config.json).
+    - `**overrides`: as for [`qkclip_eqx.hf.transformer_config_from_hf`][].
+
+    **Returns:**
+
+    The [`qkclip_eqx.Transformer`][], its weights in `param_dtype`.
+
+    **Raises:**
+
+    `ValueError` for mixture-of-experts layers (naming them), missing,
+    unexpected or mis-shaped entries (naming them), a name given both with
+    and without the `model.` prefix, or as
+    [`qkclip_eqx.hf.transformer_config_from_hf`][].
+    """
+    config = transformer_config_from_hf(hf_config, **overrides)
+    if isinstance(state_dict, (str, os.PathLike)):
+        state_dict = load_safetensors(state_dict)
+    params: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if not (key.endswith(".weight") or key.endswith(".bias")):
+            continue  # buffers
+        name = key.removeprefix("model.")
+        if name in params:
+            raise ValueError(f"{name!r} is given both with and without the 'model.' prefix")
+        params[name] = value
+    expected = transformer_expected_shapes(config)
+    if "lm_head.weight" not in params and hf_config.get("tie_word_embeddings"):
+        params["lm_head.weight"] = params.get("embed_tokens.weight")
+    missing = sorted(set(expected) - set(params))
+    unexpected = sorted(set(params) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not match the config ({config.n_layers} dense layers): missing "
+            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    dtype = jnp.dtype(config.param_dtype)
+    w = {}
+    for name, shape in expected.items():
+        array = np.asarray(params[name])
+        if array.shape != shape:
+            raise ValueError(f"{name} has shape {array.shape}, expected {shape} for this config")
+        w[name] = array
+
+    def stacked(suffix: str) -> Array:
+        return jnp.asarray(
+            np.stack([w[f"layers.{i}.{suffix}"] for i in range(config.n_layers)]), dtype
+        )
+
+    attentions = []
+    for i in range(config.n_layers):
+        p = f"layers.{i}.self_attn."
+        layer = {k.removeprefix(p): v for k, v in w.items() if k.startswith(p)}
+        attentions.append(mla_from_hf(layer, config.attention, dtype=dtype))  # pyright: ignore[reportArgumentType]  # MLA: checked by transformer_expected_shapes
+    attn = jax.tree.map(lambda *xs: jnp.stack(xs), *attentions)
+    # The structure only, as in mla_from_hf: every array is replaced below.
+    model = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
+    attn_leaves = jax.tree.leaves(attn)
+    model_attn_leaves = jax.tree.leaves(model.blocks.attn)
+    assert [a.shape for a in attn_leaves] == [a.shape for a in model_attn_leaves]
+    model = eqx.tree_at(
+        lambda m: (
+            m.embed,
+            m.final_norm.weight,
+            m.lm_head,
+            m.blocks.attn_norm.weight,
+            m.blocks.mlp_norm.weight,
+            m.blocks.mlp.w_gate,
+            m.blocks.mlp.w_up,
+            m.blocks.mlp.w_down,
+            *jax.tree.leaves(m.blocks.attn),
+        ),
+        model,
+        (
+            jnp.asarray(w["embed_tokens.weight"], dtype),
+            jnp.asarray(w["norm.weight"], dtype),
+            jnp.asarray(w["lm_head.weight"], dtype),
+            stacked("input_layernorm.weight"),
+            stacked("post_attention_layernorm.weight"),
+            stacked("mlp.gate_proj.weight"),
+            stacked("mlp.up_proj.weight"),
+            stacked("mlp.down_proj.weight"),
+            *attn_leaves,
+        ),
+    )
+    left = [leaf for leaf in jax.tree.leaves(model) if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if left:  # a new Transformer leaf this loader does not know about
+        raise RuntimeError(f"transformer_from_hf left {len(left)} weights unloaded: {left}")
+    return model

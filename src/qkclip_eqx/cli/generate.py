@@ -1,4 +1,4 @@
-"""qkclip-generate: sample from a trained checkpoint with the latent KV cache.
+"""qkclip-generate: sample from a trained checkpoint with its KV cache (latent for MLA, k/v for GQA).
 
     qkclip-generate runs/default --prompt "def main(" --max-new-tokens 256
     qkclip-generate runs/default/ckpt_00000600 --prompt "import " --temperature 0.8 --top-k 40 --seed 1
@@ -79,10 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(args.checkpoint, warn=lambda msg: print(msg, file=sys.stderr))
         model, cfg = run.model, run.config
         meta = {"step": run.step, "vocab_size": run.vocab_size, "path": str(run.checkpoint)}
-        if cfg.attention != "mla":
-            raise ValueError(
-                f"decoding with a latent cache needs an MLA model; this run is {cfg.attention!r}"
-            )
         prompt = _prompt(args, meta["vocab_size"])
     except (ValueError, KeyError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"qkclip-generate: error: {args.checkpoint}: {e}", file=sys.stderr)
