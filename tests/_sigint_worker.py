@@ -16,15 +16,17 @@ marker, stop_at = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 _train = cli.train
 
 
-def _train_with_pause(cfg, **kwargs):
-    def on_step(step, _metrics):
+def _train_with_pause(cfg, *, on_step=None, **kwargs):
+    def pause_at(step, metrics):
+        if on_step is not None:  # the CLI's own (--log-to)
+            on_step(step, metrics)
         if step == stop_at:
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(str(step))
             tmp.replace(marker)  # atomic: the test never reads a half-written file
             signal.pause()  # returns once the SIGINT handler has run
 
-    return _train(cfg, on_step=on_step, **kwargs)
+    return _train(cfg, on_step=pause_at, **kwargs)
 
 
 cli.train = _train_with_pause

@@ -17,6 +17,9 @@ if "--xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLIs called in-process leave JAX's compilation cache off (and the user's
+# cache directory alone); tests/test_compilation_cache.py tests it.
+os.environ.setdefault("QKCLIP_EQX_COMPILATION_CACHE", "0")
 
 import jax  # noqa: E402
 

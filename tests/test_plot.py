@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -206,3 +207,118 @@ def test_heatmap_pools_long_runs(runs, tmp_path):
     assert pooled[0, 6] == _s(0, 19, 0, 0)  # last, partial group (18, 19)
     np.testing.assert_array_equal(x[:3], [0.0, 3.0, 6.0])
     _check_png(qplot.plot_heatmap(m, tmp_path / "h.png", max_cols=7))
+
+
+# --------------------------------------------------------------------------
+# Figures that compare: what a reader needs to compare runs at a glance
+# --------------------------------------------------------------------------
+
+
+def _both(runs):
+    a, b = runs
+    with pytest.warns(UserWarning):
+        ma = qplot.read_metrics(a)
+    return ma, qplot.read_metrics(b)
+
+
+def _hline_ys(ax) -> list[float]:
+    """The y of every horizontal line (axhline) of `ax`."""
+    ys = []
+    for line in ax.get_lines():
+        x, y = line.get_xdata(), np.asarray(line.get_ydata(), float)
+        if len(y) == 2 and y[0] == y[1] and list(x) == [0, 1]:
+            ys.append(float(y[0]))
+    return ys
+
+
+def test_max_logit_panels_share_one_y_axis_and_show_every_runs_tau(runs):
+    ma, mb = _both(runs)
+    fig = qplot.max_logit_figure([ma, mb])
+    overview, pa, pb = fig.axes
+    assert overview.get_ylim() == pa.get_ylim() == pb.get_ylim()  # peaks compare at a glance
+    # every run's tau, the monitor run's too (mode monitor: not applied)
+    assert 30.0 in _hline_ys(pa) and 50.0 in _hline_ys(pb)
+    assert sorted(_hline_ys(overview)) == [30.0, 50.0]
+    labels = [t.get_text() for t in pb.get_legend().get_texts()]
+    assert "tau = 50 (monitor: not applied)" in labels
+    # the overview: each run's S, max over every layer and head, from the file's numbers
+    curves = [ln for ln in overview.get_lines() if len(ln.get_xdata()) == N_STEPS]
+    assert len(curves) == 2
+    for run, line in enumerate(curves):
+        want = [
+            max(_s(run, s, la, h) for la in range(N_LAYERS) for h in range(N_HEADS))
+            for s in range(N_STEPS)
+        ]
+        np.testing.assert_allclose(line.get_ydata(), want, rtol=1e-12)
+
+
+def test_floor_note_only_where_a_value_was_floored(tmp_path, runs):
+    ma, mb = _both(runs)
+    fig = qplot.max_logit_figure([ma, mb])
+    texts = [ax.get_title() for ax in fig.axes] + [fig.get_suptitle()]
+    assert not any("drawn at" in t for t in texts)  # nothing floored: no note
+    low = dataclasses.replace(mb, max_logits=mb.max_logits.copy())
+    low.max_logits[3] = 0.0  # every head of every layer at step 3
+    fig = qplot.max_logit_figure([ma, low])
+    overview, pa, pb = fig.axes
+    assert "drawn at" not in pa.get_title()
+    assert f"{N_LAYERS} values <= 0.001 drawn at 0.001" in pb.get_title()
+    assert "1 values <= 0.001 drawn at 0.001" in overview.get_title()
+
+
+def _reference_smooth(v, w):
+    h = w // 2
+    return np.array([np.mean(v[max(0, i - h) : i + h + 1]) for i in range(len(v))])
+
+
+def test_loss_is_smoothed_with_validation_on_top_and_a_difference_panel(runs):
+    ma, mb = _both(runs)
+    fig = qplot.loss_figure([ma, mb], window=5)
+    ax, diff = fig.axes
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    train = lines["run_a (train, mean of 5 steps)"]
+    np.testing.assert_allclose(train.get_ydata(), _reference_smooth(ma.loss, 5), rtol=1e-12)
+    val = lines["run_a (validation)"]
+    np.testing.assert_array_equal(val.get_xdata(), [4, 9, 14, 19])
+    assert val.get_marker() == "o"
+    train_lines = [ln for ln in ax.get_lines() if "validation" not in str(ln.get_label())]
+    assert val.get_zorder() > max(ln.get_zorder() for ln in train_lines)  # drawn on top
+    # the difference panel: bee minus run_a, train losses differ by 0.001 at every
+    # step; validation losses by 0 at steps 4, 9, 14 and by 0.01 at step 19
+    dlines = {ln.get_label(): ln for ln in diff.get_lines()}
+    np.testing.assert_allclose(dlines["train, mean of 5 steps"].get_ydata(), 0.001, rtol=1e-9)
+    vd = next(ln for name, ln in dlines.items() if name.startswith("validation"))
+    np.testing.assert_array_equal(vd.get_xdata(), [4, 9, 14, 19])
+    np.testing.assert_allclose(vd.get_ydata(), [0, 0, 0, 0.01], atol=1e-12)
+    assert "bee is lower" in diff.get_title()
+    assert len(qplot.loss_figure([ma]).axes) == 1  # one run: no difference to draw
+
+
+def test_smooth_matches_a_moving_mean_and_skips_nan():
+    v = np.array([1.0, 4.0, 2.0, 8.0, 5.0, 7.0, 3.0])
+    np.testing.assert_allclose(qplot.smooth(v, 3), _reference_smooth(v, 3), rtol=1e-15)
+    v[2] = np.nan
+    assert qplot.smooth(v, 3)[1] == (1.0 + 4.0) / 2 and qplot.smooth(v, 3)[2] == (4.0 + 8.0) / 2
+
+
+def test_heatmap_rows_name_layer_and_head_and_runs_share_one_colour_scale(
+    runs, monkeypatch, tmp_path
+):
+    ma, mb = _both(runs)
+    fig = qplot.heatmap_figure(ma)
+    ax = fig.axes[0]
+    want = [f"L{la} h{h}" for la in range(N_LAYERS) for h in range(N_HEADS)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == want
+    # qkclip-plot a b: both heatmaps on one colour scale, spanning both runs' S
+    norms = []
+    real = qplot.heatmap_figure
+    monkeypatch.setattr(
+        qplot,
+        "heatmap_figure",
+        lambda m, **kw: norms.append(kw["norm"]) or real(m, **kw),
+    )
+    with pytest.warns(UserWarning):
+        assert qplot.main([str(runs[0]), str(runs[1]), "--out", str(tmp_path / "o")]) == 0
+    assert len(norms) == 2 and norms[0] is norms[1]
+    both = np.concatenate([ma.max_logits.ravel(), mb.max_logits.ravel()])
+    assert norms[0].vmin == np.nanmin(both) and norms[0].vmax == np.nanmax(both)

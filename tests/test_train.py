@@ -733,21 +733,9 @@ def test_sigint_writes_a_checkpoint_then_resume_finishes(tmp_path, data_file):
         1,
         2,
     ]
-    # and the run resumes from it
+    # and the run resumes from it, with its own config (preset, data): only --steps given
     rc = train_cli.main(
-        [
-            "--preset",
-            "tiny",
-            "--steps",
-            "5",
-            "--out",
-            str(out),
-            "--resume",
-            "--no-progress",
-            "--no-plots",
-            "--data",
-            str(data_file),
-        ]
+        ["--steps", "5", "--out", str(out), "--resume", "--no-progress", "--no-plots"]
     )
     assert rc == 0
     assert [r["step"] for r in _records(out)] == list(range(5))

@@ -41,9 +41,15 @@ from ._parallel import partition_specs as partition_specs
 from ._parallel import shard_batch as shard_batch
 from ._parallel import shard_loss as shard_loss
 from ._parallel import shard_train_state as shard_train_state
+from ._run import LoadedRun as LoadedRun
+from ._run import load_run as load_run
 from ._run_config import PRESETS as PRESETS
 from ._run_config import RunConfig as RunConfig
 from ._run_config import preset as preset
+from ._sinks import MetricSink as MetricSink
+from ._sinks import TensorBoardSink as TensorBoardSink
+from ._sinks import WandbSink as WandbSink
+from ._sinks import on_step_for as on_step_for
 from ._step import make_train_step as make_train_step
 from ._step import next_token_loss as next_token_loss
 from ._train import RunResult as RunResult
@@ -58,9 +64,11 @@ __all__ = [
     "GQAConfig",
     "GQAttention",
     "KVCache",
+    "LoadedRun",
     "MLACache",
     "MLAConfig",
     "MLAttention",
+    "MetricSink",
     "ParallelAxes",
     "RunConfig",
     "RunMetrics",
@@ -68,6 +76,8 @@ __all__ = [
     "TokenData",
     "Transformer",
     "TransformerConfig",
+    "TensorBoardSink",
+    "WandbSink",
     "attend",
     "clip_factors",
     "clipped_heads",
@@ -80,11 +90,13 @@ __all__ = [
     "load_checkpoint",
     "load_latest_checkpoint",
     "load_data",
+    "load_run",
     "make_mesh",
     "make_train_step",
     "matrix_dimension_numbers",
     "muon_adamw",
     "next_token_loss",
+    "on_step_for",
     "partition_specs",
     "preset",
     "qk_clip",

@@ -7,6 +7,11 @@ Every field of `RunConfig` is a flag of `qkclip-train`.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pathlib
+import types
+import typing
 from typing import Any, Literal
 
 import optax
@@ -119,6 +124,74 @@ class RunConfig:
             )
         self.model_config()  # validates the model fields, naming the bad one
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, as JSON-ready values."""
+        return dataclasses.asdict(self)
+
+    def to_json(self, **records: Any) -> str:
+        """The config as the JSON of a run's `config.json`: every field, then
+        `records` (keys of `RECORD_KEYS`, such as `data_description`).
+        [`qkclip_eqx.RunConfig.from_json`][] reads it back to an equal config."""
+        bad = sorted(set(records) - set(RECORD_KEYS))
+        if bad:
+            raise ValueError(f"RunConfig.to_json: {bad} are not records of config.json")
+        return json.dumps({**self.to_dict(), **records}, indent=1)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> RunConfig:
+        """The config of `values` (field name to value; `RECORD_KEYS` are
+        skipped, a missing field takes its default).
+
+        **Raises:**
+
+        `ValueError` naming every key that is not a field (unknown, misspelled
+        or removed) and every value of the wrong type, with `source` (the file).
+        """
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"{source}: a run config is a JSON object, got {type(values).__name__}"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields - set(RECORD_KEYS))
+        if unknown:
+            raise ValueError(
+                f"{source}: not fields of RunConfig (unknown, misspelled or removed): "
+                + ", ".join(unknown)
+            )
+        hints = typing.get_type_hints(cls)
+        wrong = [
+            f"{name}={value!r} (expected {_type_name(hints[name])})"
+            for name, value in values.items()
+            if name in fields and not _fits(value, hints[name])
+        ]
+        if wrong:
+            raise ValueError(f"{source}: wrong type: " + ", ".join(wrong))
+        try:
+            return cls(**{k: _as_field(v, hints[k]) for k, v in values.items() if k in fields})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> RunConfig:
+        """The config of a `config.json` (a path, or its text), as
+        [`qkclip_eqx.RunConfig.to_json`][] and `qkclip-train` write it.
+
+        **Raises:**
+
+        `ValueError` naming the file and every unknown field or wrong value;
+        `OSError` when the file cannot be read.
+        """
+        if isinstance(text_or_path, os.PathLike) or not str(text_or_path).lstrip().startswith("{"):
+            path = pathlib.Path(text_or_path)
+            text, source = path.read_text(), str(path)
+        else:
+            text, source = str(text_or_path), "config JSON"
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not JSON ({e})") from None
+        return cls.from_dict(values, source=source)
+
     def make_optimizer(self) -> optax.GradientTransformation:
         """The run's optimizer: [`qkclip_eqx.muon_adamw`][] (Muon and MuonClip) or
         AdamW, on the run's lr schedule and weight decay."""
@@ -178,6 +251,93 @@ class RunConfig:
             param_dtype=self.param_dtype,
             compute_dtype=self.compute_dtype,
         )
+
+
+#: One line per field of [`qkclip_eqx.RunConfig`][]: the help of its
+#: `qkclip-train` flag.
+FIELD_DOCS: dict[str, str] = {
+    "attention": "attention: mla (DeepSeek-V3's latent attention) or gqa (grouped-query; MHA when n-kv-heads = n-heads)",
+    "n_layers": "Transformer blocks",
+    "dim": "model width",
+    "n_heads": "attention (query) heads per layer",
+    "q_lora_rank": "mla: rank of the query's low-rank projection (none: a full projection)",
+    "kv_lora_rank": "mla: rank of the compressed key/value latent",
+    "qk_nope_head_dim": "mla: per-head query/key width without rotary embedding",
+    "qk_rope_head_dim": "mla: per-head query/key width with rotary embedding (shared key)",
+    "v_head_dim": "mla: per-head value width",
+    "n_kv_heads": "gqa: key/value heads (none: n-heads, i.e. MHA)",
+    "head_dim": "gqa: per-head width",
+    "mlp_hidden": "hidden width of each block's MLP",
+    "kernel": "attention kernel: dense, blockwise (FlashAttention-style), or dot_product_attention (jax.nn)",
+    "block_size": "blockwise kernel: query/key block length",
+    "max_logit": "dot_product_attention kernel: S exact, or its log-sum-exp upper bound",
+    "attention_implementation": "dot_product_attention kernel: xla or cudnn (none: JAX chooses)",
+    "param_dtype": "dtype of the stored parameters and optimizer state (keep float32)",
+    "compute_dtype": "dtype of the matmuls (bfloat16 on an accelerator)",
+    "optimizer": "muonclip (Muon with QK-Clip), muon (never clips), or adamw",
+    "mode": "QK-Clip: clip, monitor (measure S only) or off (none: clip for muonclip, else monitor)",
+    "tau": "QK-Clip threshold on the max logit S (Kimi K2: 100)",
+    "alpha": "QK-Clip: share of the clip on the query side (the rest on the key)",
+    "clip_until": "clip mode: clip the updates of steps before this one only (none: always)",
+    "lr": "peak learning rate",
+    "weight_decay": "decoupled weight decay",
+    "schedule": "lr schedule: wsd (warmup, stable, decay), cosine, or constant",
+    "warmup_steps": "steps of linear warmup from 0",
+    "decay_fraction": "wsd: the share of the steps spent decaying",
+    "final_lr_fraction": "the lr the schedule ends at, as a fraction of lr",
+    "steps": "training steps",
+    "batch_size": "sequences per step",
+    "seq_len": "tokens per sequence",
+    "accum_steps": "micro-batches per step (gradient accumulation; divides batch-size)",
+    "seed": "seed of the initial weights and of the batches",
+    "data": "a text file, a directory of text files, a nanoGPT .bin, or a directory with train.bin and val.bin (none: the Python standard library's source)",
+    "max_bytes": "read at most this many bytes of the data",
+    "out": "run directory: config.json, metrics.jsonl, checkpoints, plots",
+    "eval_every": "steps between validation losses",
+    "eval_batches": "validation batches per evaluation",
+    "ckpt_every": "steps between checkpoints",
+    "keep": "checkpoints kept",
+    "label": "the run's name in plots (none: the directory's name)",
+    "mesh": "devices, e.g. data=4,model=2 (absent axes have size 1; none: one device)",
+}
+
+#: Keys a run's `config.json` holds beside the fields: what the run read
+#: (`data_description`: the data's files and sizes). Skipped on reading.
+RECORD_KEYS = ("data_description",)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits a field's annotation (an int fits a float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _as_field(value: Any, tp: Any) -> Any:
+    """A JSON value as its field's type: an integer where a float is due (JSON
+    writes 30.0 as 30 in hand-written files) becomes that float."""
+    floats = tp is float or float in typing.get_args(tp)
+    if floats and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else tp.__name__
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -356,7 +516,7 @@ def resume_changes(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
             lines.append(f"{name}: {run[name]!r} -> {now[name]!r}: {effect}")
     step = stored.get("step", 0)
     try:
-        before = float(schedule(RunConfig(**run))(step))  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
+        before = float(schedule(RunConfig.from_dict(run))(step))  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
     except (TypeError, ValueError):
         before = None
     after = float(schedule(cfg)(step))  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar

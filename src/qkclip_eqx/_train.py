@@ -9,6 +9,7 @@ checkpoint step is read at once, so that both see the model of that very step.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -18,7 +19,7 @@ import pathlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import equinox as eqx
@@ -39,6 +40,7 @@ from ._evaluate import evaluate
 from ._model import Transformer
 from ._parallel import check_mesh, make_mesh, place_batch, shard_train_state, to_host
 from ._run_config import RunConfig, meta_of, optimizer, resume_changes, schedule
+from ._sinks import MetricSink
 from ._step import NONFINITE, make_train_step
 
 
@@ -106,10 +108,15 @@ class _MetricsLog:
         cfg: RunConfig,
         on_step: Callable[[int, dict[str, Any]], None] | None,
         bar: Any,
+        sinks: Sequence[MetricSink] = (),
     ):
-        self.file, self.on_step, self.bar = file, on_step, bar
+        self.file, self.on_step, self.bar, self.sinks = file, on_step, bar, sinks
         self.lr_at = schedule(cfg)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
+        # the progress bar's tokens/s: the median over the last TOK_S_WINDOW steps
+        # of this process, leaving out its first (which holds the compile)
+        self.recent: collections.deque[float] = collections.deque(maxlen=TOK_S_WINDOW)
+        self.first = True
         self.pending: tuple[int, dict[str, Any], float] | None = None
         self.last: dict[str, Any] = {}  # the last step read, finite or not
         self.nonfinite: str | None = None  # what was not finite in it
@@ -143,14 +150,30 @@ class _MetricsLog:
         self.file.flush()
         if self.on_step is not None:
             self.on_step(index + 1, host)
+        for sink in self.sinks:
+            sink.write(index, host)
+        if not self.first:
+            self.recent.append(seconds)
+        self.first = False
         if self.bar is not None:
             post = dict(loss=f"{host['loss']:.3f}")
             if "max_logit" in host:
                 post.update(S_max=f"{host['max_logit']:.1f}", clipped=host["heads_clipped"])
-            post["tok/s"] = f"{host['tokens_per_s']:.0f}"
+            if self.recent:
+                post["tok/s"] = f"{self.smoothed_tokens_per_s():,.0f}"
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
         return None
+
+    def smoothed_tokens_per_s(self) -> float:
+        """Tokens per second of the median of the last `TOK_S_WINDOW` steps read
+        (not the process's first, which holds the compile): the training speed,
+        which an evaluation or checkpoint step (slow) and the step read just
+        after it (fast) do not move."""
+        return self.tokens_per_step / float(np.median(self.recent))
+
+
+TOK_S_WINDOW = 20
 
 
 def _val_loss(model: Transformer, data: TokenData, cfg: RunConfig, mesh: Mesh | None) -> float:
@@ -262,13 +285,15 @@ def train(
     progress: bool = True,
     data: TokenData | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    sinks: Sequence[MetricSink] = (),
 ) -> RunResult:
     """Train, writing `config.json`, `metrics.jsonl` and checkpoints in `cfg.out`.
 
     Metrics are read from the devices one step behind, so the host never waits
-    for a step it has just dispatched; `on_step(steps_done, metrics)` (if
-    given) is called before the next step is dispatched, so it sees the model
-    of that step, at the cost of a host sync per step.
+    for a step it has just dispatched; `sinks` receive each step's record as it
+    is read. `on_step(steps_done, metrics)` (if given) is called before the
+    next step is dispatched, so it sees the model of that step, at the cost of
+    a host sync per step.
 
     **Arguments:**
 
@@ -278,7 +303,14 @@ def train(
     - `progress`: show a progress bar.
     - `data`: the token data; default `cfg.data` read by
       [`qkclip_eqx.load_data`][].
-    - `on_step`: called as `on_step(steps_done, metrics)` after each step.
+    - `on_step`: called as `on_step(steps_done, metrics)` after each step:
+      `metrics` is the step's line of `metrics.jsonl` (`step`, 0-based, `loss`,
+      `lr`, `grad_norm`, `max_logit`, `max_logits` per layer and head,
+      `heads_clipped`, `heads_over_tau`, `tokens_per_s`, and `val_loss` at an
+      evaluation step), a non-finite S as None.
+    - `sinks`: [`qkclip_eqx.MetricSink`][]s (TensorBoard, W&B) written with
+      each step's record, one step behind like `metrics.jsonl`; closed by the
+      caller.
 
     **Returns:**
 
@@ -301,9 +333,7 @@ def train(
     model, opt_state, start = _init_or_resume(cfg, opt, meta, mesh, resume=resume, lead=lead)
     out.mkdir(parents=True, exist_ok=True)
     if lead:
-        (out / "config.json").write_text(
-            json.dumps({**dataclasses.asdict(cfg), "data_description": data.description}, indent=1)
-        )
+        (out / "config.json").write_text(cfg.to_json(data_description=data.description))
     metrics_path = out / (
         "metrics.jsonl" if lead else f"metrics.process{jax.process_index()}.jsonl"
     )
@@ -333,7 +363,7 @@ def train(
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
     try:
         with metrics_path.open("a") as file, _deferred_sigint() as sigint:
-            log = _MetricsLog(file, cfg, on_step, bar)
+            log = _MetricsLog(file, cfg, on_step, bar, sinks)
             model, step, stopped = _run_steps(
                 cfg, data, mesh, step_fn, save, log, sigint, model, opt_state, start
             )

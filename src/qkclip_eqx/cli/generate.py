@@ -1,7 +1,7 @@
 """qkclip-generate: sample from a trained checkpoint with its KV cache (latent for MLA, k/v for GQA).
 
     qkclip-generate runs/default --prompt "def main(" --max-new-tokens 256
-    qkclip-generate runs/default/ckpt_00000600.eqx --prompt "import " --temperature 0.8 --top-k 40 --seed 1
+    qkclip-generate runs/default/ckpt_00000600 --prompt "import " --temperature 0.8 --top-k 40 --seed 1
     qkclip-generate runs/gpt2 --prompt-tokens 464,2068 --max-new-tokens 64
 
 Byte-level models (vocab 256) take `--prompt` as UTF-8 text and print text;
@@ -14,7 +14,6 @@ and the generated tokens.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import time
 
@@ -23,41 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._checkpoint import latest_checkpoint, load_checkpoint, load_latest_checkpoint, read_meta
 from .._evaluate import format_table
 from .._generate import generate
-from .._model import Transformer
-from .._run_config import RunConfig, optimizer
-
-
-def load_trained_model(path: pathlib.Path) -> tuple[Transformer, RunConfig, dict]:
-    """The model of a checkpoint file, or of the latest checkpoint in a run
-    directory, with its run config and meta. The only use of the checkpoint
-    API in this command."""
-
-    def like(meta):
-        cfg = RunConfig(**meta["run"])
-        model = eqx.filter_eval_shape(
-            Transformer, cfg.model_config(meta["vocab_size"]), key=jax.random.key(0)
-        )
-        state = eqx.filter_eval_shape(
-            lambda m: optimizer(cfg).init(eqx.filter(m, eqx.is_array)), model
-        )
-        return cfg, (model, state)
-
-    if path.is_dir():  # the newest checkpoint that restores (older ones if it does not)
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint in {path}")
-        cfg, shape = like(read_meta(found))
-        loaded = load_latest_checkpoint(path, shape, warn=lambda msg: print(msg, file=sys.stderr))
-        if loaded is None:
-            raise FileNotFoundError(f"no checkpoint in {path}")
-        (model, _), meta, path = loaded
-    else:
-        cfg, shape = like(read_meta(path))
-        (model, _), meta = load_checkpoint(path, shape)
-    return model, cfg, {**meta, "path": str(path)}
+from .._run import load_run
+from ._flags import add_cache_flag, use_compilation_cache
 
 
 def _prompt(args: argparse.Namespace, vocab_size: int) -> np.ndarray:
@@ -88,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "checkpoint", help="a run directory (its latest checkpoint), or a checkpoint file"
+        "checkpoint",
+        help="a run directory (its newest checkpoint that restores), or one checkpoint "
+        "directory in it (RUN/ckpt_00000600)",
     )
     parser.add_argument("--prompt", default=None, help="text (byte-level models)")
     parser.add_argument("--prompt-tokens", default=None, help="comma-separated token ids")
@@ -96,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="the sampling key (temperature > 0)")
+    add_cache_flag(parser)
     args = parser.parse_args(argv)
+    use_compilation_cache(args)
     try:
         if args.max_new_tokens <= 0:
             raise ValueError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
@@ -104,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
         if args.top_k is not None and args.top_k <= 0:
             raise ValueError(f"--top-k must be > 0, got {args.top_k}")
-        model, cfg, meta = load_trained_model(pathlib.Path(args.checkpoint))
+        run = load_run(args.checkpoint, warn=lambda msg: print(msg, file=sys.stderr))
+        model, cfg = run.model, run.config
+        meta = {"step": run.step, "vocab_size": run.vocab_size, "path": str(run.checkpoint)}
         prompt = _prompt(args, meta["vocab_size"])
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"qkclip-generate: error: {args.checkpoint}: {e}", file=sys.stderr)
         return 2
     key = jax.random.key(args.seed) if args.temperature > 0 else None

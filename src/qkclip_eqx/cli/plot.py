@@ -7,13 +7,17 @@ Usage::
 Each `RUN_DIR` holds `metrics.jsonl` (one JSON object per line, written by
 `qkclip-train`) and, optionally, `config.json`.  The script writes:
 
-* `loss.png`: training loss (solid) and validation loss (dashed, markers)
-  against step, every run overlaid, one colour per run.
-* `max_logit.png`: per run (one subplot each) the max attention logit of
-  every layer (max over heads) against step, log-scale y, with the QK-Clip
-  threshold `tau` as a dashed line when the run's mode is `"clip"`.
+* `loss.png`: training loss (faint: every step; solid: a centred moving mean)
+  and validation loss (markers, drawn on top) against step, every run on one
+  axis; for exactly two runs, a second panel with their difference.
+* `max_logit.png`: S against step on one log y axis shared by every panel:
+  for several runs, first their global S (max over layers and heads) in one
+  panel with each run's tau, then one panel per run with S per layer (max
+  over heads) and the run's tau (dashed red where QK-Clip applies it, dotted
+  grey for monitor and off).
 * `heatmap_<label>.png` per run that recorded `max_logits`: S for every
-  (layer, head) row against step, log colour scale where possible.
+  (layer, head) row against step, rows labelled `L<layer> h<head>`, on one
+  colour scale shared by every run plotted.
 * `clipped_fraction.png`: fraction of heads clipped per step, runs overlaid.
 
 The figures are built with the object-oriented API (`matplotlib.figure.Figure`
@@ -36,9 +40,11 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+from jaxtyping import Float
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 from .._metrics import RunMetrics, clipped_fraction, layer_max_logits, read_metrics
 
@@ -46,12 +52,18 @@ __all__ = [
     "LOG_FLOOR",
     "RunMetrics",
     "clipped_fraction",
+    "heatmap_figure",
     "layer_max_logits",
+    "loss_figure",
     "main",
+    "max_logit_figure",
     "read_metrics",
+    "shared_norm",
+    "smooth",
 ]
 
-#: Values at or below this are drawn at this value on log-scale axes.
+#: Values at or below this are drawn at this value on log-scale axes (the
+#: panel's title counts them when there are any).
 LOG_FLOOR = 1e-3
 _DPI = 100
 
@@ -81,96 +93,245 @@ def _line_kw(n: int) -> dict[str, Any]:
     return {"marker": "o", "markersize": 3} if n == 1 else {}
 
 
-def plot_loss(runs: Sequence[RunMetrics], path: Path) -> Path:
-    fig = _new_figure(7.0, 4.5)
-    ax = fig.add_subplot()
+def default_window(n: int) -> int:
+    """The smoothing window for `n` logged steps: odd, about `n / 30`."""
+    return 2 * (n // 60) + 1
+
+
+def smooth(values: Float[np.ndarray, " t"], window: int) -> Float[np.ndarray, " t"]:
+    """Centred moving mean over `window` consecutive points; NaN points are
+    left out of each mean, and the first and last points average over the part
+    of the window that exists (so the curve neither lags nor shrinks).
+
+    **Arguments:**
+
+    - `values`: the series, e.g. [`qkclip_eqx.RunMetrics`][]`.loss`.
+    - `window`: points per mean; 1 returns a copy.
+
+    **Returns:**
+
+    The smoothed series, NaN where a window holds no finite point.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if window <= 1 or v.size == 0:
+        return v.copy()
+    ok = np.isfinite(v)
+    total = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+    count = np.concatenate([[0], np.cumsum(ok)])
+    i = np.arange(v.size)
+    lo = np.clip(i - window // 2, 0, v.size)
+    hi = np.clip(i - window // 2 + window, 0, v.size)
+    n = count[hi] - count[lo]
+    return np.where(n > 0, (total[hi] - total[lo]) / np.maximum(n, 1), np.nan)
+
+
+def _loss_ylim(runs: Sequence[RunMetrics], smoothed: list[np.ndarray]) -> tuple[float, float]:
+    """Limits that show the smoothed curves and every validation point once
+    the first tenth of each run (the initial drop) is past."""
+    parts = []
+    for m, sm in zip(runs, smoothed):
+        parts.append(sm[len(sm) // 10 :])
+        parts.append(m.val_loss)
+    vals = np.concatenate([np.asarray(p, np.float64) for p in parts]) if parts else np.zeros(0)
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(vals.min()), float(vals.max())
+    span = hi - lo if hi > lo else 0.1 * max(abs(hi), 1.0)
+    return lo - 0.08 * span, hi + 0.4 * span  # room at the top for the legend
+
+
+def loss_figure(runs: Sequence[RunMetrics], window: int | None = None) -> Figure:
+    """Training loss (raw, faint; smoothed, solid) and validation loss (markers
+    drawn on top) of every run on one axis; for exactly two runs, a second
+    panel with their difference (second minus first) at the steps both logged."""
+    two = len(runs) == 2
+    fig = _new_figure(7.5, 6.8 if two else 4.6)
+    if two:
+        ax, dax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2.2, 1.0]})
+    else:
+        ax, dax = fig.add_subplot(), None
+    smoothed = []
+    cut = False
     for i, m in enumerate(runs):
-        c = _colour(i)
+        c, w = _colour(i), window or default_window(len(m.steps))
+        sm = smooth(m.loss, w)
+        smoothed.append(sm)
+        ax.plot(m.steps, m.loss, "-", color=c, lw=0.6, alpha=0.3, zorder=1)
+        what = f"train, mean of {w} steps" if w > 1 else "train"
         ax.plot(
-            m.steps,
-            m.loss,
-            "-",
-            color=c,
-            lw=1.2,
-            label=f"{m.label} (train)",
+            m.steps, sm, "-", color=c, lw=1.6, zorder=2, label=f"{m.label} ({what})",
             **_line_kw(len(m.steps)),
-        )
+        )  # fmt: skip
         if len(m.val_steps):
             ax.plot(
-                m.val_steps,
-                m.val_loss,
-                "--o",
-                color=c,
-                lw=1.0,
-                markersize=4,
-                label=f"{m.label} (val)",
-            )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Loss (solid: train, dashed + markers: validation)")
-    ax.grid(True, alpha=0.3)
+                m.val_steps, m.val_loss, ":", color=c, lw=1.0, marker="o", markersize=6,
+                markeredgecolor="white", markeredgewidth=1.2, zorder=4,
+                label=f"{m.label} (validation)",
+            )  # fmt: skip
     if runs:
-        ax.legend(fontsize=8)
+        lo, hi = _loss_ylim(runs, smoothed)
+        finite = [m.loss[np.isfinite(m.loss)] for m in runs]
+        cut = any(f.size and f.max() > hi for f in finite)
+        ax.set_ylim(lo, hi)
+        ax.legend(fontsize=8, ncol=2, loc="upper right")
+    ax.set_ylabel("loss")
+    title = "Loss: train (faint: every step) and validation (markers)"
+    if cut:
+        title += "\nthe first steps' loss is above the top of the axis"
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if dax is not None:
+        _loss_difference(dax, runs[0], runs[1], window)
+    (dax if dax is not None else ax).set_xlabel("step")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def plot_max_logit(runs: Sequence[RunMetrics], path: Path) -> Path:
-    n = max(len(runs), 1)
-    fig = _new_figure(7.5, 2.0 + 2.4 * n)
-    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+def _loss_difference(ax: Any, a: RunMetrics, b: RunMetrics, window: int | None) -> None:
+    steps, ia, ib = np.intersect1d(a.steps, b.steps, return_indices=True)
+    diff = b.loss[ib] - a.loss[ia]
+    w = window or default_window(len(steps))
+    ax.axhline(0.0, color="0.3", lw=0.8)
+    ax.plot(steps, diff, "-", color="0.5", lw=0.6, alpha=0.4)
+    ax.plot(steps, smooth(diff, w), "-", color="k", lw=1.5,
+            label=f"train, mean of {w} steps" if w > 1 else "train")  # fmt: skip
+    vsteps, va, vb = np.intersect1d(a.val_steps, b.val_steps, return_indices=True)
+    if len(vsteps):
+        vdiff = b.val_loss[vb] - a.val_loss[va]
+        ax.plot(vsteps, vdiff, ":", color="C3", marker="o", markersize=5,
+                markeredgecolor="white", zorder=4,
+                label=f"validation (last: {vdiff[-1]:+.4f})")  # fmt: skip
+    ax.set_ylabel(f"{b.label}\nminus {a.label}", fontsize=8)
+    ax.set_title(f"Loss difference: below 0, {b.label} is lower", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    if len(steps):
+        sm = smooth(diff, w)
+        vals = np.concatenate([sm[len(sm) // 10 :], b.val_loss[vb] - a.val_loss[va]])
+        vals = vals[np.isfinite(vals)]
+        if vals.size:
+            r = max(float(np.abs(vals).max()) * 1.3, 1e-6)
+            ax.set_ylim(-r, r)
+        ax.legend(fontsize=7)
+
+
+def plot_loss(runs: Sequence[RunMetrics], path: Path, window: int | None = None) -> Path:
+    return _save(loss_figure(runs, window), path)
+
+
+def _global_max(m: RunMetrics) -> np.ndarray:
+    lm = layer_max_logits(m)
+    if lm.shape[1] == 0:
+        return np.full(len(m.steps), np.nan)
+    ok = np.any(~np.isnan(lm), axis=1)
+    return np.where(ok, np.where(np.isnan(lm), -np.inf, lm).max(axis=1), np.nan)
+
+
+def _tau_label(m: RunMetrics) -> str:
+    if m.mode == "clip":
+        return f"tau = {m.tau:g} (clip)"
+    return f"tau = {m.tau:g} ({m.mode or 'mode unknown'}: not applied)"
+
+
+def _log_axis(ax: Any) -> None:
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(plain)
+    ax.grid(True, which="both", alpha=0.25)
+
+
+def _floored(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """`values` with the finite ones at or below `LOG_FLOOR` raised to it
+    (NaN stays NaN: a gap), and how many were raised."""
+    low = np.isfinite(values) & (values <= LOG_FLOOR)
+    return np.where(low, LOG_FLOOR, values), int(low.sum())
+
+
+def max_logit_figure(runs: Sequence[RunMetrics]) -> Figure:
+    """S against step on one shared log y axis: for several runs, a first panel
+    with each run's S (max over layers and heads) and tau; then one panel per
+    run with S per layer (max over heads) and the run's tau, dashed red where
+    QK-Clip applies it and dotted grey where it does not (monitor, off)."""
+    overview = len(runs) > 1
+    n = max(len(runs) + overview, 1)
+    fig = _new_figure(7.5, 1.6 + 2.4 * n)
+    all_axes = list(fig.subplots(n, 1, sharex=True, sharey=True, squeeze=False)[:, 0])
+    axes = all_axes[1:] if overview else all_axes
+    any_log = False
+    if overview:
+        ax = all_axes[0]
+        floored_total = 0
+        for i, m in enumerate(runs):
+            y, k = _floored(_global_max(m))
+            floored_total += k
+            ax.plot(m.steps, y, "-", color=_colour(i), lw=1.1, label=m.label,
+                    **_line_kw(len(m.steps)))  # fmt: skip
+        by_tau: dict[float, list[int]] = {}
+        for i, m in enumerate(runs):
+            if m.tau is not None:
+                by_tau.setdefault(m.tau, []).append(i)
+        for tau, idx in by_tau.items():
+            one = len(idx) == 1
+            who = "; ".join(
+                f"{runs[i].label}: {'clip' if runs[i].mode == 'clip' else 'not applied'}"
+                for i in idx
+            )
+            ax.axhline(max(tau, LOG_FLOOR), color=_colour(idx[0]) if one else "k", ls="--",
+                       lw=1.1, label=f"tau = {tau:g} ({who})")  # fmt: skip
+        title = "All runs: max logit S over every layer and head"
+        if floored_total:
+            title += f" ({floored_total} values <= {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})"
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("S (log)", fontsize=8)
+        _log_axis(ax)
+        any_log = True
+        ax.legend(fontsize=7, ncol=2, loc="best")
     for ax, m in zip(axes, runs):
         lm = layer_max_logits(m)
         n_layers = lm.shape[1]
-        title = f"{m.label} (mode={m.mode or '?'}"
-        if m.tau is not None:
-            title += f", tau={m.tau:g}"
+        title = f"{m.label} (mode {m.mode or '?'}): S per layer, max over heads"
         n_bad = int(np.isnan(m.max_logits).sum())
         if n_bad:
-            title += f", {n_bad} non-finite/missing entries left as gaps"
-        ax.set_title(title + ")", fontsize=9)
+            title += f"\n{n_bad} non-finite or missing entries left as gaps"
         if n_layers == 0:
-            ax.text(
-                0.5,
-                0.5,
-                "no max_logits recorded",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="0.4",
-            )
-            ax.set_yticks([])
+            ax.text(0.5, 0.5, "no max_logits recorded", ha="center", va="center",
+                    transform=ax.transAxes, color="0.4")  # fmt: skip
+            ax.set_title(title, fontsize=9)
             continue
         cmap = matplotlib.colormaps["viridis"]
+        floored_total = 0
         for layer in range(n_layers):
             colour = cmap(layer / max(n_layers - 1, 1) * 0.9)
-            y = np.maximum(lm[:, layer], LOG_FLOOR)  # NaN stays NaN -> gap
-            ax.plot(
-                m.steps,
-                y,
-                "-",
-                color=colour,
-                lw=1.0,
-                label=f"layer {layer}",
-                **_line_kw(len(m.steps)),
-            )
-        if m.mode == "clip" and m.tau is not None:
-            ax.axhline(
-                max(m.tau, LOG_FLOOR), color="red", ls="--", lw=1.2, label=f"tau = {m.tau:g}"
-            )
-        ax.set_yscale("log")
-        ax.set_ylabel(f"max S (heads)\nlog, floor {LOG_FLOOR:g}", fontsize=8)
-        ax.grid(True, which="major", alpha=0.3)
+            y, k = _floored(lm[:, layer])
+            floored_total += k
+            ax.plot(m.steps, y, "-", color=colour, lw=1.0, label=f"layer {layer}",
+                    **_line_kw(len(m.steps)))  # fmt: skip
+        if m.tau is not None:
+            clip = m.mode == "clip"
+            ax.axhline(max(m.tau, LOG_FLOOR), color="red" if clip else "0.35",
+                       ls="--" if clip else ":", lw=1.3, label=_tau_label(m))  # fmt: skip
+        if floored_total:
+            title += f" ({floored_total} values <= {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})"
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("S (log)", fontsize=8)
+        _log_axis(ax)
+        any_log = True
         ax.legend(fontsize=7, ncol=min(n_layers + 1, 5), loc="best")
     if not runs:
-        axes[0].text(0.5, 0.5, "no runs", ha="center", va="center", transform=axes[0].transAxes)
-    axes[-1].set_xlabel("step")
-    fig.suptitle(
-        f"Max attention logit per layer (values < {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})",
-        fontsize=10,
-    )
+        all_axes[0].text(
+            0.5, 0.5, "no runs", ha="center", va="center", transform=all_axes[0].transAxes
+        )
+    all_axes[-1].set_xlabel("step")
+    if not any_log:
+        all_axes[0].set_yticks([])
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def plot_max_logit(runs: Sequence[RunMetrics], path: Path) -> Path:
+    return _save(max_logit_figure(runs), path)
 
 
 def _edges(steps: np.ndarray) -> np.ndarray:
@@ -209,53 +370,93 @@ def _pool_columns(
     return x, pooled, int(k)
 
 
-def plot_heatmap(m: RunMetrics, path: Path, max_cols: int = 400) -> Path:
+def shared_norm(runs: Sequence[RunMetrics]) -> Normalize:
+    """One colour scale for the S heatmaps of `runs`: logarithmic from the
+    smallest to the largest finite S of any of them when all are positive,
+    else linear."""
+    vals = [m.max_logits[np.isfinite(m.max_logits)] for m in runs if m.has_max_logits]
+    finite = np.concatenate(vals) if vals else np.zeros(0)
+    if finite.size and finite.min() > 0 and finite.max() > finite.min():
+        return LogNorm(vmin=float(finite.min()), vmax=float(finite.max()))
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 1.0
+    return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
+
+
+#: Up to this many rows, each heatmap row is labelled `L<layer> h<head>`.
+_ROW_LABELS_UP_TO = 48
+
+
+def heatmap_figure(
+    m: RunMetrics,
+    max_cols: int = 400,
+    norm: Normalize | None = None,
+    shared_with: Sequence[str] = (),
+) -> Figure:
+    """S of every (layer, head) against step, one row each, layer 0 head 0 at
+    the top; rows are labelled `L<layer> h<head>` (for many rows, by layer).
+    `norm` (default: this run's range) is the colour scale, e.g.
+    `shared_norm` of every run plotted, named
+    in `shared_with`."""
     t, n_layers, n_heads = m.max_logits.shape
     rows = n_layers * n_heads
-    fig = _new_figure(8.0, min(2.0 + 0.18 * rows, 12.0))
+    fig = _new_figure(8.5, min(2.2 + 0.2 * rows, 12.0))
     ax = fig.add_subplot()
     full = m.max_logits.reshape(t, rows).T  # [layer*head, t], row = layer*H + head
     x, img, group = _pool_columns(m.steps, full, max_cols)
-    masked = np.ma.masked_invalid(img)
-    finite = img[np.isfinite(img)]
-    if finite.size and finite.min() > 0 and finite.max() > finite.min():
-        norm: Normalize = LogNorm(vmin=finite.min(), vmax=finite.max())
-        scale = "log"
-    else:
-        lo = float(finite.min()) if finite.size else 0.0
-        hi = float(finite.max()) if finite.size else 1.0
-        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
-        scale = "linear"
+    norm = shared_norm([m]) if norm is None else norm
+    scale = "log" if isinstance(norm, LogNorm) else "linear"
     cmap = matplotlib.colormaps["magma"].with_extremes(bad="0.75")
     y = np.arange(rows + 1) - 0.5
-    mesh = ax.pcolormesh(x, y, masked, cmap=cmap, norm=norm, shading="flat")
+    mesh = ax.pcolormesh(x, y, np.ma.masked_invalid(img), cmap=cmap, norm=norm, shading="flat")
     for layer in range(1, n_layers):
         ax.axhline(layer * n_heads - 0.5, color="white", lw=1.0)
-    ax.set_yticks([layer * n_heads + (n_heads - 1) / 2 for layer in range(n_layers)])
-    ax.set_yticklabels([f"L{layer}" for layer in range(n_layers)])
+    if rows <= _ROW_LABELS_UP_TO:
+        ax.set_yticks(np.arange(rows))
+        ax.set_yticklabels([f"L{r // n_heads} h{r % n_heads}" for r in range(rows)], fontsize=7)
+        ax.set_ylabel("layer, head")
+    else:
+        ax.set_yticks([layer * n_heads + (n_heads - 1) / 2 for layer in range(n_layers)])
+        ax.set_yticklabels([f"L{layer}" for layer in range(n_layers)])
+        ax.set_ylabel(f"layer (each band: heads 0..{n_heads - 1}, top to bottom)")
     ax.set_ylim(rows - 0.5, -0.5)  # layer 0 at the top
     ax.set_xlabel("step" if t and np.all(np.diff(m.steps) > 0) else "line index")
-    ax.set_ylabel(f"layer (rows: {n_heads} heads each)")
-    cb = fig.colorbar(mesh, ax=ax)
-    cb.set_label(f"S (max logit, {scale} scale; grey = non-finite)")
-    if (
-        m.tau is not None
-        and norm.vmin is not None
-        and norm.vmax is not None
-        and norm.vmin <= m.tau <= norm.vmax
-    ):
-        cb.ax.axhline(m.tau, color="cyan", lw=1.5)
-    title = f"{m.label}: per-head max logit S"
+    cb = fig.colorbar(mesh, ax=ax, pad=0.02)
+    cb.set_label(f"S ({scale} scale)")
+    if scale == "log":
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        cb.ax.yaxis.set_major_formatter(plain)
+        cb.ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        cb.ax.yaxis.set_minor_formatter(plain)
+    if m.tau is not None and norm.vmin is not None and norm.vmax is not None:
+        if norm.vmin <= m.tau <= norm.vmax:
+            cb.ax.axhline(m.tau, color="cyan", lw=1.5)
+    title = f"{m.label}: max logit S per layer and head"
     notes = []
     if m.tau is not None:
-        notes.append(f"tau={m.tau:g}, cyan on colourbar")
+        inside = norm.vmin is not None and norm.vmax is not None and norm.vmin <= m.tau <= norm.vmax
+        notes.append(f"tau = {m.tau:g}" + (" (cyan on the colour bar)" if inside else ""))
+    if shared_with:
+        notes.append("colour scale shared with " + ", ".join(shared_with))
     if group > 1:
-        notes.append(f"each column = max over {group} logged steps")
+        notes.append(f"each column: max over {group} logged steps")
+    if np.isnan(img).any():
+        notes.append("grey: non-finite")
     if notes:
-        title += "\n(" + "; ".join(notes) + ")"
-    ax.set_title(title, fontsize=10)
+        title += "\n" + "; ".join(notes)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def plot_heatmap(
+    m: RunMetrics,
+    path: Path,
+    max_cols: int = 400,
+    norm: Normalize | None = None,
+    shared_with: Sequence[str] = (),
+) -> Path:
+    return _save(heatmap_figure(m, max_cols=max_cols, norm=norm, shared_with=shared_with), path)
 
 
 def plot_clipped_fraction(runs: Sequence[RunMetrics], path: Path) -> Path:
@@ -295,7 +496,8 @@ def _parser() -> argparse.ArgumentParser:
         "run_dirs",
         nargs="+",
         metavar="RUN_DIR",
-        help="run directory holding metrics.jsonl (and config.json)",
+        help="run directory holding metrics.jsonl (and config.json), or a checkpoint "
+        "directory in it",
     )
     p.add_argument(
         "--out",
@@ -322,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[RunMetrics] = []
     for i, rd in enumerate(args.run_dirs):
+        if re.fullmatch(r"ckpt_\d+", Path(rd).name) and not (Path(rd) / "metrics.jsonl").exists():
+            rd = str(Path(rd).parent)  # a checkpoint directory: its run's metrics
         metrics_path = Path(rd) / "metrics.jsonl"
         if not metrics_path.is_file():
             print(
@@ -351,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         plot_max_logit(runs, out / "max_logit.png"),
     ]
     used: set[str] = set()
+    with_s = [m for m in runs if m.has_max_logits]
+    norm = shared_norm(with_s)  # one colour scale: the heatmaps compare
     for m in runs:
         if not m.has_max_logits:
             print(
@@ -362,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         while name in used:
             name, k = f"{base}_{k}", k + 1
         used.add(name)
-        written.append(plot_heatmap(m, out / f"heatmap_{name}.png"))
+        others = [o.label for o in with_s if o is not m]
+        written.append(plot_heatmap(m, out / f"heatmap_{name}.png", norm=norm, shared_with=others))
     written.append(plot_clipped_fraction(runs, out / "clipped_fraction.png"))
 
     for p in written:

@@ -7,7 +7,7 @@
     qkclip-train --mesh data=4,model=2         # 8 devices: data and head parallelism
 
 Multi-process (one process per host; every process runs the same command):
-    qkclip-train --mesh data=16 --coordinator-address HOST0:1234 \
+    qkclip-train --mesh data=16 --coordinator-address HOST0:1234 \\
                  --num-processes 2 --process-id $RANK
 (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; on a TPU
 slice or under SLURM, --distributed alone lets JAX find them).
@@ -18,16 +18,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pathlib
+import re
 import sys
+from typing import Any
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from .._checkpoint import CheckpointError
+from .._checkpoint import CheckpointError, latest_checkpoint, read_meta
+from .._data import TokenData
 from .._evaluate import format_table
-from .._train import RunError, train
+from .._model import Transformer
+from .._run_config import MUST_MATCH, RunConfig
+from .._sinks import make_sinks, parse_log_to
+from .._train import RunError, load_run_data, train
 from . import plot
-from ._flags import add_run_flags, run_config_from_args
+from ._flags import (
+    DEFAULT_PRESET,
+    Parser,
+    add_cache_flag,
+    add_run_flags,
+    given_fields,
+    preset_of,
+    run_config_from_args,
+    use_compilation_cache,
+)
 
 
 def _env_int(name: str) -> int | None:
@@ -35,57 +53,208 @@ def _env_int(name: str) -> int | None:
     return None if value is None else int(value)
 
 
+def _resume_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[RunConfig, int]:
+    """The config of a resumed run: the run's own `config.json` (or, without
+    one, its newest checkpoint's), with the flags given on the command line;
+    and the step of its newest checkpoint. RunError (one line) when there is
+    no checkpoint, or a flag changes what a resume cannot."""
+    out = pathlib.Path(given.get("out", RunConfig.out))
+    if args.preset is not None:
+        raise RunError(
+            f"--resume starts from the run's own config ({out / 'config.json'}), not a preset: "
+            "drop --preset and give only the flags to change"
+        )
+    newest = latest_checkpoint(out)
+    if newest is None:
+        where = "no such directory" if not out.is_dir() else "it holds no checkpoint"
+        raise RunError(
+            f"--resume: nothing to resume in {out} ({where}): check --out, or drop --resume "
+            "to start a new run there"
+        )
+    try:
+        meta = read_meta(newest)
+        stored = out / "config.json"
+        base = (
+            RunConfig.from_json(stored)
+            if stored.is_file()
+            else RunConfig.from_dict(meta["run"], source=f"{newest} (its run config)")
+        )
+    except (OSError, KeyError, ValueError) as e:
+        raise RunError(f"--resume: {e}") from e
+    fixed = [n for n in given if n in MUST_MATCH and given[n] != getattr(base, n)]
+    if fixed:
+        raise RunError(
+            "--resume cannot change "
+            + ", ".join(f"{n} ({getattr(base, n)!r} -> {given[n]!r})" for n in fixed)
+            + f": they shape the model, its optimizer state or the data of the run in {out}; "
+            "start a new run with another --out"
+        )
+    cfg = dataclasses.replace(base, **{**given, "out": str(out)})
+    return cfg, int(meta["step"])
+
+
+def summary(cfg: RunConfig, data: TokenData, *, preset_name: str | None, start: int) -> str:
+    """What a run is about to do, in a few lines: the model and its parameter
+    count, the optimizer and QK-Clip, the devices and mesh, the data and
+    tokens per step, and where it writes."""
+    model = eqx.filter_eval_shape(
+        Transformer, cfg.model_config(data.vocab_size), key=jax.random.key(0)
+    )
+    n_params = sum(
+        x.size
+        for x in jax.tree.leaves(model)
+        if isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.floating)
+    )
+    heads = f"{cfg.n_heads} heads" + (
+        f" ({cfg.n_kv_heads} kv)" if cfg.attention == "gqa" and cfg.n_kv_heads else ""
+    )
+    devices = jax.devices()
+    kinds = ", ".join(sorted({d.device_kind for d in devices}))
+    mesh = f"mesh {cfg.mesh}" if cfg.mesh else "no mesh (one device)"
+    tokens = cfg.batch_size * cfg.seq_len
+    clip = (
+        f"QK-Clip {cfg.mode} at tau {cfg.tau:g} (alpha {cfg.alpha:g})"
+        if cfg.mode != "off"
+        else "QK-Clip off"
+    )
+    begin = f"resuming at step {start} of {cfg.steps}" if start else f"{cfg.steps} steps"
+    return "\n".join(
+        [
+            f"qkclip-train{f' (preset {preset_name})' if preset_name else ''}: {begin}",
+            f"  model   {cfg.attention.upper()}, {cfg.n_layers} layers, width {cfg.dim}, {heads}: "
+            f"{n_params:,} parameters ({cfg.param_dtype}; matmuls in {cfg.compute_dtype})",
+            f"  optim   {cfg.optimizer}, lr {cfg.lr:g} ({cfg.schedule}, warmup {cfg.warmup_steps}), "
+            f"weight decay {cfg.weight_decay:g}; {clip}",
+            f"  devices {jax.process_count()} process(es), {len(devices)} x {kinds}; {mesh}",
+            f"  data    {data.description}",
+            f"  tokens  {cfg.batch_size} x {cfg.seq_len} = {tokens:,} per step"
+            + (f" ({cfg.accum_steps} micro-batches)" if cfg.accum_steps > 1 else "")
+            + f", {tokens * cfg.steps:,} in all",
+            f"  out     {cfg.out}: checkpoints every {cfg.ckpt_every} steps (keep {cfg.keep}), "
+            f"validation every {cfg.eval_every}",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    preset_name = preset_of(argv)
+    parser = Parser(
         prog="qkclip-train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_run_flags(parser)
+    add_run_flags(parser, preset_name)
     dist = parser.add_argument_group("multi-process (jax.distributed)")
     dist.add_argument(
         "--distributed",
         action="store_true",
         help="call jax.distributed.initialize() (implied by the flags below)",
     )
-    dist.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
-    dist.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
-    dist.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
+    dist.add_argument(
+        "--coordinator-address",
+        default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        help="HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS)",
+    )
+    dist.add_argument(
+        "--num-processes",
+        type=int,
+        default=_env_int("JAX_NUM_PROCESSES"),
+        help="processes in all (default: $JAX_NUM_PROCESSES)",
+    )
+    dist.add_argument(
+        "--process-id",
+        type=int,
+        default=_env_int("JAX_PROCESS_ID"),
+        help="this process, 0 .. num-processes - 1 (default: $JAX_PROCESS_ID)",
+    )
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint, with its own config.json "
+        "and only the flags given changed (each change is printed with its effect)",
+    )
+    parser.add_argument(
+        "--log-to",
+        default="",
+        metavar="SINKS",
+        help="also send each step's metrics to: tensorboard (RUN/tensorboard), wandb "
+        "(RUN/wandb; offline without an API key or network), comma-separated; needs the "
+        "qkclip_eqx[tensorboard] or [wandb] extra",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cache_flag(parser)
     parser.add_argument("--no-plots", action="store_true", help="do not write PNGs at the end")
     args = parser.parse_args(argv)
+    use_compilation_cache(args)
     if args.distributed or args.coordinator_address is not None:
         # CPU processes talk through gloo; the setting does not affect GPU/TPU.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    lead = jax.process_index() == 0
     try:
-        cfg = run_config_from_args(args)
+        log_to = parse_log_to(args.log_to)
+        if args.resume:
+            cfg, start = _resume_config(args, given_fields(args))
+        else:
+            cfg, start = run_config_from_args(args), 0
+            if re.fullmatch(r"ckpt_\d+", pathlib.Path(cfg.out).name):
+                raise RunError(
+                    f"--out {cfg.out} is a checkpoint directory; --out takes the run directory "
+                    f"({pathlib.Path(cfg.out).parent})"
+                )
+    except RunError as e:
+        print(f"qkclip-train: error: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:
         parser.error(str(e))
-
-    lead = jax.process_index() == 0
-    if lead:
-        print("qkclip-train config:")
-        for f in dataclasses.fields(cfg):
-            print(f"  {f.name} = {getattr(cfg, f.name)!r}")
+    if start >= cfg.steps:
+        if lead:
+            print(
+                f"{cfg.out} is finished: its newest checkpoint is step {start} of {cfg.steps}. "
+                f"To train on, resume with --steps N (N > {start})."
+            )
+        return 0
     try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        data = load_run_data(cfg)
+    except RunError as e:
+        print(f"qkclip-train: error: {e}", file=sys.stderr)
+        return 2
+    if lead:
+        print(
+            summary(
+                cfg,
+                data,
+                preset_name=None if args.resume else args.preset or DEFAULT_PRESET,
+                start=start,
+            ),
+            flush=True,
+        )
+    try:
+        sinks = make_sinks(log_to, cfg.out, cfg.to_dict(), label=cfg.label) if lead else []
+    except ImportError as e:
+        print(f"qkclip-train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(
+            cfg, resume=args.resume, progress=not args.no_progress, data=data, sinks=sinks
+        )
     except (
         RunError,
         CheckpointError,
     ) as e:  # expected problems: one message; bugs keep their traceback
         print(f"qkclip-train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for sink in sinks:
+            sink.close()
 
     code = {"done": 0, "interrupted": 130, "nan": 1}[result.stopped]
     if not lead:
         return code
     m = result.last_metrics
     print(
-        f"\nstopped at step {result.step} ({result.stopped}); last loss {m.get('loss', float('nan')):.4f}"
+        f"\nstopped at step {result.step} ({result.stopped})"
+        + (f"; last loss {m['loss']:.4f}" if "loss" in m else "")
         + (f", val loss {m['val_loss']:.4f}" if "val_loss" in m else "")
     )
     if "max_logits" in m:

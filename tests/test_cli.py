@@ -1,0 +1,215 @@
+"""qkclip-train as a user meets it: a config.json that loads back, --resume from
+the run's own config (only the flags given change), a mistyped --out or a
+finished run said in one line, help for every flag with the preset's value,
+one-line errors, a start-up summary, and a tokens/s that does not jump."""
+
+import contextlib
+import dataclasses
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+
+from builders import synthetic_text
+from qkclip_eqx import RunConfig
+from qkclip_eqx._run_config import FIELD_DOCS, MAY_CHANGE, MUST_MATCH, preset
+from qkclip_eqx._train import _MetricsLog
+from qkclip_eqx.cli import train as train_cli
+
+TINY = ["--preset", "tiny", "--steps", "4", "--ckpt-every", "2", "--eval-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes(synthetic_text(100_000, seed=5))
+    return path
+
+
+def _train(capsys, *args):
+    rc = train_cli.main([*args, "--no-progress", "--no-plots"])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, corpus):
+    """A 4-step tiny run at tau 50 (not the preset's), and what it printed."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):  # capsys is per test; this fixture is per module
+        rc = train_cli.main(
+            [*TINY, "--tau", "50", "--data", str(corpus), "--out", str(out)]
+            + ["--no-progress", "--no-plots"]
+        )
+    assert rc == 0, buf.getvalue()
+    return out, buf.getvalue()
+
+
+def test_config_json_round_trips(finished, corpus):
+    out, _ = finished
+    want = preset(
+        "tiny", steps=4, ckpt_every=2, eval_every=2, tau=50.0, data=str(corpus), out=str(out)
+    )
+    assert RunConfig.from_json(out / "config.json") == want
+    assert RunConfig.from_json(want.to_json()) == want
+    assert json.loads((out / "config.json").read_text())["data_description"]  # kept, and skipped
+
+
+def test_unknown_removed_or_mistyped_fields_are_named(tmp_path):
+    good = json.loads(preset("tiny").to_json())
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**good, "n_layerz": 3, "warmup": 5}))
+    with pytest.raises(
+        ValueError, match=r"config.json: not fields of RunConfig .*: n_layerz, warmup"
+    ):
+        RunConfig.from_json(path)
+    path.write_text(json.dumps({**good, "steps": "600", "attention": "mqa"}))
+    with pytest.raises(
+        ValueError,
+        match=r"wrong type: attention='mqa' \(expected 'mla' or 'gqa'\), steps='600' \(expected int\)",
+    ):
+        RunConfig.from_json(path)
+    path.write_text(json.dumps({**good, "tau": -1}))
+    with pytest.raises(ValueError, match="config.json: RunConfig.tau must be > 0"):
+        RunConfig.from_json(path)
+
+
+def test_resume_takes_the_runs_own_config_and_only_the_flags_given(finished, capsys):
+    out, _ = finished
+    # no --preset tiny, no --data, no --tau: all from the run's config.json
+    rc, text, err = _train(capsys, "--out", str(out), "--resume", "--steps", "6")
+    assert rc == 0, err
+    assert "meta mismatch" not in text + err
+    changes = [line for line in text.splitlines() if line.startswith("resume changes")]
+    assert changes[0] == f"resume changes steps: 4 -> 6: {MAY_CHANGE['steps']}"
+    assert not any("tau" in line or "n_layers" in line for line in changes)
+    cfg = RunConfig.from_json(out / "config.json")
+    assert (cfg.steps, cfg.tau, cfg.n_layers) == (6, 50.0, 2)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(6))
+    # finished: said so, in one line, with no "nan"
+    rc, text, err = _train(capsys, "--out", str(out), "--resume")
+    assert rc == 0 and err == ""
+    assert text == (
+        f"{out} is finished: its newest checkpoint is step 6 of 6. "
+        "To train on, resume with --steps N (N > 6).\n"
+    )
+
+
+def test_resume_refuses_a_must_match_change_in_one_line(finished, capsys):
+    out, _ = finished
+    rc, text, err = _train(capsys, "--out", str(out), "--resume", "--n-layers", "3", "--steps", "9")
+    assert rc == 2 and err.count("\n") == 1
+    assert "--resume cannot change n_layers (2 -> 3)" in err
+    assert "n_layers" in MUST_MATCH
+    rc, _, err = _train(capsys, "--out", str(out), "--resume", "--preset", "tiny")
+    assert rc == 2 and "drop --preset" in err and err.count("\n") == 1
+
+
+def test_resume_in_a_directory_without_checkpoint_asks_in_one_line(tmp_path, capsys):
+    rc, text, err = _train(capsys, "--out", str(tmp_path / "tny"), "--resume")
+    assert rc == 2 and text == ""
+    assert err == (
+        f"qkclip-train: error: --resume: nothing to resume in {tmp_path / 'tny'} (no such "
+        "directory): check --out, or drop --resume to start a new run there\n"
+    )
+    (tmp_path / "empty").mkdir()
+    rc, _, err = _train(capsys, "--out", str(tmp_path / "empty"), "--resume")
+    assert rc == 2 and "it holds no checkpoint" in err
+
+
+def test_start_up_summary_replaces_the_config_dump(finished):
+    out, text = finished
+    assert not re.search(r"^\s+\w+ = ", text, re.M)  # no "  field = value" dump
+    head = text.splitlines()[:7]
+    assert head[0] == "qkclip-train (preset tiny): 4 steps"
+    assert "MLA, 2 layers, width 32, 2 heads: 34,496 parameters" in head[1]
+    assert "tau 50" in head[2]
+    assert head[3].startswith("  devices 1 process(es), ")
+    assert "corpus.txt" in head[4]
+    assert head[5] == "  tokens  4 x 32 = 128 per step, 512 in all"
+    assert head[6].startswith(f"  out     {out}: checkpoints every 2 steps")
+
+
+def test_help_explains_every_flag_with_the_presets_value(capsys):
+    assert set(FIELD_DOCS) == {f.name for f in dataclasses.fields(RunConfig)}
+    with pytest.raises(SystemExit) as e:
+        train_cli.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    small = preset("small")
+    assert f"peak learning rate [small: {small.lr:g}]" in text  # 0.02, not RunConfig's 0.003
+    assert f"(Kimi K2: 100) [small: {small.tau:g}]" in text  # 30
+    squeezed = "".join(text.split())  # argparse also wraps at hyphens
+    for f in dataclasses.fields(RunConfig):
+        assert "".join(FIELD_DOCS[f.name].split()) in squeezed, f.name
+    with pytest.raises(SystemExit):
+        train_cli.main(["--preset", "tiny", "--help"])
+    assert "Transformer blocks [tiny: 2]" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--tau", "x"], "argument --tau: invalid float value: 'x'"),
+        (["--tau", "-1"], "RunConfig.tau must be > 0, got -1.0"),
+        (
+            ["--kernel", "flash"],
+            "argument --kernel: invalid choice: 'flash' (choose from 'dense', 'blockwise', "
+            "'dot_product_attention')",
+        ),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_bad_flag_value_is_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        train_cli.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err == f"qkclip-train: error: {message} (see qkclip-train --help)\n"
+
+
+def test_none_sets_an_optional_field(tmp_path):
+    from qkclip_eqx.cli._flags import Parser, add_run_flags, run_config_from_args
+
+    parser = Parser()
+    add_run_flags(parser)
+    args = parser.parse_args(["--preset", "gpu-100m", "--q-lora-rank", "none", "--mode", "none"])
+    cfg = run_config_from_args(args)
+    assert cfg.q_lora_rank is None and cfg.mode == "clip"
+    assert preset("gpu-100m").q_lora_rank == 384
+
+
+class _Bar:
+    def __init__(self):
+        self.posts = []
+
+    def set_postfix(self, post, refresh):
+        self.posts.append(post)
+
+    def update(self, n):
+        pass
+
+
+def test_tokens_per_second_in_the_bar_is_the_median_of_recent_steps(tmp_path):
+    """The bar's tok/s leaves out the first step (the compile) and is the median
+    of the steps since: an evaluation step (slow) and the step read just after it
+    (fast) do not move it; metrics.jsonl keeps every step's own."""
+    cfg = preset("tiny")  # 128 tokens per step
+    bar = _Bar()
+    seconds = [10.0, 0.1, 0.1, 5.0, 0.001, 0.1, 0.2]
+    with (tmp_path / "m.jsonl").open("w") as f:
+        log = _MetricsLog(f, cfg, None, bar)
+        for i, s in enumerate(seconds):
+            log.defer(i, {"first_nonfinite": np.int32(0), "loss": np.float32(1.0)}, s)
+            assert log.read() is None
+    shown = [p.get("tok/s") for p in bar.posts]
+    assert shown[0] is None  # the first step alone: the compile, not the speed
+    want = [None] + [f"{128 / np.median(seconds[1 : i + 1]):,.0f}" for i in range(1, 7)]
+    assert shown == want
+    assert shown[3] == "1,280" and shown[4] == "1,280"  # the 5 s and the 1 ms step
+    lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["tokens_per_s"] for r in lines] == [128 / s for s in seconds]
