@@ -16,8 +16,16 @@ from typing import Any, Literal
 
 import optax
 
-from ._clip import check_tau_alpha
-from ._config import GQAConfig, MLAConfig, TransformerConfig
+from ._clip import MODES, Mode, check_tau_alpha
+from ._config import (
+    Dtype,
+    GQAConfig,
+    Implementation,
+    Kernel,
+    MaxLogit,
+    MLAConfig,
+    TransformerConfig,
+)
 from ._optim import muon_adamw, warmup_cosine, wsd
 
 Optimizer = Literal["muonclip", "muon", "adamw"]
@@ -43,18 +51,18 @@ class RunConfig:
     n_kv_heads: int | None = None
     head_dim: int = 32
     mlp_hidden: int = 384
-    kernel: Literal["dense", "blockwise", "dot_product_attention"] = "dense"
+    kernel: Kernel = "dense"
     block_size: int = 128
     # kernel="dot_product_attention" only: S exact or the LSE bound, and the backend
-    max_logit: Literal["exact", "lse_bound"] = "exact"
-    attention_implementation: Literal["xla", "cudnn"] | None = None
+    max_logit: MaxLogit = "exact"
+    attention_implementation: Implementation | None = None
     # parameters and optimizer state (keep float32), and the matmuls' dtype:
     # see TransformerConfig
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Dtype = "float32"
+    compute_dtype: Dtype = "float32"
     # optimisation
     optimizer: Optimizer = "muonclip"
-    mode: Literal["clip", "monitor", "off"] | None = None  # None: clip for muonclip, else monitor
+    mode: Mode | None = None  # None: clip for muonclip, else monitor
     tau: float = 100.0
     alpha: float = 0.5
     clip_until: int | None = None  # clip mode: clip the updates of steps < clip_until only
@@ -112,7 +120,7 @@ class RunConfig:
             )
         if self.mode is None:
             object.__setattr__(self, "mode", "clip" if self.optimizer == "muonclip" else "monitor")
-        if self.mode not in ("clip", "monitor", "off"):
+        if self.mode not in MODES:
             raise ValueError(f"RunConfig.mode must be clip, monitor or off, got {self.mode!r}")
         if self.optimizer == "muon" and self.mode == "clip":
             raise ValueError(
