@@ -402,7 +402,8 @@ def test_transformer_clip_matches_numpy_for_any_alpha(kind, alpha):
     )
     clipped = qk_clip(model, jnp.asarray(s), tau, alpha=alpha)
     expected = np_qk_clip(model, s, tau, alpha)
-    assert_leaves_close(clipped, expected, rtol=2e-6, what=kind)
+    # measured rel 1.2e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    assert_leaves_close(clipped, expected, rtol=6e-7, what=kind)
     # and the expectation is not the unclipped model (a clip that does nothing fails)
     before = leaves_by_path(model)
     assert any(not np.allclose(before[k], v, rtol=1e-3) for k, v in expected.items())
@@ -651,7 +652,8 @@ def test_gqa_query_key_mode_identity_and_key_factor(x, alpha):
             clipped.wq[h], attn.wq[h] * gamma[h] / eta ** (1 - alpha), rtol=1e-6
         )
     # against the float64 NumPy rule
-    assert_leaves_close(clipped, np_qk_clip(attn, s, tau, alpha, prefix=""), rtol=2e-6)
+    # measured rel 1.2e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    assert_leaves_close(clipped, np_qk_clip(attn, s, tau, alpha, prefix=""), rtol=6e-7)
     # The key took part of the shrinkage (unlike "query" mode), the mate below
     # tau kept its logits (unlike "group" mode), and clipped_heads counts the
     # heads whose logits were scaled: those over tau, not the mate whose q rows
@@ -706,7 +708,8 @@ def test_transformer_query_key_mode_matches_numpy(alpha):
     )
     clipped = qk_clip(model, jnp.asarray(s), tau, alpha=alpha)
     expected = np_qk_clip(model, s, tau, alpha)
-    assert_leaves_close(clipped, expected, rtol=2e-6, what="query_key")
+    # measured rel 1.5e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    assert_leaves_close(clipped, expected, rtol=6e-7, what="query_key")
     got, before = leaves_by_path(clipped), leaves_by_path(model)
     # layer 1, group 0 (heads 0, 1 and key 0): bit-identical
     assert np.array_equal(got[".blocks.attn.wq"][1, :2], before[".blocks.attn.wq"][1, :2])
