@@ -55,7 +55,9 @@ def test_strided_micro_batches_move_no_rows(setup):
 
 def test_strided_micro_batches_give_the_big_batch(setup):
     ((loss1, grads1, s1), _), ((loss2, grads2, s2), _) = setup[1], setup[2]
-    np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-6)
+    # measured rel 1e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(float(loss2), float(loss1), rtol=5e-7)
     np.testing.assert_array_equal(np.asarray(s2), np.asarray(s1))  # a max: exact
     for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads2), strict=True):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+        # measured max |diff| 7.5e-9, 22% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=3e-6, atol=3e-8)

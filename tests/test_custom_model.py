@@ -104,10 +104,13 @@ def test_user_model_on_a_mesh_matches_one_device_with_the_clip_acting(runs):
     assert sum(int(x["heads_clipped"]) for x in ref_m) > 0, "the clip must act"
     for a, b in zip(ref_m, m):
         assert int(a["heads_clipped"]) == int(b["heads_clipped"])
-        np.testing.assert_allclose(a["max_logits"], b["max_logits"], rtol=1e-5)
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        # measured rel 1.6e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_allclose(a["max_logits"], b["max_logits"], rtol=8e-7)
+        # measured rel 2.2e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(ref_model), jax.tree.leaves(model)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        # measured max |diff| 5.3e-6, 21% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_allclose(a, b, rtol=2.5e-5, atol=2.5e-6)
     # the heads really were sharded: each device holds 2 of the 4
     assert model.attn.wq.sharding.spec == P("model")
     assert {s.data.shape for s in model.attn.wq.addressable_shards} == {(HEADS // 2, HEAD_DIM, DIM)}
@@ -121,7 +124,8 @@ def test_clip_identity_holds_for_the_user_module():
     _, s = qc.next_token_loss(model, tokens)
     tau = float(np.median(np.asarray(s)))
     _, s2 = qc.next_token_loss(qc.qk_clip(model, s, tau), tokens)
-    np.testing.assert_allclose(s2, np.minimum(np.asarray(s), tau), rtol=1e-5)
+    # measured rel 1.8e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(s2, np.minimum(np.asarray(s), tau), rtol=8e-7)
     assert np.sum(np.asarray(s) > tau) > 0
 
 
@@ -160,5 +164,7 @@ def test_a_custom_loss_with_parallel_runs_on_a_mesh(runs):
     step = qc.make_train_step(opt, mode="clip", tau=TAU, loss_fn=doubled, mesh=mesh)
     _, _, m = step(model, state, qc.shard_batch(tokens, mesh))
     (_, ref_m) = runs[0]
-    np.testing.assert_allclose(m["loss"], 2 * ref_m[0]["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m["max_logits"], ref_m[0]["max_logits"], rtol=1e-5)
+    # measured rel 1.1e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(m["loss"], 2 * ref_m[0]["loss"], rtol=5e-7)
+    # measured rel 1.1e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(m["max_logits"], ref_m[0]["max_logits"], rtol=5e-7)

@@ -61,7 +61,8 @@ def test_greedy_is_the_full_forward_argmax_and_bit_identical(model):
     np.testing.assert_array_equal(
         np.asarray(tokens), np.argmax(np.asarray(logits[PROMPT - 1 :]), -1)
     )
-    np.testing.assert_allclose(np.asarray(s), np.asarray(s_full), rtol=1e-5)
+    # measured rel 6.7e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s_full), rtol=3e-6)
     assert len(set(np.asarray(tokens).tolist())) > 1  # not a constant stream
 
 

@@ -92,10 +92,12 @@ def packed(t):
     return pos, seg
 
 
-def check(out, s, ref_out, ref_s, rtol=1e-5, atol=1e-5):
+def check(out, s, ref_out, ref_s):
     assert s.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(s), ref_s, rtol=rtol, atol=atol)
-    np.testing.assert_allclose(np.asarray(out), ref_out, rtol=rtol, atol=atol)
+    # measured over every caller: S max |diff| 1.0e-6, out 1.2e-6, 23% and 24%
+    # of these tolerances (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(np.asarray(s), ref_s, rtol=5e-7, atol=5e-7)
+    np.testing.assert_allclose(np.asarray(out), ref_out, rtol=3e-6, atol=3e-6)
 
 
 # --------------------------------------------------------------------------
@@ -129,7 +131,8 @@ def test_dense_and_blockwise_match_bruteforce(block, kv_heads, causal):
     assert out_b.shape == out_d.shape == (T, HEADS, DV) and s_b.shape == s_d.shape == (HEADS,)
     check(out_d, s_d, ref_out, ref_s)
     check(out_b, s_b, ref_out, ref_s)
-    np.testing.assert_allclose(np.asarray(s_b), np.asarray(s_d), rtol=1e-5, atol=1e-6)
+    # measured max |diff| 9.5e-7, 24% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(np.asarray(s_b), np.asarray(s_d), rtol=5e-7, atol=5e-8)
     np.testing.assert_allclose(np.asarray(out_b), np.asarray(out_d), rtol=1e-5, atol=1e-6)
 
 
@@ -158,9 +161,11 @@ def test_packed_segments(kernel, block, causal):
         o_d, s_d = np_attention(
             q[rows], k[rows], v[rows], pos[rows], pos[rows], seg[rows], seg[rows], causal, SCALE
         )
-        np.testing.assert_allclose(np.asarray(out)[rows], o_d, rtol=1e-5, atol=1e-5)
+        # measured max |diff| 6.6e-7, 24% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_allclose(np.asarray(out)[rows], o_d, rtol=1.5e-6, atol=1.5e-6)
         s_docs.append(s_d)
-    np.testing.assert_allclose(np.asarray(s), np.max(s_docs, axis=0), rtol=1e-5)
+    # measured rel 1.3e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(np.asarray(s), np.max(s_docs, axis=0), rtol=6e-7)
     # ... and differs from attending across documents.
     _, s_unpacked = np_attention(q, k, v, pos, pos, seg * 0, seg * 0, causal, SCALE)
     assert not np.allclose(np.asarray(s), s_unpacked, atol=1e-3)
@@ -175,7 +180,8 @@ def test_query_shard_with_offset_positions(causal, layout):
     lo, hi = 13, 30  # crosses document borders in the packed layout
     ref_out, ref_s = np_attention(q[lo:hi], k, v, pos[lo:hi], pos, seg[lo:hi], seg, causal, SCALE)
     full_out, _ = np_attention(q, k, v, pos, pos, seg, seg, causal, SCALE)
-    np.testing.assert_allclose(ref_out, full_out[lo:hi], rtol=1e-12)  # the reference agrees
+    # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_array_equal(ref_out, full_out[lo:hi])  # the reference agrees
     for kernel, block in (("dense", 128), ("blockwise", 4)):
         out, s = run(
             q[lo:hi],
@@ -302,13 +308,15 @@ def test_gradients_dense_equal_blockwise_and_s_has_none(kv_heads, causal, layout
     g_block, (s_block, gs_block) = _grads_fn("blockwise", block, causal, pos, seg, w)(q, k, v)
     for name, gd, gb in zip("qkv", g_dense, g_block):
         assert float(jnp.max(jnp.abs(gd))) > 1e-3, name  # a real gradient
+        # measured max |diff| 3.5e-6, 23% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
         np.testing.assert_allclose(
-            np.asarray(gb), np.asarray(gd), rtol=1e-4, atol=1e-5, err_msg=f"grad wrt {name}"
+            np.asarray(gb), np.asarray(gd), rtol=5e-5, atol=5e-6, err_msg=f"grad wrt {name}"
         )
 
     # S carries no gradient, in either kernel.
     assert float(s_dense) != 0.0
-    np.testing.assert_allclose(float(s_block), float(s_dense), rtol=1e-5)
+    # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_array_equal(float(s_block), float(s_dense))
     for g in (*gs_dense, *gs_block):
         assert not np.any(np.asarray(g))
 
@@ -327,7 +335,8 @@ def test_gradients_dense_equal_blockwise_and_s_has_none(kv_heads, causal, layout
     minus = np_loss(*[x - eps * d for x, d in zip(qkv64, dirs64)])
     fd = (plus - minus) / (2 * eps)
     analytic = sum(float(np.sum(np.asarray(g, np.float64) * d)) for g, d in zip(g_block, dirs))
-    np.testing.assert_allclose(analytic, fd, rtol=1e-3)
+    # measured rel 2.8e-6 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(analytic, fd, rtol=1.2e-5)
 
 
 # --------------------------------------------------------------------------
@@ -345,7 +354,8 @@ def test_bf16_inputs_give_float32_s(kernel):
     # S agrees to float32 rounding; the output to bf16 rounding.
     q32, k32, v32 = (x.astype(np.float32) for x in (q, k, v))
     out32, s32 = run(q32, k32, v32, pos, pos, seg, seg, causal=True, kernel="dense")
-    np.testing.assert_allclose(np.asarray(s), np.asarray(s32), rtol=1e-5)
+    # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s32))
     # measured (jax 0.10.2, CPU): 0.0064 at most, for outputs up to ~2
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(out32), atol=3e-2)
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
@@ -403,8 +413,9 @@ def test_hand_written_backward_equals_autodiff(kernel, block, kv_heads, layout):
     want = jax.jit(jax.grad(reference, argnums=(0, 1, 2)))(q, k, v)
     for name, g, r in zip("qkv", got, want):
         assert float(jnp.max(jnp.abs(r))) > 1e-2, name
+        # measured max |diff| 2.5e-6, 24% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
         np.testing.assert_allclose(
-            np.asarray(g), np.asarray(r), rtol=1e-4, atol=2e-5, err_msg=f"grad wrt {name}"
+            np.asarray(g), np.asarray(r), rtol=2e-5, atol=4e-6, err_msg=f"grad wrt {name}"
         )
 
 
@@ -437,10 +448,11 @@ def test_extreme_segment_ids_keep_s_signed_with_padding(kernel, causal):
     check(out, s, ref_out, ref_s)
 
 
-def test_blockwise_skips_empty_tiles_and_vmap_over_segments_is_exact():
+def test_blockwise_skips_empty_tiles_and_vmap_over_segments_matches_reference():
     """The blockwise kernel branches on whether a tile has an allowed pair (a
     ``cond`` in its program; the dense kernel, one tile, has none). Under vmap
-    with per-example segment ids the branch becomes a select: still exact."""
+    with per-example segment ids the branch becomes a select: the result still
+    matches the float64 reference, to float32 rounding (`check`), not bit for bit."""
     q, k, v = make_qkv(14, T, T, HEADS, 2)
     pos, seg = plain(T)
     _, seg_b = packed(T)
@@ -467,8 +479,8 @@ def test_blockwise_skips_empty_tiles_and_vmap_over_segments_is_exact():
 DPA = "dot_product_attention"
 # The exact S is the max of the same float32 logits as the dense kernel's; XLA
 # may sum a tile's q.k in another order than the whole matrix's: bit-equal on
-# jax 0.10's XLA:CPU, within one ulp (~1.6e-7 relative) on jax 0.12's.
-S_RTOL = 1e-6
+# jax 0.10's XLA:CPU, within one ulp on jax 0.12's (measured rel 1.6e-7).
+S_RTOL = 7e-7
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "max_logit", "block_size"))
@@ -525,7 +537,8 @@ def test_dot_product_attention_matches_dense_and_s_is_exact(kv_heads, causal, la
     )
     check(out_e, s_e, ref_out, ref_s)
     for out in (out_e, out_b):
-        np.testing.assert_allclose(np.asarray(out), np.asarray(out_d), rtol=1e-5, atol=2e-6)
+        # measured max |diff| 4.8e-7, 23% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(out_d), rtol=4e-6, atol=8e-7)
     np.testing.assert_allclose(np.asarray(s_e), np.asarray(s_d), rtol=S_RTOL)
     s_d, s_b = np.asarray(s_d, np.float64), np.asarray(s_b, np.float64)
     log_n = math.log(_n_allowed(pos[lo:hi], pos, seg[lo:hi], seg, causal))
@@ -544,7 +557,8 @@ def test_dot_product_attention_value_wider_than_key():
     out_d, s_d = run(q, k, v, pos, pos, seg, seg, causal=True, kernel="dense")
     out_e, s_e = run_dpa(q, k, v, pos, pos, seg, seg, causal=True, max_logit="exact")
     assert out_e.shape == (T, HEADS, 12)
-    np.testing.assert_allclose(np.asarray(out_e), np.asarray(out_d), rtol=1e-5, atol=2e-6)
+    # measured max |diff| 7.2e-7, 24% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(np.asarray(out_e), np.asarray(out_d), rtol=2e-6, atol=4e-7)
     np.testing.assert_allclose(np.asarray(s_e), np.asarray(s_d), rtol=S_RTOL)
 
 
@@ -582,8 +596,9 @@ def test_dot_product_attention_gradients_match_dense_and_s_has_none(max_logit):
     g_dpa, gs_dpa = grads(DPA, q, k, v)
     for name, gd, gf in zip("qkv", g_dense, g_dpa):
         assert float(jnp.max(jnp.abs(gd))) > 1e-3, name
+        # measured max |diff| 2e-6, 23% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
         np.testing.assert_allclose(
-            np.asarray(gf), np.asarray(gd), rtol=1e-4, atol=1e-5, err_msg=f"grad wrt {name}"
+            np.asarray(gf), np.asarray(gd), rtol=2e-5, atol=2e-6, err_msg=f"grad wrt {name}"
         )
     for g in gs_dpa:
         assert not np.any(np.asarray(g))
@@ -642,7 +657,8 @@ def test_dot_product_attention_bf16(max_logit):
         np.asarray(out, np.float32), np.asarray(out_d, np.float32), atol=3e-2
     )
     if max_logit == "exact":
-        np.testing.assert_allclose(np.asarray(s), np.asarray(s_d), rtol=S_RTOL)
+        # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_array_equal(np.asarray(s), np.asarray(s_d))
     else:
         assert np.all(np.asarray(s) >= np.asarray(s_d))
         assert np.all(np.asarray(s) <= np.asarray(s_d) + math.log(T) + 0.1)
@@ -824,7 +840,8 @@ def test_modules_with_dot_product_attention_equal_dense(which):
         return jax.vmap(lambda xi, p, s: m(xi, positions=p, segment_ids=s))(x, poss, segs)
 
     (y_d, s_d), (y_f, s_f) = call(dense), call(fused)
-    np.testing.assert_allclose(np.asarray(y_f), np.asarray(y_d), rtol=1e-5, atol=2e-6)
+    # measured max |diff| 3.3e-7, 24% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(np.asarray(y_f), np.asarray(y_d), rtol=5e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(s_f), np.asarray(s_d), rtol=S_RTOL)
 
 

@@ -35,7 +35,8 @@ def test_rms_norm_matches_numpy(x, eps):
     )
     got = np.asarray(eqx.filter_jit(lambda n, x: n(x))(norm, jnp.asarray(x)))
     ref = np_rms_norm(x, norm.weight, eps)
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    # measured max |diff| 1.6e-7, 23% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(got, ref, rtol=4e-7, atol=4e-8)
     # the large-eps case really differs from eps -> 0 on the small rows
     if eps == 0.5:
         assert not np.allclose(got[0], np_rms_norm(x, norm.weight, 1e-6)[0], rtol=1e-2)
@@ -71,7 +72,8 @@ def test_swiglu_matches_numpy(mlp, x):
     )  # unit rows: gates in silu's curved part
     got = np.asarray(eqx.filter_jit(lambda m, x: m(x))(mlp, jnp.asarray(x)))
     ref = np_swiglu(x, mlp.w_gate, mlp.w_up, mlp.w_down)
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    # measured max |diff| 2.1e-7, 20% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(got, ref, rtol=4e-6, atol=4e-7)
     # other gated MLPs give other answers on this input: GeGLU, and the gate
     # and the up projection swapped
     g, u = x @ np.asarray(mlp.w_gate, np.float64).T, x @ np.asarray(mlp.w_up, np.float64).T
@@ -100,6 +102,8 @@ def test_linear_is_the_matmul_of_each_head_with_its_gradients():
         return jnp.sum(jnp.einsum("btr,hdr->bthd", x, w) * ct)
 
     for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        # measured max |diff| 9.5e-7, 22% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=8e-7, atol=8e-7)
     one = jax.grad(lambda w: jnp.sum(linear(x[0], w) * ct[0]))(w)
-    np.testing.assert_allclose(one, jnp.einsum("tr,thd->hdr", x[0], ct[0]), rtol=1e-5, atol=1e-5)
+    # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_array_equal(one, jnp.einsum("tr,thd->hdr", x[0], ct[0]))

@@ -137,8 +137,10 @@ def test_per_layer_s_equals_unrolled_layers(models, kind):
     logits, s = forward(model, tokens, positions, segments)
     ref_logits, ref_s = unrolled(model, tokens, positions, segments)
     s, ref_s = np.asarray(s), np.asarray(ref_s)
-    np.testing.assert_allclose(s, ref_s, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-4, atol=1e-5)
+    # measured max |diff| 2.4e-6, 22% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(s, ref_s, rtol=4e-6, atol=4e-7)
+    # measured max |diff| 3.8e-6, 22% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=8e-5, atol=8e-6)
     # The layers really differ, so a mix-up could not pass.
     for i in range(LAYERS):
         for j in range(i):
@@ -159,7 +161,8 @@ def test_logits_are_causal(models, kind):
     logits, _ = forward(model, tokens)
     logits2, _ = forward(model, changed)
     logits, logits2 = np.asarray(logits), np.asarray(logits2)
-    np.testing.assert_allclose(logits2[:t], logits[:t], rtol=1e-6, atol=1e-6)
+    # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_array_equal(logits2[:t], logits[:t])
     assert np.all(np.max(np.abs(logits2[t:] - logits[t:]), axis=-1) > 1e-4)
 
 
@@ -170,8 +173,10 @@ def test_vmap_over_a_batch(models):
     assert logits.shape == (3, T, VOCAB) and s.shape == (3, LAYERS, ATTENTION["mla"].n_heads)
     for b in range(3):
         lb, sb = forward(model, batch[b])
-        np.testing.assert_allclose(np.asarray(logits[b]), np.asarray(lb), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(s[b]), np.asarray(sb), rtol=1e-5, atol=1e-6)
+        # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_array_equal(np.asarray(logits[b]), np.asarray(lb))
+        # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_array_equal(np.asarray(s[b]), np.asarray(sb))
     assert not np.allclose(np.asarray(s[0]), np.asarray(s[1]))  # examples differ
 
 
@@ -190,16 +195,19 @@ def test_packed_batch_equals_the_vmapped_batch(models, kind):
     grad = eqx.filter_jit(eqx.filter_value_and_grad(lambda m, t, f: f(m, t), has_aux=True))
     (loss_p, s_p), g_p = grad(model, tokens, next_token_loss)
     (loss_v, s_v), g_v = grad(model, tokens, vmapped)
-    np.testing.assert_allclose(loss_p, loss_v, rtol=1e-6)
+    # measured rel 9.9e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(loss_p, loss_v, rtol=4e-7)
     np.testing.assert_array_equal(s_p, s_v)  # the same kernel on the same tiles
     for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_v)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        # measured max |diff| 6e-8, 21% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_allclose(a, b, rtol=6e-6, atol=6e-8)
     # positions restart in every segment: the rows are independent sequences
     logits, _ = eqx.filter_jit(lambda m, x: m(x, segment_length=T))(
         model, tokens[:, :-1].reshape(-1)
     )
     one, _ = forward(model, tokens[1, :-1])
-    np.testing.assert_allclose(logits[T : 2 * T], one, rtol=1e-5, atol=1e-5)
+    # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_array_equal(logits[T : 2 * T], one)
 
 
 def test_segment_length_must_divide_the_sequence(models):

@@ -214,8 +214,9 @@ def test_stacked_layers_orthogonalised_separately_heads_jointly(transformer_upda
         for layer in range(n_layers):
             g2 = g[layer].reshape(-1, g.shape[-1])  # (heads*head_dim, in) for wq
             expected = -LR * _ns_scaled(g2)
+            # measured max |diff| 7.9e-9, 23% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
             np.testing.assert_allclose(
-                u[layer].reshape(g2.shape), expected, rtol=2e-4, atol=1e-7, err_msg=name
+                u[layer].reshape(g2.shape), expected, rtol=3e-5, atol=1.5e-8, err_msg=name
             )
         # had the layers been orthogonalised jointly, the update would differ
         joint = -LR * _ns_scaled(g.reshape(-1, g.shape[-1])).reshape(g.shape)
@@ -246,12 +247,14 @@ def test_muon_update_scale_and_rms(shape):
     # the scale K2 intends: with the exact polar factor U V^T the RMS is 0.2 * lr
     uu, _, vt = np.linalg.svd(g2, full_matrices=False)
     exact = -LR * 0.2 * math.sqrt(fan) * (uu @ vt)
-    np.testing.assert_allclose(np.sqrt(np.mean(exact**2)), 0.2 * LR, rtol=1e-6)
+    # measured rel 4.7e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(np.sqrt(np.mean(exact**2)), 0.2 * LR, rtol=2e-7)
     # and with NS5 it is the same to within NS5's own band: singular values of
     # the pre-scaling update in [0.68, 1.14] gives RMS in that band times 0.2*lr
     ratio = np.sqrt(np.mean(u**2)) / (0.2 * LR)
     sv = np.linalg.svd(u.reshape(g2.shape) / (-LR * 0.2 * math.sqrt(fan)), compute_uv=False)
-    np.testing.assert_allclose(ratio, np.sqrt(np.mean(sv**2)), rtol=1e-5)
+    # measured rel 6.6e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(ratio, np.sqrt(np.mean(sv**2)), rtol=3e-7)
     assert 0.80 <= ratio <= 0.95, ratio
 
 
@@ -292,11 +295,12 @@ def test_decoupled_weight_decay_is_lr_wd_w():
     u_on = on.update(grads, on.init(params), params)[0]
     u_off = off.update(grads, off.init(params), params)[0]
     for k in params:
+        # measured max |diff| 9.3e-10, 24% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
         np.testing.assert_allclose(
             np.asarray(u_on[k]) - np.asarray(u_off[k]),
             -LR * wd * np.asarray(params[k]),
-            rtol=1e-4,
-            atol=1e-9,
+            rtol=1.5e-5,
+            atol=1.5e-10,
             err_msg=k,
         )
     with pytest.raises(ValueError, match="weight_decay"):
@@ -387,11 +391,13 @@ def test_muonclip_matches_numpy_over_several_steps(several_steps):
     for step, (u, r) in enumerate(zip(updates, ref_updates)):
         for k in r:
             scale = np.max(np.abs(r[k]))
+            # measured max |diff| 1.8e-8, 20% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
             np.testing.assert_allclose(
-                u[k], r[k], rtol=1e-4, atol=2e-5 * scale, err_msg=f"{k} step {step}"
+                u[k], r[k], rtol=2e-5, atol=4e-6 * scale, err_msg=f"{k} step {step}"
             )
     for k in ref_final:
-        np.testing.assert_allclose(final[k], ref_final[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        # measured max |diff| 2.8e-7, 21% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_allclose(final[k], ref_final[k], rtol=6e-6, atol=6e-8, err_msg=k)
 
 
 @pytest.mark.parametrize("variant", ["no_momentum", "no_nesterov_sum", "no_bias_correction"])
@@ -466,11 +472,14 @@ def test_warmup_cosine_values():
     }
     assert cosine(60) == pytest.approx((peak + end) / 2)
     for t, v in expected.items():
-        assert float(sched(t)) == pytest.approx(v, rel=1e-5, abs=1e-12), t
+        # measured max |diff| 6.1e-11, 24% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+        assert float(sched(t)) == pytest.approx(v, rel=1.2e-6, abs=1.2e-13), t
     no_warmup = warmup_cosine(peak, warmup_steps=0, total_steps=100, final_fraction=0.0)
-    assert float(no_warmup(0)) == pytest.approx(peak)
-    assert float(no_warmup(50)) == pytest.approx(peak / 2, rel=1e-5)
-    assert float(no_warmup(100)) == pytest.approx(0.0, abs=1e-12)
+    # measured rel 4.8e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+    assert float(no_warmup(0)) == pytest.approx(peak, rel=2e-7)
+    # measured rel 6.9e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+    assert float(no_warmup(50)) == pytest.approx(peak / 2, rel=3e-7)
+    assert float(no_warmup(100)) == 0.0  # lr * final_fraction 0, exactly
 
 
 def test_wsd_values():
@@ -489,9 +498,11 @@ def test_wsd_values():
         200: 0.0,
     }
     for t, v in expected.items():
-        assert float(sched(t)) == pytest.approx(v, rel=1e-5, abs=1e-12), t
+        # measured max |diff| 7.4e-12, 25% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+        assert float(sched(t)) == pytest.approx(v, rel=2e-7, abs=2e-14), t
     with_floor = wsd(peak, warmup_steps=0, total_steps=50, decay_fraction=0.4, final_fraction=0.1)
     # decay over the last 20 steps: 30 -> 50, from peak to 0.1 * peak
     values = {0: peak, 29: peak, 30: peak, 40: 0.55 * peak, 50: 0.1 * peak, 80: 0.1 * peak}
     for t, v in values.items():
-        assert float(with_floor(t)) == pytest.approx(v, rel=1e-5), t
+        # measured rel 4.7e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+        assert float(with_floor(t)) == pytest.approx(v, rel=2e-7), t

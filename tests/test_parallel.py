@@ -32,11 +32,14 @@ def _assert_same_run(ref, got):
     assert ref_m["heads_clipped"].sum() > 0, "the scenario must exercise the clip"
     # the same heads were clipped at every step
     np.testing.assert_array_equal(ref_m["max_logits"] > TAU, m["max_logits"] > TAU)
-    np.testing.assert_allclose(ref_m["max_logits"], m["max_logits"], rtol=2e-5)
-    np.testing.assert_allclose(ref_m["loss"], m["loss"], rtol=2e-6)
+    # measured rel 6.9e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(ref_m["max_logits"], m["max_logits"], rtol=3e-6)
+    # measured rel 3.3e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(ref_m["loss"], m["loss"], rtol=1.5e-6)
     # the gradients are the one device's: their global norm at every step
     assert np.all(ref_m["grad_norm"] > 0)
-    np.testing.assert_allclose(ref_m["grad_norm"], m["grad_norm"], rtol=1e-5)
+    # measured rel 1.1e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(ref_m["grad_norm"], m["grad_norm"], rtol=5e-7)
     for a, b in zip(ref_params, params, strict=True):
         # a few f32 roundings apart: the sequence shards sum dK in another order, and
         # Newton-Schulz amplifies the last bits over the steps
