@@ -60,8 +60,12 @@ def test_matches_hf_golden(golden, kernel, block_size):
     assert isinstance(module, MLAttention)
     out, max_logits = run(module, jnp.asarray(arrays["hidden_states"]))
     assert arrays["max_logits"].shape == (config.n_heads,)
-    np.testing.assert_allclose(np.asarray(max_logits), arrays["max_logits"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out), arrays["output"], rtol=1e-4, atol=1e-5)
+    # measured max |diff| 1.4e-6, 20% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(
+        np.asarray(max_logits), arrays["max_logits"], rtol=1.5e-6, atol=1.5e-7
+    )
+    # measured max |diff| 1.4e-6, 23% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(np.asarray(out), arrays["output"], rtol=5e-5, atol=5e-6)
 
 
 def test_golden_files_are_not_trivial(golden):
@@ -228,14 +232,16 @@ def test_yarn_config_from_hf(yarn_golden):
     )
     assert c.rope_theta == (50_000.0 if case == "k2_yarn" else 10_000.0)
     # HF's own record: its rotary inverse frequencies, its cos/sin factor and softmax scale
+    # measured rel 1.1e-7 (jax 0.10.2 and 0.12.0.1, CPU)
     np.testing.assert_allclose(
         rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, c.yarn),
         hf_config["rope_inv_freq"],
-        rtol=1e-6,
+        rtol=5e-7,
     )
     assert c.yarn.rope_factor == pytest.approx(hf_config["rope_attention_scaling"], rel=1e-12)
+    # measured rel 1.5e-16 (jax 0.10.2 and 0.12.0.1, CPU)
     assert c.qk_head_dim**-0.5 * c.yarn.softmax_factor == pytest.approx(
-        hf_config["scaling"], rel=1e-12
+        hf_config["scaling"], rel=6e-16
     )
     # the interpolation acts on some pairs and not on others
     plain = rope_inv_freq(c.qk_rope_head_dim, c.rope_theta)
@@ -254,7 +260,8 @@ def test_yarn_matches_hf_golden(yarn_golden, kernel, block_size):
     x, positions = jnp.asarray(arrays["hidden_states"]), jnp.asarray(arrays["position_ids"])
     assert int(positions[0]) > 4096  # past the original context: the interpolation matters
     out, max_logits = run_at(module, x, positions)
-    np.testing.assert_allclose(np.asarray(max_logits), arrays["max_logits"], rtol=1e-4, atol=1e-5)
+    # measured max |diff| 2.6e-5, 21% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(np.asarray(max_logits), arrays["max_logits"], rtol=3e-5, atol=3e-6)
     # Angles near 5000 rad lose ~3e-4 rad to float32 in HF and here alike, and
     # cos/sin differ there by implementation: the golden's float64 NumPy check
     # (scripts/make_hf_golden.py) sees up to 4e-5 on outputs of size ~4.
@@ -276,8 +283,9 @@ def test_qk_clip_is_exact_under_yarn(yarn_golden):
     _, s = run_at(module, x, positions)
     tau = float(np.median(arrays["max_logits"]))
     _, s_clipped = run_at(qk_clip(module, s, tau), x, positions)
+    # measured rel 6.5e-6 (jax 0.10.2 and 0.12.0.1, CPU)
     np.testing.assert_allclose(
-        np.asarray(s_clipped), np.minimum(arrays["max_logits"], tau), rtol=1e-4
+        np.asarray(s_clipped), np.minimum(arrays["max_logits"], tau), rtol=3e-5
     )
     assert np.sum(arrays["max_logits"] > tau) >= 1 and np.sum(arrays["max_logits"] <= tau) >= 1
 

@@ -97,7 +97,8 @@ def _assert_clip_acted(before, after, tokens, tau, alpha, logged_s):
     assert_leaves_close(after, np_qk_clip(before, s, tau, alpha), rtol=1e-5, atol=1e-7)
     xs = layer_inputs(before, tokens[:, :-1])  # the inputs; the last token is only a target
     s_before, s_after = np.asarray(attention_s(before, xs)), np.asarray(attention_s(after, xs))
-    np.testing.assert_allclose(s_after, np_clip_factors(s, tau) * s_before, rtol=1e-5)
+    # measured rel 7.4e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(s_after, np_clip_factors(s, tau) * s_before, rtol=3e-7)
     return s_before, s_after
 
 
@@ -516,14 +517,14 @@ def test_cli_train_then_eval(tmp_path, capsys, data_file, monkeypatch):
     # model after it must be the clip of the initial model.
     cfg = preset("tiny", tau=tau, data=str(data_file))
     assert records[0]["lr"] == 0.0
-    np.testing.assert_allclose(
-        records[0]["max_logits"], s0, rtol=1e-6
-    )  # the log is that forward's S
+    # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_array_equal(records[0]["max_logits"], s0)  # the log is that forward's S
     (model1, _), meta = load_checkpoint(out / "ckpt_00000001", _like(cfg, data.vocab_size))
     assert meta["step"] == 1
     _, s_after = _assert_clip_acted(model0, model1, batch0, cfg.tau, cfg.alpha, np.asarray(s0))
     # S on the same batch after the step: min(S, tau), so never above tau
-    np.testing.assert_allclose(s_after, np.minimum(np.asarray(s0), cfg.tau), rtol=1e-5)
+    # measured rel 7.4e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(s_after, np.minimum(np.asarray(s0), cfg.tau), rtol=3e-7)
     assert records[0]["heads_clipped"] == int(np.sum(np.asarray(s0) > cfg.tau)) > 0
     monkeypatch.chdir(tmp_path)
     assert eval_cli.main(["run"]) == 0  # a relative path
@@ -574,18 +575,21 @@ def test_run_on_a_mesh_matches_one_device(data, straight, sharded):
     ref, got = _records(straight.out), _records(sharded.out)
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(2 * N))
     for key in ("loss", "grad_norm"):
+        # measured rel 4e-7 (jax 0.10.2 and 0.12.0.1, CPU)
         np.testing.assert_allclose(
-            [r[key] for r in got], [r[key] for r in ref], rtol=1e-5, err_msg=key
+            [r[key] for r in got], [r[key] for r in ref], rtol=2e-6, err_msg=key
         )
+    # measured rel 3.3e-7 (jax 0.10.2 and 0.12.0.1, CPU)
     np.testing.assert_allclose(
-        [r["max_logits"] for r in got], [r["max_logits"] for r in ref], rtol=1e-5
+        [r["max_logits"] for r in got], [r["max_logits"] for r in ref], rtol=1.5e-6
     )
     assert [r["heads_clipped"] for r in got] == [r["heads_clipped"] for r in ref]
     # evaluation on the mesh (the sharded loss) gives the one-device validation loss
     val = [(r["step"], r["val_loss"]) for r in got if "val_loss" in r]
     ref_val = [(r["step"], r["val_loss"]) for r in ref if "val_loss" in r]
     assert [s for s, _ in val] == [s for s, _ in ref_val] == [N - 1, 2 * N - 1]
-    np.testing.assert_allclose([v for _, v in val], [v for _, v in ref_val], rtol=1e-5)
+    # measured rel 4.2e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose([v for _, v in val], [v for _, v in ref_val], rtol=2e-7)
     _assert_states_close(straight.model, sharded.model, what="final model")
 
 
@@ -614,7 +618,8 @@ def test_mesh_checkpoint_restores_on_one_device(tmp_path, data, straight, sharde
     ref = _records(straight.out)[N:]
     got = _records(tmp_path)
     assert [r["step"] for r in got] == list(range(N, 2 * N))
-    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5)
+    # measured rel 8e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=4e-7)
     _assert_states_close(straight.model, resumed.model, what="resumed on one device")
 
 
@@ -643,8 +648,9 @@ def test_one_device_checkpoint_restores_on_a_mesh(tmp_path, data, straight):
     ref, got = _records(straight.out)[N:], _records(tmp_path)
     assert [r["step"] for r in got] == list(range(N, 2 * N))
     for key in ("loss", "grad_norm"):
+        # measured rel 4e-7 (jax 0.10.2 and 0.12.0.1, CPU)
         np.testing.assert_allclose(
-            [r[key] for r in got], [r[key] for r in ref], rtol=1e-5, err_msg=key
+            [r[key] for r in got], [r[key] for r in ref], rtol=2e-6, err_msg=key
         )
     _assert_states_close(straight.model, resumed.model, what="resumed on the mesh")
 
@@ -686,9 +692,8 @@ def test_adamw_can_clip_and_muon_cannot(tmp_path, data):
     )
     # the clipped heads end one AdamW update's growth from tau
     over = np.asarray(s0) > cfg.tau
-    np.testing.assert_allclose(
-        s_after[over], cfg.tau * s_upd[over] / np.asarray(s0)[over], rtol=1e-5
-    )
+    # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_array_equal(s_after[over], cfg.tau * s_upd[over] / np.asarray(s0)[over])
 
 
 def test_sigint_writes_a_checkpoint_then_resume_finishes(tmp_path, data_file):
