@@ -112,8 +112,10 @@ def test_two_process_run_checkpoints_restore_on_one_device(setup, two_process_ru
     want, have = leaves_by_path(ref.model), leaves_by_path(got)
     assert want.keys() == have.keys()
     for k in want:
-        np.testing.assert_allclose(have[k], want[k], rtol=1e-4, atol=2e-6, err_msg=k)
-    np.testing.assert_allclose(_losses(out), _losses(pathlib.Path(cfg.out)), rtol=1e-5)
+        # measured max |diff| 4.8e-7, 17% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_allclose(have[k], want[k], rtol=2e-6, atol=4e-8, err_msg=k)
+    # measured rel 3.1e-7 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(_losses(out), _losses(pathlib.Path(cfg.out)), rtol=1e-6)
 
 
 def test_two_processes_killed_mid_checkpoint_resume_bit_exact(setup, two_process_run):
