@@ -34,7 +34,7 @@ from .._evaluate import format_table
 from .._model import Transformer
 from .._run_config import MUST_MATCH, RunConfig
 from .._sinks import make_sinks, parse_log_to
-from .._train import RunError, load_run_data, train
+from .._train import RunError, RunResult, load_run_data, train
 from . import plot
 from ._flags import (
     DEFAULT_PRESET,
@@ -136,8 +136,8 @@ def summary(cfg: RunConfig, data: TokenData, *, preset_name: str | None, start: 
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    preset_name = preset_of(argv)
+def _parser(preset_name: str | None) -> argparse.ArgumentParser:
+    """The flags: the run's (RunConfig's fields), then multi-process, resuming, sinks, output."""
     parser = Parser(
         prog="qkclip-train",
         description=__doc__,
@@ -184,6 +184,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cache_flag(parser)
     parser.add_argument("--no-plots", action="store_true", help="do not write PNGs at the end")
+    return parser
+
+
+def _report(result: RunResult, cfg: RunConfig) -> None:
+    """The end of a run: where it stopped, its last losses and S per layer and head."""
+    m = result.last_metrics
+    print(
+        f"\nstopped at step {result.step} ({result.stopped})"
+        + (f"; last loss {m['loss']:.4f}" if "loss" in m else "")
+        + (f", val loss {m['val_loss']:.4f}" if "val_loss" in m else "")
+    )
+    if "max_logits" in m:
+        s = np.array([[np.nan if x is None else x for x in row] for row in m["max_logits"]])
+        print(
+            f"max logit S per layer and head at the last step (tau = {cfg.tau}, '*' = above tau):"
+        )
+        print(format_table(s, cfg.tau if cfg.mode == "clip" else None))
+
+
+def _error(e: Exception) -> int:
+    """An expected problem (bad input, a checkpoint that does not fit): one line, exit 2."""
+    print(f"qkclip-train: error: {e}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    preset_name = preset_of(argv)
+    parser = _parser(preset_name)
     args = parser.parse_args(argv)
     use_compilation_cache(args)
     if args.distributed or args.coordinator_address is not None:
@@ -203,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"({pathlib.Path(cfg.out).parent})"
                 )
     except RunError as e:
-        print(f"qkclip-train: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     except ValueError as e:
         parser.error(str(e))
     if start >= cfg.steps:
@@ -217,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = load_run_data(cfg)
     except RunError as e:
-        print(f"qkclip-train: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     if lead:
         print(
             summary(
@@ -232,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sinks = make_sinks(log_to, cfg.out, cfg.to_dict(), label=cfg.label) if lead else []
     except ImportError as e:
-        print(f"qkclip-train: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     try:
         result = train(
             cfg, resume=args.resume, progress=not args.no_progress, data=data, sinks=sinks
@@ -242,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         RunError,
         CheckpointError,
     ) as e:  # expected problems: one message; bugs keep their traceback
-        print(f"qkclip-train: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     finally:
         for sink in sinks:
             sink.close()
@@ -251,18 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     code = {"done": 0, "interrupted": 130, "nan": 1}[result.stopped]
     if not lead:
         return code
-    m = result.last_metrics
-    print(
-        f"\nstopped at step {result.step} ({result.stopped})"
-        + (f"; last loss {m['loss']:.4f}" if "loss" in m else "")
-        + (f", val loss {m['val_loss']:.4f}" if "val_loss" in m else "")
-    )
-    if "max_logits" in m:
-        s = np.array([[np.nan if x is None else x for x in row] for row in m["max_logits"]])
-        print(
-            f"max logit S per layer and head at the last step (tau = {cfg.tau}, '*' = above tau):"
-        )
-        print(format_table(s, cfg.tau if cfg.mode == "clip" else None))
+    _report(result, cfg)
     if not args.no_plots:
         plot.main([str(result.out)])
     return code
