@@ -290,17 +290,20 @@ def test_accumulation_equals_one_big_batch(accum_step, model, big_batch_by_hand)
     for k in ref:
         scale = np.max(np.abs(ref[k]))
         assert scale > 0, k
-        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5 * scale, err_msg=k)
-    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+        # measured: 0.73% of rtol=1e-4, atol=1e-5 * scale (jax 0.10.2 and 0.12.0.1, CPU)
+        np.testing.assert_allclose(got[k], ref[k], rtol=3e-6, atol=3e-7 * scale, err_msg=k)
+    # measured rel 5.4e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=2.5e-7)
     np.testing.assert_array_equal(float(metrics["loss"]), loss)  # bit-equal
     # the updated weights: W - lr * g of the big batch, in float64
     before, after = leaves_by_path(model), leaves_by_path(new_model)
     for k in ref:
+        # measured: 11% of rtol=1e-6, atol=1e-6 * LR * max|g| (jax 0.10.2 and 0.12.0.1, CPU)
         np.testing.assert_allclose(
             after[k],
             before[k].astype(np.float64) - LR * ref[k],
-            rtol=1e-6,
-            atol=1e-6 * LR * np.max(np.abs(ref[k])),
+            rtol=4e-7,
+            atol=4e-7 * LR * np.max(np.abs(ref[k])),
             err_msg=k,
         )
     # the test data tells the mean from the first micro-batch and from the sum
