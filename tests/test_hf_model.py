@@ -56,7 +56,7 @@ def test_logits_and_s_match_transformers(golden):
     # against transformers 5.25.0 / torch 2.14.1 CPU); allowed 1e-5 absolute (the block
     # norms at the attention norms' eps 1e-6 instead of 1e-5 give 3.4e-5)
     np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(s, arrays["max_logits"], rtol=1e-5)
+    np.testing.assert_allclose(s, arrays["max_logits"], rtol=5e-6)  # measured rel 9.8e-7
     assert np.abs(ref).max() > 1.0 and np.ptp(arrays["max_logits"]) > 1.0
     # the weights landed where they belong, as the state dict holds them
     np.testing.assert_array_equal(model.embed, state["model.embed_tokens.weight"])

@@ -267,5 +267,6 @@ def test_docs_own_models_example():
     _, s = map(np.asarray, _forward(model, tokens))
     tau = float(np.median(s))
     _, s_after = map(np.asarray, _forward(qc.qk_clip(model, jnp.asarray(s), tau), tokens))
-    np.testing.assert_allclose(s_after, np.minimum(s, tau), rtol=1e-5)
+    # measured rel 9.2e-8 (jax 0.10.2 and 0.12.0.1, CPU)
+    np.testing.assert_allclose(s_after, np.minimum(s, tau), rtol=5e-7)
     assert np.sum(s > tau) == 2
