@@ -261,8 +261,7 @@ QUICK = Settings(
     explosion=20.0,  # so that the quick mode exercises the lr_1000 branches
 )
 # For one accelerator (designed, not yet run): widths 256-1024 (4x), 4 layers,
-# batch 32 x 256; bfloat16
-# compute, float32 parameters and optimizer state.
+# batch 32 x 256; bfloat16 compute, float32 parameters and optimizer state.
 GPU = Settings(
     name="gpu",
     widths=(256, 512, 1024),
