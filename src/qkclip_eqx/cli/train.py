@@ -4,6 +4,7 @@
     qkclip-train --preset tiny --out runs/t    # seconds
     qkclip-train --optimizer muon --lr 1e-2    # no clip, for comparison
     qkclip-train --out runs/default --resume   # continue after a stop
+    qkclip-train --config runs/a/config.json --out runs/b --seed 1   # a new run from a file
     qkclip-train --mesh data=4,model=2         # 8 devices: data and head parallelism
 
 Multi-process (one process per host; every process runs the same command):
@@ -16,7 +17,6 @@ slice or under SLURM, --distributed alone lets JAX find them).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import re
@@ -32,7 +32,7 @@ from .._checkpoint import CheckpointError, latest_checkpoint, read_meta
 from .._data import TokenData
 from .._evaluate import format_table
 from .._model import Transformer
-from .._run_config import MUST_MATCH, RunConfig
+from .._run_config import MUST_MATCH, RunConfig, merge_values
 from .._sinks import make_sinks, parse_log_to
 from .._train import RunError, RunResult, load_run_data, train
 from . import plot
@@ -45,6 +45,7 @@ from ._flags import (
     preset_of,
     run_config_from_args,
     use_compilation_cache,
+    with_flag_names,
 )
 
 
@@ -59,10 +60,11 @@ def _resume_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Run
     and the step of its newest checkpoint. RunError (one line) when there is
     no checkpoint, or a flag changes what a resume cannot."""
     out = pathlib.Path(given.get("out", RunConfig.out))
-    if args.preset is not None:
+    if args.preset is not None or args.config is not None:
+        which = "a preset: drop --preset" if args.config is None else "--config: drop it"
         raise RunError(
-            f"--resume starts from the run's own config ({out / 'config.json'}), not a preset: "
-            "drop --preset and give only the flags to change"
+            f"--resume starts from the run's own config ({out / 'config.json'}), not {which} "
+            "and give only the flags to change"
         )
     newest = latest_checkpoint(out)
     if newest is None:
@@ -81,15 +83,18 @@ def _resume_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Run
         )
     except (OSError, KeyError, ValueError) as e:
         raise RunError(f"--resume: {e}") from e
-    fixed = [n for n in given if n in MUST_MATCH and given[n] != getattr(base, n)]
+    try:
+        cfg = RunConfig(**merge_values(base.to_dict(), {**given, "out": str(out)}))
+    except ValueError as e:
+        raise RunError(f"--resume: {with_flag_names(str(e))}") from e
+    fixed = [n for n in MUST_MATCH if getattr(cfg, n) != getattr(base, n)]
     if fixed:
         raise RunError(
             "--resume cannot change "
-            + ", ".join(f"{n} ({getattr(base, n)!r} -> {given[n]!r})" for n in fixed)
+            + ", ".join(f"{n} ({getattr(base, n)!r} -> {getattr(cfg, n)!r})" for n in fixed)
             + f": they shape the model, its optimizer state or the data of the run in {out}; "
             "start a new run with another --out"
         )
-    cfg = dataclasses.replace(base, **{**given, "out": str(out)})
     return cfg, int(meta["step"])
 
 
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         return _error(e)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(with_flag_names(str(e)))
     if start >= cfg.steps:
         if lead:
             print(
