@@ -417,3 +417,41 @@ def test_a_new_run_starts_from_a_config_file_with_flags_overriding(finished, tmp
     assert run_config_from_args(args).yarn == YaRN(8.0, 64)  # one field changed, the rest kept
     args = parser.parse_args(["--config", str(yarn_cfg), "--yarn", "none"])
     assert run_config_from_args(args).yarn is None
+
+
+def test_config_json_checkpoints_and_metrics_record_provenance(finished):
+    """config.json and each checkpoint's metadata say what ran the run: the
+    versions, the git commit of the checkout, the devices and mesh, the start
+    time; each metrics.jsonl line holds its wall-clock time."""
+    import datetime
+    import pathlib
+    import platform
+    import subprocess
+
+    import equinox
+    import jax
+    import optax
+
+    import qkclip_eqx
+    from qkclip_eqx._checkpoint import latest_checkpoint, read_meta
+
+    out, _ = finished
+    prov = json.loads((out / "config.json").read_text())["provenance"]
+    versions = prov["versions"]
+    assert versions["python"] == platform.python_version()
+    assert (versions["jax"], versions["equinox"], versions["optax"]) == (
+        jax.__version__,
+        equinox.__version__,
+        optax.__version__,
+    )
+    source = pathlib.Path(qkclip_eqx.__file__).parent
+    git = subprocess.run(
+        ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    assert (prov["git"] or {}).get("sha") == (git.stdout.strip() if git.returncode == 0 else None)
+    assert prov["devices"]["count"] == len(jax.devices()) and prov["mesh"] is None
+    started = datetime.datetime.fromisoformat(prov["started"]).timestamp()
+    assert read_meta(latest_checkpoint(out))["provenance"] == prov
+    times = [json.loads(x)["time"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # the newest line is of the newest invocation (a resume, in this module), as is the record
+    assert times == sorted(times) and started - 1 <= times[-1] <= started + 3600

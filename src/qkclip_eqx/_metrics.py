@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float, Int
 
+from ._metric_schema import HEADS_CLIPPED, METRICS, find_s
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RunMetrics:
@@ -27,9 +29,9 @@ class RunMetrics:
     - `val_steps`: `[v]` steps of the validation lines (`"val_loss"`).
     - `val_loss`: `[v]` validation loss.
     - `max_logits`: `[t, layers, heads]` max attention logit S per layer and
-      head; NaN for null (non-finite) entries and for training lines
-      without `"max_logits"`.  Shape `[t, 0, 0]` when no line
-      recorded it (e.g. mode `"off"`).
+      head (or its log-sum-exp bound: see `s_bound`); NaN for null
+      (non-finite) entries and for training lines without it.  Shape
+      `[t, 0, 0]` when no line recorded it (e.g. mode `"off"`).
     - `heads_clipped`: `[t]` number of heads clipped at each step, as float
       so that a missing value can be NaN.
     - `label`: display label (config `"label"`, else the directory name).
@@ -38,6 +40,11 @@ class RunMetrics:
     - `n_heads_total`: `layers * heads` for the clipped fraction, from the
       `max_logits` shape; `None` when no line recorded S.
     - `run_dir`: the directory read.
+    - `s_bound`: True when `max_logits` holds the log-sum-exp upper bound of
+      S (`max_logit="lse_bound"`, logged as `max_logits_lse_bound`), not S.
+    - `scalars`: `[t]` of every scalar metric of the training lines
+      (`_metric_schema.METRICS`, by key: `grad_norm`, `lr`, `time`, ...; NaN
+      where a line lacks it), for the keys some line holds.
     """
 
     steps: Int[np.ndarray, " t"]
@@ -51,6 +58,8 @@ class RunMetrics:
     mode: str | None
     n_heads_total: int | None
     run_dir: str
+    s_bound: bool = False
+    scalars: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -154,6 +163,9 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     loss: list[float] = []
     clipped: list[float] = []
     logits: list[np.ndarray | None] = []
+    bound = False
+    scalar_keys = [k for m in METRICS if not m.shape for k in m.keys()]
+    columns: dict[str, list[float]] = {k: [] for k in scalar_keys}
     val_steps: list[int] = []
     val_loss: list[float] = []
     shape: tuple[int, ...] | None = None
@@ -169,8 +181,12 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         if "loss" in obj and step is not None:
             steps.append(step)
             loss.append(_as_float(obj["loss"]))
-            clipped.append(_as_float(obj.get("heads_clipped")))
-            arr = _logits_array(obj.get("max_logits"))
+            clipped.append(_as_float(obj.get(HEADS_CLIPPED.key)))
+            for key in scalar_keys:
+                columns[key].append(_as_float(obj.get(key)) if key in obj else math.nan)
+            values, line_bound = find_s(obj)
+            bound = bound or line_bound
+            arr = _logits_array(values)
             if arr is not None:
                 if shape is None:
                     shape = arr.shape
@@ -216,6 +232,12 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         mode=mode,
         n_heads_total=n_total,
         run_dir=str(rd),
+        s_bound=bound,
+        scalars={
+            k: np.asarray(v, dtype=np.float64)[order]
+            for k, v in columns.items()
+            if any(k in obj for obj in lines)
+        },
     )
 
 

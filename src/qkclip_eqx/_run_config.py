@@ -36,6 +36,7 @@ from ._options import (
     optional_config,
 )
 from ._parallel import AXES
+from ._sinks import parse_log_to
 
 Optimizer = Literal["muonclip", "muon", "adamw"]
 AttentionKind = Literal["mla", "gqa"]
@@ -294,6 +295,15 @@ class RunConfig:
         default=None,
         metadata=doc("the run's name in plots (none: the directory's name)", resume=_NO_EFFECT),
     )
+    log_to: str | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "also send each step's metrics to: tensorboard (RUN/tensorboard), wandb "
+            "(RUN/wandb; offline without an API key or network), comma-separated; needs the "
+            "qkclip_eqx[tensorboard] or [wandb] extra (none: no sink)",
+            resume=_NO_EFFECT,
+        ),
+    )
     # devices: e.g. "data=4,model=2" (absent axes have size 1); None: one device
     mesh: str | None = dataclasses.field(
         default=None,
@@ -324,6 +334,7 @@ class RunConfig:
             object.__setattr__(self, f.name, as_value(value, tp))
         check_fields(self)  # types, allowed values, ranges: every field at once
         self.mesh_shape()  # validates the mesh string
+        self.sinks()  # validates log_to
         try:
             check_tau_alpha(self.tau, self.alpha)
         except ValueError as e:
@@ -431,6 +442,18 @@ class RunConfig:
             shape[name] = int(size)
         return shape
 
+    def sinks(self) -> tuple[str, ...]:
+        """`log_to` parsed: the names of the sinks (`_sinks.SINKS`), each once.
+
+        Raises `ValueError` naming an unknown sink.
+        """
+        if self.log_to is None:
+            return ()
+        try:
+            return parse_log_to(self.log_to)
+        except ValueError as e:
+            raise ValueError(f"RunConfig.log_to: {e}") from None
+
     def model_config(self, vocab_size: int = 256) -> TransformerConfig:
         """The [`qkclip_eqx.TransformerConfig`][] of the run's model (MLA or GQA
         by `attention`), for a vocabulary of `vocab_size` tokens."""
@@ -505,8 +528,10 @@ def merge_values(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, A
 
 
 #: Keys a run's `config.json` holds beside the fields: what the run read
-#: (`data_description`: the data's files and sizes). Skipped on reading.
-RECORD_KEYS = ("data_description",)
+#: (`data_description`: the data's files and sizes) and what ran it
+#: (`provenance`: versions, git commit, devices, start time; see
+#: `_provenance.py`). Skipped on reading.
+RECORD_KEYS = ("data_description", "provenance")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -48,6 +48,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
+from .._metric_schema import s_label
 from .._metrics import RunMetrics, clipped_fraction, layer_max_logits, read_metrics
 
 __all__ = [
@@ -251,6 +252,11 @@ def _floored(values: np.ndarray) -> tuple[np.ndarray, int]:
     return np.where(low, LOG_FLOOR, values), int(low.sum())
 
 
+def _s_of(runs: Sequence[RunMetrics]) -> str:
+    """S, or "S (or its bound, where marked)" when some run logged the bound."""
+    return "S (or its log-sum-exp bound, where marked)" if any(m.s_bound for m in runs) else "S"
+
+
 def max_logit_figure(runs: Sequence[RunMetrics]) -> Figure:
     """S against step on one shared log y axis: for several runs, a first panel
     with each run's S (max over layers and heads) and tau; then one panel per
@@ -268,7 +274,8 @@ def max_logit_figure(runs: Sequence[RunMetrics]) -> Figure:
         for i, m in enumerate(runs):
             y, k = _floored(_global_max(m))
             floored_total += k
-            ax.plot(m.steps, y, "-", color=_colour(i), lw=1.1, label=m.label,
+            ax.plot(m.steps, y, "-", color=_colour(i), lw=1.1,
+                    label=m.label + (f" ({s_label(True)})" if m.s_bound else ""),
                     **_line_kw(len(m.steps)))  # fmt: skip
         by_tau: dict[float, list[int]] = {}
         for i, m in enumerate(runs):
@@ -282,18 +289,18 @@ def max_logit_figure(runs: Sequence[RunMetrics]) -> Figure:
             )
             ax.axhline(max(tau, LOG_FLOOR), color=_colour(idx[0]) if one else "k", ls="--",
                        lw=1.1, label=f"tau = {tau:g} ({who})")  # fmt: skip
-        title = "All runs: max logit S over every layer and head"
+        title = f"All runs: max logit {_s_of(runs)} over every layer and head"
         if floored_total:
             title += f" ({floored_total} values <= {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})"
         ax.set_title(title, fontsize=9)
-        ax.set_ylabel("S (log)", fontsize=8)
+        ax.set_ylabel(f"{_s_of(runs)} (log)", fontsize=8)
         _log_axis(ax)
         any_log = True
         ax.legend(fontsize=7, ncol=2, loc="best")
     for ax, m in zip(axes, runs):
         lm = layer_max_logits(m)
         n_layers = lm.shape[1]
-        title = f"{m.label} (mode {m.mode or '?'}): S per layer, max over heads"
+        title = f"{m.label} (mode {m.mode or '?'}): {s_label(m.s_bound)} per layer, max over heads"
         n_bad = int(np.isnan(m.max_logits).sum())
         if n_bad:
             title += f"\n{n_bad} non-finite or missing entries left as gaps"
@@ -317,7 +324,7 @@ def max_logit_figure(runs: Sequence[RunMetrics]) -> Figure:
         if floored_total:
             title += f" ({floored_total} values <= {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})"
         ax.set_title(title, fontsize=9)
-        ax.set_ylabel("S (log)", fontsize=8)
+        ax.set_ylabel(f"{s_label(m.s_bound)} (log)", fontsize=8)
         _log_axis(ax)
         any_log = True
         ax.legend(fontsize=7, ncol=min(n_layers + 1, 5), loc="best")
@@ -424,7 +431,7 @@ def heatmap_figure(
     ax.set_ylim(rows - 0.5, -0.5)  # layer 0 at the top
     ax.set_xlabel("step" if t and np.all(np.diff(m.steps) > 0) else "line index")
     cb = fig.colorbar(mesh, ax=ax, pad=0.02)
-    cb.set_label(f"S ({scale} scale)")
+    cb.set_label(f"{s_label(m.s_bound)} ({scale} scale)")
     if scale == "log":
         plain = FuncFormatter(lambda v, _: f"{v:g}")
         cb.ax.yaxis.set_major_formatter(plain)
@@ -433,7 +440,7 @@ def heatmap_figure(
     if m.tau is not None and norm.vmin is not None and norm.vmax is not None:
         if norm.vmin <= m.tau <= norm.vmax:
             cb.ax.axhline(m.tau, color="cyan", lw=1.5)
-    title = f"{m.label}: max logit S per layer and head"
+    title = f"{m.label}: max logit {s_label(m.s_bound)} per layer and head"
     notes = []
     if m.tau is not None:
         inside = norm.vmin is not None and norm.vmax is not None and norm.vmin <= m.tau <= norm.vmax

@@ -31,9 +31,10 @@ import numpy as np
 from .._checkpoint import CheckpointError, latest_checkpoint, read_meta
 from .._data import TokenData
 from .._evaluate import format_table
+from .._metric_schema import find_s, s_label
 from .._model import Transformer
 from .._run_config import MUST_MATCH, RunConfig, merge_values
-from .._sinks import make_sinks, parse_log_to
+from .._sinks import make_sinks
 from .._train import RunError, RunResult, load_run_data, train
 from . import plot
 from ._flags import (
@@ -178,14 +179,6 @@ def _parser(preset_name: str | None) -> argparse.ArgumentParser:
         help="continue the run in --out from its newest checkpoint, with its own config.json "
         "and only the flags given changed (each change is printed with its effect)",
     )
-    parser.add_argument(
-        "--log-to",
-        default="",
-        metavar="SINKS",
-        help="also send each step's metrics to: tensorboard (RUN/tensorboard), wandb "
-        "(RUN/wandb; offline without an API key or network), comma-separated; needs the "
-        "qkclip_eqx[tensorboard] or [wandb] extra",
-    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cache_flag(parser)
     parser.add_argument("--no-plots", action="store_true", help="do not write PNGs at the end")
@@ -200,10 +193,12 @@ def _report(result: RunResult, cfg: RunConfig) -> None:
         + (f"; last loss {m['loss']:.4f}" if "loss" in m else "")
         + (f", val loss {m['val_loss']:.4f}" if "val_loss" in m else "")
     )
-    if "max_logits" in m:
-        s = np.array([[np.nan if x is None else x for x in row] for row in m["max_logits"]])
+    values, bound = find_s(m)
+    if values is not None:
+        s = np.array([[np.nan if x is None else x for x in row] for row in values])
         print(
-            f"max logit S per layer and head at the last step (tau = {cfg.tau}, '*' = above tau):"
+            f"max logit {s_label(bound)} per layer and head at the last step (tau = {cfg.tau}, "
+            "'*' = above tau):"
         )
         print(format_table(s, cfg.tau if cfg.mode == "clip" else None))
 
@@ -225,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     lead = jax.process_index() == 0
     try:
-        log_to = parse_log_to(args.log_to)
         if args.resume:
             cfg, start = _resume_config(args, given_fields(args))
         else:
@@ -261,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     try:
-        sinks = make_sinks(log_to, cfg.out, cfg.to_dict(), label=cfg.label) if lead else []
+        sinks = make_sinks(cfg.sinks(), cfg.out, cfg.to_dict(), label=cfg.label) if lead else []
     except ImportError as e:
         return _error(e)
     try:
