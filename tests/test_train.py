@@ -212,7 +212,8 @@ def _other_values(cfg: RunConfig, name: str) -> list:
         elif part is float:
             out += [2 * value, value / 2, 0.5]
         elif part is str:
-            out.append("data=2" if name == "mesh" else f"{value or name}-other")
+            other = {"mesh": "data=2", "log_to": "tensorboard"}.get(name, f"{value or name}-other")
+            out.append(other)
         elif part is YaRN:
             out.append(YaRN(4.0, cfg.seq_len))
         else:  # a union

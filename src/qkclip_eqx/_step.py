@@ -27,6 +27,7 @@ from ._clip import (
     modules_and_s,
 )
 from ._config import ParallelAxes
+from ._interfaces import AbstractPackedModel
 from ._metric_schema import (
     CLIP_ACTIVE,
     FIRST_NONFINITE,
@@ -46,7 +47,6 @@ from ._parallel import (
     partition_specs,
     reduce_max_logits,
     shard_loss,
-    takes_keyword,
 )
 
 LossFn = Callable[[PyTree, Int[Array, "batch seq_plus_one"]], tuple[Float[Array, ""], PyTree]]
@@ -61,9 +61,9 @@ def next_token_loss(
     """Mean next-token cross-entropy, and S (max over the batch) per layer and head.
 
     `tokens[:, :-1]` are the inputs and `tokens[:, 1:]` the targets; `model` maps
-    one example's tokens to `(logits, S)`. A model whose `__call__` takes
-    `segment_length` (as [`qkclip_eqx.Transformer`][] does) is given the batch as
-    ONE packed example of `batch * seq` tokens, so that every projection is one
+    one example's tokens to `(logits, S)`. An
+    [`qkclip_eqx.AbstractPackedModel`][] (as [`qkclip_eqx.Transformer`][] is) is
+    given the batch as ONE packed example of `batch * seq` tokens, so that every projection is one
     flat matmul (on XLA:CPU a vmapped weight gradient, contracting over batch
     and sequence, is much slower); attention still runs per sequence. Any other
     model is `jax.vmap`-ed over the batch.
@@ -89,9 +89,12 @@ def next_token_loss(
     seq_shards = 1 if seq_axis is None else jax.lax.axis_size(seq_axis)
     offset = 0 if seq_axis is None or seq_shards == 1 else jax.lax.axis_index(seq_axis) * t
     positions = offset + jnp.arange(t, dtype=jnp.int32)
-    if seq_shards == 1 and takes_keyword(model, "segment_length"):
+    if seq_shards == 1 and isinstance(model, AbstractPackedModel):
         logits, s = model(
-            inputs.reshape(-1), positions=jnp.tile(positions, batch), segment_length=t, **kw
+            inputs.reshape(-1),
+            positions=jnp.tile(positions, batch),
+            segment_length=t,
+            parallel=parallel,
         )
         logits = logits.reshape(batch, t, -1)
     else:
