@@ -126,6 +126,55 @@ def _check_common(obj: Any) -> None:
     _bool(obj, "causal")
 
 
+# The options MLAConfig and GQAConfig share, declared once (a dataclass field
+# object belongs to one class, so each is made by a function).
+
+
+def _rope_theta() -> Any:
+    return dataclasses.field(
+        default=10_000.0, metadata=doc("RoPE base frequency theta", resume=_FUNCTION)
+    )
+
+
+def _kernel() -> Any:
+    return dataclasses.field(
+        default="dense",
+        metadata=doc(
+            "attention kernel: dense, blockwise (FlashAttention-style), or "
+            "dot_product_attention (jax.nn)",
+            resume=_AS_MESH,
+        ),
+    )
+
+
+def _block_size() -> Any:
+    return dataclasses.field(
+        default=128, metadata=doc("blockwise kernel: query/key block length", resume=_AS_MESH)
+    )
+
+
+def _max_logit() -> Any:
+    return dataclasses.field(
+        default="exact",
+        metadata=doc(
+            "dot_product_attention kernel: S exact, or its log-sum-exp upper bound",
+            resume="from the resume step on, QK-Clip acts on (and the metrics report) the new "
+            "choice: S, or its log-sum-exp upper bound",
+        ),
+    )
+
+
+def _implementation() -> Any:
+    return dataclasses.field(
+        default=None,
+        metadata=doc(
+            "dot_product_attention kernel: xla or cudnn (none: JAX chooses)",
+            resume=_AS_MESH,
+            run_name="attention_implementation",
+        ),
+    )
+
+
 @no_type_check
 @dataclasses.dataclass(frozen=True)
 class YaRN:
@@ -260,9 +309,7 @@ class MLAConfig:
             resume=MUST_MATCH_RULE,
         ),
     )
-    rope_theta: float = dataclasses.field(
-        default=10_000.0, metadata=doc("RoPE base frequency theta", resume=_FUNCTION)
-    )
+    rope_theta: float = _rope_theta()
     rope_layout: RopeLayout = dataclasses.field(
         default="interleaved",
         metadata=doc(
@@ -282,17 +329,8 @@ class MLAConfig:
         default=True,
         metadata=doc("causal mask", run=None),  # a language-model run is causal
     )
-    kernel: Kernel = dataclasses.field(
-        default="dense",
-        metadata=doc(
-            "attention kernel: dense, blockwise (FlashAttention-style), or "
-            "dot_product_attention (jax.nn)",
-            resume=_AS_MESH,
-        ),
-    )
-    block_size: int = dataclasses.field(
-        default=128, metadata=doc("blockwise kernel: query/key block length", resume=_AS_MESH)
-    )
+    kernel: Kernel = _kernel()
+    block_size: int = _block_size()
     yarn: YaRN | None = dataclasses.field(
         default=None,
         metadata=doc(
@@ -301,22 +339,8 @@ class MLAConfig:
             "(a context extension)",
         ),
     )
-    max_logit: MaxLogit = dataclasses.field(
-        default="exact",
-        metadata=doc(
-            "dot_product_attention kernel: S exact, or its log-sum-exp upper bound",
-            resume="from the resume step on, QK-Clip acts on (and the metrics report) the new "
-            "choice: S, or its log-sum-exp upper bound",
-        ),
-    )
-    implementation: Implementation | None = dataclasses.field(
-        default=None,
-        metadata=doc(
-            "dot_product_attention kernel: xla or cudnn (none: JAX chooses)",
-            resume=_AS_MESH,
-            run_name="attention_implementation",
-        ),
-    )
+    max_logit: MaxLogit = _max_logit()
+    implementation: Implementation | None = _implementation()
 
     def __post_init__(self) -> None:
         _positive(
@@ -364,9 +388,7 @@ class GQAConfig:
         default=None,
         metadata=doc("key/value heads (none: n-heads, i.e. MHA; 1: MQA)", resume=MUST_MATCH_RULE),
     )
-    rope_theta: float = dataclasses.field(
-        default=10_000.0, metadata=doc("RoPE base frequency theta", resume=_FUNCTION)
-    )
+    rope_theta: float = _rope_theta()
     rope_layout: RopeLayout = dataclasses.field(
         default="half",
         metadata=doc(
@@ -375,33 +397,10 @@ class GQAConfig:
         ),
     )
     causal: bool = dataclasses.field(default=True, metadata=doc("causal mask", run=None))
-    kernel: Kernel = dataclasses.field(
-        default="dense",
-        metadata=doc(
-            "attention kernel: dense, blockwise (FlashAttention-style), or "
-            "dot_product_attention (jax.nn)",
-            resume=_AS_MESH,
-        ),
-    )
-    block_size: int = dataclasses.field(
-        default=128, metadata=doc("blockwise kernel: query/key block length", resume=_AS_MESH)
-    )
-    max_logit: MaxLogit = dataclasses.field(
-        default="exact",
-        metadata=doc(
-            "dot_product_attention kernel: S exact, or its log-sum-exp upper bound",
-            resume="from the resume step on, QK-Clip acts on (and the metrics report) the new "
-            "choice: S, or its log-sum-exp upper bound",
-        ),
-    )
-    implementation: Implementation | None = dataclasses.field(
-        default=None,
-        metadata=doc(
-            "dot_product_attention kernel: xla or cudnn (none: JAX chooses)",
-            resume=_AS_MESH,
-            run_name="attention_implementation",
-        ),
-    )
+    kernel: Kernel = _kernel()
+    block_size: int = _block_size()
+    max_logit: MaxLogit = _max_logit()
+    implementation: Implementation | None = _implementation()
     clip_mode: GQAClipMode = dataclasses.field(
         default="query",
         metadata=doc(
