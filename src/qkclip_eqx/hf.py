@@ -51,11 +51,11 @@ def _yarn_from_hf(rope: Mapping[str, Any], hf_config: Mapping[str, Any]) -> YaRN
     if "original_max_position_embeddings" not in rope:
         raise ValueError("yarn rope_scaling needs original_max_position_embeddings")
     original = _typed(rope, "original_max_position_embeddings", int)
-    factor = _typed(rope, "factor", float, None)
+    factor: float | None = _typed(rope, "factor", float, None)
     if factor is None:  # transformers: max_position_embeddings (default 4096) / original
         factor = _typed(hf_config, "max_position_embeddings", int, 4096) / original
     return YaRN(
-        factor=float(factor),
+        factor=factor,
         original_max_position_embeddings=original,
         beta_fast=float(_typed(rope, "beta_fast", float, None) or 32),
         beta_slow=float(_typed(rope, "beta_slow", float, None) or 1),
