@@ -51,7 +51,7 @@ def _yarn_from_hf(rope: Mapping[str, Any], hf_config: Mapping[str, Any]) -> YaRN
     if "original_max_position_embeddings" not in rope:
         raise ValueError("yarn rope_scaling needs original_max_position_embeddings")
     original = _typed(rope, "original_max_position_embeddings", int)
-    factor: float | None = _typed(rope, "factor", float, None)
+    factor = _typed(rope, "factor", float, None)
     if factor is None:  # transformers: max_position_embeddings (default 4096) / original
         factor = _typed(hf_config, "max_position_embeddings", int, 4096) / original
     return YaRN(
@@ -85,7 +85,7 @@ def _typed(
         if default is _REQUIRED:
             raise KeyError(key)
         return default
-    value = config[key]
+    value: Any = config[key]
     nullable = default is None if nullable is None else nullable
     if value is None and nullable:
         return None
