@@ -95,12 +95,14 @@ def _typed(
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(value, (int, float)):
+            value = float(value)
     if not ok:
         raise ValueError(
             f"config key {key!r} must be a JSON {'number' if kind is float else kind.__name__}"
             f"{' or null' if nullable else ''}, got {value!r}"
         )
-    return float(value) if kind is float else value
+    return value
 
 
 def mla_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MLAConfig:
