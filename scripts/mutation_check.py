@@ -717,6 +717,18 @@ MUTANTS: list[Mutant] = [
         [MIXED + "test_one_corrupt_leaf_among_good_ones_is_named"],
     ),
     M(
+        "clip_nonfinite_head_clipped",
+        "an infinite S is clipped (gamma = tau / inf = 0 zeroes the head)",
+        Edit(C, lit("over = jnp.isfinite(s) & (s > tau)"), "over = s > tau"),
+        [MIXED + "test_clip_factors_per_head_with_heads_in_mixed_states"],
+    ),
+    M(
+        "ckpt_header_step_takes_bool",
+        "a checkpoint header whose step is JSON true passes the check",
+        Edit(CK, lit("or isinstance(header.get(name), bool)"), "or False"),
+        [MIXED + "test_one_malformed_header_field_among_good_ones_is_named"],
+    ),
+    M(
         "cudnn_dtypes_any",
         "cuDNN accepted when any of q, k, v is bfloat16/float16",
         Edit(

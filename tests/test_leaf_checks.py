@@ -231,3 +231,26 @@ def test_union_field_value_fitting_one_arm_only():
 def test_eqx_filter_sees_only_inexact_leaves():
     """The int leaf of `_params` is no parameter: the NaN check ignores it."""
     assert len(jax.tree.leaves(eqx.filter(_params(), eqx.is_inexact_array))) == 5
+
+
+def test_clip_factors_per_head_with_heads_in_mixed_states():
+    """One vector holding a head over tau, one under, one at tau, NaN and
+    infinities: each head gets its own gamma (non-finite S is never clipped)."""
+    tau = 4.0
+    s = jnp.array([8.0, 2.0, NAN, 4.0, float("inf"), -float("inf"), 16.0])
+    assert qc.clip_factors(s, tau).tolist() == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.25]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("step", True), ("step", "1"), ("fingerprints", {}), ("leaves", None), ("meta", [])],
+)
+def test_one_malformed_header_field_among_good_ones_is_named(ckpt, tmp_path, field, value):
+    """The header's fields are each checked, a JSON `true` is no step."""
+    import shutil
+
+    path = tmp_path / ckpt.name
+    shutil.copytree(ckpt, path)
+    _edit_header(path, lambda header: header.__setitem__(field, value))
+    with pytest.raises(CheckpointError, match=f"field '{field}'"):
+        load_checkpoint(path, _state())

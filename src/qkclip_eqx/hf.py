@@ -128,8 +128,11 @@ def mla_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MLACon
     **Raises:**
 
     `ValueError` for a RoPE type other than default and YaRN, a YaRN block with
-    unknown keys or without `original_max_position_embeddings`, or an invalid
-    config; `KeyError` when a required key (e.g. `hidden_size`) is missing.
+    unknown keys or without `original_max_position_embeddings`, a value of the
+    wrong JSON type (naming the key: `true` is no size), or an invalid config;
+    `KeyError` when a required key (e.g. `hidden_size`) is missing. An
+    optional key that is absent takes transformers' default (`q_lora_rank`
+    1536, `rope_interleave` true, `rope_theta` 10000).
     """
     rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
