@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from builders import synthetic_text
+from builders import corrupt_checkpoint_arrays, synthetic_text
 from qkclip_eqx import CheckpointError, load_run
 from qkclip_eqx._run_config import preset
 from qkclip_eqx._sinks import TensorBoardSink
@@ -69,16 +69,6 @@ def run(tmp_path_factory):
     return root / "run", first, final
 
 
-def _corrupt_arrays(ckpt):
-    blob = max(
-        (p for p in (ckpt / "state" / "d").iterdir() if p.is_file()), key=lambda p: p.stat().st_size
-    )
-    raw = bytearray(blob.read_bytes())
-    for i in range(len(raw) // 2, len(raw) // 2 + 8):
-        raw[i] ^= 0xFF
-    blob.write_bytes(bytes(raw))
-
-
 @pytest.mark.parametrize("damage", ["corrupt arrays", "unreadable metadata"])
 def test_load_run_returns_everything_from_the_checkpoint_it_loaded(run, tmp_path, damage):
     src, first, _ = run
@@ -86,7 +76,7 @@ def test_load_run_returns_everything_from_the_checkpoint_it_loaded(run, tmp_path
     shutil.copytree(src, copy)
     newest = copy / "ckpt_00000004"
     if damage == "corrupt arrays":
-        _corrupt_arrays(newest)
+        corrupt_checkpoint_arrays(newest)
     else:
         shutil.rmtree(newest / "meta")
     said = []
@@ -125,7 +115,7 @@ def test_cli_resume_falls_back_and_every_sink_shows_each_step_once(run, tmp_path
     src, _, final = run
     copy = tmp_path / "run"
     shutil.copytree(src, copy)
-    _corrupt_arrays(copy / "ckpt_00000004")
+    corrupt_checkpoint_arrays(copy / "ckpt_00000004")
     before = _records(copy)
     code = train_cli.main(
         [
