@@ -156,6 +156,11 @@ def test_meta_diffs_mixed():
     assert len(meta_diffs({"b": {"c": 1, "d": [True, 2.0]}}, stored)) == 1
     assert len(meta_diffs({"b": {"c": 1, "d": [1, 1.0]}}, stored)) == 1  # 1 is not True
     assert len(meta_diffs({"b": {"c": 2, "d": [True, 1.0]}}, stored)) == 1
+    # a dict inside a list: one value of two differs
+    in_list = {"l": [{"x": 1, "y": 2}]}
+    assert meta_diffs({"l": [{"x": 1, "y": 2}]}, in_list) == []
+    assert len(meta_diffs({"l": [{"x": 1, "y": 3}]}, in_list)) == 1
+    assert len(meta_diffs({"l": [{"x": 0, "y": 2}]}, in_list)) == 1
 
 
 # --------------------------------------------------------------------------
