@@ -230,8 +230,8 @@ def test_an_omitted_key_loads_as_transformers_default(hf, path, default):
     omitted = _set(hf, path, ABSENT)
     explicit = _set(hf, path, default)
     if path == ("rope_scaling",) or path == ("rope_parameters",):
-        # a None block falls through to the other; drop the other too, as transformers
-        # (which merges them) would see no block at all
+        # absent and null read alike; when the other block is the one in use, omitting
+        # this one changes nothing there is to compare
         other = {"rope_scaling": "rope_parameters", "rope_parameters": "rope_scaling"}[path[0]]
         if isinstance(hf.get(other), dict):
             return  # the block in use is the other one: nothing to compare here
