@@ -420,3 +420,57 @@ def test_v4_cells_and_arms_validate():
         S.V4Arm("x", "muon", tau=0.0)
     adamw = next(a for a in S.V4_ARMS if a.name == "adamw")
     assert S.V4Cell(128, 1.0, (0, 1, 2), 100).lr(adamw) == pytest.approx(10**-2.5, rel=1e-15)
+
+
+# --------------------------------------------------------------------------
+# v4 part B's rules (rules_v4.py) on synthetic inputs with known answers
+# --------------------------------------------------------------------------
+
+
+def test_v4_rules():
+    from paper_repro.kimi_k2 import rules_v4 as V
+
+    for df, q in enumerate(V.T90, start=1):
+        assert q == pytest.approx(stats.t.ppf(0.90, df), rel=1e-9)
+    s = np.full((5, 2, 3), 30.0)
+    assert V.identical_to_twin(s, 30.0) and not V.identical_to_twin(s, 29.9)
+    s[2, 1, 1] = np.nan
+    assert not V.identical_to_twin(s, 100.0)
+    # prereg_v4.md: v3's pilot sigma_d = 0.003 with 3 seeds gives 0.0083 nats, 0.45% of 1.85
+    m = V.cost_margin(0.003, 3, 1.85)
+    assert m == pytest.approx(
+        (stats.t.ppf(0.95, 2) + stats.t.ppf(0.9, 2)) * 0.003 / 3**0.5, rel=1e-9
+    )
+    assert round(m, 4) == 0.0083 and round(m / 1.85, 4) == 0.0045
+    assert V.cost_margin(1.0, 3, 1.85) == pytest.approx(0.0185, rel=1e-15)  # capped at 1%
+    with pytest.raises(ValueError, match="seeds"):
+        V.cost_margin(0.003, 1, 1.85)
+    R, N, I = S.REPRODUCED, S.NOT_REPRODUCED, P.INCONCLUSIVE
+    assert V.verdict_cost([0.001, -0.001, 0.0], 0.01, [False] * 3)[0] == R
+    assert V.verdict_cost([0.05, 0.06, 0.055], 0.01, [False] * 3)[0] == N
+    assert V.verdict_cost([0.0, 0.02, -0.01], 0.01, [False] * 3)[0] == I
+    assert V.verdict_cost([0.0] * 3, 0.01, [True] * 3)[0] == V.IDENTICAL
+    # headroom: the lowest mean loss 1.0; delta 0.1
+    flat = np.array([[1.0, 1.0, 1.0], [1.05, 1.05, 1.05], [1.3, 1.3, 1.3], [np.nan] * 3])
+    assert V.headroom(flat, 1.0, 0.1) == 1 and V.headroom(flat + 1, 1.0, 0.1) == -1
+    better = flat.copy()
+    better[2] = 1.08
+    got = V.headroom_bootstrap({"muon": flat, "muonclip": better}, 0.1)
+    assert got["muon"]["h"] == 1 and got["muonclip"]["h"] == 2
+    assert got["muonclip"]["diff_lo"] == 1.0 and V.verdict_headroom(got["muonclip"])[0] == R
+    assert V.verdict_headroom(got["muon"])[0] == I  # against itself: [0, 0]
+    assert V.verdict_headroom(V.headroom_bootstrap({"muon": better, "x": flat}, 0.1)["x"])[0] == N
+    noisy = flat.copy()
+    noisy[2] = [1.0, 1.3, 1.0]  # seed 1 breaks it: the interval spans 0
+    assert V.verdict_headroom(V.headroom_bootstrap({"muon": flat, "x": noisy}, 0.1)["x"])[0] == I
+    with pytest.raises(ValueError, match="same seeds"):
+        V.headroom_bootstrap({"muon": flat, "x": flat[:, :2]}, 0.1)
+    assert V.spread([1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 1.01, 1.02, 1.03, 1.04])[0] == "above"
+    assert V.verdict_switch_off([True, True, False], [0.0, 0.0, 1.0])[0] == S.NOT_TESTED
+    assert V.verdict_switch_off([True] * 3, [0.0, 0.01, 0.5])[0] == R
+    assert V.verdict_switch_off([True] * 3, [0.2, 0.01, 0.5])[0] == N
+    assert V.verdict_head_fraction([0.1] * 6)[0] == R
+    assert V.verdict_head_fraction([0.5] * 6)[0] == N
+    assert V.verdict_head_fraction([0.1, 0.3, 0.2, 0.4, 0.1, 0.3])[0] == I
+    assert V.verdict_head_fraction([0.1] * 4)[0] == I  # under 5 runs: no 90% interval
+    assert V.verdict_head_fraction([])[0] == S.NOT_TESTED

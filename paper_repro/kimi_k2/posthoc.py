@@ -829,7 +829,7 @@ def markdown(ph: dict[str, Any]) -> str:
         "[`posthoc.py`](../posthoc.py) (`python -m paper_repro.kimi_k2.posthoc`), "
         "not a pre-registered test. The verdicts above stay as registered. Verdict words "
         "here: *reproduced*, *not reproduced*, *inconclusive* (an interval crosses or "
-        "touches its bound: one rule for every rule) and *not tested at this scale* "
+        "touches its bound: the one rule every post-hoc interval uses) and *not tested at this scale* "
         "(the regime the claim is about does not occur).",
         "",
         "| claim | pre-registered verdict | post-hoc verdict | post-hoc measurement |",
