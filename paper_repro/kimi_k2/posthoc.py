@@ -867,7 +867,8 @@ def markdown(ph: dict[str, Any]) -> str:
         f"d_t = Muon - MuonClip on the same batch; e_t = d_t - the median of d over steps "
         f"t - {ROLL // 2} .. t + {ROLL // 2} (truncated at the ends). A Muon spike: e_t > "
         f"{sp['delta']:.4f} (the pilot's delta); a reverse one: e_t < -{sp['delta']:.4f}. "
-        "Muon's share of the spikes with its Wilson 90% interval against 1/2. The largest "
+        "Muon's share of the spikes with its Wilson 90% interval against 1/2 (call above: "
+        "Muon spikes more; below: MuonClip does). The largest "
         "one-step rises of each arm's own loss (step: rise) show where the batches, not the "
         "optimizer, make the jumps.",
         "",
@@ -887,6 +888,9 @@ def markdown(ph: dict[str, Any]) -> str:
         "",
         "### The cure and the seed-to-seed spread at lr_1000",
         "",
+        "Calls: the difference's interval below 0, MuonClip's loss is lower; the variance "
+        "ratio's above 1, the clip narrows the seed-to-seed spread of the final val loss.",
+        "",
         "| width | lr / lr* | MuonClip - Muon, 90% CI | call | negative | sd of the differences | val-loss sd Muon -> MuonClip | variance ratio Muon / MuonClip, 90% CI | call |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -904,8 +908,7 @@ def markdown(ph: dict[str, Any]) -> str:
             "",
             f"Pooled over widths (variance pooled within widths, df {pl['df']}): "
             f"{neg} of {pl['n']} differences negative, mean {pl['mean']:+.3f}, "
-            f"90% CI [{pl['lo']:+.3f}, {pl['hi']:+.3f}], t = {pl['t']:.2f}. "
-            "A variance-ratio interval above 1: the clip narrows the seed-to-seed spread.",
+            f"90% CI [{pl['lo']:+.3f}, {pl['hi']:+.3f}], t = {pl['t']:.2f}.",
         ]
     # cap
     cp = ph["cap"]
@@ -984,7 +987,8 @@ def markdown(ph: dict[str, Any]) -> str:
         f"a multi-seed Muon cell (peak S x{math.exp(ae['margin_log']):.2f}, norm product "
         f"x{math.exp(an_['margin_log']):.2f}). At the point estimates AdamW's peak S is the larger in "
         f"{ae['n_adamw_larger_point']} of {len(ae['pairs'])} pairs "
-        f"({ae['range_adamw_larger_point'][0]:.1f}-{ae['range_adamw_larger_point'][1]:.1f}x Muon's)."
+        f"({ae['range_adamw_larger_point'][0]:.1f}-{ae['range_adamw_larger_point'][1]:.1f}x Muon's). "
+        "Calls: above, AdamW's is the larger (against K2's claim); below, Muon's."
         if ae["range_adamw_larger_point"]
         else "",
         "",
