@@ -868,7 +868,8 @@ def markdown(ph: dict[str, Any]) -> str:
         f"t - {ROLL // 2} .. t + {ROLL // 2} (truncated at the ends). A Muon spike: e_t > "
         f"{sp['delta']:.4f} (the pilot's delta); a reverse one: e_t < -{sp['delta']:.4f}. "
         "Muon's share of the spikes with its Wilson 90% interval against 1/2 (call above: "
-        "Muon spikes more; below: MuonClip does). The largest "
+        "Muon spikes more; below: MuonClip does; the interval treats spikes as independent, "
+        "so if anything it is too narrow). The largest "
         "one-step rises of each arm's own loss (step: rise) show where the batches, not the "
         "optimizer, make the jumps.",
         "",
