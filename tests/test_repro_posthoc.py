@@ -474,3 +474,27 @@ def test_v4_rules():
     assert V.verdict_head_fraction([0.1, 0.3, 0.2, 0.4, 0.1, 0.3])[0] == I
     assert V.verdict_head_fraction([0.1] * 4)[0] == I  # under 5 runs: no 90% interval
     assert V.verdict_head_fraction([])[0] == S.NOT_TESTED
+
+
+def test_committed_app_e_margins_ratio_range_and_trends(committed):
+    summ, logs, ph = committed
+    cells = [c["muon"] for c in summ["cure"].values()] + [summ["fig12"]["muon"]]
+    for key, got in (("peak_s", ph["appE_s"]), ("peak_norm_product", ph["appE_norm"])):
+        sd = max(np.std([math.log(summ["runs"][n][key]) for n in c], ddof=1) for c in cells)
+        assert got["margin_log"] == pytest.approx(2 * sd, rel=1e-12)
+    ratios = []
+    for n, r in summ["runs"].items():
+        if "_s0" in n and r["weight_decay"] == 0.1 and r["optimizer"] != "muonclip":
+            if r["stopped"] == "done" and n in {
+                m for w in summ["sweep"].values() for m in w["muon"] + w["adamw"]
+            }:
+                lg = logs[n]
+                for t in range(len(lg["probe_s"])):
+                    ratios.append(
+                        lg["probe_s"][t].max() / (lg["norm_qc"][t] * lg["norm_kc"][t]).max()
+                    )
+    assert ph["s_over_product"] == pytest.approx([min(ratios), max(ratios)], rel=1e-6)
+    for n, trend in ph["width_fit"]["trends"].items():
+        m = _smax(logs[n])[245:320]
+        p = np.polyfit(np.arange(245, 320), np.log(m), 1)[0]
+        assert trend == pytest.approx(math.expm1(75 * p), rel=1e-9)
