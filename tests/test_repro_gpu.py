@@ -1,5 +1,5 @@
 """paper_repro.kimi_k2.gpu: the one-command GPU preset, checked on CPU at a
-tiny size (``--tiny``: width 32, one layer, 6 steps) by the same
+tiny size (``--tiny``: width 32, one layer, 6 steps, bfloat16 compute as on the GPU) by the same
 code. Nothing here times anything. The preset itself (widths 512 and 1024)
 is only planned here: its parameter count against the model the library
 builds, and its run list.

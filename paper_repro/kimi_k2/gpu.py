@@ -91,7 +91,7 @@ TINY = Preset(
     name="tiny",
     widths=(32,),
     model_kw=dict(layers=1, head=16, rope=4),
-    extra={},
+    extra=S.GPU.extra,  # the preset's bfloat16 compute path, on CPU
     batch_size=2,
     seq_len=16,
     steps=6,
