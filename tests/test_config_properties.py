@@ -181,7 +181,7 @@ def cli_config():
         yield run
 
 
-@settings(max_examples=8)
+@settings(max_examples=max(1, settings().max_examples * 2 // 3))
 @given(overrides())
 def test_config_json_to_cli_flags_and_back(cli_config, values):
     """config.json -> every field as its flag -> the CLI's config: the same config."""
