@@ -143,3 +143,14 @@ def unclipped_update(model, opt, opt_state, tokens):
     grads = jax.grad(lambda p: next_token_loss(eqx.combine(p, static), tokens)[0])(params)
     updates, _ = opt.update(grads, opt_state, params)
     return eqx.combine(optax.apply_updates(params, updates), static)
+
+
+def corrupt_checkpoint_arrays(ckpt) -> None:
+    """Flip bytes in the middle of the largest array file of a checkpoint."""
+    blob = max(
+        (p for p in (ckpt / "state" / "d").iterdir() if p.is_file()), key=lambda p: p.stat().st_size
+    )
+    raw = bytearray(blob.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 8):
+        raw[i] ^= 0xFF
+    blob.write_bytes(bytes(raw))

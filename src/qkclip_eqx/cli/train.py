@@ -32,6 +32,7 @@ from .._checkpoint import CheckpointError, latest_checkpoint, read_meta
 from .._data import TokenData
 from .._evaluate import format_table
 from .._model import Transformer
+from .._run import load_run
 from .._run_config import MUST_MATCH, RunConfig
 from .._sinks import make_sinks, parse_log_to
 from .._train import RunError, RunResult, load_run_data, train
@@ -234,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         return _error(e)
     except ValueError as e:
         parser.error(str(e))
+    if start >= cfg.steps:
+        # The newest checkpoint says the run is finished; it is the run's state only
+        # if it restores (else resume falls back to an older one, with steps to do).
+        try:
+            start = load_run(cfg.out, warn=lambda msg: None).step
+        except CheckpointError as e:
+            return _error(e)
     if start >= cfg.steps:
         if lead:
             print(
