@@ -31,6 +31,7 @@ import numpy as np
 from .._checkpoint import CheckpointError, latest_checkpoint, read_meta
 from .._data import TokenData
 from .._evaluate import format_table
+from .._loglines import LogLines, train_flops_per_token
 from .._model import Transformer
 from .._run_config import MUST_MATCH, RunConfig
 from .._sinks import make_sinks, parse_log_to
@@ -181,7 +182,27 @@ def _parser(preset_name: str | None) -> argparse.ArgumentParser:
         "(RUN/wandb; offline without an API key or network), comma-separated; needs the "
         "qkclip_eqx[tensorboard] or [wandb] extra",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: plain log lines instead (also when stdout is not a terminal)",
+    )
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="without a progress bar: one line every N steps (and at each evaluation and the "
+        "end): step, loss, S, heads clipped, tokens/s, TFLOP/s, MFU (default: 10)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        metavar="F",
+        help="peak TFLOP/s of one device, for the MFU of the log lines (e.g. 989 for an H100 "
+        "SXM in bf16 dense; none: no MFU)",
+    )
     add_cache_flag(parser)
     parser.add_argument("--no-plots", action="store_true", help="do not write PNGs at the end")
     return parser
@@ -255,14 +276,20 @@ def main(argv: list[str] | None = None) -> int:
             ),
             flush=True,
         )
+    progress = not args.no_progress and sys.stdout.isatty()
     try:
         sinks = make_sinks(log_to, cfg.out, cfg.to_dict(), label=cfg.label) if lead else []
+        if lead and not progress:
+            flops = train_flops_per_token(cfg.model_config(data.vocab_size), cfg.seq_len)
+            sinks.append(
+                LogLines(args.log_every, cfg.steps, flops, args.peak_tflops, len(jax.devices()))
+            )
     except ImportError as e:
         return _error(e)
+    except ValueError as e:
+        parser.error(str(e))
     try:
-        result = train(
-            cfg, resume=args.resume, progress=not args.no_progress, data=data, sinks=sinks
-        )
+        result = train(cfg, resume=args.resume, progress=progress, data=data, sinks=sinks)
     except (
         RunError,
         CheckpointError,
