@@ -146,12 +146,17 @@ def test_main_writes_pngs(runs, tmp_path, capsys):
         "clipped_fraction.png",
         "heatmap_run_a.png",
         "heatmap_bee.png",
+        "heatmaps.png",
+        "heads_over_tau.png",
+        "optim.png",
     }
-    assert {p.name for p in out.iterdir()} == expected
+    assert {p.name for p in out.iterdir()} == expected | {"captions.md"}
     printed = capsys.readouterr().out.split()
-    assert sorted(Path(p).name for p in printed) == sorted(expected)
+    assert sorted(Path(p).name for p in printed) == sorted(expected | {"captions.md"})
     for name in expected:
         _check_png(out / name)
+    captions = (out / "captions.md").read_text()
+    assert all(f"**{name}**: " in captions for name in expected)
 
 
 def test_main_labels_and_default_out(runs, tmp_path, monkeypatch, capsys):
@@ -160,7 +165,7 @@ def test_main_labels_and_default_out(runs, tmp_path, monkeypatch, capsys):
     with pytest.warns(UserWarning):
         rc = qplot.main([str(a), str(b), "--labels", "x/1", "y 2"])
     assert rc == 0
-    names = {p.name for p in (tmp_path / "plots").iterdir()}
+    names = {p.name for p in (tmp_path / "plots").iterdir()}  # plots/ beside the runs
     assert {"heatmap_x_1.png", "heatmap_y_2.png"} <= names
     with pytest.raises(SystemExit) as e:
         qplot.main([str(a), str(b), "--labels", "only-one"])
@@ -188,7 +193,7 @@ def test_mode_off_run(tmp_path, capsys):
     rc = qplot.main([str(rd)])  # single run: output goes into the run dir
     assert rc == 0
     names = {p.name for p in rd.iterdir() if p.suffix == ".png"}
-    assert names == {"loss.png", "max_logit.png", "clipped_fraction.png"}
+    assert names == {"loss.png", "max_logit.png", "clipped_fraction.png", "optim.png"}
     _check_png(rd / "loss.png")
     assert "no heatmap" in capsys.readouterr().err
 

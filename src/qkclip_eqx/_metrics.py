@@ -32,12 +32,19 @@ class RunMetrics:
       recorded it (e.g. mode `"off"`).
     - `heads_clipped`: `[t]` number of heads clipped at each step, as float
       so that a missing value can be NaN.
+    - `heads_over_tau`: `[t]` number of heads whose S is above tau (in every
+      mode: the curve that compares a monitor run with a clip run); NaN where
+      missing.
+    - `lr`: `[t]` learning rate of each step; NaN where missing.
+    - `grad_norm`: `[t]` gradient norm of each step; NaN where missing.
     - `label`: display label (config `"label"`, else the directory name).
     - `tau`: QK-Clip threshold from the config, or `None`.
     - `mode`: `"clip" | "monitor" | "off"` from the config, or `None`.
     - `n_heads_total`: `layers * heads` for the clipped fraction, from the
       `max_logits` shape; `None` when no line recorded S.
     - `run_dir`: the directory read.
+    - `tokens_per_step`: `batch_size * seq_len` from the config, or `None`.
+    - `seed`: the config's seed, or `None`.
     """
 
     steps: Int[np.ndarray, " t"]
@@ -46,11 +53,16 @@ class RunMetrics:
     val_loss: Float[np.ndarray, " v"]
     max_logits: Float[np.ndarray, "t layers heads"]
     heads_clipped: Float[np.ndarray, " t"]
+    heads_over_tau: Float[np.ndarray, " t"]
+    lr: Float[np.ndarray, " t"]
+    grad_norm: Float[np.ndarray, " t"]
     label: str
     tau: float | None
     mode: str | None
     n_heads_total: int | None
     run_dir: str
+    tokens_per_step: int | None = None
+    seed: int | None = None
 
     @property
     def n_layers(self) -> int:
@@ -153,6 +165,7 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     steps: list[int] = []
     loss: list[float] = []
     clipped: list[float] = []
+    scalars: dict[str, list[float]] = {"heads_over_tau": [], "lr": [], "grad_norm": []}
     logits: list[np.ndarray | None] = []
     val_steps: list[int] = []
     val_loss: list[float] = []
@@ -170,6 +183,8 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
             steps.append(step)
             loss.append(_as_float(obj["loss"]))
             clipped.append(_as_float(obj.get("heads_clipped")))
+            for name, values in scalars.items():
+                values.append(_as_float(obj.get(name)))
             arr = _logits_array(obj.get("max_logits"))
             if arr is not None:
                 if shape is None:
@@ -201,6 +216,10 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     )
     mode = cfg.get("mode") if isinstance(cfg.get("mode"), str) else None
     label = cfg.get("label") if isinstance(cfg.get("label"), str) else None
+    ints = {k: v for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool)}
+    tokens_per_step = (
+        ints["batch_size"] * ints["seq_len"] if {"batch_size", "seq_len"} <= ints.keys() else None
+    )
     if not label:
         label = rd.resolve().name or str(rd)
 
@@ -211,11 +230,14 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         val_loss=np.asarray(val_loss, dtype=np.float64)[vorder],
         max_logits=ml[order],
         heads_clipped=np.asarray(clipped, dtype=np.float64)[order],
+        **{k: np.asarray(v, dtype=np.float64)[order] for k, v in scalars.items()},
         label=label,
         tau=tau,
         mode=mode,
         n_heads_total=n_total,
         run_dir=str(rd),
+        tokens_per_step=tokens_per_step,
+        seed=ints.get("seed"),
     )
 
 
