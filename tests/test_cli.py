@@ -322,3 +322,49 @@ def test_a_token_file_larger_than_memory_trains(tmp_path, capsys, monkeypatch):
     )
     assert rc == 2
     assert err.startswith("qkclip-train: error: --vocab-size 100: the batch of step 0 holds")
+
+
+def test_a_monitor_runs_table_stars_the_heads_above_tau(capsys, tmp_path):
+    """The final table says "'*' = above tau" and, for a monitor run too,
+    stars exactly the heads whose S is above tau; a run with S off shows no
+    tau."""
+    import equinox as eqx
+    import jax
+
+    from qkclip_eqx import Transformer
+    from qkclip_eqx._train import RunResult
+
+    cfg = preset("tiny", optimizer="muon", tau=5.0)
+    assert cfg.mode == "monitor"
+    model = eqx.filter_eval_shape(Transformer, cfg.model_config(), key=jax.random.key(0))
+    m = {"loss": 1.0, "max_logits": [[4.0, 6.0], [5.5, None]]}
+    train_cli._report(RunResult(model, 20, m, tmp_path, "done"), cfg)
+    table = capsys.readouterr().out.splitlines()
+    assert "(tau = 5.0, '*' = above tau)" in table[-4]
+    assert table[-2:] == ["    0     4.00     6.00*", "    1     5.50*     nan "]
+    train_cli._report(RunResult(model, 20, m, tmp_path, "done"), preset("tiny", mode="off"))
+    text = capsys.readouterr().out
+    assert "*" not in text and "tau" not in text
+
+
+def test_generate_takes_a_prompt_that_is_not_utf8_as_its_bytes():
+    """A byte-level model's prompt is bytes: `$'def \\xff\\xfe('` reaches
+    Python as surrogates and is the bytes typed, not a codec error."""
+    import argparse
+    import os
+
+    from qkclip_eqx.cli import generate as gen_cli
+
+    prompt = os.fsdecode(b"def \xff\xfe(")  # what sys.argv holds for those bytes
+    args = argparse.Namespace(prompt=prompt, prompt_tokens=None)
+    np.testing.assert_array_equal(gen_cli._prompt(args, 256), list(b"def \xff\xfe("))
+
+
+def test_a_checkpoint_error_names_the_path_once(tmp_path, capsys):
+    from qkclip_eqx.cli import generate as gen_cli
+
+    bad = tmp_path / "ckpt_00000001"
+    bad.write_bytes(b"garbage")
+    assert gen_cli.main([str(bad), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(str(bad)) == 1 and "not a qkclip checkpoint" in err, err

@@ -172,6 +172,20 @@ def test_main_labels_and_default_out(runs, tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
 
 
+def test_several_runs_plot_beside_the_runs_not_into_the_working_directory(
+    tmp_path, monkeypatch, capsys
+):
+    root = tmp_path / "runs"
+    root.mkdir()
+    a = _write_run(root, "a", 0)
+    b = _write_run(root, "b", 1)
+    work = tmp_path / "repo"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert qplot.main([str(a), str(b)]) == 0
+    assert (root / "plots" / "loss.png").is_file() and not (work / "plots").exists()
+
+
 def test_missing_metrics(tmp_path, capsys):
     rd = tmp_path / "empty_run"
     rd.mkdir()

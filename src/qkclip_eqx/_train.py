@@ -239,8 +239,13 @@ def _init_or_resume(
     start = stored["step"]
     if lead:
         found_paths = list_checkpoints(out)  # oldest first: those after `path` failed
-        for unusable in found_paths[found_paths.index(path) + 1 :]:
-            print(f"set aside {unusable.name} as {set_aside(unusable).name}", flush=True)
+        unusable = found_paths[found_paths.index(path) + 1 :]
+        for bad in unusable:
+            print(f"set aside {bad.name} as {set_aside(bad).name}", flush=True)
+        if unusable:  # the banner named the newest checkpoint's step
+            print(
+                f"resuming at step {start} of {cfg.steps}, not the newest checkpoint's", flush=True
+            )
         for line in resume_changes(stored, cfg):
             print(f"resume changes {line}", flush=True)
     _barrier("qkclip-resume")

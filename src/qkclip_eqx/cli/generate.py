@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._evaluate import format_table
+from .._evaluate import format_table, marked_tau
 from .._generate import generate
 from .._run import load_run
 from ._flags import add_cache_flag, use_compilation_cache
@@ -37,7 +37,10 @@ def _prompt(args: argparse.Namespace, vocab_size: int) -> np.ndarray:
                 f"--prompt is UTF-8 bytes for a byte-level model (vocab 256); this "
                 f"model's vocab is {vocab_size}: use --prompt-tokens"
             )
-        tokens = np.frombuffer(args.prompt.encode("utf-8"), np.uint8).astype(np.int32)
+        # the prompt's own bytes: a byte-level model takes any, UTF-8 or not (the
+        # command line hands undecodable bytes over as surrogates)
+        tokens = np.frombuffer(args.prompt.encode("utf-8", "surrogateescape"), np.uint8)
+        tokens = tokens.astype(np.int32)
     else:
         tokens = np.array([int(t) for t in args.prompt_tokens.split(",") if t.strip()], np.int32)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
@@ -47,6 +50,12 @@ def _prompt(args: argparse.Namespace, vocab_size: int) -> np.ndarray:
     if tokens.size == 0:
         raise ValueError("the prompt is empty")
     return tokens
+
+
+def _naming(path: str, e: Exception) -> str:
+    """The error, with the checkpoint path said once: a message that names it
+    already (a checkpoint error) is not prefixed with it again."""
+    return str(e) if path.rstrip("/") in str(e) else f"{path}: {e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"step": run.step, "vocab_size": run.vocab_size, "path": str(run.checkpoint)}
         prompt = _prompt(args, meta["vocab_size"])
     except (ValueError, KeyError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"qkclip-generate: error: {args.checkpoint}: {e}", file=sys.stderr)
+        print(f"qkclip-generate: error: {_naming(args.checkpoint, e)}", file=sys.stderr)
         return 2
     key = jax.random.key(args.seed) if args.temperature > 0 else None
     start = time.perf_counter()
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "max logit S per layer and head over the prompt and the generated tokens:", file=sys.stderr
     )
-    print(format_table(np.asarray(s), cfg.tau if cfg.mode == "clip" else None), file=sys.stderr)
+    print(format_table(np.asarray(s), marked_tau(cfg)), file=sys.stderr)
     return 0
 
 

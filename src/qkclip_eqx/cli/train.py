@@ -30,7 +30,7 @@ import numpy as np
 
 from .._checkpoint import CheckpointError, latest_checkpoint, read_meta
 from .._data import TokenData
-from .._evaluate import format_table
+from .._evaluate import format_table, marked_tau
 from .._loglines import LogLines, train_flops_per_token
 from .._model import Transformer
 from .._run_config import MUST_MATCH, RunConfig
@@ -118,7 +118,11 @@ def summary(cfg: RunConfig, data: TokenData, *, preset_name: str | None, start: 
         if cfg.mode != "off"
         else "QK-Clip off"
     )
-    begin = f"resuming at step {start} of {cfg.steps}" if start else f"{cfg.steps} steps"
+    begin = (
+        f"resuming from the newest checkpoint, step {start} of {cfg.steps}"
+        if start
+        else f"{cfg.steps} steps"
+    )
     return "\n".join(
         [
             f"qkclip-train{f' (preset {preset_name})' if preset_name else ''}: {begin}",
@@ -218,10 +222,9 @@ def _report(result: RunResult, cfg: RunConfig) -> None:
     )
     if "max_logits" in m:
         s = np.array([[np.nan if x is None else x for x in row] for row in m["max_logits"]])
-        print(
-            f"max logit S per layer and head at the last step (tau = {cfg.tau}, '*' = above tau):"
-        )
-        print(format_table(s, cfg.tau if cfg.mode == "clip" else None))
+        mark = "" if cfg.mode == "off" else f" (tau = {cfg.tau}, '*' = above tau)"
+        print(f"max logit S per layer and head at the last step{mark}:")
+        print(format_table(s, marked_tau(cfg)))
 
 
 def _error(e: Exception) -> int:
