@@ -303,10 +303,8 @@ def max_logit_figure(runs: Sequence[RunMetrics], x: str = "step") -> Figure:
                 by_tau.setdefault(m.tau, []).append(i)
         for tau, idx in by_tau.items():
             one = len(idx) == 1
-            who = "; ".join(
-                f"{runs[i].label}: {'clip' if runs[i].mode == 'clip' else 'not applied'}"
-                for i in idx
-            )
+            clips = {runs[i].mode == "clip" for i in idx}
+            who = "clip" if clips == {True} else "not applied" if clips == {False} else "clip: some"
             ax.axhline(max(tau, LOG_FLOOR), color=_colour(idx[0]) if one else "k", ls="--",
                        lw=1.1, label=f"tau = {tau:g} ({who})")  # fmt: skip
         title = "S, all runs"
@@ -449,7 +447,7 @@ def heatmap_figure(
         ax.set_ylabel(f"layer (each band: heads 0..{n_heads - 1}, top to bottom)")
     ax.set_ylim(rows - 0.5, -0.5)  # layer 0 at the top
     ax.set_xlabel("step" if t and np.all(np.diff(m.steps) > 0) else "line index")
-    cb = fig.colorbar(mesh, ax=ax, pad=0.02)
+    cb = fig.colorbar(mesh, ax=ax, pad=0.07)
     _colour_bar(cb, norm, [m.tau])
     title = f"{m.label}: S per layer and head"
     notes = []
@@ -574,7 +572,7 @@ def heatmaps_figure(runs: Sequence[RunMetrics], max_cols: int = 400, x: str = "s
                      if m.tau is not None else m.label, fontsize=9)  # fmt: skip
     axes[-1].set_xlabel(_xlabel(x))
     assert mesh is not None  # with_s is not empty
-    cb = fig.colorbar(mesh, ax=axes, pad=0.02, fraction=0.04)
+    cb = fig.colorbar(mesh, ax=axes, pad=0.07, fraction=0.04)
     _colour_bar(cb, norm, [m.tau for m in with_s])
     return fig
 
