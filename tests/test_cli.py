@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from builders import synthetic_text
+from builders import synthetic_text, tiny_tokenizer
 from qkclip_eqx import RunConfig
 from qkclip_eqx._run_config import FIELD_DOCS, MAY_CHANGE, MUST_MATCH, preset
 from qkclip_eqx._train import _MetricsLog
@@ -274,6 +274,7 @@ def test_plain_log_lines_with_tflops_and_mfu(finished, corpus, tmp_path, capsys)
     last = lines[-1]
     assert f"loss={records[-1]['loss']:.4f}" in last and "val_loss=" in last
     assert f"heads_clipped={records[-1]['heads_clipped']}/4" in last
+    assert f"heads_over_tau={records[-1]['heads_over_tau']}/4" in last
     speed = sorted(r["tokens_per_s"] for r in records[1:])[2]  # median of steps 1..4
     tflops = speed * want / 1e12
     assert f"tok/s={speed:,.0f}" in last and f"TFLOP/s={tflops:.3g}" in last
@@ -368,3 +369,17 @@ def test_a_checkpoint_error_names_the_path_once(tmp_path, capsys):
     assert gen_cli.main([str(bad), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.count(str(bad)) == 1 and "not a qkclip checkpoint" in err, err
+
+
+def test_generate_encodes_a_prompt_with_the_runs_own_tokenizer(tmp_path):
+    import argparse
+
+    from qkclip_eqx.cli import generate as gen_cli
+
+    tok = gen_cli._tokenizer(str(tiny_tokenizer(tmp_path / "tokenizer.json")))
+    args = argparse.Namespace(prompt="def main(x):\n", prompt_tokens=None)
+    ids = gen_cli._prompt(args, 320, tok)
+    assert ids.tolist() == tok.encode("def main(x):\n", add_special_tokens=False).ids
+    assert tok.decode(ids.tolist()) == "def main(x):\n"
+    with pytest.raises(ValueError, match="the run's tokenizer .*nope.json"):
+        gen_cli._tokenizer("nope.json")

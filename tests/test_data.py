@@ -5,7 +5,7 @@ import zlib
 import numpy as np
 import pytest
 
-from builders import synthetic_corpus, synthetic_text
+from builders import synthetic_corpus, synthetic_text, tiny_tokenizer
 from qkclip_eqx import _data
 from qkclip_eqx._data import (
     TokenData,
@@ -541,21 +541,8 @@ def test_a_token_file_larger_than_memory_is_never_read_whole(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
-    """A byte-level BPE of 300 ids trained by tokenizers' own trainer on
-    synthetic text (no download)."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator([synthetic_text(50_000, seed=1).decode("utf-8", "replace")], trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    pytest.importorskip("tokenizers")
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 
 def test_text_with_a_tokenizer_is_encoded_once_and_cached(tmp_path, tokenizer_json):

@@ -147,3 +147,40 @@ def test_sweep_errors_are_one_line_naming_the_flag(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1, err
         assert err.startswith("qkclip-sweep: error: ") and message in err, err
+
+
+def test_a_config_file_is_the_same_sweep_as_the_flags(tmp_path):
+    parser = sweep_cli._parser()
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({
+        "out": "runs/x", "grid": {"lr": [1e-3, 0.003], "optimizer": ["muonclip", "muon"]},
+        "seeds": [0, 1], "preset": "tiny", "steps": 8, "q_lora_rank": None,
+    }))  # fmt: skip
+    from_file = sweep_cli.read_sweep(*parser.parse_known_args(["--config", str(path)]))
+    from_flags = sweep_cli.read_sweep(
+        *parser.parse_known_args(
+            ["--out", "runs/x", "--grid", "lr=0.001,0.003", "--grid", "optimizer=muonclip,muon",
+             "--seeds", "0,1", "--preset", "tiny", "--steps", "8", "--q-lora-rank", "none"]
+        )
+    )  # fmt: skip
+    assert from_file == from_flags
+    points = from_file.points()
+    assert [p[0] for p in points][:3] == [
+        "lr=0.001,optimizer=muonclip,seed=0",
+        "lr=0.001,optimizer=muonclip,seed=1",
+        "lr=0.001,optimizer=muon,seed=0",
+    ]
+    assert points[0][1] == ["--lr", "0.001", "--optimizer", "muonclip", "--seed", "0"]
+    assert sweep_cli._without_preset(["--preset", "tiny", "--steps", "8", "--preset=x"]) == [
+        "--steps",
+        "8",
+    ]
+    path.write_text(json.dumps({"grid": {"lr": [1]}, "stepz": 8}))
+    with pytest.raises(ValueError, match="'stepz' is not a run option"):
+        sweep_cli.read_sweep(*parser.parse_known_args(["--config", str(path)]))
+
+
+def test_a_run_that_stopped_at_a_non_finite_step_is_not_run_again(tmp_path):
+    (tmp_path / sweep_cli.NAN_MARK).write_text("")
+    assert sweep_cli._state(tmp_path, 8) == ("nan", 0)
+    assert sweep_cli._state(tmp_path / "none", 8) == ("new", 0)

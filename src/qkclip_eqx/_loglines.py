@@ -51,7 +51,7 @@ class LogLines:
     """A [`qkclip_eqx.MetricSink`][] that prints one plain line every `every`
     steps (and at every evaluation and the last step), for logs read as files:
 
-        step=120/600 loss=3.2145 S_max=28.31 heads_clipped=2/8 tok/s=12,345 TFLOP/s=0.52 MFU=0.26%
+        step=120/600 loss=3.2145 S_max=28.31 heads_clipped=2/8 heads_over_tau=2/8 tok/s=12,345 TFLOP/s=0.52 MFU=0.26%
 
     `tok/s` is the median of the last 20 steps read, leaving out the first (the
     compile); TFLOP/s is that times `flops_per_token`; MFU divides it by
@@ -94,8 +94,9 @@ class LogLines:
             parts.append(f"S_max={metrics['max_logit']:.2f}")
         rows = metrics.get("max_logits") or []
         heads = sum(len(r) for r in rows)
-        if "heads_clipped" in metrics and heads:
-            parts.append(f"heads_clipped={metrics['heads_clipped']}/{heads}")
+        for name in ("heads_clipped", "heads_over_tau"):  # over tau: a monitor run's count
+            if name in metrics and heads:
+                parts.append(f"{name}={metrics[name]}/{heads}")
         if self.recent:
             tokens = sorted(self.recent)[len(self.recent) // 2]
             tflops = tokens * self.flops / 1e12

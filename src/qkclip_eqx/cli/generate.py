@@ -4,8 +4,9 @@
     qkclip-generate runs/default/ckpt_00000600 --prompt "import " --temperature 0.8 --top-k 40 --seed 1
     qkclip-generate runs/gpt2 --prompt-tokens 464,2068 --max-new-tokens 64
 
-Byte-level models (vocab 256) take `--prompt` as UTF-8 text and print text;
-other vocabularies take `--prompt-tokens` and print token ids. Greedy
+Byte-level models (vocab 256) take `--prompt` as text (its bytes) and print
+text; a run trained with `--tokenizer` encodes `--prompt` and decodes with its
+tokenizer.json; other vocabularies take `--prompt-tokens` and print token ids. Greedy
 (`--temperature 0`, the default) is deterministic; sampling draws with
 `--seed`. Also prints S, the max logit per layer and head over the prompt
 and the generated tokens.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -28,10 +30,29 @@ from .._run import load_run
 from ._flags import add_cache_flag, use_compilation_cache
 
 
-def _prompt(args: argparse.Namespace, vocab_size: int) -> np.ndarray:
+def _tokenizer(path: str | None) -> Any:
+    """The run's own `tokenizer.json` (a run trained with `--tokenizer`), or None."""
+    if path is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ValueError(
+            f'the run was tokenised by {path}: pip install "qkclip_eqx[tokenizers]" to read it'
+        ) from None
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the library raises its own Exception subclass
+        raise ValueError(f"the run's tokenizer {path}: {e}") from None
+
+
+def _prompt(args: argparse.Namespace, vocab_size: int, tokenizer: Any = None) -> np.ndarray:
     if (args.prompt is None) == (args.prompt_tokens is None):
         raise ValueError("give exactly one of --prompt and --prompt-tokens")
-    if args.prompt is not None:
+    if args.prompt is not None and tokenizer is not None:
+        ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+        tokens = np.asarray(ids, np.int32)
+    elif args.prompt is not None:
         if vocab_size != 256:
             raise ValueError(
                 f"--prompt is UTF-8 bytes for a byte-level model (vocab 256); this "
@@ -88,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(args.checkpoint, warn=lambda msg: print(msg, file=sys.stderr))
         model, cfg = run.model, run.config
         meta = {"step": run.step, "vocab_size": run.vocab_size, "path": str(run.checkpoint)}
-        prompt = _prompt(args, meta["vocab_size"])
+        tokenizer = _tokenizer(cfg.tokenizer)
+        prompt = _prompt(args, meta["vocab_size"], tokenizer)
     except (ValueError, KeyError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"qkclip-generate: error: {_naming(args.checkpoint, e)}", file=sys.stderr)
         return 2
@@ -105,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     tokens = np.asarray(tokens)
     seconds = time.perf_counter() - start
     print(f"checkpoint {meta['path']} (step {meta['step']})")
-    if meta["vocab_size"] == 256:
+    if tokenizer is not None:
+        print(tokenizer.decode([int(t) for t in np.concatenate([prompt, tokens])]))
+    elif meta["vocab_size"] == 256:
         print(
             (prompt.astype(np.uint8).tobytes() + tokens.astype(np.uint8).tobytes()).decode(
                 "utf-8", "replace"

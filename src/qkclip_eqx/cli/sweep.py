@@ -162,9 +162,16 @@ def _without_preset(flags: list[str]) -> list[str]:
     return out
 
 
+#: In a run directory: written when the run stopped at a non-finite step, so
+#: that running the sweep again does not resume it into the same step.
+NAN_MARK = "sweep_stopped_nan"
+
+
 def _state(run: pathlib.Path, steps: int) -> tuple[str, int]:
-    """`("new" | "partial" | "done", step of its newest checkpoint)` of a run
-    of `steps` steps."""
+    """`("new" | "partial" | "done" | "nan", step of its newest checkpoint)`
+    of a run of `steps` steps."""
+    if (run / NAN_MARK).is_file():
+        return "nan", 0
     newest = latest_checkpoint(run)
     if newest is None:
         return "new", 0
@@ -239,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         run = sweep.out / name
         state, step = _state(run, steps[name])
         where = f"[{i}/{len(points)}] {name}"
-        if state == "done":
-            print(f"{where}: finished, skipped", flush=True)
+        if state in ("done", "nan"):
+            what = "finished" if state == "done" else f"stopped at a non-finite step ({NAN_MARK})"
+            print(f"{where}: {what}, skipped", flush=True)
             continue
         common = [*flags, "--out", str(run), "--label", f"{label} seed={flags[-1]}", "--no-plots"]
         if state == "partial":
@@ -255,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if code == 130:
             return 130
+        if code == 1:  # a non-finite step: a result (this lr diverges), kept as it is
+            (run / NAN_MARK).write_text("qkclip-train stopped at a non-finite step\n")
     return _finish(sweep, points, args)
 
 
