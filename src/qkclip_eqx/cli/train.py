@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     preset_name = preset_of(argv)
     parser = _parser(preset_name)
     args = parser.parse_args(argv)
+    if args.log_every < 1:
+        parser.error(f"--log-every must be >= 1, got {args.log_every}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     use_compilation_cache(args)
     if args.distributed or args.coordinator_address is not None:
         # CPU processes talk through gloo; the setting does not affect GPU/TPU.
@@ -289,8 +293,6 @@ def main(argv: list[str] | None = None) -> int:
             )
     except ImportError as e:
         return _error(e)
-    except ValueError as e:
-        parser.error(str(e))
     try:
         result = train(cfg, resume=args.resume, progress=progress, data=data, sinks=sinks)
     except (
