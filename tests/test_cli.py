@@ -14,6 +14,7 @@ import pytest
 
 from builders import synthetic_text, tiny_tokenizer
 from qkclip_eqx import RunConfig
+from qkclip_eqx._loglines import train_flops_per_token
 from qkclip_eqx._run_config import FIELD_DOCS, MAY_CHANGE, MUST_MATCH, preset
 from qkclip_eqx._train import _MetricsLog
 from qkclip_eqx.cli import train as train_cli
@@ -132,6 +133,11 @@ def test_start_up_summary_replaces_the_config_dump(finished):
     assert "corpus.txt" in head[4]
     assert head[5] == "  tokens  4 x 32 = 128 per step, 512 in all"
     assert head[6].startswith(f"  out     {out}: checkpoints every 2 steps")
+    flops = train_flops_per_token(preset("tiny").model_config(256), 32)
+    assert text.splitlines()[7] == (
+        f"  flops   {flops:,.0f} per token trained (6N + attention: the TFLOP/s and MFU of the "
+        "log lines)"
+    )
 
 
 def test_help_explains_every_flag_with_the_presets_value(capsys):
@@ -248,8 +254,6 @@ def test_plain_log_lines_with_tflops_and_mfu(finished, corpus, tmp_path, capsys)
     steps, at each evaluation and at the end, with TFLOP/s from the model's
     FLOPs per token and MFU against --peak-tflops; the FLOPs are 6N plus
     attention, checked against a hand count of the tiny preset's MLA model."""
-    from qkclip_eqx._loglines import train_flops_per_token
-
     cfg = preset("tiny")
     mc = cfg.model_config(256)
     # hand count: per layer, MLA with a full query projection, an untied head

@@ -137,6 +137,8 @@ def summary(cfg: RunConfig, data: TokenData, *, preset_name: str | None, start: 
             + f", {tokens * cfg.steps:,} in all",
             f"  out     {cfg.out}: checkpoints every {cfg.ckpt_every} steps (keep {cfg.keep}), "
             f"validation every {cfg.eval_every}",
+            f"  flops   {train_flops_per_token(cfg.model_config(data.vocab_size), cfg.seq_len):,.0f}"
+            " per token trained (6N + attention: the TFLOP/s and MFU of the log lines)",
         ]
     )
 
