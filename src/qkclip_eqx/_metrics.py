@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float, Int
 
+#: The scalar metrics of the training lines that `read_metrics` keeps in
+#: `RunMetrics.scalars`, by their key in `metrics.jsonl`.
+SCALARS = ("lr", "grad_norm", "heads_over_tau", "tokens_per_s")
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RunMetrics:
@@ -32,17 +36,16 @@ class RunMetrics:
       recorded it (e.g. mode `"off"`).
     - `heads_clipped`: `[t]` number of heads clipped at each step, as float
       so that a missing value can be NaN.
-    - `heads_over_tau`: `[t]` number of heads whose S is above tau (in every
-      mode: the curve that compares a monitor run with a clip run); NaN where
-      missing.
-    - `lr`: `[t]` learning rate of each step; NaN where missing.
-    - `grad_norm`: `[t]` gradient norm of each step; NaN where missing.
+
     - `label`: display label (config `"label"`, else the directory name).
     - `tau`: QK-Clip threshold from the config, or `None`.
     - `mode`: `"clip" | "monitor" | "off"` from the config, or `None`.
     - `n_heads_total`: `layers * heads` for the clipped fraction, from the
       `max_logits` shape; `None` when no line recorded S.
     - `run_dir`: the directory read.
+    - `scalars`: `[t]` of each scalar metric of `SCALARS` that some training
+      line holds, by key (`lr`, `grad_norm`, `heads_over_tau`: the heads whose
+      S is above tau, in every mode); NaN where a line lacks it.
     - `tokens_per_step`: `batch_size * seq_len` from the config, or `None`.
     - `seed`: the config's seed, or `None`.
     """
@@ -53,16 +56,18 @@ class RunMetrics:
     val_loss: Float[np.ndarray, " v"]
     max_logits: Float[np.ndarray, "t layers heads"]
     heads_clipped: Float[np.ndarray, " t"]
-    heads_over_tau: Float[np.ndarray, " t"]
-    lr: Float[np.ndarray, " t"]
-    grad_norm: Float[np.ndarray, " t"]
     label: str
     tau: float | None
     mode: str | None
     n_heads_total: int | None
     run_dir: str
+    scalars: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     tokens_per_step: int | None = None
     seed: int | None = None
+
+    def scalar(self, key: str) -> Float[np.ndarray, " t"]:
+        """`scalars[key]`, or NaN at every step when no line logged it."""
+        return self.scalars.get(key, np.full(len(self.steps), np.nan))
 
     @property
     def n_layers(self) -> int:
@@ -165,7 +170,7 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     steps: list[int] = []
     loss: list[float] = []
     clipped: list[float] = []
-    scalars: dict[str, list[float]] = {"heads_over_tau": [], "lr": [], "grad_norm": []}
+    scalars: dict[str, list[float]] = {k: [] for k in SCALARS}
     logits: list[np.ndarray | None] = []
     val_steps: list[int] = []
     val_loss: list[float] = []
@@ -183,8 +188,8 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
             steps.append(step)
             loss.append(_as_float(obj["loss"]))
             clipped.append(_as_float(obj.get("heads_clipped")))
-            for name, values in scalars.items():
-                values.append(_as_float(obj.get(name)))
+            for key, values in scalars.items():
+                values.append(_as_float(obj.get(key)))
             arr = _logits_array(obj.get("max_logits"))
             if arr is not None:
                 if shape is None:
@@ -230,12 +235,16 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         val_loss=np.asarray(val_loss, dtype=np.float64)[vorder],
         max_logits=ml[order],
         heads_clipped=np.asarray(clipped, dtype=np.float64)[order],
-        **{k: np.asarray(v, dtype=np.float64)[order] for k, v in scalars.items()},
         label=label,
         tau=tau,
         mode=mode,
         n_heads_total=n_total,
         run_dir=str(rd),
+        scalars={
+            k: np.asarray(v, dtype=np.float64)[order]
+            for k, v in scalars.items()
+            if any(k in obj for obj in lines)
+        },
         tokens_per_step=tokens_per_step,
         seed=ints.get("seed"),
     )

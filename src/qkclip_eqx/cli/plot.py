@@ -587,7 +587,10 @@ def _over_tau_fraction(m: RunMetrics) -> np.ndarray:
         if m.tau is not None
         else np.full(len(m.steps), np.nan)
     )
-    return np.where(np.isnan(m.heads_over_tau), counted, m.heads_over_tau) / m.n_heads_total
+    return (
+        np.where(np.isnan(m.scalar("heads_over_tau")), counted, m.scalar("heads_over_tau"))
+        / m.n_heads_total
+    )
 
 
 def heads_over_tau_figure(runs: Sequence[RunMetrics], window: int = 1, x: str = "step") -> Figure:
@@ -619,12 +622,12 @@ def optim_figure(runs: Sequence[RunMetrics], window: int = 1, x: str = "step") -
     lr_ax, gn_ax = fig.subplots(2, 1, sharex=True)
     for i, m in enumerate(runs):
         xs = _xs(m, m.steps, x)
-        lr_ax.plot(xs, m.lr, "-", color=_colour(i), lw=1.2, label=m.label)
-        gn_ax.plot(xs, smooth(m.grad_norm, window), "-", color=_colour(i), lw=1.0)
+        lr_ax.plot(xs, m.scalar("lr"), "-", color=_colour(i), lw=1.2, label=m.label)
+        gn_ax.plot(xs, smooth(m.scalar("grad_norm"), window), "-", color=_colour(i), lw=1.0)
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_title("Learning rate and gradient norm", fontsize=10)
     gn_ax.set_ylabel("gradient norm")
-    if any(np.nanmin(m.grad_norm, initial=np.inf) > 0 for m in runs):
+    if any(np.nanmin(m.scalar("grad_norm"), initial=np.inf) > 0 for m in runs):
         _log_axis(gn_ax)
     gn_ax.set_xlabel(_xlabel(x))
     for ax in (lr_ax, gn_ax):
@@ -914,7 +917,9 @@ def write_figures(
         save("clipped_fraction", clipped_fraction_figure(clipping or runs, x))
     if with_s:
         save("heads_over_tau", heads_over_tau_figure(with_s, w, x))
-    if any(np.isfinite(m.lr).any() or np.isfinite(m.grad_norm).any() for m in runs):
+    if any(
+        np.isfinite(m.scalar("lr")).any() or np.isfinite(m.scalar("grad_norm")).any() for m in runs
+    ):
         save("optim", optim_figure(runs, w, x))
     if aggregate:
         save("seeds", seeds_figure(group_by_seed(runs), window, x))

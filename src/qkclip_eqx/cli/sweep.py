@@ -194,7 +194,11 @@ def run_summary(m: RunMetrics) -> dict[str, float]:
             "final_val_loss": float(m.val_loss[-1]) if len(m.val_loss) else math.nan,
             "peak_S": float(s.max()) if s.size else math.nan,
             "clip_rate": float(np.nanmean(clipped_fraction(m))) if len(m.steps) else math.nan,
-            "over_tau_rate": float(np.nanmean(m.heads_over_tau) / n) if n else math.nan,
+            "over_tau_rate": (
+                float(np.nanmean(m.scalars["heads_over_tau"]) / n)
+                if n and "heads_over_tau" in m.scalars
+                else math.nan
+            ),
         }
 
 
