@@ -80,6 +80,22 @@ def synthetic_text(n_bytes: int, seed: int = 0) -> bytes:
     return text
 
 
+def tiny_tokenizer(path: pathlib.Path) -> pathlib.Path:
+    """A byte-level BPE `tokenizer.json` of 300 ids at `path`, trained by the
+    tokenizers library's own trainer on synthetic text (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator([synthetic_text(50_000, seed=1).decode("utf-8", "replace")], trainer)
+    tok.save(str(path))
+    return path
+
+
 def synthetic_corpus(train_bytes: int = 200_000, val_bytes: int = 65_536, seed: int = 0):
     """A :class:`qkclip_eqx.TokenData` of :func:`synthetic_text` byte tokens."""
     from qkclip_eqx import TokenData

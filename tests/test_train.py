@@ -304,6 +304,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_older(tmp_path, data, straight,
     out = capsys.readouterr().out
     assert f"checkpoint ckpt_{2 * N:08d} failed to restore" in out
     assert f"trying the older ckpt_{N:08d}" in out
+    assert f"resuming at step {N} of {2 * N}, not the newest checkpoint's" in out
     assert (tmp_path / f"ckpt_{2 * N:08d}.unusable").is_dir()
     assert resumed.step == 2 * N and resumed.stopped == "done"
     for a, b in zip(_leaves(straight.model), _leaves(resumed.model), strict=True):
