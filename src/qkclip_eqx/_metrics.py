@@ -16,6 +16,11 @@ from jaxtyping import Float, Int
 
 from ._metric_schema import HEADS_CLIPPED, METRICS, find_s
 
+#: The scalar metrics of the training lines that `read_metrics` keeps in
+#: `RunMetrics.scalars`, by their key in `metrics.jsonl`: every scalar of the
+#: metrics schema (`_metric_schema.METRICS`).
+SCALARS = tuple(k for m in METRICS if not m.shape for k in m.keys())
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RunMetrics:
@@ -34,17 +39,20 @@ class RunMetrics:
       `[t, 0, 0]` when no line recorded it (e.g. mode `"off"`).
     - `heads_clipped`: `[t]` number of heads clipped at each step, as float
       so that a missing value can be NaN.
+
     - `label`: display label (config `"label"`, else the directory name).
     - `tau`: QK-Clip threshold from the config, or `None`.
     - `mode`: `"clip" | "monitor" | "off"` from the config, or `None`.
     - `n_heads_total`: `layers * heads` for the clipped fraction, from the
       `max_logits` shape; `None` when no line recorded S.
     - `run_dir`: the directory read.
+    - `scalars`: `[t]` of each scalar metric of `SCALARS` (every scalar of
+      `_metric_schema.METRICS`: `lr`, `grad_norm`, `heads_over_tau`, `time`,
+      ...) that some training line holds, by key; NaN where a line lacks it.
+    - `tokens_per_step`: `batch_size * seq_len` from the config, or `None`.
+    - `seed`: the config's seed, or `None`.
     - `s_bound`: True when `max_logits` holds the log-sum-exp upper bound of
       S (`max_logit="lse_bound"`, logged as `max_logits_lse_bound`), not S.
-    - `scalars`: `[t]` of every scalar metric of the training lines
-      (`_metric_schema.METRICS`, by key: `grad_norm`, `lr`, `time`, ...; NaN
-      where a line lacks it), for the keys some line holds.
     """
 
     steps: Int[np.ndarray, " t"]
@@ -58,8 +66,14 @@ class RunMetrics:
     mode: str | None
     n_heads_total: int | None
     run_dir: str
-    s_bound: bool = False
     scalars: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    tokens_per_step: int | None = None
+    seed: int | None = None
+    s_bound: bool = False
+
+    def scalar(self, key: str) -> Float[np.ndarray, " t"]:
+        """`scalars[key]`, or NaN at every step when no line logged it."""
+        return self.scalars.get(key, np.full(len(self.steps), np.nan))
 
     @property
     def n_layers(self) -> int:
@@ -162,10 +176,9 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     steps: list[int] = []
     loss: list[float] = []
     clipped: list[float] = []
+    scalars: dict[str, list[float]] = {k: [] for k in SCALARS}
     logits: list[np.ndarray | None] = []
     bound = False
-    scalar_keys = [k for m in METRICS if not m.shape for k in m.keys()]
-    columns: dict[str, list[float]] = {k: [] for k in scalar_keys}
     val_steps: list[int] = []
     val_loss: list[float] = []
     shape: tuple[int, ...] | None = None
@@ -182,8 +195,8 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
             steps.append(step)
             loss.append(_as_float(obj["loss"]))
             clipped.append(_as_float(obj.get(HEADS_CLIPPED.key)))
-            for key in scalar_keys:
-                columns[key].append(_as_float(obj.get(key)) if key in obj else math.nan)
+            for key, column in scalars.items():
+                column.append(_as_float(obj.get(key)))
             values, line_bound = find_s(obj)
             bound = bound or line_bound
             arr = _logits_array(values)
@@ -217,6 +230,10 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     )
     mode = cfg.get("mode") if isinstance(cfg.get("mode"), str) else None
     label = cfg.get("label") if isinstance(cfg.get("label"), str) else None
+    ints = {k: v for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool)}
+    tokens_per_step = (
+        ints["batch_size"] * ints["seq_len"] if {"batch_size", "seq_len"} <= ints.keys() else None
+    )
     if not label:
         label = rd.resolve().name or str(rd)
 
@@ -232,12 +249,14 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         mode=mode,
         n_heads_total=n_total,
         run_dir=str(rd),
-        s_bound=bound,
         scalars={
             k: np.asarray(v, dtype=np.float64)[order]
-            for k, v in columns.items()
+            for k, v in scalars.items()
             if any(k in obj for obj in lines)
         },
+        tokens_per_step=tokens_per_step,
+        seed=ints.get("seed"),
+        s_bound=bound,
     )
 
 

@@ -260,15 +260,33 @@ class RunConfig:
     data: str | None = dataclasses.field(
         default=None,
         metadata=doc(
-            "a text file, a directory of text files, a nanoGPT .bin, or a directory with "
-            "train.bin and val.bin (none: the Python standard library's source)",
+            "a text file or directory (bytes, or tokens with --tokenizer), a 1-D token file "
+            "(.npy, raw .u16/.u32, nanoGPT .bin; memory-mapped), or a directory with train.bin "
+            "and val.bin (none: the Python standard library's source)",
             resume=MUST_MATCH_RULE,
         ),
     )
     max_bytes: int = dataclasses.field(
         default=8_000_000,
         metadata=doc(
-            "read at most this many bytes of the data", resume=MUST_MATCH_RULE, check=">0"
+            "read at most this many bytes of text data", resume=MUST_MATCH_RULE, check=">0"
+        ),
+    )
+    vocab_size: int | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "a token file's vocabulary, stated: skips the scan for its largest id, and every "
+            "batch is checked against it (none: scan)",
+            resume=MUST_MATCH_RULE,
+            check=">0",
+        ),
+    )
+    tokenizer: str | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "a Hugging Face tokenizer.json: --data text is tokenised with it once, cached beside "
+            "the data (the tokenizers extra)",
+            resume=MUST_MATCH_RULE,
         ),
     )
     out: str = dataclasses.field(

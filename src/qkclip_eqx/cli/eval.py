@@ -11,7 +11,7 @@ import dataclasses
 import pathlib
 import sys
 
-from .._evaluate import evaluate, format_table
+from .._evaluate import evaluate, format_table, marked_tau
 from .._metric_schema import s_label
 from .._run import load_run
 from .._train import RunError, load_run_data
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"max logit {s_label(cfg.max_logit == 'lse_bound')} per layer and head on the validation batches:"
     )
-    print(format_table(s, cfg.tau if cfg.mode == "clip" else None))
+    print(format_table(s, marked_tau(cfg)))
     return 0
 
 
