@@ -124,7 +124,12 @@ def _with_model_options(cls: type) -> type:
                     dataclasses.field(default=option.default, metadata=option.metadata),
                 )
     cls.__annotations__ = annotations
-    return dataclasses.dataclass(frozen=True)(cls)
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    # the fields are checked in __post_init__ (`check_fields`), with errors naming
+    # the field, not by a runtime type checker's wrapper of __init__ (jaxtyping's
+    # import hook in the tests); `typing.get_type_hints(RunConfig)` still works
+    cls.__init__.__no_type_check__ = True  # pyright: ignore[reportAttributeAccessIssue]
+    return cls
 
 
 _AS_LR = "as lr"
@@ -133,9 +138,6 @@ _AS_MESH = "as mesh"
 _NO_EFFECT = "no effect on training"
 
 
-# `no_type_check`: the fields are checked in __post_init__ (`check_fields`), with
-# errors naming the field, not by jaxtyping's import hook in the tests.
-@typing.no_type_check
 @_with_model_options
 class RunConfig:
     """Everything a training run needs. `optimizer="muonclip"` is Muon with
