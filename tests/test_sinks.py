@@ -197,7 +197,7 @@ def test_an_lse_bound_runs_s_reaches_tensorboard_read_metrics_and_the_plot(bound
     np.testing.assert_array_equal(m.max_logits, [r["max_logits_lse_bound"] for r in records])
     fig = plot.max_logit_figure([m])
     (ax,) = fig.axes
-    assert "S bound (log-sum-exp) per layer" in ax.get_title()
+    assert ax.get_title().endswith(": S bound (log-sum-exp)")
     assert ax.get_ylabel() == "S bound (log-sum-exp) (log)"
     lines = [ln for ln in ax.get_lines() if ln.get_label().startswith("layer")]
     assert len(lines) == 2

@@ -650,8 +650,11 @@ def optim_figure(runs: Sequence[RunMetrics], window: int = 1, x: str = "step") -
 # Seeds: runs that differ only by seed, as a mean with a band
 # --------------------------------------------------------------------------
 
-#: config.json keys that do not make two runs different experiments.
-_NOT_THE_EXPERIMENT = frozenset({"seed", "out", "label", "data_description"})
+#: config.json keys that do not make two runs different experiments (with the
+#: record of what ran a run, `provenance`: versions, start time; and its sinks).
+_NOT_THE_EXPERIMENT = frozenset(
+    {"seed", "out", "label", "data_description", "provenance", "log_to"}
+)
 
 
 def _experiment(m: RunMetrics) -> str | None:
