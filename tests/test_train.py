@@ -697,8 +697,11 @@ def test_adamw_can_clip_and_muon_cannot(tmp_path, data):
     )
     # the clipped heads end one AdamW update's growth from tau
     over = np.asarray(s0) > cfg.tau
-    # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
-    np.testing.assert_array_equal(s_after[over], cfg.tau * s_upd[over] / np.asarray(s0)[over])
+    # measured rel 1.4e-7 on an AMD EPYC (jax 0.10.2, CPU); bit-equal on the CPU the
+    # tolerances were first measured on: gamma * S rounds differently with the kernels
+    np.testing.assert_allclose(
+        s_after[over], cfg.tau * s_upd[over] / np.asarray(s0)[over], rtol=6e-7
+    )
 
 
 def test_sigint_writes_a_checkpoint_then_resume_finishes(tmp_path, data_file):
