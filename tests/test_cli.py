@@ -8,12 +8,13 @@ import dataclasses
 import io
 import json
 import re
+import typing
 
 import numpy as np
 import pytest
 
 from builders import synthetic_text, tiny_tokenizer
-from qkclip_eqx import RunConfig
+from qkclip_eqx import GQAConfig, MLAConfig, RunConfig, TransformerConfig, YaRN
 from qkclip_eqx._loglines import train_flops_per_token
 from qkclip_eqx._run_config import FIELD_DOCS, MAY_CHANGE, MUST_MATCH, preset
 from qkclip_eqx._train import _MetricsLog
@@ -70,7 +71,8 @@ def test_unknown_removed_or_mistyped_fields_are_named(tmp_path):
     path.write_text(json.dumps({**good, "steps": "600", "attention": "mqa"}))
     with pytest.raises(
         ValueError,
-        match=r"wrong type: attention='mqa' \(expected 'mla' or 'gqa'\), steps='600' \(expected int\)",
+        match=r"config.json: RunConfig.attention must be one of 'mla', 'gqa', got 'mqa' "
+        r"\(MQA is attention='gqa' with n_kv_heads=1\); RunConfig.steps must be int, got '600'",
     ):
         RunConfig.from_json(path)
     path.write_text(json.dumps({**good, "tau": -1}))
@@ -161,7 +163,21 @@ def test_help_explains_every_flag_with_the_presets_value(capsys):
     "args,message",
     [
         (["--tau", "x"], "argument --tau: invalid float value: 'x'"),
-        (["--tau", "-1"], "RunConfig.tau must be > 0, got -1.0"),
+        (["--tau", "-1"], "--tau must be > 0, got -1.0"),
+        (["--rope-theta", "0"], "--rope-theta must be a positive finite number, got 0.0"),
+        (
+            ["--yarn-factor", "4"],
+            "--yarn needs original_max_position_embeddings (the YaRN has no default)",
+        ),
+        (
+            ["--yarn-factor", "-4", "--yarn-original-max-position-embeddings", "8"],
+            "--yarn-factor must be a positive finite number, got -4.0",
+        ),
+        (
+            ["--kernel", "dense", "--max-logit", "lse_bound"],
+            "--max-logit='lse_bound' needs kernel='dot_product_attention' (kernel 'dense' "
+            "computes the exact S at no extra cost)",
+        ),
         (
             ["--kernel", "flash"],
             "argument --kernel: invalid choice: 'flash' (choose from 'dense', 'blockwise', "
@@ -225,6 +241,232 @@ def test_tokens_per_second_in_the_bar_is_the_median_of_recent_steps(tmp_path):
     assert shown[3] == "1,280" and shown[4] == "1,280"  # the 5 s and the 1 ms step
     lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["tokens_per_s"] for r in lines] == [128 / s for s in seconds]
+
+
+def _parse(*args):
+    from qkclip_eqx.cli._flags import Parser, add_run_flags, run_config_from_args
+
+    parser = Parser()
+    add_run_flags(parser)
+    return run_config_from_args(parser.parse_args(list(args)))
+
+
+def _other_value(tp, default):
+    """A valid value of a field other than its default, from its annotation."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        return next(a for a in args if a != default)
+    if args:  # X | None
+        return _other_value(args[0], None) if default is None else None
+    if tp is bool:
+        return not default
+    if tp is int:
+        return 2 if default is None else default + 2  # even: head widths must be; 2 divides
+    return 1.0 if default is None else 2.0 * default  # float
+
+
+def _write(cfg):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(cfg.to_json())
+    return f.name
+
+
+def _model_fields():
+    """(config class, field, run field) of every option of the model configs."""
+    from qkclip_eqx._run_config import MODEL_OPTIONS
+
+    run_name = {
+        (cls, name): option.name
+        for option in MODEL_OPTIONS.values()
+        for cls, name in option.targets.items()
+    }
+    for cls in (MLAConfig, GQAConfig, TransformerConfig, YaRN):
+        for f in dataclasses.fields(cls):
+            yield cls, f, run_name.get((cls, f.name), f"yarn.{f.name}" if cls is YaRN else None)
+
+
+# model-config fields that are no run option, each with why
+NOT_RUN_OPTIONS = {
+    (TransformerConfig, "vocab_size"),  # from the data (the tokenizer)
+    (TransformerConfig, "attention"),  # RunConfig.attention picks MLAConfig or GQAConfig
+    (MLAConfig, "causal"),  # a language-model run is causal
+    (GQAConfig, "causal"),
+}
+
+
+@pytest.mark.parametrize(
+    "cls,field,run_field",
+    [pytest.param(*x, id=f"{x[0].__name__}.{x[1].name}") for x in _model_fields()],
+)
+def test_every_model_option_is_a_flag_and_round_trips_through_config_json(cls, field, run_field):
+    """Adding a model option is one declaration: every field of the model's
+    configs (but NOT_RUN_OPTIONS) is a qkclip-train flag that reaches the
+    model config, and round-trips through config.json."""
+    from qkclip_eqx._options import hints_of, optional_config
+
+    if (cls, field.name) in NOT_RUN_OPTIONS:
+        assert run_field is None
+        return
+    assert run_field is not None, f"{cls.__name__}.{field.name} is no RunConfig field"
+    attention = "gqa" if cls is GQAConfig else "mla"
+    if optional_config(hints_of(cls)[field.name]) is not None:  # yarn: its own flags
+        cfg = _parse(
+            "--preset",
+            "tiny",
+            "--yarn-factor",
+            "4",
+            "--yarn-original-max-position-embeddings",
+            "64",
+        )
+        assert cfg.model_config().attention.yarn == YaRN(4.0, 64)
+        assert _parse("--config", _write(cfg), "--yarn", "none").yarn is None
+        return
+    # the kernel whose options (max_logit, implementation) all have other valid values
+    base = ["--preset", "tiny", "--attention", attention, "--kernel", "dot_product_attention"]
+    base += ["--compute-dtype", "bfloat16"]
+    yarn = ["--yarn-factor", "4", "--yarn-original-max-position-embeddings", "64"]
+    default = preset("tiny", kernel="dot_product_attention", compute_dtype="bfloat16")
+    if cls is YaRN:
+        base, default = base + yarn, dataclasses.replace(default, yarn=YaRN(4.0, 64))
+        current = getattr(default.yarn, field.name)
+    else:
+        current = getattr(default, run_field)
+        if current is None and run_field == "rope_layout":  # each attention's own default
+            current = field.default
+    value = _other_value(hints_of(cls)[field.name], current)
+    if field.name == "implementation":
+        value = "cudnn" if current == "xla" else "xla"
+    cfg = _parse(
+        *base,
+        "--" + run_field.replace(".", "-").replace("_", "-"),
+        str(value).lower() if isinstance(value, bool) else "none" if value is None else str(value),
+    )
+    model = cfg.model_config()
+    owner = {TransformerConfig: model, YaRN: getattr(model.attention, "yarn", None)}.get(
+        cls, model.attention
+    )
+    assert type(owner) is cls
+    assert getattr(owner, field.name) == value, (run_field, value)
+    assert RunConfig.from_json(cfg.to_json()) == cfg
+    assert RunConfig.from_json(cfg.to_json()).model_config() == model
+
+
+def _enum_fields():
+    from qkclip_eqx._options import hints_of
+
+    for name, tp in hints_of(RunConfig).items():
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        literal = (
+            tp
+            if typing.get_origin(tp) is typing.Literal
+            else next((a for a in args if typing.get_origin(a) is typing.Literal), None)
+        )
+        if literal is not None:
+            yield name, typing.get_args(literal)
+
+
+@pytest.mark.parametrize("name,allowed", list(_enum_fields()))
+def test_every_enum_field_refuses_a_typo_from_every_entry_point(tmp_path, capsys, name, allowed):
+    """Python, config.json and the CLI each refuse a typo in an enum-like
+    field, naming the field (or the flag) and the allowed values."""
+    typo = allowed[0][:-1] + "x"
+    listed = ", ".join(repr(a) for a in allowed)
+    with pytest.raises(ValueError, match=re.escape(f"RunConfig.{name} must be one of {listed}")):
+        RunConfig(**{name: typo})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**preset("tiny").to_dict(), name: typo}))
+    pattern = f"{path}: RunConfig.{name} must be one of {listed}"
+    with pytest.raises(ValueError, match=re.escape(pattern)):
+        RunConfig.from_json(path)
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(SystemExit):
+        train_cli.main([flag, typo])
+    err = capsys.readouterr().err
+    assert f"argument {flag}: invalid choice: '{typo}'" in err
+    assert all(repr(a) in err for a in allowed)
+
+
+def test_schedule_typo_no_longer_trains_on_a_constant_lr():
+    with pytest.raises(ValueError, match="RunConfig.schedule must be one of 'wsd', 'cosine'"):
+        RunConfig(schedule="cosin")
+    with pytest.raises(ValueError, match=r"RunConfig.steps must be int, got '10'"):
+        RunConfig(steps="10")
+
+
+def test_mesh_axes_come_from_the_library():
+    """RunConfig.mesh takes exactly the axes of qkclip_eqx._parallel.AXES."""
+    from qkclip_eqx._parallel import AXES
+
+    every = ",".join(f"{a}=1" for a in AXES)
+    assert RunConfig(mesh=every).mesh_shape() == dict.fromkeys(AXES, 1)
+    assert RunConfig(mesh=f"{AXES[-1]}=2").mesh_shape()[AXES[-1]] == 2
+    for bad in ("bogus=2", f"{AXES[0]}=0", f"{AXES[0]}=2,{AXES[0]}=1", f"{AXES[0]}"):
+        with pytest.raises(ValueError, match=r"RunConfig.mesh must look like .*" + AXES[-1]):
+            RunConfig(mesh=bad)
+
+
+def test_a_new_run_starts_from_a_config_file_with_flags_overriding(finished, tmp_path, capsys):
+    """--config FILE: another run's config.json (records and all) is the start,
+    flags override it; with --preset or --resume it is refused in one line."""
+    from qkclip_eqx.cli._flags import Parser, add_run_flags, run_config_from_args
+
+    out, _ = finished
+    parser = Parser()
+    add_run_flags(parser)
+    args = parser.parse_args(["--config", str(out / "config.json"), "--seed", "3"])
+    cfg = run_config_from_args(args)
+    assert cfg == dataclasses.replace(RunConfig.from_json(out / "config.json"), seed=3)
+    rc, _, err = _train(capsys, "--config", str(out / "config.json"), "--out", str(out), "--resume")
+    assert rc == 2 and "drop it" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        train_cli.main(["--config", str(out / "config.json"), "--preset", "tiny"])
+    assert "--config and --preset both give the starting values" in capsys.readouterr().err
+    yarn_cfg = tmp_path / "yarn.json"
+    yarn_cfg.write_text(preset("tiny", yarn=YaRN(4.0, 64)).to_json())
+    args = parser.parse_args(["--config", str(yarn_cfg), "--yarn-factor", "8"])
+    assert run_config_from_args(args).yarn == YaRN(8.0, 64)  # one field changed, the rest kept
+    args = parser.parse_args(["--config", str(yarn_cfg), "--yarn", "none"])
+    assert run_config_from_args(args).yarn is None
+
+
+def test_config_json_checkpoints_and_metrics_record_provenance(finished):
+    """config.json and each checkpoint's metadata say what ran the run: the
+    versions, the git commit of the checkout, the devices and mesh, the start
+    time; each metrics.jsonl line holds its wall-clock time."""
+    import datetime
+    import pathlib
+    import platform
+    import subprocess
+
+    import equinox
+    import jax
+    import optax
+
+    import qkclip_eqx
+    from qkclip_eqx._checkpoint import latest_checkpoint, read_meta
+
+    out, _ = finished
+    prov = json.loads((out / "config.json").read_text())["provenance"]
+    versions = prov["versions"]
+    assert versions["python"] == platform.python_version()
+    assert (versions["jax"], versions["equinox"], versions["optax"]) == (
+        jax.__version__,
+        equinox.__version__,
+        optax.__version__,
+    )
+    source = pathlib.Path(qkclip_eqx.__file__).parent
+    git = subprocess.run(
+        ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    assert (prov["git"] or {}).get("sha") == (git.stdout.strip() if git.returncode == 0 else None)
+    assert prov["devices"]["count"] == len(jax.devices()) and prov["mesh"] is None
+    started = datetime.datetime.fromisoformat(prov["started"]).timestamp()
+    assert read_meta(latest_checkpoint(out))["provenance"] == prov
+    times = [json.loads(x)["time"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # the newest line is of the newest invocation (a resume, in this module), as is the record
+    assert times == sorted(times) and started - 1 <= times[-1] <= started + 3600
 
 
 def test_the_eta_leaves_out_the_first_step_which_compiles(tmp_path):

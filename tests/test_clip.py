@@ -22,6 +22,7 @@ from builders import attention_s as _attn_s_on_inputs
 from builders import init_from_numpy as _init
 from builders import layer_inputs as _layerwise_s
 from qkclip_eqx import (
+    AbstractHeadwiseQKClippable,
     AbstractQKClippable,
     GQAConfig,
     GQAttention,
@@ -499,7 +500,7 @@ def test_user_model_with_several_attentions(x):
         qk_clip(model, [jnp.asarray(s[1]), jnp.asarray(s[0]), jnp.asarray(s[2])], tau)
 
 
-class _TinyAttention(AbstractQKClippable):
+class _TinyAttention(AbstractHeadwiseQKClippable):
     """Plain MHA without RoPE, written against the public protocol only."""
 
     wq: Float[Array, "heads d dim"]
@@ -530,8 +531,8 @@ class _TinyAttention(AbstractQKClippable):
 
 
 def test_custom_clippable_attention_is_found_and_clipped(x):
-    """A module written against the protocol alone; ``heads_scaled`` defaults
-    to the heads with gamma < 1."""
+    """A module written against the protocol alone; ``heads_scaled`` of
+    AbstractHeadwiseQKClippable is the heads with gamma < 1."""
     tiny = _TinyAttention(5, 4, DIM, 13)
     model = {"blocks": [tiny], "w": jnp.arange(3.0)}
     s = np.asarray(_module_s(tiny, x))
@@ -719,3 +720,36 @@ def test_transformer_query_key_mode_matches_numpy(alpha):
     (mask,) = clipped_heads(model, jnp.asarray(s), tau)
     np.testing.assert_array_equal(np.asarray(mask), s > tau)
     np.testing.assert_array_equal(np.asarray(mask), heads_scaled(model, s, tau))
+
+
+def test_every_library_module_is_abstract_or_final():
+    """equinox's abstract-or-final rule: no class of the library overrides a
+    concrete method or property of a base, and the interface's every member is
+    abstract."""
+    import abc
+    import inspect
+
+    import qkclip_eqx as qc
+    from qkclip_eqx._attention import AbstractAttention
+
+    assert AbstractQKClippable.__abstractmethods__ >= {
+        "scale_heads",
+        "head_axes",
+        "heads_scaled",
+        "reports_lse_bound",
+    }
+    classes = {AbstractAttention} | {
+        c for c in vars(qc).values() if isinstance(c, type) and issubclass(c, eqx.Module)
+    }
+    for cls in classes:
+        for base in cls.__mro__[1:]:
+            if base in (eqx.Module, object) or not issubclass(base, eqx.Module):
+                continue
+            for name, member in vars(base).items():
+                if name.startswith("__") or getattr(member, "__isabstractmethod__", False):
+                    continue
+                if not (inspect.isfunction(member) or isinstance(member, property)):
+                    continue
+                owner = next(k for k in cls.__mro__ if name in vars(k))
+                assert owner is base, f"{owner.__name__}.{name} overrides {base.__name__}.{name}"
+    assert isinstance(AbstractQKClippable, abc.ABCMeta)

@@ -107,6 +107,12 @@ def _values(name: str, tp) -> st.SearchStrategy:
             options.append(st.floats(1e-4, 1.0, allow_nan=False))
         elif arm is str:
             options.append(_TEXT)
+        elif dataclasses.is_dataclass(arm):  # a nested config (yarn): a dict of its required fields
+            from qkclip_eqx._options import hints_of
+
+            hints = hints_of(arm)
+            required = [f.name for f in dataclasses.fields(arm) if f.default is dataclasses.MISSING]
+            options.append(st.fixed_dictionaries({n: _values(n, hints[n]) for n in required}))
         else:
             raise AssertionError(f"RunConfig.{name}: no strategy for {arm!r}")
     return st.one_of(*options)

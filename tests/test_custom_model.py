@@ -15,7 +15,7 @@ import qkclip_eqx as qc
 VOCAB, DIM, HEADS, HEAD_DIM, BATCH, SEQ, STEPS, TAU = 32, 16, 4, 8, 4, 8, 3, 1.5
 
 
-class MyAttention(qc.AbstractQKClippable):
+class MyAttention(qc.AbstractHeadwiseQKClippable):
     """Causal MHA without RoPE, written from scratch with jnp."""
 
     wq: Float[Array, "heads head_dim dim"]

@@ -27,6 +27,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from qkclip_eqx import next_token_loss
@@ -270,3 +271,26 @@ def test_docs_own_models_example():
     # measured rel 9.2e-8 (jax 0.10.2 and 0.12.0.1, CPU)
     np.testing.assert_allclose(s_after, np.minimum(s, tau), rtol=5e-7)
     assert np.sum(s > tau) == 2
+
+
+@pytest.mark.parametrize("mode", ["query", "query_key", "group"])
+def test_the_clip_leaves_weights_bit_identical_as_the_readme_says(mode):
+    """The README and docs/index.md: the clip leaves the weights of a head
+    with S <= tau bit-identical, except in GQA's query_key and group modes,
+    which also scale what the head shares with a clipped group-mate."""
+    import qkclip_eqx as qc
+
+    cfg = qc.GQAConfig(dim=8, n_heads=4, head_dim=4, n_kv_heads=2, clip_mode=mode)
+    attn = qc.GQAttention(cfg, key=jax.random.key(0))
+    clipped = qc.qk_clip(attn, jnp.array([200.0, 1.0, 1.0, 1.0]), 100.0)  # head 0 over tau
+    mate_q = np.array_equal(clipped.wq[1], attn.wq[1])  # head 1: S <= tau, shares key 0
+    shared_k = np.array_equal(clipped.wk[0], attn.wk[0])
+    assert np.array_equal(clipped.wq[2:], attn.wq[2:]) and np.array_equal(clipped.wk[1], attn.wk[1])
+    assert (mate_q and shared_k) == (mode == "query")
+    for page in ("README.md", "docs/index.md"):
+        text = " ".join((ROOT / page).read_text().split())
+        assert (
+            "Otherwise it leaves the weights bit-identical, except in GQA's `query_key` and "
+            "`group` clip modes, which also scale the key (and, in `group`, the queries) shared "
+            "with a clipped head" in text
+        ), page

@@ -146,3 +146,85 @@ def test_log_to_names_a_bad_sink(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_cli.main(["--preset", "tiny", "--out", str(tmp_path), "--log-to", "tensorbord"])
     assert "unknown sink 'tensorbord'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bound_run(tmp_path_factory):
+    """A tiny run whose attention reports the log-sum-exp bound of S
+    (`max_logit="lse_bound"`), logged to TensorBoard."""
+    out = tmp_path_factory.mktemp("bound")
+    cfg = preset(
+        "tiny",
+        steps=3,
+        eval_every=3,
+        ckpt_every=3,
+        out=str(out),
+        kernel="dot_product_attention",
+        max_logit="lse_bound",
+    )
+    sink = TensorBoardSink(out / "tensorboard")
+    try:
+        train(cfg, progress=False, data=synthetic_corpus(100_000), sinks=[sink])
+    finally:
+        sink.close()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, records
+
+
+def test_an_lse_bound_runs_s_reaches_tensorboard_read_metrics_and_the_plot(bound_run):
+    """The bound is logged under its own keys (metrics.jsonl), sent to
+    TensorBoard under the bound's names, read back by read_metrics (flagged as
+    a bound) and drawn by qkclip-plot labelled as a bound."""
+    from qkclip_eqx._metric_schema import bar_items
+    from qkclip_eqx._metrics import layer_max_logits, read_metrics
+    from qkclip_eqx.cli import plot
+
+    out, records = bound_run
+    assert all("max_logits_lse_bound" in r and "max_logits" not in r for r in records)
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert "qk_clip/S_max_lse_bound" in tags and "qk_clip/S_max" not in tags
+    got = [e.value for e in acc.Scalars("qk_clip/S_max_lse_bound")]
+    # TensorBoard stores float32: at most half a float32 ulp; measured 0 here
+    np.testing.assert_allclose(got, [r["max_logit_lse_bound"] for r in records], rtol=1.2e-7)
+    got = [e.value for e in acc.Scalars("S_lse_bound/layer_01/head_00")]
+    want = [r["max_logits_lse_bound"][1][0] for r in records]
+    np.testing.assert_allclose(got, want, rtol=1.2e-7)
+
+    m = read_metrics(out)
+    assert m.has_max_logits and m.s_bound and m.max_logits.shape == (3, 2, 2)
+    np.testing.assert_array_equal(m.max_logits, [r["max_logits_lse_bound"] for r in records])
+    fig = plot.max_logit_figure([m])
+    (ax,) = fig.axes
+    assert ax.get_title().endswith(": S bound (log-sum-exp)")
+    assert ax.get_ylabel() == "S bound (log-sum-exp) (log)"
+    lines = [ln for ln in ax.get_lines() if ln.get_label().startswith("layer")]
+    assert len(lines) == 2
+    np.testing.assert_array_equal(lines[1].get_ydata(), layer_max_logits(m)[:, 1])
+    assert bar_items(records[-1])["S_bound"] == f"{records[-1]['max_logit_lse_bound']:.1f}"
+
+
+def test_scalars_of_a_bound_line_use_the_bounds_names():
+    line = {"loss": 2.5, "max_logit_lse_bound": 12.0, "max_logits_lse_bound": [[12.0, 3.0]]}
+    assert scalars(line) == {
+        "train/loss": 2.5,
+        "qk_clip/S_max_lse_bound": 12.0,
+        "S_lse_bound/layer_00/head_00": 12.0,
+        "S_lse_bound/layer_00/head_01": 3.0,
+    }
+
+
+def test_log_to_is_part_of_the_run_and_survives_resume(tmp_path, capsys):
+    """--log-to is a field of the run's config: a resume without it keeps
+    logging to TensorBoard, so the event files hold every step."""
+    out = tmp_path / "run"
+    common = ["--no-progress", "--no-plots", "--out", str(out)]
+    tiny = ["--preset", "tiny", "--ckpt-every", "2", "--eval-every", "2"]
+    assert train_cli.main([*tiny, "--steps", "2", "--log-to", "tensorboard", *common]) == 0
+    assert json.loads((out / "config.json").read_text())["log_to"] == "tensorboard"
+    assert train_cli.main(["--resume", "--steps", "4", *common]) == 0
+    capsys.readouterr()
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [0, 1, 2, 3]

@@ -10,6 +10,7 @@ by the clip.
 import inspect
 import json
 import math
+import pathlib
 
 import equinox as eqx
 import jax
@@ -508,23 +509,31 @@ def test_bf16_step_trains_and_clips(tokens, param_dtype):
 
 def _loss_with_bad_heads(model, tokens):
     loss, s = next_token_loss(model, tokens)
-    return loss, s.at[0, 1].set(jnp.nan).at[1, 2].set(jnp.inf)
+    # two non-finite heads, and two with S <= 0 (valid values, all logits negative)
+    return loss, s.at[0, 1].set(jnp.nan).at[1, 2].set(jnp.inf).at[0, 2].set(-1.0).at[1, 0].set(0.0)
 
 
 def test_nonfinite_s_counted_and_never_clipped(optimizer, model, opt_state, tokens, by_hand):
-    tau = 1e-3  # every finite head is over tau
+    """Non-finite S is counted in n_nonfinite and never clipped; S <= 0 is
+    never clipped and not counted, as docs/qk-clip.md says."""
+    tau = 1e-3  # every positive finite head is over tau
     new_model, _, metrics = _run(
         "clip", optimizer, model, opt_state, tokens, tau, loss_fn=_loss_with_bad_heads
     )
     assert int(metrics["n_nonfinite"]) == 2
-    assert int(metrics["heads_over_tau"]) == int(metrics["heads_clipped"]) == 8 - 2
+    assert int(metrics["heads_over_tau"]) == int(metrics["heads_clipped"]) == 8 - 4
+    doc = " ".join((pathlib.Path(__file__).parents[1] / "docs" / "qk-clip.md").read_text().split())
+    assert (
+        "Only a non-finite $S$ is counted in the step's `n_nonfinite` metric; $S \\le 0$ "
+        "(every allowed logit of the head negative) is a valid value, counted nowhere." in doc
+    )
     assert np.isnan(metrics["max_logits"][0, 1]) and np.isinf(metrics["max_logits"][1, 2])
     leaves = jax.tree.leaves(eqx.filter(new_model, eqx.is_array))
     assert all(np.all(np.isfinite(x)) for x in leaves)
     # the unclipped update is the same as the default loss's (S has no gradient)
     updated = by_hand[0]
     new_attn, upd_attn = new_model.blocks.attn, updated.blocks.attn
-    for layer, head in [(0, 1), (1, 2)]:
+    for layer, head in [(0, 1), (1, 2), (0, 2), (1, 0)]:
         assert np.array_equal(new_attn.wq[layer, head], upd_attn.wq[layer, head])
         assert np.array_equal(new_attn.wkv_b[layer, head], upd_attn.wkv_b[layer, head])
     for layer, head in [(0, 0), (1, 3)]:

@@ -33,9 +33,11 @@ from builders import (
     synthetic_text,
     unclipped_update,
 )
+from qkclip_eqx import YaRN
 from qkclip_eqx._checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from qkclip_eqx._data import get_batch, load_data
 from qkclip_eqx._model import Transformer
+from qkclip_eqx._options import hints_of
 from qkclip_eqx._parallel import make_mesh, partition_specs, shard_train_state
 from qkclip_eqx._run_config import MAY_CHANGE, MUST_MATCH, RunConfig, optimizer, preset
 from qkclip_eqx._step import next_token_loss
@@ -204,7 +206,7 @@ def _other_values(cfg: RunConfig, name: str) -> list:
     """Every value of RunConfig field ``name`` that differs from ``cfg``'s and
     makes a valid config, from the field's type: each choice of a Literal,
     None, two other ints or floats, another string."""
-    value, hint = getattr(cfg, name), typing.get_type_hints(RunConfig)[name]
+    value, hint = getattr(cfg, name), hints_of(RunConfig)[name]
     parts, out = [hint], []
     while parts:
         part = parts.pop(0)
@@ -217,7 +219,10 @@ def _other_values(cfg: RunConfig, name: str) -> list:
         elif part is float:
             out += [2 * value, value / 2, 0.5]
         elif part is str:
-            out.append("data=2" if name == "mesh" else f"{value or name}-other")
+            other = {"mesh": "data=2", "log_to": "tensorboard"}.get(name, f"{value or name}-other")
+            out.append(other)
+        elif part is YaRN:
+            out.append(YaRN(4.0, cfg.seq_len))
         else:  # a union
             parts += list(typing.get_args(part))
     valid = []

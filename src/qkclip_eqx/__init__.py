@@ -1,7 +1,6 @@
 """qkclip_eqx: QK-Clip and MuonClip (Kimi K2) for Equinox MLA, MHA and GQA attention."""
 
 from . import hf as hf
-from ._attention import AbstractQKClippable as AbstractQKClippable
 from ._attention import GQAttention as GQAttention
 from ._attention import MLAttention as MLAttention
 from ._checkpoint import CheckpointError as CheckpointError
@@ -28,6 +27,9 @@ from ._eqx_attention import ClippableMultiheadAttention as ClippableMultiheadAtt
 from ._evaluate import evaluate as evaluate
 from ._generate import generate as generate
 from ._generate import sample_token as sample_token
+from ._interfaces import AbstractHeadwiseQKClippable as AbstractHeadwiseQKClippable
+from ._interfaces import AbstractPackedModel as AbstractPackedModel
+from ._interfaces import AbstractQKClippable as AbstractQKClippable
 from ._kernels import attend as attend
 from ._loglines import LogLines as LogLines
 from ._loglines import train_flops_per_token as train_flops_per_token
@@ -61,6 +63,8 @@ from ._train import train as train
 __all__ = [
     "PRESETS",
     "AbstractQKClippable",
+    "AbstractHeadwiseQKClippable",
+    "AbstractPackedModel",
     "Block",
     "CheckpointError",
     "ClippableMultiheadAttention",

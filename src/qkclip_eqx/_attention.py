@@ -14,8 +14,7 @@ and `_decode.py`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -31,69 +30,10 @@ from ._decode import (
     write_cache,
     write_kv_cache,
 )
+from ._interfaces import AbstractQKClippable
 from ._kernels import attend, softmax_scale
 from ._layers import RMSNorm, cast_arrays, init_weight, linear
 from ._rope import apply_rope
-
-
-class AbstractQKClippable(eqx.Module):
-    """An attention module QK-Clip can act on, and that knows its own head layout.
-
-    To make your own attention clippable, subclass this and provide:
-
-    - `n_heads`: the number of query heads (the length of its `max_logits`);
-    - [`scale_heads`][qkclip_eqx.AbstractQKClippable.scale_heads]: a copy whose head-`h` logits are all multiplied by
-      exactly `gamma[h]` (`eqx.tree_at` on the q/k weights);
-    - [`head_axes`][qkclip_eqx.AbstractQKClippable.head_axes]: which array leaves carry the head axis, and where.
-
-    [`qkclip_eqx.qk_clip`][] finds every such module in a model's tree;
-    [`qkclip_eqx.partition_specs`][] shards the leaves named by `head_axes`
-    over the mesh's `model` axis, and the mesh check requires that axis to
-    divide `n_heads` and every such leaf's head axis. Nothing else about the
-    module is assumed.
-    """
-
-    n_heads: eqx.AbstractVar[int]
-
-    @abc.abstractmethod
-    def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "AbstractQKClippable":
-        """Return a copy with every logit of head `h` multiplied by `gamma[h]`.
-
-        **Arguments:**
-
-        - `gamma`: one factor per head; 1 for heads that are not clipped, and the
-          module must then leave those heads' weights bit-identical.
-        - `alpha`: the share of the factor given to the query side
-          (`gamma^alpha` on q, `gamma^(1-alpha)` on k), where the module has a
-          free choice.
-
-        **Returns:**
-
-        A module of the same type and structure, with the q/k weights scaled.
-        """
-
-    @abc.abstractmethod
-    def head_axes(self) -> tuple[Callable[[Any], tuple[Array, ...]], tuple[int, ...]]:
-        """The leaves that carry the head axis: `(where, axes)`.
-
-        `where` selects array leaves as for `eqx.tree_at`, and `axes` gives for
-        each the axis along which its heads lie, counted from the end (negative),
-        so that stacked (scanned) layers may add leading axes. Along that axis
-        the heads must be contiguous and in head order (a head-major
-        `heads * head_dim` axis qualifies). Every other array leaf is shared by
-        all heads and is replicated under tensor parallelism.
-        """
-
-    def heads_scaled(self, gamma: Float[Array, " heads"]) -> Bool[Array, " heads"]:
-        """The heads whose weights [`scale_heads`][qkclip_eqx.AbstractQKClippable.scale_heads] changes for this `gamma`:
-        those with `gamma < 1`. Override it if your rule also changes others."""
-        return gamma < 1
-
-    def reports_lse_bound(self) -> bool:
-        """Whether `__call__` returns, instead of S, an upper bound on it (the
-        log-sum-exp bound of `max_logit="lse_bound"`): the train step then names
-        its S metrics `..._lse_bound`. False; override it if your module can."""
-        return False
 
 
 def _positions_and_segments(seq: int, positions, segment_ids, segment_length: int | None):
@@ -198,13 +138,97 @@ def _check_max_len(max_len: object) -> None:
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
 
 
+class AbstractAttention(AbstractQKClippable):
+    """What [`qkclip_eqx.MLAttention`][] and [`qkclip_eqx.GQAttention`][]
+    share: the config (`kernel`, `max_logit`, the mask), the call keywords and
+    their handling (the compute-dtype cast, positions and segments, the kernel
+    and the output projection), `n_heads` and `reports_lse_bound`. A concrete
+    attention provides `_qkv`: its projections, RoPE and what context
+    parallelism gathers."""
+
+    config: eqx.AbstractVar[MLAConfig | GQAConfig]
+    if TYPE_CHECKING:  # fields of each subclass; not declared here, which would move
+        # them ahead of the subclass's own fields and change the checkpoints' leaf order
+        wo: Float[Array, "dim heads_v"]
+        compute_dtype: str | None
+
+    @property
+    def n_heads(self) -> int:
+        """The number of query heads, `config.n_heads`."""
+        return self.config.n_heads
+
+    def reports_lse_bound(self) -> bool:
+        """Whether S is the log-sum-exp bound (`config.max_logit == "lse_bound"`)."""
+        return self.config.max_logit == "lse_bound"
+
+    @abc.abstractmethod
+    def _qkv(
+        self, x: Array, positions: Array, segment_ids: Array, parallel: ParallelAxes | None
+    ) -> tuple[Array, Array, Array, Array, Array | None, float]:
+        """`(q, k, v, k_positions, k_segments, softmax_scale)` of `x` (already
+        in the compute dtype)."""
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+        segment_length: int | None = None,
+        parallel: ParallelAxes | None = None,
+    ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
+        """The attention over one sequence.
+
+        **Arguments:**
+
+        - `x`: the inputs, `[seq, dim]`.
+        - `positions`: the RoPE positions; default `0..seq-1` (pass the global
+          positions of a sequence shard).
+        - `segment_ids`: mark packed sequences; a query attends only to keys of
+          its own segment.
+        - `segment_length`: says that `x` packs independent sequences of exactly
+          that length (positions then restart at each), and lets the kernel
+          batch them.
+        - `parallel`: only inside `jax.shard_map`; the heads are then this
+          device's shard of the heads.
+
+        **Returns:**
+
+        `(out, S)`: the outputs `[seq, dim]`, and S per head, the max of the
+        logit entering the softmax (Kimi K2 report, sec. 2.1).
+
+        **Raises:**
+
+        `ValueError` when `segment_length` does not divide `seq`.
+        """
+        self, x = cast_arrays((self, x), self.compute_dtype)
+        positions, segment_ids = _positions_and_segments(
+            x.shape[0], positions, segment_ids, segment_length
+        )
+        q, k, v, k_pos, k_seg, scale = self._qkv(x, positions, segment_ids, parallel)
+        return _attend_and_project(
+            self.config,
+            q,
+            k,
+            v,
+            q_pos=positions,
+            q_seg=segment_ids,
+            k_pos=k_pos,
+            k_seg=k_seg,
+            scale=scale,
+            wo=self.wo,
+            parallel=parallel,
+            segment_length=segment_length,
+        )
+
+
 def _mla_softmax_factor(c: MLAConfig) -> float:
     """What the softmax scale `1/sqrt(d_qk)` is multiplied by: 1, or YaRN's
     `mscale^2` (see [`qkclip_eqx.YaRN`][])."""
     return 1.0 if c.yarn is None else c.yarn.softmax_factor
 
 
-class MLAttention(AbstractQKClippable):
+class MLAttention(AbstractAttention):
     """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, sec. 2.1;
     DeepSeek-V3, arXiv 2412.19437), as Kimi K2 uses it.
 
@@ -257,52 +281,15 @@ class MLAttention(AbstractQKClippable):
         self.wo = init_weight(ko, (c.dim, c.n_heads * c.v_head_dim), dtype)
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype).name
 
-    @property
-    def n_heads(self) -> int:
-        """The number of query heads, `config.n_heads`."""
-        return self.config.n_heads
-
-    def __call__(
-        self,
-        x: Float[Array, "seq dim"],
-        *,
-        positions: Int[Array, " seq"] | None = None,
-        segment_ids: Int[Array, " seq"] | None = None,
-        segment_length: int | None = None,
-        parallel: ParallelAxes | None = None,
-    ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
-        """Multi-head latent attention over one sequence.
-
-        **Arguments:**
-
-        - `x`: the inputs, `[seq, dim]`.
-        - `positions`: the RoPE positions; default `0..seq-1` (pass the global
-          positions of a sequence shard).
-        - `segment_ids`: mark packed sequences; a query attends only to keys of
-          its own segment.
-        - `segment_length`: says that `x` packs independent sequences of exactly
-          that length (positions then restart at each), and lets the kernel
-          batch them.
-        - `parallel`: only inside `jax.shard_map`; the heads are then this
-          device's shard of the heads.
-
-        **Returns:**
-
-        `(out, S)`: the outputs `[seq, dim]`, and S per head, the max of the
-        logit entering the softmax (Kimi K2 report, sec. 2.1).
-
-        **Raises:**
-
-        `ValueError` when `segment_length` does not divide `seq`.
-        """
-        c = self.config
-        self, x = cast_arrays((self, x), self.compute_dtype)
-        seq, heads = x.shape[0], self.wq.shape[0]
-        positions, segment_ids = _positions_and_segments(
-            seq, positions, segment_ids, segment_length
-        )
+    def _qkv(
+        self, x: Array, positions: Array, segment_ids: Array, parallel: ParallelAxes | None
+    ) -> tuple[Array, Array, Array, Array, Array | None, float]:
+        """q, k, v `[t, heads, d]` (keys gathered over `parallel.seq`), the
+        keys' positions and segments, and the softmax scale (YaRN's factor
+        included). Context parallelism moves only the latent and the shared
+        RoPE key."""
+        c, heads = self.config, self.wq.shape[0]
         q_c, q_r, c_kv, k_r = self._project(x, positions)
-        # Context parallelism: only the latent and the shared RoPE key travel.
         c_kv, k_r, k_pos, k_seg = _gather_seq(parallel, c_kv, k_r, positions, segment_ids)
         kv = linear(self.kv_norm(c_kv), self.wkv_b)
         k_c, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
@@ -310,20 +297,7 @@ class MLAttention(AbstractQKClippable):
         k = jnp.concatenate(
             [k_c, jnp.broadcast_to(k_r, (k_r.shape[0], heads, k_r.shape[-1]))], axis=-1
         )
-        return _attend_and_project(
-            c,
-            q,
-            k,
-            v,
-            q_pos=positions,
-            q_seg=segment_ids,
-            k_pos=k_pos,
-            k_seg=k_seg,
-            scale=softmax_scale(c.qk_head_dim) * _mla_softmax_factor(c),
-            wo=self.wo,
-            parallel=parallel,
-            segment_length=segment_length,
-        )
+        return q, k, v, k_pos, k_seg, softmax_scale(c.qk_head_dim) * _mla_softmax_factor(c)
 
     def _project(self, x: Array, positions: Array) -> tuple[Array, Array, Array, Array]:
         """The projections of `__call__` and `decode`: q_C `[t, heads, nope]`,
@@ -343,9 +317,6 @@ class MLAttention(AbstractQKClippable):
     def head_axes(self):
         """`wq` and `wkv_b` [heads, rows, in] by head; `wo`'s head-major columns."""
         return (lambda m: (m.wq, m.wkv_b, m.wo)), (-3, -3, -1)
-
-    def reports_lse_bound(self) -> bool:
-        return self.config.max_logit == "lse_bound"
 
     def init_cache(self, max_len: int) -> MLACache:
         """An empty latent cache of `max_len` slots for `decode`, in the
@@ -431,8 +402,12 @@ class MLAttention(AbstractQKClippable):
         wkv_b = _scale_rows(self.wkv_b, gamma ** (1 - alpha), slice(0, nope))
         return eqx.tree_at(lambda m: (m.wq, m.wkv_b), self, (wq, wkv_b))
 
+    def heads_scaled(self, gamma: Float[Array, " heads"]) -> Bool[Array, " heads"]:
+        """The heads with `gamma < 1` (each head's logits are scaled alone)."""
+        return gamma < 1
 
-class GQAttention(AbstractQKClippable):
+
+class GQAttention(AbstractAttention):
     """Grouped-query attention (Ainslie et al. 2023, arXiv 2305.13245) with RoPE.
 
     `wq` [heads, head_dim, dim], `wk`/`wv` [kv_heads, head_dim, dim],
@@ -459,59 +434,18 @@ class GQAttention(AbstractQKClippable):
         self.wo = init_weight(ko, (c.dim, c.n_heads * c.head_dim), dtype)
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype).name
 
-    @property
-    def n_heads(self) -> int:
-        """The number of query heads, `config.n_heads`."""
-        return self.config.n_heads
-
-    def __call__(
-        self,
-        x: Float[Array, "seq dim"],
-        *,
-        positions: Int[Array, " seq"] | None = None,
-        segment_ids: Int[Array, " seq"] | None = None,
-        segment_length: int | None = None,
-        parallel: ParallelAxes | None = None,
-    ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"]]:
-        """Grouped-query attention over one sequence.
-
-        **Arguments:**
-
-        As `MLAttention.__call__`.
-
-        **Returns:**
-
-        `(out, S)`: the outputs `[seq, dim]`, and S per query head.
-
-        **Raises:**
-
-        `ValueError` when `segment_length` does not divide `seq`.
-        """
+    def _qkv(
+        self, x: Array, positions: Array, segment_ids: Array, parallel: ParallelAxes | None
+    ) -> tuple[Array, Array, Array, Array, Array | None, float]:
+        """As `MLAttention._qkv`: RoPE on q and k, k and v gathered over
+        `parallel.seq`."""
         c = self.config
-        self, x = cast_arrays((self, x), self.compute_dtype)
-        seq = x.shape[0]
-        positions, segment_ids = _positions_and_segments(
-            seq, positions, segment_ids, segment_length
-        )
         rope: dict = dict(theta=c.rope_theta, layout=c.rope_layout)
         q = apply_rope(linear(x, self.wq), positions, **rope)
         k = apply_rope(linear(x, self.wk), positions, **rope)
         v = linear(x, self.wv)
         k, v, k_pos, k_seg = _gather_seq(parallel, k, v, positions, segment_ids)
-        return _attend_and_project(
-            c,
-            q,
-            k,
-            v,
-            q_pos=positions,
-            q_seg=segment_ids,
-            k_pos=k_pos,
-            k_seg=k_seg,
-            scale=softmax_scale(c.head_dim),
-            wo=self.wo,
-            parallel=parallel,
-            segment_length=segment_length,
-        )
+        return q, k, v, k_pos, k_seg, softmax_scale(c.head_dim)
 
     def init_cache(self, max_len: int) -> KVCache:
         """An empty k/v cache of `max_len` slots for `decode`, `[max_len,
@@ -570,9 +504,6 @@ class GQAttention(AbstractQKClippable):
         """`wq` by query head, `wk`/`wv` by key head (query head `h` reads key
         head `h // group`, so contiguous shards stay paired); `wo`'s columns."""
         return (lambda m: (m.wq, m.wk, m.wv, m.wo)), (-3, -3, -3, -1)
-
-    def reports_lse_bound(self) -> bool:
-        return self.config.max_logit == "lse_bound"
 
     def scale_heads(self, gamma: Float[Array, " heads"], alpha: float) -> "GQAttention":
         """MHA (group of one): W_q^h by gamma^alpha, W_k^h by gamma^(1-alpha).

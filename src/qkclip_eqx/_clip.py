@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PyTree
 
-from ._attention import AbstractQKClippable
+from ._interfaces import AbstractQKClippable
 
 # What a train step does with S: clip, only report it, or neither.
 Mode = Literal["clip", "monitor", "off"]

@@ -11,6 +11,15 @@ import dataclasses
 import math
 from typing import Any, Literal, get_args, no_type_check
 
+from ._options import MUST_MATCH_RULE, doc
+
+# Resume rules shared by several fields (docs/checkpoints.md).
+_AS_MESH = "as mesh"
+_FUNCTION = (
+    "the same weights compute another function from the resume step on "
+    "(they were trained with the old value)"
+)
+
 # Every set of allowed values is one Literal, declared here; the tuples the
 # checks (and the CLI's choices) use are derived from it.
 Kernel = Literal["dense", "blockwise", "dot_product_attention"]
@@ -117,6 +126,55 @@ def _check_common(obj: Any) -> None:
     _bool(obj, "causal")
 
 
+# The options MLAConfig and GQAConfig share, declared once (a dataclass field
+# object belongs to one class, so each is made by a function).
+
+
+def _rope_theta() -> Any:
+    return dataclasses.field(
+        default=10_000.0, metadata=doc("RoPE base frequency theta", resume=_FUNCTION)
+    )
+
+
+def _kernel() -> Any:
+    return dataclasses.field(
+        default="dense",
+        metadata=doc(
+            "attention kernel: dense, blockwise (FlashAttention-style), or "
+            "dot_product_attention (jax.nn)",
+            resume=_AS_MESH,
+        ),
+    )
+
+
+def _block_size() -> Any:
+    return dataclasses.field(
+        default=128, metadata=doc("blockwise kernel: query/key block length", resume=_AS_MESH)
+    )
+
+
+def _max_logit() -> Any:
+    return dataclasses.field(
+        default="exact",
+        metadata=doc(
+            "dot_product_attention kernel: S exact, or its log-sum-exp upper bound",
+            resume="from the resume step on, QK-Clip acts on (and the metrics report) the new "
+            "choice: S, or its log-sum-exp upper bound",
+        ),
+    )
+
+
+def _implementation() -> Any:
+    return dataclasses.field(
+        default=None,
+        metadata=doc(
+            "dot_product_attention kernel: xla or cudnn (none: JAX chooses)",
+            resume=_AS_MESH,
+            run_name="attention_implementation",
+        ),
+    )
+
+
 @no_type_check
 @dataclasses.dataclass(frozen=True)
 class YaRN:
@@ -148,13 +206,23 @@ class YaRN:
     when its configured `max_seq_len` exceeds the original context.
     """
 
-    factor: float
-    original_max_position_embeddings: int
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-    truncate: bool = True
+    factor: float = dataclasses.field(
+        metadata=doc("context extension factor (new context / original)")
+    )
+    original_max_position_embeddings: int = dataclasses.field(
+        metadata=doc("the context the model was trained at")
+    )
+    beta_fast: float = dataclasses.field(
+        default=32.0, metadata=doc("RoPE turns at the ramp's start")
+    )
+    beta_slow: float = dataclasses.field(default=1.0, metadata=doc("RoPE turns at the ramp's end"))
+    mscale: float | None = dataclasses.field(default=None, metadata=doc("cos/sin magnitude scale"))
+    mscale_all_dim: float | None = dataclasses.field(
+        default=None, metadata=doc("softmax scale's magnitude scale (none: 1)")
+    )
+    truncate: bool = dataclasses.field(
+        default=True, metadata=doc("floor/ceil the ramp's pair indices")
+    )
 
     def __post_init__(self) -> None:
         _positive_number(self, "factor")
@@ -212,22 +280,67 @@ class MLAConfig:
     the train step names its metrics accordingly.
     """
 
-    dim: int
-    n_heads: int
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-    q_lora_rank: int | None = None
-    rope_theta: float = 10_000.0
-    rope_layout: RopeLayout = "interleaved"
-    norm_eps: float = 1e-6
-    causal: bool = True
-    kernel: Kernel = "dense"
-    block_size: int = 128
-    yarn: YaRN | None = None
-    max_logit: MaxLogit = "exact"
-    implementation: Implementation | None = None
+    dim: int = dataclasses.field(metadata=doc("model width", resume=MUST_MATCH_RULE, run=128))
+    n_heads: int = dataclasses.field(
+        metadata=doc("attention (query) heads per layer", resume=MUST_MATCH_RULE, run=4)
+    )
+    kv_lora_rank: int = dataclasses.field(
+        metadata=doc("rank of the compressed key/value latent", resume=MUST_MATCH_RULE, run=64)
+    )
+    qk_nope_head_dim: int = dataclasses.field(
+        metadata=doc(
+            "per-head query/key width without rotary embedding", resume=MUST_MATCH_RULE, run=32
+        )
+    )
+    qk_rope_head_dim: int = dataclasses.field(
+        metadata=doc(
+            "per-head query/key width with rotary embedding (shared key)",
+            resume=MUST_MATCH_RULE,
+            run=16,
+        )
+    )
+    v_head_dim: int = dataclasses.field(
+        metadata=doc("per-head value width", resume=MUST_MATCH_RULE, run=32)
+    )
+    q_lora_rank: int | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "rank of the query's low-rank projection (none: a full projection)",
+            resume=MUST_MATCH_RULE,
+        ),
+    )
+    rope_theta: float = _rope_theta()
+    rope_layout: RopeLayout = dataclasses.field(
+        default="interleaved",
+        metadata=doc(
+            "RoPE pairs: interleaved (DeepSeek/K2 checkpoints) or half (Llama)",
+            resume=_FUNCTION,
+        ),
+    )
+    norm_eps: float = dataclasses.field(
+        default=1e-6,
+        metadata=doc(
+            "epsilon of the latent RMSNorms (q and kv)",
+            resume=_FUNCTION,
+            run_name="latent_norm_eps",
+        ),
+    )
+    causal: bool = dataclasses.field(
+        default=True,
+        metadata=doc("causal mask", run=None),  # a language-model run is causal
+    )
+    kernel: Kernel = _kernel()
+    block_size: int = _block_size()
+    yarn: YaRN | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "YaRN RoPE scaling (none: plain RoPE)",
+            resume="RoPE frequencies and the softmax scale change from the resume step on "
+            "(a context extension)",
+        ),
+    )
+    max_logit: MaxLogit = _max_logit()
+    implementation: Implementation | None = _implementation()
 
     def __post_init__(self) -> None:
         _positive(
@@ -264,18 +377,37 @@ class GQAConfig:
     `implementation` as in [`qkclip_eqx.MLAConfig`][].
     """
 
-    dim: int
-    n_heads: int
-    head_dim: int
-    n_kv_heads: int | None = None
-    rope_theta: float = 10_000.0
-    rope_layout: RopeLayout = "half"
-    causal: bool = True
-    kernel: Kernel = "dense"
-    block_size: int = 128
-    max_logit: MaxLogit = "exact"
-    implementation: Implementation | None = None
-    clip_mode: GQAClipMode = "query"
+    dim: int = dataclasses.field(metadata=doc("model width", resume=MUST_MATCH_RULE, run=128))
+    n_heads: int = dataclasses.field(
+        metadata=doc("attention (query) heads per layer", resume=MUST_MATCH_RULE, run=4)
+    )
+    head_dim: int = dataclasses.field(
+        metadata=doc("per-head width", resume=MUST_MATCH_RULE, run=32)
+    )
+    n_kv_heads: int | None = dataclasses.field(
+        default=None,
+        metadata=doc("key/value heads (none: n-heads, i.e. MHA; 1: MQA)", resume=MUST_MATCH_RULE),
+    )
+    rope_theta: float = _rope_theta()
+    rope_layout: RopeLayout = dataclasses.field(
+        default="half",
+        metadata=doc(
+            "RoPE pairs: interleaved (DeepSeek/K2 checkpoints) or half (Llama)",
+            resume=_FUNCTION,
+        ),
+    )
+    causal: bool = dataclasses.field(default=True, metadata=doc("causal mask", run=None))
+    kernel: Kernel = _kernel()
+    block_size: int = _block_size()
+    max_logit: MaxLogit = _max_logit()
+    implementation: Implementation | None = _implementation()
+    clip_mode: GQAClipMode = dataclasses.field(
+        default="query",
+        metadata=doc(
+            "QK-Clip of a shared key head: query, query_key or group (see GQAttention.scale_heads)",
+            resume="as tau",
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -326,13 +458,30 @@ class TransformerConfig:
       logits and the loss accumulate in float32 whatever it is.
     """
 
-    vocab_size: int
-    n_layers: int
-    mlp_hidden: int
-    attention: AttentionConfig
-    norm_eps: float = 1e-6
-    param_dtype: Dtype = "float32"
-    compute_dtype: Dtype = "float32"
+    vocab_size: int = dataclasses.field(metadata=doc("vocabulary size", run=None))  # from the data
+    n_layers: int = dataclasses.field(
+        metadata=doc("Transformer blocks", resume=MUST_MATCH_RULE, run=4)
+    )
+    mlp_hidden: int = dataclasses.field(
+        metadata=doc("hidden width of each block's MLP", resume=MUST_MATCH_RULE, run=384)
+    )
+    attention: AttentionConfig = dataclasses.field(
+        metadata=doc("the attention", run=None)
+    )  # RunConfig.attention
+    norm_eps: float = dataclasses.field(
+        default=1e-6, metadata=doc("epsilon of the blocks' RMSNorms", resume=_FUNCTION)
+    )
+    param_dtype: Dtype = dataclasses.field(
+        default="float32",
+        metadata=doc(
+            "dtype of the stored parameters and optimizer state (keep float32)",
+            resume=MUST_MATCH_RULE,
+        ),
+    )
+    compute_dtype: Dtype = dataclasses.field(
+        default="float32",
+        metadata=doc("dtype of the matmuls (bfloat16 on an accelerator)", resume=_AS_MESH),
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "n_layers", "mlp_hidden")

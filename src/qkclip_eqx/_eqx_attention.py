@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from ._attention import AbstractQKClippable
 from ._config import ParallelAxes
+from ._interfaces import AbstractHeadwiseQKClippable
 
 _Mask = Bool[Array, "q_seq kv_seq"] | Bool[Array, "num_heads q_seq kv_seq"]
 _ProcessHeads = Callable[[Array, Array, Array], tuple[Array, Array, Array]]
@@ -38,7 +38,7 @@ def _scale_head_rows(w: Array, factor: Float[Array, " heads"]) -> Array:
     return (w.reshape(heads, -1, *w.shape[1:]) * f).reshape(w.shape)
 
 
-class ClippableMultiheadAttention(AbstractQKClippable):
+class ClippableMultiheadAttention(AbstractHeadwiseQKClippable):
     """A clippable `equinox.nn.MultiheadAttention`: `__call__` returns
     `(output, S)`, with `output` that of the wrapped module and S per head.
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ._config import MLAConfig, TransformerConfig
+from ._metric_schema import find_s, s_max_key
 from ._model import Transformer
 
 __all__ = ["LogLines", "train_flops_per_token"]
@@ -90,9 +91,11 @@ class LogLines:
         parts = [f"step={done}/{self.total}", f"loss={metrics['loss']:.4f}"]
         if "val_loss" in metrics:
             parts.append(f"val_loss={metrics['val_loss']:.4f}")
-        if isinstance(metrics.get("max_logit"), (int, float)):
-            parts.append(f"S_max={metrics['max_logit']:.2f}")
-        rows = metrics.get("max_logits") or []
+        rows, bound = find_s(metrics)
+        s_max = metrics.get(s_max_key(bound))
+        if isinstance(s_max, (int, float)):
+            parts.append(f"{'S_bound' if bound else 'S_max'}={s_max:.2f}")
+        rows = rows or []
         heads = sum(len(r) for r in rows)
         for name in ("heads_clipped", "heads_over_tau"):  # over tau: a monitor run's count
             if name in metrics and heads:

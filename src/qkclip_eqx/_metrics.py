@@ -14,9 +14,12 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float, Int
 
+from ._metric_schema import HEADS_CLIPPED, METRICS, find_s
+
 #: The scalar metrics of the training lines that `read_metrics` keeps in
-#: `RunMetrics.scalars`, by their key in `metrics.jsonl`.
-SCALARS = ("lr", "grad_norm", "heads_over_tau", "tokens_per_s")
+#: `RunMetrics.scalars`, by their key in `metrics.jsonl`: every scalar of the
+#: metrics schema (`_metric_schema.METRICS`).
+SCALARS = tuple(k for m in METRICS if not m.shape for k in m.keys())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -31,9 +34,9 @@ class RunMetrics:
     - `val_steps`: `[v]` steps of the validation lines (`"val_loss"`).
     - `val_loss`: `[v]` validation loss.
     - `max_logits`: `[t, layers, heads]` max attention logit S per layer and
-      head; NaN for null (non-finite) entries and for training lines
-      without `"max_logits"`.  Shape `[t, 0, 0]` when no line
-      recorded it (e.g. mode `"off"`).
+      head (or its log-sum-exp bound: see `s_bound`); NaN for null
+      (non-finite) entries and for training lines without it.  Shape
+      `[t, 0, 0]` when no line recorded it (e.g. mode `"off"`).
     - `heads_clipped`: `[t]` number of heads clipped at each step, as float
       so that a missing value can be NaN.
 
@@ -43,11 +46,13 @@ class RunMetrics:
     - `n_heads_total`: `layers * heads` for the clipped fraction, from the
       `max_logits` shape; `None` when no line recorded S.
     - `run_dir`: the directory read.
-    - `scalars`: `[t]` of each scalar metric of `SCALARS` that some training
-      line holds, by key (`lr`, `grad_norm`, `heads_over_tau`: the heads whose
-      S is above tau, in every mode); NaN where a line lacks it.
+    - `scalars`: `[t]` of each scalar metric of `SCALARS` (every scalar of
+      `_metric_schema.METRICS`: `lr`, `grad_norm`, `heads_over_tau`, `time`,
+      ...) that some training line holds, by key; NaN where a line lacks it.
     - `tokens_per_step`: `batch_size * seq_len` from the config, or `None`.
     - `seed`: the config's seed, or `None`.
+    - `s_bound`: True when `max_logits` holds the log-sum-exp upper bound of
+      S (`max_logit="lse_bound"`, logged as `max_logits_lse_bound`), not S.
     """
 
     steps: Int[np.ndarray, " t"]
@@ -64,6 +69,7 @@ class RunMetrics:
     scalars: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     tokens_per_step: int | None = None
     seed: int | None = None
+    s_bound: bool = False
 
     def scalar(self, key: str) -> Float[np.ndarray, " t"]:
         """`scalars[key]`, or NaN at every step when no line logged it."""
@@ -172,6 +178,7 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     clipped: list[float] = []
     scalars: dict[str, list[float]] = {k: [] for k in SCALARS}
     logits: list[np.ndarray | None] = []
+    bound = False
     val_steps: list[int] = []
     val_loss: list[float] = []
     shape: tuple[int, ...] | None = None
@@ -187,10 +194,12 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         if "loss" in obj and step is not None:
             steps.append(step)
             loss.append(_as_float(obj["loss"]))
-            clipped.append(_as_float(obj.get("heads_clipped")))
-            for key, values in scalars.items():
-                values.append(_as_float(obj.get(key)))
-            arr = _logits_array(obj.get("max_logits"))
+            clipped.append(_as_float(obj.get(HEADS_CLIPPED.key)))
+            for key, column in scalars.items():
+                column.append(_as_float(obj.get(key)))
+            values, line_bound = find_s(obj)
+            bound = bound or line_bound
+            arr = _logits_array(values)
             if arr is not None:
                 if shape is None:
                     shape = arr.shape
@@ -247,6 +256,7 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         },
         tokens_per_step=tokens_per_step,
         seed=ints.get("seed"),
+        s_bound=bound,
     )
 
 

@@ -10,6 +10,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ._attention import GQAttention, MLAttention
 from ._config import MLAConfig, ParallelAxes, TransformerConfig
 from ._decode import KVCache, MLACache
+from ._interfaces import AbstractPackedModel
 from ._layers import RMSNorm, SwiGLU, init_weight, linear
 from ._optim import matrix_dimension_numbers
 
@@ -92,7 +93,7 @@ class Block(eqx.Module):
         return x + self.mlp(self.mlp_norm(x)), max_logits, cache
 
 
-class Transformer(eqx.Module):
+class Transformer(AbstractPackedModel):
     """Token embedding, `n_layers` stacked blocks ([`qkclip_eqx.Block`][]), final norm, untied head.
 
     `blocks` is ONE [`qkclip_eqx.Block`][] whose array leaves carry a leading layer

@@ -32,9 +32,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._attention import AbstractQKClippable
 from ._clip import clippable_modules, is_clippable
 from ._config import ParallelAxes
+from ._interfaces import AbstractQKClippable
 
 AXES = ("data", "model", "seq")
 PARALLEL = ParallelAxes(data="data", model="model", seq="seq")

@@ -1,10 +1,14 @@
 """A training run's settings: [`qkclip_eqx.RunConfig`][], the presets, the
 optimizer and lr schedule they build, and what a resume may change.
 
-Every field of `RunConfig` is a flag of `qkclip-train`. The module runs past
-500 lines because each field's help line (`FIELD_DOCS`) and the resume rule
-(`MUST_MATCH`, `MAY_CHANGE`) sit here, beside the fields they describe, so
-that a new field cannot miss them (tests check both tables cover every field).
+One declaration per option: a model option is a field of
+[`qkclip_eqx.TransformerConfig`][], [`qkclip_eqx.MLAConfig`][] or
+[`qkclip_eqx.GQAConfig`][] (with its help line and resume rule in the field's
+`doc(...)` metadata), and `RunConfig` gets one field of it, by the same name,
+generated here; a run option is a field of `RunConfig` with its own `doc`.
+`FIELD_DOCS`, `MUST_MATCH`, `MAY_CHANGE`, the `qkclip-train` flags and the
+keys of `config.json` are all read from those declarations
+(docs/contributing.md, "How to add an option").
 """
 
 from __future__ import annotations
@@ -13,122 +17,350 @@ import dataclasses
 import json
 import os
 import pathlib
-import types
+import re
 import typing
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import optax
 
-from ._clip import MODES, Mode, check_tau_alpha
-from ._config import (
-    Dtype,
-    GQAConfig,
-    Implementation,
-    Kernel,
-    MaxLogit,
-    MLAConfig,
-    TransformerConfig,
-)
+from ._clip import Mode, check_tau_alpha
+from ._config import GQAConfig, MLAConfig, TransformerConfig
 from ._optim import muon_adamw, warmup_cosine, wsd
+from ._options import (
+    MUST_MATCH_RULE,
+    as_config,
+    as_value,
+    check_fields,
+    doc,
+    hints_of,
+    optional_config,
+)
+from ._parallel import AXES
+from ._sinks import parse_log_to
 
 Optimizer = Literal["muonclip", "muon", "adamw"]
+AttentionKind = Literal["mla", "gqa"]
+
+#: The attention configs a run can build, by `RunConfig.attention`.
+ATTENTION_CONFIGS: dict[str, type] = {"mla": MLAConfig, "gqa": GQAConfig}
+#: Where the model's options are declared: each field of these (but those
+#: with `run=None`) is a field of `RunConfig`.
+MODEL_CONFIGS: tuple[type, ...] = (*ATTENTION_CONFIGS.values(), TransformerConfig)
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelOption:
+    """One `RunConfig` field made from model-config fields of one name: its
+    annotation, default and metadata, and the configs (and field name) it sets.
+    `deferred`: the configs' defaults differ (e.g. `rope_layout`), so the run's
+    default is None, "each config's own"."""
+
+    name: str
+    annotation: Any
+    default: Any
+    metadata: dict[str, Any]
+    targets: dict[type, str]
+    deferred: bool
+
+
+def _model_options() -> dict[str, ModelOption]:
+    found: dict[str, list[tuple[type, dataclasses.Field, Any]]] = {}
+    for cls in MODEL_CONFIGS:
+        hints = hints_of(cls)
+        for f in dataclasses.fields(cls):
+            if "run" in f.metadata and f.metadata["run"] is None:
+                continue
+            name = f.metadata.get("run_name", f.name)
+            found.setdefault(name, []).append((cls, f, hints[f.name]))
+    options = {}
+    for name, decls in found.items():
+        cls0, f0, tp = decls[0]
+        if any(t != tp for _, _, t in decls):
+            raise TypeError(f"model option {name}: its configs annotate it differently")
+        defaults = [f.metadata.get("run", f.default) for _, f, _ in decls]
+        defaults = [d for d in defaults if d is not dataclasses.MISSING]
+        deferred = len(set(map(repr, defaults))) > 1
+        help = f0.metadata["help"]
+        kinds = [k for k, c in ATTENTION_CONFIGS.items() if any(c is cls for cls, _, _ in decls)]
+        if len(decls) == 1 and kinds:
+            help = f"{kinds[0]}: {help}"
+        if deferred:
+            help += (
+                " (none: "
+                + ", ".join(
+                    f"{f.default} for {k}" for k, (_, f, _) in zip(kinds, decls, strict=True)
+                )
+                + ")"
+            )
+            tp = tp | None
+        options[name] = ModelOption(
+            name=name,
+            annotation=tp,
+            default=None if deferred else defaults[0],
+            metadata={**f0.metadata, "help": help},
+            targets={cls: f.name for cls, f, _ in decls},
+            deferred=deferred,
+        )
+    return options
+
+
+MODEL_OPTIONS: dict[str, ModelOption] = _model_options()
+
+
+@typing.dataclass_transform(frozen_default=True)
+def _with_model_options(cls: type) -> type:
+    """`cls` as a frozen dataclass with a field per `MODEL_OPTIONS` entry,
+    after `attention` (the run's own fields keep their order)."""
+    own = dict(cls.__annotations__)
+    annotations: dict[str, Any] = {}
+    for name, tp in own.items():
+        annotations[name] = tp
+        if name == "attention":
+            for option in MODEL_OPTIONS.values():
+                annotations[option.name] = option.annotation
+                setattr(
+                    cls,
+                    option.name,
+                    dataclasses.field(default=option.default, metadata=option.metadata),
+                )
+    cls.__annotations__ = annotations
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    # the fields are checked in __post_init__ (`check_fields`), with errors naming
+    # the field, not by a runtime type checker's wrapper of __init__ (jaxtyping's
+    # import hook in the tests); `typing.get_type_hints(RunConfig)` still works
+    cls.__init__.__no_type_check__ = True  # pyright: ignore[reportAttributeAccessIssue]
+    return cls
+
+
+_AS_LR = "as lr"
+_AS_TAU = "as tau"
+_AS_MESH = "as mesh"
+_NO_EFFECT = "no effect on training"
+
+
+@_with_model_options
 class RunConfig:
     """Everything a training run needs. `optimizer="muonclip"` is Muon with
     QK-Clip (`mode` clip by default); `"muon"` is Muon that never clips
     (`monitor` or `off`); `"adamw"` monitors by default and clips with
-    `mode="clip"` (QK-Clip does not depend on the optimizer)."""
+    `mode="clip"` (QK-Clip does not depend on the optimizer).
 
-    # model
-    attention: Literal["mla", "gqa"] = "mla"
-    n_layers: int = 4
-    dim: int = 128
-    n_heads: int = 4
-    q_lora_rank: int | None = None
-    kv_lora_rank: int = 64
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
-    n_kv_heads: int | None = None
-    head_dim: int = 32
-    mlp_hidden: int = 384
-    kernel: Kernel = "dense"
-    block_size: int = 128
-    # kernel="dot_product_attention" only: S exact or the LSE bound, and the backend
-    max_logit: MaxLogit = "exact"
-    attention_implementation: Implementation | None = None
-    # parameters and optimizer state (keep float32), and the matmuls' dtype:
-    # see TransformerConfig
-    param_dtype: Dtype = "float32"
-    compute_dtype: Dtype = "float32"
+    Beside the fields below, every option of the model's configs
+    ([`qkclip_eqx.TransformerConfig`][], [`qkclip_eqx.MLAConfig`][],
+    [`qkclip_eqx.GQAConfig`][]) is a field, by the same name (`dim`,
+    `n_heads`, `kv_lora_rank`, `rope_theta`, `yarn`, `clip_mode`, ...; the
+    MLA latent norms' `norm_eps` is `latent_norm_eps` and `implementation` is
+    `attention_implementation`); see `MODEL_OPTIONS`.
+    """
+
+    # model: mla or gqa, then (generated) every option of the model's configs
+    attention: AttentionKind = dataclasses.field(
+        default="mla",
+        metadata=doc(
+            "attention: mla (DeepSeek-V3's latent attention) or gqa (grouped-query; MHA when "
+            "n-kv-heads = n-heads, MQA when 1)",
+            resume=MUST_MATCH_RULE,
+            hint="MQA is attention='gqa' with n_kv_heads=1",
+        ),
+    )
     # optimisation
-    optimizer: Optimizer = "muonclip"
-    mode: Mode | None = None  # None: clip for muonclip, else monitor
-    tau: float = 100.0
-    alpha: float = 0.5
-    clip_until: int | None = None  # clip mode: clip the updates of steps < clip_until only
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2
-    final_lr_fraction: float = 0.0  # the lr the schedule ends at, as a fraction of lr
-    steps: int = 600
-    batch_size: int = 16
-    seq_len: int = 128
-    accum_steps: int = 1
-    seed: int = 0
+    optimizer: Optimizer = dataclasses.field(
+        default="muonclip",
+        metadata=doc(
+            "muonclip (Muon with QK-Clip), muon (never clips), or adamw", resume=MUST_MATCH_RULE
+        ),
+    )
+    mode: Mode | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "QK-Clip: clip, monitor (measure S only) or off (none: clip for muonclip, else "
+            "monitor)",
+            resume=_AS_TAU,
+        ),
+    )
+    tau: float = dataclasses.field(
+        default=100.0,
+        metadata=doc(
+            "QK-Clip threshold on the max logit S (Kimi K2: 100)",
+            resume="QK-Clip uses the new threshold from the resume step on",
+        ),
+    )
+    alpha: float = dataclasses.field(
+        default=0.5,
+        metadata=doc(
+            "QK-Clip: share of the clip on the query side (the rest on the key)", resume=_AS_TAU
+        ),
+    )
+    clip_until: int | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "clip mode: clip the updates of steps before this one only (none: always)",
+            resume=_AS_TAU,
+        ),
+    )
+    lr: float = dataclasses.field(
+        default=3e-3,
+        metadata=doc(
+            "peak learning rate",
+            resume="the lr schedule is recomputed; from the resume step on, the lr is the new "
+            "schedule's value at that step",
+            check=">0",
+        ),
+    )
+    weight_decay: float = dataclasses.field(
+        default=0.1,
+        metadata=doc("decoupled weight decay", resume="applies from the resume step on"),
+    )
+    schedule: Literal["wsd", "cosine", "constant"] = dataclasses.field(
+        default="wsd",
+        metadata=doc(
+            "lr schedule: wsd (warmup, stable, decay), cosine, or constant", resume=_AS_LR
+        ),
+    )
+    warmup_steps: int = dataclasses.field(
+        default=50, metadata=doc("steps of linear warmup from 0", resume=_AS_LR, check=">=0")
+    )
+    decay_fraction: float = dataclasses.field(
+        default=0.2,
+        metadata=doc("wsd: the share of the steps spent decaying", resume=_AS_LR, check="[0,1]"),
+    )
+    final_lr_fraction: float = dataclasses.field(
+        default=0.0,
+        metadata=doc(
+            "the lr the schedule ends at, as a fraction of lr", resume=_AS_LR, check="[0,1]"
+        ),
+    )
+    steps: int = dataclasses.field(
+        default=600,
+        metadata=doc(
+            "training steps",
+            resume="the run ends at the new step count, and the warmup/decay schedule is "
+            "recomputed for it (from the resume step on, the lr is the new schedule's value at "
+            "that step)",
+            check=">0",
+        ),
+    )
+    batch_size: int = dataclasses.field(
+        default=16, metadata=doc("sequences per step", resume=MUST_MATCH_RULE, check=">0")
+    )
+    seq_len: int = dataclasses.field(
+        default=128, metadata=doc("tokens per sequence", resume=MUST_MATCH_RULE, check=">0")
+    )
+    accum_steps: int = dataclasses.field(
+        default=1,
+        metadata=doc(
+            "micro-batches per step (gradient accumulation; divides batch-size)",
+            resume=_AS_MESH,
+            check=">0",
+        ),
+    )
+    seed: int = dataclasses.field(
+        default=0,
+        metadata=doc("seed of the initial weights and of the batches", resume=MUST_MATCH_RULE),
+    )
     # data, records
-    data: str | None = None
-    max_bytes: int = 8_000_000
-    vocab_size: int | None = None  # a token file's vocabulary, stated (None: scanned)
-    tokenizer: str | None = None  # a tokenizer.json for text data
-    out: str = "runs/default"
-    eval_every: int = 100
-    eval_batches: int = 8
-    ckpt_every: int = 200
-    keep: int = 2
-    label: str | None = None
+    data: str | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "a text file or directory (bytes, or tokens with --tokenizer), a 1-D token file "
+            "(.npy, raw .u16/.u32, nanoGPT .bin; memory-mapped), or a directory with train.bin "
+            "and val.bin (none: the Python standard library's source)",
+            resume=MUST_MATCH_RULE,
+        ),
+    )
+    max_bytes: int = dataclasses.field(
+        default=8_000_000,
+        metadata=doc(
+            "read at most this many bytes of text data", resume=MUST_MATCH_RULE, check=">0"
+        ),
+    )
+    vocab_size: int | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "a token file's vocabulary, stated: skips the scan for its largest id, and every "
+            "batch is checked against it (none: scan)",
+            resume=MUST_MATCH_RULE,
+            check=">0",
+        ),
+    )
+    tokenizer: str | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "a Hugging Face tokenizer.json: --data text is tokenised with it once, cached beside "
+            "the data (the tokenizers extra)",
+            resume=MUST_MATCH_RULE,
+        ),
+    )
+    out: str = dataclasses.field(
+        default="runs/default",
+        metadata=doc(
+            "run directory: config.json, metrics.jsonl, checkpoints, plots", resume=_NO_EFFECT
+        ),
+    )
+    eval_every: int = dataclasses.field(
+        default=100,
+        metadata=doc("steps between validation losses", resume=_NO_EFFECT, check=">0"),
+    )
+    eval_batches: int = dataclasses.field(
+        default=8,
+        metadata=doc("validation batches per evaluation", resume=_NO_EFFECT, check=">0"),
+    )
+    ckpt_every: int = dataclasses.field(
+        default=200, metadata=doc("steps between checkpoints", resume=_NO_EFFECT, check=">0")
+    )
+    keep: int = dataclasses.field(
+        default=2, metadata=doc("checkpoints kept", resume=_NO_EFFECT, check=">0")
+    )
+    label: str | None = dataclasses.field(
+        default=None,
+        metadata=doc("the run's name in plots (none: the directory's name)", resume=_NO_EFFECT),
+    )
+    log_to: str | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "also send each step's metrics to: tensorboard (RUN/tensorboard), wandb "
+            "(RUN/wandb; offline without an API key or network), comma-separated; needs the "
+            "qkclip_eqx[tensorboard] or [wandb] extra (none: no sink)",
+            resume=_NO_EFFECT,
+        ),
+    )
     # devices: e.g. "data=4,model=2" (absent axes have size 1); None: one device
-    mesh: str | None = None
+    mesh: str | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "devices, e.g. data=4,model=2 (absent axes have size 1; none: one device)",
+            resume="the same maths in another arithmetic order: results agree to rounding, "
+            "not bit for bit",
+        ),
+    )
+
+    if TYPE_CHECKING:  # the generated model options (MODEL_OPTIONS)
+
+        def __init__(self, **fields: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def __post_init__(self) -> None:
+        hints = hints_of(RunConfig)
+        for f in dataclasses.fields(self):
+            value, tp = getattr(self, f.name), hints[f.name]
+            if (cls := optional_config(tp)) is not None:
+                try:
+                    value = as_config(cls, value, owner=f"RunConfig.{f.name}")
+                except ValueError as e:  # YaRN.factor -> RunConfig.yarn.factor
+                    raise ValueError(
+                        str(e).replace(f"{cls.__name__}.", f"RunConfig.{f.name}.")
+                    ) from None
+            object.__setattr__(self, f.name, as_value(value, tp))
+        check_fields(self)  # types, allowed values, ranges: every field at once
         self.mesh_shape()  # validates the mesh string
-        for name in (
-            "steps",
-            "batch_size",
-            "seq_len",
-            "accum_steps",
-            "eval_every",
-            "eval_batches",
-            "ckpt_every",
-            "keep",
-            "max_bytes",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"RunConfig.{name} must be > 0, got {getattr(self, name)}")
+        self.sinks()  # validates log_to
         try:
             check_tau_alpha(self.tau, self.alpha)
         except ValueError as e:
             raise ValueError(f"RunConfig.{e}") from None
-        if not 0.0 <= self.final_lr_fraction <= 1.0:
-            raise ValueError(
-                f"RunConfig.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}"
-            )
-        if self.vocab_size is not None and self.vocab_size <= 0:
-            raise ValueError(f"RunConfig.vocab_size must be > 0 or None, got {self.vocab_size}")
-        if not self.lr > 0:
-            raise ValueError(f"RunConfig.lr must be > 0, got {self.lr}")
-        if self.optimizer not in ("muonclip", "muon", "adamw"):
-            raise ValueError(
-                f"RunConfig.optimizer must be muonclip, muon or adamw, got {self.optimizer!r}"
-            )
         if self.mode is None:
             object.__setattr__(self, "mode", "clip" if self.optimizer == "muonclip" else "monitor")
-        if self.mode not in MODES:
-            raise ValueError(f"RunConfig.mode must be clip, monitor or off, got {self.mode!r}")
         if self.optimizer == "muon" and self.mode == "clip":
             raise ValueError(
                 "RunConfig.mode='clip' with optimizer='muon': that is optimizer='muonclip'"
@@ -137,10 +369,13 @@ class RunConfig:
             raise ValueError(
                 f"RunConfig.batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}"
             )
-        self.model_config()  # validates the model fields, naming the bad one
+        try:
+            self.model_config()  # the model configs' own checks (ranges, cross-field rules)
+        except ValueError as e:
+            raise ValueError(_as_run_names(str(e))) from None
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, as JSON-ready values."""
+        """Every field, as JSON-ready values (a nested config as a dict)."""
         return dataclasses.asdict(self)
 
     def to_json(self, **records: Any) -> str:
@@ -160,7 +395,7 @@ class RunConfig:
         **Raises:**
 
         `ValueError` naming every key that is not a field (unknown, misspelled
-        or removed) and every value of the wrong type, with `source` (the file).
+        or removed) and every bad value, with `source` (the file).
         """
         if not isinstance(values, dict):
             raise ValueError(
@@ -173,16 +408,8 @@ class RunConfig:
                 f"{source}: not fields of RunConfig (unknown, misspelled or removed): "
                 + ", ".join(unknown)
             )
-        hints = typing.get_type_hints(cls)
-        wrong = [
-            f"{name}={value!r} (expected {_type_name(hints[name])})"
-            for name, value in values.items()
-            if name in fields and not _fits(value, hints[name])
-        ]
-        if wrong:
-            raise ValueError(f"{source}: wrong type: " + ", ".join(wrong))
         try:
-            return cls(**{k: _as_field(v, hints[k]) for k, v in values.items() if k in fields})
+            return cls(**{k: v for k, v in values.items() if k in fields})
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -213,148 +440,118 @@ class RunConfig:
         return optimizer(self)
 
     def mesh_shape(self) -> dict[str, int] | None:
-        """`mesh` parsed: `{"data": d, "model": m, "seq": s}`, or None.
+        """`mesh` parsed: a size for each axis of the library's meshes
+        (`qkclip_eqx._parallel.AXES`: data, model, seq), absent axes 1; or None.
 
-        Raises `ValueError` when `mesh` does not look like
-        `"data=4,model=2,seq=1"`.
+        Raises `ValueError` when `mesh` does not look like `"data=4,model=2"`
+        or names an axis twice.
         """
         if self.mesh is None:
             return None
-        shape = {"data": 1, "model": 1, "seq": 1}
+        shape: dict[str, int] = dict.fromkeys(AXES, 1)
+        example = ",".join(f"{a}={n}" for a, n in zip(AXES, (4, 2, 1, 1, 1), strict=False))
+        seen = set()
         for part in self.mesh.split(","):
-            name, _, size = part.partition("=")
-            if name.strip() not in shape or not size.strip().isdigit() or int(size) < 1:
+            name, _, size = (x.strip() for x in part.partition("="))
+            if name not in shape or not size.isdigit() or int(size) < 1 or name in seen:
                 raise ValueError(
-                    f"RunConfig.mesh must look like 'data=4,model=2,seq=1', got {self.mesh!r}"
+                    f"RunConfig.mesh must look like {example!r} (axes {', '.join(AXES)}, each "
+                    f"once, sizes >= 1), got {self.mesh!r}"
                 )
-            shape[name.strip()] = int(size)
+            seen.add(name)
+            shape[name] = int(size)
         return shape
+
+    def sinks(self) -> tuple[str, ...]:
+        """`log_to` parsed: the names of the sinks (`_sinks.SINKS`), each once.
+
+        Raises `ValueError` naming an unknown sink.
+        """
+        if self.log_to is None:
+            return ()
+        try:
+            return parse_log_to(self.log_to)
+        except ValueError as e:
+            raise ValueError(f"RunConfig.log_to: {e}") from None
 
     def model_config(self, vocab_size: int = 256) -> TransformerConfig:
         """The [`qkclip_eqx.TransformerConfig`][] of the run's model (MLA or GQA
         by `attention`), for a vocabulary of `vocab_size` tokens."""
-        if self.attention == "mla":
-            attn = MLAConfig(
-                dim=self.dim,
-                n_heads=self.n_heads,
-                q_lora_rank=self.q_lora_rank,
-                kv_lora_rank=self.kv_lora_rank,
-                qk_nope_head_dim=self.qk_nope_head_dim,
-                qk_rope_head_dim=self.qk_rope_head_dim,
-                v_head_dim=self.v_head_dim,
-                kernel=self.kernel,
-                block_size=self.block_size,
-                max_logit=self.max_logit,
-                implementation=self.attention_implementation,
-            )
-        else:
-            attn = GQAConfig(
-                dim=self.dim,
-                n_heads=self.n_heads,
-                n_kv_heads=self.n_kv_heads,
-                head_dim=self.head_dim,
-                kernel=self.kernel,
-                block_size=self.block_size,
-                max_logit=self.max_logit,
-                implementation=self.attention_implementation,
-            )
+        attention_cls = ATTENTION_CONFIGS[self.attention]
+        kwargs: dict[type, dict[str, Any]] = {TransformerConfig: {}, attention_cls: {}}
+        for option in MODEL_OPTIONS.values():
+            value = getattr(self, option.name)
+            if option.deferred and value is None:
+                continue
+            for cls, name in option.targets.items():
+                if cls in kwargs:
+                    kwargs[cls][name] = value
         return TransformerConfig(
             vocab_size=vocab_size,
-            n_layers=self.n_layers,
-            mlp_hidden=self.mlp_hidden,
-            attention=attn,
-            param_dtype=self.param_dtype,
-            compute_dtype=self.compute_dtype,
+            attention=attention_cls(**kwargs[attention_cls]),
+            **kwargs[TransformerConfig],
         )
 
 
+def _as_run_names(message: str) -> str:
+    """A model config's error with its fields named as RunConfig's
+    (`MLAConfig.norm_eps` -> `RunConfig.latent_norm_eps`)."""
+    renamed = {
+        (cls.__name__, field): option.name
+        for option in MODEL_OPTIONS.values()
+        for cls, field in option.targets.items()
+    }
+
+    def sub(m: re.Match[str]) -> str:
+        return "RunConfig." + renamed.get((m[1], m[2]), m[2] or "")
+
+    names = "|".join(c.__name__ for c in MODEL_CONFIGS)
+    return re.sub(rf"\b({names})\.(\w+)", sub, message)
+
+
+def _rules() -> tuple[dict[str, str], tuple[str, ...], dict[str, str]]:
+    docs, must, may = {}, [], {}
+    for f in dataclasses.fields(RunConfig):
+        docs[f.name] = f.metadata["help"]
+        rule = f.metadata["resume"]
+        if rule == MUST_MATCH_RULE:
+            must.append(f.name)
+        else:
+            may[f.name] = rule
+    return docs, tuple(must), may
+
+
 #: One line per field of [`qkclip_eqx.RunConfig`][]: the help of its
-#: `qkclip-train` flag.
-FIELD_DOCS: dict[str, str] = {
-    "attention": "attention: mla (DeepSeek-V3's latent attention) or gqa (grouped-query; MHA when n-kv-heads = n-heads)",
-    "n_layers": "Transformer blocks",
-    "dim": "model width",
-    "n_heads": "attention (query) heads per layer",
-    "q_lora_rank": "mla: rank of the query's low-rank projection (none: a full projection)",
-    "kv_lora_rank": "mla: rank of the compressed key/value latent",
-    "qk_nope_head_dim": "mla: per-head query/key width without rotary embedding",
-    "qk_rope_head_dim": "mla: per-head query/key width with rotary embedding (shared key)",
-    "v_head_dim": "mla: per-head value width",
-    "n_kv_heads": "gqa: key/value heads (none: n-heads, i.e. MHA)",
-    "head_dim": "gqa: per-head width",
-    "mlp_hidden": "hidden width of each block's MLP",
-    "kernel": "attention kernel: dense, blockwise (FlashAttention-style), or dot_product_attention (jax.nn)",
-    "block_size": "blockwise kernel: query/key block length",
-    "max_logit": "dot_product_attention kernel: S exact, or its log-sum-exp upper bound",
-    "attention_implementation": "dot_product_attention kernel: xla or cudnn (none: JAX chooses)",
-    "param_dtype": "dtype of the stored parameters and optimizer state (keep float32)",
-    "compute_dtype": "dtype of the matmuls (bfloat16 on an accelerator)",
-    "optimizer": "muonclip (Muon with QK-Clip), muon (never clips), or adamw",
-    "mode": "QK-Clip: clip, monitor (measure S only) or off (none: clip for muonclip, else monitor)",
-    "tau": "QK-Clip threshold on the max logit S (Kimi K2: 100)",
-    "alpha": "QK-Clip: share of the clip on the query side (the rest on the key)",
-    "clip_until": "clip mode: clip the updates of steps before this one only (none: always)",
-    "lr": "peak learning rate",
-    "weight_decay": "decoupled weight decay",
-    "schedule": "lr schedule: wsd (warmup, stable, decay), cosine, or constant",
-    "warmup_steps": "steps of linear warmup from 0",
-    "decay_fraction": "wsd: the share of the steps spent decaying",
-    "final_lr_fraction": "the lr the schedule ends at, as a fraction of lr",
-    "steps": "training steps",
-    "batch_size": "sequences per step",
-    "seq_len": "tokens per sequence",
-    "accum_steps": "micro-batches per step (gradient accumulation; divides batch-size)",
-    "seed": "seed of the initial weights and of the batches",
-    "data": "a text file or directory (bytes, or tokens with --tokenizer), a 1-D token file (.npy, raw .u16/.u32, nanoGPT .bin; memory-mapped), or a directory with train.bin and val.bin (none: the Python standard library's source)",
-    "max_bytes": "read at most this many bytes of text data",
-    "vocab_size": "a token file's vocabulary, stated: skips the scan for its largest id, and every batch is checked against it (none: scan)",
-    "tokenizer": "a Hugging Face tokenizer.json: --data text is tokenised with it once, cached beside the data (the tokenizers extra)",
-    "out": "run directory: config.json, metrics.jsonl, checkpoints, plots",
-    "eval_every": "steps between validation losses",
-    "eval_batches": "validation batches per evaluation",
-    "ckpt_every": "steps between checkpoints",
-    "keep": "checkpoints kept",
-    "label": "the run's name in plots (none: the directory's name)",
-    "mesh": "devices, e.g. data=4,model=2 (absent axes have size 1; none: one device)",
-}
+#: `qkclip-train` flag (read from the fields' declarations).
+FIELD_DOCS: dict[str, str]
+# What a resume may change (docs/checkpoints.md, "What a resume may change"),
+# read from the fields' declarations. MUST_MATCH: the fields that shape the
+# model, the optimizer state or the data stream; a checkpoint whose values
+# differ is refused, naming each field. Every other field may change, with the
+# effect stated (and printed when a resume changes it).
+MUST_MATCH: tuple[str, ...]
+MAY_CHANGE: dict[str, str]
+FIELD_DOCS, MUST_MATCH, MAY_CHANGE = _rules()
+
+
+def merge_values(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` (field values) with `overrides`; a dict given for a nested
+    config (`yarn`) updates the base's config field by field (a flag
+    `--yarn-factor 4` keeps the other YaRN fields of a `--config` file)."""
+    merged = dict(base)
+    for name, value in overrides.items():
+        old = merged.get(name)
+        if isinstance(value, dict) and old is not None:
+            value = {**(old if isinstance(old, dict) else dataclasses.asdict(old)), **value}
+        merged[name] = value
+    return merged
+
 
 #: Keys a run's `config.json` holds beside the fields: what the run read
-#: (`data_description`: the data's files and sizes). Skipped on reading.
-RECORD_KEYS = ("data_description",)
-
-
-def _fits(value: Any, tp: Any) -> bool:
-    """Whether a JSON value fits a field's annotation (an int fits a float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _as_field(value: Any, tp: Any) -> Any:
-    """A JSON value as its field's type: an integer where a float is due (JSON
-    writes 30.0 as 30 in hand-written files) becomes that float."""
-    floats = tp is float or float in typing.get_args(tp)
-    if floats and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    return "null" if tp is type(None) else tp.__name__
+#: (`data_description`: the data's files and sizes) and what ran it
+#: (`provenance`: versions, git commit, devices, start time; see
+#: `_provenance.py`). Skipped on reading.
+RECORD_KEYS = ("data_description", "provenance")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -429,7 +626,7 @@ def preset(name: str, **overrides: Any) -> RunConfig:
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return RunConfig(**{**PRESETS[name], **overrides})
+    return RunConfig(**merge_values(PRESETS[name], overrides))
 
 
 def schedule(cfg: RunConfig) -> optax.Schedule:
@@ -456,66 +653,6 @@ def optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     if cfg.optimizer == "adamw":
         return optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay)
     return muon_adamw(lr, weight_decay=cfg.weight_decay)
-
-
-# What a resume may change (docs/checkpoints.md, "What a resume may change"). MUST_MATCH: the fields that
-# shape the model, the optimizer state or the data stream; a checkpoint whose
-# values differ is refused, naming each field. Every other field may change,
-# with the effect stated here (and printed when a resume changes it).
-MUST_MATCH = (
-    # architecture (and the dtype of the stored parameters)
-    "attention",
-    "n_layers",
-    "dim",
-    "n_heads",
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-    "n_kv_heads",
-    "head_dim",
-    "mlp_hidden",
-    "param_dtype",
-    # data: which bytes, and the batches drawn from them at each step
-    "data",
-    "max_bytes",
-    "vocab_size",
-    "tokenizer",
-    "batch_size",
-    "seq_len",
-    "seed",
-    # optimizer kind: the layout and meaning of the optimizer state
-    "optimizer",
-)
-MAY_CHANGE = {
-    "lr": "the lr schedule is recomputed; from the resume step on, the lr is the new schedule's value at that step",
-    "schedule": "as lr",
-    "warmup_steps": "as lr",
-    "decay_fraction": "as lr",
-    "final_lr_fraction": "as lr",
-    "steps": "the run ends at the new step count, and the warmup/decay schedule is recomputed for it "
-    "(from the resume step on, the lr is the new schedule's value at that step)",
-    "weight_decay": "applies from the resume step on",
-    "tau": "QK-Clip uses the new threshold from the resume step on",
-    "alpha": "as tau",
-    "mode": "as tau",
-    "clip_until": "as tau",
-    "mesh": "the same maths in another arithmetic order: results agree to rounding, not bit for bit",
-    "kernel": "as mesh",
-    "block_size": "as mesh",
-    "attention_implementation": "as mesh",
-    "max_logit": "from the resume step on, QK-Clip acts on (and the metrics report) the new "
-    "choice: S, or its log-sum-exp upper bound",
-    "compute_dtype": "as mesh",
-    "accum_steps": "as mesh",
-    "eval_every": "no effect on training",
-    "eval_batches": "no effect on training",
-    "ckpt_every": "no effect on training",
-    "keep": "no effect on training",
-    "label": "no effect on training",
-    "out": "no effect on training",
-}
 
 
 def meta_of(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:

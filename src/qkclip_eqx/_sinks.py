@@ -14,28 +14,19 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-SINKS = ("tensorboard", "wandb")
+from ._metric_schema import METRICS
 
-# The scalars of one step's metrics, under the names every sink logs them by.
-_SCALARS = {
-    "loss": "train/loss",
-    "lr": "train/lr",
-    "grad_norm": "train/grad_norm",
-    "tokens_per_s": "train/tokens_per_s",
-    "max_logit": "qk_clip/S_max",
-    "heads_clipped": "qk_clip/heads_clipped",
-    "heads_over_tau": "qk_clip/heads_over_tau",
-    "n_nonfinite": "qk_clip/n_nonfinite",
-    "val_loss": "val/loss",
-}
+SINKS = ("tensorboard", "wandb")
 
 
 def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """One step's metrics (as `on_step` receives them) as named scalars: the
-    loss, lr, gradient norm, tokens/s, S (max over layers and heads), heads
-    clipped and over tau, validation loss where the step evaluated, and S of
-    every layer and head as `S/layer_<l>/head_<h>` (a non-finite S, stored as
-    null, is left out).
+    """One step's metrics (as `on_step` receives them) as named scalars, by
+    the sink names of `_metric_schema.METRICS`: the loss, lr, gradient norm,
+    tokens/s, S (max over layers and heads), heads clipped and over tau,
+    validation loss where the step evaluated, and S of every layer and head as
+    `S/layer_<l>/head_<h>` (a non-finite S, stored as null, is left out). A
+    run whose attention reports the log-sum-exp bound of S sends it under
+    the bound's names (`qk_clip/S_max_lse_bound`, `S_lse_bound/...`).
 
     **Arguments:**
 
@@ -45,16 +36,32 @@ def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
     `{name: value}`.
     """
-    out = {
-        name: float(metrics[key])
-        for key, name in _SCALARS.items()
-        if isinstance(metrics.get(key), (int, float))
-    }
-    for layer, row in enumerate(metrics.get("max_logits") or []):
-        for head, s in enumerate(row):
-            if s is not None:
-                out[f"S/layer_{layer:02d}/head_{head:02d}"] = float(s)
+    out = {}
+    for metric in METRICS:
+        for key, sink in ((metric.key, metric.sink), (metric.bound_key, metric.bound_sink)):
+            if key is None or sink is None or key not in metrics:
+                continue
+            value = metrics[key]
+            if not metric.shape:
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out[sink] = float(value)
+                continue
+            for suffix, x in _elements(value, metric.shape):
+                if x is not None:
+                    out[sink + suffix] = float(x)
     return out
+
+
+def _elements(value: Any, axes: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """`(/layer_<l>/head_<h>, x)` for each element of a nested list whose
+    axes are `axes` (`("layers", "heads")`)."""
+    if not axes:
+        return [("", value)]
+    return [
+        (f"/{axes[0].removesuffix('s')}_{i:02d}{suffix}", x)
+        for i, sub in enumerate(value or [])
+        for suffix, x in _elements(sub, axes[1:])
+    ]
 
 
 @runtime_checkable
@@ -165,7 +172,7 @@ def parse_log_to(value: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
     bad = [n for n in names if n not in SINKS]
     if bad:
-        raise ValueError(f"--log-to: unknown sink {bad[0]!r}; choose from {', '.join(SINKS)}")
+        raise ValueError(f"unknown sink {bad[0]!r}; choose from {', '.join(SINKS)}")
     return names
 
 

@@ -27,6 +27,19 @@ from ._clip import (
     modules_and_s,
 )
 from ._config import ParallelAxes
+from ._interfaces import AbstractPackedModel
+from ._metric_schema import (
+    CLIP_ACTIVE,
+    FIRST_NONFINITE,
+    GRAD_NORM,
+    HEADS_CLIPPED,
+    HEADS_OVER_TAU,
+    LOSS,
+    N_NONFINITE,
+    NONFINITE,  # noqa: F401  # re-exported: what first_nonfinite indexes
+    s_key,
+    s_max_key,
+)
 from ._parallel import (
     check_mesh,
     check_mesh_loss_fn,
@@ -34,7 +47,6 @@ from ._parallel import (
     partition_specs,
     reduce_max_logits,
     shard_loss,
-    takes_keyword,
 )
 
 LossFn = Callable[[PyTree, Int[Array, "batch seq_plus_one"]], tuple[Float[Array, ""], PyTree]]
@@ -49,9 +61,9 @@ def next_token_loss(
     """Mean next-token cross-entropy, and S (max over the batch) per layer and head.
 
     `tokens[:, :-1]` are the inputs and `tokens[:, 1:]` the targets; `model` maps
-    one example's tokens to `(logits, S)`. A model whose `__call__` takes
-    `segment_length` (as [`qkclip_eqx.Transformer`][] does) is given the batch as
-    ONE packed example of `batch * seq` tokens, so that every projection is one
+    one example's tokens to `(logits, S)`. An
+    [`qkclip_eqx.AbstractPackedModel`][] (as [`qkclip_eqx.Transformer`][] is) is
+    given the batch as ONE packed example of `batch * seq` tokens, so that every projection is one
     flat matmul (on XLA:CPU a vmapped weight gradient, contracting over batch
     and sequence, is much slower); attention still runs per sequence. Any other
     model is `jax.vmap`-ed over the batch.
@@ -77,9 +89,12 @@ def next_token_loss(
     seq_shards = 1 if seq_axis is None else jax.lax.axis_size(seq_axis)
     offset = 0 if seq_axis is None or seq_shards == 1 else jax.lax.axis_index(seq_axis) * t
     positions = offset + jnp.arange(t, dtype=jnp.int32)
-    if seq_shards == 1 and takes_keyword(model, "segment_length"):
+    if seq_shards == 1 and isinstance(model, AbstractPackedModel):
         logits, s = model(
-            inputs.reshape(-1), positions=jnp.tile(positions, batch), segment_length=t, **kw
+            inputs.reshape(-1),
+            positions=jnp.tile(positions, batch),
+            segment_length=t,
+            parallel=parallel,
         )
         logits = logits.reshape(batch, t, -1)
     else:
@@ -135,9 +150,6 @@ def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int)
     return loss * scale, jax.tree.map(lambda g: g * scale, grads), s
 
 
-NONFINITE = ("loss", "grad_norm", "parameters")
-
-
 def _first_nonfinite(loss: Array, grad_norm: Array, model: PyTree) -> Int[Array, ""]:
     """0 if the step is finite, else 1 + the index in `NONFINITE` of the first
     quantity that is not: the loss, the gradient norm, the updated parameters."""
@@ -165,20 +177,20 @@ def _clip_and_report(
     """
     modules, s_list = modules_and_s(model, s, "the train step")
     gammas = [clip_factors(x, tau) for x in s_list]
-    suffix = "_lse_bound" if any(m.reports_lse_bound() for m in modules) else ""
-    metrics = {  # the names say when the values bound S rather than are S
-        "max_logits" + suffix: s,
-        "max_logit" + suffix: jnp.max(jnp.stack([jnp.max(x) for x in s_list])),
-        "heads_over_tau": sum(jnp.sum(g < 1) for g in gammas),
-        "heads_clipped": jnp.zeros((), jnp.int32),
-        "n_nonfinite": sum(jnp.sum(~jnp.isfinite(x)) for x in s_list),
+    bound = any(m.reports_lse_bound() for m in modules)
+    metrics = {  # the keys say when the values bound S rather than are S
+        s_key(bound): s,
+        s_max_key(bound): jnp.max(jnp.stack([jnp.max(x) for x in s_list])),
+        HEADS_OVER_TAU.key: sum(jnp.sum(g < 1) for g in gammas),
+        HEADS_CLIPPED.key: jnp.zeros((), jnp.int32),
+        N_NONFINITE.key: sum(jnp.sum(~jnp.isfinite(x)) for x in s_list),
     }
     if not clip:
         return model, metrics
     if active is not None:
         gammas = [jnp.where(active, g, 1.0) for g in gammas]
-        metrics["clip_active"] = active.astype(jnp.int32)
-    metrics["heads_clipped"] = sum(jnp.sum(heads_scaled(m, g)) for m, g in zip(modules, gammas))
+        metrics[CLIP_ACTIVE.key] = active.astype(jnp.int32)
+    metrics[HEADS_CLIPPED.key] = sum(jnp.sum(heads_scaled(m, g)) for m, g in zip(modules, gammas))
     return apply_clip_factors(model, modules, gammas, alpha), metrics
 
 
@@ -228,7 +240,7 @@ def make_train_step(
 
     **Returns:**
 
-    The `step` function. Its `metrics`: `loss`, `grad_norm`, `max_logits` (S
+    The `step` function. Its `metrics` (declared in `_metric_schema.py`): `loss`, `grad_norm`, `max_logits` (S
     per layer and head), `max_logit` (global max), `heads_over_tau` (the
     (layer, head) pairs with S > tau), `heads_clipped` (the pairs whose
     logits the clip scaled: those over tau and, in GQA `"group"` mode, their
@@ -271,14 +283,14 @@ def make_train_step(
         loss, grads, s = _loss_grads_and_s(loss_of, params, static, tokens, accum_steps)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         model = eqx.combine(optax.apply_updates(params, updates), static)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics = {LOSS.key: loss, GRAD_NORM.key: optax.tree.norm(grads)}
         if mode != "off":
             active = None if clip_until is None else step_index < clip_until
             model, s_metrics = _clip_and_report(
                 model, s, tau=tau, alpha=alpha, clip=mode == "clip", active=active
             )
             metrics.update(s_metrics)
-        metrics["first_nonfinite"] = _first_nonfinite(loss, metrics["grad_norm"], model)
+        metrics[FIRST_NONFINITE.key] = _first_nonfinite(loss, metrics[GRAD_NORM.key], model)
         if mesh is not None and specs is not None:  # pin the state: no later step recompiles
             model, opt_state = constrain_train_state(model, opt_state, optimizer, mesh, specs)
         return model, opt_state, metrics

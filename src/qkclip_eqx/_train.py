@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -37,11 +38,22 @@ from ._checkpoint import (
 )
 from ._data import TokenData, check_batch_tokens, get_batch, load_data
 from ._evaluate import evaluate
+from ._metric_schema import (
+    FIRST_NONFINITE,
+    LR,
+    STEP,
+    TIME,
+    TOKENS_PER_S,
+    VAL_LOSS,
+    bar_items,
+    nonfinite_name,
+)
 from ._model import Transformer
 from ._parallel import check_mesh, make_mesh, place_batch, shard_train_state, to_host
+from ._provenance import provenance
 from ._run_config import RunConfig, meta_of, optimizer, resume_changes, schedule
 from ._sinks import MetricSink
-from ._step import NONFINITE, make_train_step
+from ._step import make_train_step
 
 
 class RunError(Exception):
@@ -139,18 +151,21 @@ class _MetricsLog:
         index, metrics, seconds = self.pending
         self.pending = None
         host = _host_metrics(metrics)
-        bad = host.pop("first_nonfinite")
+        bad = host.pop(FIRST_NONFINITE.key)
         host.update(
-            step=index,
-            lr=float(self.lr_at(index)),  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
-            tokens_per_s=self.tokens_per_step / seconds,
+            {
+                STEP.key: index,
+                LR.key: float(self.lr_at(index)),  # pyright: ignore[reportArgumentType]  # a schedule returns a real scalar
+                TOKENS_PER_S.key: self.tokens_per_step / seconds,
+                TIME.key: round(datetime.datetime.now(datetime.UTC).timestamp(), 3),
+            }
         )
         self.last = host
         if bad:
-            self.nonfinite = NONFINITE[bad - 1]
+            self.nonfinite = nonfinite_name(bad)
             return self.nonfinite
         if val_loss is not None:
-            host["val_loss"] = val_loss()
+            host[VAL_LOSS.key] = val_loss()
         self.file.write(json.dumps(host) + "\n")
         self.file.flush()
         if self.on_step is not None:
@@ -161,9 +176,7 @@ class _MetricsLog:
         if not first:
             self.recent.append(seconds)
         if self.bar is not None:
-            post = dict(loss=f"{host['loss']:.3f}")
-            if "max_logit" in host:
-                post.update(S_max=f"{host['max_logit']:.1f}", clipped=host["heads_clipped"])
+            post = bar_items(host)
             if self.recent:
                 post["tok/s"] = f"{self.smoothed_tokens_per_s():,.0f}"
             self.bar.set_postfix(post, refresh=False)
@@ -352,10 +365,13 @@ def train(
     mesh = _mesh(cfg)
     opt = optimizer(cfg)
     meta = meta_of(cfg, data.vocab_size)
+    started = provenance(cfg.mesh)  # what runs this invocation, recorded with each save
     model, opt_state, start = _init_or_resume(cfg, opt, meta, mesh, resume=resume, lead=lead)
     out.mkdir(parents=True, exist_ok=True)
     if lead:
-        (out / "config.json").write_text(cfg.to_json(data_description=data.description))
+        (out / "config.json").write_text(
+            cfg.to_json(data_description=data.description, provenance=started)
+        )
     metrics_path = out / (
         "metrics.jsonl" if lead else f"metrics.process{jax.process_index()}.jsonl"
     )
@@ -375,7 +391,9 @@ def train(
         # Every process writes its own shards; the device-to-host copy happens
         # here, the file writes overlap the next steps.
         checkpoints.save(
-            step, (model, opt_state), meta={**meta, "step": step, "run": dataclasses.asdict(cfg)}
+            step,
+            (model, opt_state),
+            meta={**meta, "step": step, "run": dataclasses.asdict(cfg), "provenance": started},
         )
 
     bar = None

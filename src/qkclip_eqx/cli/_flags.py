@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import pathlib
+import re
 import types
 import typing
 from typing import Any
 
 import jax
 
-from .._run_config import FIELD_DOCS, PRESETS, RunConfig, preset
+from .._options import hints_of, optional_config
+from .._run_config import PRESETS, RECORD_KEYS, RunConfig, merge_values, preset
 
 DEFAULT_PRESET = "small"
 
@@ -35,9 +38,28 @@ class _NoneValue:
 NONE = _NoneValue()
 
 
+def _bool(text: str) -> bool:
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if text.strip().lower() not in words:
+        raise ValueError(text)
+    return words[text.strip().lower()]
+
+
+_bool.__name__ = "bool (true or false)"  # argparse names it in errors
+
+
+def _none_only(text: str) -> _NoneValue:
+    if text.strip().lower() != "none":
+        raise ValueError(text)
+    return NONE
+
+
+_none_only.__name__ = "value (only none; set its fields with their own flags)"
+
+
 def _parser_for(tp: Any) -> tuple[Any, list[Any] | None]:
-    """The argparse `type` and `choices` for a field's annotation (no field is a
-    bool); an optional field also takes `none`."""
+    """The argparse `type` and `choices` for a field's annotation; an optional
+    field also takes `none`."""
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if origin in (typing.Union, types.UnionType):  # X | None: parse X, or "none"
@@ -50,11 +72,25 @@ def _parser_for(tp: Any) -> tuple[Any, list[Any] | None]:
         return parse, None if choices is None else [*choices, NONE]
     if origin is typing.Literal:
         return str, list(typing.get_args(tp))
+    if tp is bool:
+        return _bool, None
     return tp, None
 
 
 def _shown(value: Any) -> str:
     return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def flag_of(path: str) -> str:
+    """The flag of a field (`kv_lora_rank` -> `--kv-lora-rank`) or of a nested
+    config's field (`yarn.factor` -> `--yarn-factor`)."""
+    return "--" + path.replace(".", "-").replace("_", "-")
+
+
+def with_flag_names(message: str) -> str:
+    """A config error with its fields named as their flags
+    (`RunConfig.tau must be > 0` -> `--tau must be > 0`)."""
+    return re.sub(r"\bRunConfig\.(\w+(?:\.\w+)?)", lambda m: flag_of(m[1]), message)
 
 
 def preset_of(argv: list[str] | None) -> str | None:
@@ -67,8 +103,10 @@ def preset_of(argv: list[str] | None) -> str | None:
 
 
 def add_run_flags(parser: argparse.ArgumentParser, preset_name: str | None = None) -> None:
-    """`--preset` and one flag per [`qkclip_eqx.RunConfig`][] field, each with
-    its `FIELD_DOCS` line and its value in `preset_name` (default `small`)."""
+    """`--preset`, `--config` and one flag per [`qkclip_eqx.RunConfig`][]
+    field (a nested config, such as `yarn`: `--yarn none` and one flag per
+    field of it), each with its help line and its value in `preset_name`
+    (default `small`)."""
     shown = preset_name or DEFAULT_PRESET
     parser.add_argument(
         "--preset",
@@ -77,35 +115,96 @@ def add_run_flags(parser: argparse.ArgumentParser, preset_name: str | None = Non
         help=f"starting values; any flag below overrides them (default: {DEFAULT_PRESET}). "
         "With --resume, the run's own config.json is the start instead",
     )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="start a new run from a config file (such as another run's config.json) instead "
+        "of a preset; any flag below overrides it",
+    )
     base = preset(shown)
     group = parser.add_argument_group(
         f"run settings (RunConfig fields; [{shown}: value] is the preset's)"
     )
-    hints = typing.get_type_hints(RunConfig)
+    hints = hints_of(RunConfig)
     for field in dataclasses.fields(RunConfig):
-        tp, choices = _parser_for(hints[field.name])
+        tp, help = hints[field.name], field.metadata["help"]
+        value = getattr(base, field.name)
+        nested = optional_config(tp)
+        if nested is None:
+            tp, choices = _parser_for(tp)
+            group.add_argument(
+                flag_of(field.name),
+                type=tp,
+                choices=choices,
+                default=None,
+                metavar=None if choices else field.name.upper(),
+                help=f"{help} [{shown}: {_shown(value)}]",
+            )
+            continue
         group.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=tp,
-            choices=choices,
+            flag_of(field.name),
+            type=_none_only,
             default=None,
-            metavar=None if choices else field.name.upper(),
-            help=f"{FIELD_DOCS[field.name]} [{shown}: {_shown(getattr(base, field.name))}]",
+            metavar="none",
+            help=f"{help}: none turns it off; the --{field.name.replace('_', '-')}-* flags "
+            f"below set it [{shown}: {_shown(value)}]",
         )
+        inner_hints = hints_of(nested)
+        for inner in dataclasses.fields(nested):
+            tp, choices = _parser_for(inner_hints[inner.name])
+            shown_inner = "none" if value is None else _shown(getattr(value, inner.name))
+            group.add_argument(
+                flag_of(f"{field.name}.{inner.name}"),
+                dest=f"{field.name}.{inner.name}",
+                type=tp,
+                choices=choices,
+                default=None,
+                metavar=None if choices else inner.name.upper(),
+                help=f"{field.name}: {inner.metadata['help']} [{shown}: {shown_inner}]",
+            )
 
 
 def given_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The fields whose flags `args` holds, with their values (`none` as None)."""
-    return {
-        f.name: None if getattr(args, f.name) is NONE else getattr(args, f.name)
-        for f in dataclasses.fields(RunConfig)
-        if getattr(args, f.name) is not None
-    }
+    """The fields whose flags `args` holds, with their values (`none` as None;
+    a nested config's flags as a dict of its fields)."""
+    given: dict[str, Any] = {}
+    hints = hints_of(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            given[f.name] = None if value is NONE else value
+        nested = optional_config(hints[f.name])
+        if nested is None:
+            continue
+        inner = {
+            g.name: None if v is NONE else v
+            for g in dataclasses.fields(nested)
+            if (v := getattr(args, f"{f.name}.{g.name}")) is not None
+        }
+        if inner and f.name in given:
+            raise ValueError(f"{flag_of(f.name)} none with {flag_of(f.name)}-* flags")
+        if inner:
+            given[f.name] = inner
+    return given
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The preset (default `small`) with the flags given."""
-    return preset(args.preset or DEFAULT_PRESET, **given_fields(args))
+    """The preset (default `small`) or the `--config` file, with the flags given."""
+    given = given_fields(args)
+    if args.config is None:
+        return preset(args.preset or DEFAULT_PRESET, **given)
+    if args.preset is not None:
+        raise ValueError("--config and --preset both give the starting values: give one")
+    path = pathlib.Path(args.config)
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: a run config is a JSON object")
+    values = {k: v for k, v in values.items() if k not in RECORD_KEYS}
+    return RunConfig.from_dict(merge_values(values, given), source=str(path))
 
 
 CACHE_ENV = "QKCLIP_EQX_COMPILATION_CACHE"

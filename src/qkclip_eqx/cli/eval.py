@@ -12,6 +12,7 @@ import pathlib
 import sys
 
 from .._evaluate import evaluate, format_table, marked_tau
+from .._metric_schema import s_label
 from .._run import load_run
 from .._train import RunError, load_run_data
 from ._flags import add_cache_flag, use_compilation_cache
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint {run.checkpoint} (step {run.step})")
     print(f"data: {data.description}")
     print(f"validation loss: {loss:.4f}")
-    print("max logit S per layer and head on the validation batches:")
+    print(
+        f"max logit {s_label(cfg.max_logit == 'lse_bound')} per layer and head on the validation batches:"
+    )
     print(format_table(s, marked_tau(cfg)))
     return 0
 

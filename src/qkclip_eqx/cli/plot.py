@@ -50,6 +50,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
+from .._metric_schema import s_label
 from .._metrics import RunMetrics, clipped_fraction, layer_max_logits, read_metrics
 
 __all__ = [
@@ -278,6 +279,11 @@ def _floored(values: np.ndarray) -> tuple[np.ndarray, int]:
     return np.where(low, LOG_FLOOR, values), int(low.sum())
 
 
+def _s_of(runs: Sequence[RunMetrics]) -> str:
+    """S, or "S (or its bound, where marked)" when some run logged the bound."""
+    return "S (or its log-sum-exp bound, where marked)" if any(m.s_bound for m in runs) else "S"
+
+
 def max_logit_figure(runs: Sequence[RunMetrics], x: str = "step") -> Figure:
     """S against step on one shared log y axis: for several runs, a first panel
     with each run's S (max over layers and heads) and tau; then one panel per
@@ -295,7 +301,7 @@ def max_logit_figure(runs: Sequence[RunMetrics], x: str = "step") -> Figure:
         for i, m in enumerate(runs):
             y, k = _floored(_global_max(m))
             floored_total += k
-            ax.plot(_xs(m, m.steps, x), y, "-", color=_colour(i), lw=1.1, label=m.label,
+            ax.plot(_xs(m, m.steps, x), y, "-", color=_colour(i), lw=1.1, label=m.label + (f" ({s_label(True)})" if m.s_bound else ""),
                     **_line_kw(len(m.steps)))  # fmt: skip
         by_tau: dict[float, list[int]] = {}
         for i, m in enumerate(runs):
@@ -307,18 +313,20 @@ def max_logit_figure(runs: Sequence[RunMetrics], x: str = "step") -> Figure:
             who = "clip" if clips == {True} else "not applied" if clips == {False} else "clip: some"
             ax.axhline(max(tau, LOG_FLOOR), color=_colour(idx[0]) if one else "k", ls="--",
                        lw=1.1, label=f"tau = {tau:g} ({who})")  # fmt: skip
-        title = "S, all runs"
+        title = f"{_s_of(runs)}, all runs"
         if floored_total:
             title += f" ({floored_total} values <= {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})"
         ax.set_title(title, fontsize=9)
-        ax.set_ylabel("S (log)", fontsize=8)
+        ax.set_ylabel(f"{_s_of(runs)} (log)", fontsize=8)
         _log_axis(ax)
         any_log = True
         ax.legend(fontsize=7, ncol=2, loc="best")
     for ax, m in zip(axes, runs):
         lm = layer_max_logits(m)
         n_layers = lm.shape[1]
-        title = f"{m.label} ({m.mode or 'mode unknown'})"
+        title = f"{m.label} ({m.mode or 'mode unknown'})" + (
+            f": {s_label(True)}" if m.s_bound else ""
+        )
         n_bad = int(np.isnan(m.max_logits).sum())
         if n_bad:
             title += f"; {n_bad} gaps (non-finite)"
@@ -342,7 +350,7 @@ def max_logit_figure(runs: Sequence[RunMetrics], x: str = "step") -> Figure:
         if floored_total:
             title += f" ({floored_total} values <= {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})"
         ax.set_title(title, fontsize=9)
-        ax.set_ylabel("S (log)", fontsize=8)
+        ax.set_ylabel(f"{s_label(m.s_bound)} (log)", fontsize=8)
         _log_axis(ax)
         any_log = True
         ax.legend(fontsize=7, ncol=min(n_layers + 1, 5), loc="best")
@@ -449,7 +457,7 @@ def heatmap_figure(
     ax.set_xlabel("step" if t and np.all(np.diff(m.steps) > 0) else "line index")
     cb = fig.colorbar(mesh, ax=ax, pad=0.07)
     _colour_bar(cb, norm, [m.tau])
-    title = f"{m.label}: S per layer and head"
+    title = f"{m.label}: {s_label(m.s_bound)} per layer and head"
     notes = []
     if shared_with:
         notes.append("colour scale shared with " + ", ".join(shared_with))
@@ -642,8 +650,11 @@ def optim_figure(runs: Sequence[RunMetrics], window: int = 1, x: str = "step") -
 # Seeds: runs that differ only by seed, as a mean with a band
 # --------------------------------------------------------------------------
 
-#: config.json keys that do not make two runs different experiments.
-_NOT_THE_EXPERIMENT = frozenset({"seed", "out", "label", "data_description"})
+#: config.json keys that do not make two runs different experiments (with the
+#: record of what ran a run, `provenance`: versions, start time; and its sinks).
+_NOT_THE_EXPERIMENT = frozenset(
+    {"seed", "out", "label", "data_description", "provenance", "log_to"}
+)
 
 
 def _experiment(m: RunMetrics) -> str | None:

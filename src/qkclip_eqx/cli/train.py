@@ -4,6 +4,7 @@
     qkclip-train --preset tiny --out runs/t    # seconds
     qkclip-train --optimizer muon --lr 1e-2    # no clip, for comparison
     qkclip-train --out runs/default --resume   # continue after a stop
+    qkclip-train --config runs/a/config.json --out runs/b --seed 1   # a new run from a file
     qkclip-train --mesh data=4,model=2         # 8 devices: data and head parallelism
 
 Multi-process (one process per host; every process runs the same command):
@@ -16,7 +17,6 @@ slice or under SLURM, --distributed alone lets JAX find them).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import re
@@ -32,10 +32,11 @@ from .._checkpoint import CheckpointError, latest_checkpoint, read_meta
 from .._data import TokenData
 from .._evaluate import format_table, marked_tau
 from .._loglines import LogLines, train_flops_per_token
+from .._metric_schema import find_s, s_label
 from .._model import Transformer
 from .._run import load_run
-from .._run_config import MUST_MATCH, RunConfig
-from .._sinks import make_sinks, parse_log_to
+from .._run_config import MUST_MATCH, RunConfig, merge_values
+from .._sinks import make_sinks
 from .._train import RunError, RunResult, load_run_data, train
 from . import plot
 from ._flags import (
@@ -47,6 +48,7 @@ from ._flags import (
     preset_of,
     run_config_from_args,
     use_compilation_cache,
+    with_flag_names,
 )
 
 
@@ -61,10 +63,11 @@ def _resume_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Run
     and the step of its newest checkpoint. RunError (one line) when there is
     no checkpoint, or a flag changes what a resume cannot."""
     out = pathlib.Path(given.get("out", RunConfig.out))
-    if args.preset is not None:
+    if args.preset is not None or args.config is not None:
+        which = "a preset: drop --preset" if args.config is None else "--config: drop it"
         raise RunError(
-            f"--resume starts from the run's own config ({out / 'config.json'}), not a preset: "
-            "drop --preset and give only the flags to change"
+            f"--resume starts from the run's own config ({out / 'config.json'}), not {which} "
+            "and give only the flags to change"
         )
     newest = latest_checkpoint(out)
     if newest is None:
@@ -83,15 +86,18 @@ def _resume_config(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Run
         )
     except (OSError, KeyError, ValueError) as e:
         raise RunError(f"--resume: {e}") from e
-    fixed = [n for n in given if n in MUST_MATCH and given[n] != getattr(base, n)]
+    try:
+        cfg = RunConfig(**merge_values(base.to_dict(), {**given, "out": str(out)}))
+    except ValueError as e:
+        raise RunError(f"--resume: {with_flag_names(str(e))}") from e
+    fixed = [n for n in MUST_MATCH if getattr(cfg, n) != getattr(base, n)]
     if fixed:
         raise RunError(
             "--resume cannot change "
-            + ", ".join(f"{n} ({getattr(base, n)!r} -> {given[n]!r})" for n in fixed)
+            + ", ".join(f"{n} ({getattr(base, n)!r} -> {getattr(cfg, n)!r})" for n in fixed)
             + f": they shape the model, its optimizer state or the data of the run in {out}; "
             "start a new run with another --out"
         )
-    cfg = dataclasses.replace(base, **{**given, "out": str(out)})
     return cfg, int(meta["step"])
 
 
@@ -182,14 +188,6 @@ def _parser(preset_name: str | None) -> argparse.ArgumentParser:
         "and only the flags given changed (each change is printed with its effect)",
     )
     parser.add_argument(
-        "--log-to",
-        default="",
-        metavar="SINKS",
-        help="also send each step's metrics to: tensorboard (RUN/tensorboard), wandb "
-        "(RUN/wandb; offline without an API key or network), comma-separated; needs the "
-        "qkclip_eqx[tensorboard] or [wandb] extra",
-    )
-    parser.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bar: plain log lines instead (also when stdout is not a terminal)",
@@ -223,10 +221,11 @@ def _report(result: RunResult, cfg: RunConfig) -> None:
         + (f"; last loss {m['loss']:.4f}" if "loss" in m else "")
         + (f", val loss {m['val_loss']:.4f}" if "val_loss" in m else "")
     )
-    if "max_logits" in m:
-        s = np.array([[np.nan if x is None else x for x in row] for row in m["max_logits"]])
+    values, bound = find_s(m)
+    if values is not None:
+        s = np.array([[np.nan if x is None else x for x in row] for row in values])
         mark = "" if cfg.mode == "off" else f" (tau = {cfg.tau}, '*' = above tau)"
-        print(f"max logit S per layer and head at the last step{mark}:")
+        print(f"max logit {s_label(bound)} per layer and head at the last step{mark}:")
         print(format_table(s, marked_tau(cfg)))
 
 
@@ -251,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     lead = jax.process_index() == 0
     try:
-        log_to = parse_log_to(args.log_to)
         if args.resume:
             cfg, start = _resume_config(args, given_fields(args))
         else:
@@ -264,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         return _error(e)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(with_flag_names(str(e)))
     if start >= cfg.steps:
         # The newest checkpoint says the run is finished; it is the run's state only
         # if it restores (else resume falls back to an older one, with steps to do).
@@ -295,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     progress = not args.no_progress and sys.stdout.isatty()
     try:
-        sinks = make_sinks(log_to, cfg.out, cfg.to_dict(), label=cfg.label) if lead else []
+        sinks = make_sinks(cfg.sinks(), cfg.out, cfg.to_dict(), label=cfg.label) if lead else []
         if lead and not progress:
             flops = train_flops_per_token(cfg.model_config(data.vocab_size), cfg.seq_len)
             sinks.append(
