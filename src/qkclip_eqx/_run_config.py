@@ -209,19 +209,20 @@ class RunConfig:
         return optimizer(self)
 
     def mesh_shape(self) -> dict[str, int] | None:
-        """`mesh` parsed: `{"data": d, "model": m, "seq": s}`, or None.
+        """`mesh` parsed: `{"data": d, "fsdp": f, "model": m, "seq": s}`, or None.
 
         Raises `ValueError` when `mesh` does not look like
-        `"data=4,model=2,seq=1"`.
+        `"data=4,model=2,seq=1"` (axes: data, fsdp, model, seq).
         """
         if self.mesh is None:
             return None
-        shape = {"data": 1, "model": 1, "seq": 1}
+        shape = {"data": 1, "fsdp": 1, "model": 1, "seq": 1}
         for part in self.mesh.split(","):
             name, _, size = part.partition("=")
             if name.strip() not in shape or not size.strip().isdigit() or int(size) < 1:
                 raise ValueError(
-                    f"RunConfig.mesh must look like 'data=4,model=2,seq=1', got {self.mesh!r}"
+                    "RunConfig.mesh must look like 'data=4,model=2,seq=1' (axes: data, fsdp, "
+                    f"model, seq), got {self.mesh!r}"
                 )
             shape[name.strip()] = int(size)
         return shape
@@ -309,7 +310,8 @@ FIELD_DOCS: dict[str, str] = {
     "ckpt_every": "steps between checkpoints",
     "keep": "checkpoints kept",
     "label": "the run's name in plots (none: the directory's name)",
-    "mesh": "devices, e.g. data=4,model=2 (absent axes have size 1; none: one device)",
+    "mesh": "devices, e.g. fsdp=4,model=2 (axes data, fsdp, model, seq; absent axes have size "
+    "1; none: one device)",
 }
 
 #: Keys a run's `config.json` holds beside the fields: what the run read
