@@ -118,9 +118,11 @@ def collective_bytes(hlo: str, wire: bool = False) -> dict:
         g = _group_size(line)
         if g == 1 and op != "collective-permute":
             continue  # a group of one moves nothing
-        moved[op] += (
-            size // g if op == "all-gather" else size * g if op == "reduce-scatter" else size
-        )
+        operand = size // g if op == "all-gather" else size * g if op == "reduce-scatter" else size
+        if wire:
+            share = operand * g if op == "all-gather" else operand
+            operand = share * (g - 1) // g * (2 if op == "all-reduce" else 1)
+        moved[op] += operand
     return dict(moved)
 
 

@@ -76,7 +76,7 @@ class SwiGLU(eqx.Module):
     2019, arXiv 1909.08053, sec. 3): `W_gate` and `W_up` column-parallel (each
     device holds its block of hidden rows), `W_down` row-parallel (the matching
     hidden columns); the partial outputs are summed by one `psum`
-    ([`model_axes`][qkclip_eqx.SwiGLU.model_axes] declares the split)."""
+    (`model_axes` declares the split)."""
 
     w_gate: Float[Array, "hidden dim"]
     w_up: Float[Array, "hidden dim"]

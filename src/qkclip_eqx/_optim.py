@@ -278,8 +278,6 @@ def _orthogonalize_all(
     Either way each matrix sees the same arithmetic as on one device.
     """
     axes, n = _owners()
-    if not axes:
-        return [jax.vmap(ns)(x) for x in mats]
     constrain = jax.lax.with_sharding_constraint
     if ns_sharding == "gather":
         return [constrain(jax.vmap(ns)(constrain(x, P())), P()) for x in mats]
@@ -323,7 +321,8 @@ def scale_by_sharded_muon(
     )
 
     def update(updates, state, params=None):
-        del params
+        if not _owners()[0]:  # no mesh splits the matrices: optax's own update
+            return base.update(updates, state, params)
         dims = weight_dimension_numbers(updates)
         mu = optax.tree.update_moment(updates, state.mu, beta, 1)
         count = optax.safe_increment(state.count)

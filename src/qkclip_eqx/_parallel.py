@@ -20,7 +20,7 @@ axis, so it needs no collective.
 
 Which leaves are sharded over `model` is declared by each module: attention
 by [`qkclip_eqx.AbstractQKClippable.head_axes`][], any other module by a
-`model_axes()` method of the same form ([`qkclip_eqx.SwiGLU.model_axes`][]);
+`model_axes()` method of the same form (`SwiGLU.model_axes` (`_layers.py`));
 nothing here knows a concrete class. Every array leaf is sharded over `fsdp`
 along its last axis not split over `model` (see
 [`partition_specs`][qkclip_eqx.partition_specs]).
@@ -138,7 +138,7 @@ def partition_specs(model: PyTree) -> PyTree:
 
     - `model`: the leaves each module declares are split along their declared
       axis: an [`qkclip_eqx.AbstractQKClippable`][]'s `head_axes` (heads), a
-      `model_axes()` method elsewhere ([`qkclip_eqx.SwiGLU`][]: column-parallel
+      `model_axes()` method elsewhere (`SwiGLU`: column-parallel
       `w_gate`/`w_up`, row-parallel `w_down`). An MoE layer's expert leaves
       would declare their expert axis the same way.
     - `fsdp`: EVERY array leaf is split along its last axis that is not split

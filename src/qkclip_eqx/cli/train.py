@@ -5,6 +5,7 @@
     qkclip-train --optimizer muon --lr 1e-2    # no clip, for comparison
     qkclip-train --out runs/default --resume   # continue after a stop
     qkclip-train --mesh data=4,model=2         # 8 devices: data and head parallelism
+    qkclip-train --mesh fsdp=4,model=2         # 8 devices: FSDP and tensor parallelism
 
 Multi-process (one process per host; every process runs the same command):
     qkclip-train --mesh data=16 --coordinator-address HOST0:1234 \\
