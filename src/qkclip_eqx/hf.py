@@ -50,21 +50,59 @@ def _yarn_from_hf(rope: Mapping[str, Any], hf_config: Mapping[str, Any]) -> YaRN
         raise ValueError(f"yarn rope_scaling keys {unknown} are not supported")
     if "original_max_position_embeddings" not in rope:
         raise ValueError("yarn rope_scaling needs original_max_position_embeddings")
-    original = rope["original_max_position_embeddings"]
-    factor = rope.get("factor")
-    if factor is None:
-        factor = hf_config["max_position_embeddings"] / original
+    original = _typed(rope, "original_max_position_embeddings", int)
+    factor = _typed(rope, "factor", float, None)
+    if factor is None:  # transformers: max_position_embeddings (default 4096) / original
+        factor = _typed(hf_config, "max_position_embeddings", int, 4096) / original
     return YaRN(
-        factor=float(factor),
-        original_max_position_embeddings=int(original),
-        beta_fast=float(rope.get("beta_fast") or 32),
-        beta_slow=float(rope.get("beta_slow") or 1),
-        mscale=None if rope.get("mscale") is None else float(rope["mscale"]),
-        mscale_all_dim=None
-        if rope.get("mscale_all_dim") is None
-        else float(rope["mscale_all_dim"]),
-        truncate=bool(rope.get("truncate", True)),
+        factor=factor,
+        original_max_position_embeddings=original,
+        beta_fast=float(_typed(rope, "beta_fast", float, None) or 32),
+        beta_slow=float(_typed(rope, "beta_slow", float, None) or 1),
+        mscale=_typed(rope, "mscale", float, None),
+        mscale_all_dim=_typed(rope, "mscale_all_dim", float, None),
+        truncate=_typed(rope, "truncate", bool, True),
     )
+
+
+_REQUIRED = object()
+
+
+def _typed(
+    config: Mapping[str, Any],
+    key: str,
+    kind: type,
+    default: Any = _REQUIRED,
+    *,
+    nullable: bool | None = None,
+) -> Any:
+    """`config[key]`, or `default` when absent (transformers' default; a
+    `KeyError` when required), refused unless of JSON type `kind`, or null
+    where `nullable` (default: where the default is None): JSON's `true` is no
+    number (Python's `bool` is an `int`), `"64"` no int, and an int is a
+    float. A float is returned as float."""
+    if key not in config:
+        if default is _REQUIRED:
+            raise KeyError(key)
+        return default
+    value: Any = config[key]
+    nullable = default is None if nullable is None else nullable
+    if value is None and nullable:
+        return None
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(value, (int, float)):
+            value = float(value)
+    if not ok:
+        raise ValueError(
+            f"config key {key!r} must be a JSON {'number' if kind is float else kind.__name__}"
+            f"{' or null' if nullable else ''}, got {value!r}"
+        )
+    return value
 
 
 def mla_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MLAConfig:
@@ -90,25 +128,31 @@ def mla_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MLACon
     **Raises:**
 
     `ValueError` for a RoPE type other than default and YaRN, a YaRN block with
-    unknown keys or without `original_max_position_embeddings`, or an invalid
-    config; `KeyError` when a required key (e.g. `hidden_size`) is missing.
+    unknown keys or without `original_max_position_embeddings`, a value of the
+    wrong JSON type (naming the key: `true` is no size), or an invalid config;
+    `KeyError` when a required key (e.g. `hidden_size`) is missing. An
+    optional key that is absent takes transformers' default (`q_lora_rank`
+    1536, `rope_interleave` true, `rope_theta` 10000).
     """
     rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "yarn"):
         raise ValueError(f"rope type {rope_type!r} is not supported (only 'default' and 'yarn')")
     yarn = _yarn_from_hf(rope, hf_config) if rope_type == "yarn" else None
-    theta = hf_config.get("rope_theta", rope.get("rope_theta", 10_000.0))
+    theta = _typed(hf_config, "rope_theta", float, _typed(rope, "rope_theta", float, 10_000.0))
     fields = dict(
-        dim=hf_config["hidden_size"],
-        n_heads=hf_config["num_attention_heads"],
-        q_lora_rank=hf_config.get("q_lora_rank"),
-        kv_lora_rank=hf_config["kv_lora_rank"],
-        qk_nope_head_dim=hf_config["qk_nope_head_dim"],
-        qk_rope_head_dim=hf_config["qk_rope_head_dim"],
-        v_head_dim=hf_config["v_head_dim"],
-        rope_theta=float(theta),
-        rope_layout="interleaved" if hf_config.get("rope_interleave", True) else "half",
+        dim=_typed(hf_config, "hidden_size", int),
+        n_heads=_typed(hf_config, "num_attention_heads", int),
+        # DeepseekV3Config's default rank; a null in config.json: no query LoRA
+        q_lora_rank=_typed(hf_config, "q_lora_rank", int, 1536, nullable=True),
+        kv_lora_rank=_typed(hf_config, "kv_lora_rank", int),
+        qk_nope_head_dim=_typed(hf_config, "qk_nope_head_dim", int),
+        qk_rope_head_dim=_typed(hf_config, "qk_rope_head_dim", int),
+        v_head_dim=_typed(hf_config, "v_head_dim", int),
+        rope_theta=theta,
+        rope_layout="interleaved"
+        if _typed(hf_config, "rope_interleave", bool, True, nullable=True)
+        else "half",
         norm_eps=1e-6,  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
         yarn=yarn,
     )
@@ -208,10 +252,11 @@ def mla_from_hf(
 
 def _dense_layers_only(hf_config: Mapping[str, Any]) -> None:
     """Refuse a config with mixture-of-experts layers, naming them."""
-    n = int(hf_config["num_hidden_layers"])
-    experts = hf_config.get("n_routed_experts", 256)  # DeepseekV3Config's default
-    first_dense = hf_config.get("first_k_dense_replace", 3)  # likewise
-    first_dense = n if first_dense is None else int(first_dense)
+    n = _typed(hf_config, "num_hidden_layers", int)
+    # DeepseekV3Config's defaults
+    experts = _typed(hf_config, "n_routed_experts", int, 256, nullable=True)
+    first_dense = _typed(hf_config, "first_k_dense_replace", int, 3, nullable=True)
+    first_dense = n if first_dense is None else first_dense
     if experts and first_dense < n:
         raise ValueError(
             f"layers {first_dense}..{n - 1} of this config are mixture-of-experts layers "
@@ -253,11 +298,11 @@ def transformer_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -
     """
     _dense_layers_only(hf_config)
     fields: dict[str, Any] = dict(
-        vocab_size=int(hf_config["vocab_size"]),
-        n_layers=int(hf_config["num_hidden_layers"]),
-        mlp_hidden=int(hf_config["intermediate_size"]),
+        vocab_size=_typed(hf_config, "vocab_size", int),
+        n_layers=_typed(hf_config, "num_hidden_layers", int),
+        mlp_hidden=_typed(hf_config, "intermediate_size", int),
         attention=mla_config_from_hf(hf_config),
-        norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        norm_eps=_typed(hf_config, "rms_norm_eps", float, 1e-6),
     )
     fields.update(overrides)
     return TransformerConfig(**fields)
@@ -371,7 +416,8 @@ def transformer_from_hf(
             raise ValueError(f"{name!r} is given both with and without the 'model.' prefix")
         params[name] = value
     expected = transformer_expected_shapes(config)
-    if "lm_head.weight" not in params and hf_config.get("tie_word_embeddings"):
+    tied = _typed(hf_config, "tie_word_embeddings", bool, False)
+    if "lm_head.weight" not in params and tied:
         params["lm_head.weight"] = params.get("embed_tokens.weight")
     missing = sorted(set(expected) - set(params))
     unexpected = sorted(set(params) - set(expected))
