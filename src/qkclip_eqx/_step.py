@@ -230,10 +230,10 @@ def make_train_step(
     **Returns:**
 
     The `step` function (`step.lower(model, opt_state, tokens)` lowers it
-    without running it: `.compile().as_text()` is its HLO,
-    `.compile().compiled.memory_analysis()` its memory). Its `metrics`: `loss`, `grad_norm`, `max_logits` (S
-    per layer and head), `max_logit` (global max), `heads_over_tau` (the
-    (layer, head) pairs with S > tau), `heads_clipped` (the pairs whose
+    without running it; `.compile().compiled` is the `jax.stages.Compiled`,
+    with `.as_text()` and `.memory_analysis()`). Its `metrics`: `loss`,
+    `grad_norm`, `max_logits` (S per layer and head), `max_logit` (global
+    max), `heads_over_tau` (the (layer, head) pairs with S > tau), `heads_clipped` (the pairs whose
     logits the clip scaled: those over tau and, in GQA `"group"` mode, their
     group-mates; 0 unless mode is clip), `n_nonfinite` (heads with
     non-finite S, never clipped) and, in every mode, `first_nonfinite`: 0
