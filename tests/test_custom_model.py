@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import qkclip_eqx as qc
@@ -112,9 +111,9 @@ def test_user_model_on_a_mesh_matches_one_device_with_the_clip_acting(runs):
         # measured max |diff| 5.3e-6, 21% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
         np.testing.assert_allclose(a, b, rtol=2.5e-5, atol=2.5e-6)
     # the heads really were sharded: each device holds 2 of the 4
-    assert model.attn.wq.sharding.spec == P("model")
+    assert tuple(model.attn.wq.sharding.spec)[0] == "model"
     assert {s.data.shape for s in model.attn.wq.addressable_shards} == {(HEADS // 2, HEAD_DIM, DIM)}
-    assert model.attn.wo.sharding.spec == P(None, "model")
+    assert tuple(model.attn.wo.sharding.spec)[1] == "model"
 
 
 def test_clip_identity_holds_for_the_user_module():

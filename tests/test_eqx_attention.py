@@ -1,8 +1,8 @@
 """`qkclip_eqx.ClippableMultiheadAttention`: an `eqx.nn.MultiheadAttention`,
 unchanged, returning S. Its output is the wrapped module's; S equals a float64
 NumPy brute force; after QK-Clip at tau re-running gives min(S, tau) per head
-(Kimi K2 report, sec. 2.1); a user model with it trains on a data=2, model=2
-mesh as on one device; and it serialises as the plain module does."""
+(Kimi K2 report, sec. 2.1); a user model with it trains on a data=2, fsdp=2,
+model=2 mesh as on one device; and it serialises as the plain module does."""
 
 import io
 
@@ -184,9 +184,11 @@ def _train(mesh):
     return model, metrics
 
 
-def test_user_model_on_a_data2_model2_mesh_matches_one_device():
+def test_user_model_on_a_data2_fsdp2_model2_mesh_matches_one_device():
+    """Under FSDP too: the user's model is gathered whole at the loss's entry
+    (it does not gather its own layers), its gradients and state stay sharded."""
     ref_model, ref_m = _train(None)
-    model, m = _train(qc.make_mesh(data=2, model=2, devices=jax.devices()[:4]))
+    model, m = _train(qc.make_mesh(data=2, fsdp=2, model=2))
     assert sum(int(x["heads_clipped"]) for x in ref_m) > 0, "the clip must act"
     for a, b in zip(ref_m, m):
         assert int(a["heads_clipped"]) == int(b["heads_clipped"])
@@ -197,7 +199,9 @@ def test_user_model_on_a_data2_model2_mesh_matches_one_device():
         # measured: 11% of rtol=1e-4, atol=1e-5 (jax 0.12.0.1; 0.4% on 0.10.2, CPU)
         np.testing.assert_allclose(a, b, rtol=4.5e-5, atol=4.5e-6)
     wq = model.attn.mha.query_proj.weight
-    assert wq.sharding.spec == P("model")
-    assert {s.data.shape for s in wq.addressable_shards} == {(DIM // 2, DIM)}
+    assert wq.sharding.spec == P("model", "fsdp")
+    assert {s.data.shape for s in wq.addressable_shards} == {(DIM // 2, DIM // 2)}
+    # a vector split over `model` has no axis left for fsdp: replicated over it
     assert model.attn.mha.query_proj.bias.sharding.spec == P("model")  # pyright: ignore
-    assert model.attn.mha.output_proj.weight.sharding.spec == P(None, "model")
+    assert model.attn.mha.output_proj.weight.sharding.spec == P("fsdp", "model")
+    assert model.embed.sharding.spec == P(None, "fsdp")

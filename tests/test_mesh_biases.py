@@ -6,7 +6,7 @@ the q, k and v biases are sharded with their heads, the output bias is
 shared and must be added once, after the `psum` over `model`. (The library's
 own MLA and GQA layers have no biases.)
 
-On model=2 and data=2 x model=2 meshes, the loss, S per head and the gradient
+On model=2, data=2 x model=2 and fsdp=2 x model=2 meshes, the loss, S per head and the gradient
 of every leaf (each bias included) equal one device's."""
 
 from __future__ import annotations
@@ -70,12 +70,12 @@ def reference():
     return model, tokens, out
 
 
-@pytest.mark.parametrize("shape", [dict(model=2), dict(data=2, model=2)])
+@pytest.mark.parametrize("shape", [dict(model=2), dict(data=2, model=2), dict(fsdp=2, model=2)])
 def test_biased_attention_on_a_mesh_equals_one_device(reference, shape):
     model, tokens, (loss, s, grads) = reference
     for name in ("query_proj", "key_proj", "value_proj", "output_proj"):
         assert float(jnp.min(jnp.abs(getattr(model.attn.mha, name).bias))) >= 0.5
-    n = shape.get("data", 1) * shape.get("model", 1)
+    n = int(np.prod(list(shape.values())))
     mesh = qc.make_mesh(**shape, devices=jax.devices()[:n])
     specs = qc.partition_specs(model)
     placed = jax.tree.map(

@@ -1,7 +1,9 @@
-"""Two local processes whose mesh has the ``model`` (or the ``seq``) axis
-spanning both processes: every device of a model (seq) group sits in another
-process, so each process must place the rows of the global batch that its own
-devices hold. Step by step the run matches one process on one device."""
+"""Two local processes whose mesh has the ``model``, the ``seq`` or the
+``fsdp`` axis spanning both processes: every device of a model (seq) group sits
+in another process, so each process must place the rows of the global batch
+that its own devices hold; under FSDP each parameter's shards lie in both
+processes, gathered layer by layer across them. Step by step the run matches
+one process on one device."""
 
 import os
 import pathlib
@@ -20,7 +22,7 @@ def reference():
     return run_scenario(None, "mla")
 
 
-@pytest.mark.parametrize("layout", ["model", "seq"])
+@pytest.mark.parametrize("layout", ["model", "seq", "fsdp"])
 def test_axis_spanning_processes_matches_one_process(reference, tmp_path, layout):
     tests = pathlib.Path(__file__).parent
     out = tmp_path / "mp.npz"

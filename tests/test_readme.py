@@ -155,9 +155,11 @@ def test_own_clippable_attention_example():
 
     ones = jnp.ones((2, 4, 8))
     attn = scope["MyAttention"](wq=ones, wk=ones, wv=ones, wo=jnp.ones((8, 8)), n_heads=2)
-    # its head layout shards every per-head leaf, and wo's columns, over `model`
+    # its head layout shards every per-head leaf, and wo's columns, over `model`; FSDP
+    # takes the last axis left
     specs = qc.partition_specs({"layer": attn})["layer"]
-    assert (specs.wq, specs.wk, specs.wv, specs.wo) == (P("model"),) * 3 + (P(None, "model"),)
+    per_head = P("model", None, "fsdp")
+    assert (specs.wq, specs.wk, specs.wv, specs.wo) == (per_head,) * 3 + (P("fsdp", "model"),)
     clipped = qc.qk_clip({"layer": attn}, [jnp.array([400.0, 50.0])], 100.0)["layer"]
     # head 0: gamma = 1/4 split as sqrt on each side; head 1 below tau: untouched
     # exactly 0.5: gamma = 100/400 and its square root are exact in float32

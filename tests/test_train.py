@@ -555,7 +555,7 @@ def test_eval_on_garbage_file(tmp_path, capsys):
     assert "not a qkclip checkpoint" in capsys.readouterr().err
 
 
-MESH = "data=4,model=2"
+MESH = "fsdp=4,model=2"
 
 
 @pytest.fixture(scope="module")

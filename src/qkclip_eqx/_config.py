@@ -518,8 +518,18 @@ class ParallelAxes:
     - `seq`: the sequence is sharded over this axis (context parallelism); keys
       and values (for MLA the latent c_KV and the shared k_R) are all-gathered
       over it, and a loss sums over it.
+    - `fsdp`: the batch is sharded over this axis too (a loss sums over it), and
+      so is every parameter (ZeRO-3 / FSDP): a model that gathers its own
+      parameters all-gathers each one over this axis where it is used (see
+      [`qkclip_eqx.Transformer`][]); any other model is given them gathered.
     """
 
     data: str | None = None
     model: str | None = None
     seq: str | None = None
+    fsdp: str | None = None
+
+    def batch_axes(self) -> tuple[str, ...]:
+        """The axes the batch and the sequence are split over (`data`, `fsdp`,
+        `seq`, those that are set): a loss sums over them and S is their `pmax`."""
+        return tuple(a for a in (self.data, self.fsdp, self.seq) if a is not None)

@@ -7,10 +7,15 @@ input axis LAST, as `eqx.nn.Linear` does; per-head matrices split `out` into
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+
+from ._config import ParallelAxes
 
 
 def linear(
@@ -65,7 +70,13 @@ class SwiGLU(eqx.Module):
     """`W_down (silu(W_gate x) * W_up x)` (Shazeer 2020, arXiv 2002.05202).
 
     Weights stored in `dtype`; computed in `compute_dtype` (weights and
-    input cast once at entry; None: as given), the output in `compute_dtype`."""
+    input cast once at entry; None: as given), the output in `compute_dtype`.
+
+    Tensor-parallel over a mesh's `model` axis (Megatron-LM, Shoeybi et al.
+    2019, arXiv 1909.08053, sec. 3): `W_gate` and `W_up` column-parallel (each
+    device holds its block of hidden rows), `W_down` row-parallel (the matching
+    hidden columns); the partial outputs are summed by one `psum`
+    (`model_axes` declares the split)."""
 
     w_gate: Float[Array, "hidden dim"]
     w_up: Float[Array, "hidden dim"]
@@ -81,6 +92,22 @@ class SwiGLU(eqx.Module):
         self.w_down = init_weight(k3, (dim, hidden), dtype)
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype).name
 
-    def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
+    def __call__(
+        self, x: Float[Array, "seq dim"], *, parallel: ParallelAxes | None = None
+    ) -> Float[Array, "seq dim"]:
+        """The MLP on one sequence; with `parallel.model` (inside `jax.shard_map`)
+        the weights are this device's hidden block and the partial outputs are
+        `psum`-ed over it, in float32."""
         m, x = cast_arrays((self, x), self.compute_dtype)
-        return linear(jax.nn.silu(linear(x, m.w_gate)) * linear(x, m.w_up), m.w_down)
+        h = jax.nn.silu(linear(x, m.w_gate)) * linear(x, m.w_up)
+        if parallel is None or parallel.model is None:
+            return linear(h, m.w_down)
+        y = jax.lax.psum(linear(h, m.w_down, out_dtype=jnp.float32), parallel.model)
+        return y.astype(x.dtype)
+
+    def model_axes(self) -> tuple[Callable[[Any], tuple[Array, ...]], tuple[int, ...]]:
+        """The leaves split over the mesh's `model` axis and the axis of each
+        (negative: stacked layers add leading axes), as
+        [`qkclip_eqx.AbstractQKClippable.head_axes`][]: `w_gate`, `w_up` by hidden
+        row, `w_down` by hidden column."""
+        return (lambda m: (m.w_gate, m.w_up, m.w_down)), (-2, -2, -1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from ._decode import KVCache, MLACache
 from ._interfaces import AbstractPackedModel
 from ._layers import RMSNorm, SwiGLU, init_weight, linear
 from ._optim import matrix_dimension_numbers
+from ._parallel import gather_fsdp, layer_specs, partition_specs
 
 # What a scanned layer keeps for its backward pass: the projections' matmul
 # outputs and the attention kernel's output and log-sum-exp; the elementwise
@@ -69,7 +72,7 @@ class Block(eqx.Module):
             parallel=parallel,
         )
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), max_logits
+        return x + self.mlp(self.mlp_norm(x), parallel=parallel), max_logits
 
     def decode(
         self, x: Float[Array, "t dim"], cache: MLACache | KVCache
@@ -102,8 +105,16 @@ class Transformer(AbstractPackedModel):
     Parameters are stored in `config.param_dtype`; the residual stream and the
     matmuls run in `config.compute_dtype`, each module casting its own weights
     at entry; the LM head accumulates in float32.
+
+    Under FSDP (`parallel.fsdp`, see [`qkclip_eqx.shard_loss`][]) the model
+    holds this device's shard of every parameter, and all-gathers each where it
+    is used: a layer's weights inside the scan's body, one layer at a time (so
+    one layer's whole weights live at once, never the stack's), the embedding
+    at the lookup, the final norm and the LM head at the head.
     """
 
+    # inside shard_map it all-gathers its own fsdp-sharded parameters (see __call__)
+    gathers_fsdp_params: ClassVar[bool] = True
     config: TransformerConfig = eqx.field(static=True)
     embed: Float[Array, "vocab dim"]
     blocks: Block
@@ -148,9 +159,13 @@ class Transformer(AbstractPackedModel):
         `(logits, S)`: float32 logits `[seq, vocab]`, and S per layer and head
         `[layers, heads]` for this example.
         """
+        fsdp = None if parallel is None else parallel.fsdp
+        specs = partition_specs(self) if fsdp is not None else None
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
         def layer(x, block_params):
+            if specs is not None:  # this layer's whole weights (up to the model split)
+                block_params = gather_fsdp(block_params, layer_specs(specs.blocks), fsdp)
             block = eqx.combine(block_params, static)
             return block(
                 x,
@@ -162,8 +177,15 @@ class Transformer(AbstractPackedModel):
 
         layer = jax.checkpoint(layer, policy=_SAVE_MATMULS_AND_ATTENTION)
         compute = jnp.dtype(self.config.compute_dtype)
-        x, max_logits = jax.lax.scan(layer, self.embed[tokens].astype(compute), params)
-        logits = linear(self.final_norm(x), self.lm_head.astype(compute), out_dtype=jnp.float32)
+        embed, final_norm, lm_head = self.embed, self.final_norm, self.lm_head
+        if specs is not None:
+            embed, final_norm, lm_head = gather_fsdp(
+                (embed, final_norm, lm_head),
+                (specs.embed, specs.final_norm, specs.lm_head),
+                fsdp,
+            )
+        x, max_logits = jax.lax.scan(layer, embed[tokens].astype(compute), params)
+        logits = linear(final_norm(x), lm_head.astype(compute), out_dtype=jnp.float32)
         return logits, max_logits
 
     def muon_dimension_numbers(self) -> "Transformer":

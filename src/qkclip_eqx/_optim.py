@@ -37,11 +37,19 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, PyTree
 from optax.contrib import MuonDimensionNumbers
 
+# optax's Newton-Schulz itself (its public `scale_by_muon` offers no hook around
+# it); pinned to optax < 0.3 in pyproject.toml
+from optax.contrib._muon import orthogonalize_via_newton_schulz
+
 DimensionNumbers = Callable[[PyTree], PyTree]
+NS_SHARDINGS = ("owner", "gather")
+OWNER_AXES = ("fsdp", "model")  # the mesh axes parameters are split over
 
 
 def matrix_dimension_numbers(
@@ -223,6 +231,123 @@ def _scale_by_rms_match(dims_fn: DimensionNumbers, rms: float) -> optax.Gradient
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def _to_matrices(x: Array, d: MuonDimensionNumbers) -> tuple[Array, Callable[[Array], Array]]:
+    """`x` as a stack of `(reduction, output)` matrices `[batch, m, n]` (as optax
+    lays them out for Newton-Schulz), and the inverse."""
+    red = (d.reduction_axis,) if isinstance(d.reduction_axis, int) else tuple(d.reduction_axis)
+    out = (d.output_axis,) if isinstance(d.output_axis, int) else tuple(d.output_axis)
+    red, out = tuple(a % x.ndim for a in red), tuple(a % x.ndim for a in out)
+    batch = tuple(a for a in range(x.ndim) if a not in red + out)
+    perm = batch + red + out
+    shape = tuple(x.shape[a] for a in perm)
+    flat = (
+        math.prod(shape[: len(batch)]),
+        math.prod(x.shape[a] for a in red),
+        math.prod(x.shape[a] for a in out),
+    )
+    inverse = tuple(sorted(range(x.ndim), key=lambda i: perm[i]))
+    return x.transpose(perm).reshape(flat), lambda y: y.reshape(shape).transpose(inverse)
+
+
+def _owners() -> tuple[tuple[str, ...], int]:
+    """The mesh axes (of the abstract mesh the step runs under) that split the
+    parameters, and how many devices they make; `((), 1)` without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {} if mesh.empty else dict(mesh.shape)
+    axes = tuple(a for a in OWNER_AXES if sizes.get(a, 1) > 1)
+    return axes, math.prod(sizes[a] for a in axes)
+
+
+def _orthogonalize_all(
+    mats: list[Array], ns: Callable[[Array], Array], ns_sharding: str
+) -> list[Array]:
+    """Newton-Schulz on every matrix of every stack `[batch_i, m, n]`.
+
+    Under a mesh whose `fsdp`/`model` axes split the parameters:
+
+    - `"owner"`: the stacks of one matrix shape are concatenated, padded with
+      zero matrices to a multiple of the devices, and resharded so that each
+      device holds whole matrices (an all-to-all); each matrix is
+      orthogonalised once, on its owner, and resharded back. Compute per
+      device: 1/devices of the total (plus padding).
+    - `"gather"`: every stack is all-gathered whole on every device, which
+      orthogonalises all of it and keeps its slice (Moonlight's Distributed
+      Muon, arXiv 2502.16982, sec. 2.3, gathering over all the parameter
+      shards): every matrix orthogonalised on every device.
+
+    Either way each matrix sees the same arithmetic as on one device.
+    """
+    axes, n = _owners()
+    constrain = jax.lax.with_sharding_constraint
+    if ns_sharding == "gather":
+        return [constrain(jax.vmap(ns)(constrain(x, P())), P()) for x in mats]
+    out: list[Array | None] = [None] * len(mats)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(mats):
+        by_shape.setdefault(x.shape[1:], []).append(i)
+    for idx in by_shape.values():
+        x = jnp.concatenate([mats[i] for i in idx], axis=0)
+        count = x.shape[0]
+        x = jnp.pad(x, ((0, -count % n), (0, 0), (0, 0)))
+        y = constrain(jax.vmap(ns)(constrain(x, P(axes))), P(axes))[:count]
+        starts = np.cumsum([0] + [mats[i].shape[0] for i in idx])
+        for i, a, b in zip(idx, starts[:-1], starts[1:]):
+            out[i] = y[a:b]
+    return out  # pyright: ignore[reportReturnType]  # every index was filled
+
+
+def scale_by_sharded_muon(
+    *,
+    ns_steps: int = 5,
+    beta: float = 0.95,
+    eps: float = 1e-8,
+    nesterov: bool = True,
+    weight_dimension_numbers: DimensionNumbers,
+    ns_sharding: str = "owner",
+) -> optax.GradientTransformation:
+    """`optax.contrib.scale_by_muon` (the same state, momentum, and
+    Newton-Schulz arithmetic per matrix) with the Newton-Schulz step placed for
+    sharded state: see `_orthogonalize_all` for `ns_sharding`. Run under a mesh
+    ([`qkclip_eqx.make_train_step`][] with `mesh=` sets it), the momentum stays
+    sharded as the parameters are; without one it is optax's."""
+    if ns_sharding not in NS_SHARDINGS:
+        raise ValueError(f"ns_sharding must be one of {NS_SHARDINGS}, got {ns_sharding!r}")
+    base = optax.contrib.scale_by_muon(
+        ns_steps=ns_steps,
+        beta=beta,
+        eps=eps,
+        nesterov=nesterov,
+        weight_dimension_numbers=weight_dimension_numbers,
+    )
+
+    def update(updates, state, params=None):
+        if not _owners()[0]:  # no mesh splits the matrices: optax's own update
+            return base.update(updates, state, params)
+        dims = weight_dimension_numbers(updates)
+        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+        count = optax.safe_increment(state.count)
+        if nesterov:
+            mu_hat = jax.tree.map(
+                lambda m, g: beta * m + (1 - beta) * g,
+                optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
+                optax.tree.bias_correction(updates, beta, count),
+            )
+        else:
+            mu_hat = optax.tree.bias_correction(mu, beta, count)
+
+        def ns(x):
+            return orthogonalize_via_newton_schulz(x, state.ns_coeffs, ns_steps, "frobenius", eps)
+
+        leaves, treedef = jax.tree.flatten(mu_hat)
+        dim_leaves = treedef.flatten_up_to(dims)
+        flat = [_to_matrices(x, d) for x, d in zip(leaves, dim_leaves)]
+        done = _orthogonalize_all([m for m, _ in flat], ns, ns_sharding)
+        new = treedef.unflatten([inv(y) for (_, inv), y in zip(flat, done)])
+        return new, state._replace(count=count, mu=mu)
+
+    return optax.GradientTransformation(base.init, update)
+
+
 def muon_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -235,6 +360,7 @@ def muon_adamw(
     eps: float = 1e-8,
     rms: float = 0.2,
     weight_dimension_numbers: DimensionNumbers | None = None,
+    ns_sharding: str = "owner",
 ) -> optax.GradientTransformation:
     """Muon (RMS-matched, decoupled weight decay) for the hidden matrices, AdamW
     for the rest: the optimizer of MuonClip. It never clips; pair it with
@@ -257,6 +383,13 @@ def muon_adamw(
       in `optax.contrib.muon`. Default: the params' own
       `muon_dimension_numbers()` ([`qkclip_eqx.Transformer`][] has one); any
       other model must pass it (see [`qkclip_eqx.matrix_dimension_numbers`][]).
+    - `ns_sharding`: on a mesh whose `fsdp`/`model` axes split the matrices,
+      where Newton-Schulz runs: `"owner"` (each whole matrix orthogonalised
+      once, by the device that owns it; the momentum resharded there and back
+      by all-to-alls) or `"gather"` (every matrix all-gathered and
+      orthogonalised on every device, as Moonlight's Distributed Muon, arXiv
+      2502.16982, sec. 2.3). Both equal the one-device optimizer; docs/
+      parallelism.md has the bytes and FLOPs of each. Without a mesh: unused.
 
     **Returns:**
 
@@ -264,7 +397,7 @@ def muon_adamw(
 
     **Raises:**
 
-    `ValueError` when `weight_decay < 0`, and (at `init` or `update`, before
+    `ValueError` when `weight_decay < 0` or `ns_sharding` is unknown, and (at `init` or `update`, before
     optax sees it) when the routing is not one of the params it was given: the
     message names the leaf. `TypeError` when `weight_dimension_numbers` is not
     callable, or (at `init`) not given while the params have no
@@ -287,12 +420,13 @@ def muon_adamw(
         return jax.tree.map(lambda _, d: "adamw" if d is None else "muon", params, dims_fn(params))
 
     muon = optax.chain(
-        optax.contrib.scale_by_muon(
+        scale_by_sharded_muon(
             ns_steps=ns_steps,
             beta=momentum,
             eps=eps,
             nesterov=nesterov,
             weight_dimension_numbers=dims_fn,
+            ns_sharding=ns_sharding,
         ),
         _scale_by_rms_match(dims_fn, rms),
         optax.add_decayed_weights(weight_decay),

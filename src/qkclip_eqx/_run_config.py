@@ -324,11 +324,12 @@ class RunConfig:
             resume=_NO_EFFECT,
         ),
     )
-    # devices: e.g. "data=4,model=2" (absent axes have size 1); None: one device
+    # devices: e.g. "fsdp=4,model=2" (absent axes have size 1); None: one device
     mesh: str | None = dataclasses.field(
         default=None,
         metadata=doc(
-            "devices, e.g. data=4,model=2 (absent axes have size 1; none: one device)",
+            "devices, e.g. fsdp=4,model=2 (axes data, fsdp, model, seq; absent axes have size 1; "
+            "none: one device)",
             resume="the same maths in another arithmetic order: results agree to rounding, "
             "not bit for bit",
         ),
@@ -441,15 +442,16 @@ class RunConfig:
 
     def mesh_shape(self) -> dict[str, int] | None:
         """`mesh` parsed: a size for each axis of the library's meshes
-        (`qkclip_eqx._parallel.AXES`: data, model, seq), absent axes 1; or None.
+        (`qkclip_eqx._parallel.AXES`: data, fsdp, model, seq), absent axes 1;
+        or None.
 
-        Raises `ValueError` when `mesh` does not look like `"data=4,model=2"`
+        Raises `ValueError` when `mesh` does not look like `"fsdp=4,model=2"`
         or names an axis twice.
         """
         if self.mesh is None:
             return None
         shape: dict[str, int] = dict.fromkeys(AXES, 1)
-        example = ",".join(f"{a}={n}" for a, n in zip(AXES, (4, 2, 1, 1, 1), strict=False))
+        example = "fsdp=4,model=2"
         seen = set()
         for part in self.mesh.split(","):
             name, _, size = (x.strip() for x in part.partition("="))

@@ -7,6 +7,7 @@ and the clip scales the *updated* weights. The optimizer state is not touched.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import equinox as eqx
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, use_abstract_mesh
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._clip import (
@@ -75,8 +76,8 @@ def next_token_loss(
     - `parallel`: only inside `jax.shard_map` (see [`qkclip_eqx.shard_loss`][]):
       `tokens` are then this device's rows and its sequence shard (plus the next
       token); the model is called with global `positions` and `parallel`, the
-      loss is summed over `parallel.data` and `parallel.seq`, S is reduced by
-      `lax.pmax` over them and gathered over `parallel.model`.
+      loss is summed over `parallel.data`, `parallel.fsdp` and `parallel.seq`,
+      S is reduced by `lax.pmax` over them and gathered over `parallel.model`.
 
     **Returns:**
 
@@ -106,7 +107,7 @@ def next_token_loss(
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     if parallel is None:
         return ce.mean(), s
-    over = tuple(a for a in (parallel.data, parallel.seq) if a is not None)
+    over = parallel.batch_axes()
     loss = jax.lax.psum(jnp.sum(ce), over) / jax.lax.psum(ce.size, over)
     return loss, reduce_max_logits(s, parallel)
 
@@ -240,9 +241,12 @@ def make_train_step(
 
     **Returns:**
 
-    The `step` function. Its `metrics` (declared in `_metric_schema.py`): `loss`, `grad_norm`, `max_logits` (S
-    per layer and head), `max_logit` (global max), `heads_over_tau` (the
-    (layer, head) pairs with S > tau), `heads_clipped` (the pairs whose
+    The `step` function (`step.lower(model, opt_state, tokens)` lowers it
+    without running it; `.compile().compiled` is the `jax.stages.Compiled`,
+    with `.as_text()` and `.memory_analysis()`). Its `metrics` (declared in
+    `_metric_schema.py`): `loss`, `grad_norm`, `max_logits` (S per layer and
+    head), `max_logit` (global max), `heads_over_tau` (the (layer, head) pairs
+    with S > tau), `heads_clipped` (the pairs whose
     logits the clip scaled: those over tau and, in GQA `"group"` mode, their
     group-mates; 0 unless mode is clip), `n_nonfinite` (heads with
     non-finite S, never clipped) and, in every mode, `first_nonfinite`: 0
@@ -281,7 +285,9 @@ def make_train_step(
         specs = None if mesh is None else partition_specs(model)  # once per trace
         loss_of = loss_fn if mesh is None else shard_loss(loss_fn, mesh, specs)
         loss, grads, s = _loss_grads_and_s(loss_of, params, static, tokens, accum_steps)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        # under the mesh, so that Muon can place its Newton-Schulz step (see muon_adamw)
+        with contextlib.nullcontext() if mesh is None else use_abstract_mesh(mesh.abstract_mesh):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
         model = eqx.combine(optax.apply_updates(params, updates), static)
         metrics = {LOSS.key: loss, GRAD_NORM.key: optax.tree.norm(grads)}
         if mode != "off":
@@ -297,12 +303,7 @@ def make_train_step(
 
     jitted_step = step  # train_step's argument `step` is the step index
 
-    def train_step(
-        model: PyTree,
-        opt_state: PyTree,
-        tokens: Int[Array, "batch seq_plus_one"],
-        step: int | np.integer | Int[Array, ""] | None = None,
-    ):
+    def arguments(model, opt_state, tokens, step):
         if clip_until is not None and step is None:
             raise ValueError(
                 f"clip_until={clip_until}: pass the index of this step, train_step(..., step=i)"
@@ -314,6 +315,18 @@ def make_train_step(
         if mesh is not None:
             check_mesh(mesh, model, tokens.shape[0] // accum_steps, tokens.shape[1] - 1)
         step_index = None if clip_until is None else jnp.asarray(step, jnp.int32)
-        return jitted_step((tokens, step_index), model, opt_state)
+        return (tokens, step_index), model, opt_state
 
+    def train_step(
+        model: PyTree,
+        opt_state: PyTree,
+        tokens: Int[Array, "batch seq_plus_one"],
+        step: int | np.integer | Int[Array, ""] | None = None,
+    ):
+        return jitted_step(*arguments(model, opt_state, tokens, step))
+
+    # the compiled program, for its HLO and memory_analysis(): `step.lower(...).compile()`
+    train_step.lower = lambda model, opt_state, tokens, step=None: jitted_step.lower(  # pyright: ignore[reportFunctionMemberAccess]
+        *arguments(model, opt_state, tokens, step)
+    )
     return train_step

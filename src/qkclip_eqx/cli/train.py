@@ -6,6 +6,7 @@
     qkclip-train --out runs/default --resume   # continue after a stop
     qkclip-train --config runs/a/config.json --out runs/b --seed 1   # a new run from a file
     qkclip-train --mesh data=4,model=2         # 8 devices: data and head parallelism
+    qkclip-train --mesh fsdp=4,model=2         # 8 devices: FSDP and tensor parallelism
 
 Multi-process (one process per host; every process runs the same command):
     qkclip-train --mesh data=16 --coordinator-address HOST0:1234 \\
