@@ -43,7 +43,6 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from ._clip import clippable_modules, is_clippable
 from ._config import ParallelAxes
-from ._interfaces import AbstractQKClippable
 
 AXES = ("data", "fsdp", "model", "seq")
 BATCH = ("data", "fsdp")  # the mesh axes the batch is split over
