@@ -27,6 +27,7 @@ from ._clip import (
     modules_and_s,
 )
 from ._config import ParallelAxes
+from ._moe import RouterStats, expert_load_metrics, freeze_expert_bias, update_expert_bias
 from ._parallel import (
     check_mesh,
     check_mesh_loss_fn,
@@ -66,9 +67,18 @@ def next_token_loss(
       loss is summed over `parallel.data` and `parallel.seq`, S is reduced by
       `lax.pmax` over them and gathered over `parallel.model`.
 
+    A [`qkclip_eqx.Transformer`][] with mixture-of-experts layers
+    (`config.moe`) is run through its `forward`: the loss then adds
+    `moe.seq_balance_weight` times the sequence-wise balance loss summed over
+    the MoE layers (DeepSeek-V3 report, arXiv 2412.19437, eq. 17), and the
+    second result is `(S, stats)`, the [`qkclip_eqx.RouterStats`][] of the
+    batch (the load summed over it) for the train step's bias update and
+    metrics.
+
     **Returns:**
 
-    `(loss, S)`; S has the model's structure, `[layers, heads]` for a Transformer.
+    `(loss, S)`; S has the model's structure, `[layers, heads]` for a
+    Transformer; `(loss, (S, stats))` for a mixture-of-experts Transformer.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     batch, t = inputs.shape
@@ -77,18 +87,33 @@ def next_token_loss(
     seq_shards = 1 if seq_axis is None else jax.lax.axis_size(seq_axis)
     offset = 0 if seq_axis is None or seq_shards == 1 else jax.lax.axis_index(seq_axis) * t
     positions = offset + jnp.arange(t, dtype=jnp.int32)
-    if seq_shards == 1 and takes_keyword(model, "segment_length"):
-        logits, s = model(
-            inputs.reshape(-1), positions=jnp.tile(positions, batch), segment_length=t, **kw
+    moe = getattr(getattr(model, "config", None), "moe", None)
+    if moe is not None and parallel is not None:
+        raise NotImplementedError(
+            "a mixture-of-experts model (config.moe) does not train on a mesh yet: "
+            "the load statistics are not reduced across devices; train it without mesh="
         )
-        logits = logits.reshape(batch, t, -1)
+    call = model.forward if moe is not None else model
+    if seq_shards == 1 and takes_keyword(model, "segment_length"):
+        out = call(inputs.reshape(-1), positions=jnp.tile(positions, batch), segment_length=t, **kw)
+        logits = out[0].reshape(batch, t, -1)
     else:
         if parallel is None:
-            logits, s = jax.vmap(model)(inputs)
+            out = jax.vmap(call)(inputs)
         else:
-            logits, s = jax.vmap(lambda x: model(x, positions=positions, **kw))(inputs)
-        s = jax.tree.map(lambda x: jnp.max(x, axis=0), s)
+            out = jax.vmap(lambda x: call(x, positions=positions, **kw))(inputs)
+        logits = out[0]
+        out = (
+            out[0],
+            jax.tree.map(lambda x: jnp.max(x, axis=0), out[1]),
+            *([] if moe is None else [_sum_router_stats(out[2], axis=0)]),
+        )
+    s = out[1]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if moe is not None:
+        stats = out[2]
+        loss = ce.mean() + moe.seq_balance_weight * jnp.sum(stats.balance_loss)
+        return loss, (s, stats)
     if parallel is None:
         return ce.mean(), s
     over = tuple(a for a in (parallel.data, parallel.seq) if a is not None)
@@ -96,8 +121,31 @@ def next_token_loss(
     return loss, reduce_max_logits(s, parallel)
 
 
+def _sum_router_stats(stats: RouterStats, axis: int) -> RouterStats:
+    """Router statistics of several calls as one: loads and drops summed,
+    the balance loss averaged."""
+    return RouterStats(
+        load=jnp.sum(stats.load, axis=axis),
+        balance_loss=jnp.mean(stats.balance_loss, axis=axis),
+        dropped=jnp.sum(stats.dropped, axis=axis),
+    )
+
+
+def _split_aux(aux: PyTree) -> tuple[PyTree, RouterStats | None]:
+    """A loss function's second result: S, or `(S, RouterStats)`."""
+    if isinstance(aux, tuple) and len(aux) == 2 and isinstance(aux[1], RouterStats):
+        return aux
+    return aux, None
+
+
 def _tree_max(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(jnp.maximum, a, b)
+    """Two micro-batches' aux combined: S by max, router statistics summed
+    (the balance loss is averaged by the caller's final scale)."""
+    (sa, ra), (sb, rb) = _split_aux(a), _split_aux(b)
+    s = jax.tree.map(jnp.maximum, sa, sb)
+    if ra is None or rb is None:
+        return s
+    return s, jax.tree.map(jnp.add, ra, rb)
 
 
 def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int):
@@ -119,10 +167,14 @@ def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int)
         return loss, grads, s
     strided = tokens.reshape(-1, accum_steps, *tokens.shape[1:])  # [batch / accum, accum, ...]
     (loss_shape, s_shape), _ = jax.eval_shape(grad_fn, params, strided[:, 0])
+    s_part, router_part = _split_aux(s_shape)
+    s_init = jax.tree.map(lambda x: jnp.full(x.shape, -jnp.inf, x.dtype), s_part)
+    if router_part is not None:
+        s_init = (s_init, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), router_part))
     init = (
         jnp.zeros(loss_shape.shape, loss_shape.dtype),
         jax.tree.map(jnp.zeros_like, params),
-        jax.tree.map(lambda x: jnp.full(x.shape, -jnp.inf, x.dtype), s_shape),
+        s_init,
     )
 
     def body(carry, j):
@@ -132,6 +184,9 @@ def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int)
 
     (loss, grads, s), _ = jax.lax.scan(body, init, jnp.arange(accum_steps))
     scale = 1.0 / accum_steps
+    s_part, router = _split_aux(s)
+    if router is not None:  # the loads stay summed; the balance loss is a mean
+        s = (s_part, eqx.tree_at(lambda r: r.balance_loss, router, router.balance_loss * scale))
     return loss * scale, jax.tree.map(lambda g: g * scale, grads), s
 
 
@@ -240,6 +295,16 @@ def make_train_step(
     metrics are named `max_logits_lse_bound` and `max_logit_lse_bound`, and
     the clip acts on the bound (it then clips at least as hard as on S).
 
+    With a mixture-of-experts model (a loss whose second result is
+    `(S, RouterStats)`, as [`qkclip_eqx.next_token_loss`][] gives for a
+    Transformer with `config.moe`), the step also moves every MoE layer's
+    correction bias by its `bias_update_rate` towards balance
+    ([`qkclip_eqx.update_expert_bias`][]; the optimizer's update of the bias
+    is dropped), and `metrics` holds `expert_load` (tokens per expert,
+    `[moe layers, experts]`), `expert_load_ratio`, `expert_load_cv`,
+    `dropped_tokens` (see [`qkclip_eqx.expert_load_metrics`][]) and
+    `balance_loss` (the sequence-wise balance loss, summed over layers).
+
     **Raises:**
 
     `ValueError` when `mode` is unknown, `tau <= 0`, `alpha` is outside
@@ -268,10 +333,19 @@ def make_train_step(
         params, static = eqx.partition(model, eqx.is_array)
         specs = None if mesh is None else partition_specs(model)  # once per trace
         loss_of = loss_fn if mesh is None else shard_loss(loss_fn, mesh, specs)
-        loss, grads, s = _loss_grads_and_s(loss_of, params, static, tokens, accum_steps)
+        loss, grads, aux = _loss_grads_and_s(loss_of, params, static, tokens, accum_steps)
+        s, router = _split_aux(aux)
         updates, opt_state = optimizer.update(grads, opt_state, params)
+        # the MoE correction bias is no trained parameter: no optimizer update
+        # (weight decay included) reaches it
+        updates = freeze_expert_bias(updates)
         model = eqx.combine(optax.apply_updates(params, updates), static)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if router is not None:  # auxiliary-loss-free balancing, outside the gradient
+            model = update_expert_bias(model, router.load)
+            metrics.update(expert_load_metrics(router))
+            metrics["expert_load"] = router.load
+            metrics["balance_loss"] = jnp.sum(router.balance_loss)
         if mode != "off":
             active = None if clip_until is None else step_index < clip_until
             model, s_metrics = _clip_and_report(
