@@ -72,8 +72,10 @@ def next_token_loss(
     `moe.seq_balance_weight` times the sequence-wise balance loss summed over
     the MoE layers (DeepSeek-V3 report, arXiv 2412.19437, eq. 17), and the
     second result is `(S, stats)`, the [`qkclip_eqx.RouterStats`][] of the
-    batch (the load summed over it) for the train step's bias update and
-    metrics.
+    batch (the load summed over it, across `parallel.data` and `parallel.seq`
+    too; the balance loss averaged, per sequence shard under `parallel.seq`)
+    for the train step's bias update and metrics. On a mesh the experts are
+    replicated: every device of a `parallel.model` group runs them all.
 
     **Returns:**
 
@@ -88,12 +90,13 @@ def next_token_loss(
     offset = 0 if seq_axis is None or seq_shards == 1 else jax.lax.axis_index(seq_axis) * t
     positions = offset + jnp.arange(t, dtype=jnp.int32)
     moe = getattr(getattr(model, "config", None), "moe", None)
-    if moe is not None and parallel is not None:
-        raise NotImplementedError(
-            "a mixture-of-experts model (config.moe) does not train on a mesh yet: "
-            "the load statistics are not reduced across devices; train it without mesh="
-        )
     call = model.forward if moe is not None else model
+    if moe is not None and seq_shards > 1:
+        raise NotImplementedError(
+            f"a mixture-of-experts model (config.moe) on a mesh with a seq axis of {seq_shards}: "
+            "not supported (the sequence-sharded path vmaps the model over the batch, and "
+            "jax.lax.ragged_dot, the experts' grouped matmul, has no batching rule); use seq=1"
+        )
     if seq_shards == 1 and takes_keyword(model, "segment_length"):
         out = call(inputs.reshape(-1), positions=jnp.tile(positions, batch), segment_length=t, **kw)
         logits = out[0].reshape(batch, t, -1)
@@ -110,15 +113,24 @@ def next_token_loss(
         )
     s = out[1]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    if moe is not None:
-        stats = out[2]
-        loss = ce.mean() + moe.seq_balance_weight * jnp.sum(stats.balance_loss)
-        return loss, (s, stats)
     if parallel is None:
-        return ce.mean(), s
+        if moe is None:
+            return ce.mean(), s
+        stats = out[2]
+        return ce.mean() + moe.seq_balance_weight * jnp.sum(stats.balance_loss), (s, stats)
     over = tuple(a for a in (parallel.data, parallel.seq) if a is not None)
     loss = jax.lax.psum(jnp.sum(ce), over) / jax.lax.psum(ce.size, over)
-    return loss, reduce_max_logits(s, parallel)
+    s = reduce_max_logits(s, parallel)
+    if moe is None:
+        return loss, s
+    # every device of a `model` group routes the same tokens (experts replicated)
+    stats = out[2]
+    stats = RouterStats(
+        load=jax.lax.psum(stats.load, over),
+        balance_loss=jax.lax.pmean(stats.balance_loss, over),
+        dropped=jax.lax.psum(stats.dropped, over),
+    )
+    return loss + moe.seq_balance_weight * jnp.sum(stats.balance_loss), (s, stats)
 
 
 def _sum_router_stats(stats: RouterStats, axis: int) -> RouterStats:
