@@ -449,6 +449,51 @@ MODEL_FILE = "hf_dsv3_model_yarn.npz"
 MODEL_VOCAB, MODEL_LAYERS, MODEL_INTERMEDIATE, MODEL_EPS = 97, 2, 96, 1e-5
 
 
+def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Every parameter of a whole model, in state-dict order: norms
+    1 + NORM_STD * N(0, 1), the embedding N(0, 1), the rest LINEAR_STD * N(0, 1)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if "norm" in name:
+                param.copy_(1.0 + NORM_STD * noise)
+            elif "embed_tokens" in name:
+                param.copy_(noise)
+            else:
+                param.copy_(LINEAR_STD * noise)
+
+
+def _run_model(model: torch.nn.Module, generator: torch.Generator, start: int) -> dict:
+    """Random input ids at positions `start ..`, the eager forward's logits and
+    per-layer S, and the state dict: the arrays of a whole-model golden file."""
+    config = model.config
+    input_ids = torch.randint(0, config.vocab_size, (1, SEQ_LEN), generator=generator)
+    position_ids = start + torch.arange(SEQ_LEN)[None, :]
+    captured: list[torch.Tensor] = []
+    with torch.no_grad(), capture_pre_softmax_logits(captured):
+        logits = model(input_ids=input_ids, position_ids=position_ids).logits
+    assert len(captured) == config.num_hidden_layers, len(captured)
+    allowed = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()
+    max_logits = torch.stack(
+        [torch.where(allowed, c, torch.tensor(-torch.inf)).amax(dim=(-1, -2))[0] for c in captured]
+    )
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
+    arrays = {
+        name: t.detach().cpu().numpy().astype(np.float32) for name, t in model.state_dict().items()
+    }
+    arrays["input_ids"] = input_ids[0].numpy().astype(np.int32)
+    arrays["position_ids"] = position_ids[0].numpy().astype(np.int32)
+    arrays["logits"] = logits[0].numpy().astype(np.float32)
+    arrays["max_logits"] = max_logits.numpy().astype(np.float32)
+    arrays["config_json"] = np.array(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    arrays["versions"] = np.array(json.dumps(versions, sort_keys=True))
+    return arrays
+
+
 def make_model_golden(out_path: pathlib.Path) -> dict:
     """A small random all-dense DeepseekV3ForCausalLM: its state dict, logits and S."""
     base = dict(BASE_CONFIG, rms_norm_eps=MODEL_EPS)
@@ -470,39 +515,8 @@ def make_model_golden(out_path: pathlib.Path) -> dict:
     assert all(isinstance(layer.mlp, hf_dsv3.DeepseekV3MLP) for layer in model.model.layers), (
         "expected dense MLPs only"
     )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            if "norm" in name:
-                param.copy_(1.0 + NORM_STD * noise)
-            elif "embed_tokens" in name:
-                param.copy_(noise)
-            else:
-                param.copy_(LINEAR_STD * noise)
-    input_ids = torch.randint(0, MODEL_VOCAB, (1, SEQ_LEN), generator=generator)
-    position_ids = YARN_START + torch.arange(SEQ_LEN)[None, :]
-    captured: list[torch.Tensor] = []
-    with torch.no_grad(), capture_pre_softmax_logits(captured):
-        logits = model(input_ids=input_ids, position_ids=position_ids).logits
-    assert len(captured) == MODEL_LAYERS, len(captured)
-    allowed = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()
-    max_logits = torch.stack(
-        [torch.where(allowed, c, torch.tensor(-torch.inf)).amax(dim=(-1, -2))[0] for c in captured]
-    )
-    versions = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-    }
-    arrays = {
-        name: t.detach().cpu().numpy().astype(np.float32) for name, t in model.state_dict().items()
-    }
-    arrays["input_ids"] = input_ids[0].numpy().astype(np.int32)
-    arrays["position_ids"] = position_ids[0].numpy().astype(np.int32)
-    arrays["logits"] = logits[0].numpy().astype(np.float32)
-    arrays["max_logits"] = max_logits.numpy().astype(np.float32)
-    arrays["config_json"] = np.array(json.dumps(config.to_dict(), sort_keys=True, default=str))
-    arrays["versions"] = np.array(json.dumps(versions, sort_keys=True))
+    _randomize(model, generator)
+    arrays = _run_model(model, generator, YARN_START)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out_path, **arrays)
     shapes = {k: v.shape for k, v in arrays.items() if k.endswith(".weight")}
@@ -619,47 +633,19 @@ def make_moe_golden(out_path: pathlib.Path, case: dict) -> dict:
     kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
     first = case["first_k_dense_replace"]
     assert kinds == ["DeepseekV3MLP"] * first + ["DeepseekV3MoE"] * (len(kinds) - first), kinds
+    _randomize(model, generator)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            if "norm" in name:
-                param.copy_(1.0 + NORM_STD * noise)
-            elif "embed_tokens" in name:
-                param.copy_(noise)
-            else:
-                param.copy_(LINEAR_STD * noise)
         for layer in model.model.layers[first:]:
             bias = layer.mlp.gate.e_score_correction_bias
             bias.copy_(BIAS_MAX * torch.rand(bias.shape, generator=generator))
-    input_ids = torch.randint(0, MOE_VOCAB, (1, SEQ_LEN), generator=generator)
-    start = 0 if rope_scaling is None else YARN_START
-    position_ids = start + torch.arange(SEQ_LEN)[None, :]
-    captured: list[torch.Tensor] = []
-    with torch.no_grad(), capture_pre_softmax_logits(captured):
-        logits = model(input_ids=input_ids, position_ids=position_ids).logits
-    assert len(captured) == config.num_hidden_layers, len(captured)
-    allowed = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()
-    max_logits = torch.stack(
-        [torch.where(allowed, c, torch.tensor(-torch.inf)).amax(dim=(-1, -2))[0] for c in captured]
-    )
-    versions = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-    }
-    state = {
-        name: t.detach().cpu().numpy().astype(np.float32) for name, t in model.state_dict().items()
-    }
-    arrays = _hub_layout(state, config)
-    arrays["input_ids"] = input_ids[0].numpy().astype(np.int32)
-    arrays["position_ids"] = position_ids[0].numpy().astype(np.int32)
-    arrays["logits"] = logits[0].numpy().astype(np.float32)
-    arrays["max_logits"] = max_logits.numpy().astype(np.float32)
-    arrays["config_json"] = np.array(json.dumps(config.to_dict(), sort_keys=True, default=str))
-    arrays["versions"] = np.array(json.dumps(versions, sort_keys=True))
+    arrays = _run_model(model, generator, 0 if rope_scaling is None else YARN_START)
+    names = set(model.state_dict())
+    weights = _hub_layout({k: v for k, v in arrays.items() if k in names}, config)
+    arrays = {**weights, **{k: v for k, v in arrays.items() if k not in names}}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_path, **arrays)
-    print(f"{out_path.name}: {out_path.stat().st_size} bytes; logits max {logits.abs().max():.3f}")
+    logits_max = np.abs(arrays["logits"]).max()
+    print(f"{out_path.name}: {out_path.stat().st_size} bytes; logits max {logits_max:.3f}")
     print(f"  versions: {arrays['versions']}")
     return arrays
 
