@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 
 import qkclip_eqx as qc
 from qkclip_eqx._moe import route
+from qkclip_eqx._parallel import check_mesh
 
 DIM = 32
 
@@ -384,9 +386,12 @@ def test_resume_is_bit_for_bit(trained, model, tmp_path):
 
 
 def test_mesh_equals_one_device(model):
-    """On 8 simulated devices (data 4 x model 2: heads sharded, experts
-    replicated), two MuonClip steps give the single device's loads and biases
-    bit for bit, and its weights to float32 rounding."""
+    """On 8 simulated devices (data 4 x model 2: heads and experts sharded over
+    model, 4 experts a device), two MuonClip steps give the single device's
+    loads and biases bit for bit, and its weights to float32 rounding."""
+    specs = qc.partition_specs(model)
+    assert specs.moe_blocks.mlp.experts.w_down == P(None, "model")  # [layers, experts, ...]
+    assert specs.moe_blocks.mlp.router == P() and specs.moe_blocks.mlp.shared.w_up == P()
     opt = qc.muon_adamw(3e-3, weight_decay=0.1)
     mesh = qc.make_mesh(data=4, model=2, seq=1)
     runs = []
@@ -401,6 +406,7 @@ def test_mesh_equals_one_device(model):
             m, state, metrics = step(m, state, tokens)
         runs.append((m, jax.device_get(metrics)))
     (one, m1), (many, m8) = runs
+    assert many.moe_blocks.mlp.experts.w_gate.sharding.spec == P(None, "model")
     np.testing.assert_array_equal(m1["expert_load"], m8["expert_load"])
     np.testing.assert_array_equal(
         np.asarray(one.moe_blocks.mlp.expert_bias), np.asarray(many.moe_blocks.mlp.expert_bias)
@@ -409,6 +415,17 @@ def test_mesh_equals_one_device(model):
     for a, b in zip(jax.tree.leaves(eqx.filter(one, eqx.is_array)), jax.tree.leaves(many)):
         # measured max |diff| 1.2e-7 (jax 0.10.2, CPU)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_experts_must_divide_over_the_model_axis():
+    config = dataclasses.replace(
+        CONFIG, moe=dataclasses.replace(MOE, n_routed_experts=5, n_group=1)
+    )
+    m = eqx.filter_eval_shape(qc.Transformer, config, key=jax.random.key(0))
+    with pytest.raises(
+        ValueError, match=r"n_routed_experts=5 is not divisible by the mesh's model"
+    ):
+        check_mesh(qc.make_mesh(data=4, model=2, seq=1), m, 4, 16)
 
 
 def test_sequence_sharding_is_refused_by_name(model):

@@ -144,7 +144,7 @@ class MoEBlock(eqx.Module):
         """As [`qkclip_eqx.Block.__call__`][], plus the layer's
         [`qkclip_eqx.RouterStats`][]: `(x, S, stats)`."""
         x, max_logits = _attention_half(self, x, positions, segment_ids, segment_length, parallel)
-        y, stats = self.mlp(self.mlp_norm(x), segment_length=segment_length)
+        y, stats = self.mlp(self.mlp_norm(x), segment_length=segment_length, parallel=parallel)
         return x + y, max_logits, stats
 
     def decode(

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._config import MoEConfig
+from ._config import MoEConfig, ParallelAxes
 from ._layers import SwiGLU, cast_arrays, init_weight
 
 # x [m, in] by a weight [experts, out, in] stored (out, in) per expert: contract
@@ -185,8 +185,22 @@ class MoE(eqx.Module):
         )
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype).name
 
+    def expert_axes(self) -> tuple:
+        """`(where, axes)`, as [`qkclip_eqx.AbstractQKClippable.head_axes`][]:
+        the routed experts' weights and their expert axis, which
+        [`qkclip_eqx.partition_specs`][] shards over the mesh's `model` axis
+        (expert parallelism)."""
+        return (
+            lambda m: (m.experts.w_gate, m.experts.w_up, m.experts.w_down),
+            (-3, -3, -3),
+        )
+
     def __call__(
-        self, x: Float[Array, "seq dim"], *, segment_length: int | None = None
+        self,
+        x: Float[Array, "seq dim"],
+        *,
+        segment_length: int | None = None,
+        parallel: ParallelAxes | None = None,
     ) -> tuple[Float[Array, "seq dim"], RouterStats]:
         """The layer on one sequence (or `seq / segment_length` packed ones).
 
@@ -195,6 +209,12 @@ class MoE(eqx.Module):
         - `x`: the normed residual stream.
         - `segment_length`: `x` packs sequences of this length; the balance
           loss is per sequence (the routing is per token either way).
+        - `parallel`: inside `jax.shard_map`, with the experts sharded over
+          `parallel.model` ([`qkclip_eqx.partition_specs`][]): every device
+          routes all its tokens (they are the same across `model`), runs the
+          rows of its own experts, and the routed outputs are summed over
+          `model` (expert parallelism without an all-to-all, the tokens being
+          replicated over that axis as for tensor-parallel attention).
 
         **Returns:**
 
@@ -211,9 +231,25 @@ class MoE(eqx.Module):
         flat = experts.reshape(-1)  # pair j = (token j // k, its (j % k)-th expert)
         order = jnp.argsort(flat, stable=True)
         group_sizes = jnp.bincount(flat, length=n).astype(jnp.int32)
-        y = routed(xc[order // k], group_sizes)  # [t * k, dim], sorted by expert
+        rows = xc[order // k]  # [t * k, dim], sorted by expert
+        local = routed.w_gate.shape[0]
+        if local == n:
+            y = routed(rows, group_sizes)
+        else:  # this device holds experts first .. first + local - 1: their rows only
+            if parallel is None or parallel.model is None:
+                raise ValueError(
+                    f"this MoE holds {local} of its {n} experts (sharded over a mesh's model "
+                    "axis): call it inside jax.shard_map with parallel=ParallelAxes(model=...)"
+                )
+            first = jax.lax.axis_index(parallel.model) * local
+            start = (jnp.cumsum(group_sizes) - group_sizes)[first]
+            mine = jax.lax.dynamic_slice(group_sizes, (first,), (local,))
+            # rows past this device's experts come back as zeros
+            y = jnp.roll(routed(jnp.roll(rows, -start, axis=0), mine), start, axis=0)
         y = y[jnp.argsort(order)].reshape(t, k, -1)  # back in (token, choice) order
         out = jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+        if local != n:
+            out = jax.lax.psum(out, parallel.model)  # pyright: ignore[reportOptionalMemberAccess]  # checked above
         if self.shared is not None:
             out = out + self.shared(x)
         segment = t if segment_length is None else segment_length

@@ -35,6 +35,7 @@ from jaxtyping import Array, Float, Int, PyTree
 from ._attention import AbstractQKClippable
 from ._clip import clippable_modules, is_clippable
 from ._config import ParallelAxes
+from ._moe import MoE
 
 AXES = ("data", "model", "seq")
 PARALLEL = ParallelAxes(data="data", model="model", seq="seq")
@@ -68,21 +69,33 @@ def make_mesh(data: int = 1, model: int = 1, seq: int = 1, *, devices=None) -> M
     return jax.make_mesh((data, model, seq), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def _module_specs(module: AbstractQKClippable) -> PyTree:
-    """Specs for one clippable module's arrays: its head-axis leaves over `model`."""
+def _model_axes(module) -> tuple:
+    """The `(where, axes)` a module declares for sharding over `model`: a
+    clippable module's `head_axes`, a MoE layer's `expert_axes`."""
+    return module.head_axes() if is_clippable(module) else module.expert_axes()
+
+
+def _shards_over_model(x) -> bool:
+    return is_clippable(x) or isinstance(x, MoE)
+
+
+def _module_specs(module: AbstractQKClippable | MoE) -> PyTree:
+    """Specs for one module's arrays: the leaves of its head (or expert) axis
+    over `model`."""
     specs = jax.tree.map(lambda x: P() if eqx.is_array(x) else None, module)
-    where, axes = module.head_axes()
+    where, axes = _model_axes(module)
+    what = "head_axes" if is_clippable(module) else "expert_axes"
     leaves = where(module)
     if len(leaves) != len(axes):
         raise ValueError(
-            f"{type(module).__name__}.head_axes() selects {len(leaves)} leaves but gives "
+            f"{type(module).__name__}.{what}() selects {len(leaves)} leaves but gives "
             f"{len(axes)} axes"
         )
     by_head = []
     for leaf, axis in zip(leaves, axes):
         if not (eqx.is_array(leaf) and -leaf.ndim <= axis < 0):
             raise ValueError(
-                f"{type(module).__name__}.head_axes(): axis {axis} must be negative and "
+                f"{type(module).__name__}.{what}(): axis {axis} must be negative and "
                 f"within the rank of its leaf {getattr(leaf, 'shape', leaf)!r}"
             )
         by_head.append(P(*(None,) * (leaf.ndim + axis), "model"))
@@ -93,17 +106,18 @@ def partition_specs(model: PyTree) -> PyTree:
     """A `PartitionSpec` for every array leaf of `model` (`None` elsewhere).
 
     The leaves each [`qkclip_eqx.AbstractQKClippable`][] module names in its
-    `head_axes` are sharded over `model` along their head axis; everything else
-    (embedding, norms, MLP, LM head) is replicated. The optimizer state follows
+    `head_axes` are sharded over `model` along their head axis, and those a
+    [`qkclip_eqx.MoE`][] names in its `expert_axes` along their expert axis;
+    everything else (embedding, norms, MLP, router, LM head) is replicated. The optimizer state follows
     the params, and the batch is sharded over `data` and `seq`.
     """
 
     def spec(x):
-        if is_clippable(x):
+        if _shards_over_model(x):
             return _module_specs(x)
         return P() if eqx.is_array(x) else None
 
-    return jax.tree.map(spec, model, is_leaf=is_clippable)
+    return jax.tree.map(spec, model, is_leaf=_shards_over_model)
 
 
 def state_specs(
@@ -145,6 +159,14 @@ def check_mesh(mesh: Mesh, model: PyTree, batch_size: int, seq_len: int) -> None
                     f"{name}{path} has {leaf.shape[axis]} along its head axis ({axis}), which is "
                     f"not divisible by the mesh's model axis ({n})"
                 )
+    for moe in [
+        x for x in jax.tree.leaves(model, is_leaf=_shards_over_model) if isinstance(x, MoE)
+    ]:
+        experts = moe.config.n_routed_experts
+        if experts % n:
+            raise ValueError(
+                f"MoE: n_routed_experts={experts} is not divisible by the mesh's model axis ({n})"
+            )
     if batch_size % sizes["data"]:
         raise ValueError(
             f"batch size {batch_size} is not divisible by the mesh's data axis ({sizes['data']})"
