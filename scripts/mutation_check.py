@@ -97,6 +97,21 @@ S, P, CK, T, D = (
 )
 DEC, EV, RC = SRC + "_decode.py", SRC + "_evaluate.py", SRC + "_run_config.py"
 CKF = SRC + "_checkpoint_format.py"
+HF, EQA, RUN, CFG = SRC + "hf.py", SRC + "_eqx_attention.py", SRC + "_run.py", SRC + "_config.py"
+SINKS, CLI_TRAIN = SRC + "_sinks.py", SRC + "cli/train.py"
+
+HF_DEFAULTS = ["tests/test_hf_defaults.py::test_an_omitted_key_loads_as_transformers_default"]
+MIXED = "tests/test_leaf_checks.py::"
+SPLIT = ["tests/test_clip_properties.py::test_clip_identity_and_split_for_every_module"]
+JSON_TYPES = [
+    "tests/test_config_properties.py::test_a_value_of_the_wrong_json_type_is_refused_by_name"
+]
+FALLBACK = [
+    "tests/test_fallback_and_sinks.py::test_load_run_returns_everything_from_the_checkpoint_it_loaded"
+]
+RESUMED_SINKS = [
+    "tests/test_fallback_and_sinks.py::test_cli_resume_falls_back_and_every_sink_shows_each_step_once"
+]
 
 STEP_TAU = Edit(
     S,
@@ -599,6 +614,294 @@ MUTANTS: list[Mutant] = [
             "k, v = jnp.tile(k, (1, group, 1)), jnp.tile(v, (1, group, 1))",
         ),
         ["tests/test_decode.py::test_gqa_decode_equals_full_forward_and_s_the_float64_reference"],
+    ),
+    # ---- round two: the bug classes of a second held-out audit ------------------------------
+    # defaults of optional keys in a Hugging Face config (transformers' DeepseekV3Config's)
+    M(
+        "hf_q_lora_rank_default_none",
+        "an omitted q_lora_rank read as None (no query LoRA), not transformers' 1536",
+        Edit(
+            HF,
+            lit('"q_lora_rank", int, 1536, nullable=True)'),
+            '"q_lora_rank", int, None, nullable=True)',
+        ),
+        HF_DEFAULTS,
+    ),
+    M(
+        "hf_first_dense_default",
+        "an omitted first_k_dense_replace read as 1, not 3",
+        Edit(HF, lit('"first_k_dense_replace", int, 3,'), '"first_k_dense_replace", int, 1,'),
+        HF_DEFAULTS,
+    ),
+    M(
+        "hf_rms_eps_default",
+        "an omitted rms_norm_eps read as 1e-5, not 1e-6",
+        Edit(HF, lit('"rms_norm_eps", float, 1e-6)'), '"rms_norm_eps", float, 1e-5)'),
+        HF_DEFAULTS,
+    ),
+    M(
+        "hf_tie_default",
+        "an omitted tie_word_embeddings read as true",
+        Edit(HF, lit('"tie_word_embeddings", bool, False)'), '"tie_word_embeddings", bool, True)'),
+        HF_DEFAULTS,
+    ),
+    M(
+        "hf_yarn_beta_fast_default",
+        "an omitted YaRN beta_fast read as 16, not 32",
+        Edit(HF, lit('"beta_fast", float, None) or 32)'), '"beta_fast", float, None) or 16)'),
+        HF_DEFAULTS,
+    ),
+    M(
+        "hf_rope_interleave_default",
+        "an omitted rope_interleave read as false",
+        Edit(HF, lit('"rope_interleave", bool, True,'), '"rope_interleave", bool, False,'),
+        HF_DEFAULTS,
+    ),
+    # "any" where "all" is meant (and back) in a check over leaves
+    M(
+        "nonfinite_any_of_three",
+        "first_nonfinite: the step counts as finite when any of loss, grad norm, params is",
+        Edit(S, lit("jnp.where(jnp.all(oks), 0,"), "jnp.where(jnp.any(oks), 0,"),
+        [MIXED + "test_first_nonfinite_with_quantities_in_mixed_states"],
+    ),
+    M(
+        "nonfinite_any_element",
+        "first_nonfinite: a parameter leaf is finite when any of its elements is",
+        Edit(S, lit("jnp.all(jnp.isfinite(p))"), "jnp.any(jnp.isfinite(p))"),
+        [MIXED + "test_first_nonfinite_with_quantities_in_mixed_states"],
+    ),
+    M(
+        "nonfinite_any_leaf",
+        "first_nonfinite: the parameters are finite when any leaf is",
+        Edit(S, lit("params_ok = jnp.all(jnp.stack("), "params_ok = jnp.any(jnp.stack("),
+        [MIXED + "test_first_nonfinite_with_quantities_in_mixed_states"],
+    ),
+    M(
+        "group_heads_all",
+        "GQA group mode scales a group only when all its heads are over tau",
+        Edit(
+            A,
+            lit("jnp.repeat(jnp.any(gamma.reshape(c.n_kv_heads, group) < 1, axis=1), group)"),
+            "jnp.repeat(jnp.all(gamma.reshape(c.n_kv_heads, group) < 1, axis=1), group)",
+        ),
+        [MIXED + "test_group_mode_scales_a_group_with_one_head_over_tau"],
+    ),
+    M(
+        "ckpt_meta_list_any",
+        "checkpoint meta: two lists are equal when any element is",
+        Edit(
+            CKF,
+            lit("all(_json_equal(x, y) for x, y in zip(a, b))"),
+            "any(_json_equal(x, y) for x, y in zip(a, b))",
+        ),
+        [MIXED + "test_meta_with_one_element_differing_is_refused"],
+    ),
+    M(
+        "ckpt_meta_dict_any",
+        "checkpoint meta: two dicts are equal when any value is",
+        Edit(
+            CKF,
+            lit("all(_json_equal(a[k], b[k]) for k in a)"),
+            "any(_json_equal(a[k], b[k]) for k in a)",
+        ),
+        [MIXED + "test_meta_diffs_mixed"],
+    ),
+    M(
+        "ckpt_fingerprint_first_leaf_only",
+        "a restore checks the first leaf's fingerprint only",
+        Edit(
+            CK,
+            lit('zip(stored, fingerprints, header["fingerprints"])'),
+            'zip(stored[:1], fingerprints, header["fingerprints"])',
+        ),
+        [MIXED + "test_one_corrupt_leaf_among_good_ones_is_named"],
+    ),
+    M(
+        "clip_nonfinite_head_clipped",
+        "an infinite S is clipped (gamma = tau / inf = 0 zeroes the head)",
+        Edit(C, lit("over = jnp.isfinite(s) & (s > tau)"), "over = s > tau"),
+        [MIXED + "test_clip_factors_per_head_with_heads_in_mixed_states"],
+    ),
+    M(
+        "ckpt_header_step_takes_bool",
+        "a checkpoint header whose step is JSON true passes the check",
+        Edit(CK, lit("or isinstance(header.get(name), bool)"), "or False"),
+        [MIXED + "test_one_malformed_header_field_among_good_ones_is_named"],
+    ),
+    M(
+        "cudnn_dtypes_any",
+        "cuDNN accepted when any of q, k, v is bfloat16/float16",
+        Edit(
+            CFG,
+            lit("not all(n in CUDNN_DTYPES for n in names)"),
+            "not any(n in CUDNN_DTYPES for n in names)",
+        ),
+        [MIXED + "test_cudnn_dtype_check_with_one_dtype_of_three_wrong"],
+    ),
+    M(
+        "muon_axes_any",
+        "Muon routing accepted when any of its axes fits the leaf",
+        Edit(O, lit("inside = all(isinstance(a, int)"), "inside = any(isinstance(a, int)"),
+        [MIXED + "test_muon_routing_with_one_axis_of_two_outside_the_leaf"],
+    ),
+    M(
+        "run_config_union_all",
+        "a RunConfig value must fit every arm of a union field (int | None refuses 4)",
+        Edit(
+            RC,
+            lit("return any(_fits(value, a) for a in typing.get_args(tp))"),
+            "return all(_fits(value, a) for a in typing.get_args(tp))",
+        ),
+        [MIXED + "test_union_field_value_fitting_one_arm_only"],
+    ),
+    # the clip's split between query and key, at alpha != 1/2, in every clippable module
+    M(
+        "eqx_mha_exponents_swapped",
+        "ClippableMultiheadAttention gives the query gamma^(1-alpha), the key gamma^alpha",
+        Edit(
+            EQA,
+            lit('(("query_proj", gamma**alpha), ("key_proj", gamma ** (1 - alpha)))'),
+            '(("query_proj", gamma ** (1 - alpha)), ("key_proj", gamma**alpha))',
+        ),
+        SPLIT,
+    ),
+    M(
+        "mha_exponents_swapped",
+        "GQAttention as MHA gives the query gamma^(1-alpha), the key gamma^alpha",
+        Edit(
+            A,
+            lit("q_factor, k_factor = gamma**alpha, gamma ** (1 - alpha)"),
+            "q_factor, k_factor = gamma ** (1 - alpha), gamma**alpha",
+        ),
+        SPLIT,
+    ),
+    M(
+        "mla_exponents_swapped",
+        "MLAttention gives q_C gamma^(1-alpha), k_C gamma^alpha",
+        [
+            Edit(
+                A,
+                lit("wq = _scale_rows(self.wq, gamma**alpha, slice(0, nope))"),
+                "wq = _scale_rows(self.wq, gamma ** (1 - alpha), slice(0, nope))",
+            ),
+            Edit(
+                A,
+                lit("wkv_b = _scale_rows(self.wkv_b, gamma ** (1 - alpha), slice(0, nope))"),
+                "wkv_b = _scale_rows(self.wkv_b, gamma**alpha, slice(0, nope))",
+            ),
+        ],
+        SPLIT,
+    ),
+    M(
+        "group_query_exponent",
+        "GQA group mode gives the queries eta^(1-alpha)",
+        Edit(
+            A,
+            lit("q_factor = jnp.repeat(eta**alpha, group)"),
+            "q_factor = jnp.repeat(eta ** (1 - alpha), group)",
+        ),
+        SPLIT,
+    ),
+    # tensor-parallel biases
+    M(
+        "eqx_mha_output_bias_before_psum",
+        "the output bias added on every model shard before the psum (n times on a mesh of n)",
+        Edit(
+            EQA,
+            r"(\n\s*if model_axis is not None:\n\s*y = jax\.lax\.psum\(y, model_axis\).*)"
+            r"(\n\s*if m\.output_proj\.bias is not None:\n\s*y = y \+ m\.output_proj\.bias)",
+            r"\2\1",
+        ),
+        ["tests/test_mesh_biases.py"],
+    ),
+    # JSON type strictness: a bool is an int in Python
+    M(
+        "run_config_int_takes_bool",
+        "a RunConfig int field accepts true",
+        Edit(
+            RC,
+            lit("return isinstance(value, int) and not isinstance(value, bool)"),
+            "return isinstance(value, int)",
+        ),
+        JSON_TYPES,
+    ),
+    M(
+        "run_config_float_takes_bool",
+        "a RunConfig float field accepts true",
+        Edit(
+            RC,
+            lit("return isinstance(value, (int, float)) and not isinstance(value, bool)"),
+            "return isinstance(value, (int, float))",
+        ),
+        JSON_TYPES,
+    ),
+    M(
+        "hf_int_takes_bool",
+        "a Hugging Face config's int key accepts true (a one-wide layer)",
+        Edit(
+            HF,
+            lit("ok = isinstance(value, int) and not isinstance(value, bool)"),
+            "ok = isinstance(value, int)",
+        ),
+        ["tests/test_hf_defaults.py::test_a_number_of_the_wrong_json_type_is_refused_by_name"],
+    ),
+    M(
+        "model_config_positive_takes_bool",
+        "a model config's positive int accepts true",
+        Edit(
+            CFG,
+            lit("if not isinstance(value, int) or isinstance(value, bool) or value <= 0:"),
+            "if not isinstance(value, int) or value <= 0:",
+        ),
+        ["tests/test_config_properties.py::test_model_config_fields_refuse_the_wrong_json_type"],
+    ),
+    # fallback paths: everything from the checkpoint actually loaded
+    M(
+        "load_run_config_of_newest",
+        "load_run falls back to an older checkpoint but returns the newest one's config",
+        Edit(RUN, lit("cfg = _config_of(checkpoint, meta)"), "pass"),
+        FALLBACK,
+    ),
+    M(
+        "load_run_step_of_newest",
+        "load_run falls back but returns the newest checkpoint's step and vocabulary",
+        Edit(
+            RUN,
+            lit("(model, opt_state), meta, checkpoint = loaded"),
+            "(model, opt_state), _, checkpoint = loaded",
+        ),
+        FALLBACK,
+    ),
+    M(
+        "load_latest_names_newest",
+        "load_latest_checkpoint falls back but names the newest checkpoint as the one loaded",
+        Edit(CK, lit("return state, meta, path"), "return state, meta, found[0]"),
+        FALLBACK,
+    ),
+    M(
+        "cli_finished_trusts_newest",
+        "qkclip-train --resume calls a run finished from a newest checkpoint that does not restore",
+        Edit(
+            CLI_TRAIN, lit("start = load_run(cfg.out, warn=lambda msg: None).step"), "start = start"
+        ),
+        RESUMED_SINKS,
+    ),
+    # what a metrics sink shows after a resume
+    M(
+        "tensorboard_no_purge",
+        "TensorBoard keeps the steps an interrupted process logged past its checkpoint",
+        Edit(SINKS, lit("purge_step=step,"), "purge_step=None,"),
+        RESUMED_SINKS,
+    ),
+    M(
+        "metrics_jsonl_keeps_resume_step",
+        "metrics.jsonl keeps the resume step's old record (it then appears twice)",
+        Edit(
+            T,
+            lit('if json.loads(line)["step"] < from_step:'),
+            'if json.loads(line)["step"] <= from_step:',
+        ),
+        RESUMED_SINKS,
     ),
 ]
 

@@ -80,6 +80,22 @@ def synthetic_text(n_bytes: int, seed: int = 0) -> bytes:
     return text
 
 
+def tiny_tokenizer(path: pathlib.Path) -> pathlib.Path:
+    """A byte-level BPE `tokenizer.json` of 300 ids at `path`, trained by the
+    tokenizers library's own trainer on synthetic text (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator([synthetic_text(50_000, seed=1).decode("utf-8", "replace")], trainer)
+    tok.save(str(path))
+    return path
+
+
 def synthetic_corpus(train_bytes: int = 200_000, val_bytes: int = 65_536, seed: int = 0):
     """A :class:`qkclip_eqx.TokenData` of :func:`synthetic_text` byte tokens."""
     from qkclip_eqx import TokenData
@@ -143,3 +159,14 @@ def unclipped_update(model, opt, opt_state, tokens):
     grads = jax.grad(lambda p: next_token_loss(eqx.combine(p, static), tokens)[0])(params)
     updates, _ = opt.update(grads, opt_state, params)
     return eqx.combine(optax.apply_updates(params, updates), static)
+
+
+def corrupt_checkpoint_arrays(ckpt) -> None:
+    """Flip bytes in the middle of the largest array file of a checkpoint."""
+    blob = max(
+        (p for p in (ckpt / "state" / "d").iterdir() if p.is_file()), key=lambda p: p.stat().st_size
+    )
+    raw = bytearray(blob.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 8):
+        raw[i] ^= 0xFF
+    blob.write_bytes(bytes(raw))

@@ -47,3 +47,27 @@ def _free_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+# Property-based tests (hypothesis): a fixed, derandomized profile, so that CI
+# draws the same examples on every run and stays within its budget; each
+# property may lower max_examples further where an example compiles. Another
+# profile for a longer local search: HYPOTHESIS_PROFILE=thorough.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

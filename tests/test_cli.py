@@ -12,8 +12,9 @@ import re
 import numpy as np
 import pytest
 
-from builders import synthetic_text
+from builders import synthetic_text, tiny_tokenizer
 from qkclip_eqx import RunConfig
+from qkclip_eqx._loglines import train_flops_per_token
 from qkclip_eqx._run_config import FIELD_DOCS, MAY_CHANGE, MUST_MATCH, preset
 from qkclip_eqx._train import _MetricsLog
 from qkclip_eqx.cli import train as train_cli
@@ -132,6 +133,11 @@ def test_start_up_summary_replaces_the_config_dump(finished):
     assert "corpus.txt" in head[4]
     assert head[5] == "  tokens  4 x 32 = 128 per step, 512 in all"
     assert head[6].startswith(f"  out     {out}: checkpoints every 2 steps")
+    flops = train_flops_per_token(preset("tiny").model_config(256), 32)
+    assert text.splitlines()[7] == (
+        f"  flops   {flops:,.0f} per token trained (6N + attention: the TFLOP/s and MFU of the "
+        "log lines)"
+    )
 
 
 def test_help_explains_every_flag_with_the_presets_value(capsys):
@@ -185,12 +191,18 @@ def test_none_sets_an_optional_field(tmp_path):
 
 class _Bar:
     def __init__(self):
-        self.posts = []
+        self.posts, self.n, self.total = [], 0, 7
 
     def set_postfix(self, post, refresh):
         self.posts.append(post)
 
     def update(self, n):
+        self.n += n
+
+    def reset(self, total):
+        self.n = 0
+
+    def refresh(self):
         pass
 
 
@@ -213,3 +225,165 @@ def test_tokens_per_second_in_the_bar_is_the_median_of_recent_steps(tmp_path):
     assert shown[3] == "1,280" and shown[4] == "1,280"  # the 5 s and the 1 ms step
     lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["tokens_per_s"] for r in lines] == [128 / s for s in seconds]
+
+
+def test_the_eta_leaves_out_the_first_step_which_compiles(tmp_path):
+    """A resumed run at step 50 of 100 whose first step took 1000 s (the
+    compile) and every later one 1 s: the bar's rate and ETA are those of the
+    1 s steps, not hours."""
+    from tqdm import tqdm
+
+    clock = [0.0]
+    bar = tqdm(total=100, initial=50, file=io.StringIO(), mininterval=0, smoothing=0.3)
+    bar._time = lambda: clock[0]
+    with (tmp_path / "m.jsonl").open("w") as f:
+        log = _MetricsLog(f, preset("tiny"), None, bar)
+        for i, s in enumerate([1000.0, 1.0, 1.0, 1.0, 1.0]):
+            clock[0] += s
+            log.defer(50 + i, {"first_nonfinite": np.int32(0), "loss": np.float32(1.0)}, s)
+            assert log.read() is None
+    d = bar.format_dict
+    assert bar.n == 55 and d["elapsed"] == 4.0
+    assert d["rate"] == pytest.approx(1.0)  # exact: EMA of dn = dt = 1
+    remaining = (d["total"] - d["n"]) / d["rate"]
+    assert remaining == pytest.approx(45.0)  # not (1004 s / 5 steps) x 45 steps
+
+
+def test_plain_log_lines_with_tflops_and_mfu(finished, corpus, tmp_path, capsys):
+    """--no-progress (or stdout not a terminal): a line every --log-every
+    steps, at each evaluation and at the end, with TFLOP/s from the model's
+    FLOPs per token and MFU against --peak-tflops; the FLOPs are 6N plus
+    attention, checked against a hand count of the tiny preset's MLA model."""
+    cfg = preset("tiny")
+    mc = cfg.model_config(256)
+    # hand count: per layer, MLA with a full query projection, an untied head
+    d, h, L = cfg.dim, cfg.n_heads, cfg.n_layers
+    dqk, dv, r = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    mla = d * h * dqk + d * (r + cfg.qk_rope_head_dim) + r * h * (cfg.qk_nope_head_dim + dv)
+    mla += h * dv * d + r  # output projection, latent norm
+    mlp = 3 * d * cfg.mlp_hidden  # SwiGLU
+    n = L * (mla + mlp + 2 * d) + d + d * 256  # two norms per block, final norm, head
+    want = 6 * n + 6 * L * cfg.seq_len * h * (dqk + dv)
+    assert train_flops_per_token(mc, cfg.seq_len) == want
+    out = tmp_path / "lines"
+    rc, text, _ = _train(
+        capsys,
+        *TINY, "--steps", "5", "--data", str(corpus), "--out", str(out),
+        "--log-every", "2", "--peak-tflops", "0.5",
+    )  # fmt: skip
+    assert rc == 0
+    lines = [x for x in text.splitlines() if x.startswith("step=")]
+    assert [x.split()[0] for x in lines] == ["step=2/5", "step=4/5", "step=5/5"]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    last = lines[-1]
+    assert f"loss={records[-1]['loss']:.4f}" in last and "val_loss=" in last
+    assert f"heads_clipped={records[-1]['heads_clipped']}/4" in last
+    assert f"heads_over_tau={records[-1]['heads_over_tau']}/4" in last
+    speed = sorted(r["tokens_per_s"] for r in records[1:])[2]  # median of steps 1..4
+    tflops = speed * want / 1e12
+    assert f"tok/s={speed:,.0f}" in last and f"TFLOP/s={tflops:.3g}" in last
+    assert f"MFU={100 * tflops / (0.5 * 8):.2f}%" in last  # 8 simulated devices
+    with pytest.raises(SystemExit):
+        train_cli.main([*TINY, "--data", str(corpus), "--out", str(tmp_path / "x"),
+                        "--log-every", "0", "--no-plots"])  # fmt: skip
+    assert "--log-every must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_token_file_larger_than_memory_trains(tmp_path, capsys, monkeypatch):
+    """A sparse 32 GiB raw uint16 file (more than the 24 GiB of RAM of the
+    machine the suite was written on) with --vocab-size trains: no scan, and
+    the batches touch a few pages of it (the resident memory of its mapping,
+    from /proc/self/smaps, after each batch)."""
+    from qkclip_eqx import _train as train_mod
+    from test_data import _mapped_rss_kib
+
+    path = tmp_path / "huge.u16"
+    with path.open("wb") as f:
+        f.truncate(32 << 30)
+        f.seek(1 << 30)
+        f.write((np.arange(100_000) % 200).astype("<u2").tobytes())
+    seen = []
+
+    def get_batch(*a, **k):
+        batch = real(*a, **k)
+        seen.append(_mapped_rss_kib(path))
+        return batch
+
+    real = train_mod.get_batch
+    monkeypatch.setattr(train_mod, "get_batch", get_batch)
+    out = tmp_path / "run"
+    rc, text, err = _train(
+        capsys, *TINY, "--steps", "3", "--data", str(path), "--vocab-size", "256",
+        "--out", str(out),
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "token file (uint16)" in text and "vocab 256" in text
+    # measured: under 1 MiB (832 KiB replaying these batches and evaluations alone)
+    assert len(seen) == 3 and max(seen) < 4 * 1024
+    small = tmp_path / "small.u16"
+    (np.arange(20_000) % 200).astype("<u2").tofile(small)
+    rc, _, err = _train(
+        capsys, *TINY, "--data", str(small), "--vocab-size", "100", "--out", str(tmp_path / "b")
+    )
+    assert rc == 2
+    assert err.startswith("qkclip-train: error: --vocab-size 100: the batch of step 0 holds")
+
+
+def test_a_monitor_runs_table_stars_the_heads_above_tau(capsys, tmp_path):
+    """The final table says "'*' = above tau" and, for a monitor run too,
+    stars exactly the heads whose S is above tau; a run with S off shows no
+    tau."""
+    import equinox as eqx
+    import jax
+
+    from qkclip_eqx import Transformer
+    from qkclip_eqx._train import RunResult
+
+    cfg = preset("tiny", optimizer="muon", tau=5.0)
+    assert cfg.mode == "monitor"
+    model = eqx.filter_eval_shape(Transformer, cfg.model_config(), key=jax.random.key(0))
+    m = {"loss": 1.0, "max_logits": [[4.0, 6.0], [5.5, None]]}
+    train_cli._report(RunResult(model, 20, m, tmp_path, "done"), cfg)
+    table = capsys.readouterr().out.splitlines()
+    assert "(tau = 5.0, '*' = above tau)" in table[-4]
+    assert table[-2:] == ["    0     4.00     6.00*", "    1     5.50*     nan "]
+    train_cli._report(RunResult(model, 20, m, tmp_path, "done"), preset("tiny", mode="off"))
+    text = capsys.readouterr().out
+    assert "*" not in text and "tau" not in text
+
+
+def test_generate_takes_a_prompt_that_is_not_utf8_as_its_bytes():
+    """A byte-level model's prompt is bytes: `$'def \\xff\\xfe('` reaches
+    Python as surrogates and is the bytes typed, not a codec error."""
+    import argparse
+    import os
+
+    from qkclip_eqx.cli import generate as gen_cli
+
+    prompt = os.fsdecode(b"def \xff\xfe(")  # what sys.argv holds for those bytes
+    args = argparse.Namespace(prompt=prompt, prompt_tokens=None)
+    np.testing.assert_array_equal(gen_cli._prompt(args, 256), list(b"def \xff\xfe("))
+
+
+def test_a_checkpoint_error_names_the_path_once(tmp_path, capsys):
+    from qkclip_eqx.cli import generate as gen_cli
+
+    bad = tmp_path / "ckpt_00000001"
+    bad.write_bytes(b"garbage")
+    assert gen_cli.main([str(bad), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(str(bad)) == 1 and "not a qkclip checkpoint" in err, err
+
+
+def test_generate_encodes_a_prompt_with_the_runs_own_tokenizer(tmp_path):
+    import argparse
+
+    from qkclip_eqx.cli import generate as gen_cli
+
+    tok = gen_cli._tokenizer(str(tiny_tokenizer(tmp_path / "tokenizer.json")))
+    args = argparse.Namespace(prompt="def main(x):\n", prompt_tokens=None)
+    ids = gen_cli._prompt(args, 320, tok)
+    assert ids.tolist() == tok.encode("def main(x):\n", add_special_tokens=False).ids
+    assert tok.decode(ids.tolist()) == "def main(x):\n"
+    with pytest.raises(ValueError, match="the run's tokenizer .*nope.json"):
+        gen_cli._tokenizer("nope.json")

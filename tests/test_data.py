@@ -5,7 +5,7 @@ import zlib
 import numpy as np
 import pytest
 
-from builders import synthetic_corpus, synthetic_text
+from builders import synthetic_corpus, synthetic_text, tiny_tokenizer
 from qkclip_eqx import _data
 from qkclip_eqx._data import (
     TokenData,
@@ -290,13 +290,14 @@ def test_nanogpt_directory(tmp_path):
 
 
 def test_raw_file(tmp_path):
-    content = bytes(range(256)) * 4
+    content = bytes(range(1, 256)) * 40 + b"\0" * 4  # a NUL past the first 8 KiB: text
     path = tmp_path / "notes.txt"
     path.write_bytes(content)
     data = load_data(path, val_fraction=0.25)
     assert data.vocab_size == 256
-    assert data.train.astype(np.uint8).tobytes() == content[:768]
-    assert data.val.astype(np.uint8).tobytes() == content[768:]
+    n_val = round(len(content) * 0.25)
+    assert data.train.astype(np.uint8).tobytes() == content[:-n_val]
+    assert data.val.astype(np.uint8).tobytes() == content[-n_val:]
 
 
 def _names(val_fraction: float, want_val: bool, count: int, prefix: str) -> list[str]:
@@ -408,3 +409,159 @@ def test_errors_split_too_short():
         get_batch(tokens, batch_size=0, seq_len=2, seed=0, step=0)
     with pytest.raises(ValueError, match="non-negative"):
         get_batch(tokens, batch_size=1, seq_len=2, seed=0, step=-1)
+
+
+#
+# Token files of any vocabulary, and text through a tokenizer.json
+#
+
+
+def test_npy_token_file_of_any_vocab_is_tokens_not_bytes(tmp_path):
+    """The silent-wrong-data case: uint32 ids up to 1000 in a .npy were once
+    trained as the file's raw bytes with a vocab of 256. Now they are the
+    tokens, memory-mapped, with the vocabulary they need."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 1_000, size=4_000).astype(np.uint32)
+    ids[17] = 1_000
+    path = tmp_path / "tokens.npy"
+    np.save(path, ids)
+    data = load_data(path, val_fraction=0.1)
+    assert isinstance(data.train, np.memmap)
+    assert data.vocab_size == 1_024  # 1_001 rounded up to a multiple of 64
+    np.testing.assert_array_equal(np.concatenate([data.train, data.val]), ids)
+    assert len(data.val) == 400
+    batch = get_batch(data.train, batch_size=3, seq_len=16, seed=0, step=0)
+    assert batch.dtype == np.int32 and batch.max() < data.vocab_size
+    # the same ids under a suffix that does not say their dtype: refused, not bytes
+    ids.tofile(tmp_path / "tokens.dat")
+    with pytest.raises(ValueError, match=r"tokens.dat: binary .* \(rename it to say its dtype\)"):
+        load_data(tmp_path / "tokens.dat")
+
+
+@pytest.mark.parametrize(
+    ("suffix", "dtype", "top"), [(".u16", "<u2", 65_535), (".u32", "<u4", 100_000)]
+)
+def test_raw_token_files_by_suffix(tmp_path, suffix, dtype, top):
+    ids = (np.arange(3_000) * 7919 % (top + 1)).astype(dtype)
+    ids[-1] = top
+    path = tmp_path / f"data{suffix}"
+    ids.tofile(path)
+    data = load_data(path, val_fraction=0.05)
+    np.testing.assert_array_equal(np.concatenate([data.train, data.val]), ids)
+    assert data.vocab_size == -(-(top + 1) // 64) * 64
+    (tmp_path / f"odd{suffix}").write_bytes(b"\1\2\3")
+    with pytest.raises(ValueError, match=f"odd{suffix}: .*byte length 3"):
+        load_data(tmp_path / f"odd{suffix}")
+
+
+def test_token_file_errors(tmp_path):
+    np.save(tmp_path / "two_d.npy", np.zeros((4, 4), np.int32))
+    with pytest.raises(ValueError, match=r"two_d.npy: .*1-D array of integer .* shape \(4, 4\)"):
+        load_data(tmp_path / "two_d.npy")
+    np.save(tmp_path / "floats.npy", np.zeros(40, np.float32))
+    with pytest.raises(ValueError, match="floats.npy: .*float32"):
+        load_data(tmp_path / "floats.npy")
+    neg = np.arange(40, dtype=np.int64)
+    neg[30] = -2
+    np.save(tmp_path / "neg.npy", neg)
+    with pytest.raises(ValueError, match="neg.npy: token ids must be >= 0, found -2"):
+        load_data(tmp_path / "neg.npy")
+
+
+def test_stated_vocab_skips_the_scan_and_every_batch_is_checked(tmp_path, monkeypatch):
+    ids = np.arange(2_000, dtype=np.uint16) % 700
+    path = tmp_path / "t.u16"
+    ids.tofile(path)
+
+    def no_scan(*a, **k):
+        raise AssertionError("scanned")
+
+    monkeypatch.setattr(_data, "_vocab_size", no_scan)
+    data = load_data(path, vocab_size=512)
+    assert data.vocab_size == 512
+    batch = get_batch(data.train, batch_size=8, seq_len=64, seed=0, step=0)
+    assert batch.max() >= 512  # a stated vocab that is too small ...
+    with pytest.raises(
+        ValueError, match=r"step 0 holds token \d+ .* outside the vocabulary \[0, 512\)"
+    ):
+        _data.check_batch_tokens(batch, 512, "the batch of step 0")
+    _data.check_batch_tokens(batch, 768, "the batch of step 0")  # ... and one that fits
+
+
+def test_scan_reads_a_memory_mapped_file_in_chunks_without_mapping_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(_data, "_CHUNK_TOKENS", 7)
+    ids = np.arange(100, dtype=np.uint32)
+    ids[-2] = 5_000
+    ids.tofile(tmp_path / "t.u32")
+    tokens = _data._token_file(tmp_path / "t.u32")
+    chunks = list(_data._chunks(tokens))
+    assert [len(c) for c in chunks] == [7] * 14 + [2]
+    assert not any(isinstance(c, np.memmap) for c in chunks)  # read, not mapped
+    np.testing.assert_array_equal(np.concatenate(chunks), ids)
+    # a view (the train split) is scanned as the view, not as its whole file
+    view = tokens[:-10]
+    np.testing.assert_array_equal(np.concatenate(list(_data._chunks(view))), ids[:-10])
+
+
+def _mapped_rss_kib(path: pathlib.Path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in pathlib.Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split()[0] and ":" not in line.split()[0]:
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_a_token_file_larger_than_memory_is_never_read_whole(tmp_path):
+    """A sparse 32 GiB uint16 file (more than the 24 GiB of the machine the
+    suite was written on; `truncate` costs no disk) with a stated vocab: the
+    batches of 20 steps and the validation batches touch a few pages of it,
+    measured as the resident memory of its mapping."""
+    path = tmp_path / "huge.u16"
+    with path.open("wb") as f:
+        f.truncate(32 << 30)
+        f.seek(5 << 30)
+        f.write(np.arange(1_000, dtype="<u2").tobytes())
+    data = load_data(path, vocab_size=1_024)
+    assert len(data.train) + len(data.val) == 16 << 30
+    for step in range(20):
+        batch = get_batch(data.train, batch_size=8, seq_len=128, seed=0, step=step)
+        _data.check_batch_tokens(batch, data.vocab_size, f"step {step}")
+    eval_batches(data.val, batch_size=8, seq_len=128, max_batches=4)
+    # measured: 10,304 KiB resident (fault-around maps ~64 KiB per window) of 33,554,432 KiB
+    assert 0 < _mapped_rss_kib(path) < 40 * 1024
+
+
+#
+# Text through the user's own tokenizer.json (the tokenizers library)
+#
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+    pytest.importorskip("tokenizers")
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def test_text_with_a_tokenizer_is_encoded_once_and_cached(tmp_path, tokenizer_json):
+    from tokenizers import Tokenizer
+
+    text = synthetic_text(20_000, seed=2).decode("utf-8", "replace")
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    data = load_data(path, tokenizer=tokenizer_json, val_fraction=0.1)
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    lines = text.splitlines(keepends=True)
+    want = [i for e in tok.encode_batch(lines, add_special_tokens=False) for i in e.ids]
+    np.testing.assert_array_equal(np.concatenate([data.train, data.val]), want)
+    assert tok.decode(want) == text  # byte-level: the ids are the text, losslessly
+    assert data.vocab_size == 320  # the tokenizer's 300 ids, rounded up to 64
+    (cache,) = tmp_path.glob("corpus.txt.*.tokens.u16")
+    assert "built now" in data.description
+    assert "reused" in load_data(path, tokenizer=tokenizer_json).description
+    with pytest.raises(ValueError, match="already tokens; a tokenizer applies to text"):
+        load_data(cache, tokenizer=tokenizer_json)
+    with pytest.raises(FileNotFoundError, match="nope.json: tokenizer file does not exist"):
+        load_data(path, tokenizer=tmp_path / "nope.json")

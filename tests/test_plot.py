@@ -146,12 +146,17 @@ def test_main_writes_pngs(runs, tmp_path, capsys):
         "clipped_fraction.png",
         "heatmap_run_a.png",
         "heatmap_bee.png",
+        "heatmaps.png",
+        "heads_over_tau.png",
+        "optim.png",
     }
-    assert {p.name for p in out.iterdir()} == expected
+    assert {p.name for p in out.iterdir()} == expected | {"captions.md"}
     printed = capsys.readouterr().out.split()
-    assert sorted(Path(p).name for p in printed) == sorted(expected)
+    assert sorted(Path(p).name for p in printed) == sorted(expected | {"captions.md"})
     for name in expected:
         _check_png(out / name)
+    captions = (out / "captions.md").read_text()
+    assert all(f"**{name}**: " in captions for name in expected)
 
 
 def test_main_labels_and_default_out(runs, tmp_path, monkeypatch, capsys):
@@ -160,11 +165,25 @@ def test_main_labels_and_default_out(runs, tmp_path, monkeypatch, capsys):
     with pytest.warns(UserWarning):
         rc = qplot.main([str(a), str(b), "--labels", "x/1", "y 2"])
     assert rc == 0
-    names = {p.name for p in (tmp_path / "plots").iterdir()}
+    names = {p.name for p in (tmp_path / "plots").iterdir()}  # plots/ beside the runs
     assert {"heatmap_x_1.png", "heatmap_y_2.png"} <= names
     with pytest.raises(SystemExit) as e:
         qplot.main([str(a), str(b), "--labels", "only-one"])
     assert e.value.code == 2
+
+
+def test_several_runs_plot_beside_the_runs_not_into_the_working_directory(
+    tmp_path, monkeypatch, capsys
+):
+    root = tmp_path / "runs"
+    root.mkdir()
+    a = _write_run(root, "a", 0)
+    b = _write_run(root, "b", 1)
+    work = tmp_path / "repo"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert qplot.main([str(a), str(b)]) == 0
+    assert (root / "plots" / "loss.png").is_file() and not (work / "plots").exists()
 
 
 def test_missing_metrics(tmp_path, capsys):
@@ -188,7 +207,7 @@ def test_mode_off_run(tmp_path, capsys):
     rc = qplot.main([str(rd)])  # single run: output goes into the run dir
     assert rc == 0
     names = {p.name for p in rd.iterdir() if p.suffix == ".png"}
-    assert names == {"loss.png", "max_logit.png", "clipped_fraction.png"}
+    assert names == {"loss.png", "max_logit.png", "clipped_fraction.png", "optim.png"}
     _check_png(rd / "loss.png")
     assert "no heatmap" in capsys.readouterr().err
 
@@ -322,3 +341,107 @@ def test_heatmap_rows_name_layer_and_head_and_runs_share_one_colour_scale(
     assert len(norms) == 2 and norms[0] is norms[1]
     both = np.concatenate([ma.max_logits.ravel(), mb.max_logits.ravel()])
     assert norms[0].vmin == np.nanmin(both) and norms[0].vmax == np.nanmax(both)
+
+
+# --------------------------------------------------------------------------
+# Print: formats, resolution, tokens on x, smoothing, the Muon comparison
+# --------------------------------------------------------------------------
+
+
+def _four(tmp_path):
+    """Two clip and two monitor runs, tau 30, with batch 4 x seq 8 in their
+    config; the monitor runs log heads_over_tau, the clip runs leave it to be
+    counted from S."""
+    runs = []
+    for i, mode in enumerate(["clip", "clip", "monitor", "monitor"]):
+        rd = _write_run(tmp_path, f"r{i}", i, mode=mode, tau=30.0)
+        cfg = json.loads((rd / "config.json").read_text())
+        (rd / "config.json").write_text(json.dumps({**cfg, "batch_size": 4, "seq_len": 8}))
+        if mode == "monitor":
+            lines = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+            for x in lines:
+                if "loss" in x:
+                    x["heads_over_tau"] = x["step"] % 5
+            (rd / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        runs.append(qplot.read_metrics(rd))
+    return runs
+
+
+def test_heads_over_tau_for_monitor_and_clip_runs(tmp_path):
+    runs = _four(tmp_path)
+    ax = qplot.heads_over_tau_figure(runs).axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == 4
+    total = N_LAYERS * N_HEADS
+    for m, line in zip(runs, lines):
+        if m.mode == "monitor":  # the logged count
+            want = (m.steps % 5) / total
+        else:  # counted from S per layer and head
+            want = np.array([sum(_s(int(m.label[1]), s, la, h) > 30.0
+                                 for la in range(N_LAYERS) for h in range(N_HEADS))
+                             for s in range(N_STEPS)]) / total  # fmt: skip
+        np.testing.assert_array_equal(line.get_ydata(), want)
+    assert [t.get_text() for t in ax.get_legend().get_texts()][2] == "r2 (monitor, tau 30)"
+    smoothed = qplot.heads_over_tau_figure(runs, window=3).axes[0].get_lines()[2]
+    np.testing.assert_allclose(
+        smoothed.get_ydata(), _reference_smooth((runs[2].steps % 5) / total, 3), rtol=1e-12
+    )
+
+
+def test_tokens_on_the_x_axis_and_lr_and_grad_norm_panels(tmp_path):
+    runs = _four(tmp_path)
+    lr_ax, gn_ax = qplot.optim_figure(runs, x="tokens").axes
+    line = lr_ax.get_lines()[0]
+    np.testing.assert_array_equal(line.get_xdata(), (np.arange(N_STEPS) + 1) * 32)
+    np.testing.assert_array_equal(line.get_ydata(), np.full(N_STEPS, 1e-3))
+    np.testing.assert_array_equal(gn_ax.get_lines()[1].get_ydata(), 0.5 + 0.01 * runs[1].steps)
+    assert gn_ax.get_xlabel() == "tokens" and gn_ax.get_yscale() == "log"
+    loss_ax = qplot.loss_figure(runs, x="tokens").axes[0]
+    val = next(ln for ln in loss_ax.get_lines() if ln.get_label() == "r0 (validation)")
+    np.testing.assert_array_equal(val.get_xdata(), (np.array([4, 9, 14, 19]) + 1) * 32)
+
+
+def test_several_heatmaps_share_one_scale_and_colours_turn_at_tau(tmp_path):
+    runs = _four(tmp_path)
+    fig = qplot.heatmaps_figure(runs)
+    from matplotlib.collections import QuadMesh
+
+    meshes = [c for ax in fig.axes[:-1] for c in ax.collections if isinstance(c, QuadMesh)]
+    assert len(meshes) == 4 and len(fig.axes) == 5  # four panels, one colour bar
+    norms = {id(mesh.norm) for mesh in meshes}
+    assert len(norms) == 1
+    norm, cmap = meshes[0].norm, meshes[0].cmap
+    everything = np.concatenate([m.max_logits.ravel() for m in runs])
+    assert norm.vmin == np.nanmin(everything) and norm.vmax == np.nanmax(everything)
+    below, above = cmap(norm(29.5)), cmap(norm(30.5))
+    assert below[1] > below[0] and above[0] > above[1] + 0.3  # green-blue below, red above
+    bar = fig.axes[-1]
+    assert [t.get_text() for t in bar.texts] == ["tau 30"]
+
+
+def test_pdf_svg_and_dpi(tmp_path, capsys):
+    runs = [str(p) for p in (tmp_path / f"r{i}" for i in range(4))]
+    _four(tmp_path)
+    for fmt, magic in (("pdf", b"%PDF"), ("svg", b"<svg")):
+        out = tmp_path / fmt
+        assert qplot.main([*runs, "--out", str(out), "--format", fmt, "--aggregate"]) == 0
+        files = sorted(p.name for p in out.iterdir())
+        assert f"seeds.{fmt}" in files and f"heads_over_tau.{fmt}" in files
+        assert all(p.endswith((f".{fmt}", ".md")) for p in files)
+        assert magic in (out / f"loss.{fmt}").read_bytes()[:400]
+    for dpi in (50, 100):
+        qplot.main([runs[0], "--out", str(tmp_path / f"d{dpi}"), "--dpi", str(dpi)])
+    small = mpimg.imread(tmp_path / "d50" / "loss.png").shape
+    big = mpimg.imread(tmp_path / "d100" / "loss.png").shape
+    assert big[:2] == (2 * small[0], 2 * small[1])
+    with pytest.raises(SystemExit):
+        qplot.main([runs[0], "--format", "jpg"])
+    assert "argument --format: invalid choice: 'jpg'" in capsys.readouterr().err
+
+
+def test_x_in_tokens_needs_the_batch_shape_in_one_line(tmp_path, capsys):
+    rd = _write_run(tmp_path, "bare", 0)  # no batch_size or seq_len in its config
+    with pytest.raises(SystemExit):
+        qplot.main([str(rd), "--x", "tokens"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--x tokens: no batch_size and seq_len" in err

@@ -25,7 +25,14 @@ import pytest
 
 import qkclip_eqx._evaluate as evaluate_mod
 import qkclip_eqx._train as train_mod
-from builders import attention_s, layer_inputs, synthetic_corpus, synthetic_text, unclipped_update
+from builders import (
+    attention_s,
+    corrupt_checkpoint_arrays,
+    layer_inputs,
+    synthetic_corpus,
+    synthetic_text,
+    unclipped_update,
+)
 from qkclip_eqx._checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from qkclip_eqx._data import get_batch, load_data
 from qkclip_eqx._model import Transformer
@@ -279,15 +286,7 @@ def _copy_checkpoints(src, dst, steps):
         )
 
 
-def _corrupt(ckpt):
-    """Flip bytes in the middle of the largest array file of a checkpoint."""
-    blob = max(
-        (p for p in (ckpt / "state" / "d").iterdir() if p.is_file()), key=lambda p: p.stat().st_size
-    )
-    raw = bytearray(blob.read_bytes())
-    for i in range(len(raw) // 2, len(raw) // 2 + 8):
-        raw[i] ^= 0xFF
-    blob.write_bytes(bytes(raw))
+_corrupt = corrupt_checkpoint_arrays
 
 
 @pytest.mark.parametrize("damage", ["flipped bytes", "missing array files"])
@@ -305,6 +304,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_older(tmp_path, data, straight,
     out = capsys.readouterr().out
     assert f"checkpoint ckpt_{2 * N:08d} failed to restore" in out
     assert f"trying the older ckpt_{N:08d}" in out
+    assert f"resuming at step {N} of {2 * N}, not the newest checkpoint's" in out
     assert (tmp_path / f"ckpt_{2 * N:08d}.unusable").is_dir()
     assert resumed.step == 2 * N and resumed.stopped == "done"
     for a, b in zip(_leaves(straight.model), _leaves(resumed.model), strict=True):
@@ -692,8 +692,11 @@ def test_adamw_can_clip_and_muon_cannot(tmp_path, data):
     )
     # the clipped heads end one AdamW update's growth from tau
     over = np.asarray(s0) > cfg.tau
-    # bit-equal (jax 0.10.2 and 0.12.0.1, CPU)
-    np.testing.assert_array_equal(s_after[over], cfg.tau * s_upd[over] / np.asarray(s0)[over])
+    # measured rel 1.4e-7 on an AMD EPYC (jax 0.10.2, CPU); bit-equal on the CPU the
+    # tolerances were first measured on: gamma * S rounds differently with the kernels
+    np.testing.assert_allclose(
+        s_after[over], cfg.tau * s_upd[over] / np.asarray(s0)[over], rtol=6e-7
+    )
 
 
 def test_sigint_writes_a_checkpoint_then_resume_finishes(tmp_path, data_file):

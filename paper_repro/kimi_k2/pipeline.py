@@ -9,7 +9,8 @@
 4. Fig. 12: Muon and MuonClip (tau = 30) at the middle width's best Muon lr,
    six seeds.
 5. Weight decay: Muon at the middle width and lr_fit, the other wds.
-6. The summary, the verdicts, the figures and ``results.md``.
+6. The summary, the verdicts, the figures and ``results.md``; then, in a
+   separate section labelled post hoc, ``posthoc.py``'s re-analysis.
 
 A complete run directory is reused; an incomplete one is rerun.
 """
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import analysis as A
-from . import report, runner
+from . import posthoc, report, runner
 from . import settings as S
 from .corpus import load_corpus
 
@@ -460,5 +461,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cure_seeds": len(s.cure_seeds),
     }
     report.write(summ, exp.logs, out, s)
+    posthoc.write(posthoc.analyse(summ, exp.logs), out)  # post hoc, labelled as such
     print(f"done in {wall / 60:.1f} min ({exp.trained} runs trained); results in {out}", flush=True)
     return summ

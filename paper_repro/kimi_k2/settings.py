@@ -519,3 +519,113 @@ def verdict_muon_faster(slopes: dict[int, dict[str, float]]) -> tuple[str, str]:
 
 def verdict_weight_growth(slopes: dict[int, dict[str, float]]) -> tuple[str, str]:
     return _compare_slopes(slopes, "log max over heads of sigma(W_qC) sigma(W_kC) vs log(lr / lr*)")
+
+
+# ---------------------------------------------------------------------------
+# v4, part B: the near-lr* map. Pre-registered in ``prereg_v4.md`` before its
+# pilot; data only, not run by this package yet.
+# ---------------------------------------------------------------------------
+
+V4_LR_STAR = {64: 0.01, 128: 0.01, 256: 10**-2.5}  # v3's sweep: Muon's best lr per width (seed 0)
+V4_LR_STAR_ADAMW = {64: 0.01, 128: 10**-2.5, 256: 0.001}  # v3's sweep: AdamW's best lr
+V4_LR_MULTS = tuple(float(10 ** (k / 4)) for k in range(4))  # 1, 1.78, 3.16, 5.62 x lr*
+V4_TAUS = (math.inf, 100.0, 30.0, 15.0)  # inf: the unclipped twin
+V4_WEIGHT_DECAY = 0.1
+V4_HIGH_WEIGHT_DECAY = 0.2  # the Muon arm with more weight decay (settled S ~ wd^-2.1 in v3)
+# AdamW + QK-Clip: a tau that binds for AdamW at lr* (its S is 1.2-6.5x Muon's at equal lr)
+V4_ADAMW_CLIP_TAU = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class V4Arm:
+    """One arm of part B: an optimizer family (the compiled step it shares),
+    a tau (None: no clip), a weight decay, and whether QK-Norm is on."""
+
+    name: str
+    family: str  # "muon" or "adamw"
+    tau: float | None = None
+    weight_decay: float = V4_WEIGHT_DECAY
+    qk_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in ("muon", "adamw"):
+            raise ValueError(f"V4Arm.family must be muon or adamw, got {self.family!r}")
+        if self.tau is not None and not self.tau > 0:
+            raise ValueError(f"V4Arm.tau must be > 0 or None, got {self.tau}")
+
+
+V4_ARMS = (
+    V4Arm("muon", "muon"),
+    V4Arm("muonclip_tau100", "muon", tau=100.0),
+    V4Arm("muonclip_tau30", "muon", tau=30.0),
+    V4Arm("muonclip_tau15", "muon", tau=15.0),
+    V4Arm("muon_wd0.2", "muon", weight_decay=V4_HIGH_WEIGHT_DECAY),
+    V4Arm("qknorm", "muon", qk_norm=True),  # needs the library's QK-Norm option (not yet there)
+    V4Arm("adamw", "adamw"),
+    V4Arm("adamw_clip_tau30", "adamw", tau=V4_ADAMW_CLIP_TAU),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class V4Cell:
+    """Every arm at one width, one lr multiple of lr*, each seed (the same
+    batches across the arms of one seed)."""
+
+    width: int
+    lr_mult: float
+    seeds: tuple[int, ...]
+    steps: int
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2
+    arms: tuple[V4Arm, ...] = V4_ARMS
+
+    def __post_init__(self) -> None:
+        if len(self.seeds) < 3:
+            raise ValueError(f"V4Cell.seeds: at least 3, got {self.seeds}")
+        if self.width not in V4_LR_STAR:
+            raise ValueError(f"V4Cell.width: one of {sorted(V4_LR_STAR)}, got {self.width}")
+
+    def lr(self, arm: V4Arm) -> float:
+        """lr_mult x the arm family's best lr at this width (v3's sweep)."""
+        star = V4_LR_STAR_ADAMW if arm.family == "adamw" else V4_LR_STAR
+        return self.lr_mult * star[self.width]
+
+    def flat_steps(self) -> int:
+        return self.steps - self.warmup_steps - round(self.steps * self.decay_fraction)
+
+    def decay_constants(self, arm: V4Arm) -> float:
+        """lr x wd x the flat phase's steps: weight-decay time constants."""
+        return self.lr(arm) * arm.weight_decay * self.flat_steps()
+
+
+V4_SEEDS = (0, 1, 2)
+V4_STEPS = 1500
+# The worst-case plan (every clipped run launched). Extensions, in this order, while the
+# pilot's step times keep the worst case within the budget: width 128 at 5.62x lr*, then
+# at 1.78x; then width 256 at 1x and 3.16x lr*.
+V4_PLAN = tuple(V4Cell(64, m, V4_SEEDS, V4_STEPS) for m in V4_LR_MULTS) + tuple(
+    V4Cell(128, m, V4_SEEDS, V4_STEPS) for m in (V4_LR_MULTS[0], V4_LR_MULTS[2])
+)
+V4_EXTENSIONS = (
+    V4Cell(128, V4_LR_MULTS[3], V4_SEEDS, V4_STEPS),
+    V4Cell(128, V4_LR_MULTS[1], V4_SEEDS, V4_STEPS),
+    V4Cell(256, V4_LR_MULTS[0], V4_SEEDS, V4_STEPS),
+    V4Cell(256, V4_LR_MULTS[2], V4_SEEDS, V4_STEPS),
+)
+# The step-time model: v3's run loop, ms per step (the median over the full run's runs of
+# wall_s / steps_run in results/logs/*/status.json: 2 vCPUs, quiet, jax 0.10.2; probes every
+# 100 steps and the final validation included). The pilot re-measures every arm.
+V4_STEP_MS = {
+    64: {"muon": 18.18, "adamw": 16.45},
+    128: {"muon": 38.70, "adamw": 32.60},
+    256: {"muon": 145.91, "adamw": 79.20},
+}
+V4_COMPILE_MIN = 2.0  # v3: 149 compiles in 38 s; v4 adds the QK-Norm step per width
+V4_BUDGET_MIN = 100.0
+
+
+def v4_minutes(cells: Sequence[V4Cell], step_ms: dict[int, dict[str, float]] = V4_STEP_MS) -> float:
+    """The plan's worst-case wall time in minutes by the step-time model:
+    every (cell, arm, seed) run, clipped runs included, plus the compiles."""
+    ms = sum(len(c.seeds) * c.steps * step_ms[c.width][a.family] for c in cells for a in c.arms)
+    return ms / 60_000 + V4_COMPILE_MIN

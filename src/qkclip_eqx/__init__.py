@@ -18,6 +18,7 @@ from ._config import ParallelAxes as ParallelAxes
 from ._config import TransformerConfig as TransformerConfig
 from ._config import YaRN as YaRN
 from ._data import TokenData as TokenData
+from ._data import check_batch_tokens as check_batch_tokens
 from ._data import eval_batches as eval_batches
 from ._data import get_batch as get_batch
 from ._data import load_data as load_data
@@ -29,6 +30,8 @@ from ._evaluate import evaluate as evaluate
 from ._generate import generate as generate
 from ._generate import sample_token as sample_token
 from ._kernels import attend as attend
+from ._loglines import LogLines as LogLines
+from ._loglines import train_flops_per_token as train_flops_per_token
 from ._metrics import RunMetrics as RunMetrics
 from ._metrics import read_metrics as read_metrics
 from ._model import Block as Block
@@ -83,6 +86,8 @@ __all__ = [
     "MLAConfig",
     "MLAttention",
     "MetricSink",
+    "LogLines",
+    "train_flops_per_token",
     "ParallelAxes",
     "RunConfig",
     "RunMetrics",
@@ -99,6 +104,7 @@ __all__ = [
     "evaluate",
     "generate",
     "get_batch",
+    "check_batch_tokens",
     "hf",
     "latest_checkpoint",
     "load_checkpoint",

@@ -56,6 +56,12 @@ def evaluate(
     return float(np.mean(losses)), np.asarray(s)
 
 
+def marked_tau(cfg: RunConfig) -> float | None:
+    """The tau whose excess `format_table` marks for a run: its tau in clip and
+    in monitor mode (the heads a clip would act on), none when S is off."""
+    return None if cfg.mode == "off" else cfg.tau
+
+
 def format_table(max_logits: Any, tau: float | None = None) -> str:
     """S per layer (rows) and head (columns) as a text table; '*' marks S > tau."""
     s = np.asarray(max_logits, dtype=float)

@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float, Int
 
+#: The scalar metrics of the training lines that `read_metrics` keeps in
+#: `RunMetrics.scalars`, by their key in `metrics.jsonl`.
+SCALARS = ("lr", "grad_norm", "heads_over_tau", "tokens_per_s")
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RunMetrics:
@@ -32,12 +36,18 @@ class RunMetrics:
       recorded it (e.g. mode `"off"`).
     - `heads_clipped`: `[t]` number of heads clipped at each step, as float
       so that a missing value can be NaN.
+
     - `label`: display label (config `"label"`, else the directory name).
     - `tau`: QK-Clip threshold from the config, or `None`.
     - `mode`: `"clip" | "monitor" | "off"` from the config, or `None`.
     - `n_heads_total`: `layers * heads` for the clipped fraction, from the
       `max_logits` shape; `None` when no line recorded S.
     - `run_dir`: the directory read.
+    - `scalars`: `[t]` of each scalar metric of `SCALARS` that some training
+      line holds, by key (`lr`, `grad_norm`, `heads_over_tau`: the heads whose
+      S is above tau, in every mode); NaN where a line lacks it.
+    - `tokens_per_step`: `batch_size * seq_len` from the config, or `None`.
+    - `seed`: the config's seed, or `None`.
     """
 
     steps: Int[np.ndarray, " t"]
@@ -51,6 +61,13 @@ class RunMetrics:
     mode: str | None
     n_heads_total: int | None
     run_dir: str
+    scalars: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    tokens_per_step: int | None = None
+    seed: int | None = None
+
+    def scalar(self, key: str) -> Float[np.ndarray, " t"]:
+        """`scalars[key]`, or NaN at every step when no line logged it."""
+        return self.scalars.get(key, np.full(len(self.steps), np.nan))
 
     @property
     def n_layers(self) -> int:
@@ -153,6 +170,7 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     steps: list[int] = []
     loss: list[float] = []
     clipped: list[float] = []
+    scalars: dict[str, list[float]] = {k: [] for k in SCALARS}
     logits: list[np.ndarray | None] = []
     val_steps: list[int] = []
     val_loss: list[float] = []
@@ -170,6 +188,8 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
             steps.append(step)
             loss.append(_as_float(obj["loss"]))
             clipped.append(_as_float(obj.get("heads_clipped")))
+            for key, values in scalars.items():
+                values.append(_as_float(obj.get(key)))
             arr = _logits_array(obj.get("max_logits"))
             if arr is not None:
                 if shape is None:
@@ -201,6 +221,10 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     )
     mode = cfg.get("mode") if isinstance(cfg.get("mode"), str) else None
     label = cfg.get("label") if isinstance(cfg.get("label"), str) else None
+    ints = {k: v for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool)}
+    tokens_per_step = (
+        ints["batch_size"] * ints["seq_len"] if {"batch_size", "seq_len"} <= ints.keys() else None
+    )
     if not label:
         label = rd.resolve().name or str(rd)
 
@@ -216,6 +240,13 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         mode=mode,
         n_heads_total=n_total,
         run_dir=str(rd),
+        scalars={
+            k: np.asarray(v, dtype=np.float64)[order]
+            for k, v in scalars.items()
+            if any(k in obj for obj in lines)
+        },
+        tokens_per_step=tokens_per_step,
+        seed=ints.get("seed"),
     )
 
 

@@ -134,7 +134,11 @@ def load_run(
             except CheckpointError:
                 continue
         if meta is None:
-            raise CheckpointError(f"{path}: no checkpoint in this directory has readable metadata")
+            raise CheckpointError(
+                f"{path}: no checkpoint in this directory has readable metadata (tried "
+                + ", ".join(p.name for p in reversed(found))
+                + ")"
+            )
         cfg = _config_of(path, meta)
         if step is None:
             loaded = load_latest_checkpoint(path, _like(cfg, meta["vocab_size"]), warn=warn)

@@ -83,6 +83,8 @@ class RunConfig:
     # data, records
     data: str | None = None
     max_bytes: int = 8_000_000
+    vocab_size: int | None = None  # a token file's vocabulary, stated (None: scanned)
+    tokenizer: str | None = None  # a tokenizer.json for text data
     out: str = "runs/default"
     eval_every: int = 100
     eval_batches: int = 8
@@ -115,6 +117,8 @@ class RunConfig:
             raise ValueError(
                 f"RunConfig.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}"
             )
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ValueError(f"RunConfig.vocab_size must be > 0 or None, got {self.vocab_size}")
         if not self.lr > 0:
             raise ValueError(f"RunConfig.lr must be > 0, got {self.lr}")
         if self.optimizer not in ("muonclip", "muon", "adamw"):
@@ -301,8 +305,10 @@ FIELD_DOCS: dict[str, str] = {
     "seq_len": "tokens per sequence",
     "accum_steps": "micro-batches per step (gradient accumulation; divides batch-size)",
     "seed": "seed of the initial weights and of the batches",
-    "data": "a text file, a directory of text files, a nanoGPT .bin, or a directory with train.bin and val.bin (none: the Python standard library's source)",
-    "max_bytes": "read at most this many bytes of the data",
+    "data": "a text file or directory (bytes, or tokens with --tokenizer), a 1-D token file (.npy, raw .u16/.u32, nanoGPT .bin; memory-mapped), or a directory with train.bin and val.bin (none: the Python standard library's source)",
+    "max_bytes": "read at most this many bytes of text data",
+    "vocab_size": "a token file's vocabulary, stated: skips the scan for its largest id, and every batch is checked against it (none: scan)",
+    "tokenizer": "a Hugging Face tokenizer.json: --data text is tokenised with it once, cached beside the data (the tokenizers extra)",
     "out": "run directory: config.json, metrics.jsonl, checkpoints, plots",
     "eval_every": "steps between validation losses",
     "eval_batches": "validation batches per evaluation",
@@ -474,6 +480,8 @@ MUST_MATCH = (
     # data: which bytes, and the batches drawn from them at each step
     "data",
     "max_bytes",
+    "vocab_size",
+    "tokenizer",
     "batch_size",
     "seq_len",
     "seed",

@@ -35,7 +35,7 @@ from ._checkpoint import (
     load_latest_checkpoint,
     set_aside,
 )
-from ._data import TokenData, get_batch, load_data
+from ._data import TokenData, check_batch_tokens, get_batch, load_data
 from ._evaluate import evaluate
 from ._model import Transformer
 from ._parallel import check_mesh, make_mesh, place_batch, shard_train_state, to_host
@@ -74,9 +74,14 @@ class RunResult:
 def load_run_data(cfg: RunConfig) -> TokenData:
     """`load_data` for `cfg`; a missing or unreadable `data` is a RunError."""
     try:
-        return load_data(cfg.data, max_bytes=cfg.max_bytes)
+        return load_data(
+            cfg.data, max_bytes=cfg.max_bytes, vocab_size=cfg.vocab_size, tokenizer=cfg.tokenizer
+        )
+    except ImportError as e:
+        raise RunError(f"--tokenizer {cfg.tokenizer}: {e}") from e
     except (OSError, ValueError) as e:
-        raise RunError(f"--data {cfg.data}: {e}") from e
+        flag = "--tokenizer" if cfg.tokenizer and str(cfg.tokenizer) in str(e) else "--data"
+        raise RunError(f"{flag} {getattr(cfg, flag[2:])}: {e}") from e
 
 
 def _host_metrics(m: dict[str, Any]) -> dict[str, Any]:
@@ -152,9 +157,9 @@ class _MetricsLog:
             self.on_step(index + 1, host)
         for sink in self.sinks:
             sink.write(index, host)
-        if not self.first:
+        first, self.first = self.first, False
+        if not first:
             self.recent.append(seconds)
-        self.first = False
         if self.bar is not None:
             post = dict(loss=f"{host['loss']:.3f}")
             if "max_logit" in host:
@@ -163,6 +168,8 @@ class _MetricsLog:
                 post["tok/s"] = f"{self.smoothed_tokens_per_s():,.0f}"
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
+            if first:
+                _restart_clock(self.bar)
         return None
 
     def smoothed_tokens_per_s(self) -> float:
@@ -174,6 +181,16 @@ class _MetricsLog:
 
 
 TOK_S_WINDOW = 20
+
+
+def _restart_clock(bar: Any) -> None:
+    """Start the bar's clock (elapsed time, rate and so ETA) now, after the
+    process's first step, which holds the compile: counted, it put the ETA of
+    a resumed run at hours. The steps done so far become the bar's start."""
+    n = bar.n
+    bar.reset(total=bar.total)
+    bar.initial = bar.n = bar.last_print_n = n
+    bar.refresh()
 
 
 def _val_loss(model: Transformer, data: TokenData, cfg: RunConfig, mesh: Mesh | None) -> float:
@@ -222,8 +239,13 @@ def _init_or_resume(
     start = stored["step"]
     if lead:
         found_paths = list_checkpoints(out)  # oldest first: those after `path` failed
-        for unusable in found_paths[found_paths.index(path) + 1 :]:
-            print(f"set aside {unusable.name} as {set_aside(unusable).name}", flush=True)
+        unusable = found_paths[found_paths.index(path) + 1 :]
+        for bad in unusable:
+            print(f"set aside {bad.name} as {set_aside(bad).name}", flush=True)
+        if unusable:  # the banner named the newest checkpoint's step
+            print(
+                f"resuming at step {start} of {cfg.steps}, not the newest checkpoint's", flush=True
+            )
         for line in resume_changes(stored, cfg):
             print(f"resume changes {line}", flush=True)
     _barrier("qkclip-resume")
@@ -415,6 +437,10 @@ def _run_steps(
             batch = get_batch(
                 data.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, step=step
             )
+            try:
+                check_batch_tokens(batch, data.vocab_size, f"the batch of step {step}")
+            except ValueError as e:
+                raise RunError(f"--vocab-size {data.vocab_size}: {e}") from e
             model, opt_state, metrics = step_fn(
                 model, opt_state, place_batch(batch, mesh), step=step
             )

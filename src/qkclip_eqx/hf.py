@@ -53,21 +53,59 @@ def _yarn_from_hf(rope: Mapping[str, Any], hf_config: Mapping[str, Any]) -> YaRN
         raise ValueError(f"yarn rope_scaling keys {unknown} are not supported")
     if "original_max_position_embeddings" not in rope:
         raise ValueError("yarn rope_scaling needs original_max_position_embeddings")
-    original = rope["original_max_position_embeddings"]
-    factor = rope.get("factor")
-    if factor is None:
-        factor = hf_config["max_position_embeddings"] / original
+    original = _typed(rope, "original_max_position_embeddings", int)
+    factor = _typed(rope, "factor", float, None)
+    if factor is None:  # transformers: max_position_embeddings (default 4096) / original
+        factor = _typed(hf_config, "max_position_embeddings", int, 4096) / original
     return YaRN(
-        factor=float(factor),
-        original_max_position_embeddings=int(original),
-        beta_fast=float(rope.get("beta_fast") or 32),
-        beta_slow=float(rope.get("beta_slow") or 1),
-        mscale=None if rope.get("mscale") is None else float(rope["mscale"]),
-        mscale_all_dim=None
-        if rope.get("mscale_all_dim") is None
-        else float(rope["mscale_all_dim"]),
-        truncate=bool(rope.get("truncate", True)),
+        factor=factor,
+        original_max_position_embeddings=original,
+        beta_fast=float(_typed(rope, "beta_fast", float, None) or 32),
+        beta_slow=float(_typed(rope, "beta_slow", float, None) or 1),
+        mscale=_typed(rope, "mscale", float, None),
+        mscale_all_dim=_typed(rope, "mscale_all_dim", float, None),
+        truncate=_typed(rope, "truncate", bool, True),
     )
+
+
+_REQUIRED = object()
+
+
+def _typed(
+    config: Mapping[str, Any],
+    key: str,
+    kind: type,
+    default: Any = _REQUIRED,
+    *,
+    nullable: bool | None = None,
+) -> Any:
+    """`config[key]`, or `default` when absent (transformers' default; a
+    `KeyError` when required), refused unless of JSON type `kind`, or null
+    where `nullable` (default: where the default is None): JSON's `true` is no
+    number (Python's `bool` is an `int`), `"64"` no int, and an int is a
+    float. A float is returned as float."""
+    if key not in config:
+        if default is _REQUIRED:
+            raise KeyError(key)
+        return default
+    value: Any = config[key]
+    nullable = default is None if nullable is None else nullable
+    if value is None and nullable:
+        return None
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(value, (int, float)):
+            value = float(value)
+    if not ok:
+        raise ValueError(
+            f"config key {key!r} must be a JSON {'number' if kind is float else kind.__name__}"
+            f"{' or null' if nullable else ''}, got {value!r}"
+        )
+    return value
 
 
 def mla_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MLAConfig:
@@ -93,25 +131,31 @@ def mla_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MLACon
     **Raises:**
 
     `ValueError` for a RoPE type other than default and YaRN, a YaRN block with
-    unknown keys or without `original_max_position_embeddings`, or an invalid
-    config; `KeyError` when a required key (e.g. `hidden_size`) is missing.
+    unknown keys or without `original_max_position_embeddings`, a value of the
+    wrong JSON type (naming the key: `true` is no size), or an invalid config;
+    `KeyError` when a required key (e.g. `hidden_size`) is missing. An
+    optional key that is absent takes transformers' default (`q_lora_rank`
+    1536, `rope_interleave` true, `rope_theta` 10000).
     """
     rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "yarn"):
         raise ValueError(f"rope type {rope_type!r} is not supported (only 'default' and 'yarn')")
     yarn = _yarn_from_hf(rope, hf_config) if rope_type == "yarn" else None
-    theta = hf_config.get("rope_theta", rope.get("rope_theta", 10_000.0))
+    theta = _typed(hf_config, "rope_theta", float, _typed(rope, "rope_theta", float, 10_000.0))
     fields = dict(
-        dim=hf_config["hidden_size"],
-        n_heads=hf_config["num_attention_heads"],
-        q_lora_rank=hf_config.get("q_lora_rank"),
-        kv_lora_rank=hf_config["kv_lora_rank"],
-        qk_nope_head_dim=hf_config["qk_nope_head_dim"],
-        qk_rope_head_dim=hf_config["qk_rope_head_dim"],
-        v_head_dim=hf_config["v_head_dim"],
-        rope_theta=float(theta),
-        rope_layout="interleaved" if hf_config.get("rope_interleave", True) else "half",
+        dim=_typed(hf_config, "hidden_size", int),
+        n_heads=_typed(hf_config, "num_attention_heads", int),
+        # DeepseekV3Config's default rank; a null in config.json: no query LoRA
+        q_lora_rank=_typed(hf_config, "q_lora_rank", int, 1536, nullable=True),
+        kv_lora_rank=_typed(hf_config, "kv_lora_rank", int),
+        qk_nope_head_dim=_typed(hf_config, "qk_nope_head_dim", int),
+        qk_rope_head_dim=_typed(hf_config, "qk_rope_head_dim", int),
+        v_head_dim=_typed(hf_config, "v_head_dim", int),
+        rope_theta=theta,
+        rope_layout="interleaved"
+        if _typed(hf_config, "rope_interleave", bool, True, nullable=True)
+        else "half",
         norm_eps=1e-6,  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
         yarn=yarn,
     )
@@ -210,10 +254,11 @@ def mla_from_hf(
 
 
 def _has_moe_layers(hf_config: Mapping[str, Any]) -> bool:
-    n = int(hf_config["num_hidden_layers"])
-    experts = hf_config.get("n_routed_experts", 256)  # DeepseekV3Config's default
-    first_dense = hf_config.get("first_k_dense_replace", 3)  # likewise
-    first_dense = n if first_dense is None else int(first_dense)
+    n = _typed(hf_config, "num_hidden_layers", int)
+    # DeepseekV3Config's defaults
+    experts = _typed(hf_config, "n_routed_experts", int, 256, nullable=True)
+    first_dense = _typed(hf_config, "first_k_dense_replace", int, 3, nullable=True)
+    first_dense = n if first_dense is None else first_dense
     return bool(experts) and first_dense < n
 
 
@@ -257,22 +302,23 @@ def moe_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> MoECon
             f"moe_layer_freq={freq} is not supported: every layer after the "
             "first_k_dense_replace dense ones must be a MoE layer (1)"
         )
-    first = hf_config.get("first_k_dense_replace", 3)
+    first = _typed(hf_config, "first_k_dense_replace", int, 3)
     if first == 0:
         raise ValueError(
             "first_k_dense_replace=0 (no dense first layer) is not supported: "
             "qkclip_eqx.MoEConfig needs at least one"
         )
+    # DeepseekV3Config's defaults for absent keys; a null group count is 1
     fields: dict[str, Any] = dict(
-        n_routed_experts=int(hf_config.get("n_routed_experts", 256)),
-        num_experts_per_tok=int(hf_config.get("num_experts_per_tok") or 8),
-        moe_intermediate_size=int(hf_config.get("moe_intermediate_size", 2048)),
-        n_shared_experts=int(hf_config.get("n_shared_experts") or 0),
-        n_group=int(hf_config.get("n_group") or 1),
-        topk_group=int(hf_config.get("topk_group") or 1),
-        norm_topk_prob=bool(hf_config.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(hf_config.get("routed_scaling_factor", 2.5)),
-        first_k_dense_replace=int(first),
+        n_routed_experts=_typed(hf_config, "n_routed_experts", int, 256),
+        num_experts_per_tok=_typed(hf_config, "num_experts_per_tok", int, 8),
+        moe_intermediate_size=_typed(hf_config, "moe_intermediate_size", int, 2048),
+        n_shared_experts=_typed(hf_config, "n_shared_experts", int, 1, nullable=True) or 0,
+        n_group=_typed(hf_config, "n_group", int, 8, nullable=True) or 1,
+        topk_group=_typed(hf_config, "topk_group", int, 4, nullable=True) or 1,
+        norm_topk_prob=_typed(hf_config, "norm_topk_prob", bool, True),
+        routed_scaling_factor=_typed(hf_config, "routed_scaling_factor", float, 2.5),
+        first_k_dense_replace=first,
     )
     fields.update(overrides)
     return MoEConfig(**fields)
@@ -324,11 +370,11 @@ def transformer_config_from_hf(
     """
     _check_supported(hf_config)
     fields: dict[str, Any] = dict(
-        vocab_size=int(hf_config["vocab_size"]),
-        n_layers=int(hf_config["num_hidden_layers"]),
-        mlp_hidden=int(hf_config["intermediate_size"]),
+        vocab_size=_typed(hf_config, "vocab_size", int),
+        n_layers=_typed(hf_config, "num_hidden_layers", int),
+        mlp_hidden=_typed(hf_config, "intermediate_size", int),
         attention=mla_config_from_hf(hf_config),
-        norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        norm_eps=_typed(hf_config, "rms_norm_eps", float, 1e-6),
         moe=moe_config_from_hf(hf_config, **(moe or {})) if _has_moe_layers(hf_config) else None,
     )
     fields.update(overrides)
@@ -527,7 +573,7 @@ def transformer_from_hf(
         _shards(state_dict) if isinstance(state_dict, (str, os.PathLike)) else state_dict
     )
     n = config.n_layers
-    mtp = range(n, n + int(hf_config.get("num_nextn_predict_layers") or 0))
+    mtp = range(n, n + (_typed(hf_config, "num_nextn_predict_layers", int, 1, nullable=True) or 0))
     keys: dict[str, str] = {}  # name without the prefix -> key in the source
     for key in source:
         name = key.removeprefix("model.")
@@ -545,7 +591,8 @@ def transformer_from_hf(
     k = config.n_dense_layers
     fused = config.moe is not None and f"layers.{k}.mlp.experts.gate_up_proj" in keys
     expected = transformer_expected_shapes(config, fused_experts=fused)
-    if "lm_head.weight" not in keys and hf_config.get("tie_word_embeddings"):
+    tied = _typed(hf_config, "tie_word_embeddings", bool, False)
+    if "lm_head.weight" not in keys and tied:
         keys["lm_head.weight"] = keys.get("embed_tokens.weight", "embed_tokens.weight")
     missing = sorted(set(expected) - set(keys))
     unexpected = sorted(set(keys) - set(expected))

@@ -11,7 +11,7 @@ import dataclasses
 import pathlib
 import sys
 
-from .._evaluate import evaluate, format_table
+from .._evaluate import evaluate, format_table, marked_tau
 from .._run import load_run
 from .._train import RunError, load_run_data
 from ._flags import add_cache_flag, use_compilation_cache
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {data.description}")
     print(f"validation loss: {loss:.4f}")
     print("max logit S per layer and head on the validation batches:")
-    print(format_table(s, cfg.tau if cfg.mode == "clip" else None))
+    print(format_table(s, marked_tau(cfg)))
     return 0
 
 

@@ -4,8 +4,9 @@
     qkclip-generate runs/default/ckpt_00000600 --prompt "import " --temperature 0.8 --top-k 40 --seed 1
     qkclip-generate runs/gpt2 --prompt-tokens 464,2068 --max-new-tokens 64
 
-Byte-level models (vocab 256) take `--prompt` as UTF-8 text and print text;
-other vocabularies take `--prompt-tokens` and print token ids. Greedy
+Byte-level models (vocab 256) take `--prompt` as text (its bytes) and print
+text; a run trained with `--tokenizer` encodes `--prompt` and decodes with its
+tokenizer.json; other vocabularies take `--prompt-tokens` and print token ids. Greedy
 (`--temperature 0`, the default) is deterministic; sampling draws with
 `--seed`. Also prints S, the max logit per layer and head over the prompt
 and the generated tokens.
@@ -16,28 +17,51 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._evaluate import format_table
+from .._evaluate import format_table, marked_tau
 from .._generate import generate
 from .._run import load_run
 from ._flags import add_cache_flag, use_compilation_cache
 
 
-def _prompt(args: argparse.Namespace, vocab_size: int) -> np.ndarray:
+def _tokenizer(path: str | None) -> Any:
+    """The run's own `tokenizer.json` (a run trained with `--tokenizer`), or None."""
+    if path is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ValueError(
+            f'the run was tokenised by {path}: pip install "qkclip_eqx[tokenizers]" to read it'
+        ) from None
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the library raises its own Exception subclass
+        raise ValueError(f"the run's tokenizer {path}: {e}") from None
+
+
+def _prompt(args: argparse.Namespace, vocab_size: int, tokenizer: Any = None) -> np.ndarray:
     if (args.prompt is None) == (args.prompt_tokens is None):
         raise ValueError("give exactly one of --prompt and --prompt-tokens")
-    if args.prompt is not None:
+    if args.prompt is not None and tokenizer is not None:
+        ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+        tokens = np.asarray(ids, np.int32)
+    elif args.prompt is not None:
         if vocab_size != 256:
             raise ValueError(
                 f"--prompt is UTF-8 bytes for a byte-level model (vocab 256); this "
                 f"model's vocab is {vocab_size}: use --prompt-tokens"
             )
-        tokens = np.frombuffer(args.prompt.encode("utf-8"), np.uint8).astype(np.int32)
+        # the prompt's own bytes: a byte-level model takes any, UTF-8 or not (the
+        # command line hands undecodable bytes over as surrogates)
+        tokens = np.frombuffer(args.prompt.encode("utf-8", "surrogateescape"), np.uint8)
+        tokens = tokens.astype(np.int32)
     else:
         tokens = np.array([int(t) for t in args.prompt_tokens.split(",") if t.strip()], np.int32)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
@@ -47,6 +71,12 @@ def _prompt(args: argparse.Namespace, vocab_size: int) -> np.ndarray:
     if tokens.size == 0:
         raise ValueError("the prompt is empty")
     return tokens
+
+
+def _naming(path: str, e: Exception) -> str:
+    """The error, with the checkpoint path said once: a message that names it
+    already (a checkpoint error) is not prefixed with it again."""
+    return str(e) if path.rstrip("/") in str(e) else f"{path}: {e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(args.checkpoint, warn=lambda msg: print(msg, file=sys.stderr))
         model, cfg = run.model, run.config
         meta = {"step": run.step, "vocab_size": run.vocab_size, "path": str(run.checkpoint)}
-        prompt = _prompt(args, meta["vocab_size"])
+        tokenizer = _tokenizer(cfg.tokenizer)
+        prompt = _prompt(args, meta["vocab_size"], tokenizer)
     except (ValueError, KeyError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"qkclip-generate: error: {args.checkpoint}: {e}", file=sys.stderr)
+        print(f"qkclip-generate: error: {_naming(args.checkpoint, e)}", file=sys.stderr)
         return 2
     key = jax.random.key(args.seed) if args.temperature > 0 else None
     start = time.perf_counter()
@@ -96,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     tokens = np.asarray(tokens)
     seconds = time.perf_counter() - start
     print(f"checkpoint {meta['path']} (step {meta['step']})")
-    if meta["vocab_size"] == 256:
+    if tokenizer is not None:
+        print(tokenizer.decode([int(t) for t in np.concatenate([prompt, tokens])]))
+    elif meta["vocab_size"] == 256:
         print(
             (prompt.astype(np.uint8).tobytes() + tokens.astype(np.uint8).tobytes()).decode(
                 "utf-8", "replace"
@@ -108,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "max logit S per layer and head over the prompt and the generated tokens:", file=sys.stderr
     )
-    print(format_table(np.asarray(s), cfg.tau if cfg.mode == "clip" else None), file=sys.stderr)
+    print(format_table(np.asarray(s), marked_tau(cfg)), file=sys.stderr)
     return 0
 
 

@@ -30,8 +30,10 @@ import numpy as np
 
 from .._checkpoint import CheckpointError, latest_checkpoint, read_meta
 from .._data import TokenData
-from .._evaluate import format_table
+from .._evaluate import format_table, marked_tau
+from .._loglines import LogLines, train_flops_per_token
 from .._model import Transformer
+from .._run import load_run
 from .._run_config import MUST_MATCH, RunConfig
 from .._sinks import make_sinks, parse_log_to
 from .._train import RunError, RunResult, load_run_data, train
@@ -117,7 +119,11 @@ def summary(cfg: RunConfig, data: TokenData, *, preset_name: str | None, start: 
         if cfg.mode != "off"
         else "QK-Clip off"
     )
-    begin = f"resuming at step {start} of {cfg.steps}" if start else f"{cfg.steps} steps"
+    begin = (
+        f"resuming from the newest checkpoint, step {start} of {cfg.steps}"
+        if start
+        else f"{cfg.steps} steps"
+    )
     return "\n".join(
         [
             f"qkclip-train{f' (preset {preset_name})' if preset_name else ''}: {begin}",
@@ -132,6 +138,8 @@ def summary(cfg: RunConfig, data: TokenData, *, preset_name: str | None, start: 
             + f", {tokens * cfg.steps:,} in all",
             f"  out     {cfg.out}: checkpoints every {cfg.ckpt_every} steps (keep {cfg.keep}), "
             f"validation every {cfg.eval_every}",
+            f"  flops   {train_flops_per_token(cfg.model_config(data.vocab_size), cfg.seq_len):,.0f}"
+            " per token trained (6N + attention: the TFLOP/s and MFU of the log lines)",
         ]
     )
 
@@ -181,7 +189,27 @@ def _parser(preset_name: str | None) -> argparse.ArgumentParser:
         "(RUN/wandb; offline without an API key or network), comma-separated; needs the "
         "qkclip_eqx[tensorboard] or [wandb] extra",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: plain log lines instead (also when stdout is not a terminal)",
+    )
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="without a progress bar: one line every N steps (and at each evaluation and the "
+        "end): step, loss, S, heads clipped, tokens/s, TFLOP/s, MFU (default: 10)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        metavar="F",
+        help="peak TFLOP/s of one device, for the MFU of the log lines (e.g. 989 for an H100 "
+        "SXM in bf16 dense; none: no MFU)",
+    )
     add_cache_flag(parser)
     parser.add_argument("--no-plots", action="store_true", help="do not write PNGs at the end")
     return parser
@@ -197,10 +225,9 @@ def _report(result: RunResult, cfg: RunConfig) -> None:
     )
     if "max_logits" in m:
         s = np.array([[np.nan if x is None else x for x in row] for row in m["max_logits"]])
-        print(
-            f"max logit S per layer and head at the last step (tau = {cfg.tau}, '*' = above tau):"
-        )
-        print(format_table(s, cfg.tau if cfg.mode == "clip" else None))
+        mark = "" if cfg.mode == "off" else f" (tau = {cfg.tau}, '*' = above tau)"
+        print(f"max logit S per layer and head at the last step{mark}:")
+        print(format_table(s, marked_tau(cfg)))
 
 
 def _error(e: Exception) -> int:
@@ -213,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     preset_name = preset_of(argv)
     parser = _parser(preset_name)
     args = parser.parse_args(argv)
+    if args.log_every < 1:
+        parser.error(f"--log-every must be >= 1, got {args.log_every}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     use_compilation_cache(args)
     if args.distributed or args.coordinator_address is not None:
         # CPU processes talk through gloo; the setting does not affect GPU/TPU.
@@ -235,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if start >= cfg.steps:
+        # The newest checkpoint says the run is finished; it is the run's state only
+        # if it restores (else resume falls back to an older one, with steps to do).
+        try:
+            start = load_run(cfg.out, warn=lambda msg: None).step
+        except CheckpointError as e:
+            return _error(e)
+    if start >= cfg.steps:
         if lead:
             print(
                 f"{cfg.out} is finished: its newest checkpoint is step {start} of {cfg.steps}. "
@@ -255,14 +293,18 @@ def main(argv: list[str] | None = None) -> int:
             ),
             flush=True,
         )
+    progress = not args.no_progress and sys.stdout.isatty()
     try:
         sinks = make_sinks(log_to, cfg.out, cfg.to_dict(), label=cfg.label) if lead else []
+        if lead and not progress:
+            flops = train_flops_per_token(cfg.model_config(data.vocab_size), cfg.seq_len)
+            sinks.append(
+                LogLines(args.log_every, cfg.steps, flops, args.peak_tflops, len(jax.devices()))
+            )
     except ImportError as e:
         return _error(e)
     try:
-        result = train(
-            cfg, resume=args.resume, progress=not args.no_progress, data=data, sinks=sinks
-        )
+        result = train(cfg, resume=args.resume, progress=progress, data=data, sinks=sinks)
     except (
         RunError,
         CheckpointError,
