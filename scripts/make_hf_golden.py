@@ -24,13 +24,28 @@ Attention with plain RoPE, and two with YaRN RoPE scaling:
                                           block: factor 64, beta_fast = beta_slow = 1,
                                           rope_theta 50000)
 
-and one whole model (`DeepseekV3ForCausalLM`):
+one whole all-dense model (`DeepseekV3ForCausalLM`):
 
     tests/data/hf_dsv3_model_yarn.npz    (2 dense layers, first_k_dense_replace=2,
                                           q_lora_rank=32, DeepSeek-V3's yarn block,
                                           vocab 97, intermediate_size 96,
                                           rms_norm_eps 1e-5 != the attention norms'
                                           1e-6, untied head)
+
+and three whole models with DeepSeek-V3 mixture-of-experts layers (random
+e_score_correction_bias ~ U(0, 0.3), stored in the published checkpoints'
+per-expert layout `mlp.experts.{j}.{gate,up,down}_proj.weight`):
+
+    tests/data/hf_k2_moe.npz             (Kimi K2's router: 8 experts, 2 per token,
+                                          n_group 1, norm_topk_prob, scaling 2.827,
+                                          1 shared expert, K2's yarn block)
+    tests/data/hf_dsv3_moe_groups.npz    (DeepSeek-V3's router: 16 experts, 3 per
+                                          token, n_group 4, topk_group 2, scaling 2.5,
+                                          DeepSeek-V3's yarn block)
+    tests/data/hf_moonlight_moe_unnormed.npz  (Moonlight's shape: no q LoRA, 2
+                                          shared experts, rope_theta 50000, plain
+                                          RoPE; n_group 2, topk_group 1,
+                                          norm_topk_prob off)
 
 The YaRN cases run at positions 5000..5000+seq-1, past the original context,
 where the interpolated frequencies differ from plain RoPE's.
@@ -434,6 +449,51 @@ MODEL_FILE = "hf_dsv3_model_yarn.npz"
 MODEL_VOCAB, MODEL_LAYERS, MODEL_INTERMEDIATE, MODEL_EPS = 97, 2, 96, 1e-5
 
 
+def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Every parameter of a whole model, in state-dict order: norms
+    1 + NORM_STD * N(0, 1), the embedding N(0, 1), the rest LINEAR_STD * N(0, 1)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if "norm" in name:
+                param.copy_(1.0 + NORM_STD * noise)
+            elif "embed_tokens" in name:
+                param.copy_(noise)
+            else:
+                param.copy_(LINEAR_STD * noise)
+
+
+def _run_model(model: torch.nn.Module, generator: torch.Generator, start: int) -> dict:
+    """Random input ids at positions `start ..`, the eager forward's logits and
+    per-layer S, and the state dict: the arrays of a whole-model golden file."""
+    config = model.config
+    input_ids = torch.randint(0, config.vocab_size, (1, SEQ_LEN), generator=generator)
+    position_ids = start + torch.arange(SEQ_LEN)[None, :]
+    captured: list[torch.Tensor] = []
+    with torch.no_grad(), capture_pre_softmax_logits(captured):
+        logits = model(input_ids=input_ids, position_ids=position_ids).logits
+    assert len(captured) == config.num_hidden_layers, len(captured)
+    allowed = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()
+    max_logits = torch.stack(
+        [torch.where(allowed, c, torch.tensor(-torch.inf)).amax(dim=(-1, -2))[0] for c in captured]
+    )
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
+    arrays = {
+        name: t.detach().cpu().numpy().astype(np.float32) for name, t in model.state_dict().items()
+    }
+    arrays["input_ids"] = input_ids[0].numpy().astype(np.int32)
+    arrays["position_ids"] = position_ids[0].numpy().astype(np.int32)
+    arrays["logits"] = logits[0].numpy().astype(np.float32)
+    arrays["max_logits"] = max_logits.numpy().astype(np.float32)
+    arrays["config_json"] = np.array(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    arrays["versions"] = np.array(json.dumps(versions, sort_keys=True))
+    return arrays
+
+
 def make_model_golden(out_path: pathlib.Path) -> dict:
     """A small random all-dense DeepseekV3ForCausalLM: its state dict, logits and S."""
     base = dict(BASE_CONFIG, rms_norm_eps=MODEL_EPS)
@@ -455,39 +515,8 @@ def make_model_golden(out_path: pathlib.Path) -> dict:
     assert all(isinstance(layer.mlp, hf_dsv3.DeepseekV3MLP) for layer in model.model.layers), (
         "expected dense MLPs only"
     )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            if "norm" in name:
-                param.copy_(1.0 + NORM_STD * noise)
-            elif "embed_tokens" in name:
-                param.copy_(noise)
-            else:
-                param.copy_(LINEAR_STD * noise)
-    input_ids = torch.randint(0, MODEL_VOCAB, (1, SEQ_LEN), generator=generator)
-    position_ids = YARN_START + torch.arange(SEQ_LEN)[None, :]
-    captured: list[torch.Tensor] = []
-    with torch.no_grad(), capture_pre_softmax_logits(captured):
-        logits = model(input_ids=input_ids, position_ids=position_ids).logits
-    assert len(captured) == MODEL_LAYERS, len(captured)
-    allowed = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()
-    max_logits = torch.stack(
-        [torch.where(allowed, c, torch.tensor(-torch.inf)).amax(dim=(-1, -2))[0] for c in captured]
-    )
-    versions = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-    }
-    arrays = {
-        name: t.detach().cpu().numpy().astype(np.float32) for name, t in model.state_dict().items()
-    }
-    arrays["input_ids"] = input_ids[0].numpy().astype(np.int32)
-    arrays["position_ids"] = position_ids[0].numpy().astype(np.int32)
-    arrays["logits"] = logits[0].numpy().astype(np.float32)
-    arrays["max_logits"] = max_logits.numpy().astype(np.float32)
-    arrays["config_json"] = np.array(json.dumps(config.to_dict(), sort_keys=True, default=str))
-    arrays["versions"] = np.array(json.dumps(versions, sort_keys=True))
+    _randomize(model, generator)
+    arrays = _run_model(model, generator, YARN_START)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out_path, **arrays)
     shapes = {k: v.shape for k, v in arrays.items() if k.endswith(".weight")}
@@ -497,12 +526,140 @@ def make_model_golden(out_path: pathlib.Path) -> dict:
     return arrays
 
 
+# --------------------------------------------------------------------------
+# Whole models with DeepSeek-V3 mixture-of-experts layers
+# --------------------------------------------------------------------------
+
+MOE_VOCAB, MOE_INTERMEDIATE, MOE_EXPERT_INTERMEDIATE = 97, 96, 16
+BIAS_MAX = 0.3  # e_score_correction_bias ~ U(0, BIAS_MAX): it changes the choice
+
+# file -> the DeepseekV3Config fields of the case (on top of BASE_CONFIG)
+MOE_CASES = {
+    # Kimi K2's router: one group, norm_topk_prob, routed_scaling_factor 2.827,
+    # one shared expert, K2-Instruct-0905's yarn block and rope_theta 50000
+    "hf_k2_moe.npz": dict(
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.827,
+        n_shared_experts=1,
+        q_lora_rank=32,
+        rope_theta=50000.0,
+        rope_scaling=K2_YARN,
+    ),
+    # DeepSeek-V3's router: group-limited top-k (4 groups, the best 2 kept),
+    # routed_scaling_factor 2.5, DeepSeek-V3's yarn block
+    "hf_dsv3_moe_groups.npz": dict(
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        n_routed_experts=16,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        n_shared_experts=1,
+        q_lora_rank=32,
+        rope_scaling=DSV3_YARN,
+    ),
+    # Moonlight's shape (no q LoRA, two shared experts, rope_theta 50000, no
+    # yarn) with 2 groups and norm_topk_prob off
+    "hf_moonlight_moe_unnormed.npz": dict(
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=2.446,
+        n_shared_experts=2,
+        q_lora_rank=None,
+        rope_theta=50000.0,
+        rope_scaling=None,
+    ),
+}
+
+
+def _hub_layout(arrays: dict, config: DeepseekV3Config) -> dict:
+    """transformers' fused expert tensors (`mlp.experts.gate_up_proj`
+    [experts, 2 * hidden, dim], gate rows first, and `mlp.experts.down_proj`)
+    as the per-expert names of the published checkpoints."""
+    out, h = {}, config.moe_intermediate_size
+    for name, array in arrays.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            p = name.removesuffix("gate_up_proj")
+            for j, w in enumerate(array):
+                out[f"{p}{j}.gate_proj.weight"] = w[:h]
+                out[f"{p}{j}.up_proj.weight"] = w[h:]
+        elif name.endswith(".mlp.experts.down_proj"):
+            p = name.removesuffix("down_proj")
+            for j, w in enumerate(array):
+                out[f"{p}{j}.down_proj.weight"] = w
+        else:
+            out[name] = array
+    return out
+
+
+def make_moe_golden(out_path: pathlib.Path, case: dict) -> dict:
+    """A small random DeepseekV3ForCausalLM with MoE layers: its state dict in
+    the checkpoints' per-expert layout, logits and S."""
+    case = dict(case)
+    rope_scaling = case.pop("rope_scaling")
+    base = dict(BASE_CONFIG, rms_norm_eps=MODEL_EPS, rope_theta=case.pop("rope_theta", 10000.0))
+    if rope_scaling is not None:
+        extended = int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"])
+        base.update(rope_scaling=dict(rope_scaling), max_position_embeddings=extended)
+    config = DeepseekV3Config(
+        **base,
+        **case,
+        vocab_size=MOE_VOCAB,
+        intermediate_size=MOE_INTERMEDIATE,
+        moe_intermediate_size=MOE_EXPERT_INTERMEDIATE,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+        # the reference loop over experts (plain F.linear in float32), not the
+        # default grouped_mm kernel
+        experts_implementation="eager",
+        dtype="float32",
+    )
+    generator = torch.Generator().manual_seed(SEED)
+    model = transformers.DeepseekV3ForCausalLM(config).to(torch.float32).eval()
+    assert model.config._experts_implementation == "eager"
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    first = case["first_k_dense_replace"]
+    assert kinds == ["DeepseekV3MLP"] * first + ["DeepseekV3MoE"] * (len(kinds) - first), kinds
+    _randomize(model, generator)
+    with torch.no_grad():
+        for layer in model.model.layers[first:]:
+            bias = layer.mlp.gate.e_score_correction_bias
+            bias.copy_(BIAS_MAX * torch.rand(bias.shape, generator=generator))
+    arrays = _run_model(model, generator, 0 if rope_scaling is None else YARN_START)
+    names = set(model.state_dict())
+    weights = _hub_layout({k: v for k, v in arrays.items() if k in names}, config)
+    arrays = {**weights, **{k: v for k, v in arrays.items() if k not in names}}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_path, **arrays)
+    logits_max = np.abs(arrays["logits"]).max()
+    print(f"{out_path.name}: {out_path.stat().st_size} bytes; logits max {logits_max:.3f}")
+    print(f"  versions: {arrays['versions']}")
+    return arrays
+
+
 def main(names: list[str]) -> None:
-    for name in names or list(CASES):
-        if name not in CASES and name != MODEL_FILE:
-            raise SystemExit(f"unknown case {name!r}; choose from {sorted([*CASES, MODEL_FILE])}")
+    known = [*CASES, MODEL_FILE, *MOE_CASES]
+    for name in names:
+        if name not in known:
+            raise SystemExit(f"unknown case {name!r}; choose from {sorted(known)}")
     if not names or MODEL_FILE in names:
         make_model_golden(OUT_DIR / MODEL_FILE)
+    for filename, case in MOE_CASES.items():
+        if not names or filename in names:
+            make_moe_golden(OUT_DIR / filename, case)
     for filename, (q_lora_rank, rope_scaling, start, rope_theta) in CASES.items():
         if names and filename not in names:
             continue

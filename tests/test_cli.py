@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from builders import synthetic_text, tiny_tokenizer
-from qkclip_eqx import GQAConfig, MLAConfig, RunConfig, TransformerConfig, YaRN
+from qkclip_eqx import GQAConfig, MLAConfig, MoEConfig, RunConfig, TransformerConfig, YaRN
 from qkclip_eqx._loglines import train_flops_per_token
 from qkclip_eqx._run_config import FIELD_DOCS, MAY_CHANGE, MUST_MATCH, preset
 from qkclip_eqx._train import _MetricsLog
@@ -311,6 +311,26 @@ def test_every_model_option_is_a_flag_and_round_trips_through_config_json(cls, f
         return
     assert run_field is not None, f"{cls.__name__}.{field.name} is no RunConfig field"
     attention = "gqa" if cls is GQAConfig else "mla"
+    if field.name == "moe":  # a nested config: one flag per field, and --moe none
+        cfg = _parse(
+            "--preset",
+            "tiny",
+            "--moe-n-routed-experts",
+            "4",
+            "--moe-num-experts-per-tok",
+            "2",
+            "--moe-moe-intermediate-size",
+            "8",
+            "--moe-n-group",
+            "2",
+        )
+        want = MoEConfig(
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, n_group=2
+        )
+        assert cfg.model_config().moe == want
+        assert RunConfig.from_json(cfg.to_json()).model_config().moe == want
+        assert _parse("--config", _write(cfg), "--moe", "none").moe is None
+        return
     if optional_config(hints_of(cls)[field.name]) is not None:  # yarn: its own flags
         cfg = _parse(
             "--preset",

@@ -66,6 +66,13 @@ TRANSFORMERS_DEFAULTS: dict[str, Any] = {
     "rope_scaling": None,
     "rope_parameters": None,
     "mlp_bias": ABSENT,  # not a DeepseekV3Config field: its MLP has no bias
+    "num_nextn_predict_layers": 1,  # the multi-token-prediction layers, skipped
+    # keys of DeepSeek's own configs (remote code), not DeepseekV3Config fields: the
+    # MoE loader refuses any value but the only router transformers implements
+    "scoring_func": ABSENT,
+    "topk_method": ABSENT,
+    "moe_layer_freq": ABSENT,
+    "quantization_config": ABSENT,
 }
 YARN_DEFAULTS: dict[str, Any] = {
     "rope_theta": 10_000.0,

@@ -4,7 +4,7 @@ against a golden file written by scripts/make_hf_golden.py from transformers'
 eager forward (2 dense layers, q LoRA, DeepSeek-V3's YaRN block at positions
 past the original context, block norms' eps 1e-5 against the attention norms'
 1e-6); with or without the `model.` prefix, from safetensors shards on disk,
-with a tied head; MoE layers and bad state dicts refused by name."""
+with a tied head; bad state dicts refused by name."""
 
 from __future__ import annotations
 
@@ -96,16 +96,24 @@ def test_tied_head_is_the_embedding(golden):
     np.testing.assert_array_equal(model.lm_head, state["model.embed_tokens.weight"])
 
 
-def test_moe_layers_are_refused_by_name(golden):
+def test_moe_config_wants_moe_weights_by_name(golden):
+    """A config with MoE layers (tests/test_hf_moe.py loads real ones) given a
+    dense state dict: the missing router and experts are named."""
     _, hf_config, state = golden
-    moe = {**hf_config, "first_k_dense_replace": 1, "n_routed_experts": 8}
+    moe = {
+        **hf_config,
+        "first_k_dense_replace": 1,
+        "n_routed_experts": 8,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_experts_per_tok": 2,
+    }
     with pytest.raises(
-        ValueError, match=r"layers 1\.\.1 .* mixture-of-experts.*n_routed_experts=8"
+        ValueError,
+        match=r"1 dense layers and 1 mixture-of-experts layers\): missing "
+        r"\['layers.1.mlp.experts.0.down_proj.weight'",
     ):
         transformer_from_hf(state, moe)
-    default = {k: v for k, v in hf_config.items() if k != "first_k_dense_replace"}
-    with pytest.raises(ValueError, match=r"layers 3\.\.3 .*first_k_dense_replace=3"):
-        transformer_from_hf(state, {**default, "num_hidden_layers": 4})
 
 
 def test_bad_state_dicts_are_named(golden):
@@ -114,8 +122,15 @@ def test_bad_state_dicts_are_named(golden):
     with pytest.raises(ValueError, match=r"missing \['layers.1.mlp.up_proj.weight'\]"):
         transformer_from_hf(gone, hf_config)
     extra = {**state, "model.layers.2.mlp.up_proj.weight": np.zeros((96, 64), np.float32)}
+    no_mtp = {**hf_config, "num_nextn_predict_layers": 0}
     with pytest.raises(ValueError, match=r"unexpected \['layers.2.mlp.up_proj.weight'\]"):
-        transformer_from_hf(extra, hf_config)
+        transformer_from_hf(extra, no_mtp)
+    # with DeepseekV3Config's default of one multi-token-prediction layer, layer 2
+    # is that layer (DeepSeek-V3's checkpoints hold it), skipped
+    assert hf_config["num_nextn_predict_layers"] == 1
+    assert eqx.tree_equal(
+        transformer_from_hf(extra, hf_config), transformer_from_hf(state, hf_config)
+    )
     both = {**state, "norm.weight": state["model.norm.weight"]}
     with pytest.raises(ValueError, match="both with and without the 'model.' prefix"):
         transformer_from_hf(both, hf_config)

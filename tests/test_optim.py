@@ -122,10 +122,13 @@ def transformer_update(mla_params):
 def test_param_spec_routes_every_transformer_leaf(which, mla_params, gqa_params):
     params = mla_params if which == "mla" else gqa_params
     spec = param_spec(params)
-    spec_leaves = dict(
-        (jtu.keystr(p), s) for p, s in jtu.tree_flatten_with_path(spec, is_leaf=_is_spec)[0]
-    )
     param_leaves = dict((jtu.keystr(p), x) for p, x in jtu.tree_flatten_with_path(params)[0])
+    # a None where the params hold no leaf (the dense model's moe_blocks=None) is no entry
+    spec_leaves = {
+        jtu.keystr(p): s
+        for p, s in jtu.tree_flatten_with_path(spec, is_leaf=_is_spec)[0]
+        if s is not None or jtu.keystr(p) in param_leaves
+    }
     assert spec_leaves.keys() == param_leaves.keys()
     n_muon = 0
     for path, leaf in param_leaves.items():
@@ -179,8 +182,10 @@ def test_optimizer_state_follows_routing(mla_params):
     state = muon_adamw(LR).init(mla_params)
     spec = param_spec(mla_params)
     flat = jtu.tree_flatten_with_path(spec, is_leaf=_is_spec)[0]
+    params = {jtu.keystr(p) for p, _ in jtu.tree_flatten_with_path(mla_params)[0]}
     muon_paths = {jtu.keystr(p) for p, s in flat if s is not None}
-    adamw_paths = {jtu.keystr(p) for p, s in flat if s is None}
+    # a None where the params hold no leaf (moe_blocks=None) is no entry
+    adamw_paths = {jtu.keystr(p) for p, s in flat if s is None and jtu.keystr(p) in params}
     assert muon_paths and adamw_paths and not (muon_paths & adamw_paths)
 
     muon_state = state.inner_states["muon"].inner_state[0]

@@ -45,6 +45,7 @@ CLAIMED = {
     ("docs/hf.md", "qc.hf.mla_from_hf("): "test_docs_hf_example_loads_the_golden_weights",
     ("docs/own-models.md", "qc.ClippableMultiheadAttention("): "test_docs_own_models_example",
     ("docs/hf.md", "qc.hf.transformer_from_hf("): "test_docs_hf_whole_model_example",
+    ("docs/moe.md", "qc.MoEConfig("): "test_docs_moe_example_builds_the_model_it_describes",
 }
 
 
@@ -111,6 +112,15 @@ def test_every_python_block_is_claimed_by_a_test():
 
 
 _forward = eqx.filter_jit(next_token_loss)
+
+
+def test_docs_moe_example_builds_the_model_it_describes():
+    """docs/moe.md: one dense layer, then three MoE layers of 16 experts."""
+    scope, _ = _namespace("docs/moe.md", "qc.MoEConfig(")
+    model = scope["model"]
+    assert model.blocks.mlp.w_gate.shape == (1, 256, 128)
+    assert model.moe_blocks.mlp.experts.w_gate.shape == (3, 16, 64, 128)
+    assert model.moe_blocks.mlp.shared.w_up.shape == (3, 64, 128)
 
 
 def test_library_example_runs():

@@ -33,7 +33,7 @@ from builders import (
     synthetic_text,
     unclipped_update,
 )
-from qkclip_eqx import YaRN
+from qkclip_eqx import MoEConfig, YaRN
 from qkclip_eqx._checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from qkclip_eqx._data import get_batch, load_data
 from qkclip_eqx._model import Transformer
@@ -223,6 +223,10 @@ def _other_values(cfg: RunConfig, name: str) -> list:
             out.append(other)
         elif part is YaRN:
             out.append(YaRN(4.0, cfg.seq_len))
+        elif part is MoEConfig:
+            out.append(
+                MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+            )
         else:  # a union
             parts += list(typing.get_args(part))
     valid = []

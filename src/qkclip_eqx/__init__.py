@@ -12,6 +12,7 @@ from ._clip import clipped_heads as clipped_heads
 from ._clip import qk_clip as qk_clip
 from ._config import GQAConfig as GQAConfig
 from ._config import MLAConfig as MLAConfig
+from ._config import MoEConfig as MoEConfig
 from ._config import ParallelAxes as ParallelAxes
 from ._config import TransformerConfig as TransformerConfig
 from ._config import YaRN as YaRN
@@ -36,7 +37,13 @@ from ._loglines import train_flops_per_token as train_flops_per_token
 from ._metrics import RunMetrics as RunMetrics
 from ._metrics import read_metrics as read_metrics
 from ._model import Block as Block
+from ._model import MoEBlock as MoEBlock
 from ._model import Transformer as Transformer
+from ._moe import Experts as Experts
+from ._moe import MoE as MoE
+from ._moe import RouterStats as RouterStats
+from ._moe import expert_load_metrics as expert_load_metrics
+from ._moe import update_expert_bias as update_expert_bias
 from ._optim import matrix_dimension_numbers as matrix_dimension_numbers
 from ._optim import muon_adamw as muon_adamw
 from ._optim import warmup_cosine as warmup_cosine
@@ -61,6 +68,13 @@ from ._train import RunResult as RunResult
 from ._train import train as train
 
 __all__ = [
+    "update_expert_bias",
+    "expert_load_metrics",
+    "RouterStats",
+    "Experts",
+    "MoE",
+    "MoEBlock",
+    "MoEConfig",
     "PRESETS",
     "AbstractQKClippable",
     "AbstractHeadwiseQKClippable",

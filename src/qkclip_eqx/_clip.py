@@ -86,12 +86,37 @@ def check_tau_alpha(tau, alpha) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
 
 
+def _stacked_layers(module: AbstractQKClippable) -> int | None:
+    leaves = jax.tree.leaves(eqx.filter(module, eqx.is_array))
+    return int(leaves[0].shape[0]) if leaves and leaves[0].ndim else None
+
+
+def _split_layers(modules: list[AbstractQKClippable], s: Array) -> list[Array]:
+    """One `[layers, heads]` S for several modules stacked over layers (a
+    [`qkclip_eqx.Transformer`][] with MoE holds its dense and MoE layers in
+    two stacks): split along the layers, in tree order, when the modules'
+    layer counts add up to S's and the heads agree; else `[s]` unchanged, for
+    the caller's error."""
+    counts = [_stacked_layers(m) for m in modules]
+    if (
+        jnp.ndim(s) != 2
+        or any(n is None for n in counts)
+        or sum(n for n in counts if n is not None) != s.shape[0]
+        or any(m.n_heads != s.shape[-1] for m in modules)
+    ):
+        return [s]
+    bounds = [sum(n for n in counts[:i] if n is not None) for i in range(1, len(counts))]
+    return jnp.split(s, bounds)
+
+
 def modules_and_s(model: PyTree, max_logits, what: str) -> tuple[list, list]:
     """The clippable modules of `model` and their S arrays, paired and checked."""
     modules = clippable_modules(model)
     if not modules:
         raise ValueError(f"no AbstractQKClippable attention module found in {type(model).__name__}")
     s_list = [max_logits] if not isinstance(max_logits, Sequence) else list(max_logits)
+    if len(s_list) == 1 and len(modules) > 1:
+        s_list = _split_layers(modules, s_list[0])
     if len(s_list) != len(modules):
         raise ValueError(
             f"{what}: got {len(s_list)} max-logit arrays for {len(modules)} clippable modules"

@@ -437,11 +437,114 @@ class GQAConfig:
 AttentionConfig = MLAConfig | GQAConfig
 
 
+def _non_negative_number(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{type(obj).__name__}.{name} must be a finite number >= 0, got {value!r}")
+
+
+@no_type_check
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeek-V3 mixture-of-experts feed-forward layers (DeepSeek-V3 report,
+    arXiv 2412.19437, sec. 2.1.2; Kimi K2 and Moonlight use the same layer).
+    The field names are those of transformers' `DeepseekV3Config`.
+
+    Every layer from `first_k_dense_replace` on replaces the dense SwiGLU MLP by
+    `n_shared_experts` shared experts (one SwiGLU of hidden size
+    `n_shared_experts * moe_intermediate_size`) plus `n_routed_experts` routed
+    SwiGLU experts of hidden size `moe_intermediate_size`, of which each token
+    uses `num_experts_per_tok`. The router's scores are sigmoids; a per-expert
+    correction bias enters the selection only; the selection is limited to the
+    best `topk_group` of `n_group` expert groups; the weights are the unbiased
+    scores of the chosen experts, normalised to sum 1 when `norm_topk_prob`,
+    times `routed_scaling_factor` (see [`qkclip_eqx.MoE`][]).
+
+    Training (see [`qkclip_eqx.update_expert_bias`][]):
+
+    - `bias_update_rate`: the auxiliary-loss-free balancing's speed gamma: after
+      each step every expert's bias moves by `gamma * sign(mean load - load)`
+      (0.001 in DeepSeek-V3's pre-training; 0 freezes the bias).
+    - `seq_balance_weight`: alpha of the complementary sequence-wise balance
+      loss added to the training loss (0.0001 in DeepSeek-V3; 0, the default,
+      leaves it out).
+    """
+
+    n_routed_experts: int = dataclasses.field(metadata=doc("routed experts per MoE layer"))
+    num_experts_per_tok: int = dataclasses.field(metadata=doc("routed experts each token uses"))
+    moe_intermediate_size: int = dataclasses.field(
+        metadata=doc("hidden width of each expert's SwiGLU")
+    )
+    n_shared_experts: int = dataclasses.field(
+        default=1, metadata=doc("shared experts (one SwiGLU of n times the expert width)")
+    )
+    n_group: int = dataclasses.field(default=1, metadata=doc("expert groups of the router"))
+    topk_group: int = dataclasses.field(
+        default=1, metadata=doc("groups a token's experts may come from")
+    )
+    norm_topk_prob: bool = dataclasses.field(
+        default=True, metadata=doc("normalise the chosen experts' weights to sum 1")
+    )
+    routed_scaling_factor: float = dataclasses.field(
+        default=1.0, metadata=doc("factor on the routed experts' weights")
+    )
+    first_k_dense_replace: int = dataclasses.field(
+        default=1, metadata=doc("the first layers keep the dense MLP")
+    )
+    bias_update_rate: float = dataclasses.field(
+        default=1e-3,
+        metadata=doc("auxiliary-loss-free balancing: the bias step per training step"),
+    )
+    seq_balance_weight: float = dataclasses.field(
+        default=0.0, metadata=doc("weight of the sequence-wise balance loss (0: none)")
+    )
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "n_group",
+            "topk_group",
+            "first_k_dense_replace",
+        )
+        n_shared = self.n_shared_experts
+        if not isinstance(n_shared, int) or isinstance(n_shared, bool) or n_shared < 0:
+            raise ValueError(f"MoEConfig.n_shared_experts must be an int >= 0, got {n_shared!r}")
+        _bool(self, "norm_topk_prob")
+        _positive_number(self, "routed_scaling_factor")
+        _non_negative_number(self, "bias_update_rate")
+        _non_negative_number(self, "seq_balance_weight")
+        e, g = self.n_routed_experts, self.n_group
+        if e % g:
+            raise ValueError(f"MoEConfig.n_group={g} must divide n_routed_experts={e}")
+        if g > 1 and e // g < 2:
+            raise ValueError(
+                f"MoEConfig: n_group={g} groups of {e // g} expert: a group's score is the sum "
+                "of its best two experts' scores, so each group needs at least 2"
+            )
+        if self.topk_group > g:
+            raise ValueError(f"MoEConfig.topk_group={self.topk_group} exceeds n_group={g}")
+        eligible = self.topk_group * (e // g)
+        if self.num_experts_per_tok > eligible:
+            raise ValueError(
+                f"MoEConfig.num_experts_per_tok={self.num_experts_per_tok} exceeds the "
+                f"{eligible} experts of the topk_group={self.topk_group} groups a token may use"
+            )
+
+
 @no_type_check
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """A decoder-only language model: embedding, `n_layers` pre-norm blocks
     (RMSNorm, attention, RMSNorm, SwiGLU MLP), final RMSNorm, untied LM head.
+
+    `moe`: with a [`qkclip_eqx.MoEConfig`][], layers
+    `moe.first_k_dense_replace ..` have DeepSeek-V3 mixture-of-experts
+    feed-forward layers instead of the dense MLP (of hidden size `mlp_hidden`,
+    which the first layers keep).
 
     Precision (mixed-precision training with float32 master weights,
     Micikevicius et al. 2018, arXiv 1710.03740):
@@ -482,9 +585,28 @@ class TransformerConfig:
         default="float32",
         metadata=doc("dtype of the matmuls (bfloat16 on an accelerator)", resume=_AS_MESH),
     )
+    moe: MoEConfig | None = dataclasses.field(
+        default=None,
+        metadata=doc(
+            "DeepSeek-V3 mixture-of-experts layers (none: every layer dense)",
+            resume=MUST_MATCH_RULE,
+        ),
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "n_layers", "mlp_hidden")
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                raise ValueError(
+                    f"TransformerConfig.moe must be a MoEConfig or None, got {self.moe!r}"
+                )
+            if self.moe.first_k_dense_replace >= self.n_layers:
+                raise ValueError(
+                    f"TransformerConfig: moe.first_k_dense_replace="
+                    f"{self.moe.first_k_dense_replace} leaves none of the n_layers="
+                    f"{self.n_layers} layers a mixture-of-experts layer; use moe=None for an "
+                    "all-dense model"
+                )
         if not isinstance(self.attention, (MLAConfig, GQAConfig)):
             raise ValueError(
                 "TransformerConfig.attention must be an MLAConfig or GQAConfig, "
@@ -496,6 +618,12 @@ class TransformerConfig:
         check_cudnn_dtypes(
             self.attention.implementation, self.compute_dtype, owner="TransformerConfig: attention "
         )
+
+    @property
+    def n_dense_layers(self) -> int:
+        """The layers with a dense MLP: all of them, or the first
+        `moe.first_k_dense_replace`."""
+        return self.n_layers if self.moe is None else self.moe.first_k_dense_replace
 
     @property
     def dim(self) -> int:

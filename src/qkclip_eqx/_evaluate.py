@@ -13,7 +13,7 @@ from ._data import TokenData, eval_batches
 from ._model import Transformer
 from ._parallel import place_batch, shard_loss, to_host
 from ._run_config import RunConfig
-from ._step import next_token_loss
+from ._step import next_token_loss, split_aux
 
 _eval_loss = eqx.filter_jit(next_token_loss)  # one compile for every evaluation
 
@@ -50,7 +50,8 @@ def evaluate(
             _eval_loss(model, tokens) if mesh is None else _sharded_eval_loss(model, tokens, mesh)
         )
     losses, s = [], None
-    for loss, s_b in to_host(results):
+    for loss, aux in to_host(results):
+        s_b, _ = split_aux(aux)  # a mixture-of-experts model's router statistics dropped
         losses.append(float(loss))
         s = s_b if s is None else np.maximum(s, s_b)
     return float(np.mean(losses)), np.asarray(s)

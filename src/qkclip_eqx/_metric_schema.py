@@ -101,6 +101,32 @@ FIRST_NONFINITE = Metric(
     "0 when the step is finite, else 1 + the index in NONFINITE of the first quantity that "
     "is not (read by the loop, not logged)",
 )
+# mixture-of-experts models only (TransformerConfig.moe; see _moe.py)
+EXPERT_LOAD = Metric(
+    "expert_load",
+    "tokens routed to each expert of each MoE layer in the step",
+    shape=("moe_layers", "experts"),
+)
+EXPERT_LOAD_RATIO = Metric(
+    "expert_load_ratio",
+    "the worst MoE layer's max/min expert load (1: balanced; inf: an idle expert)",
+    sink="moe/load_ratio",
+    bar="load",
+    bar_format=".2f",
+)
+EXPERT_LOAD_CV = Metric(
+    "expert_load_cv",
+    "mean over MoE layers of the expert load's coefficient of variation",
+    sink="moe/load_cv",
+)
+DROPPED_TOKENS = Metric(
+    "dropped_tokens", "routed (token, expert) pairs not computed (0: dropless)", sink="moe/dropped"
+)
+BALANCE_LOSS = Metric(
+    "balance_loss",
+    "the sequence-wise balance loss summed over MoE layers (before its weight)",
+    sink="moe/balance_loss",
+)
 STEP = Metric("step", "the 0-based step", source="loop")
 LR = Metric("lr", "the learning rate of the step", source="loop", sink="train/lr")
 TOKENS_PER_S = Metric(
@@ -123,6 +149,11 @@ METRICS: tuple[Metric, ...] = (
     N_NONFINITE,
     CLIP_ACTIVE,
     FIRST_NONFINITE,
+    EXPERT_LOAD,
+    EXPERT_LOAD_RATIO,
+    EXPERT_LOAD_CV,
+    DROPPED_TOKENS,
+    BALANCE_LOSS,
     LR,
     TOKENS_PER_S,
     TIME,

@@ -7,13 +7,14 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._attention import GQAttention, MLAttention
 from ._config import MLAConfig, ParallelAxes, TransformerConfig
 from ._decode import KVCache, MLACache
 from ._interfaces import AbstractPackedModel
 from ._layers import RMSNorm, SwiGLU, init_weight, linear
+from ._moe import MoE, RouterStats
 from ._optim import matrix_dimension_numbers
 from ._parallel import gather_fsdp, layer_specs, partition_specs
 
@@ -39,10 +40,7 @@ class Block(eqx.Module):
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         ka, km = jax.random.split(key)
         dtype, compute = jnp.dtype(config.param_dtype), jnp.dtype(config.compute_dtype)
-        attention = MLAttention if isinstance(config.attention, MLAConfig) else GQAttention
-        self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
-        self.attn = attention(config.attention, dtype=dtype, compute_dtype=compute, key=ka)  # pyright: ignore[reportArgumentType]  # the class matches the config
-        self.mlp_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
+        self.attn_norm, self.attn, self.mlp_norm = _attention_parts(config, ka)
         self.mlp = SwiGLU(config.dim, config.mlp_hidden, dtype=dtype, compute_dtype=compute, key=km)
 
     def __call__(
@@ -64,14 +62,7 @@ class Block(eqx.Module):
 
         `(x, S)`: the new residual stream, and the attention's S per head.
         """
-        h, max_logits = self.attn(
-            self.attn_norm(x),
-            positions=positions,
-            segment_ids=segment_ids,
-            segment_length=segment_length,
-            parallel=parallel,
-        )
-        x = x + h
+        x, max_logits = _attention_half(self, x, positions, segment_ids, segment_length, parallel)
         return x + self.mlp(self.mlp_norm(x), parallel=parallel), max_logits
 
     def decode(
@@ -96,11 +87,106 @@ class Block(eqx.Module):
         return x + self.mlp(self.mlp_norm(x)), max_logits, cache
 
 
+def _attention_parts(
+    config: TransformerConfig, key: PRNGKeyArray
+) -> tuple[RMSNorm, MLAttention | GQAttention, RMSNorm]:
+    """A block's attention norm, attention and MLP norm."""
+    dtype, compute = jnp.dtype(config.param_dtype), jnp.dtype(config.compute_dtype)
+    attention = MLAttention if isinstance(config.attention, MLAConfig) else GQAttention
+    return (
+        RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype),
+        attention(config.attention, dtype=dtype, compute_dtype=compute, key=key),  # pyright: ignore[reportArgumentType]  # the class matches the config
+        RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype),
+    )
+
+
+def _attention_half(
+    block: "Block | MoEBlock",
+    x: Array,
+    positions: Array | None,
+    segment_ids: Array | None,
+    segment_length: int | None,
+    parallel: ParallelAxes | None,
+) -> tuple[Array, Array]:
+    """`x + attn(norm(x))` and S: the first half of either block."""
+    h, max_logits = block.attn(
+        block.attn_norm(x),
+        positions=positions,
+        segment_ids=segment_ids,
+        segment_length=segment_length,
+        parallel=parallel,
+    )
+    return x + h, max_logits
+
+
+class MoEBlock(eqx.Module):
+    """Pre-norm block with a DeepSeek-V3 mixture-of-experts feed-forward layer
+    ([`qkclip_eqx.MoE`][]): `x + attn(norm(x))`, then `x + moe(norm(x))`."""
+
+    attn_norm: RMSNorm
+    attn: MLAttention | GQAttention
+    mlp_norm: RMSNorm
+    mlp: MoE
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        if config.moe is None:
+            raise ValueError("MoEBlock needs a TransformerConfig with moe set")
+        ka, km = jax.random.split(key)
+        dtype, compute = jnp.dtype(config.param_dtype), jnp.dtype(config.compute_dtype)
+        self.attn_norm, self.attn, self.mlp_norm = _attention_parts(config, ka)
+        self.mlp = MoE(config.moe, config.dim, dtype=dtype, compute_dtype=compute, key=km)
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+        segment_length: int | None = None,
+        parallel: ParallelAxes | None = None,
+    ) -> tuple[Float[Array, "seq dim"], Float[Array, " heads"], RouterStats]:
+        """As [`qkclip_eqx.Block.__call__`][], plus the layer's
+        [`qkclip_eqx.RouterStats`][]: `(x, S, stats)`."""
+        x, max_logits = _attention_half(self, x, positions, segment_ids, segment_length, parallel)
+        y, stats = self.mlp(self.mlp_norm(x), segment_length=segment_length, parallel=parallel)
+        return x + y, max_logits, stats
+
+    def decode(
+        self, x: Float[Array, "t dim"], cache: MLACache | KVCache
+    ) -> tuple[Float[Array, "t dim"], Float[Array, " heads"], MLACache | KVCache]:
+        """As [`qkclip_eqx.Block.decode`][] (the router's statistics dropped)."""
+        h, max_logits, cache = self.attn.decode(self.attn_norm(x), cache)  # pyright: ignore[reportArgumentType]  # Transformer.decode pairs the cache with the attention
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x))[0], max_logits, cache
+
+
+def _scan(
+    stacked: eqx.Module, x: Array, fn, specs: PyTree = None, fsdp: str | None = None
+) -> tuple[Array, PyTree]:
+    """`lax.scan` of `fn(layer, x) -> (x, per-layer results)` over the layers
+    of `stacked` (a block whose array leaves carry a leading layer axis), each
+    layer under the remat policy above. With `specs` (`stacked`'s partition
+    specs) and an `fsdp` axis, each layer's weights are all-gathered over it
+    inside the scan body, one layer at a time (ZeRO-3; the gathered layer is
+    recomputed, not stored, for the backward pass)."""
+    params, static = eqx.partition(stacked, eqx.is_array)
+
+    def layer(x, block_params):
+        if specs is not None:  # this layer's whole weights (up to the model split)
+            block_params = gather_fsdp(block_params, layer_specs(specs), fsdp)
+        return fn(eqx.combine(block_params, static), x)
+
+    return jax.lax.scan(jax.checkpoint(layer, policy=_SAVE_MATMULS_AND_ATTENTION), x, params)
+
+
 class Transformer(AbstractPackedModel):
     """Token embedding, `n_layers` stacked blocks ([`qkclip_eqx.Block`][]), final norm, untied head.
 
     `blocks` is ONE [`qkclip_eqx.Block`][] whose array leaves carry a leading layer
     axis; `__call__` scans over it, so compile time does not grow with depth.
+    With `config.moe`, `blocks` holds the first `moe.first_k_dense_replace`
+    (dense) layers and `moe_blocks`, ONE stacked [`qkclip_eqx.MoEBlock`][], the
+    mixture-of-experts layers after them, scanned in turn; without, it is None.
 
     Parameters are stored in `config.param_dtype`; the residual stream and the
     matmuls run in `config.compute_dtype`, each module casting its own weights
@@ -118,6 +204,7 @@ class Transformer(AbstractPackedModel):
     config: TransformerConfig = eqx.field(static=True)
     embed: Float[Array, "vocab dim"]
     blocks: Block
+    moe_blocks: MoEBlock | None
     final_norm: RMSNorm
     lm_head: Float[Array, "vocab dim"]
 
@@ -129,7 +216,13 @@ class Transformer(AbstractPackedModel):
             dtype
         )
         block_keys = jax.random.split(kb, config.n_layers)
-        self.blocks = eqx.filter_vmap(lambda k: Block(config, key=k))(block_keys)
+        k = config.n_dense_layers
+        self.blocks = eqx.filter_vmap(lambda k: Block(config, key=k))(block_keys[:k])
+        self.moe_blocks = (
+            None
+            if config.moe is None
+            else eqx.filter_vmap(lambda k: MoEBlock(config, key=k))(block_keys[k:])
+        )
         self.final_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
         self.lm_head = init_weight(kh, (config.vocab_size, config.dim), dtype)
 
@@ -159,24 +252,36 @@ class Transformer(AbstractPackedModel):
         `(logits, S)`: float32 logits `[seq, vocab]`, and S per layer and head
         `[layers, heads]` for this example.
         """
+        logits, max_logits, _ = self.forward(
+            tokens,
+            positions=positions,
+            segment_ids=segment_ids,
+            segment_length=segment_length,
+            parallel=parallel,
+        )
+        return logits, max_logits
+
+    def forward(
+        self,
+        tokens: Int[Array, " seq"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+        segment_length: int | None = None,
+        parallel: ParallelAxes | None = None,
+    ) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers heads"], RouterStats | None]:
+        """As `__call__`, plus the router statistics of the mixture-of-experts
+        layers: `(logits, S, stats)`, `stats` a [`qkclip_eqx.RouterStats`][]
+        with a leading axis over the MoE layers, or None without `config.moe`.
+        S covers every layer, the dense ones first."""
+        kw = dict(
+            positions=positions,
+            segment_ids=segment_ids,
+            segment_length=segment_length,
+            parallel=parallel,
+        )
         fsdp = None if parallel is None else parallel.fsdp
         specs = partition_specs(self) if fsdp is not None else None
-        params, static = eqx.partition(self.blocks, eqx.is_array)
-
-        def layer(x, block_params):
-            if specs is not None:  # this layer's whole weights (up to the model split)
-                block_params = gather_fsdp(block_params, layer_specs(specs.blocks), fsdp)
-            block = eqx.combine(block_params, static)
-            return block(
-                x,
-                positions=positions,
-                segment_ids=segment_ids,
-                segment_length=segment_length,
-                parallel=parallel,
-            )
-
-        layer = jax.checkpoint(layer, policy=_SAVE_MATMULS_AND_ATTENTION)
-        compute = jnp.dtype(self.config.compute_dtype)
         embed, final_norm, lm_head = self.embed, self.final_norm, self.lm_head
         if specs is not None:
             embed, final_norm, lm_head = gather_fsdp(
@@ -184,19 +289,57 @@ class Transformer(AbstractPackedModel):
                 (specs.embed, specs.final_norm, specs.lm_head),
                 fsdp,
             )
-        x, max_logits = jax.lax.scan(layer, embed[tokens].astype(compute), params)
+        compute = jnp.dtype(self.config.compute_dtype)
+        x = embed[tokens].astype(compute)
+        x, max_logits = _scan(
+            self.blocks,
+            x,
+            lambda block, x: block(x, **kw),
+            None if specs is None else specs.blocks,
+            fsdp,
+        )
+        stats = None
+        if self.moe_blocks is not None:
+
+            def moe_layer(block, x):
+                x, s, layer_stats = block(x, **kw)
+                return x, (s, layer_stats)
+
+            x, (moe_logits, stats) = _scan(
+                self.moe_blocks,
+                x,
+                moe_layer,
+                None if specs is None else specs.moe_blocks,
+                fsdp,
+            )
+            max_logits = jnp.concatenate([max_logits, moe_logits])
         logits = linear(final_norm(x), lm_head.astype(compute), out_dtype=jnp.float32)
-        return logits, max_logits
+        return logits, max_logits, stats
 
     def muon_dimension_numbers(self) -> "Transformer":
         """Optimizer routing for [`qkclip_eqx.muon_adamw`][]: the matrices inside
         `blocks` go to Muon, each layer on its own (the leading layer axis is a
         batch axis); the embedding, the LM head and every norm gain to AdamW
-        (`None`). Works on a masked copy of the params, as optax passes them."""
+        (`None`). In `moe_blocks` the router is one matrix per layer and every
+        routed expert's matrix is orthogonalised on its own (layer and expert
+        axes are batch axes); the correction bias is a vector (AdamW's half),
+        but gets no gradient and the train step keeps every update off it.
+        Works on a masked copy of the params, as optax passes them."""
         adamw = jax.tree.map(lambda _: None, self)
-        return eqx.tree_at(
+        dims = eqx.tree_at(
             lambda t: t.blocks, adamw, matrix_dimension_numbers(self.blocks, stacked_axes=1)
         )
+        if self.moe_blocks is None:
+            return dims
+        # MoE layers: the router [layers, experts, dim] is one matrix per layer;
+        # the routed experts' [layers, experts, out, in] one matrix per expert
+        moe = matrix_dimension_numbers(self.moe_blocks, stacked_axes=1)
+        moe = eqx.tree_at(
+            lambda b: b.mlp.experts,
+            moe,
+            matrix_dimension_numbers(self.moe_blocks.mlp.experts, stacked_axes=2),
+        )
+        return eqx.tree_at(lambda t: t.moe_blocks, dims, moe)
 
     def init_cache(self, max_len: int) -> MLACache | KVCache:
         """An empty cache for `decode`, in the compute dtype, `length` 0: for
@@ -253,24 +396,34 @@ class Transformer(AbstractPackedModel):
                 f"attention; got a {type(cache).__name__} of shapes "
                 f"{[a.shape for a in jax.tree.leaves(cache)]}"
             )
-        params, static = eqx.partition(self.blocks, eqx.is_array)
         length = cache.length
         # every array but `length` is per layer: scan over them, `length` shared
         layers = eqx.tree_at(lambda c: c.length, cache, None)
+        k = self.config.n_dense_layers
 
-        def layer(x, xs):
-            block_params, layer_cache = xs
-            block = eqx.combine(block_params, static)
-            layer_cache = eqx.tree_at(
-                lambda c: c.length, layer_cache, length, is_leaf=lambda v: v is None
-            )
-            x, max_logits, new = block.decode(x, layer_cache)
-            return x, (max_logits, eqx.tree_at(lambda c: c.length, new, None))
+        def run(stacked, x, layer_caches):
+            params, static = eqx.partition(stacked, eqx.is_array)
+
+            def layer(x, xs):
+                block_params, layer_cache = xs
+                block = eqx.combine(block_params, static)
+                layer_cache = eqx.tree_at(
+                    lambda c: c.length, layer_cache, length, is_leaf=lambda v: v is None
+                )
+                x, max_logits, new = block.decode(x, layer_cache)
+                return x, (max_logits, eqx.tree_at(lambda c: c.length, new, None))
+
+            return jax.lax.scan(layer, x, (params, layer_caches))
 
         compute = jnp.dtype(self.config.compute_dtype)
-        x, (max_logits, new) = jax.lax.scan(
-            layer, self.embed[tokens].astype(compute), (params, layers)
-        )
+        x = self.embed[tokens].astype(compute)
+        x, (max_logits, new) = run(self.blocks, x, jax.tree.map(lambda a: a[:k], layers))
+        if self.moe_blocks is not None:
+            x, (moe_logits, moe_new) = run(
+                self.moe_blocks, x, jax.tree.map(lambda a: a[k:], layers)
+            )
+            max_logits = jnp.concatenate([max_logits, moe_logits])
+            new = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), new, moe_new)
         logits = linear(self.final_norm(x), self.lm_head.astype(compute), out_dtype=jnp.float32)
         new = eqx.tree_at(
             lambda c: c.length, new, length + tokens.shape[0], is_leaf=lambda v: v is None

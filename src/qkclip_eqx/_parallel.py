@@ -43,6 +43,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from ._clip import clippable_modules, is_clippable
 from ._config import ParallelAxes
+from ._moe import MoE
 
 AXES = ("data", "fsdp", "model", "seq")
 BATCH = ("data", "fsdp")  # the mesh axes the batch is split over
@@ -216,6 +217,14 @@ def check_mesh(mesh: Mesh, model: PyTree, batch_size: int, seq_len: int) -> None
             raise ValueError(
                 f"{type(module).__name__}: n_heads={module.n_heads} is not divisible by the "
                 f"mesh's model axis ({n})"
+            )
+    for moe in [
+        x for x in jax.tree.leaves(model, is_leaf=declares_model_axes) if isinstance(x, MoE)
+    ]:
+        experts = moe.config.n_routed_experts
+        if experts % n:
+            raise ValueError(
+                f"MoE: n_routed_experts={experts} is not divisible by the mesh's model axis ({n})"
             )
     specs = partition_specs(model)
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda s: isinstance(s, P))[0]

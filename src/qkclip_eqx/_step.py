@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -41,6 +42,8 @@ from ._metric_schema import (
     s_key,
     s_max_key,
 )
+from ._model import Transformer
+from ._moe import RouterStats, expert_load_metrics, freeze_expert_bias, update_expert_bias
 from ._parallel import (
     check_mesh,
     check_mesh_loss_fn,
@@ -79,41 +82,99 @@ def next_token_loss(
       loss is summed over `parallel.data`, `parallel.fsdp` and `parallel.seq`,
       S is reduced by `lax.pmax` over them and gathered over `parallel.model`.
 
+    A [`qkclip_eqx.Transformer`][] with mixture-of-experts layers
+    (`config.moe`) is run through its `forward`: the loss then adds
+    `moe.seq_balance_weight` times the sequence-wise balance loss summed over
+    the MoE layers (DeepSeek-V3 report, arXiv 2412.19437, eq. 17), and the
+    second result is `(S, stats)`, the [`qkclip_eqx.RouterStats`][] of the
+    batch (the load summed over it, across `parallel.data` and `parallel.seq`
+    too; the balance loss averaged, per sequence shard under `parallel.seq`)
+    for the train step's bias update and metrics. On a mesh the experts are
+    replicated: every device of a `parallel.model` group runs them all.
+
     **Returns:**
 
-    `(loss, S)`; S has the model's structure, `[layers, heads]` for a Transformer.
+    `(loss, S)`; S has the model's structure, `[layers, heads]` for a
+    Transformer; `(loss, (S, stats))` for a mixture-of-experts Transformer.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     batch, t = inputs.shape
-    kw = {} if parallel is None else {"parallel": parallel}
+    kw: dict[str, Any] = {} if parallel is None else {"parallel": parallel}
     seq_axis = None if parallel is None else parallel.seq
     seq_shards = 1 if seq_axis is None else jax.lax.axis_size(seq_axis)
     offset = 0 if seq_axis is None or seq_shards == 1 else jax.lax.axis_index(seq_axis) * t
     positions = offset + jnp.arange(t, dtype=jnp.int32)
-    if seq_shards == 1 and isinstance(model, AbstractPackedModel):
-        logits, s = model(
-            inputs.reshape(-1),
-            positions=jnp.tile(positions, batch),
-            segment_length=t,
-            parallel=parallel,
+    moe = model.config.moe if isinstance(model, Transformer) else None
+    # a mixture-of-experts Transformer's forward also returns its router statistics
+    call: Callable[..., Any] = model.forward if isinstance(model, Transformer) and moe else model
+    if moe is not None and seq_shards > 1:
+        raise NotImplementedError(
+            f"a mixture-of-experts model (config.moe) on a mesh with a seq axis of {seq_shards}: "
+            "not supported (the sequence-sharded path vmaps the model over the batch, and "
+            "jax.lax.ragged_dot, the experts' grouped matmul, has no batching rule); use seq=1"
         )
-        logits = logits.reshape(batch, t, -1)
+    out: Any
+    if seq_shards == 1 and isinstance(model, AbstractPackedModel):
+        out = call(inputs.reshape(-1), positions=jnp.tile(positions, batch), segment_length=t, **kw)
+        logits = out[0].reshape(batch, t, -1)
     else:
         if parallel is None:
-            logits, s = jax.vmap(model)(inputs)
+            out = jax.vmap(call)(inputs)
         else:
-            logits, s = jax.vmap(lambda x: model(x, positions=positions, **kw))(inputs)
-        s = jax.tree.map(lambda x: jnp.max(x, axis=0), s)
+            out = jax.vmap(lambda x: call(x, positions=positions, **kw))(inputs)
+        logits = out[0]
+        out = (
+            out[0],
+            jax.tree.map(lambda x: jnp.max(x, axis=0), out[1]),
+            *([] if moe is None else [_sum_router_stats(out[2], axis=0)]),
+        )
+    s = out[1]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     if parallel is None:
-        return ce.mean(), s
+        if moe is None:
+            return ce.mean(), s
+        stats = out[2]
+        return ce.mean() + moe.seq_balance_weight * jnp.sum(stats.balance_loss), (s, stats)
     over = parallel.batch_axes()
     loss = jax.lax.psum(jnp.sum(ce), over) / jax.lax.psum(ce.size, over)
-    return loss, reduce_max_logits(s, parallel)
+    s = reduce_max_logits(s, parallel)
+    if moe is None:
+        return loss, s
+    # every device of a `model` group routes the same tokens (experts replicated)
+    stats = out[2]
+    stats = RouterStats(
+        load=jax.lax.psum(stats.load, over),
+        balance_loss=jax.lax.pmean(stats.balance_loss, over),
+        dropped=jax.lax.psum(stats.dropped, over),
+    )
+    return loss + moe.seq_balance_weight * jnp.sum(stats.balance_loss), (s, stats)
+
+
+def _sum_router_stats(stats: RouterStats, axis: int) -> RouterStats:
+    """Router statistics of several calls as one: loads and drops summed,
+    the balance loss averaged."""
+    return RouterStats(
+        load=jnp.sum(stats.load, axis=axis),
+        balance_loss=jnp.mean(stats.balance_loss, axis=axis),
+        dropped=jnp.sum(stats.dropped, axis=axis),
+    )
+
+
+def split_aux(aux: PyTree) -> tuple[PyTree, RouterStats | None]:
+    """A loss function's second result: S, or `(S, RouterStats)`."""
+    if isinstance(aux, tuple) and len(aux) == 2 and isinstance(aux[1], RouterStats):
+        return aux
+    return aux, None
 
 
 def _tree_max(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(jnp.maximum, a, b)
+    """Two micro-batches' aux combined: S by max, router statistics summed
+    (the balance loss is averaged by the caller's final scale)."""
+    (sa, ra), (sb, rb) = split_aux(a), split_aux(b)
+    s = jax.tree.map(jnp.maximum, sa, sb)
+    if ra is None or rb is None:
+        return s
+    return s, jax.tree.map(jnp.add, ra, rb)
 
 
 def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int):
@@ -135,10 +196,14 @@ def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int)
         return loss, grads, s
     strided = tokens.reshape(-1, accum_steps, *tokens.shape[1:])  # [batch / accum, accum, ...]
     (loss_shape, s_shape), _ = jax.eval_shape(grad_fn, params, strided[:, 0])
+    s_part, router_part = split_aux(s_shape)
+    s_init = jax.tree.map(lambda x: jnp.full(x.shape, -jnp.inf, x.dtype), s_part)
+    if router_part is not None:
+        s_init = (s_init, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), router_part))
     init = (
         jnp.zeros(loss_shape.shape, loss_shape.dtype),
         jax.tree.map(jnp.zeros_like, params),
-        jax.tree.map(lambda x: jnp.full(x.shape, -jnp.inf, x.dtype), s_shape),
+        s_init,
     )
 
     def body(carry, j):
@@ -148,6 +213,9 @@ def _loss_grads_and_s(loss_fn: LossFn, params, static, tokens, accum_steps: int)
 
     (loss, grads, s), _ = jax.lax.scan(body, init, jnp.arange(accum_steps))
     scale = 1.0 / accum_steps
+    s_part, router = split_aux(s)
+    if router is not None:  # the loads stay summed; the balance loss is a mean
+        s = (s_part, eqx.tree_at(lambda r: r.balance_loss, router, router.balance_loss * scale))
     return loss * scale, jax.tree.map(lambda g: g * scale, grads), s
 
 
@@ -256,6 +324,16 @@ def make_train_step(
     metrics are named `max_logits_lse_bound` and `max_logit_lse_bound`, and
     the clip acts on the bound (it then clips at least as hard as on S).
 
+    With a mixture-of-experts model (a loss whose second result is
+    `(S, RouterStats)`, as [`qkclip_eqx.next_token_loss`][] gives for a
+    Transformer with `config.moe`), the step also moves every MoE layer's
+    correction bias by its `bias_update_rate` towards balance
+    ([`qkclip_eqx.update_expert_bias`][]; the optimizer's update of the bias
+    is dropped), and `metrics` holds `expert_load` (tokens per expert,
+    `[moe layers, experts]`), `expert_load_ratio`, `expert_load_cv`,
+    `dropped_tokens` (see [`qkclip_eqx.expert_load_metrics`][]) and
+    `balance_loss` (the sequence-wise balance loss, summed over layers).
+
     **Raises:**
 
     `ValueError` when `mode` is unknown, `tau <= 0`, `alpha` is outside
@@ -284,12 +362,19 @@ def make_train_step(
         params, static = eqx.partition(model, eqx.is_array)
         specs = None if mesh is None else partition_specs(model)  # once per trace
         loss_of = loss_fn if mesh is None else shard_loss(loss_fn, mesh, specs)
-        loss, grads, s = _loss_grads_and_s(loss_of, params, static, tokens, accum_steps)
+        loss, grads, aux = _loss_grads_and_s(loss_of, params, static, tokens, accum_steps)
+        s, router = split_aux(aux)
         # under the mesh, so that Muon can place its Newton-Schulz step (see muon_adamw)
         with contextlib.nullcontext() if mesh is None else use_abstract_mesh(mesh.abstract_mesh):
             updates, opt_state = optimizer.update(grads, opt_state, params)
+        # the MoE correction bias is no trained parameter: no optimizer update
+        # (weight decay included) reaches it
+        updates = freeze_expert_bias(updates)
         model = eqx.combine(optax.apply_updates(params, updates), static)
         metrics = {LOSS.key: loss, GRAD_NORM.key: optax.tree.norm(grads)}
+        if router is not None:  # auxiliary-loss-free balancing, outside the gradient
+            model = update_expert_bias(model, router.load)
+            metrics.update(expert_load_metrics(router))
         if mode != "off":
             active = None if clip_until is None else step_index < clip_until
             model, s_metrics = _clip_and_report(
