@@ -276,7 +276,8 @@ MUTANTS: list[Mutant] = [
         "muon_no_nesterov",
         "Muon without Nesterov's look-ahead",
         # the signature's default (the module docstring also says `nesterov=True`)
-        Edit(O, lit("nesterov: bool = True,"), "nesterov: bool = False,"),
+        # (muon_adamw's and the sharded Muon transformation's signatures)
+        Edit(O, lit("nesterov: bool = True,"), "nesterov: bool = False,", count=2),
         ["tests/test_optim.py::test_muonclip_matches_numpy_over_several_steps"],
     ),
     M(
@@ -324,12 +325,18 @@ MUTANTS: list[Mutant] = [
     M(
         "model_no_final_norm",
         "the LM head reads the residual stream without the final RMSNorm",
-        Edit(
-            SRC + "_model.py",
-            lit("logits = linear(self.final_norm(x), self.lm_head.astype(compute)"),
-            "logits = linear(x, self.lm_head.astype(compute)",
-            count=2,
-        ),
+        [  # the forward (FSDP-gathered weights) and decode
+            Edit(
+                SRC + "_model.py",
+                lit("logits = linear(final_norm(x), lm_head.astype(compute)"),
+                "logits = linear(x, lm_head.astype(compute)",
+            ),
+            Edit(
+                SRC + "_model.py",
+                lit("logits = linear(self.final_norm(x), self.lm_head.astype(compute)"),
+                "logits = linear(x, self.lm_head.astype(compute)",
+            ),
+        ],
         ["tests/test_reference_model.py::test_transformer_logits_and_s_match_the_reference"],
     ),
     # ---- the train step -------------------------------------------------------------------------
@@ -519,8 +526,8 @@ MUTANTS: list[Mutant] = [
         "the data seed left out of MUST_MATCH: a resume may change it silently",
         Edit(
             RC,
-            lit("        if rule == MUST_MATCH_RULE:"),
-            '        if rule == MUST_MATCH_RULE and f.name != "seed":',
+            lit("if rule == MUST_MATCH_RULE:"),
+            'if rule == MUST_MATCH_RULE and f.name != "seed":',
         ),
         [
             "tests/test_train.py::"
