@@ -199,8 +199,9 @@ def test_packed_batch_equals_the_vmapped_batch(models, kind):
     np.testing.assert_allclose(loss_p, loss_v, rtol=4e-7)
     np.testing.assert_array_equal(s_p, s_v)  # the same kernel on the same tiles
     for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_v)):
-        # measured max |diff| 6e-8, 21% of this tolerance (jax 0.10.2 and 0.12.0.1, CPU)
-        np.testing.assert_allclose(a, b, rtol=6e-6, atol=6e-8)
+        # measured max |diff| 9.5e-8 where rtol does not cover it (jax 0.12.1, CPU;
+        # 6e-8 on jax 0.10.2 and 0.12.0.1): 32% of this atol
+        np.testing.assert_allclose(a, b, rtol=6e-6, atol=3e-7)
     # positions restart in every segment: the rows are independent sequences
     logits, _ = eqx.filter_jit(lambda m, x: m(x, segment_length=T))(
         model, tokens[:, :-1].reshape(-1)
