@@ -232,7 +232,16 @@ def use_compilation_cache(args: argparse.Namespace) -> pathlib.Path | None:
     the user set JAX's own `jax_compilation_cache_dir`. Every program is cached,
     however short its compile (JAX's default keeps those over 1 s only): a
     second identical run skips compiling. Called by the CLIs only, never on
-    import of the library. Returns the directory used, or None."""
+    import of the library, and after `jax.distributed.initialize`.
+
+    A multi-process run on CPU compiles from scratch, whatever cache directory
+    JAX was given: from jax 0.12.1 the CPU topology in the cache key differs
+    between processes and only process 0 writes, so in a second run process 0
+    loads its programs while the others compile, and the run hangs or dies at
+    its first step. Returns the directory used, or None."""
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        jax.config.update("jax_compilation_cache_dir", None)
+        return None
     off = args.no_compilation_cache or os.environ.get(CACHE_ENV, "1").strip().lower() in (
         "0",
         "false",

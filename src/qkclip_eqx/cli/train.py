@@ -244,11 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--log-every must be >= 1, got {args.log_every}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    use_compilation_cache(args)
     if args.distributed or args.coordinator_address is not None:
         # CPU processes talk through gloo; the setting does not affect GPU/TPU.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    use_compilation_cache(args)
     lead = jax.process_index() == 0
     try:
         if args.resume:
