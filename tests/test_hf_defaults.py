@@ -181,13 +181,22 @@ def _with_defaults(probe: dict) -> dict:
     return hf
 
 
+SMALL_EXPERTS = {"n_routed_experts": 16, "moe_intermediate_size": 16}
+
 # Each probe holds every key at transformers' default except those it sets:
 # a default that moved across any of these boundaries changes a result.
 PROBES = {
     "dense": {},
-    # layers 3.. are MoE layers at the defaults: refused (by name)
-    "moe_layers": {"num_hidden_layers": 4},
-    "moe_layers_first_dense_1": {"num_hidden_layers": 4, "first_k_dense_replace": 1},
+    # layers 3.. are MoE layers at the defaults (first_k_dense_replace = 3). Small
+    # experts (16 of width 16: 8 groups of 2, 4 groups kept, 8 per token): at the
+    # defaults (256 of width 2048) the weights are 0.4 GB a layer and 5-15 s a
+    # case; the cases of those two keys still load their defaults
+    "moe_layers": {"num_hidden_layers": 4, **SMALL_EXPERTS},
+    "moe_layers_first_dense_1": {
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 1,
+        **SMALL_EXPERTS,
+    },
     "no_experts": {"num_hidden_layers": 4, "n_routed_experts": 0},
     "q_lora_default": {"q_lora_rank": 1536},
     "half_rope": {"rope_interleave": False},
