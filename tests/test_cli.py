@@ -10,13 +10,17 @@ import json
 import re
 import typing
 
+import equinox as eqx
+import jax
 import numpy as np
 import pytest
 
 from builders import synthetic_text, tiny_tokenizer
 from qkclip_eqx import GQAConfig, MLAConfig, MoEConfig, RunConfig, TransformerConfig, YaRN
+from qkclip_eqx._checkpoint import load_checkpoint
 from qkclip_eqx._loglines import train_flops_per_token
-from qkclip_eqx._run_config import FIELD_DOCS, MAY_CHANGE, MUST_MATCH, preset
+from qkclip_eqx._model import Transformer
+from qkclip_eqx._run_config import FIELD_DOCS, MAY_CHANGE, MUST_MATCH, optimizer, preset
 from qkclip_eqx._train import _MetricsLog
 from qkclip_eqx.cli import train as train_cli
 
@@ -649,3 +653,55 @@ def test_generate_encodes_a_prompt_with_the_runs_own_tokenizer(tmp_path):
     assert tok.decode(ids.tolist()) == "def main(x):\n"
     with pytest.raises(ValueError, match="the run's tokenizer .*nope.json"):
         gen_cli._tokenizer("nope.json")
+
+
+CLOCK = {"time", "tokens_per_s"}
+MOE = ["--n-layers", "3", "--moe-n-routed-experts", "4", "--moe-num-experts-per-tok", "2"]
+MOE += ["--moe-moe-intermediate-size", "16", "--steps", "6", "--ckpt-every", "2"]
+
+
+def test_a_crashed_moe_run_resumes_bit_for_bit(corpus, tmp_path, capsys, monkeypatch):
+    """A MoE run (the flags of docs/moe.md) that crashes after step 3 resumes,
+    from its own config.json, at the step-2 checkpoint; it ends with the
+    uninterrupted run's weights, expert biases and optimizer state bit for bit,
+    and every step's loss and expert loads are logged once, equal to that run's."""
+    base = ["--preset", "tiny", *MOE, "--eval-every", "3", "--data", str(corpus)]
+    rc, _, err = _train(capsys, *base, "--out", str(tmp_path / "straight"))
+    assert rc == 0, err
+
+    def crash_after_3(cfg, *, on_step=None, **kwargs):
+        def hook(step, metrics):
+            if on_step is not None:
+                on_step(step, metrics)
+            if step == 3:
+                raise RuntimeError("crashed after step 3")
+
+        return train(cfg, on_step=hook, **kwargs)
+
+    train = train_cli.train
+    crashed = tmp_path / "crashed"
+    monkeypatch.setattr(train_cli, "train", crash_after_3)
+    with pytest.raises(RuntimeError, match="crashed after step 3"):
+        _train(capsys, *base, "--out", str(crashed))
+    monkeypatch.setattr(train_cli, "train", train)
+    assert sorted(p.name for p in crashed.glob("ckpt_*")) == ["ckpt_00000002"]
+    rc, text, err = _train(capsys, "--out", str(crashed), "--resume")
+    assert rc == 0, err
+    assert "resume changes" not in text
+
+    def log(run):  # every step's metrics but the clock's (time, tokens_per_s)
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k not in CLOCK} for x in lines]
+
+    want, have = log("straight"), log("crashed")
+    assert [m["step"] for m in have] == list(range(6))
+    assert want == have  # loss, S, grad norm, expert_load, balance_loss, val_loss, ...
+    assert all(len(m["expert_load"]) == 2 for m in want)  # the two MoE layers of three
+    cfg = RunConfig.from_json(crashed / "config.json")
+    model = eqx.filter_eval_shape(Transformer, cfg.model_config(256), key=jax.random.key(0))
+    state = eqx.filter_eval_shape(lambda m: optimizer(cfg).init(eqx.filter(m, eqx.is_array)), model)
+    (w, w_state), _ = load_checkpoint(tmp_path / "straight" / "ckpt_00000006", (model, state))
+    (h, h_state), meta = load_checkpoint(crashed / "ckpt_00000006", (model, state))
+    assert meta["step"] == 6 and h.moe_blocks is not None
+    for a, b in zip(jax.tree.leaves((w, w_state)), jax.tree.leaves((h, h_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
