@@ -14,6 +14,9 @@ a kind that a review could miss or that the paper's algorithm invites
    ``src`` first on ``PYTHONPATH`` (and the copy as the working directory),
 4. records KILLED (a test failed or errored) or SURVIVED (all passed).
 
+All runs share one JAX compilation cache in the temporary directory
+(:func:`compile_cache_env`), so a mutant compiles only what its edit changes.
+
 Before the mutants, a baseline runs every named test on the unmutated copy:
 they must pass, or a "kill" would mean nothing. Exit status 0 only if every
 mutant is killed and nothing errored.
@@ -37,6 +40,7 @@ import argparse
 import ast
 import concurrent.futures
 import dataclasses
+import importlib.util
 import os
 import py_compile
 import queue
@@ -960,9 +964,27 @@ def apply(copy: Path, mutant: Mutant) -> str | None:
     return None
 
 
+def compile_cache_env(tmp: Path) -> dict[str, str]:
+    """JAX's persistent compilation cache, shared by the baseline and every
+    mutant: a mutant recompiles only the programs its edit changes (the key
+    hashes the program without source locations, so the copies share it).
+    Eviction on (a size limit) makes JAX lock the directory around each read
+    and write, so two mutants never read a half-written entry; that lock needs
+    the filelock package, and without it nothing is cached."""
+    if importlib.util.find_spec("filelock") is None:
+        return {}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
+        "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
 def run_tests(copy: Path, tests, timeout: float, workers: int = 0) -> tuple[int | str, float, str]:
     env = {
         **os.environ,
+        **compile_cache_env(copy.parent),
         "PYTHONPATH": os.pathsep.join(
             [str(copy / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
         ),
