@@ -515,6 +515,30 @@ def test_the_eta_leaves_out_the_first_step_which_compiles(tmp_path):
     assert remaining == pytest.approx(45.0)  # not (1004 s / 5 steps) x 45 steps
 
 
+def test_flops_of_a_moe_model_count_the_activated_experts():
+    """A MoE model's FLOPs per token: a hand count with k of the E routed
+    experts per token (the router, shared experts and expert bias in full),
+    which is less than the count of every expert's weights."""
+    cfg = preset("tiny", n_layers=3)
+    moe = MoEConfig(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+    )  # fmt: skip
+    mc = dataclasses.replace(cfg.model_config(256), moe=moe)
+    d, h, L = cfg.dim, cfg.n_heads, cfg.n_layers
+    dqk, dv, r = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    mla = d * h * dqk + d * (r + cfg.qk_rope_head_dim) + r * h * (cfg.qk_nope_head_dim + dv)
+    mla += h * dv * d + r
+    dense = 3 * d * cfg.mlp_hidden
+    routed_active = 2 * 3 * 16 * d  # k = 2 experts of 3 matrices (16 x d)
+    moe_layer = 8 * d + 8 + routed_active + 3 * 16 * d  # router, bias, routed, one shared
+    n = L * (mla + 2 * d) + 1 * dense + 2 * moe_layer + d + d * 256
+    want = 6 * n + 6 * L * cfg.seq_len * h * (dqk + dv)
+    assert train_flops_per_token(mc, cfg.seq_len) == want
+    every_expert = 6 * (n + 2 * 6 * 3 * 16 * d) + 6 * L * cfg.seq_len * h * (dqk + dv)
+    assert want < every_expert
+
+
 def test_plain_log_lines_with_tflops_and_mfu(finished, corpus, tmp_path, capsys):
     """--no-progress (or stdout not a terminal): a line every --log-every
     steps, at each evaluation and at the end, with TFLOP/s from the model's

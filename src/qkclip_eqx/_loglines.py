@@ -26,7 +26,10 @@ def train_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
     $$6N + 6\\,L\\,T\\,H\\,(d_{qk} + d_v),$$
 
     with $N$ the parameters other than the embedding table (a lookup, no
-    FLOPs), $L$ layers, $T$ = `seq_len`, $H$ query heads, and the per-head
+    FLOPs) and, in mixture-of-experts layers, other than the routed experts a
+    token does not visit: of $E$ routed experts, $k$ per token, $N$ counts
+    $k/E$ of their weights (the router, the shared experts and the expert
+    bias in full). $L$ layers, $T$ = `seq_len`, $H$ query heads, and the per-head
     query/key and value widths ($d_{qk}$ = nope + rope width for MLA). The
     first term is the matmuls' $2N$ forward and $4N$ backward; the second is
     $QK^\\top$ and $PV$, counted over every (query, key) pair as PaLM does
@@ -40,6 +43,11 @@ def train_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
         if isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.floating)
     )
     n -= config.vocab_size * config.attention.dim  # the embedding table
+    if model.moe_blocks is not None and config.moe is not None:
+        experts = model.moe_blocks.mlp.experts
+        routed = experts.w_gate.size + experts.w_up.size + experts.w_down.size
+        e, k = config.moe.n_routed_experts, config.moe.num_experts_per_tok
+        n -= routed * (e - k) // e  # the experts a token skips
     attn = config.attention
     if isinstance(attn, MLAConfig):
         d_qk, d_v = attn.qk_nope_head_dim + attn.qk_rope_head_dim, attn.v_head_dim
