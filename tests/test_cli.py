@@ -10,17 +10,14 @@ import json
 import re
 import typing
 
-import equinox as eqx
 import jax
 import numpy as np
 import pytest
 
 from builders import synthetic_text, tiny_tokenizer
-from qkclip_eqx import GQAConfig, MLAConfig, MoEConfig, RunConfig, TransformerConfig, YaRN
-from qkclip_eqx._checkpoint import load_checkpoint
+from qkclip_eqx import GQAConfig, MLAConfig, MoEConfig, RunConfig, TransformerConfig, YaRN, load_run
 from qkclip_eqx._loglines import train_flops_per_token
-from qkclip_eqx._model import Transformer
-from qkclip_eqx._run_config import FIELD_DOCS, MAY_CHANGE, MUST_MATCH, optimizer, preset
+from qkclip_eqx._run_config import FIELD_DOCS, MAY_CHANGE, MUST_MATCH, preset
 from qkclip_eqx._train import _MetricsLog
 from qkclip_eqx.cli import train as train_cli
 
@@ -721,11 +718,9 @@ def test_a_crashed_moe_run_resumes_bit_for_bit(corpus, tmp_path, capsys, monkeyp
     assert [m["step"] for m in have] == list(range(6))
     assert want == have  # loss, S, grad norm, expert_load, balance_loss, val_loss, ...
     assert all(len(m["expert_load"]) == 2 for m in want)  # the two MoE layers of three
-    cfg = RunConfig.from_json(crashed / "config.json")
-    model = eqx.filter_eval_shape(Transformer, cfg.model_config(256), key=jax.random.key(0))
-    state = eqx.filter_eval_shape(lambda m: optimizer(cfg).init(eqx.filter(m, eqx.is_array)), model)
-    (w, w_state), _ = load_checkpoint(tmp_path / "straight" / "ckpt_00000006", (model, state))
-    (h, h_state), meta = load_checkpoint(crashed / "ckpt_00000006", (model, state))
-    assert meta["step"] == 6 and h.moe_blocks is not None
-    for a, b in zip(jax.tree.leaves((w, w_state)), jax.tree.leaves((h, h_state)), strict=True):
+    want_run, have_run = load_run(tmp_path / "straight"), load_run(crashed)
+    assert have_run.step == 6 and have_run.model.moe_blocks is not None
+    want_leaves = jax.tree.leaves((want_run.model, want_run.opt_state))
+    have_leaves = jax.tree.leaves((have_run.model, have_run.opt_state))
+    for a, b in zip(want_leaves, have_leaves, strict=True):
         np.testing.assert_array_equal(a, b)
